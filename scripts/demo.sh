@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Set up (idempotent), train the tiny preset on the bundled corpus, report
+# validation bits per byte and print a sample.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+exec .venv/bin/python -m tvq_eqx train --preset tiny "$@"
