@@ -1,0 +1,12 @@
+"""Functional VQ attention: the dispatcher, the quadratic definition and the
+linear-time XLA form (the reference every kernel is tested against)."""
+
+from ._common import MASK_VALUE as MASK_VALUE
+from ._common import VQAttentionState as VQAttentionState
+from ._common import quantize as quantize
+from ._dispatch import default_implementation as default_implementation
+from ._dispatch import vq_attention as vq_attention
+from ._dispatch import vq_attention_with_state as vq_attention_with_state
+from ._quadratic import relative_bias_dense as relative_bias_dense
+from ._quadratic import vq_attention_quadratic as vq_attention_quadratic
+from ._xla import vq_attention_xla as vq_attention_xla

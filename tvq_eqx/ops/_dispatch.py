@@ -1,0 +1,147 @@
+"""Public entry points: validate, default, and route to an implementation."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import jax
+from jaxtyping import Array, Float
+
+from ._common import VQAttentionState, default_scale, validate_inputs
+from ._quadratic import vq_attention_quadratic
+from ._xla import vq_attention_xla
+
+Implementation = Literal["xla", "pallas", "quadratic"]
+_IMPLEMENTATIONS = ("xla", "pallas", "quadratic")
+
+
+def default_implementation() -> str:
+    """"pallas" on GPU/TPU when the kernels are available, else "xla"."""
+    if jax.default_backend() in ("gpu", "cuda", "rocm", "tpu") and _pallas_available():
+        return "pallas"
+    return "xla"
+
+
+def _pallas_available() -> bool:
+    try:
+        from pallas_kernels import vq_attention as _  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _check_implementation(implementation) -> str:
+    if implementation is None:
+        return default_implementation()
+    if implementation not in _IMPLEMENTATIONS:
+        raise ValueError(
+            f"implementation must be one of {_IMPLEMENTATIONS} or None; got "
+            f"{implementation!r}"
+        )
+    if implementation == "pallas" and not _pallas_available():
+        raise ValueError(
+            "implementation='pallas' needs the pallas_kernels package, which is "
+            "not importable here; use implementation='xla'"
+        )
+    return implementation
+
+
+def vq_attention(
+    query: Float[Array, "batch seq heads d_k"],
+    key: Float[Array, "batch seq heads d_k"],
+    value: Float[Array, "batch seq heads d_v"],
+    codebook: Float[Array, "heads codes d_k"],
+    *,
+    block_len: int,
+    scale: float | None = None,
+    implementation: Implementation | None = None,
+) -> Float[Array, "batch seq heads d_v"]:
+    """Causal softmax attention over vector-quantized keys, exact, in linear time.
+
+    Each key is replaced by its nearest codeword (`codebook[h, z]`, squared
+    Euclidean distance in float32, ties to the lowest index) with a
+    straight-through gradient; then
+    `o_i = sum_{j<=i} exp(s_ij) v_j / sum_{j<=i} exp(s_ij)`, `s_ij = scale q_i . C[z_j]`.
+    Keys older than the previous block are read through a per-code cache
+    (counts and value means), which is exact.
+
+    **Arguments:**
+
+    - `query`, `key`: `[batch, seq, heads, d_k]`; `value`: `[batch, seq, heads, d_v]`.
+    - `codebook`: `[heads, codes, d_k]`; receives no gradient.
+    - `block_len`: block length; `seq` must be a multiple of it. Outputs do not
+      depend on it (up to rounding).
+    - `scale`: score scale, default `1/sqrt(d_k)`.
+    - `implementation`: `"xla"` (linear time, pure jnp), `"pallas"` (kernels;
+      interpret mode on CPU), `"quadratic"` (the O(T^2) definition) or None
+      (pallas on GPU/TPU, xla on CPU).
+
+    **Returns:** `[batch, seq, heads, d_v]` in `value.dtype`.
+
+    Gradients: `dq` and `dv` equal the quadratic form's; `dk` flows only from
+    queries in the same or the next block (the cache holds codewords, not
+    keys), which is the paper's estimator.
+    """
+    validate_inputs(query, key, value, codebook, block_len=block_len)
+    impl = _check_implementation(implementation)
+    scale = default_scale(query.shape[-1], scale)
+    if impl == "quadratic":
+        return vq_attention_quadratic(query, key, value, codebook, scale=scale)
+    out, _ = vq_attention_with_state(
+        query, key, value, codebook, None,
+        block_len=block_len, scale=scale, implementation=impl,
+    )
+    return out
+
+
+def vq_attention_with_state(
+    query: Float[Array, "batch seq heads d_k"],
+    key: Float[Array, "batch seq heads d_k"],
+    value: Float[Array, "batch seq heads d_v"],
+    codebook: Float[Array, "heads codes d_k"],
+    state: VQAttentionState | None,
+    *,
+    block_len: int,
+    scale: float | None = None,
+    rel_query: Float[Array, "batch seq heads d_k"] | None = None,
+    rel_table: Float[Array, "dist heads d_k"] | None = None,
+    use_cache: bool = True,
+    cache_grad: bool = True,
+    implementation: Implementation | None = None,
+) -> tuple[Float[Array, "batch seq heads d_v"], VQAttentionState]:
+    """Streaming VQ attention: attend to `state`'s history, return the new state.
+
+    Calling it on consecutive segments, passing the state along, equals one
+    call on their concatenation. `state=None` is an empty history.
+
+    **Extra arguments** (used by the model):
+
+    - `rel_query` `[batch, seq, heads, d_k]`, `rel_table` `[mem_len+1, heads, d_k]`:
+      an additive score bias `rel_query_i . rel_table[i-j]` for `0 <= i-j <=
+      mem_len` (Transformer-XL relative position term), zero for older keys.
+    - `use_cache=False`: attend only to the previous and current block.
+    - `cache_grad=False`: no gradient into values through the cache.
+    """
+    validate_inputs(
+        query, key, value, codebook, block_len=block_len,
+        rel_query=rel_query, rel_table=rel_table, state=state,
+    )
+    impl = _check_implementation(implementation)
+    scale = default_scale(query.shape[-1], scale)
+    if impl == "quadratic":
+        raise ValueError(
+            "implementation='quadratic' has no streaming state; use 'xla' or 'pallas'"
+        )
+    if impl == "pallas":
+        from pallas_kernels import vq_attention as pallas_vq_attention
+
+        return pallas_vq_attention(
+            query, key, value, codebook, state,
+            block_len=block_len, scale=scale, rel_query=rel_query,
+            rel_table=rel_table, use_cache=use_cache, cache_grad=cache_grad,
+        )
+    return vq_attention_xla(
+        query, key, value, codebook,
+        block_len=block_len, scale=scale, state=state, rel_query=rel_query,
+        rel_table=rel_table, use_cache=use_cache, cache_grad=cache_grad,
+    )
