@@ -24,7 +24,7 @@ def default_implementation() -> str:
 
 def _pallas_available() -> bool:
     try:
-        from pallas_kernels import vq_attention as _  # noqa: F401
+        from ._pallas import vq_attention_pallas as _  # noqa: F401
     except ImportError:
         return False
     return True
@@ -133,11 +133,11 @@ def vq_attention_with_state(
             "implementation='quadratic' has no streaming state; use 'xla' or 'pallas'"
         )
     if impl == "pallas":
-        from pallas_kernels import vq_attention as pallas_vq_attention
+        from ._pallas import vq_attention_pallas
 
-        return pallas_vq_attention(
-            query, key, value, codebook, state,
-            block_len=block_len, scale=scale, rel_query=rel_query,
+        return vq_attention_pallas(
+            query, key, value, codebook,
+            block_len=block_len, scale=scale, state=state, rel_query=rel_query,
             rel_table=rel_table, use_cache=use_cache, cache_grad=cache_grad,
         )
     return vq_attention_xla(
