@@ -1,0 +1,125 @@
+"""TransformerConfig: every hyperparameter of the model, frozen and validated."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import jax.numpy as jnp
+
+_DTYPES = ("float32", "bfloat16", "float16")
+_ATTENTIONS = ("vq", "window", "full")
+_IMPLEMENTATIONS = (None, "xla", "pallas", "quadratic")
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+    """Hyperparameters of a Transformer-VQ language model.
+
+    Names follow the official implementation. Parameter arrays do not depend on
+    `block_len`, so one set of weights runs at any block length.
+
+    - `n_vocab`, `d_model`, `d_k`, `d_v`, `n_head`, `n_code`, `n_layer`: sizes;
+      each layer holds two gated attention units.
+    - `block_len`: attention block length; sequences are multiples of it.
+    - `mem_len`: range of the Transformer-XL relative biases (default
+      `block_len`, at most `block_len`).
+    - `p_dropemb`, `p_dropsin`, `p_dropres`, `p_droplyr`: dropout on embeddings,
+      on the relative-position sinusoids, on each unit's residual, and
+      LayerDrop (whole layers).
+    - `c_beta`: commitment-loss weight; `c_gamma`: codebook EMA rate.
+    - `param_dtype`, `dtype`: parameter and activation dtypes (log-probs and
+      norms are always float32).
+    - `attention`: `"vq"` (default: exact VQ attention with the compressive
+      cache), `"window"` (compressive cache off: previous + current block only,
+      the official `agg_cache=0`), `"full"` (un-quantized dense causal softmax
+      over all previous keys; a baseline).
+    - `grad_thru_cache`: gradients reach values through the compressive cache.
+    - `tie_embeddings`: output head shares the token embedding.
+    - `abs_pe`: add sinusoidal absolute position embeddings to the input.
+    - `output_norm`: RMS-normalise before the output head.
+    - `pe_lam`: sinusoid wavelength base.
+    - `implementation`: VQ-attention implementation (`None` = best available).
+    """
+
+    n_vocab: int = 256
+    d_model: int = 128
+    d_k: int = 32
+    d_v: int = 128
+    n_head: int = 1
+    n_code: int = 64
+    n_layer: int = 2
+    block_len: int = 64
+    mem_len: int | None = None
+    p_dropemb: float = 0.0
+    p_dropsin: float = 0.0
+    p_dropres: float = 0.0
+    p_droplyr: float = 0.0
+    c_beta: float = 1e-4
+    c_gamma: float = 0.99
+    param_dtype: str = "float32"
+    dtype: str = "float32"
+    attention: Literal["vq", "window", "full"] = "vq"
+    grad_thru_cache: bool = True
+    tie_embeddings: bool = False
+    abs_pe: bool = False
+    output_norm: bool = True
+    pe_lam: float = 10_000.0
+    implementation: str | None = None
+
+    def __post_init__(self):
+        positive = ("n_vocab", "d_model", "d_k", "d_v", "n_head", "n_code",
+                    "n_layer", "block_len")
+        for name in positive:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"TransformerConfig.{name} must be a positive int; got {value!r}")
+        if self.mem_len is None:
+            object.__setattr__(self, "mem_len", self.block_len)
+        m = self.mem_len
+        if isinstance(m, bool) or not isinstance(m, int) or m < 0:
+            raise ValueError(f"TransformerConfig.mem_len must be a non-negative int; got {m!r}")
+        if m > self.block_len:
+            raise ValueError(
+                f"TransformerConfig.mem_len={m} must be <= block_len={self.block_len} "
+                "(the relative biases live inside the previous + current block window)"
+            )
+        for name in ("p_dropemb", "p_dropsin", "p_dropres", "p_droplyr"):
+            p = getattr(self, name)
+            if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0.0 <= p < 1.0:
+                raise ValueError(f"TransformerConfig.{name} must be in [0, 1); got {p!r}")
+        if not isinstance(self.c_beta, (int, float)) or self.c_beta < 0:
+            raise ValueError(f"TransformerConfig.c_beta must be >= 0; got {self.c_beta!r}")
+        if not isinstance(self.c_gamma, (int, float)) or not 0.0 <= self.c_gamma < 1.0:
+            raise ValueError(f"TransformerConfig.c_gamma must be in [0, 1); got {self.c_gamma!r}")
+        for name in ("param_dtype", "dtype"):
+            if getattr(self, name) not in _DTYPES:
+                raise ValueError(
+                    f"TransformerConfig.{name} must be one of {_DTYPES}; got {getattr(self, name)!r}"
+                )
+        if self.attention not in _ATTENTIONS:
+            raise ValueError(
+                f"TransformerConfig.attention must be one of {_ATTENTIONS}; got {self.attention!r}"
+            )
+        if self.implementation not in _IMPLEMENTATIONS:
+            raise ValueError(
+                f"TransformerConfig.implementation must be one of {_IMPLEMENTATIONS}; "
+                f"got {self.implementation!r}"
+            )
+        for name in ("grad_thru_cache", "tie_embeddings", "abs_pe", "output_norm"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"TransformerConfig.{name} must be a bool; got {getattr(self, name)!r}")
+        if not isinstance(self.pe_lam, (int, float)) or self.pe_lam <= 1:
+            raise ValueError(f"TransformerConfig.pe_lam must be > 1; got {self.pe_lam!r}")
+
+    @property
+    def jnp_dtype(self):
+        return jnp.dtype(self.dtype)
+
+    @property
+    def jnp_param_dtype(self):
+        return jnp.dtype(self.param_dtype)
+
+    def replace(self, **changes) -> TransformerConfig:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)

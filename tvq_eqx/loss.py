@@ -1,0 +1,109 @@
+"""The pure training objective."""
+
+from __future__ import annotations
+
+import math
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, PRNGKeyArray
+
+from .nn import Transformer, TransformerState
+
+
+def _check_batch(batch, model) -> None:
+    if not isinstance(batch, dict):
+        raise TypeError(f"batch must be a dict with inputs/targets/loss_mask; got {type(batch).__name__}")
+    missing = [k for k in ("inputs", "targets", "loss_mask") if k not in batch]
+    if missing:
+        raise ValueError(f"batch is missing {missing}; it has {sorted(batch)}")
+    shape = tuple(batch["inputs"].shape)
+    for name in ("targets", "loss_mask"):
+        if tuple(batch[name].shape) != shape:
+            raise ValueError(
+                f"batch[{name!r}] has shape {tuple(batch[name].shape)}; batch['inputs'] has {shape}"
+            )
+    if not jnp.issubdtype(batch["targets"].dtype, jnp.integer):
+        raise TypeError(f"batch['targets'] must be integer; got {batch['targets'].dtype}")
+
+
+def codebook_metrics(vq: dict[str, Array]) -> dict[str, Array]:
+    """Codebook health from the per-unit statistics (averaged over units, heads)."""
+    count = vq["code_count"]  # [units, heads, codes]
+    total = jnp.sum(count, axis=-1, keepdims=True)
+    p = count / jnp.maximum(total, 1.0)
+    entropy = -jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0), axis=-1)
+    return dict(
+        code_entropy=jnp.mean(entropy),
+        code_perplexity=jnp.mean(jnp.exp(entropy)),
+        dead_code_fraction=jnp.mean((count == 0).astype(jnp.float32)),
+        quant_rel_error=jnp.mean(vq["sq_err"] / jnp.maximum(vq["sq_norm"], 1e-30)),
+    )
+
+
+def loss_fn(
+    model: Transformer,
+    batch: dict[str, Array],
+    state: TransformerState,
+    *,
+    key: PRNGKeyArray | None = None,
+) -> tuple[Array, dict]:
+    """Masked LM loss + c_beta * commit loss + codebook (EMA surrogate) loss.
+
+    **Arguments:**
+
+    - `batch`: `{"inputs": int [B, T], "targets": int [B, T], "loss_mask": [B, T]}`.
+    - `state`: the carried `TransformerState` (`model.init_state(B)` to start).
+    - `key`: dropout key; None disables dropout.
+
+    **Returns:** `(loss, aux)` with `aux["state"]` the new state and
+    `aux["metrics"]` a dict of float32 scalars: `loss`, `lm_loss` (mean
+    per-token negative log-likelihood, nats), `lm_loss_sum`, `token_count`,
+    `bits_per_token`, `mask_fraction`, `commit_loss`, `codebook_loss`,
+    `code_entropy`, `code_perplexity`, `dead_code_fraction`,
+    `quant_rel_error`.
+
+    The codebook loss's gradient w.r.t. the codebook arrays is
+    `theta - EMA_target`, so one SGD step with learning rate 1 on it performs
+    the EMA update (route those arrays to such an optimizer). It enters `loss`
+    with value zero (`cb - stop_gradient(cb)`): same gradient, readable loss;
+    its surrogate value is reported as `metrics["codebook_loss"]`.
+    """
+    _check_batch(batch, model)
+    mask = batch["loss_mask"].astype(jnp.float32)
+    logprobs, new_state, aux = model(batch["inputs"], state, key=key, mask=mask)
+    targets = batch["targets"]
+    n_vocab = model.config.n_vocab
+    targets = eqx.error_if(
+        targets, (targets < 0) | (targets >= n_vocab),
+        f"batch['targets'] ids must be in [0, n_vocab={n_vocab})",
+    )
+    token_logp = jnp.take_along_axis(logprobs, targets[..., None], axis=-1)[..., 0]
+    lm_sum = -jnp.sum(token_logp * mask)
+    n_tokens = jnp.sum(mask)
+    lm_loss = lm_sum / jnp.maximum(n_tokens, 1.0)
+
+    vq = aux["vq"]
+    commit = jnp.mean(vq["commit_sum"]) / jnp.maximum(n_tokens, 1.0)
+    codebook_loss = sum(
+        unit.quantizer.codebook_loss(vq["code_count"][i], vq["code_key_sum"][i])
+        for i, unit in enumerate(model.attention_units())
+    )
+    # The surrogate's value is meaningless (only its gradient matters), so it
+    # enters with value 0 and `loss` stays readable as LM loss + commit term.
+    codebook_term = codebook_loss - jax.lax.stop_gradient(codebook_loss)
+    loss = lm_loss + model.config.c_beta * commit + codebook_term
+    metrics = dict(
+        loss=loss,
+        lm_loss=lm_loss,
+        lm_loss_sum=lm_sum,
+        token_count=n_tokens,
+        bits_per_token=lm_loss / math.log(2.0),
+        mask_fraction=n_tokens / mask.size,
+        commit_loss=commit,
+        codebook_loss=codebook_loss,
+        **codebook_metrics(vq),
+    )
+    metrics = {k: jax.lax.stop_gradient(v).astype(jnp.float32) for k, v in metrics.items()}
+    return loss, {"state": new_state, "metrics": metrics}

@@ -1,0 +1,104 @@
+"""The gated VQ-attention unit (GAU) of Transformer-VQ."""
+
+from __future__ import annotations
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, PRNGKeyArray
+
+from .._config import TransformerConfig
+from ..ops import VQAttentionState, vq_attention_with_state
+from ._norm import RMSNorm, layer_norm
+from ._positional import XLRelativeBias, dropout
+from ._quantizer import VectorQuantizer
+
+
+class VQAttention(eqx.Module):
+    """Gated VQ-attention unit.
+
+    `x~ = RMSNorm(x)`; `q = LN(x~ W_q)`, `k = LN(x~ W_k)` (parameter-free layer
+    norm per head); `v = SiLU(x~ W_v)`, `g = SiLU(x~ W_g)`; scores
+    `tau [(q + u) . k^_j + (q + v) . r_{i-j}]` with `tau = d_k^-1/2`, `k^` the
+    quantized key and the position term only for `i - j <= mem_len`; output
+    `dropout((g * attention) W_o)`, to be added to `x` by the caller.
+    """
+
+    norm: RMSNorm
+    w_q: Float[Array, "d_model heads_d_k"]
+    w_kvg: Float[Array, "d_model heads_kvg"]
+    w_o: Float[Array, "heads_d_v d_model"]
+    rel_bias: XLRelativeBias
+    quantizer: VectorQuantizer
+    config: TransformerConfig = eqx.field(static=True)
+
+    def __init__(self, config: TransformerConfig, *, key: PRNGKeyArray):
+        c = config
+        kq, kkvg, ko, kr, kc = jax.random.split(key, 5)
+        pdt = c.jnp_param_dtype
+        hk, hv = c.n_head * c.d_k, c.n_head * c.d_v
+        self.norm = RMSNorm(c.d_model, dtype=pdt)
+        self.w_q = jax.random.normal(kq, (c.d_model, hk), pdt) * c.d_model**-0.5
+        self.w_kvg = jax.random.normal(kkvg, (c.d_model, hk + 2 * hv), pdt) * c.d_model**-0.5
+        # Residual branches start small so the deep stack starts near identity.
+        out_std = hv**-0.5 / (2 * c.n_layer) ** 0.5
+        self.w_o = jax.random.normal(ko, (hv, c.d_model), pdt) * out_std
+        self.rel_bias = XLRelativeBias(
+            c.d_model, c.n_head, c.d_k, c.mem_len, pe_lam=c.pe_lam,
+            p_dropsin=c.p_dropsin, key=kr, dtype=pdt,
+        )
+        self.quantizer = VectorQuantizer(c.n_head, c.n_code, c.d_k, c_gamma=c.c_gamma, key=kc)
+        self.config = config
+
+    def init_state(self, batch_size: int) -> VQAttentionState:
+        c = self.config
+        return VQAttentionState.empty(
+            batch_size, block_len=c.block_len, heads=c.n_head, codes=c.n_code,
+            d_v=c.d_v, dtype=c.jnp_dtype,
+        )
+
+    @jax.named_scope("tvq_eqx.VQAttention")
+    def __call__(
+        self,
+        x: Float[Array, "batch seq d_model"],
+        state: VQAttentionState,
+        *,
+        mask: Float[Array, "batch seq"],
+        key: PRNGKeyArray | None = None,
+    ) -> tuple[Float[Array, "batch seq d_model"], VQAttentionState, dict[str, Array]]:
+        c = self.config
+        b, t, _ = x.shape
+        h, dk, dv = c.n_head, c.d_k, c.d_v
+        dt = c.jnp_dtype
+        sin_key, res_key = (None, None) if key is None else jax.random.split(key)
+
+        xt = self.norm(x.astype(dt))
+        q = jnp.einsum("btd,de->bte", xt, self.w_q.astype(dt)).reshape(b, t, h, dk)
+        kvg = jnp.einsum("btd,de->bte", xt, self.w_kvg.astype(dt))
+        k, v, g = jnp.split(kvg, [h * dk, h * (dk + dv)], axis=-1)
+        q = layer_norm(q)
+        k = layer_norm(k.reshape(b, t, h, dk))
+        v = jax.nn.silu(v).reshape(b, t, h, dv)
+        g = jax.nn.silu(g)
+
+        scale = dk**-0.5
+        rel_table = self.rel_bias.table(key=sin_key).astype(dt)
+        attn, new_state = vq_attention_with_state(
+            q + self.rel_bias.u.astype(dt),
+            k,
+            v,
+            self.quantizer.codebook,
+            state,
+            block_len=c.block_len,
+            scale=scale,
+            rel_query=(q + self.rel_bias.v.astype(dt)) * scale,
+            rel_table=rel_table,
+            use_cache=c.attention == "vq",
+            cache_grad=c.grad_thru_cache,
+            implementation=c.implementation,
+        )
+        gated = attn.reshape(b, t, h * dv) * g
+        out = jnp.einsum("bte,ed->btd", gated, self.w_o.astype(dt))
+        out = dropout(out, c.p_dropres, res_key)
+        stats = self.quantizer.statistics(k, mask)
+        return out.astype(x.dtype), new_state, stats

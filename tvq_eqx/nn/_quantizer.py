@@ -1,0 +1,85 @@
+"""Vector quantizer with an exponential-moving-average codebook."""
+
+from __future__ import annotations
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, PRNGKeyArray
+
+from ..ops import quantize
+from ..ops._common import HIGHEST, gather_codes
+
+sg = jax.lax.stop_gradient
+
+
+class VectorQuantizer(eqx.Module):
+    """Per-head codebook learned by EMA of per-code key sums and counts.
+
+    The codebook is `codebook_sum / codebook_count`. Neither array receives a
+    gradient from the model; their only gradient is `codebook_loss`, a
+    surrogate whose SGD step with learning rate 1 is exactly the EMA update
+    `theta <- c_gamma theta + (1 - c_gamma) batch_statistic` (as in the official
+    code). `ema_update` applies the same update directly.
+    """
+
+    codebook_sum: Float[Array, "heads codes d_k"]
+    codebook_count: Float[Array, "heads codes"]
+    c_gamma: float = eqx.field(static=True)
+
+    def __init__(self, n_head: int, n_code: int, d_k: int, *, c_gamma: float, key: PRNGKeyArray):
+        # Keys are layer-normalised (unit mean square per dim), so N(0, 1)
+        # codewords start on the right scale.
+        self.codebook_sum = jax.random.normal(key, (n_head, n_code, d_k), jnp.float32)
+        self.codebook_count = jnp.ones((n_head, n_code), jnp.float32)
+        self.c_gamma = c_gamma
+
+    @property
+    def codebook(self) -> Float[Array, "heads codes d_k"]:
+        """The codewords (float32, no gradient)."""
+        count = jnp.maximum(self.codebook_count, 1e-2)[..., None]
+        return sg(self.codebook_sum / count)
+
+    def statistics(
+        self,
+        key: Float[Array, "batch seq heads d_k"],
+        mask: Float[Array, "batch seq"],
+    ) -> dict[str, Array]:
+        """Commit loss and codebook statistics over non-masked tokens.
+
+        Sums (not means) so that they add up across batches and devices:
+        `commit_sum` (differentiable w.r.t. `key`), `code_count [heads, codes]`,
+        `code_key_sum [heads, codes, d_k]`, `sq_err`, `sq_norm` (no gradient).
+        """
+        codebook = self.codebook
+        codes = quantize(key, codebook)
+        codeword = gather_codes(codebook, codes)  # [B, T, H, K] float32
+        k32 = key.astype(jnp.float32)
+        m = mask.astype(jnp.float32)
+        per_token = jnp.mean(jnp.sum(jnp.square(k32 - codeword), axis=-1), axis=-1)
+        onehot = jax.nn.one_hot(codes, codebook.shape[1], dtype=jnp.float32)
+        onehot = onehot * m[:, :, None, None]
+        return dict(
+            commit_sum=jnp.sum(per_token * m),
+            code_count=sg(jnp.sum(onehot, axis=(0, 1))),
+            code_key_sum=sg(jnp.einsum("bths,bthk->hsk", onehot, k32, precision=HIGHEST)),
+            sq_err=sg(jnp.sum(jnp.sum(jnp.square(k32 - codeword), axis=(-1, -2)) * m)),
+            sq_norm=sg(jnp.sum(jnp.sum(jnp.square(k32), axis=(-1, -2)) * m)),
+        )
+
+    def codebook_loss(self, code_count: Array, code_key_sum: Array) -> Float[Array, ""]:
+        """Surrogate whose gradient step (lr 1) is the EMA update of the codebook."""
+        w = 0.5 * (1.0 - self.c_gamma)
+        return w * (
+            jnp.sum(jnp.square(self.codebook_sum - sg(code_key_sum)))
+            + jnp.sum(jnp.square(self.codebook_count - sg(code_count)))
+        )
+
+    def ema_update(self, code_count: Array, code_key_sum: Array) -> VectorQuantizer:
+        """The EMA step applied directly (equals one SGD(1) step on codebook_loss)."""
+        g = self.c_gamma
+        new_sum = g * self.codebook_sum + (1.0 - g) * code_key_sum
+        new_count = g * self.codebook_count + (1.0 - g) * code_count
+        return eqx.tree_at(
+            lambda q: (q.codebook_sum, q.codebook_count), self, (new_sum, new_count)
+        )
