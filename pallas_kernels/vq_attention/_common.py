@@ -1,0 +1,81 @@
+"""Pieces shared by the forward and backward kernels (GPU/TPU common subset:
+2-D dots, iota masks, finite mask value, per-row vectors as [rows, 1])."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from .config import BlockSizes, Tiles
+
+# Finite stand-in for -inf (same value as tvq_eqx.ops.MASK_VALUE).
+MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+@dataclasses.dataclass(frozen=True)
+class Static:
+    """Everything static about one call (hashable: the custom_vjp's nondiff arg)."""
+
+    tiles: Tiles
+    sizes: BlockSizes
+    scale: float
+    num_heads: int  # H, to map the flattened batch*head index to the codebook
+    n_blocks: int  # N
+    use_cache: bool
+    has_bias: bool
+    cache_grad: bool
+    f32_inputs: bool  # float32 operands -> Precision.HIGHEST dots (exact)
+    interpret: bool | None
+    debug: bool
+
+    @property
+    def precision(self):
+        return lax.Precision.HIGHEST if self.f32_inputs else lax.Precision.DEFAULT
+
+
+def dot_nt(a, b, precision):
+    """a [m, k] . b [n, k]^T -> [m, n] float32."""
+    return lax.dot_general(a, b, (((1,), (1,)), ((), ())), precision=precision,
+                           preferred_element_type=jnp.float32)
+
+
+def dot_nn(a, b, precision):
+    """a [m, k] . b [k, n] -> [m, n] float32."""
+    return lax.dot_general(a, b, (((1,), (0,)), ((), ())), precision=precision,
+                           preferred_element_type=jnp.float32)
+
+
+def dot_tn(a, b, precision):
+    """a [k, m]^T . b [k, n] -> [m, n] float32."""
+    return lax.dot_general(a, b, (((0,), (0,)), ((), ())), precision=precision,
+                           preferred_element_type=jnp.float32)
+
+
+def tile(j, size: int, offset: int = 0):
+    """Slice of `size` elements starting at offset + j * size (j static or traced)."""
+    if isinstance(j, int):
+        return pl.ds(offset + j * size, size)
+    return pl.ds(pl.multiple_of(offset + j * size, size), size)
+
+
+def fori(lower, upper, body, carry):
+    """fori_loop that stays a static Python call for a single static step."""
+    if isinstance(lower, int) and isinstance(upper, int):
+        if upper - lower <= 0:
+            return carry
+        if upper - lower == 1:
+            return body(lower, carry)
+    return lax.fori_loop(lower, upper, body, carry)
+
+
+def iota(shape, dim):
+    return lax.broadcasted_iota(jnp.int32, shape, dim)
+
+
+def assert_shape(x, shape, name):
+    if tuple(x.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}; got {tuple(x.shape)}")
+

@@ -1,0 +1,58 @@
+"""One pallas_call, three platforms: Triton params on GPU, Mosaic params on
+TPU, interpret mode elsewhere (CPU), chosen when the program is lowered."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+from jax.experimental import pallas as pl
+
+from .config import BlockSizes
+
+
+def _compiler_params(platform: str, sizes: BlockSizes, n_grid: int):
+    if platform == "gpu":
+        from jax.experimental.pallas import triton as pltriton
+
+        return dict(compiler_params=pltriton.CompilerParams(
+            num_warps=sizes.num_warps, num_stages=sizes.num_stages))
+    if platform == "tpu":
+        from jax.experimental.pallas import tpu as pltpu
+
+        return dict(compiler_params=pltpu.CompilerParams(
+            dimension_semantics=("parallel",) * n_grid,
+            vmem_limit_bytes=sizes.vmem_limit_bytes))
+    return dict(interpret=True)
+
+
+def pallas_call(kernel, *, name: str, grid, in_specs, out_specs, out_shape,
+                sizes: BlockSizes, interpret: bool | None = None, debug: bool = False):
+    """`pl.pallas_call` whose platform settings are picked at lowering time.
+
+    `interpret=None` (default): interpret mode exactly when lowering for a
+    platform other than cuda/rocm/tpu (so on CPU, automatically). `True` forces
+    interpret mode everywhere (debugging on a GPU); `False` never uses it.
+    """
+
+    def call(platform, *args):
+        kwargs = _compiler_params(platform, sizes, len(grid))
+        if interpret is not None:
+            kwargs.pop("interpret", None)
+            if interpret:
+                kwargs = dict(interpret=True)
+        return pl.pallas_call(
+            kernel, out_shape=out_shape, grid=grid, in_specs=in_specs,
+            out_specs=out_specs, name=name, debug=debug, **kwargs,
+        )(*args)
+
+    def run(*args):
+        return jax.lax.platform_dependent(
+            *args,
+            cuda=functools.partial(call, "gpu"),
+            rocm=functools.partial(call, "gpu"),
+            tpu=functools.partial(call, "tpu"),
+            default=functools.partial(call, "cpu"),
+        )
+
+    return run

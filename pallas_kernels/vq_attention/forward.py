@@ -1,0 +1,152 @@
+"""Fused forward kernel: one online softmax over
+[codebook rows, log-count bias, cached means] + [previous block] + [current
+block, causal], float32 accumulation; writes the output and the per-row
+log-sum-exp (the backward's residual).
+
+Layout (BH = batch*heads flattened, head = bh % H):
+  q        [BH, T, K]       queries
+  k_ext    [BH, T + L, K]   quantized keys; ext block 0 is the state's previous
+                            block, ext block n+1 is block n
+  v_ext    [BH, T + L, V]   values, same extension
+  prev_ok  [BH, 1, 1] f32   1 if the state's previous block is valid
+  codebook [H, S, K]        (cache only)
+  cbias    [BH, N, 1, S]    log count per code and block, MASK for empty codes
+  cmean    [BH, N, S, V]    cached mean value per code and block
+  wbias    [BH, T, 2L] f32  window bias of query row t to window column c
+                            (c < L: previous block, else current block)
+Grid: (BH, T / bq, V / bv).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from ._common import MASK_VALUE, Static, dot_nn, dot_nt, fori, iota, tile
+from ._platform import pallas_call
+
+
+def _online_update(carry, s, v, precision):
+    """Fold scores s [bq, bk] (f32) and values v [bk, bv] into (m, l, acc)."""
+    m, l, acc = carry
+    m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))  # [bq, 1]
+    alpha = jnp.exp(m - m_new)
+    p = jnp.exp(s - m_new)
+    l = alpha * l + jnp.sum(p, axis=1, keepdims=True)
+    acc = alpha * acc + dot_nn(p.astype(v.dtype), v, precision)
+    return m_new, l, acc
+
+
+def _fwd_kernel(*refs, st: Static):
+    t = st.tiles
+    refs = list(refs)
+    q_ref, kp_ref, kc_ref, vp_ref, vc_ref, pv_ref = refs[:6]
+    rest = refs[6:]
+    if st.use_cache:
+        cb_ref, cbias_ref, cmean_ref, *rest = rest
+    if st.has_bias:
+        wb_ref, *rest = rest
+    o_ref, lse_ref = rest
+
+    bq, bk, bc, bv, L = t.block_q, t.block_k, t.block_code, t.block_v, t.block_len
+    prec = st.precision
+    qi = pl.program_id(1)
+    q_per_blk = L // bq
+    n = qi // q_per_blk
+    r0 = (qi % q_per_blk) * bq
+    q = q_ref[...]  # [bq, K]
+
+    carry = (
+        jnp.full((bq, 1), MASK_VALUE, jnp.float32),
+        jnp.zeros((bq, 1), jnp.float32),
+        jnp.zeros((bq, bv), jnp.float32),
+    )
+
+    if st.use_cache:
+        def code_step(j, carry):
+            sl = tile(j, bc)
+            s = st.scale * dot_nt(q, cb_ref[sl, :], prec) + cbias_ref[:, sl]
+            return _online_update(carry, s, cmean_ref[sl, :], prec)
+
+        carry = fori(0, t.codes // bc, code_step, carry)
+
+    prev_ok = (n > 0) | (pv_ref[...] > 0)  # [1, 1]
+
+    def prev_step(j, carry):
+        sl = tile(j, bk)
+        s = st.scale * dot_nt(q, kp_ref[sl, :], prec)
+        if st.has_bias:
+            s = s + wb_ref[:, sl]
+        s = jnp.where(prev_ok, s, MASK_VALUE)
+        return _online_update(carry, s, vp_ref[sl, :], prec)
+
+    carry = fori(0, L // bk, prev_step, carry)
+
+    rows = r0 + iota((bq, bk), 0)
+
+    def cur_step(j, carry):
+        sl = tile(j, bk)
+        s = st.scale * dot_nt(q, kc_ref[sl, :], prec)
+        if st.has_bias:
+            s = s + wb_ref[:, tile(j, bk, L)]
+        cols = j * bk + iota((bq, bk), 1)
+        s = jnp.where(cols <= rows, s, MASK_VALUE)
+        return _online_update(carry, s, vc_ref[sl, :], prec)
+
+    n_cur = (r0 + bq + bk - 1) // bk  # key tiles at or below the diagonal
+    if L // bk == 1:
+        n_cur = 1
+    carry = fori(0, n_cur, cur_step, carry)
+
+    m, l, acc = carry
+    o_ref[...] = (acc / l).astype(o_ref.dtype)
+    lse_ref[...] = m + jnp.log(l)
+
+
+def forward(st: Static, q, k_ext, v_ext, prev_ok, codebook, cbias, cmean, wbias):
+    """Returns (out [BH, T, V], lse [BH, T, 1] float32)."""
+    t = st.tiles
+    bh, seq, d_k = q.shape
+    L, bq, bv = t.block_len, t.block_q, t.block_v
+    n_v = t.d_v // bv
+    q_per_blk = L // bq
+    H = st.num_heads
+
+    in_specs = [
+        pl.BlockSpec((None, bq, d_k), lambda b, i, v: (b, i, 0)),
+        pl.BlockSpec((None, L, d_k), lambda b, i, v: (b, i // q_per_blk, 0)),
+        pl.BlockSpec((None, L, d_k), lambda b, i, v: (b, i // q_per_blk + 1, 0)),
+        pl.BlockSpec((None, L, bv), lambda b, i, v: (b, i // q_per_blk, v)),
+        pl.BlockSpec((None, L, bv), lambda b, i, v: (b, i // q_per_blk + 1, v)),
+        pl.BlockSpec((None, 1, 1), lambda b, i, v: (b, 0, 0)),
+    ]
+    args = [q, k_ext, k_ext, v_ext, v_ext, prev_ok]
+    if st.use_cache:
+        in_specs += [
+            pl.BlockSpec((None, t.codes, d_k), lambda b, i, v: (b % H, 0, 0)),
+            pl.BlockSpec((None, None, 1, t.codes),
+                         lambda b, i, v: (b, i // q_per_blk, 0, 0)),
+            pl.BlockSpec((None, None, t.codes, bv),
+                         lambda b, i, v: (b, i // q_per_blk, 0, v)),
+        ]
+        args += [codebook, cbias, cmean]
+    if st.has_bias:
+        in_specs.append(pl.BlockSpec((None, bq, 2 * L), lambda b, i, v: (b, i, 0)))
+        args.append(wbias)
+    out_specs = [
+        pl.BlockSpec((None, bq, bv), lambda b, i, v: (b, i, v)),
+        pl.BlockSpec((None, None, bq, 1), lambda b, i, v: (b, v, i, 0)),
+    ]
+    out_shape = [
+        jax.ShapeDtypeStruct((bh, seq, t.d_v), v_ext.dtype),
+        jax.ShapeDtypeStruct((bh, n_v, seq, 1), jnp.float32),
+    ]
+    out, lse = pallas_call(
+        functools.partial(_fwd_kernel, st=st), name="vq_attention_fwd",
+        grid=(bh, seq // bq, n_v), in_specs=in_specs, out_specs=out_specs,
+        out_shape=out_shape, sizes=st.sizes, interpret=st.interpret, debug=st.debug,
+    )(*args)
+    return out, lse[:, 0]
