@@ -1,0 +1,242 @@
+"""Atomic checkpoints of a `TrainState` with Equinox serialisation.
+
+Layout of a checkpoint directory:
+
+```
+run/checkpoints/
+    LATEST                  name of the newest complete checkpoint
+    step_00000400/
+        state.eqx           eqx.tree_serialise_leaves(TrainState)
+        meta.json           step, data position, configs, leaf signature,
+                            sha256 of state.eqx, format version
+```
+
+A checkpoint is written into a hidden temporary folder, flushed to disk,
+then renamed into place (an atomic operation on POSIX file systems), and only
+then is `LATEST` replaced (write-to-temp + `os.replace`, also atomic). A crash
+at any point leaves the previous checkpoint and `LATEST` intact; the stale
+temporary folder is ignored and cleaned up by the next save.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import equinox as eqx
+import jax
+import numpy as np
+
+FORMAT_VERSION = 1
+LATEST = "LATEST"
+_STATE = "state.eqx"
+_META = "meta.json"
+_NAME = re.compile(r"^step_(\d{8,})$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, corrupt, or does not match what loads it."""
+
+
+def _signature(tree: Any) -> list[str]:
+    """`"shape:dtype"` of every array leaf (arrays or ShapeDtypeStructs)."""
+    leaves = jax.tree.leaves(tree)
+    return [f"{tuple(x.shape)}:{np.dtype(x.dtype)}" for x in leaves if hasattr(x, "dtype")]
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _to_host(tree: Any) -> Any:
+    """Arrays as host numpy (gathered across processes when sharded over hosts)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        dyn, static = eqx.partition(tree, eqx.is_array)
+        dyn = multihost_utils.process_allgather(dyn, tiled=True)
+        return eqx.combine(dyn, static)
+    return jax.device_get(tree)
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def list_checkpoints(directory: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints in `directory`, oldest first."""
+    d = Path(directory)
+    if not d.is_dir():
+        return []
+    found = []
+    for p in d.iterdir():
+        m = _NAME.match(p.name)
+        if m and (p / _META).is_file() and (p / _STATE).is_file():
+            found.append((int(m.group(1)), p))
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
+    """The checkpoint `LATEST` names, or None if there is none yet.
+
+    Raises `CheckpointError` if `LATEST` exists but names a missing checkpoint.
+    """
+    d = Path(directory)
+    pointer = d / LATEST
+    if not pointer.is_file():
+        return None
+    name = pointer.read_text().strip()
+    path = d / name
+    if not _NAME.match(name) or not (path / _META).is_file() or not (path / _STATE).is_file():
+        raise CheckpointError(
+            f"{pointer} names {name!r}, which is not a complete checkpoint in {d}"
+        )
+    return path
+
+
+def save_checkpoint(
+    directory: str | os.PathLike,
+    train_state: Any,
+    *,
+    step: int,
+    meta: dict[str, Any] | None = None,
+    keep: int = 3,
+) -> Path:
+    """Write `train_state` (any PyTree, normally a `TrainState`) as checkpoint
+    `step`, atomically, and point `LATEST` at it; keep the newest `keep`.
+
+    `meta` (JSON-serialisable: configs, data position, ...) is stored in
+    `meta.json` next to the arrays. Only process 0 writes (all processes must
+    call it when arrays are sharded across hosts).
+    """
+    if keep < 1:
+        raise ValueError(f"keep must be >= 1; got {keep}")
+    d = Path(directory)
+    host = _to_host(train_state)
+    if jax.process_index() != 0:
+        return d / checkpoint_name(step)
+    d.mkdir(parents=True, exist_ok=True)
+    for stale in d.glob(".tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    name = checkpoint_name(step)
+    tmp = d / f".tmp-{name}-{os.getpid()}"
+    tmp.mkdir()
+    state_path = tmp / _STATE
+    with open(state_path, "wb") as f:
+        eqx.tree_serialise_leaves(f, host)
+        f.flush()
+        os.fsync(f.fileno())
+    full_meta = dict(
+        format_version=FORMAT_VERSION,
+        step=int(step),
+        sha256=_sha256(state_path),
+        signature=_signature(host),
+        **(meta or {}),
+    )
+    with open(tmp / _META, "w") as f:
+        json.dump(full_meta, f, indent=2, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync_dir(tmp)
+    final = d / name
+    if final.exists():  # re-saving the same step: swap the old one out first
+        trash = d / f".tmp-old-{name}-{os.getpid()}"
+        os.rename(final, trash)
+        os.rename(tmp, final)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.rename(tmp, final)
+    _fsync_dir(d)
+    _write_atomic(d / LATEST, name + "\n")
+    for old in list_checkpoints(d)[:-keep]:
+        if old.name != name:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def read_meta(path: str | os.PathLike) -> dict[str, Any]:
+    """`meta.json` of checkpoint folder `path` (or of `LATEST` when `path` is
+    a checkpoints directory)."""
+    p = Path(path)
+    if not (p / _META).is_file():
+        latest = latest_checkpoint(p)
+        if latest is None:
+            raise CheckpointError(f"no checkpoint found in {p}")
+        p = latest
+    try:
+        meta = json.loads((p / _META).read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read {p / _META}: {e}") from None
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{p} has checkpoint format {meta.get('format_version')!r}; this "
+            f"tvq-eqx reads format {FORMAT_VERSION}"
+        )
+    meta["path"] = str(p)
+    return meta
+
+
+def load_checkpoint(path: str | os.PathLike, like: Any) -> tuple[Any, dict[str, Any]]:
+    """Load a checkpoint into the structure of `like` (a `TrainState` built
+    from the same configs, e.g. `eqx.filter_eval_shape` of the initialiser).
+
+    `path` is a checkpoint folder, or a checkpoints directory (its `LATEST`).
+    Verifies the format version, the SHA-256 of the arrays and every leaf's
+    shape and dtype; raises `CheckpointError` with one clear line otherwise.
+
+    **Returns:** `(train_state, meta)`.
+    """
+    meta = read_meta(path)
+    p = Path(meta["path"])
+    state_path = p / _STATE
+    if _sha256(state_path) != meta.get("sha256"):
+        raise CheckpointError(f"{state_path} is corrupt (SHA-256 does not match meta.json)")
+    want = _signature(like)
+    got = meta.get("signature")
+    if got != want:
+        n_diff = (
+            sum(a != b for a, b in zip(got, want)) if isinstance(got, list) else "?"
+        )
+        raise CheckpointError(
+            f"{p} does not match the model/optimizer being loaded: "
+            f"{len(got) if isinstance(got, list) else '?'} arrays on disk vs "
+            f"{len(want)} expected, {n_diff} with different shape/dtype"
+        )
+    try:
+        with open(state_path, "rb") as f:
+            tree = eqx.tree_deserialise_leaves(f, like)
+    except Exception as e:  # noqa: BLE001 - any decoding failure is a bad checkpoint
+        raise CheckpointError(f"cannot load {state_path}: {type(e).__name__}: {e}") from None
+    return tree, meta

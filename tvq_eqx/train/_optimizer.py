@@ -1,0 +1,192 @@
+"""The optimizer: the official Transformer-VQ recipe, with the codebook routed
+to its exact EMA update and nowhere else."""
+
+from __future__ import annotations
+
+from typing import Any, Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from ..nn import VectorQuantizer
+
+OptimizerName = Literal["adamw", "lion", "adafactor"]
+OPTIMIZERS: tuple[str, ...] = ("adamw", "lion", "adafactor")
+
+MAIN = "main"
+CODEBOOK = "codebook"
+
+
+class CodebookRoutingError(ValueError):
+    """Codebook arrays reached the main optimizer (or vice versa)."""
+
+
+def _is_quantizer(x) -> bool:
+    return isinstance(x, VectorQuantizer)
+
+
+def _is_masked(x) -> bool:
+    return x is None or isinstance(x, optax.MaskedNode)
+
+
+def param_labels(params: Any) -> Any:
+    """`"codebook"` for every `VectorQuantizer.codebook_sum`/`codebook_count`
+    leaf of `params`, `"main"` for every other leaf.
+
+    Works on any PyTree that contains the model's `VectorQuantizer`s (a
+    `Transformer`, its `eqx.filter(model, eqx.is_array)` parameters, gradients).
+    """
+
+    def label(node):
+        if _is_quantizer(node):
+            return jax.tree.map(lambda _: CODEBOOK, node)
+        return MAIN
+
+    return jax.tree.map(label, params, is_leaf=_is_quantizer)
+
+
+def _quantizer_leaves(tree: Any) -> list:
+    """The codebook leaves (possibly masked) of every VectorQuantizer in `tree`."""
+    quantizers = [
+        q for q in jax.tree.leaves(tree, is_leaf=_is_quantizer) if _is_quantizer(q)
+    ]
+    return [x for q in quantizers for x in (q.codebook_sum, q.codebook_count)]
+
+
+def guard_no_codebook() -> optax.GradientTransformation:
+    """Identity transformation that raises `CodebookRoutingError` if any
+    `VectorQuantizer` codebook array reaches it (at `init` or `update`).
+
+    The main optimizer chain starts with it, so clipping, Adam moments, the
+    schedule and weight decay can never touch the codebook.
+    """
+
+    def check(tree, where):
+        bad = [x for x in _quantizer_leaves(tree) if not _is_masked(x)]
+        if bad:
+            raise CodebookRoutingError(
+                f"{len(bad)} codebook array(s) (VectorQuantizer.codebook_sum/"
+                f"codebook_count) reached the main optimizer's {where}; the "
+                "codebook is updated only by its EMA rule. Build the optimizer "
+                "with tvq_eqx.train.make_optimizer (it routes them to SGD(1))."
+            )
+
+    def init_fn(params):
+        check(params, "init")
+        return optax.EmptyState()
+
+    def update_fn(updates, state, params=None):
+        check(updates, "update")
+        return updates, state
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def lr_schedule(
+    peak: float, warmup_steps: int, total_steps: int, final_ratio: float = 0.1
+) -> optax.Schedule:
+    """Linear warmup from 0 to `peak` over `warmup_steps`, then cosine decay to
+    `final_ratio * peak` at `total_steps` (constant afterwards)."""
+    warmup = optax.linear_schedule(0.0, peak, transition_steps=max(warmup_steps, 1))
+    decay = optax.cosine_decay_schedule(
+        init_value=peak,
+        decay_steps=max(total_steps - warmup_steps, 1),
+        alpha=final_ratio,
+    )
+    return optax.join_schedules([warmup, decay], boundaries=[warmup_steps])
+
+
+class OptimizerConfig(NamedTuple):
+    """Everything `make_optimizer` needs; kept in checkpoints."""
+
+    name: str = "adamw"
+    learning_rate: float = 4e-4
+    warmup_steps: int = 10_000
+    total_steps: int = 125_000
+    weight_decay: float = 2e-4
+    grad_clip: float | None = 0.1
+    final_lr_ratio: float = 0.1
+
+
+def _base(name: str, schedule: optax.Schedule) -> optax.GradientTransformation:
+    if name == "adamw":
+        # Weight decay is added separately below (not scaled by the lr).
+        return optax.adam(schedule, b1=0.9, b2=0.98, eps=1e-9, mu_dtype=jnp.float32)
+    if name == "lion":
+        return optax.lion(schedule, b1=0.95, b2=0.98, mu_dtype=jnp.float32)
+    if name == "adafactor":
+        return optax.adafactor(
+            schedule, multiply_by_parameter_scale=True, clipping_threshold=1.0
+        )
+    raise ValueError(f"optimizer must be one of {OPTIMIZERS}; got {name!r}")
+
+
+def make_optimizer(
+    name: OptimizerName = "adamw",
+    *,
+    learning_rate: float = 4e-4,
+    warmup_steps: int = 10_000,
+    total_steps: int = 125_000,
+    weight_decay: float = 2e-4,
+    grad_clip: float | None = 0.1,
+    final_lr_ratio: float = 0.1,
+) -> optax.GradientTransformation:
+    """The Transformer-VQ optimizer (the official recipe).
+
+    `optax.multi_transform` over two groups, labelled by `param_labels`:
+
+    - **main** (every array except the codebooks):
+      `guard_no_codebook -> clip_by_global_norm(grad_clip) -> optimizer with
+      lr_schedule -> add decayed weights`. The optimizer is AdamW
+      (`b1=0.9, b2=0.98, eps=1e-9`, float32 moments), Lion (`b1=0.95,
+      b2=0.98`) or Adafactor (parameter-scaled, update clipping 1.0). Weight
+      decay is *decoupled*: each update subtracts `weight_decay * theta`, not
+      scaled by the learning rate (as the official code does), and only on
+      arrays with `ndim >= 2` (matrices and embeddings; no norms or biases).
+    - **codebook** (`codebook_sum`, `codebook_count` of every quantizer):
+      `optax.sgd(1.0)`. `loss_fn` gives them the gradient
+      `theta - EMA_target` times `(1 - c_gamma)`, so this step is exactly the
+      EMA update; no clipping, decay or schedule touches them.
+
+    Feed it `eqx.filter(model, eqx.is_array)`-shaped gradients and params.
+
+    **Arguments:** `name` (`"adamw"`, `"lion"`, `"adafactor"`),
+    `learning_rate` (peak), `warmup_steps` (linear warmup from 0),
+    `total_steps` (cosine decay to `final_lr_ratio * learning_rate` at this
+    optimizer step), `weight_decay`, `grad_clip` (global norm; `None` = off).
+    """
+    if name not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {OPTIMIZERS}; got {name!r}")
+    if not learning_rate > 0:
+        raise ValueError(f"learning_rate must be > 0; got {learning_rate!r}")
+    if warmup_steps < 0 or total_steps < 1:
+        raise ValueError(
+            f"need warmup_steps >= 0 and total_steps >= 1; got {warmup_steps}, "
+            f"{total_steps}"
+        )
+    if weight_decay < 0:
+        raise ValueError(f"weight_decay must be >= 0; got {weight_decay!r}")
+    if grad_clip is not None and not grad_clip > 0:
+        raise ValueError(f"grad_clip must be > 0 or None; got {grad_clip!r}")
+    schedule = lr_schedule(learning_rate, warmup_steps, total_steps, final_lr_ratio)
+    main = [guard_no_codebook()]
+    if grad_clip is not None:
+        main.append(optax.clip_by_global_norm(grad_clip))
+    main.append(_base(name, schedule))
+    if weight_decay > 0:
+        main.append(
+            optax.add_decayed_weights(
+                -weight_decay,
+                mask=lambda p: jax.tree.map(lambda x: jnp.ndim(x) >= 2, p),
+            )
+        )
+    return optax.multi_transform(
+        {MAIN: optax.chain(*main), CODEBOOK: optax.sgd(1.0)},
+        param_labels=param_labels,
+    )
+
+
+def optimizer_from_config(cfg: OptimizerConfig) -> optax.GradientTransformation:
+    """`make_optimizer(**cfg._asdict())`."""
+    return make_optimizer(**cfg._asdict())

@@ -1,0 +1,405 @@
+"""Train and eval steps: update segments scanned with the carried attention
+state, data-parallel over a device mesh."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jaxtyping import Array, Bool, Int, PRNGKeyArray, UInt32
+
+from ..loss import loss_fn
+from ..nn import Transformer, TransformerState
+from ._optimizer import CODEBOOK, param_labels
+
+Batch = Mapping[str, Any]
+_BATCH_KEYS = ("inputs", "targets", "loss_mask")
+# Metrics that add up over update segments (everything else is averaged).
+_SUMMED = ("lm_loss_sum", "token_count")
+DATA_AXIS = "data"
+
+
+class TrainState(eqx.Module):
+    """Everything that changes during training (and goes into a checkpoint).
+
+    - `model`: the `Transformer` (float32 parameters, EMA codebooks).
+    - `opt_state`: the optimizer state for `eqx.filter(model, eqx.is_inexact_array)`.
+    - `attn_state`: the attention state carried from one batch to the next
+      (rows of a `TokenStream` batch continue the previous batch's rows).
+    - `step`: optimizer updates done so far.
+    - `rng`: raw key data (`jax.random.key_data`) of the dropout key stream.
+    """
+
+    model: Transformer
+    opt_state: Any
+    attn_state: TransformerState
+    step: Int[Array, ""]
+    rng: UInt32[Array, " _"]
+
+
+def init_train_state(
+    model: Transformer,
+    optimizer: optax.GradientTransformation,
+    batch_size: int,
+    *,
+    key: PRNGKeyArray,
+) -> TrainState:
+    """A fresh `TrainState`: optimizer initialised on the model's float arrays,
+    empty attention state for `batch_size` rows, step 0, dropout key `key`."""
+    params = eqx.filter(model, eqx.is_inexact_array)
+    return TrainState(
+        model=model,
+        opt_state=optimizer.init(params),
+        attn_state=model.init_state(batch_size),
+        step=jnp.zeros((), jnp.int32),
+        rng=jax.random.key_data(key),
+    )
+
+
+def _check_batch(batch: Batch, *, segment_len: int, block_len: int, what: str) -> None:
+    missing = [k for k in _BATCH_KEYS if k not in batch]
+    if missing:
+        raise ValueError(f"{what} batch is missing {missing}")
+    shape = tuple(batch["inputs"].shape)
+    if len(shape) != 2:
+        raise ValueError(f"{what} batch['inputs'] must be [batch, seq]; got {shape}")
+    if segment_len % block_len != 0:
+        raise ValueError(
+            f"{what}: segment length {segment_len} must be a multiple of "
+            f"block_len={block_len}"
+        )
+    if shape[1] % segment_len != 0:
+        raise ValueError(
+            f"{what}: sequence length {shape[1]} must be a multiple of the "
+            f"segment length {segment_len} (= block_len {block_len} x blocks per "
+            "segment)"
+        )
+
+
+def _segments(batch: Batch, segment_len: int) -> dict[str, Array]:
+    """[B, T] -> [T / segment_len, B, segment_len] for the scan."""
+
+    def split(x):
+        x = jnp.asarray(x)
+        b, t = x.shape
+        return jnp.swapaxes(x.reshape(b, t // segment_len, segment_len), 0, 1)
+
+    return {k: split(batch[k]) for k in _BATCH_KEYS}
+
+
+def _select_state(reset: Bool[Array, ""], fresh, state):
+    return jax.tree.map(lambda f, s: jnp.where(reset, f, s), fresh, state)
+
+
+def _reduce_metrics(metrics: dict[str, Array]) -> dict[str, Array]:
+    """Per-segment metrics [n] -> one value: sums for counts, means otherwise;
+    `lm_loss`/`bits_per_token` recomputed from the sums."""
+    out = {
+        k: (jnp.sum(v, axis=0) if k in _SUMMED else jnp.mean(v, axis=0))
+        for k, v in metrics.items()
+    }
+    out["lm_loss"] = out["lm_loss_sum"] / jnp.maximum(out["token_count"], 1.0)
+    out["bits_per_token"] = out["lm_loss"] / math.log(2.0)
+    return out
+
+
+def train_step(
+    train_state: TrainState,
+    batch: Batch,
+    *,
+    optimizer: optax.GradientTransformation,
+    update_len: int,
+    reset: Bool[Array, ""] | bool = False,
+) -> tuple[TrainState, dict[str, Array]]:
+    """One batch of training: `seq / update_len` optimizer updates.
+
+    The batch's `[B, seq]` arrays are split into update segments of
+    `update_len` tokens; a `lax.scan` over segments computes `loss_fn` on each
+    (dropout on, a fresh key per segment), applies one optimizer update, and
+    carries the attention state (with no gradient through it) to the next
+    segment, as the official `update_len` does. `reset` (scalar bool) starts
+    from an empty attention state instead of `train_state.attn_state` (a new
+    stream, e.g. a new epoch).
+
+    Pure and un-jitted; `make_train_step` gives the jitted, donating,
+    optionally sharded version.
+
+    **Returns:** the new `TrainState` and metrics (float32 scalars) over the
+    whole batch: `lm_loss_sum`, `token_count` summed over segments,
+    `lm_loss`/`bits_per_token` recomputed from them, the rest averaged, plus
+    `grad_norm` (global norm of the non-codebook gradient, before clipping,
+    averaged over segments).
+    """
+    model = train_state.model
+    c = model.config
+    _check_batch(batch, segment_len=update_len, block_len=c.block_len, what="train")
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    b = batch["inputs"].shape[0]
+    attn = _select_state(jnp.asarray(reset), model.init_state(b), train_state.attn_state)
+
+    def body(carry, segment):
+        params, opt_state, attn, rng = carry
+        rng, sub = jax.random.split(rng)
+
+        def objective(p):
+            return loss_fn(eqx.combine(p, static), segment, attn, key=sub)
+
+        (_, aux), grads = jax.value_and_grad(objective, has_aux=True)(params)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        main_grads = _without_codebook(grads)
+        metrics = dict(aux["metrics"], grad_norm=optax.tree.norm(main_grads))
+        attn = jax.tree.map(jax.lax.stop_gradient, aux["state"])
+        return (params, opt_state, attn, rng), metrics
+
+    rng = jax.random.wrap_key_data(train_state.rng)
+    init = (params, train_state.opt_state, attn, rng)
+    (params, opt_state, attn, rng), metrics = jax.lax.scan(
+        body, init, _segments(batch, update_len)
+    )
+    n_update = batch["inputs"].shape[1] // update_len
+    new_state = TrainState(
+        model=eqx.combine(params, static),
+        opt_state=opt_state,
+        attn_state=attn,
+        step=train_state.step + n_update,
+        rng=jax.random.key_data(rng),
+    )
+    return new_state, _reduce_metrics(metrics)
+
+
+def _without_codebook(grads):
+    labels = param_labels(grads)
+    return jax.tree.map(lambda g, lab: None if lab == CODEBOOK else g, grads, labels)
+
+
+def eval_step(
+    model: Transformer,
+    attn_state: TransformerState,
+    batch: Batch,
+    *,
+    segment_len: int,
+    reset: Bool[Array, ""] | bool = False,
+) -> tuple[TransformerState, dict[str, Array]]:
+    """Summed LM loss over a batch, scanning segments with the carried state.
+
+    No dropout, no parameter change. `segment_len` (a multiple of `block_len`
+    dividing `seq`) bounds memory: only `[B, segment_len, n_vocab]`
+    log-probabilities exist at a time. `reset` starts from an empty state.
+
+    **Returns:** the new attention state and `{"lm_loss_sum": nats,
+    "token_count": masked-in targets}` (float32 sums).
+    """
+    c = model.config
+    _check_batch(batch, segment_len=segment_len, block_len=c.block_len, what="eval")
+    b = batch["inputs"].shape[0]
+    attn = _select_state(jnp.asarray(reset), model.init_state(b), attn_state)
+
+    def body(attn, segment):
+        _, aux = loss_fn(model, segment, attn, key=None)
+        m = aux["metrics"]
+        out = dict(lm_loss_sum=m["lm_loss_sum"], token_count=m["token_count"])
+        return aux["state"], out
+
+    attn, sums = jax.lax.scan(body, attn, _segments(batch, segment_len))
+    return attn, jax.tree.map(lambda x: jnp.sum(x, axis=0), sums)
+
+
+# ----------------------------------------------------------------------------
+# Devices
+
+
+def make_mesh(devices: Iterable[jax.Device] | None = None) -> Mesh:
+    """A 1-D data-parallel mesh (axis `"data"`) over `devices` (default: all,
+    across hosts)."""
+    devs = np.asarray(list(jax.devices() if devices is None else devices))
+    return Mesh(devs, (DATA_AXIS,))
+
+
+def _replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def _batch_sharded(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+
+
+def _attn_shardings(attn_state: TransformerState, mesh: Mesh):
+    return jax.tree.map(
+        lambda x: _batch_sharded(mesh) if jnp.ndim(x) >= 1 else _replicated(mesh),
+        attn_state,
+    )
+
+
+def _check_divisible(batch_size: int, mesh: Mesh) -> None:
+    n = mesh.devices.size
+    if batch_size % n != 0:
+        raise ValueError(
+            f"batch size {batch_size} must be a multiple of the number of devices "
+            f"{n} (the batch is split across them)"
+        )
+
+
+def shard_batch(batch: Batch, mesh: Mesh) -> dict[str, Array]:
+    """Put a host batch (numpy, identical on every host) on the mesh, split
+    along the batch axis. Works across hosts: each host supplies only its
+    addressable shards."""
+    out = {}
+    for k in _BATCH_KEYS:
+        x = np.asarray(batch[k])
+        _check_divisible(x.shape[0], mesh)
+        out[k] = jax.make_array_from_callback(
+            x.shape, _batch_sharded(mesh), lambda idx, x=x: x[idx]
+        )
+    return out
+
+
+def shard_train_state(train_state: TrainState, mesh: Mesh) -> TrainState:
+    """Replicate model, optimizer state, step and rng; split the attention
+    state along its batch axis."""
+    _check_divisible(train_state.attn_state.units[0].prev_valid.shape[0], mesh)
+    rep = _replicated(mesh)
+    dyn, static = eqx.partition(train_state, eqx.is_array)
+    dyn = jax.tree.map(lambda x: jax.device_put(x, rep), dyn)
+    ts = eqx.combine(dyn, static)
+    attn = jax.device_put(ts.attn_state, _attn_shardings(ts.attn_state, mesh))
+    return eqx.tree_at(lambda t: t.attn_state, ts, attn)
+
+
+def _constrain(ts: TrainState, mesh: Mesh | None) -> TrainState:
+    if mesh is None:
+        return ts
+    rep = _replicated(mesh)
+    dyn, static = eqx.partition(ts, eqx.is_array)
+    dyn = jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, rep), dyn)
+    ts = eqx.combine(dyn, static)
+    attn = jax.lax.with_sharding_constraint(
+        ts.attn_state, _attn_shardings(ts.attn_state, mesh)
+    )
+    return eqx.tree_at(lambda t: t.attn_state, ts, attn)
+
+
+def make_train_step(
+    optimizer: optax.GradientTransformation,
+    *,
+    update_len: int,
+    mesh: Mesh | None = None,
+    donate: bool = True,
+) -> Callable[..., tuple[TrainState, dict[str, Array]]]:
+    """`train_step` compiled with `eqx.filter_jit`.
+
+    Returns `step(train_state, batch, *, reset=False) -> (train_state,
+    metrics)`. With `donate`, the input `train_state`'s buffers are donated
+    (reused for the output; do not use the old one afterwards). With `mesh`,
+    the batch is split over the mesh's devices and the train state replicated
+    (attention state split by batch): XLA inserts the cross-device sums, so
+    gradients and the codebook statistics are global and every device holds
+    the same parameters and codebook. Pass host (numpy) batches; they are
+    placed with `shard_batch`.
+    """
+
+    def inner(batch, train_state):
+        reset = batch["reset"]
+        batch = {k: batch[k] for k in _BATCH_KEYS}
+        new, metrics = train_step(
+            train_state, batch, optimizer=optimizer, update_len=update_len, reset=reset
+        )
+        return _constrain(new, mesh), metrics
+
+    jitted = eqx.filter_jit(inner, donate="all-except-first" if donate else "none")
+
+    def step(train_state: TrainState, batch: Batch, *, reset: bool = False):
+        if mesh is not None:
+            placed = shard_batch(batch, mesh)
+        else:
+            placed = {k: jnp.asarray(batch[k]) for k in _BATCH_KEYS}
+        placed["reset"] = jnp.asarray(reset, dtype=bool)
+        return jitted(placed, train_state)
+
+    return step
+
+
+def make_eval_step(
+    *, segment_len: int, mesh: Mesh | None = None
+) -> Callable[..., tuple[TransformerState, dict[str, Array]]]:
+    """`eval_step` compiled with `eqx.filter_jit`; with `mesh`, the batch and
+    attention state are split over devices (sums are global).
+
+    Returns `step(model, attn_state, batch, *, reset=False)`.
+    """
+
+    def inner(model, attn_state, batch, reset):
+        new, sums = eval_step(model, attn_state, batch, segment_len=segment_len, reset=reset)
+        if mesh is not None:
+            new = jax.lax.with_sharding_constraint(new, _attn_shardings(new, mesh))
+        return new, sums
+
+    jitted = eqx.filter_jit(inner)
+
+    def step(model, attn_state, batch, *, reset: bool = False):
+        if mesh is not None:
+            placed = shard_batch(batch, mesh)
+        else:
+            placed = {k: jnp.asarray(batch[k]) for k in _BATCH_KEYS}
+        return jitted(model, attn_state, placed, jnp.asarray(reset, dtype=bool))
+
+    return step
+
+
+def evaluate(
+    model: Transformer,
+    batches: Iterable[Batch],
+    *,
+    segment_len: int | None = None,
+    mesh: Mesh | None = None,
+    resets: Iterable[bool] | None = None,
+    progress: Callable[[Iterable], Iterable] | None = None,
+) -> dict[str, float]:
+    """Log-likelihood of a whole stream of batches with the carried state.
+
+    `batches` are consecutive windows of the same rows (a `TokenStream` with
+    `repeat=False`): the attention state flows from each batch into the next,
+    so every token sees its whole history, however long the stream. The state
+    starts empty; `resets` (one bool per batch) may restart it.
+
+    **Returns:** `{"lm_loss_sum", "token_count", "nats_per_token",
+    "bits_per_token", "perplexity", "batches"}` (Python floats). For byte-level
+    data `bits_per_token` is bits per byte: `lm_loss_sum / (tokens ln 2)`.
+    """
+    segment_len = model.config.block_len if segment_len is None else segment_len
+    step = make_eval_step(segment_len=segment_len, mesh=mesh)
+    total, count, n = 0.0, 0.0, 0
+    attn = None
+    resets_it = iter(resets) if resets is not None else None
+    it = batches if progress is None else progress(batches)
+    for batch in it:
+        b = np.asarray(batch["inputs"]).shape[0]
+        if attn is None:
+            attn = model.init_state(b)
+            if mesh is not None:
+                _check_divisible(b, mesh)
+                attn = jax.device_put(attn, _attn_shardings(attn, mesh))
+        reset = bool(next(resets_it)) if resets_it is not None else False
+        attn, sums = step(model, attn, batch, reset=reset)
+        # float64 accumulation on the host: long streams stay exact.
+        total += float(sums["lm_loss_sum"])
+        count += float(sums["token_count"])
+        n += 1
+    if n == 0:
+        raise ValueError("evaluate: no batches (empty evaluation data)")
+    nats = total / max(count, 1.0)
+    return dict(
+        lm_loss_sum=total,
+        token_count=count,
+        nats_per_token=nats,
+        bits_per_token=nats / math.log(2.0),
+        perplexity=math.exp(min(nats, 700.0)),
+        batches=float(n),
+    )
