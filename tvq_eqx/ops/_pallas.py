@@ -133,7 +133,8 @@ def _forward(query, key, value, codebook, state, rel_query, rel_table, *, block_
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _xla_backward(static, query, key, value, codebook, state, rel_query, rel_table):
-    return _forward(query, key, value, codebook, state, rel_query, rel_table, **static)
+    return _forward(query, key, value, codebook, state, rel_query, rel_table,
+                    **dict(static))
 
 
 def _xla_backward_fwd(static, *args):
@@ -141,7 +142,7 @@ def _xla_backward_fwd(static, *args):
 
 
 def _xla_backward_bwd(static, args, cotangent):
-    kwargs = {k: v for k, v in static if k in ("block_len", "scale", "use_cache",
+    kwargs = {k: v for k, v in dict(static).items() if k in ("block_len", "scale", "use_cache",
                                                  "cache_grad")}
 
     def xla(query, key, value, codebook, state, rel_query, rel_table):
@@ -153,18 +154,6 @@ def _xla_backward_bwd(static, args, cotangent):
 
 
 _xla_backward.defvjp(_xla_backward_fwd, _xla_backward_bwd)
-
-
-class _Static(tuple):
-    """Hashable static keyword arguments that also unpack as `**static`."""
-
-    def keys(self):
-        return [k for k, _ in self]
-
-    def __getitem__(self, item):
-        if isinstance(item, str):
-            return dict(self)[item]
-        return tuple.__getitem__(self, item)
 
 
 def vq_attention_pallas(
@@ -207,6 +196,6 @@ def vq_attention_pallas(
     static = dict(block_len=block_len, scale=float(scale), use_cache=use_cache,
                   cache_grad=cache_grad, block_sizes=block_sizes, interpret=interpret)
     if backward == "xla":
-        return _xla_backward(_Static(sorted(static.items())), query, key, value,
+        return _xla_backward(tuple(sorted(static.items())), query, key, value,
                              codebook, state, rel_query, rel_table)
     return _forward(query, key, value, codebook, state, rel_query, rel_table, **static)

@@ -1,0 +1,286 @@
+"""Pallas kernels (interpret mode on CPU) against the xla form and the quadratic
+definition: forward, every gradient, the returned state.
+
+Tolerances (relative error ||ref - out|| / ||ref||):
+- float32: 1e-5 for every output and gradient (references at Precision.HIGHEST;
+  the kernels use HIGHEST dots for float32 inputs, so only summation order
+  differs, measured <= 1e-6).
+- bfloat16: the kernels round the softmax weights to bfloat16 before the value
+  matmul (as flash attention does) and the inputs/outputs are bfloat16 (8 bits
+  of mantissa, unit roundoff 2^-8 = 3.9e-3), so the forward is held to 2e-2 and
+  gradients to 5e-2 against the float32 reference run on the same
+  (bfloat16-valued) inputs; the xla form in bfloat16 is held to the same bounds.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import rel_err
+
+import tvq_eqx
+from pallas_kernels.vq_attention import BlockSizes, vq_attention_core
+from tvq_eqx.ops import VQAttentionState, vq_attention_quadratic, vq_attention_xla
+from tvq_eqx.ops._pallas import vq_attention_pallas
+
+F32_TOL = 1e-5
+BF16_FWD_TOL = 2e-2
+BF16_GRAD_TOL = 5e-2
+
+# Small tiles so the kernels' inner loops, causal tile skipping and padding
+# (codes, d_v) run with several steps even at tiny shapes.
+TINY = BlockSizes(block_q=4, block_k=2, block_code=4, block_v=8)
+TINY_Q2 = BlockSizes(block_q=2, block_k=4, block_code=8, block_v=4)
+
+
+def shape_id(shape, dtype="f32"):
+    b, t, h, k, v, s, l = shape
+    return f"B{b}-T{t}-H{h}-K{k}-V{v}-S{s}-L{l}-{dtype}"
+
+
+def make_inputs(key, shape, dtype=jnp.float32, mem_len=None):
+    b, t, h, k, v, s, l = shape
+    ks = jax.random.split(key, 6)
+    m = l if mem_len is None else mem_len
+    return dict(
+        query=jax.random.normal(ks[0], (b, t, h, k), dtype),
+        key=jax.random.normal(ks[1], (b, t, h, k), dtype),
+        value=jax.random.normal(ks[2], (b, t, h, v), dtype),
+        codebook=jax.random.normal(ks[3], (h, s, k), jnp.float32),
+        rel_query=(0.3 * jax.random.normal(ks[4], (b, t, h, k))).astype(dtype),
+        rel_table=jax.random.normal(ks[5], (m + 1, h, k), dtype),
+    )
+
+
+def random_state(key, shape, dtype=jnp.float32):
+    """A non-trivial history: valid previous block, partly empty cache."""
+    b, _, h, _, v, s, l = shape
+    ks = jax.random.split(key, 4)
+    count = jnp.floor(4 * jax.random.uniform(ks[0], (b, h, s))) * (
+        jax.random.uniform(ks[1], (b, h, s)) > 0.3)
+    return VQAttentionState(
+        prev_code=jax.random.randint(ks[2], (b, l, h), 0, s),
+        prev_value=jax.random.normal(ks[3], (b, l, h, v), dtype),
+        prev_valid=jnp.array([True] + [False] * (b - 1)),
+        cache_count=count.astype(jnp.float32),
+        cache_mean=jax.random.normal(ks[0], (b, h, s, v), dtype),
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("impl", "opts"))
+def run(impl, opts, args, state, cot):
+    """Output, new state, and the VJP of (output, state.prev_value,
+    state.cache_mean) with cotangents `cot` w.r.t. inputs and incoming state."""
+    opts = dict(opts)
+    fn = dict(xla=vq_attention_xla, pallas=vq_attention_pallas)[impl]
+    use_rel = opts.pop("rel")
+
+    def f(q, k, v, rq, rt, prev_value, cache_mean):
+        st = None if state is None else VQAttentionState(
+            state.prev_code, prev_value, state.prev_valid, state.cache_count,
+            cache_mean)
+        rel = dict(rel_query=rq, rel_table=rt) if use_rel else {}
+        out, new = fn(q, k, v, args["codebook"], state=st, **rel, **opts)
+        return (out, new.prev_value, new.cache_mean), new
+
+    primals = (args["query"], args["key"], args["value"], args["rel_query"],
+               args["rel_table"],
+               None if state is None else state.prev_value,
+               None if state is None else state.cache_mean)
+    outs, vjp, new = jax.vjp(f, *primals, has_aux=True)
+    return outs[0], new, vjp(cot)
+
+
+def cotangents(key, shape, dtype, zero_state=False):
+    b, t, h, _, v, s, l = shape
+    ks = jax.random.split(key, 3)
+    c_out = jax.random.normal(ks[0], (b, t, h, v), dtype)
+    c_prev = jax.random.normal(ks[1], (b, l, h, v), dtype)
+    c_mean = jax.random.normal(ks[2], (b, h, s, v), dtype)
+    if zero_state:
+        c_prev, c_mean = jnp.zeros_like(c_prev), jnp.zeros_like(c_mean)
+    return (c_out, c_prev, c_mean)
+
+
+GRAD_NAMES = ("dq", "dk", "dv", "d_rel_query", "d_rel_table", "d_prev_value",
+              "d_cache_mean")
+
+
+def check_same(ref, out, tol, what):
+    ref_out, ref_state, ref_grads = ref
+    got_out, got_state, got_grads = out
+    errors = {}
+    assert got_out.shape == ref_out.shape and got_out.dtype == ref_out.dtype
+    errors["out"] = rel_err(ref_out, got_out)
+    for field in ("prev_code", "prev_value", "prev_valid", "cache_count", "cache_mean"):
+        r, g = getattr(ref_state, field), getattr(got_state, field)
+        assert g.shape == r.shape and g.dtype == r.dtype, field
+        if r.dtype in (jnp.int32, jnp.bool_):
+            np.testing.assert_array_equal(np.asarray(r), np.asarray(g), err_msg=field)
+        else:
+            errors[f"state.{field}"] = rel_err(r, g)
+    for name, r, g in zip(GRAD_NAMES, ref_grads, got_grads):
+        if r is None:
+            assert g is None, name
+            continue
+        assert g.shape == r.shape and g.dtype == r.dtype, name
+        errors[name] = rel_err(r, g) if float(jnp.linalg.norm(r)) > 0 else float(
+            jnp.linalg.norm(g.astype(jnp.float32)))
+    bad = {k: v for k, v in errors.items() if not v <= tol}
+    assert not bad, f"{what}: {bad} (all: {errors})"
+    return errors
+
+
+# (shape, block sizes, rel bias, mem_len)
+CASES = [
+    ((2, 32, 2, 8, 12, 5, 8), None, True, None),  # default tiles, full-dim blocks
+    ((1, 48, 1, 8, 20, 40, 16), TINY, False, None),  # many tiles, empty codes, pads
+    ((2, 16, 3, 4, 6, 12, 8), TINY_Q2, True, 3),  # bq < bk, mem_len < L
+    ((1, 24, 2, 6, 5, 7, 6), None, True, 6),  # block_len not a power of two
+]
+
+
+@pytest.mark.parametrize(
+    "shape,sizes,use_rel,mem_len", CASES, ids=[shape_id(c[0]) for c in CASES])
+def test_pallas_equals_xla_and_quadratic_f32(shape, sizes, use_rel, mem_len):
+    key = jax.random.key(sum(shape))
+    args = make_inputs(key, shape, mem_len=mem_len)
+    L = shape[-1]
+    opts = (("block_len", L), ("scale", 0.6), ("rel", use_rel))
+    popts = opts + (("block_sizes", sizes),)
+    cot = cotangents(jax.random.fold_in(key, 1), shape, jnp.float32)
+    ref = run("xla", opts, args, None, cot)
+    got = run("pallas", popts, args, None, cot)
+    check_same(ref, got, F32_TOL, "pallas vs xla")
+
+    # Against the definition: output cotangent only, dk from the window.
+    cot0 = cotangents(jax.random.fold_in(key, 1), shape, jnp.float32, zero_state=True)
+    got = run("pallas", popts, args, None, cot0)
+    rel = dict(rel_query=args["rel_query"], rel_table=args["rel_table"]) if use_rel else {}
+
+    def quad(q, k, v, rq, rt):
+        r = dict(rel_query=rq, rel_table=rt) if use_rel else {}
+        return vq_attention_quadratic(q, k, v, args["codebook"], scale=0.6,
+                                      block_len=L, key_grad_window=True, **r)
+
+    del rel
+    out_q, vjp = jax.vjp(quad, args["query"], args["key"], args["value"],
+                         args["rel_query"], args["rel_table"])
+    grads_q = vjp(cot0[0])
+    assert rel_err(out_q, got[0]) <= F32_TOL
+    for name, r, g in zip(GRAD_NAMES, grads_q, got[2]):
+        if float(jnp.linalg.norm(r)) == 0:
+            assert float(jnp.linalg.norm(g)) == 0, name
+        else:
+            assert rel_err(r, g) <= F32_TOL, name
+
+
+@pytest.mark.parametrize("shape", [(2, 16, 2, 4, 6, 5, 4)], ids=shape_id)
+def test_pallas_streaming_state_f32(shape):
+    """Non-empty incoming state (one row with a valid previous block, one
+    without), gradients into the incoming state, random state cotangents."""
+    key = jax.random.key(7)
+    args = make_inputs(key, shape)
+    state = random_state(jax.random.fold_in(key, 2), shape)
+    opts = (("block_len", shape[-1]), ("scale", 0.5), ("rel", True))
+    cot = cotangents(jax.random.fold_in(key, 1), shape, jnp.float32)
+    ref = run("xla", opts, args, state, cot)
+    got = run("pallas", opts + (("block_sizes", TINY),), args, state, cot)
+    check_same(ref, got, F32_TOL, "streaming pallas vs xla")
+
+
+@pytest.mark.parametrize("use_cache,cache_grad", [(False, True), (True, False)],
+                         ids=["window-only", "no-cache-grad"])
+def test_pallas_cache_options_f32(use_cache, cache_grad):
+    shape = (1, 16, 2, 4, 4, 6, 4)
+    key = jax.random.key(3)
+    args = make_inputs(key, shape)
+    state = random_state(jax.random.fold_in(key, 2), shape)
+    opts = (("block_len", 4), ("scale", 0.5), ("rel", False),
+            ("use_cache", use_cache), ("cache_grad", cache_grad))
+    cot = cotangents(jax.random.fold_in(key, 1), shape, jnp.float32)
+    ref = run("xla", opts, args, state, cot)
+    got = run("pallas", opts, args, state, cot)
+    check_same(ref, got, F32_TOL, "pallas vs xla")
+
+
+def test_pallas_bf16():
+    shape = (2, 16, 2, 8, 12, 6, 8)
+    key = jax.random.key(11)
+    args = make_inputs(key, shape, dtype=jnp.bfloat16)
+    args32 = {k: v.astype(jnp.float32) for k, v in args.items()}
+    opts = (("block_len", 8), ("scale", 0.4), ("rel", True))
+    cot = cotangents(jax.random.fold_in(key, 1), shape, jnp.bfloat16)
+    cot32 = tuple(c.astype(jnp.float32) for c in cot)
+    ref = run("xla", opts, args32, None, cot32)
+    got = run("pallas", opts, args, None, cot)
+    xla16 = run("xla", opts, args, None, cot)
+    assert got[0].dtype == jnp.bfloat16 and got[0].shape == ref[0].shape
+    for name, out in (("pallas", got), ("xla-bf16", xla16)):
+        assert rel_err(ref[0], out[0]) <= BF16_FWD_TOL, name
+        assert rel_err(ref[1].cache_mean, out[1].cache_mean) <= BF16_FWD_TOL, name
+        for gname, r, g in zip(GRAD_NAMES, ref[2], out[2]):
+            if r is not None:
+                assert g.dtype == jnp.bfloat16, gname
+                assert rel_err(r, g) <= BF16_GRAD_TOL, (name, gname)
+
+
+def test_debug_switch_differentiates_xla(monkeypatch):
+    shape = (1, 16, 1, 4, 4, 5, 8)
+    args = make_inputs(jax.random.key(5), shape)
+
+    def loss(backward, q, v):
+        out, st = vq_attention_pallas(q, args["key"], v, args["codebook"], block_len=8,
+                                      scale=0.5, backward=backward)
+        return jnp.sum(out * jnp.cos(out)) + jnp.sum(st.cache_mean)
+
+    g_kernel = jax.grad(functools.partial(loss, "kernels"), argnums=(0, 1))(
+        args["query"], args["value"])
+    g_xla = jax.grad(functools.partial(loss, "xla"), argnums=(0, 1))(
+        args["query"], args["value"])
+    for a, b in zip(g_kernel, g_xla):
+        assert a.shape == b.shape and rel_err(b, a) <= F32_TOL
+    monkeypatch.setenv("TVQ_EQX_PALLAS_BACKWARD", "nonsense")
+    with pytest.raises(ValueError, match="backward must be"):
+        loss(None, args["query"], args["value"])
+
+
+def test_public_dispatch_uses_pallas():
+    shape = (1, 16, 2, 4, 6, 5, 8)
+    args = make_inputs(jax.random.key(2), shape)
+    base = (args["query"], args["key"], args["value"], args["codebook"])
+    out_p = tvq_eqx.vq_attention(*base, block_len=8, implementation="pallas")
+    out_x = tvq_eqx.vq_attention(*base, block_len=8, implementation="xla")
+    assert out_p.shape == out_x.shape and rel_err(out_x, out_p) <= F32_TOL
+    # On CPU the default is xla (pallas runs only in interpret mode there).
+    assert tvq_eqx.ops.default_implementation() == (
+        "xla" if jax.default_backend() == "cpu" else "pallas")
+
+
+def test_bad_shapes_rejected():
+    shape = (1, 16, 2, 4, 6, 5, 8)
+    a = make_inputs(jax.random.key(0), shape)
+    base = (a["query"], a["key"], a["value"], a["codebook"])
+    with pytest.raises(ValueError, match="multiple of block_len"):
+        tvq_eqx.vq_attention(*base, block_len=5, implementation="pallas")
+    # The kernel-level API checks its layout too.
+    q = jnp.zeros((4, 16, 4))
+    k_ext = jnp.zeros((4, 24, 4))
+    v_ext = jnp.zeros((4, 24, 6))
+    ok = jnp.ones((4, 1, 1))
+    with pytest.raises(ValueError, match="k_ext must have shape"):
+        vq_attention_core(q, k_ext[:, :16], v_ext, ok, block_len=8, scale=1.0,
+                          num_heads=2)
+    with pytest.raises(ValueError, match="cache_bias must have shape"):
+        vq_attention_core(q, k_ext, v_ext, ok, jnp.zeros((2, 5, 4)),
+                          jnp.zeros((4, 2, 5)), jnp.zeros((4, 2, 5, 6)),
+                          block_len=8, scale=1.0, num_heads=2)
+    with pytest.raises(ValueError, match="multiple of the query tile"):
+        vq_attention_core(q, k_ext, v_ext, ok, block_len=8, scale=1.0, num_heads=2,
+                          block_sizes=BlockSizes(block_q=16, block_k=16))
+    with pytest.raises(ValueError, match="power of two"):
+        BlockSizes(block_q=48)
