@@ -280,7 +280,7 @@ def test_bad_shapes_rejected():
                           jnp.zeros((4, 2, 5)), jnp.zeros((4, 2, 5, 6)),
                           block_len=8, scale=1.0, num_heads=2)
     with pytest.raises(ValueError, match="multiple of the query tile"):
-        vq_attention_core(q, k_ext, v_ext, ok, block_len=8, scale=1.0, num_heads=2,
-                          block_sizes=BlockSizes(block_q=16, block_k=16))
+        vq_attention_core(q[:, :12], k_ext[:, :18], v_ext[:, :18], ok, block_len=6,
+                          scale=1.0, num_heads=2, block_sizes=BlockSizes(block_q=4))
     with pytest.raises(ValueError, match="power of two"):
         BlockSizes(block_q=48)
