@@ -21,6 +21,7 @@ from __future__ import annotations
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from .nn import Transformer
@@ -79,7 +80,7 @@ def _check_prompt(model: Transformer, prompt) -> Int[Array, "batch prompt"]:
 
 def sample(
     model: Transformer,
-    prompt: Int[Array, "*batch prompt"],
+    prompt: Int[Array, "*batch prompt"] | Int[np.ndarray, "*batch prompt"],
     *,
     steps: int,
     key: PRNGKeyArray,

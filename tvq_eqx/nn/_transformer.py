@@ -153,11 +153,11 @@ class Transformer(eqx.Module):
 
     def __call__(
         self,
-        tokens: Int[Array, "batch seq"],
+        tokens: Array,
         state: TransformerState,
         *,
         key: PRNGKeyArray | None = None,
-        mask: Float[Array, "batch seq"] | None = None,
+        mask: Array | None = None,
     ) -> tuple[Float[Array, "batch seq vocab"], TransformerState, dict]:
         self._check_tokens(tokens, state)
         c = self.config

@@ -158,7 +158,8 @@ def quantize(
     c32 = jax.lax.stop_gradient(codebook).astype(jnp.float32)
     dots = jnp.einsum("...hk,hsk->...hs", k32, c32, precision=HIGHEST)
     # ||k||^2 is constant per row, so argmin of ||c||^2 - 2 k.c is the nearest code.
-    dist = jnp.sum(c32 * c32, axis=-1) - 2.0 * dots
+    c_sq = jnp.sum(c32 * c32, axis=-1)
+    dist = jnp.broadcast_to(c_sq, dots.shape) - 2.0 * dots
     return jnp.argmin(jax.lax.stop_gradient(dist), axis=-1).astype(jnp.int32)
 
 

@@ -7,9 +7,19 @@ from typing import Literal
 import jax
 from jaxtyping import Array, Float
 
+# Public entry points take plain `Array` so that our own validation (which
+# names the argument and all shapes) runs before any annotation check.
+
 from ._common import VQAttentionState, default_scale, validate_inputs
 from ._quadratic import vq_attention_quadratic
 from ._xla import vq_attention_xla
+
+# Jitted so eager calls compile once per shape instead of once per primitive;
+# inside a user's jit these inline.
+_xla_jit = jax.jit(
+    vq_attention_xla, static_argnames=("block_len", "scale", "use_cache", "cache_grad")
+)
+_quadratic_jit = jax.jit(vq_attention_quadratic, static_argnames=("scale",))
 
 Implementation = Literal["xla", "pallas", "quadratic"]
 _IMPLEMENTATIONS = ("xla", "pallas", "quadratic")
@@ -47,14 +57,14 @@ def _check_implementation(implementation) -> str:
 
 
 def vq_attention(
-    query: Float[Array, "batch seq heads d_k"],
-    key: Float[Array, "batch seq heads d_k"],
-    value: Float[Array, "batch seq heads d_v"],
-    codebook: Float[Array, "heads codes d_k"],
+    query: Array,
+    key: Array,
+    value: Array,
+    codebook: Array,
     *,
     block_len: int,
     scale: float | None = None,
-    implementation: Implementation | None = None,
+    implementation: str | None = None,
 ) -> Float[Array, "batch seq heads d_v"]:
     """Causal softmax attention over vector-quantized keys, exact, in linear time.
 
@@ -86,7 +96,7 @@ def vq_attention(
     impl = _check_implementation(implementation)
     scale = default_scale(query.shape[-1], scale)
     if impl == "quadratic":
-        return vq_attention_quadratic(query, key, value, codebook, scale=scale)
+        return _quadratic_jit(query, key, value, codebook, scale=scale)
     out, _ = vq_attention_with_state(
         query, key, value, codebook, None,
         block_len=block_len, scale=scale, implementation=impl,
@@ -95,19 +105,19 @@ def vq_attention(
 
 
 def vq_attention_with_state(
-    query: Float[Array, "batch seq heads d_k"],
-    key: Float[Array, "batch seq heads d_k"],
-    value: Float[Array, "batch seq heads d_v"],
-    codebook: Float[Array, "heads codes d_k"],
+    query: Array,
+    key: Array,
+    value: Array,
+    codebook: Array,
     state: VQAttentionState | None,
     *,
     block_len: int,
     scale: float | None = None,
-    rel_query: Float[Array, "batch seq heads d_k"] | None = None,
-    rel_table: Float[Array, "dist heads d_k"] | None = None,
+    rel_query: Array | None = None,
+    rel_table: Array | None = None,
     use_cache: bool = True,
     cache_grad: bool = True,
-    implementation: Implementation | None = None,
+    implementation: str | None = None,
 ) -> tuple[Float[Array, "batch seq heads d_v"], VQAttentionState]:
     """Streaming VQ attention: attend to `state`'s history, return the new state.
 
@@ -140,7 +150,7 @@ def vq_attention_with_state(
             block_len=block_len, scale=scale, state=state, rel_query=rel_query,
             rel_table=rel_table, use_cache=use_cache, cache_grad=cache_grad,
         )
-    return vq_attention_xla(
+    return _xla_jit(
         query, key, value, codebook,
         block_len=block_len, scale=scale, state=state, rel_query=rel_query,
         rel_table=rel_table, use_cache=use_cache, cache_grad=cache_grad,

@@ -45,6 +45,7 @@ def vq_attention_quadratic(
     rel_table: Float[Array, "dist heads d_k"] | None = None,
     block_len: int | None = None,
     key_grad_window: bool = False,
+    value_grad_window: bool = False,
     use_cache: bool = True,
     quantize_keys: bool = True,
 ) -> Float[Array, "batch seq heads d_v"]:
@@ -56,6 +57,8 @@ def vq_attention_quadratic(
     - `key_grad_window`: if True, the straight-through gradient reaches `k_j` only
       from queries in the same or the next block (the linear-time form's
       estimator); the forward value is unchanged.
+    - `value_grad_window`: if True, values receive gradient only from queries in
+      the same or the next block (the linear-time form with `cache_grad=False`).
     - `use_cache`: if False, keys older than the previous block are masked out
       (the "window" baseline, official `agg_cache=0`).
     - `quantize_keys`: if False, plain causal attention on the raw keys (the
@@ -66,8 +69,8 @@ def vq_attention_quadratic(
     causal = pos[:, None] >= pos[None, :]
     if block_len is not None:
         near = (pos[:, None] // block_len - pos[None, :] // block_len) <= 1
-    elif key_grad_window or not use_cache:
-        raise ValueError("key_grad_window / use_cache=False need block_len")
+    elif key_grad_window or value_grad_window or not use_cache:
+        raise ValueError("key/value_grad_window and use_cache=False need block_len")
 
     def dot(a, b):
         return jnp.einsum(
@@ -89,7 +92,16 @@ def vq_attention_quadratic(
     keep = causal if use_cache else causal & near
     scores = jnp.where(keep, scores, MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1)
-    out = jnp.einsum(
-        "bhij,bjhv->bihv", probs, value.astype(jnp.float32), precision=HIGHEST
-    )
+    v32 = value.astype(jnp.float32)
+
+    def mix(p, v):
+        return jnp.einsum("bhij,bjhv->bihv", p, v, precision=HIGHEST)
+
+    if value_grad_window:
+        # Same value; the (exactly zero) second term carries the window gradient.
+        out = mix(probs, jax.lax.stop_gradient(v32)) + mix(
+            jnp.where(near, probs, 0.0), v32 - jax.lax.stop_gradient(v32)
+        )
+    else:
+        out = mix(probs, v32)
     return out.astype(value.dtype)

@@ -114,7 +114,9 @@ def _base(name: str, schedule: optax.Schedule) -> optax.GradientTransformation:
         # Weight decay is added separately below (not scaled by the lr).
         return optax.adam(schedule, b1=0.9, b2=0.98, eps=1e-9, mu_dtype=jnp.float32)
     if name == "lion":
-        return optax.lion(schedule, b1=0.95, b2=0.98, mu_dtype=jnp.float32)
+        return optax.lion(
+            schedule, b1=0.95, b2=0.98, mu_dtype=jnp.float32, weight_decay=0.0
+        )
     if name == "adafactor":
         return optax.adafactor(
             schedule, multiply_by_parameter_scale=True, clipping_threshold=1.0

@@ -52,7 +52,12 @@ def init_train_state(
     key: PRNGKeyArray,
 ) -> TrainState:
     """A fresh `TrainState`: optimizer initialised on the model's float arrays,
-    empty attention state for `batch_size` rows, step 0, dropout key `key`."""
+    empty attention state for `batch_size` rows, step 0, dropout key `key`.
+
+    The model's arrays are copied, so `model` stays valid after a donating
+    step (`make_train_step`) consumes the train state."""
+    dyn, static = eqx.partition(model, eqx.is_array)
+    model = eqx.combine(jax.tree.map(jnp.copy, dyn), static)
     params = eqx.filter(model, eqx.is_inexact_array)
     return TrainState(
         model=model,
