@@ -1,0 +1,130 @@
+"""Checkpoints: bit-for-bit resume, atomic writes, corrupt/mismatched files."""
+
+import equinox as eqx
+import jax
+import numpy as np
+import pytest
+
+import tvq_eqx
+from tvq_eqx import data, train
+from tvq_eqx.train import _checkpoint
+
+
+@pytest.fixture(autouse=True)
+def _allow_model_rank_promotion():
+    # See tests/test_train.py: the model relies on implicit rank promotion.
+    with jax.numpy_rank_promotion("allow"):
+        yield
+
+
+CFG = tvq_eqx.TransformerConfig(
+    n_vocab=256, d_model=32, d_k=8, d_v=16, n_head=1, n_code=8, n_layer=1,
+    block_len=8, p_dropres=0.1,
+)
+N = 3  # batches per half
+
+
+def _setup(cfg=CFG):
+    opt = train.make_optimizer(learning_rate=1e-2, warmup_steps=2, total_steps=4 * N)
+
+    def build():
+        model = tvq_eqx.Transformer(cfg, key=jax.random.key(0))
+        return train.init_train_state(model, opt, 2, key=jax.random.key(1))
+
+    return opt, build
+
+
+def _stream():
+    return data.TokenStream(data.load_bytes()[:4000], batch_size=2, seq_len=32, seed=3)
+
+
+def _run(ts, step, stream, start, stop):
+    for i in range(start, stop):
+        _, window = stream.epoch_and_window(i)
+        ts, _ = step(ts, stream.batch(i), reset=window == 0)
+    return ts
+
+
+def _host_leaves(tree):
+    return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+def test_train_2n_equals_train_n_save_load_train_n(tmp_path):
+    opt, build = _setup()
+    stream = _stream()
+    step = train.make_train_step(opt, update_len=16)
+    straight = _run(build(), step, stream, 0, 2 * N)
+
+    half = _run(build(), step, stream, 0, N)
+    train.save_checkpoint(tmp_path, half, step=int(half.step), meta=dict(batch_index=N))
+    del half
+    like = eqx.filter_eval_shape(build)
+    loaded, meta = train.load_checkpoint(tmp_path, like)
+    assert meta["batch_index"] == N and meta["step"] == 2 * N
+    resumed = _run(loaded, step, stream, meta["batch_index"], 2 * N)
+
+    a, b = _host_leaves(straight), _host_leaves(resumed)
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.dtype == y.dtype and np.array_equal(x, y)  # bit for bit
+
+
+def test_crash_mid_save_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    _, build = _setup()
+    ts = build()
+    good = train.save_checkpoint(tmp_path, ts, step=1)
+    before = (good / "state.eqx").read_bytes()
+
+    def crash(f, tree, **kw):
+        f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(_checkpoint.eqx, "tree_serialise_leaves", crash)
+    with pytest.raises(OSError, match="disk full"):
+        train.save_checkpoint(tmp_path, ts, step=2)
+    monkeypatch.undo()
+
+    assert train.latest_checkpoint(tmp_path) == good
+    assert (good / "state.eqx").read_bytes() == before
+    assert [p.name for p in train.list_checkpoints(tmp_path)] == ["step_00000001"]
+    train.load_checkpoint(tmp_path, eqx.filter_eval_shape(build))
+    # The next save cleans the stale temporary folder up.
+    train.save_checkpoint(tmp_path, ts, step=2)
+    assert not list(tmp_path.glob(".tmp-*"))
+    assert train.latest_checkpoint(tmp_path).name == "step_00000002"
+
+
+def test_keep_only_the_newest(tmp_path):
+    _, build = _setup()
+    ts = build()
+    for s in range(1, 6):
+        train.save_checkpoint(tmp_path, ts, step=s, keep=2)
+    assert [p.name for p in train.list_checkpoints(tmp_path)] == [
+        "step_00000004", "step_00000005"
+    ]
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
+    _, build = _setup()
+    path = train.save_checkpoint(tmp_path, build(), step=1)
+    raw = bytearray((path / "state.eqx").read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    (path / "state.eqx").write_bytes(bytes(raw))
+    with pytest.raises(train.CheckpointError, match="corrupt"):
+        train.load_checkpoint(tmp_path, eqx.filter_eval_shape(build))
+    (path / "meta.json").write_text("{not json")
+    with pytest.raises(train.CheckpointError, match="cannot read"):
+        train.load_checkpoint(tmp_path, eqx.filter_eval_shape(build))
+    (tmp_path / "LATEST").write_text("step_00000099\n")
+    with pytest.raises(train.CheckpointError, match="not a complete checkpoint"):
+        train.load_checkpoint(tmp_path, eqx.filter_eval_shape(build))
+    with pytest.raises(train.CheckpointError, match="no checkpoint"):
+        train.load_checkpoint(tmp_path / "missing", eqx.filter_eval_shape(build))
+
+
+def test_mismatched_checkpoint_is_a_clear_error(tmp_path):
+    _, build = _setup()
+    train.save_checkpoint(tmp_path, build(), step=1)
+    _, other = _setup(CFG.replace(d_model=48))
+    with pytest.raises(train.CheckpointError, match="does not match"):
+        train.load_checkpoint(tmp_path, eqx.filter_eval_shape(other))

@@ -1,0 +1,89 @@
+"""Generation with the carried state (tvq_eqx.sampling)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import tvq_eqx
+from tvq_eqx.sampling import sample, sample_token
+
+
+@pytest.fixture(autouse=True)
+def _allow_model_rank_promotion():
+    # See tests/test_train.py: the model relies on implicit rank promotion.
+    with jax.numpy_rank_promotion("allow"):
+        yield
+
+
+CFG = tvq_eqx.TransformerConfig(
+    n_vocab=16, d_model=32, d_k=8, d_v=16, n_head=1, n_code=4, n_layer=1, block_len=8,
+    abs_pe=True,
+)
+
+
+@pytest.mark.parametrize("prompt_len", [1, 8, 11])
+def test_greedy_equals_teacher_forced_argmax(prompt_len, getkey):
+    """Greedy tokens == argmax of one full forward pass over the generated
+    text, across several block boundaries (so the carried state is exact)."""
+    model = tvq_eqx.Transformer(CFG, key=getkey())
+    prompt = jax.random.randint(getkey(), (2, prompt_len), 0, 16)
+    steps = 29
+    out = sample(model, prompt, steps=steps, key=getkey(), temperature=0.0)
+    assert out.shape == (2, steps) and out.dtype == jnp.int32
+    full = jnp.concatenate([prompt, out], axis=1)
+    t = full.shape[1]
+    padded = jnp.pad(full, ((0, 0), (0, -t % 8)))
+    logp, _, _ = model(padded, model.init_state(2))
+    pred = jnp.argmax(logp, axis=-1)[:, prompt_len - 1: t - 1]
+    np.testing.assert_array_equal(pred, out)
+
+
+def test_one_d_prompt_and_zero_steps(getkey):
+    model = tvq_eqx.Transformer(CFG, key=getkey())
+    out = sample(model, jnp.array([1, 2, 3]), steps=5, key=getkey())
+    assert out.shape == (5,)
+    assert sample(model, jnp.array([1]), steps=0, key=getkey()).shape == (0,)
+    a = sample(model, jnp.array([1, 2]), steps=12, key=jax.random.key(7), top_p=0.9)
+    b = sample(model, jnp.array([1, 2]), steps=12, key=jax.random.key(7), top_p=0.9)
+    np.testing.assert_array_equal(a, b)
+
+
+def _draws(logits, n, **kw):
+    keys = jax.random.split(jax.random.key(0), n)
+    lp = jax.nn.log_softmax(jnp.asarray(logits, jnp.float32))
+    toks = jax.vmap(lambda k: sample_token(lp, k, **kw))(keys)
+    return np.bincount(np.asarray(toks), minlength=len(logits)) / n
+
+
+def test_top_p_keeps_the_nucleus_only():
+    p = np.array([0.05, 0.5, 0.15, 0.3])
+    logits = np.log(p)
+    freq = _draws(logits, 4000, top_p=0.7)  # 0.5 then 0.3 reach 0.7
+    assert freq[0] == 0 and freq[2] == 0
+    np.testing.assert_allclose(freq[[1, 3]], [0.5 / 0.8, 0.3 / 0.8], atol=0.03)
+    freq = _draws(logits, 4000, top_p=0.85)
+    assert freq[0] == 0 and freq[2] > 0.1
+    freq = _draws(logits, 4000, top_p=1e-6)  # only the most likely token
+    np.testing.assert_array_equal(freq, [0, 1, 0, 0])
+    freq = _draws(logits, 6000, top_p=1.0)
+    np.testing.assert_allclose(freq, p, atol=0.025)
+
+
+def test_temperature_sharpens_and_flattens():
+    p = np.array([0.6, 0.3, 0.1])
+    logits = np.log(p)
+    for temp in (0.5, 2.0):
+        want = np.exp(logits / temp) / np.exp(logits / temp).sum()
+        np.testing.assert_allclose(_draws(logits, 6000, temperature=temp), want, atol=0.025)
+    np.testing.assert_array_equal(_draws(logits, 50, temperature=0.0), [1, 0, 0])
+
+
+def test_bad_arguments(getkey):
+    model = tvq_eqx.Transformer(CFG, key=getkey())
+    with pytest.raises(ValueError, match="length >= 1"):
+        sample(model, jnp.zeros((2, 0), jnp.int32), steps=3, key=getkey())
+    with pytest.raises(ValueError, match="top_p"):
+        sample(model, jnp.array([1]), steps=3, key=getkey(), top_p=0.0)
+    with pytest.raises(ValueError, match="steps"):
+        sample(model, jnp.array([1]), steps=-1, key=getkey())

@@ -1,0 +1,233 @@
+"""Optimizer routing, train/eval steps (tvq_eqx.train)."""
+
+import math
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import tvq_eqx
+from tvq_eqx import data, train
+
+
+@pytest.fixture(autouse=True)
+def _allow_model_rank_promotion():
+    # The model (tvq_eqx/nn: RMSNorm weight, XL-bias u/v, LayerDrop) relies on
+    # implicit rank promotion, which conftest makes an error; reported, to be
+    # fixed in tvq_eqx/nn. Remove this fixture once it is.
+    with jax.numpy_rank_promotion("allow"):
+        yield
+
+
+CFG = tvq_eqx.TransformerConfig(
+    n_vocab=32, d_model=32, d_k=8, d_v=16, n_head=2, n_code=8, n_layer=1, block_len=8
+)
+
+
+def _batch(key, b=2, t=32, vocab=32):
+    toks = jax.random.randint(key, (b, t + 1), 0, vocab)
+    return dict(
+        inputs=toks[:, :-1], targets=toks[:, 1:], loss_mask=jnp.ones((b, t), jnp.float32)
+    )
+
+
+def _codebooks(model):
+    units = model.attention_units()
+    return [(u.quantizer.codebook_sum, u.quantizer.codebook_count) for u in units]
+
+
+def test_one_step_moves_codebook_exactly_to_ema_target(getkey):
+    model = tvq_eqx.Transformer(CFG, key=getkey())
+    batch = _batch(getkey())
+    # Aggressive clipping, decay and lr: none of them may touch the codebook.
+    opt = train.make_optimizer(
+        learning_rate=0.5, warmup_steps=0, total_steps=10, weight_decay=0.3, grad_clip=1e-3
+    )
+    ts = train.init_train_state(model, opt, 2, key=getkey())
+    new, _ = train.train_step(ts, batch, optimizer=opt, update_len=32)
+
+    _, _, aux = model(batch["inputs"], model.init_state(2), mask=batch["loss_mask"])
+    vq = aux["vq"]
+    for i, (unit, (s, c)) in enumerate(zip(model.attention_units(), _codebooks(new.model))):
+        target = unit.quantizer.ema_update(vq["code_count"][i], vq["code_key_sum"][i])
+        np.testing.assert_allclose(s, target.codebook_sum, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(c, target.codebook_count, rtol=1e-6, atol=1e-6)
+    # ... while the other parameters did move.
+    assert not np.allclose(new.model.embedding.weight, model.embedding.weight)
+
+
+def test_codebook_reaching_main_optimizer_is_an_error(getkey):
+    model = tvq_eqx.Transformer(CFG, key=getkey())
+    params = eqx.filter(model, eqx.is_inexact_array)
+    bad = optax.chain(train.guard_no_codebook(), optax.adam(1e-3))
+    with pytest.raises(train.CodebookRoutingError, match="codebook"):
+        bad.init(params)
+    # The real optimizer routes them away from the guard.
+    opt = train.make_optimizer()
+    opt.init(params)
+    labels = train.param_labels(params)
+    cb = [
+        lab for u in labels.attention_units()
+        for lab in (u.quantizer.codebook_sum, u.quantizer.codebook_count)
+    ]
+    assert cb and set(cb) == {"codebook"}
+    assert jax.tree.leaves(labels).count("codebook") == len(cb)
+
+
+@pytest.mark.parametrize("name", ["adamw", "lion", "adafactor"])
+def test_weight_decay_on_matrices_only(name, getkey):
+    model = tvq_eqx.Transformer(CFG, key=getkey())
+    params = eqx.filter(model, eqx.is_inexact_array)
+    opt = train.make_optimizer(name, weight_decay=0.1, warmup_steps=0, total_steps=10)
+    state = opt.init(params)
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    updates, _ = opt.update(zeros, state, params)
+    labels = train.param_labels(params)
+    for u, p, lab in zip(jax.tree.leaves(updates), jax.tree.leaves(params), jax.tree.leaves(labels)):
+        if lab == "codebook" or p.ndim < 2:
+            np.testing.assert_array_equal(u, 0.0)
+        else:  # decoupled: -wd * theta, not scaled by the learning rate
+            np.testing.assert_allclose(u, -0.1 * p, rtol=1e-6, atol=1e-8)
+
+
+def test_schedule_warmup_then_cosine_to_a_tenth():
+    s = train.lr_schedule(2.0, 10, 110)
+    assert float(s(0)) == 0.0
+    assert float(s(5)) == pytest.approx(1.0)
+    assert float(s(10)) == pytest.approx(2.0)
+    assert float(s(60)) == pytest.approx(1.1, rel=1e-5)  # cosine midpoint
+    assert float(s(110)) == pytest.approx(0.2)
+    assert float(s(500)) == pytest.approx(0.2)
+    vals = [float(s(i)) for i in range(10, 111)]
+    assert all(a >= b for a, b in zip(vals, vals[1:]))
+
+
+def test_bad_optimizer_arguments():
+    with pytest.raises(ValueError, match="optimizer must be one of"):
+        train.make_optimizer("sgd")
+    with pytest.raises(ValueError, match="learning_rate"):
+        train.make_optimizer(learning_rate=0.0)
+
+
+def test_scan_over_update_segments_equals_sequential_updates(getkey):
+    """One train_step over 4 segments == 4 loss_fn/optimizer updates by hand,
+    carrying the attention state."""
+    model = tvq_eqx.Transformer(CFG.replace(p_dropres=0.1), key=getkey())
+    opt = train.make_optimizer(learning_rate=1e-2, warmup_steps=2, total_steps=8)
+    ts = train.init_train_state(model, opt, 2, key=getkey())
+    batch = _batch(getkey(), t=64)
+    new, metrics = jax.jit(
+        lambda ts, b: train.train_step(ts, b, optimizer=opt, update_len=16)
+    )(ts, batch)
+
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    opt_state, attn = ts.opt_state, ts.attn_state
+    rng = jax.random.wrap_key_data(ts.rng)
+    total = 0.0
+
+    @jax.jit
+    def manual(params, opt_state, attn, seg, sub):
+        def f(p):
+            return tvq_eqx.loss_fn(eqx.combine(p, static), seg, attn, key=sub)
+
+        (_, aux), g = jax.value_and_grad(f, has_aux=True)(params)
+        u, opt_state = opt.update(g, opt_state, params)
+        return optax.apply_updates(params, u), opt_state, aux
+
+    for i in range(4):
+        rng, sub = jax.random.split(rng)
+        seg = {k: v[:, 16 * i: 16 * (i + 1)] for k, v in batch.items()}
+        params, opt_state, aux = manual(params, opt_state, attn, seg, sub)
+        attn = aux["state"]
+        total += float(aux["metrics"]["lm_loss_sum"])
+
+    assert int(new.step) == 4
+    for a, b in zip(jax.tree.leaves(eqx.filter(new.model, eqx.is_inexact_array)),
+                    jax.tree.leaves(params)):
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
+    for a, b in zip(jax.tree.leaves(new.attn_state), jax.tree.leaves(attn)):
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5)
+    assert float(metrics["lm_loss_sum"]) == pytest.approx(total, rel=1e-5)
+    assert float(metrics["token_count"]) == 2 * 64
+    assert float(metrics["bits_per_token"]) == pytest.approx(
+        total / 128 / math.log(2), rel=1e-5
+    )
+
+
+def test_jitted_donating_step_trains(getkey):
+    text = data.load_bytes()[:20_000]
+    cfg = CFG.replace(n_vocab=256)
+    model = tvq_eqx.Transformer(cfg, key=getkey())
+    opt = train.make_optimizer(learning_rate=1e-2, warmup_steps=2, total_steps=30,
+                               grad_clip=1.0)
+    ts = train.init_train_state(model, opt, 4, key=getkey())
+    stream = data.TokenStream(text, batch_size=4, seq_len=32, seed=0)
+    step = train.make_train_step(opt, update_len=16)
+    first = None
+    for i in range(15):
+        ts, m = step(ts, stream.batch(i), reset=(i == 0))
+        first = float(m["lm_loss"]) if first is None else first
+    assert int(ts.step) == 30
+    assert float(m["lm_loss"]) < first - 0.5
+    for k in ("code_entropy", "dead_code_fraction", "grad_norm"):
+        assert np.isfinite(float(m[k]))
+
+
+def test_reset_restarts_the_attention_state(getkey):
+    model = tvq_eqx.Transformer(CFG, key=getkey())
+    opt = train.make_optimizer()
+    ts = train.init_train_state(model, opt, 2, key=getkey())
+    batch = _batch(getkey())
+    ts1, _ = train.train_step(ts, batch, optimizer=opt, update_len=16)
+    carried = eqx.tree_at(lambda t: t.model, ts1, ts.model)
+    _, m_reset = train.train_step(carried, batch, optimizer=opt, update_len=16, reset=True)
+    _, m_fresh = train.train_step(ts, batch, optimizer=opt, update_len=16)
+    _, m_carry = train.train_step(carried, batch, optimizer=opt, update_len=16)
+    assert float(m_reset["lm_loss_sum"]) == pytest.approx(float(m_fresh["lm_loss_sum"]), rel=1e-6)
+    assert float(m_carry["lm_loss_sum"]) != pytest.approx(float(m_fresh["lm_loss_sum"]), rel=1e-6)
+
+
+def test_sequence_not_multiple_of_update_segments_is_an_error(getkey):
+    model = tvq_eqx.Transformer(CFG, key=getkey())
+    opt = train.make_optimizer()
+    ts = train.init_train_state(model, opt, 2, key=getkey())
+    with pytest.raises(ValueError, match="multiple of the segment length"):
+        train.train_step(ts, _batch(getkey(), t=40), optimizer=opt, update_len=16)
+    with pytest.raises(ValueError, match="multiple of block_len"):
+        train.train_step(ts, _batch(getkey(), t=36), optimizer=opt, update_len=12)
+
+
+def test_bf16_activations_keep_float32_params(getkey):
+    model = tvq_eqx.Transformer(CFG.replace(dtype="bfloat16"), key=getkey())
+    opt = train.make_optimizer(learning_rate=1e-3, warmup_steps=0, total_steps=4)
+    ts = train.init_train_state(model, opt, 2, key=getkey())
+    new, m = train.make_train_step(opt, update_len=16)(ts, _batch(getkey()))
+    assert np.isfinite(float(m["loss"]))
+    for x in jax.tree.leaves(eqx.filter(new.model, eqx.is_inexact_array)):
+        assert x.dtype == jnp.float32
+
+
+def test_evaluate_over_batches_equals_one_long_forward(getkey):
+    """Carrying the state across batches and segments == one pass over each
+    whole row; bits = nats / (tokens ln 2)."""
+    cfg = CFG.replace(n_vocab=256)
+    model = tvq_eqx.Transformer(cfg, key=getkey())
+    text = data.load_bytes()[:2 * 96 + 2]
+    stream = data.TokenStream(text, batch_size=2, seq_len=32, shuffle=False, repeat=False)
+    assert stream.num_batches == 3
+    res = train.evaluate(model, list(stream), segment_len=16)
+
+    rows = np.asarray(text[: 2 * 97]).reshape(2, 97).astype(np.int32)
+    logp, _, _ = model(jnp.asarray(rows[:, :96]), model.init_state(2))
+    nll = -jnp.take_along_axis(logp, jnp.asarray(rows[:, 1:, None]), axis=-1)
+    assert res["token_count"] == 2 * 96
+    assert res["lm_loss_sum"] == pytest.approx(float(jnp.sum(nll)), rel=1e-5)
+    assert res["bits_per_token"] == pytest.approx(
+        res["lm_loss_sum"] / (res["token_count"] * math.log(2)), rel=1e-12
+    )
+    assert res["perplexity"] == pytest.approx(math.exp(res["nats_per_token"]))
+    with pytest.raises(ValueError, match="no batches"):
+        train.evaluate(model, [], segment_len=16)
