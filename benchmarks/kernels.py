@@ -252,9 +252,9 @@ def main(argv=None):
                 print(f"T={t:>7} {mode:>6} {form:>10}: {sec * 1e3:10.2f} ms  "
                       f"{fl / sec / 1e12:7.3f} TFLOP/s  err={err}", flush=True)
                 del out, outs
-
-    write_table(rows, args=args, tag=tag, dtype=dtype, d_v=d_v, tol=tol,
-                pallas_max=pallas_max, quad_max=quad_max, forms=forms)
+        # Rewrite the table after every shape, so a run cut short keeps its results.
+        write_table(rows, args=args, tag=tag, dtype=dtype, d_v=d_v, tol=tol,
+                    pallas_max=pallas_max, quad_max=quad_max, forms=forms)
 
 
 def write_table(rows, *, args, tag, dtype, d_v, tol, pallas_max, quad_max, forms):
@@ -311,7 +311,7 @@ def write_table(rows, *, args, tag, dtype, d_v, tol, pallas_max, quad_max, forms
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:
         f.write("\n".join(lines))
-    print(f"wrote {out}")
+    print(f"wrote {out}", flush=True)
 
 
 if __name__ == "__main__":
