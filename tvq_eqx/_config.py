@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
-
 import jax.numpy as jnp
 
 _DTYPES = ("float32", "bfloat16", "float16")
-_ATTENTIONS = ("vq", "window", "full")
+_ATTENTIONS = ("vq", "window")
 _IMPLEMENTATIONS = (None, "xla", "pallas", "quadratic")
 
 
@@ -32,8 +30,7 @@ class TransformerConfig:
       norms are always float32).
     - `attention`: `"vq"` (default: exact VQ attention with the compressive
       cache), `"window"` (compressive cache off: previous + current block only,
-      the official `agg_cache=0`), `"full"` (un-quantized dense causal softmax
-      over all previous keys; a baseline).
+      the official `agg_cache=0`).
     - `grad_thru_cache`: gradients reach values through the compressive cache.
     - `tie_embeddings`: output head shares the token embedding.
     - `abs_pe`: add sinusoidal absolute position embeddings to the input.
@@ -59,7 +56,7 @@ class TransformerConfig:
     c_gamma: float = 0.99
     param_dtype: str = "float32"
     dtype: str = "float32"
-    attention: Literal["vq", "window", "full"] = "vq"
+    attention: str = "vq"
     grad_thru_cache: bool = True
     tie_embeddings: bool = False
     abs_pe: bool = False

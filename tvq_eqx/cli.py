@@ -620,7 +620,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `python -m tvq_eqx` and the `tvq-eqx` script."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help (0) or a usage error (already reported)
+        return e.code if isinstance(e.code, int) else EXIT_ERROR
     try:
         if getattr(args, "distributed", False):
             import jax

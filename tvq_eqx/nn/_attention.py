@@ -84,14 +84,14 @@ class VQAttention(eqx.Module):
         scale = dk**-0.5
         rel_table = self.rel_bias.table(key=sin_key).astype(dt)
         attn, new_state = vq_attention_with_state(
-            q + self.rel_bias.u.astype(dt),
+            q + self.rel_bias.u.astype(dt)[None, None],
             k,
             v,
             self.quantizer.codebook,
             state,
             block_len=c.block_len,
             scale=scale,
-            rel_query=(q + self.rel_bias.v.astype(dt)) * scale,
+            rel_query=(q + self.rel_bias.v.astype(dt)[None, None]) * scale,
             rel_table=rel_table,
             use_cache=c.attention == "vq",
             cache_grad=c.grad_thru_cache,

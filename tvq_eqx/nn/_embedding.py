@@ -52,4 +52,4 @@ class OutputHead(eqx.Module):
         out = jnp.einsum(
             "...d,dv->...v", x, self.weight.astype(x.dtype), preferred_element_type=jnp.float32
         )
-        return out + self.bias.astype(jnp.float32)
+        return out + self.bias.astype(jnp.float32).reshape((1,) * (out.ndim - 1) + (-1,))

@@ -25,7 +25,8 @@ class RMSNorm(eqx.Module):
     def __call__(self, x: Float[Array, "*batch dim"], *, key=None) -> Float[Array, "*batch dim"]:
         x32 = x.astype(jnp.float32)
         inv = jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (x32 * inv * self.weight.astype(jnp.float32)).astype(x.dtype)
+        weight = self.weight.astype(jnp.float32).reshape((1,) * (x.ndim - 1) + (-1,))
+        return (x32 * inv * weight).astype(x.dtype)
 
 
 def layer_norm(x: Float[Array, "*batch dim"], eps: float = 1e-6) -> Float[Array, "*batch dim"]:

@@ -1,0 +1,201 @@
+"""The Transformer-VQ model: invariances, causality, streaming, bad input."""
+
+import dataclasses
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import assert_close
+
+import tvq_eqx
+from tvq_eqx.nn import RMSNorm, VectorQuantizer, layer_norm, sinusoids
+
+SMALL = dict(d_model=32, d_k=8, d_v=12, n_head=2, n_code=16, n_layer=2, block_len=8)
+
+
+def make(getkey, **overrides):
+    cfg = tvq_eqx.TransformerConfig(**{**SMALL, **overrides})
+    return tvq_eqx.Transformer(cfg, key=getkey())
+
+
+def tokens(getkey, b, t, vocab=256):
+    return jax.random.randint(getkey(), (b, t), 0, vocab)
+
+
+@eqx.filter_jit
+def run(model, toks, state):
+    return model(toks, state)
+
+
+def test_output_shapes_dtypes_and_normalisation(getkey):
+    model = make(getkey)
+    x = tokens(getkey, 3, 24)
+    logprobs, state, aux = run(model, x, model.init_state(3))
+    assert logprobs.shape == (3, 24, 256) and logprobs.dtype == jnp.float32
+    np.testing.assert_allclose(jnp.exp(logprobs).sum(-1), 1.0, rtol=1e-5)
+    assert int(state.position) == 24 and len(state.units) == 4
+    assert aux["vq"]["code_count"].shape == (4, 2, 16)
+
+
+@pytest.mark.parametrize("extra", [
+    dict(), dict(abs_pe=True, tie_embeddings=True), dict(output_norm=False, n_head=1),
+], ids=["default", "abspe-tied", "nonorm-1head"])
+def test_block_length_invariance_at_fixed_mem_len(getkey, extra):
+    model = make(getkey, mem_len=8, **extra)
+    x = tokens(getkey, 2, 48)
+    ref, _, _ = run(model, x, model.init_state(2))
+    for block_len in (12, 16, 24, 48):
+        other = model.with_config(block_len=block_len)
+        out, _, _ = run(other, x, other.init_state(2))
+        assert_close(ref, out, 1e-5, name=f"block_len={block_len}")
+
+
+@pytest.mark.parametrize("splits", [(8, 40), (24, 24), (16, 8, 16, 8)])
+def test_streaming_equals_one_call(getkey, splits):
+    model = make(getkey, abs_pe=True, mem_len=5)
+    x = tokens(getkey, 2, 48)
+    ref, ref_state, _ = run(model, x, model.init_state(2))
+    state, outs, start = model.init_state(2), [], 0
+    for n in splits:
+        out, state, _ = run(model, x[:, start:start + n], state)
+        outs.append(out)
+        start += n
+    assert_close(ref, jnp.concatenate(outs, 1), 1e-5, name="streamed logprobs")
+    assert int(state.position) == 48
+    for a, b in zip(jax.tree.leaves(ref_state), jax.tree.leaves(state)):
+        assert_close(a, b, 1e-5)
+
+
+def test_causality_jacobian(getkey):
+    # Distinct token ids, so the gradient w.r.t. embedding row tokens[s] is the
+    # gradient w.r.t. the input at position s.
+    t = 24
+    model = make(getkey, n_vocab=64, d_model=16, mem_len=4)
+    x = jax.random.permutation(getkey(), 64)[:t][None]
+    weights = jax.random.normal(getkey(), (64,))
+
+    def per_position(table):
+        m = eqx.tree_at(lambda m: m.embedding.weight, model, table)
+        logprobs, _, _ = m(x, m.init_state(1))
+        return logprobs[0] @ weights  # [t]
+
+    jac = jax.jit(jax.jacrev(per_position))(model.embedding.weight)  # [t, vocab, d]
+    dep = np.abs(np.asarray(jac)[:, np.asarray(x[0]), :]).sum(-1)  # [out t, in s]
+    assert np.all(np.triu(dep, 1) == 0), "a position depends on a future token"
+    assert np.all(dep[np.tril_indices(t)] > 0), "a position ignores a past token"
+    # Older than two blocks (block_len 8): reached only through the cache.
+    assert dep[t - 1, 0] > 0
+
+
+def test_window_attention_forgets_old_tokens_vq_does_not(getkey):
+    # One layer = two units; each unit reaches back one block, so with the
+    # cache off a change in block 0 cannot reach block 3 or later.
+    x = tokens(getkey, 1, 40)
+    y = x.at[0, 0].set((x[0, 0] + 1) % 256)
+    for attention, reaches in (("window", False), ("vq", True)):
+        model = make(getkey, n_layer=1, attention=attention)
+        a, _, _ = run(model, x, model.init_state(1))
+        b, _, _ = run(model, y, model.init_state(1))
+        diff = np.abs(np.asarray(a - b)).max(-1)[0]  # [T]
+        assert diff[:24].max() > 0
+        assert (diff[24:].max() > 0) == reaches, attention
+
+
+def test_bf16_activations_run_and_are_close(getkey):
+    model = make(getkey)
+    x = tokens(getkey, 2, 32)
+    ref, _, _ = run(model, x, model.init_state(2))
+    low = model.with_config(dtype="bfloat16")
+    out, state, _ = run(low, x, low.init_state(2))
+    assert out.dtype == jnp.float32 and state.units[0].cache_mean.dtype == jnp.bfloat16
+    assert np.isfinite(np.asarray(out)).all()
+    # bf16 activations (8-bit mantissa) through 4 units: a few percent of the
+    # log-prob spread.
+    assert float(jnp.mean(jnp.abs(jnp.exp(ref) - jnp.exp(out)))) < 2e-3
+
+
+def test_rmsnorm_and_layer_norm():
+    x = jnp.arange(12.0).reshape(3, 4) - 5
+    y = RMSNorm(4)(x)
+    np.testing.assert_allclose(jnp.mean(y**2, -1), 1.0, rtol=1e-4)
+    z = layer_norm(x)
+    np.testing.assert_allclose(jnp.mean(z, -1), 0.0, atol=1e-6)
+    np.testing.assert_allclose(jnp.mean(z**2, -1), 1.0, rtol=1e-4)
+
+
+def test_sinusoids_angle_difference_structure():
+    t = sinusoids(jnp.arange(5), 8)
+    assert t.shape == (5, 8)
+    np.testing.assert_allclose(t[0], [0, 0, 0, 0, 1, 1, 1, 1], atol=1e-7)
+    np.testing.assert_allclose(t[:, :4] ** 2 + t[:, 4:] ** 2, 1.0, rtol=1e-6)
+
+
+# ---- bad input ---------------------------------------------------------------
+
+def test_rejects_bad_tokens(getkey):
+    model = make(getkey)
+    state = model.init_state(2)
+    with pytest.raises(TypeError, match="tokens must be an integer array"):
+        model(jnp.zeros((2, 8)), state)
+    with pytest.raises(ValueError, match=r"tokens must have rank 2.*\(16,\)"):
+        model(jnp.zeros((16,), jnp.int32), state)
+    with pytest.raises(ValueError, match=r"seq length 12 .* multiple of block_len=8"):
+        model(jnp.zeros((2, 12), jnp.int32), state)
+    with pytest.raises(ValueError, match=r"batch 3 .* state's batch 2"):
+        model(jnp.zeros((3, 8), jnp.int32), state)
+    with pytest.raises(Exception, match=r"token ids must be in \[0, n_vocab=256\)"):
+        model(jnp.full((2, 8), 256, jnp.int32), state)
+    with pytest.raises(Exception, match=r"token ids must be in"):
+        eqx.filter_jit(model)(jnp.full((2, 8), -1, jnp.int32), state)
+    with pytest.raises(ValueError, match="state was made for block_len=8"):
+        other = model.with_config(block_len=16)
+        other(jnp.zeros((2, 16), jnp.int32), state)
+    with pytest.raises(ValueError, match="batch_size must be a positive int"):
+        model.init_state(0)
+
+
+def test_with_config_rejects_shape_changes(getkey):
+    model = make(getkey)
+    with pytest.raises(ValueError, match="would change parameter shapes"):
+        model.with_config(d_model=64)
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("d_model", 0, "d_model must be a positive int"),
+    ("n_code", 2.5, "n_code"),
+    ("block_len", True, "block_len must be a positive int"),
+    ("mem_len", 16, "mem_len=16 must be <= block_len=8"),
+    ("mem_len", -1, "mem_len must be a non-negative int"),
+    ("p_dropres", 1.0, r"p_dropres must be in \[0, 1\)"),
+    ("p_dropsin", -0.1, r"p_dropsin must be in \[0, 1\)"),
+    ("c_gamma", 1.0, r"c_gamma must be in \[0, 1\)"),
+    ("c_beta", -1.0, "c_beta must be >= 0"),
+    ("dtype", "float64", "dtype must be one of"),
+    ("param_dtype", "int8", "param_dtype must be one of"),
+    ("attention", "linear", "attention must be one of"),
+    ("implementation", "cuda", "implementation must be one of"),
+    ("tie_embeddings", "yes", "tie_embeddings"),
+    ("pe_lam", 1.0, "pe_lam must be > 1"),
+])
+def test_config_validation(field, value, match):
+    # Wrong Python types may be caught first by the runtime type checker the
+    # tests enable (a TypeError naming the field); users get our ValueError.
+    with pytest.raises((ValueError, TypeError), match=match):
+        tvq_eqx.TransformerConfig(**{**SMALL, field: value})
+
+
+def test_config_is_frozen_and_defaults_mem_len():
+    cfg = tvq_eqx.TransformerConfig(**SMALL)
+    assert cfg.mem_len == cfg.block_len == 8
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.d_model = 3
+    assert cfg.replace(block_len=16).mem_len == 8
+
+
+def test_quantizer_codebook_is_ratio_and_has_no_gradient(getkey):
+    vq = VectorQuantizer(2, 5, 3, c_gamma=0.9, key=getkey())
+    np.testing.assert_allclose(vq.codebook, vq.codebook_sum / vq.codebook_count[..., None])
+    g = jax.grad(lambda q: jnp.sum(q.codebook))(vq)
+    assert not np.any(np.asarray(g.codebook_sum))
