@@ -199,3 +199,17 @@ def test_quantizer_codebook_is_ratio_and_has_no_gradient(getkey):
     np.testing.assert_allclose(vq.codebook, vq.codebook_sum / vq.codebook_count[..., None])
     g = jax.grad(lambda q: jnp.sum(q.codebook))(vq)
     assert not np.any(np.asarray(g.codebook_sum))
+
+
+def test_full_attention_baseline_streams_and_differs_from_vq(getkey):
+    model = make(getkey, attention="full", kv_cache_len=64, mem_len=4)
+    x = tokens(getkey, 2, 32)
+    ref, _, _ = run(model, x, model.init_state(2))
+    a, st, _ = run(model, x[:, :8], model.init_state(2))
+    b, st, _ = run(model, x[:, 8:], st)
+    assert_close(ref, jnp.concatenate([a, b], 1), 1e-5)
+    vq = model.with_config(attention="vq")
+    out, _, _ = run(vq, x, vq.init_state(2))
+    assert np.abs(np.asarray(out - ref)).max() > 1e-3
+    with pytest.raises(TypeError, match="needs FullAttentionState"):
+        model(x, vq.init_state(2))

@@ -353,3 +353,33 @@ def test_rejects_bad_relative_bias(getkey):
         tvq_eqx.vq_attention_with_state(
             q, k, v, c, None, block_len=8, rel_query=q, rel_table=jnp.zeros((10, 2, 4))
         )
+
+
+# ---- the "full" baseline ---------------------------------------------------
+
+def test_full_attention_equals_unquantized_definition_and_streams(getkey):
+    from tvq_eqx.ops import FullAttentionState, full_attention_with_state
+
+    shape = (2, 24, 2, 6, 5, 7, 8)
+    q, k, v, c, rq, rt = make_inputs(getkey, shape, mem_len=5)
+    ref = vq_attention_quadratic(
+        q, k, v, c, scale=0.5, rel_query=rq, rel_table=rt, quantize_keys=False
+    )
+    full = jax.jit(full_attention_with_state, static_argnames="scale")
+    empty = FullAttentionState.empty(2, capacity=32, heads=2, d_k=6, d_v=5)
+    out, _ = full(q, k, v, empty, scale=0.5, rel_query=rq, rel_table=rt)
+    assert rel_err(ref, out) <= 1e-5
+    state, outs = empty, []
+    for sl in (slice(0, 8), slice(8, 9), slice(9, 24)):
+        o, state = full(q[:, sl], k[:, sl], v[:, sl], state, scale=0.5,
+                        rel_query=rq[:, sl], rel_table=rt)
+        outs.append(o)
+    assert rel_err(ref, jnp.concatenate(outs, 1)) <= 1e-5
+    assert state.length.tolist() == [24, 24]
+    # A cache smaller than the history forgets exactly the oldest tokens.
+    small = FullAttentionState.empty(2, capacity=4, heads=2, d_k=6, d_v=5)
+    _, st = full(q[:, :16], k[:, :16], v[:, :16], small, scale=0.5)
+    o_small, _ = full(q[:, 16:], k[:, 16:], v[:, 16:], st, scale=0.5)
+    kk = k.at[:, :12].set(0.0)
+    want = _quadratic(q[:, 12:], kk[:, 12:], v[:, 12:], c, scale=0.5, quantize_keys=False)[:, 4:]
+    assert rel_err(want, o_small) <= 1e-5

@@ -6,7 +6,7 @@ import dataclasses
 import jax.numpy as jnp
 
 _DTYPES = ("float32", "bfloat16", "float16")
-_ATTENTIONS = ("vq", "window")
+_ATTENTIONS = ("vq", "window", "full")
 _IMPLEMENTATIONS = (None, "xla", "pallas", "quadratic")
 
 
@@ -30,7 +30,10 @@ class TransformerConfig:
       norms are always float32).
     - `attention`: `"vq"` (default: exact VQ attention with the compressive
       cache), `"window"` (compressive cache off: previous + current block only,
-      the official `agg_cache=0`).
+      the official `agg_cache=0`), `"full"` (baseline: un-quantized causal
+      softmax over all keys in a KV cache of the last `kv_cache_len` tokens
+      plus the current segment, with the same relative biases).
+    - `kv_cache_len`: KV-cache capacity of the `"full"` baseline.
     - `grad_thru_cache`: gradients reach values through the compressive cache.
     - `tie_embeddings`: output head shares the token embedding.
     - `abs_pe`: add sinusoidal absolute position embeddings to the input.
@@ -63,10 +66,11 @@ class TransformerConfig:
     output_norm: bool = True
     pe_lam: float = 10_000.0
     implementation: str | None = None
+    kv_cache_len: int = 2048
 
     def __post_init__(self):
         positive = ("n_vocab", "d_model", "d_k", "d_v", "n_head", "n_code",
-                    "n_layer", "block_len")
+                    "n_layer", "block_len", "kv_cache_len")
         for name in positive:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:

@@ -8,7 +8,12 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from .._config import TransformerConfig
-from ..ops import VQAttentionState, vq_attention_with_state
+from ..ops import (
+    FullAttentionState,
+    VQAttentionState,
+    full_attention_with_state,
+    vq_attention_with_state,
+)
 from ._norm import RMSNorm, layer_norm
 from ._positional import XLRelativeBias, dropout
 from ._quantizer import VectorQuantizer
@@ -50,8 +55,13 @@ class VQAttention(eqx.Module):
         self.quantizer = VectorQuantizer(c.n_head, c.n_code, c.d_k, c_gamma=c.c_gamma, key=kc)
         self.config = config
 
-    def init_state(self, batch_size: int) -> VQAttentionState:
+    def init_state(self, batch_size: int) -> VQAttentionState | FullAttentionState:
         c = self.config
+        if c.attention == "full":
+            return FullAttentionState.empty(
+                batch_size, capacity=c.kv_cache_len, heads=c.n_head, d_k=c.d_k,
+                d_v=c.d_v, dtype=c.jnp_dtype,
+            )
         return VQAttentionState.empty(
             batch_size, block_len=c.block_len, heads=c.n_head, codes=c.n_code,
             d_v=c.d_v, dtype=c.jnp_dtype,
@@ -61,11 +71,13 @@ class VQAttention(eqx.Module):
     def __call__(
         self,
         x: Float[Array, "batch seq d_model"],
-        state: VQAttentionState,
+        state: VQAttentionState | FullAttentionState,
         *,
         mask: Float[Array, "batch seq"],
         key: PRNGKeyArray | None = None,
-    ) -> tuple[Float[Array, "batch seq d_model"], VQAttentionState, dict[str, Array]]:
+    ) -> tuple[
+        Float[Array, "batch seq d_model"], VQAttentionState | FullAttentionState, dict[str, Array]
+    ]:
         c = self.config
         b, t, _ = x.shape
         h, dk, dv = c.n_head, c.d_k, c.d_v
@@ -83,22 +95,32 @@ class VQAttention(eqx.Module):
 
         scale = dk**-0.5
         rel_table = self.rel_bias.table(key=sin_key).astype(dt)
-        attn, new_state = vq_attention_with_state(
-            q + self.rel_bias.u.astype(dt)[None, None],
-            k,
-            v,
-            self.quantizer.codebook,
-            state,
-            block_len=c.block_len,
-            scale=scale,
-            rel_query=(q + self.rel_bias.v.astype(dt)[None, None]) * scale,
-            rel_table=rel_table,
-            use_cache=c.attention == "vq",
-            cache_grad=c.grad_thru_cache,
-            implementation=c.implementation,
-        )
+        query = q + self.rel_bias.u.astype(dt)[None, None]
+        rel_query = (q + self.rel_bias.v.astype(dt)[None, None]) * scale
+        if c.attention == "full":
+            attn, new_state = full_attention_with_state(
+                query, k, v, state, scale=scale, rel_query=rel_query, rel_table=rel_table
+            )
+        else:
+            attn, new_state = vq_attention_with_state(
+                query,
+                k,
+                v,
+                self.quantizer.codebook,
+                state,
+                block_len=c.block_len,
+                scale=scale,
+                rel_query=rel_query,
+                rel_table=rel_table,
+                use_cache=c.attention == "vq",
+                cache_grad=c.grad_thru_cache,
+                implementation=c.implementation,
+            )
         gated = attn.reshape(b, t, h * dv) * g
         out = jnp.einsum("bte,ed->btd", gated, self.w_o.astype(dt))
         out = dropout(out, c.p_dropres, res_key)
         stats = self.quantizer.statistics(k, mask)
+        if c.attention == "full":
+            # Keys are not quantized here: the commit term must not pull them.
+            stats["commit_sum"] = jax.lax.stop_gradient(stats["commit_sum"])
         return out.astype(x.dtype), new_state, stats

@@ -8,7 +8,9 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from .._config import TransformerConfig
-from ..ops import VQAttentionState
+from ..ops import FullAttentionState, VQAttentionState
+
+AttentionState = VQAttentionState | FullAttentionState
 from ._attention import VQAttention
 from ._embedding import Embedding, OutputHead, sinusoids
 from ._norm import RMSNorm
@@ -19,7 +21,7 @@ class TransformerState(eqx.Module):
     """Streaming state of the whole model: one `VQAttentionState` per attention
     unit (two per layer, in order) and the absolute position of the next token."""
 
-    units: tuple[VQAttentionState, ...]
+    units: tuple[AttentionState, ...]
     position: Int[Array, ""]
 
 
@@ -38,11 +40,11 @@ class TransformerLayer(eqx.Module):
     def __call__(
         self,
         x: Float[Array, "batch seq d_model"],
-        states: tuple[VQAttentionState, VQAttentionState],
+        states: tuple[AttentionState, AttentionState],
         *,
         mask: Float[Array, "batch seq"],
         key: PRNGKeyArray | None = None,
-    ) -> tuple[Float[Array, "batch seq d_model"], tuple[VQAttentionState, ...], list[dict]]:
+    ) -> tuple[Float[Array, "batch seq d_model"], tuple[AttentionState, ...], list[dict]]:
         keys = (None,) * 3 if key is None else tuple(jax.random.split(key, 3))
         y = x
         new_states, stats = [], []
@@ -139,13 +141,20 @@ class Transformer(eqx.Module):
             raise TypeError(f"state must be a TransformerState (model.init_state); got {type(state).__name__}")
         if len(state.units) != 2 * c.n_layer:
             raise ValueError(f"state has {len(state.units)} units; the model has {2 * c.n_layer}")
-        want_b = state.units[0].prev_valid.shape[0]
+        first = state.units[0]
+        want_b = (first.length if isinstance(first, FullAttentionState) else first.prev_valid).shape[0]
         if tokens.shape[0] != want_b:
             raise ValueError(
                 f"tokens batch {tokens.shape[0]} (shape {tuple(tokens.shape)}) does not match "
                 f"the state's batch {want_b}"
             )
-        if state.units[0].prev_code.shape[1] != c.block_len:
+        want_type = FullAttentionState if c.attention == "full" else VQAttentionState
+        if not isinstance(first, want_type):
+            raise TypeError(
+                f"state holds {type(first).__name__}; attention={c.attention!r} needs "
+                f"{want_type.__name__} (use model.init_state)"
+            )
+        if isinstance(first, VQAttentionState) and first.prev_code.shape[1] != c.block_len:
             raise ValueError(
                 f"state was made for block_len={state.units[0].prev_code.shape[1]}, the model "
                 f"uses block_len={c.block_len}"
