@@ -273,7 +273,7 @@ def write_table(rows, *, args, tag, dtype, d_v, tol, pallas_max, quad_max, forms
         + (" (interpret mode on CPU: this times the Pallas interpreter, not a kernel)"
            if jax.default_backend() == "cpu" else "")
         + f"; quadratic and dpa up to T={quad_max}",
-        f"- times: median wall time after one warm-up call; ratio = xla time / form "
+        f"- times: median wall time after a compile call and a warm-up call; ratio = xla time / form "
         f"time (>1 is faster than xla), shown only when the form's forward (and dq, "
         f"dv) match the xla form within {tol:g} relative error",
         "- TFLOP/s against each form's own FLOP count (see the script's docstring): "
