@@ -64,6 +64,45 @@ def window_relative_bias(
     return jnp.where(in_range[None, None, :, None, :], bias, 0.0)
 
 
+def block_summaries(codes, value, state: VQAttentionState, *, n_code: int, block_len: int):
+    """The compressed cache seen by every block, and the cache after the last.
+
+    Per-block code histograms `h_m = onehot(z_m)^T 1` and value sums
+    `A_m = onehot(z_m)^T V_m` for blocks -1..N-1 (block -1 is the state's
+    previous block), then an exclusive prefix over blocks starting from the
+    state's cache: block n sees blocks <= n-2.
+
+    Returns `(blk_count [B, N, H, S] f32, blk_mean [B, N, H, S, V],
+    new_count [B, H, S] f32, new_mean [B, H, S, V])`, means in `value.dtype`.
+    """
+    b = codes.shape[0]
+    n_blk = codes.shape[1] // block_len
+    z_blk = _blocks(codes, block_len)
+    v_blk = _blocks(value, block_len)
+    z_all = jnp.concatenate([state.prev_code[:, None], z_blk], axis=1)
+    v_all = jnp.concatenate([state.prev_value[:, None].astype(value.dtype), v_blk], axis=1)
+    valid_all = jnp.concatenate([state.prev_valid[:, None], jnp.ones((b, n_blk), bool)], 1)
+    onehot = jax.nn.one_hot(z_all, n_code, dtype=jnp.float32)  # [B, N+1, L, H, S]
+    onehot = onehot * valid_all[:, :, None, None, None]
+    counts = jnp.sum(onehot, axis=2)  # [B, N+1, H, S]
+    sums = jnp.einsum(
+        "bnlhs,bnlhv->bnhsv", onehot, v_all.astype(jnp.float32), precision=HIGHEST
+    )
+
+    def prefix(x, total0):
+        inclusive = jnp.cumsum(x, axis=1)
+        before = jnp.concatenate([jnp.zeros_like(x[:, :1]), inclusive[:, : n_blk - 1]], 1)
+        return total0[:, None] + before, total0 + inclusive[:, n_blk - 1]
+
+    count0 = state.cache_count
+    sum0 = state.cache_mean.astype(jnp.float32) * count0[..., None]
+    blk_count, new_count = prefix(counts, count0)
+    blk_sum, new_sum = prefix(sums, sum0)
+    blk_mean = (blk_sum / jnp.maximum(blk_count, 1.0)[..., None]).astype(value.dtype)
+    new_mean = (new_sum / jnp.maximum(new_count, 1.0)[..., None]).astype(value.dtype)
+    return blk_count, blk_mean, new_count, new_mean
+
+
 def vq_attention_xla(
     query: Float[Array, "batch seq heads d_k"],
     key: Float[Array, "batch seq heads d_k"],
@@ -130,27 +169,9 @@ def vq_attention_xla(
     max_score = jnp.max(win_scores, axis=-1)  # [B, N, L, H]
 
     if use_cache:
-        # Block summaries for blocks -1..N-1: code histograms and value sums.
-        z_all = jnp.concatenate([state.prev_code[:, None], z_blk], axis=1)
-        v_all = jnp.concatenate([state.prev_value[:, None].astype(value.dtype), v_blk], axis=1)
-        valid_all = jnp.concatenate([state.prev_valid[:, None], jnp.ones((b, n_blk), bool)], 1)
-        onehot = jax.nn.one_hot(z_all, n_code, dtype=jnp.float32)  # [B, N+1, L, H, S]
-        onehot = onehot * valid_all[:, :, None, None, None]
-        counts = jnp.sum(onehot, axis=2)  # [B, N+1, H, S]
-        sums = jnp.einsum(
-            "bnlhs,bnlhv->bnhsv", onehot, v_all.astype(jnp.float32), precision=HIGHEST
+        blk_count, blk_mean, new_count, new_mean = block_summaries(
+            codes, value, state, n_code=n_code, block_len=block_len
         )
-        # Exclusive prefix: the cache of block n holds blocks -1..n-2.
-        def prefix(x, total0):
-            inclusive = jnp.cumsum(x, axis=1)
-            before = jnp.concatenate([jnp.zeros_like(x[:, :1]), inclusive[:, : n_blk - 1]], 1)
-            return total0[:, None] + before, total0 + inclusive[:, n_blk - 1]
-
-        count0 = state.cache_count
-        sum0 = state.cache_mean.astype(jnp.float32) * count0[..., None]
-        blk_count, new_count = prefix(counts, count0)  # [B, N, H, S]
-        blk_sum, new_sum = prefix(sums, sum0)  # [B, N, H, S, V]
-        blk_mean = (blk_sum / jnp.maximum(blk_count, 1.0)[..., None]).astype(value.dtype)
         if not cache_grad:
             blk_mean = sg(blk_mean)
         cache_scores = scale * jnp.einsum(
@@ -159,7 +180,6 @@ def vq_attention_xla(
         )
         cache_scores = cache_scores + log_count_bias(blk_count)[:, :, None]
         max_score = jnp.maximum(max_score, jnp.max(cache_scores, axis=-1))
-        new_mean = (new_sum / jnp.maximum(new_count, 1.0)[..., None]).astype(value.dtype)
     else:
         new_count, new_mean = state.cache_count, state.cache_mean
 
