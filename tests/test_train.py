@@ -27,6 +27,12 @@ CFG = tvq_eqx.TransformerConfig(
 )
 
 
+# Shared by several tests so that their compiled steps are reused.
+AGGRESSIVE = train.make_optimizer(
+    learning_rate=0.5, warmup_steps=0, total_steps=10, weight_decay=0.3, grad_clip=1e-3
+)
+
+
 def _batch(key, b=2, t=32, vocab=32):
     toks = jax.random.randint(key, (b, t + 1), 0, vocab)
     return dict(
@@ -43,11 +49,8 @@ def test_one_step_moves_codebook_exactly_to_ema_target(getkey):
     model = tvq_eqx.Transformer(CFG, key=getkey())
     batch = _batch(getkey())
     # Aggressive clipping, decay and lr: none of them may touch the codebook.
-    opt = train.make_optimizer(
-        learning_rate=0.5, warmup_steps=0, total_steps=10, weight_decay=0.3, grad_clip=1e-3
-    )
-    ts = train.init_train_state(model, opt, 2, key=getkey())
-    new, _ = train.train_step(ts, batch, optimizer=opt, update_len=32)
+    ts = train.init_train_state(model, AGGRESSIVE, 2, key=getkey())
+    new, _ = train.make_train_step(AGGRESSIVE, update_len=32, donate=False)(ts, batch)
 
     _, _, aux = model(batch["inputs"], model.init_state(2), mask=batch["loss_mask"])
     vq = aux["vq"]
@@ -84,7 +87,7 @@ def test_weight_decay_on_matrices_only(name, getkey):
     opt = train.make_optimizer(name, weight_decay=0.1, warmup_steps=0, total_steps=10)
     state = opt.init(params)
     zeros = jax.tree.map(jnp.zeros_like, params)
-    updates, _ = opt.update(zeros, state, params)
+    updates, _ = jax.jit(opt.update)(zeros, state, params)
     labels = train.param_labels(params)
     for u, p, lab in zip(jax.tree.leaves(updates), jax.tree.leaves(params), jax.tree.leaves(labels)):
         if lab == "codebook" or p.ndim < 2:
@@ -178,14 +181,14 @@ def test_jitted_donating_step_trains(getkey):
 
 def test_reset_restarts_the_attention_state(getkey):
     model = tvq_eqx.Transformer(CFG, key=getkey())
-    opt = train.make_optimizer()
-    ts = train.init_train_state(model, opt, 2, key=getkey())
+    ts = train.init_train_state(model, AGGRESSIVE, 2, key=getkey())
     batch = _batch(getkey())
-    ts1, _ = train.train_step(ts, batch, optimizer=opt, update_len=16)
+    step = train.make_train_step(AGGRESSIVE, update_len=32, donate=False)
+    ts1, _ = step(ts, batch)
     carried = eqx.tree_at(lambda t: t.model, ts1, ts.model)
-    _, m_reset = train.train_step(carried, batch, optimizer=opt, update_len=16, reset=True)
-    _, m_fresh = train.train_step(ts, batch, optimizer=opt, update_len=16)
-    _, m_carry = train.train_step(carried, batch, optimizer=opt, update_len=16)
+    _, m_reset = step(carried, batch, reset=True)
+    _, m_fresh = step(ts, batch)
+    _, m_carry = step(carried, batch)
     assert float(m_reset["lm_loss_sum"]) == pytest.approx(float(m_fresh["lm_loss_sum"]), rel=1e-6)
     assert float(m_carry["lm_loss_sum"]) != pytest.approx(float(m_fresh["lm_loss_sum"]), rel=1e-6)
 

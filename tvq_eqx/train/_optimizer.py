@@ -3,6 +3,7 @@ to its exact EMA update and nowhere else."""
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Literal, NamedTuple
 
 import jax
@@ -125,7 +126,7 @@ def _base(name: str, schedule: optax.Schedule) -> optax.GradientTransformation:
 
 
 def make_optimizer(
-    name: OptimizerName = "adamw",
+    name: str = "adamw",
     *,
     learning_rate: float = 4e-4,
     warmup_steps: int = 10_000,
@@ -189,6 +190,8 @@ def make_optimizer(
     )
 
 
+@functools.lru_cache(maxsize=32)
 def optimizer_from_config(cfg: OptimizerConfig) -> optax.GradientTransformation:
-    """`make_optimizer(**cfg._asdict())`."""
+    """`make_optimizer(**cfg._asdict())`, memoised: equal configs give the same
+    object, so compiled train steps are reused (e.g. after `--resume`)."""
     return make_optimizer(**cfg._asdict())

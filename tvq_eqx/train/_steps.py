@@ -291,6 +291,27 @@ def _constrain(ts: TrainState, mesh: Mesh | None) -> TrainState:
     return eqx.tree_at(lambda t: t.attn_state, ts, attn)
 
 
+def _train_inner(batch, train_state, optimizer, update_len, mesh):
+    reset = batch["reset"]
+    batch = {k: batch[k] for k in _BATCH_KEYS}
+    new, metrics = train_step(
+        train_state, batch, optimizer=optimizer, update_len=update_len, reset=reset
+    )
+    return _constrain(new, mesh), metrics
+
+
+# Module level, so that compiled programs are reused by every step function
+# with the same (hashable) optimizer, update_len and mesh.
+_train_donating = eqx.filter_jit(_train_inner, donate="all-except-first")
+_train_keeping = eqx.filter_jit(_train_inner)
+
+
+def _place(batch: Batch, mesh: Mesh | None) -> dict[str, Array]:
+    if mesh is not None:
+        return shard_batch(batch, mesh)
+    return {k: jnp.asarray(batch[k]) for k in _BATCH_KEYS}
+
+
 def make_train_step(
     optimizer: optax.GradientTransformation,
     *,
@@ -309,26 +330,22 @@ def make_train_step(
     the same parameters and codebook. Pass host (numpy) batches; they are
     placed with `shard_batch`.
     """
-
-    def inner(batch, train_state):
-        reset = batch["reset"]
-        batch = {k: batch[k] for k in _BATCH_KEYS}
-        new, metrics = train_step(
-            train_state, batch, optimizer=optimizer, update_len=update_len, reset=reset
-        )
-        return _constrain(new, mesh), metrics
-
-    jitted = eqx.filter_jit(inner, donate="all-except-first" if donate else "none")
+    jitted = _train_donating if donate else _train_keeping
 
     def step(train_state: TrainState, batch: Batch, *, reset: bool = False):
-        if mesh is not None:
-            placed = shard_batch(batch, mesh)
-        else:
-            placed = {k: jnp.asarray(batch[k]) for k in _BATCH_KEYS}
+        placed = _place(batch, mesh)
         placed["reset"] = jnp.asarray(reset, dtype=bool)
-        return jitted(placed, train_state)
+        return jitted(placed, train_state, optimizer, update_len, mesh)
 
     return step
+
+
+@eqx.filter_jit
+def _eval_jitted(model, attn_state, batch, reset, segment_len, mesh):
+    new, sums = eval_step(model, attn_state, batch, segment_len=segment_len, reset=reset)
+    if mesh is not None:
+        new = jax.lax.with_sharding_constraint(new, _attn_shardings(new, mesh))
+    return new, sums
 
 
 def make_eval_step(
@@ -340,20 +357,11 @@ def make_eval_step(
     Returns `step(model, attn_state, batch, *, reset=False)`.
     """
 
-    def inner(model, attn_state, batch, reset):
-        new, sums = eval_step(model, attn_state, batch, segment_len=segment_len, reset=reset)
-        if mesh is not None:
-            new = jax.lax.with_sharding_constraint(new, _attn_shardings(new, mesh))
-        return new, sums
-
-    jitted = eqx.filter_jit(inner)
-
     def step(model, attn_state, batch, *, reset: bool = False):
-        if mesh is not None:
-            placed = shard_batch(batch, mesh)
-        else:
-            placed = {k: jnp.asarray(batch[k]) for k in _BATCH_KEYS}
-        return jitted(model, attn_state, placed, jnp.asarray(reset, dtype=bool))
+        placed = _place(batch, mesh)
+        return _eval_jitted(
+            model, attn_state, placed, jnp.asarray(reset, dtype=bool), segment_len, mesh
+        )
 
     return step
 

@@ -1,0 +1,136 @@
+"""`python -m tvq_eqx`: train / eval / sample / bench end to end on a micro
+model, resume, and bad input (one error line, exit code 2, nothing written)."""
+
+import json
+
+import jax
+import pytest
+
+from tvq_eqx.cli import main
+
+
+@pytest.fixture(autouse=True)
+def _allow_model_rank_promotion():
+    # See tests/test_train.py: the model relies on implicit rank promotion.
+    with jax.numpy_rank_promotion("allow"):
+        yield
+
+
+MICRO = [
+    "--d-model", "32", "--d-k", "8", "--d-v", "32", "--n-code", "8", "--n-layer", "1",
+    "--block-len", "16", "--seq-len", "64", "--update-len", "32", "--batch-size", "4",
+    "--steps", "4", "--warmup-steps", "1", "--eval-every", "2", "--eval-batches", "2",
+    "--log-every", "2", "--sample-len", "12", "--no-progress",
+]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("cli") / "run"
+    with jax.numpy_rank_promotion("allow"):
+        code = main(["train", "--run-dir", str(run_dir), *MICRO])
+    assert code == 0
+    return run_dir
+
+
+def _one_error_line(capsys):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("tvq-eqx: error: "), err
+    return err[0]
+
+
+def test_train_writes_log_curves_checkpoint(trained):
+    records = [json.loads(x) for x in (trained / "metrics.jsonl").read_text().splitlines()]
+    train_recs = [r for r in records if r["split"] == "train"]
+    val_recs = [r for r in records if r["split"] == "validation"]
+    assert [r["step"] for r in train_recs] == [2, 4]
+    assert [r["step"] for r in val_recs] == [2, 4]
+    for k in ("bits_per_token", "tokens_per_s", "code_entropy", "dead_code_fraction",
+              "code_perplexity", "grad_norm"):
+        assert k in train_recs[-1]
+    assert (trained / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (trained / "checkpoints" / "LATEST").read_text().strip() == "step_00000004"
+    meta = json.loads((trained / "checkpoints" / "step_00000004" / "meta.json").read_text())
+    assert meta["batch_index"] == 2 and meta["run"]["model"]["d_model"] == 32
+    assert meta["validation"]["bits_per_token"] == val_recs[-1]["bits_per_token"]
+
+
+def test_eval_and_sample_commands(trained, capsys):
+    capsys.readouterr()
+    assert main(["eval", "--run-dir", str(trained), "--eval-batches", "2", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "validation bits per byte:" in out
+    assert main(["sample", "--run-dir", str(trained), "--prompt", "ROMEO:",
+                 "--sample-len", "12", "--temperature", "0"]) == 0
+    assert capsys.readouterr().out.startswith("ROMEO:")
+
+
+def test_resume_continues_bit_for_bit(trained, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert main(["train", "--run-dir", str(run_dir), "--stop-at", "2", *MICRO]) == 0
+    assert (run_dir / "checkpoints" / "LATEST").read_text().strip() == "step_00000002"
+    assert main(["train", "--run-dir", str(run_dir), "--resume", *MICRO]) == 0
+    final = "checkpoints/step_00000004/state.eqx"
+    assert (run_dir / final).read_bytes() == (trained / final).read_bytes()
+    steps = [json.loads(x)["step"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()
+             if json.loads(x)["split"] == "train"]
+    assert steps == [2, 4]
+    capsys.readouterr()
+    # Different settings on resume: refused.
+    assert main(["train", "--run-dir", str(run_dir), "--resume", *MICRO,
+                 "--learning-rate", "0.5"]) == 2
+    assert "differ from the checkpoint" in _one_error_line(capsys)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["train", "--preset", "nope"], "invalid choice"),
+        (["train", "--bogus-flag", "1"], "unrecognized arguments"),
+        (["frobnicate"], "invalid choice"),
+        (["train", "--data", "/nonexistent/text.txt", *MICRO], "does not exist"),
+        (["train", *MICRO, "--seq-len", "80"], "multiple of"),
+        (["train", *MICRO, "--d-model", "abc"], "cannot parse"),
+        (["train", *MICRO, "--optimizer", "sgd"], "optimizer must be one of"),
+    ],
+)
+def test_bad_input_one_line_exit_2_nothing_written(argv, message, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert main([*argv[:1], *(["--run-dir", str(run_dir)] if argv[0] == "train" else []),
+                 *argv[1:]]) == 2
+    assert message in _one_error_line(capsys)
+    assert not run_dir.exists()
+
+
+def test_empty_data_file(tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_bytes(b"")
+    run_dir = tmp_path / "run"
+    assert main(["train", "--run-dir", str(run_dir), "--data", str(empty), *MICRO]) == 2
+    assert "empty" in _one_error_line(capsys)
+    assert not run_dir.exists()
+
+
+def test_existing_checkpoint_is_not_overwritten(trained, capsys):
+    state = trained / "checkpoints" / "step_00000004" / "state.eqx"
+    before = state.read_bytes()
+    capsys.readouterr()
+    assert main(["train", "--run-dir", str(trained), *MICRO]) == 2
+    assert "--resume" in _one_error_line(capsys)
+    assert state.read_bytes() == before
+
+
+def test_corrupt_or_missing_checkpoint(trained, tmp_path, capsys):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(trained, copy)
+    state = copy / "checkpoints" / "step_00000004" / "state.eqx"
+    raw = bytearray(state.read_bytes())
+    raw[-10] ^= 0x55
+    state.write_bytes(bytes(raw))
+    capsys.readouterr()
+    assert main(["eval", "--run-dir", str(copy), "--no-progress"]) == 2
+    assert "corrupt" in _one_error_line(capsys)
+    assert main(["sample", "--run-dir", str(tmp_path / "nothing")]) == 2
+    assert "no checkpoints" in _one_error_line(capsys)
