@@ -213,3 +213,14 @@ def test_full_attention_baseline_streams_and_differs_from_vq(getkey):
     assert np.abs(np.asarray(out - ref)).max() > 1e-3
     with pytest.raises(TypeError, match="needs FullAttentionState"):
         model(x, vq.init_state(2))
+
+
+def test_shape_annotations_are_enforced_in_tests():
+    # The suite runs with jaxtyping + beartype on tvq_eqx (pyproject addopts):
+    # an internal function called with inconsistent dimensions must fail.
+    import jaxtyping
+
+    from tvq_eqx.ops import quantize
+
+    with pytest.raises(jaxtyping.TypeCheckError):
+        quantize(jnp.zeros((2, 3, 4)), jnp.zeros((3, 5, 6)))
