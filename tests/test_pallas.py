@@ -6,10 +6,11 @@ Tolerances (relative error ||ref - out|| / ||ref||):
   the kernels use HIGHEST dots for float32 inputs, so only summation order
   differs, measured <= 1e-6).
 - bfloat16: the kernels round the softmax weights to bfloat16 before the value
-  matmul (as flash attention does) and the inputs/outputs are bfloat16 (8 bits
-  of mantissa, unit roundoff 2^-8 = 3.9e-3), so the forward is held to 2e-2 and
-  gradients to 5e-2 against the float32 reference run on the same
-  (bfloat16-valued) inputs; the xla form in bfloat16 is held to the same bounds.
+  matmul (as flash attention does) and inputs, outputs and gradients are
+  bfloat16 (unit roundoff 2^-8 = 3.9e-3). Against the float32 reference on the
+  same bf16-valued inputs we measured <= 2e-3 (forward) and <= 4e-3
+  (gradients), the same as the xla form run in bfloat16; the bounds are 1e-2
+  and 1.5e-2 (about 4x margin), and the xla form in bf16 is held to them too.
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ from tvq_eqx.ops import VQAttentionState, vq_attention_quadratic, vq_attention_x
 from tvq_eqx.ops._pallas import vq_attention_pallas
 
 F32_TOL = 1e-5
-BF16_FWD_TOL = 2e-2
-BF16_GRAD_TOL = 5e-2
+BF16_FWD_TOL = 1e-2
+BF16_GRAD_TOL = 1.5e-2
 
 # Small tiles so the kernels' inner loops, causal tile skipping and padding
 # (codes, d_v) run with several steps even at tiny shapes.
