@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import functools
 import math
 import os
 import platform
@@ -61,17 +60,21 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from tvq_eqx.ops import quantize, vq_attention_quadratic, vq_attention_xla  # noqa: E402
+from tvq_eqx.ops import (  # noqa: E402
+    VQAttentionState,  # noqa: E402
+    quantize,
+    vq_attention_quadratic,
+    vq_attention_xla,
+)
 from tvq_eqx.ops._common import gather_codes  # noqa: E402
-from tvq_eqx.ops import VQAttentionState  # noqa: E402
 from tvq_eqx.ops._pallas import block_summaries, vq_attention_pallas  # noqa: E402
 
 FORMS = ("pallas", "xla", "quadratic", "dpa", "dpa-cudnn", "summaries")
 
 
-def flops_fwd(form, *, b, t, h, k, v, s, l):
+def flops_fwd(form, *, b, t, h, k, v, s, blk):
     if form in ("pallas", "xla"):
-        return 2.0 * b * h * t * (s + 1.5 * l) * (k + v)
+        return 2.0 * b * h * t * (s + 1.5 * blk) * (k + v)
     if form == "quadratic":
         return 2.0 * b * h * t * t * (k + v)
     if form == "summaries":
@@ -82,22 +85,38 @@ def flops_fwd(form, *, b, t, h, k, v, s, l):
 def make_fn(form, *, block_len, scale, codebook, mode):
     """fn(q, k, v, cot) -> out (mode fwd) or (out, dq, dv) (mode fwdbwd)."""
     if form == "pallas":
+
         def attn(q, k, v):
-            return vq_attention_pallas(q, k, v, codebook, block_len=block_len,
-                                       scale=scale)[0]
+            return vq_attention_pallas(
+                q, k, v, codebook, block_len=block_len, scale=scale
+            )[0]
     elif form == "xla":
+
         def attn(q, k, v):
-            return vq_attention_xla(q, k, v, codebook, block_len=block_len,
-                                    scale=scale)[0]
+            return vq_attention_xla(
+                q, k, v, codebook, block_len=block_len, scale=scale
+            )[0]
     elif form == "summaries":
+
         def attn(q, k, v):
             state = VQAttentionState.empty(
-                q.shape[0], block_len=block_len, heads=q.shape[2],
-                codes=codebook.shape[1], d_v=v.shape[-1], dtype=v.dtype)
-            mean = block_summaries(quantize(k, codebook), v, state,
-                                   n_code=codebook.shape[1], block_len=block_len)[1]
+                q.shape[0],
+                block_len=block_len,
+                heads=q.shape[2],
+                codes=codebook.shape[1],
+                d_v=v.shape[-1],
+                dtype=v.dtype,
+            )
+            mean = block_summaries(
+                quantize(k, codebook),
+                v,
+                state,
+                n_code=codebook.shape[1],
+                block_len=block_len,
+            )[1]
             return mean
     elif form == "quadratic":
+
         def attn(q, k, v):
             return vq_attention_quadratic(q, k, v, codebook, scale=scale)
     else:
@@ -107,12 +126,18 @@ def make_fn(form, *, block_len, scale, codebook, mode):
             khat = gather_codes(codebook.astype(k.dtype), quantize(k, codebook))
             width = q.shape[-1]
             if v.shape[-1] % width:
-                raise ValueError(f"dpa needs d_v ({v.shape[-1]}) to be a multiple "
-                                 f"of d_k ({width})")
+                raise ValueError(
+                    f"dpa needs d_v ({v.shape[-1]}) to be a multiple of d_k ({width})"
+                )
             chunks = [
                 jax.nn.dot_product_attention(
-                    q, khat, v[..., i:i + width], scale=scale, is_causal=True,
-                    implementation=impl)
+                    q,
+                    khat,
+                    v[..., i : i + width],
+                    scale=scale,
+                    is_causal=True,
+                    implementation=impl,
+                )
                 for i in range(0, v.shape[-1], width)
             ]
             return jnp.concatenate(chunks, axis=-1)
@@ -135,7 +160,9 @@ def time_fn(fn, args, *, reps, min_time):
     jax.block_until_ready(fn(*args))  # warm up (the second call is slow on CPU too)
     times = []
     start = time.perf_counter()
-    while len(times) < reps or (time.perf_counter() - start < min_time and len(times) < 50):
+    while len(times) < reps or (
+        time.perf_counter() - start < min_time and len(times) < 50
+    ):
         t0 = time.perf_counter()
         jax.block_until_ready(fn(*args))
         times.append(time.perf_counter() - t0)
@@ -150,25 +177,47 @@ def rel_err(ref, out):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--device-tag", default=None,
-                   help="name in the output file (default: jax backend)")
-    p.add_argument("--seq-lens", default=None,
-                   help="comma-separated T (default: CPU 1024..16384, GPU 1024..131072)")
+    p.add_argument(
+        "--device-tag",
+        default=None,
+        help="name in the output file (default: jax backend)",
+    )
+    p.add_argument(
+        "--seq-lens",
+        default=None,
+        help="comma-separated T (default: CPU 1024..16384, GPU 1024..131072)",
+    )
     p.add_argument("--quick", action="store_true", help="few small shapes, one rep")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--heads", type=int, default=1)
     p.add_argument("--d-k", type=int, default=128)
-    p.add_argument("--d-v", type=int, default=None, help="default: 1536 on GPU, 256 on CPU")
+    p.add_argument(
+        "--d-v", type=int, default=None, help="default: 1536 on GPU, 256 on CPU"
+    )
     p.add_argument("--codes", type=int, default=512)
     p.add_argument("--block-len", type=int, default=512)
-    p.add_argument("--dtype", default=None, help="default: bfloat16 on GPU/TPU, float32 on CPU")
+    p.add_argument(
+        "--dtype", default=None, help="default: bfloat16 on GPU/TPU, float32 on CPU"
+    )
     p.add_argument("--forms", default=",".join(FORMS))
-    p.add_argument("--pallas-max", type=int, default=None,
-                   help="largest T for pallas (default: 2048 on CPU, unlimited elsewhere)")
-    p.add_argument("--quadratic-max", type=int, default=None,
-                   help="largest T for quadratic and dpa-xla (default 16384 on CPU, 32768 on GPU)")
-    p.add_argument("--extra-seq-len", type=int, default=None,
-                   help="one extra T (e.g. 1048576) for pallas and xla only, if memory allows")
+    p.add_argument(
+        "--pallas-max",
+        type=int,
+        default=None,
+        help="largest T for pallas (default: 2048 on CPU, unlimited elsewhere)",
+    )
+    p.add_argument(
+        "--quadratic-max",
+        type=int,
+        default=None,
+        help="largest T for quadratic and dpa-xla (default 16384 on CPU, 32768 on GPU)",
+    )
+    p.add_argument(
+        "--extra-seq-len",
+        type=int,
+        default=None,
+        help="one extra T (e.g. 1048576) for pallas and xla only, if memory allows",
+    )
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--min-time", type=float, default=1.0)
     p.add_argument("--out", default=None)
@@ -194,9 +243,12 @@ def main(argv=None):
     forms = [f for f in args.forms.split(",") if f]
     if "dpa-cudnn" in forms and backend != "gpu":
         forms.remove("dpa-cudnn")
-    tol = 1e-4 if (on_cpu and dtype == jnp.float32) else (
-        5e-3 if dtype == jnp.float32 else 2e-2)
-    b, h, k, s, l = args.batch, args.heads, args.d_k, args.codes, args.block_len
+    tol = (
+        1e-4
+        if (on_cpu and dtype == jnp.float32)
+        else (5e-3 if dtype == jnp.float32 else 2e-2)
+    )
+    b, h, k, s, blk = args.batch, args.heads, args.d_k, args.codes, args.block_len
     scale = 1.0 / math.sqrt(k)
 
     rows = []
@@ -204,8 +256,8 @@ def main(argv=None):
     if args.extra_seq_len:
         todo.append((args.extra_seq_len, True))
     for t, extra in todo:
-        if t % l:
-            print(f"skip T={t}: not a multiple of block_len {l}", flush=True)
+        if t % blk:
+            print(f"skip T={t}: not a multiple of block_len {blk}", flush=True)
             continue
         key = jax.random.key(t)
         ks = jax.random.split(key, 5)
@@ -225,14 +277,27 @@ def main(argv=None):
                     continue
                 if extra and form not in ("pallas", "xla", "summaries"):
                     continue
-                fn = make_fn(form, block_len=l, scale=scale, codebook=codebook, mode=mode)
+                fn = make_fn(
+                    form, block_len=blk, scale=scale, codebook=codebook, mode=mode
+                )
                 try:
-                    sec, out = time_fn(fn, (q, kk, v, cot), reps=reps, min_time=min_time)
+                    sec, out = time_fn(
+                        fn, (q, kk, v, cot), reps=reps, min_time=min_time
+                    )
                 except Exception as e:  # OOM, unsupported cudnn config, ...
                     msg = str(e).splitlines()[0][:100]
                     print(f"T={t} {form} {mode}: failed: {msg}", flush=True)
-                    rows.append(dict(t=t, form=form, mode=mode, sec=None, err=None,
-                                     ok=False, note=f"failed: {msg}"))
+                    rows.append(
+                        dict(
+                            t=t,
+                            form=form,
+                            mode=mode,
+                            sec=None,
+                            err=None,
+                            ok=False,
+                            note=f"failed: {msg}",
+                        )
+                    )
                     continue
                 outs = out if isinstance(out, tuple) else (out,)
                 if form == "summaries":
@@ -245,16 +310,38 @@ def main(argv=None):
                 else:
                     err = None
                 ok = (err is not None and err <= tol) or form == "summaries"
-                fl = flops_fwd(form, b=b, t=t, h=h, k=k, v=d_v, s=s, l=l)
+                fl = flops_fwd(form, b=b, t=t, h=h, k=k, v=d_v, s=s, blk=blk)
                 fl = fl * (3.5 if mode == "fwdbwd" else 1.0)
-                rows.append(dict(t=t, form=form, mode=mode, sec=sec, err=err, ok=ok,
-                                 tflops=fl / sec / 1e12, note=""))
-                print(f"T={t:>7} {mode:>6} {form:>10}: {sec * 1e3:10.2f} ms  "
-                      f"{fl / sec / 1e12:7.3f} TFLOP/s  err={err}", flush=True)
+                rows.append(
+                    dict(
+                        t=t,
+                        form=form,
+                        mode=mode,
+                        sec=sec,
+                        err=err,
+                        ok=ok,
+                        tflops=fl / sec / 1e12,
+                        note="",
+                    )
+                )
+                print(
+                    f"T={t:>7} {mode:>6} {form:>10}: {sec * 1e3:10.2f} ms  "
+                    f"{fl / sec / 1e12:7.3f} TFLOP/s  err={err}",
+                    flush=True,
+                )
                 del out, outs
         # Rewrite the table after every shape, so a run cut short keeps its results.
-        write_table(rows, args=args, tag=tag, dtype=dtype, d_v=d_v, tol=tol,
-                    pallas_max=pallas_max, quad_max=quad_max, forms=forms)
+        write_table(
+            rows,
+            args=args,
+            tag=tag,
+            dtype=dtype,
+            d_v=d_v,
+            tol=tol,
+            pallas_max=pallas_max,
+            quad_max=quad_max,
+            forms=forms,
+        )
 
 
 def write_table(rows, *, args, tag, dtype, d_v, tol, pallas_max, quad_max, forms):
@@ -265,49 +352,68 @@ def write_table(rows, *, args, tag, dtype, d_v, tol, pallas_max, quad_max, forms
         f"Generated by `python benchmarks/kernels.py {' '.join(sys.argv[1:])}` on "
         f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}.",
         "",
-        f"- device: {dev.device_kind} ({jax.default_backend()}), jax {jax.__version__}, "
+        f"- device: {dev.device_kind} ({jax.default_backend()}), "
+        f"jax {jax.__version__}, "
         f"python {platform.python_version()}, {os.cpu_count()} CPU cores",
         f"- shape: batch {args.batch}, heads {args.heads}, d_k {args.d_k}, d_v {d_v}, "
         f"codes {args.codes}, block_len {args.block_len}, dtype {dtype.name}",
         f"- forms: {', '.join(forms)}; pallas up to T={pallas_max}"
-        + (" (interpret mode on CPU: this times the Pallas interpreter, not a kernel)"
-           if jax.default_backend() == "cpu" else "")
+        + (
+            " (interpret mode on CPU: this times the Pallas interpreter, not a kernel)"
+            if jax.default_backend() == "cpu"
+            else ""
+        )
         + f"; quadratic and dpa up to T={quad_max}",
-        f"- times: median wall time after a compile call and a warm-up call; ratio = xla time / form "
-        f"time (>1 is faster than xla), shown only when the form's forward (and dq, "
-        f"dv) match the xla form within {tol:g} relative error",
+        "- times: median wall time after a compile call and a warm-up call; "
+        "ratio = xla time / form time (>1 is faster than xla), shown only when "
+        f"the form's forward (and dq, dv) match the xla form within {tol:g} "
+        "relative error",
         "- TFLOP/s against each form's own FLOP count (see the script's docstring): "
         "pallas/xla 2*B*H*T*(S+1.5L)*(K+V), quadratic 2*B*H*T^2*(K+V), dpa "
         "B*H*T^2*2V (d_v/d_k calls of width d_k); fwd+bwd = 3.5x fwd",
         "",
     ]
     for mode, title in (("fwd", "Forward"), ("fwdbwd", "Forward + backward")):
-        lines += [f"## {title}", "",
-                  "| T | form | time (ms) | ratio vs xla | TFLOP/s | max rel err vs xla | check |",
-                  "|---:|---|---:|---:|---:|---:|---|"]
-        xla_time = {r["t"]: r["sec"] for r in rows if r["form"] == "xla" and r["mode"] == mode}
+        lines += [
+            f"## {title}",
+            "",
+            "| T | form | time (ms) | ratio vs xla | TFLOP/s "
+            "| max rel err vs xla | check |",
+            "|---:|---|---:|---:|---:|---:|---|",
+        ]
+        xla_time = {
+            r["t"]: r["sec"] for r in rows if r["form"] == "xla" and r["mode"] == mode
+        }
         for r in rows:
             if r["mode"] != mode:
                 continue
             if r["sec"] is None:
-                lines.append(f"| {r['t']} | {r['form']} | — | — | — | — | {r['note']} |")
+                lines.append(
+                    f"| {r['t']} | {r['form']} | — | — | — | — | {r['note']} |"
+                )
                 continue
             base = xla_time.get(r["t"])
             if r["ok"] and base:
                 ratio = f"{base / r['sec']:.2f}x"
             else:
                 ratio = "— (check failed)" if not r["ok"] else "—"
-            err = "ref" if r["form"] == "xla" else (
-                "n/a" if r["err"] is None else f"{r['err']:.1e}")
+            err = (
+                "ref"
+                if r["form"] == "xla"
+                else ("n/a" if r["err"] is None else f"{r['err']:.1e}")
+            )
             check = "pass" if r["ok"] else "FAIL"
             if r["form"] == "summaries":
                 ratio = f"{100 * r['sec'] / base:.0f}% of xla" if base else "—"
                 check = "component"
-            lines.append(f"| {r['t']} | {r['form']} | {r['sec'] * 1e3:.2f} | {ratio} | "
-                         f"{r['tflops']:.3f} | {err} | {check} |")
+            lines.append(
+                f"| {r['t']} | {r['form']} | {r['sec'] * 1e3:.2f} | {ratio} | "
+                f"{r['tflops']:.3f} | {err} | {check} |"
+            )
         lines.append("")
-    out = args.out or os.path.join(os.path.dirname(__file__), "results",
-                                   f"kernels-{tag}.md")
+    out = args.out or os.path.join(
+        os.path.dirname(__file__), "results", f"kernels-{tag}.md"
+    )
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:
         f.write("\n".join(lines))

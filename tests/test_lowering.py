@@ -16,10 +16,16 @@ from tvq_eqx.ops._pallas import vq_attention_pallas
 # The Triton path is deprecated upstream but is what runs on GPU (shared Pallas
 # notes); the pyproject filter matches the deprecation id, not this message.
 pytestmark = pytest.mark.filterwarnings(
-    "ignore:The Pallas Triton backend is deprecated:DeprecationWarning")
+    "ignore:The Pallas Triton backend is deprecated:DeprecationWarning"
+)
 
-KERNELS = ("vq_attention_fwd", "vq_attention_bwd_dq", "vq_attention_bwd_dk",
-           "vq_attention_bwd_dv", "vq_attention_bwd_dmean")
+KERNELS = (
+    "vq_attention_fwd",
+    "vq_attention_bwd_dq",
+    "vq_attention_bwd_dk",
+    "vq_attention_bwd_dv",
+    "vq_attention_bwd_dmean",
+)
 TARGETS = {
     "cuda": ("gpu", AbstractDevice("NVIDIA H100 80GB HBM3", 132, "cuda")),
     "tpu": ("tpu", AbstractDevice("TPU v5p", 1, "tpu")),
@@ -34,20 +40,34 @@ SHAPES = {
 
 
 def lower(platform, shape, dtype, *, rel, use_cache=True):
-    b, t, h, k, v, s, l = shape
+    b, t, h, k, v, s, blk = shape
     kind, device = TARGETS[platform]
     sds = jax.ShapeDtypeStruct
-    args = (sds((b, t, h, k), dtype), sds((b, t, h, k), dtype),
-            sds((b, t, h, v), dtype), sds((h, s, k), jnp.float32),
-            sds((b, t, h, k), dtype), sds((l + 1, h, k), dtype))
+    args = (
+        sds((b, t, h, k), dtype),
+        sds((b, t, h, k), dtype),
+        sds((b, t, h, v), dtype),
+        sds((h, s, k), jnp.float32),
+        sds((b, t, h, k), dtype),
+        sds((blk + 1, h, k), dtype),
+    )
 
     def loss(q, key, val, codebook, rq, rt):
         extra = dict(rel_query=rq, rel_table=rt) if rel else {}
         out, state = vq_attention_pallas(
-            q, key, val, codebook, block_len=l, scale=k**-0.5, use_cache=use_cache,
-            block_sizes=BlockSizes.for_platform(kind), **extra)
+            q,
+            key,
+            val,
+            codebook,
+            block_len=blk,
+            scale=k**-0.5,
+            use_cache=use_cache,
+            block_sizes=BlockSizes.for_platform(kind),
+            **extra,
+        )
         return jnp.sum(out.astype(jnp.float32)) + jnp.sum(
-            state.cache_mean.astype(jnp.float32))
+            state.cache_mean.astype(jnp.float32)
+        )
 
     fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 4, 5)))
     mesh = AbstractMesh((), (), abstract_device=device)

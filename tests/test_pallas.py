@@ -39,14 +39,14 @@ TINY_Q2 = BlockSizes(block_q=2, block_k=4, block_code=8, block_v=4)
 
 
 def shape_id(shape, dtype="f32"):
-    b, t, h, k, v, s, l = shape
-    return f"B{b}-T{t}-H{h}-K{k}-V{v}-S{s}-L{l}-{dtype}"
+    b, t, h, k, v, s, blk = shape
+    return f"B{b}-T{t}-H{h}-K{k}-V{v}-S{s}-L{blk}-{dtype}"
 
 
 def make_inputs(key, shape, dtype=jnp.float32, mem_len=None):
-    b, t, h, k, v, s, l = shape
+    b, t, h, k, v, s, blk = shape
     ks = jax.random.split(key, 6)
-    m = l if mem_len is None else mem_len
+    m = blk if mem_len is None else mem_len
     return dict(
         query=jax.random.normal(ks[0], (b, t, h, k), dtype),
         key=jax.random.normal(ks[1], (b, t, h, k), dtype),
@@ -59,13 +59,14 @@ def make_inputs(key, shape, dtype=jnp.float32, mem_len=None):
 
 def random_state(key, shape, dtype=jnp.float32):
     """A non-trivial history: valid previous block, partly empty cache."""
-    b, _, h, _, v, s, l = shape
+    b, _, h, _, v, s, blk = shape
     ks = jax.random.split(key, 4)
     count = jnp.floor(4 * jax.random.uniform(ks[0], (b, h, s))) * (
-        jax.random.uniform(ks[1], (b, h, s)) > 0.3)
+        jax.random.uniform(ks[1], (b, h, s)) > 0.3
+    )
     return VQAttentionState(
-        prev_code=jax.random.randint(ks[2], (b, l, h), 0, s),
-        prev_value=jax.random.normal(ks[3], (b, l, h, v), dtype),
+        prev_code=jax.random.randint(ks[2], (b, blk, h), 0, s),
+        prev_value=jax.random.normal(ks[3], (b, blk, h, v), dtype),
         prev_valid=jnp.array([True] + [False] * (b - 1)),
         cache_count=count.astype(jnp.float32),
         cache_mean=jax.random.normal(ks[0], (b, h, s, v), dtype),
@@ -81,34 +82,54 @@ def run(impl, opts, args, state, cot):
     use_rel = opts.pop("rel")
 
     def f(q, k, v, rq, rt, prev_value, cache_mean):
-        st = None if state is None else VQAttentionState(
-            state.prev_code, prev_value, state.prev_valid, state.cache_count,
-            cache_mean)
+        st = (
+            None
+            if state is None
+            else VQAttentionState(
+                state.prev_code,
+                prev_value,
+                state.prev_valid,
+                state.cache_count,
+                cache_mean,
+            )
+        )
         rel = dict(rel_query=rq, rel_table=rt) if use_rel else {}
         out, new = fn(q, k, v, args["codebook"], state=st, **rel, **opts)
         return (out, new.prev_value, new.cache_mean), new
 
-    primals = (args["query"], args["key"], args["value"], args["rel_query"],
-               args["rel_table"],
-               None if state is None else state.prev_value,
-               None if state is None else state.cache_mean)
+    primals = (
+        args["query"],
+        args["key"],
+        args["value"],
+        args["rel_query"],
+        args["rel_table"],
+        None if state is None else state.prev_value,
+        None if state is None else state.cache_mean,
+    )
     outs, vjp, new = jax.vjp(f, *primals, has_aux=True)
     return outs[0], new, vjp(cot)
 
 
 def cotangents(key, shape, dtype, zero_state=False):
-    b, t, h, _, v, s, l = shape
+    b, t, h, _, v, s, blk = shape
     ks = jax.random.split(key, 3)
     c_out = jax.random.normal(ks[0], (b, t, h, v), dtype)
-    c_prev = jax.random.normal(ks[1], (b, l, h, v), dtype)
+    c_prev = jax.random.normal(ks[1], (b, blk, h, v), dtype)
     c_mean = jax.random.normal(ks[2], (b, h, s, v), dtype)
     if zero_state:
         c_prev, c_mean = jnp.zeros_like(c_prev), jnp.zeros_like(c_mean)
     return (c_out, c_prev, c_mean)
 
 
-GRAD_NAMES = ("dq", "dk", "dv", "d_rel_query", "d_rel_table", "d_prev_value",
-              "d_cache_mean")
+GRAD_NAMES = (
+    "dq",
+    "dk",
+    "dv",
+    "d_rel_query",
+    "d_rel_table",
+    "d_prev_value",
+    "d_cache_mean",
+)
 
 
 def check_same(ref, out, tol, what):
@@ -129,8 +150,11 @@ def check_same(ref, out, tol, what):
             assert g is None, name
             continue
         assert g.shape == r.shape and g.dtype == r.dtype, name
-        errors[name] = rel_err(r, g) if float(jnp.linalg.norm(r)) > 0 else float(
-            jnp.linalg.norm(g.astype(jnp.float32)))
+        errors[name] = (
+            rel_err(r, g)
+            if float(jnp.linalg.norm(r)) > 0
+            else float(jnp.linalg.norm(g.astype(jnp.float32)))
+        )
     bad = {k: v for k, v in errors.items() if not v <= tol}
     assert not bad, f"{what}: {bad} (all: {errors})"
     return errors
@@ -146,7 +170,8 @@ CASES = [
 
 
 @pytest.mark.parametrize(
-    "shape,sizes,use_rel,mem_len", CASES, ids=[shape_id(c[0]) for c in CASES])
+    "shape,sizes,use_rel,mem_len", CASES, ids=[shape_id(c[0]) for c in CASES]
+)
 def test_pallas_equals_xla_and_quadratic_f32(shape, sizes, use_rel, mem_len):
     key = jax.random.key(sum(shape))
     args = make_inputs(key, shape, mem_len=mem_len)
@@ -161,16 +186,27 @@ def test_pallas_equals_xla_and_quadratic_f32(shape, sizes, use_rel, mem_len):
     # Against the definition: output cotangent only, dk from the window.
     cot0 = cotangents(jax.random.fold_in(key, 1), shape, jnp.float32, zero_state=True)
     got = run("pallas", popts, args, None, cot0)
-    rel = dict(rel_query=args["rel_query"], rel_table=args["rel_table"]) if use_rel else {}
+    rel = (
+        dict(rel_query=args["rel_query"], rel_table=args["rel_table"])
+        if use_rel
+        else {}
+    )
 
     def quad(q, k, v, rq, rt):
         r = dict(rel_query=rq, rel_table=rt) if use_rel else {}
-        return vq_attention_quadratic(q, k, v, args["codebook"], scale=0.6,
-                                      block_len=L, key_grad_window=True, **r)
+        return vq_attention_quadratic(
+            q, k, v, args["codebook"], scale=0.6, block_len=L, key_grad_window=True, **r
+        )
 
     del rel
-    out_q, vjp = jax.vjp(quad, args["query"], args["key"], args["value"],
-                         args["rel_query"], args["rel_table"])
+    out_q, vjp = jax.vjp(
+        quad,
+        args["query"],
+        args["key"],
+        args["value"],
+        args["rel_query"],
+        args["rel_table"],
+    )
     grads_q = vjp(cot0[0])
     assert rel_err(out_q, got[0]) <= F32_TOL
     for name, r, g in zip(GRAD_NAMES, grads_q, got[2]):
@@ -194,15 +230,23 @@ def test_pallas_streaming_state_f32(shape):
     check_same(ref, got, F32_TOL, "streaming pallas vs xla")
 
 
-@pytest.mark.parametrize("use_cache,cache_grad", [(False, True), (True, False)],
-                         ids=["window-only", "no-cache-grad"])
+@pytest.mark.parametrize(
+    "use_cache,cache_grad",
+    [(False, True), (True, False)],
+    ids=["window-only", "no-cache-grad"],
+)
 def test_pallas_cache_options_f32(use_cache, cache_grad):
     shape = (1, 16, 2, 4, 4, 6, 4)
     key = jax.random.key(3)
     args = make_inputs(key, shape)
     state = random_state(jax.random.fold_in(key, 2), shape)
-    opts = (("block_len", 4), ("scale", 0.5), ("rel", False),
-            ("use_cache", use_cache), ("cache_grad", cache_grad))
+    opts = (
+        ("block_len", 4),
+        ("scale", 0.5),
+        ("rel", False),
+        ("use_cache", use_cache),
+        ("cache_grad", cache_grad),
+    )
     cot = cotangents(jax.random.fold_in(key, 1), shape, jnp.float32)
     ref = run("xla", opts, args, state, cot)
     got = run("pallas", opts, args, state, cot)
@@ -235,14 +279,23 @@ def test_debug_switch_differentiates_xla(monkeypatch):
     args = make_inputs(jax.random.key(5), shape)
 
     def loss(backward, q, v):
-        out, st = vq_attention_pallas(q, args["key"], v, args["codebook"], block_len=8,
-                                      scale=0.5, backward=backward)
+        out, st = vq_attention_pallas(
+            q,
+            args["key"],
+            v,
+            args["codebook"],
+            block_len=8,
+            scale=0.5,
+            backward=backward,
+        )
         return jnp.sum(out * jnp.cos(out)) + jnp.sum(st.cache_mean)
 
     g_kernel = jax.grad(functools.partial(loss, "kernels"), argnums=(0, 1))(
-        args["query"], args["value"])
+        args["query"], args["value"]
+    )
     g_xla = jax.grad(functools.partial(loss, "xla"), argnums=(0, 1))(
-        args["query"], args["value"])
+        args["query"], args["value"]
+    )
     for a, b in zip(g_kernel, g_xla):
         assert a.shape == b.shape and rel_err(b, a) <= F32_TOL
     monkeypatch.setenv("TVQ_EQX_PALLAS_BACKWARD", "nonsense")
@@ -259,7 +312,8 @@ def test_public_dispatch_uses_pallas():
     assert out_p.shape == out_x.shape and rel_err(out_x, out_p) <= F32_TOL
     # On CPU the default is xla (pallas runs only in interpret mode there).
     assert tvq_eqx.ops.default_implementation() == (
-        "xla" if jax.default_backend() == "cpu" else "pallas")
+        "xla" if jax.default_backend() == "cpu" else "pallas"
+    )
 
 
 def test_bad_shapes_rejected():
@@ -274,14 +328,32 @@ def test_bad_shapes_rejected():
     v_ext = jnp.zeros((4, 24, 6))
     ok = jnp.ones((4, 1, 1))
     with pytest.raises(ValueError, match="k_ext must have shape"):
-        vq_attention_core(q, k_ext[:, :16], v_ext, ok, block_len=8, scale=1.0,
-                          num_heads=2)
+        vq_attention_core(
+            q, k_ext[:, :16], v_ext, ok, block_len=8, scale=1.0, num_heads=2
+        )
     with pytest.raises(ValueError, match="cache_bias must have shape"):
-        vq_attention_core(q, k_ext, v_ext, ok, jnp.zeros((2, 5, 4)),
-                          jnp.zeros((4, 2, 5)), jnp.zeros((4, 2, 5, 6)),
-                          block_len=8, scale=1.0, num_heads=2)
+        vq_attention_core(
+            q,
+            k_ext,
+            v_ext,
+            ok,
+            jnp.zeros((2, 5, 4)),
+            jnp.zeros((4, 2, 5)),
+            jnp.zeros((4, 2, 5, 6)),
+            block_len=8,
+            scale=1.0,
+            num_heads=2,
+        )
     with pytest.raises(ValueError, match="multiple of the query tile"):
-        vq_attention_core(q[:, :12], k_ext[:, :18], v_ext[:, :18], ok, block_len=6,
-                          scale=1.0, num_heads=2, block_sizes=BlockSizes(block_q=4))
+        vq_attention_core(
+            q[:, :12],
+            k_ext[:, :18],
+            v_ext[:, :18],
+            ok,
+            block_len=6,
+            scale=1.0,
+            num_heads=2,
+            block_sizes=BlockSizes(block_q=4),
+        )
     with pytest.raises(ValueError, match="power of two"):
         BlockSizes(block_q=48)

@@ -18,7 +18,8 @@ LEAF_TOL = 1e-4  # per parameter array (small arrays carry more relative roundin
 
 def _loss_and_grads(model, batch, state):
     (loss, aux), grads = eqx.filter_value_and_grad(tvq_eqx.loss_fn, has_aux=True)(
-        model, batch, state)
+        model, batch, state
+    )
     return loss, aux["state"], grads
 
 
@@ -27,20 +28,34 @@ def _run_segments(model, impl, tokens, b, t, step, results):
     state = m.init_state(b)
     outs = []
     for seg in range(2):  # two segments: the second starts from a real state
-        x = tokens[:, seg * t: (seg + 1) * t + 1]
-        batch = {"inputs": x[:, :-1], "targets": x[:, 1:],
-                 "loss_mask": jnp.ones((b, t), jnp.float32).at[0, :3].set(0.0)}
+        x = tokens[:, seg * t : (seg + 1) * t + 1]
+        batch = {
+            "inputs": x[:, :-1],
+            "targets": x[:, 1:],
+            "loss_mask": jnp.ones((b, t), jnp.float32).at[0, :3].set(0.0),
+        }
         loss, state, grads = step(m, batch, state)
         outs.append((loss, grads))
     results[impl] = (outs, state)
 
 
 @pytest.mark.parametrize(
-    "attention", ["vq", pytest.param("window", marks=pytest.mark.slow)])
+    "attention", ["vq", pytest.param("window", marks=pytest.mark.slow)]
+)
 def test_model_pallas_equals_xla(attention):
     config = tvq_eqx.TransformerConfig(
-        n_vocab=32, d_model=32, d_k=8, d_v=16, n_head=2, n_code=8, n_layer=1,
-        block_len=8, mem_len=6, attention=attention, implementation="xla")
+        n_vocab=32,
+        d_model=32,
+        d_k=8,
+        d_v=16,
+        n_head=2,
+        n_code=8,
+        n_layer=1,
+        block_len=8,
+        mem_len=6,
+        attention=attention,
+        implementation="xla",
+    )
     model = tvq_eqx.Transformer(config, key=jax.random.key(0))
     b, t = 2, 24
     tokens = jax.random.randint(jax.random.key(1), (b, 2 * t + 1), 0, config.n_vocab)
@@ -52,8 +67,7 @@ def test_model_pallas_equals_xla(attention):
         for impl in ("xla", "pallas"):
             _run_segments(model, impl, tokens, b, t, step, results)
 
-    (ref_outs
-, ref_state), (got_outs, got_state) = results["xla"], results["pallas"]
+    (ref_outs, ref_state), (got_outs, got_state) = results["xla"], results["pallas"]
     for (ref_loss, ref_g), (got_loss, got_g) in zip(ref_outs, got_outs):
         assert got_loss.shape == () and got_loss.dtype == ref_loss.dtype
         assert abs(float(got_loss) - float(ref_loss)) <= LOSS_TOL * abs(float(ref_loss))

@@ -38,20 +38,35 @@ class Static:
 
 def dot_nt(a, b, precision):
     """a [m, k] . b [n, k]^T -> [m, n] float32."""
-    return lax.dot_general(a, b, (((1,), (1,)), ((), ())), precision=precision,
-                           preferred_element_type=jnp.float32)
+    return lax.dot_general(
+        a,
+        b,
+        (((1,), (1,)), ((), ())),
+        precision=precision,
+        preferred_element_type=jnp.float32,
+    )
 
 
 def dot_nn(a, b, precision):
     """a [m, k] . b [k, n] -> [m, n] float32."""
-    return lax.dot_general(a, b, (((1,), (0,)), ((), ())), precision=precision,
-                           preferred_element_type=jnp.float32)
+    return lax.dot_general(
+        a,
+        b,
+        (((1,), (0,)), ((), ())),
+        precision=precision,
+        preferred_element_type=jnp.float32,
+    )
 
 
 def dot_tn(a, b, precision):
     """a [k, m]^T . b [k, n] -> [m, n] float32."""
-    return lax.dot_general(a, b, (((0,), (0,)), ((), ())), precision=precision,
-                           preferred_element_type=jnp.float32)
+    return lax.dot_general(
+        a,
+        b,
+        (((0,), (0,)), ((), ())),
+        precision=precision,
+        preferred_element_type=jnp.float32,
+    )
 
 
 def tile(j, size: int, offset: int = 0):
@@ -78,4 +93,3 @@ def iota(shape, dim):
 def assert_shape(x, shape, name):
     if tuple(x.shape) != tuple(shape):
         raise ValueError(f"{name} must have shape {tuple(shape)}; got {tuple(x.shape)}")
-

@@ -15,19 +15,35 @@ def _compiler_params(platform: str, sizes: BlockSizes, n_grid: int):
     if platform == "gpu":
         from jax.experimental.pallas import triton as pltriton
 
-        return dict(compiler_params=pltriton.CompilerParams(
-            num_warps=sizes.num_warps, num_stages=sizes.num_stages))
+        return dict(
+            compiler_params=pltriton.CompilerParams(
+                num_warps=sizes.num_warps, num_stages=sizes.num_stages
+            )
+        )
     if platform == "tpu":
         from jax.experimental.pallas import tpu as pltpu
 
-        return dict(compiler_params=pltpu.CompilerParams(
-            dimension_semantics=("parallel",) * n_grid,
-            vmem_limit_bytes=sizes.vmem_limit_bytes))
+        return dict(
+            compiler_params=pltpu.CompilerParams(
+                dimension_semantics=("parallel",) * n_grid,
+                vmem_limit_bytes=sizes.vmem_limit_bytes,
+            )
+        )
     return dict(interpret=True)
 
 
-def pallas_call(kernel, *, name: str, grid, in_specs, out_specs, out_shape,
-                sizes: BlockSizes, interpret: bool | None = None, debug: bool = False):
+def pallas_call(
+    kernel,
+    *,
+    name: str,
+    grid,
+    in_specs,
+    out_specs,
+    out_shape,
+    sizes: BlockSizes,
+    interpret: bool | None = None,
+    debug: bool = False,
+):
     """`pl.pallas_call` whose platform settings are picked at lowering time.
 
     `interpret=None` (default): interpret mode exactly when lowering for a
@@ -42,8 +58,14 @@ def pallas_call(kernel, *, name: str, grid, in_specs, out_specs, out_shape,
             if interpret:
                 kwargs = dict(interpret=True)
         return pl.pallas_call(
-            kernel, out_shape=out_shape, grid=grid, in_specs=in_specs,
-            out_specs=out_specs, name=name, debug=debug, **kwargs,
+            kernel,
+            out_shape=out_shape,
+            grid=grid,
+            in_specs=in_specs,
+            out_specs=out_specs,
+            name=name,
+            debug=debug,
+            **kwargs,
         )(*args)
 
     def run(*args):

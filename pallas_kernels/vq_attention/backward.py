@@ -67,6 +67,7 @@ def _dq_kernel(*refs, st: Static):
 
     dq = jnp.zeros((bq, t.d_k), jnp.float32)
     if st.use_cache:
+
         def code_step(j, dq):
             sl = tile(j, bc)
             c = cb_ref[sl, :]
@@ -112,6 +113,7 @@ def _dq_kernel(*refs, st: Static):
     dq_ref[...] = (st.scale * dq).astype(dq_ref.dtype)
 
     if st.has_bias and L // bk > 1:
+
         def zero_step(j, c):
             dwb_ref[:, tile(j, bk, L)] = jnp.zeros((bq, bk), jnp.float32)
             return c
@@ -119,8 +121,9 @@ def _dq_kernel(*refs, st: Static):
         fori(n_cur, L // bk, zero_step, 0)
 
 
-def dq_call(st: Static, q, k_ext, v_ext, prev_ok, codebook, cbias, cmean, wbias,
-            do, lse, delta):
+def dq_call(
+    st: Static, q, k_ext, v_ext, prev_ok, codebook, cbias, cmean, wbias, do, lse, delta
+):
     t = st.tiles
     bh, seq, d_k = q.shape
     L, bq = t.block_len, t.block_q
@@ -139,8 +142,12 @@ def dq_call(st: Static, q, k_ext, v_ext, prev_ok, codebook, cbias, cmean, wbias,
     if st.use_cache:
         in_specs += [
             pl.BlockSpec((None, t.codes, d_k), lambda b, i: (b % H, 0, 0)),
-            pl.BlockSpec((None, None, 1, t.codes), lambda b, i: (b, i // q_per_blk, 0, 0)),
-            pl.BlockSpec((None, None, t.codes, V), lambda b, i: (b, i // q_per_blk, 0, 0)),
+            pl.BlockSpec(
+                (None, None, 1, t.codes), lambda b, i: (b, i // q_per_blk, 0, 0)
+            ),
+            pl.BlockSpec(
+                (None, None, t.codes, V), lambda b, i: (b, i // q_per_blk, 0, 0)
+            ),
         ]
         args += [codebook, cbias, cmean]
     if st.has_bias:
@@ -158,9 +165,15 @@ def dq_call(st: Static, q, k_ext, v_ext, prev_ok, codebook, cbias, cmean, wbias,
         out_specs.append(pl.BlockSpec((None, bq, 2 * L), lambda b, i: (b, i, 0)))
         out_shape.append(jax.ShapeDtypeStruct((bh, seq, 2 * L), jnp.float32))
     outs = pallas_call(
-        functools.partial(_dq_kernel, st=st), name="vq_attention_bwd_dq",
-        grid=(bh, seq // bq), in_specs=in_specs, out_specs=out_specs,
-        out_shape=out_shape, sizes=st.sizes, interpret=st.interpret, debug=st.debug,
+        functools.partial(_dq_kernel, st=st),
+        name="vq_attention_bwd_dq",
+        grid=(bh, seq // bq),
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        sizes=st.sizes,
+        interpret=st.interpret,
+        debug=st.debug,
     )(*args)
     return outs[0], (outs[1] if st.has_bias else None)
 
@@ -180,7 +193,7 @@ def _dkv_kernel(*refs, st: Static, want: str):
         k_ref, pv_ref, *rest = refs
     per_side = 4 if want == "dk" else 3
     per_side += int(st.has_bias)
-    side_a, side_b, out_ref = rest[:per_side], rest[per_side:2 * per_side], rest[-1]
+    side_a, side_b, out_ref = rest[:per_side], rest[per_side : 2 * per_side], rest[-1]
 
     kt = pl.program_id(1)
     k_per_blk = L // bk
@@ -202,8 +215,11 @@ def _dkv_kernel(*refs, st: Static, want: str):
             q = q_ref[rows, :]
             s = st.scale * dot_nt(q, k, prec)  # [bq, bk]
             if wb_ref is not None:
-                cols = pl.ds(pl.multiple_of(L + c0, bk), bk) if current else pl.ds(
-                    pl.multiple_of(c0, bk), bk)
+                cols = (
+                    pl.ds(pl.multiple_of(L + c0, bk), bk)
+                    if current
+                    else pl.ds(pl.multiple_of(c0, bk), bk)
+                )
                 if L // bk == 1:
                     cols = pl.ds(L if current else 0, bk)
                 s = s + wb_ref[rows, cols]
@@ -216,8 +232,10 @@ def _dkv_kernel(*refs, st: Static, want: str):
                 s = jnp.where(ok, s, MASK_VALUE)
             p = jnp.exp(s - lse_ref[rows, :])
             if want == "dk":
-                ds = p * (_dp(do_ref, v_ref, rows, pl.ds(0, bk), n_v, bv, prec)
-                          - delta_ref[rows, :])
+                ds = p * (
+                    _dp(do_ref, v_ref, rows, pl.ds(0, bk), n_v, bv, prec)
+                    - delta_ref[rows, :]
+                )
                 return acc + dot_tn(ds.astype(q.dtype), q, prec)
             do = do_ref[rows, :]
             return acc + dot_tn(p.astype(do.dtype), do, prec)
@@ -255,7 +273,7 @@ def dkv_call(st: Static, want: str, q, k_ext, v_ext, prev_ok, wbias, do, lse, de
 
     if want == "dk":
         grid = (bh, seq_ext // bk)
-        idx = lambda f: (lambda b, kt: (b, f(kt), 0))  # noqa: E731
+        idx = lambda f: lambda b, kt: (b, f(kt), 0)  # noqa: E731
         in_specs = [
             pl.BlockSpec((None, bk, d_k), lambda b, kt: (b, kt, 0)),
             pl.BlockSpec((None, bk, V), lambda b, kt: (b, kt, 0)),
@@ -291,15 +309,21 @@ def dkv_call(st: Static, want: str, q, k_ext, v_ext, prev_ok, wbias, do, lse, de
             args += [q, do, lse]
             if st.has_bias:
                 in_specs.append(
-                    pl.BlockSpec((None, L, 2 * L), lambda b, kt, v, f=f: (b, f(kt), 0)))
+                    pl.BlockSpec((None, L, 2 * L), lambda b, kt, v, f=f: (b, f(kt), 0))
+                )
                 args.append(wbias)
         out_specs = pl.BlockSpec((None, bk, bv), lambda b, kt, v: (b, kt, v))
         out_shape = jax.ShapeDtypeStruct(v_ext.shape, v_ext.dtype)
     return pallas_call(
         functools.partial(_dkv_kernel, st=st, want=want),
-        name=f"vq_attention_bwd_{want}", grid=grid, in_specs=in_specs,
-        out_specs=out_specs, out_shape=out_shape, sizes=st.sizes,
-        interpret=st.interpret, debug=st.debug,
+        name=f"vq_attention_bwd_{want}",
+        grid=grid,
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        sizes=st.sizes,
+        interpret=st.interpret,
+        debug=st.debug,
     )(*args)
 
 
@@ -336,9 +360,13 @@ def dmean_call(st: Static, q, codebook, cbias, cmean, do, lse):
         pl.BlockSpec((None, L, 1), lambda b, n, c, v: (b, n, 0)),
     ]
     return pallas_call(
-        functools.partial(_dmean_kernel, st=st), name="vq_attention_bwd_dmean",
-        grid=(bh, N, t.codes // bc, t.d_v // bv), in_specs=in_specs,
+        functools.partial(_dmean_kernel, st=st),
+        name="vq_attention_bwd_dmean",
+        grid=(bh, N, t.codes // bc, t.d_v // bv),
+        in_specs=in_specs,
         out_specs=pl.BlockSpec((None, None, bc, bv), lambda b, n, c, v: (b, n, c, v)),
-        out_shape=jax.ShapeDtypeStruct(cmean.shape, cmean.dtype), sizes=st.sizes,
-        interpret=st.interpret, debug=st.debug,
+        out_shape=jax.ShapeDtypeStruct(cmean.shape, cmean.dtype),
+        sizes=st.sizes,
+        interpret=st.interpret,
+        debug=st.debug,
     )(q, codebook, cbias, do, lse)

@@ -43,19 +43,32 @@ class BlockSizes:
     def __post_init__(self):
         for field in ("block_q", "block_k", "block_code", "block_v"):
             value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, int) or not _is_pow2(value):
-                raise ValueError(f"BlockSizes.{field} must be a power of two; got {value!r}")
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int)
+                or not _is_pow2(value)
+            ):
+                raise ValueError(
+                    f"BlockSizes.{field} must be a power of two; got {value!r}"
+                )
         for field in ("num_warps", "num_stages"):
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"BlockSizes.{field} must be a positive int; got {value!r}")
+                raise ValueError(
+                    f"BlockSizes.{field} must be a positive int; got {value!r}"
+                )
 
     @classmethod
     def for_platform(cls, platform: str) -> BlockSizes:
         """Defaults per platform ("gpu"/"cuda", "tpu", anything else = interpret)."""
         if platform == "tpu":
-            return cls(block_q=128, block_k=128, block_code=128, block_v=512,
-                       vmem_limit_bytes=64 * 1024 * 1024)
+            return cls(
+                block_q=128,
+                block_k=128,
+                block_code=128,
+                block_v=512,
+                vmem_limit_bytes=64 * 1024 * 1024,
+            )
         return cls()
 
 
@@ -73,8 +86,9 @@ class Tiles:
     d_v: int  # V_pad
 
 
-def resolve_tiles(sizes: BlockSizes, *, block_len: int, codes: int, d_k: int,
-                  d_v: int) -> Tiles:
+def resolve_tiles(
+    sizes: BlockSizes, *, block_len: int, codes: int, d_k: int, d_v: int
+) -> Tiles:
     """Clip tiles to the problem and compute padded dimensions."""
     bq = min(sizes.block_q, block_len)
     bk = min(sizes.block_k, block_len)

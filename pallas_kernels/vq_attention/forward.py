@@ -30,14 +30,14 @@ from ._platform import pallas_call
 
 
 def _online_update(carry, s, v, precision):
-    """Fold scores s [bq, bk] (f32) and values v [bk, bv] into (m, l, acc)."""
-    m, l, acc = carry
+    """Fold scores s [bq, bk] (f32) and values v [bk, bv] into (m, denom, acc)."""
+    m, denom, acc = carry
     m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))  # [bq, 1]
     alpha = jnp.exp(m - m_new)
     p = jnp.exp(s - m_new)
-    l = alpha * l + jnp.sum(p, axis=1, keepdims=True)
+    denom = alpha * denom + jnp.sum(p, axis=1, keepdims=True)
     acc = alpha * acc + dot_nn(p.astype(v.dtype), v, precision)
-    return m_new, l, acc
+    return m_new, denom, acc
 
 
 def _fwd_kernel(*refs, st: Static):
@@ -66,6 +66,7 @@ def _fwd_kernel(*refs, st: Static):
     )
 
     if st.use_cache:
+
         def code_step(j, carry):
             sl = tile(j, bc)
             s = st.scale * dot_nt(q, cb_ref[sl, :], prec) + cbias_ref[:, sl]
@@ -101,9 +102,9 @@ def _fwd_kernel(*refs, st: Static):
         n_cur = 1
     carry = fori(0, n_cur, cur_step, carry)
 
-    m, l, acc = carry
-    o_ref[...] = (acc / l).astype(o_ref.dtype)
-    lse_ref[...] = m + jnp.log(l)
+    m, denom, acc = carry
+    o_ref[...] = (acc / denom).astype(o_ref.dtype)
+    lse_ref[...] = m + jnp.log(denom)
 
 
 def forward(st: Static, q, k_ext, v_ext, prev_ok, codebook, cbias, cmean, wbias):
@@ -127,10 +128,12 @@ def forward(st: Static, q, k_ext, v_ext, prev_ok, codebook, cbias, cmean, wbias)
     if st.use_cache:
         in_specs += [
             pl.BlockSpec((None, t.codes, d_k), lambda b, i, v: (b % H, 0, 0)),
-            pl.BlockSpec((None, None, 1, t.codes),
-                         lambda b, i, v: (b, i // q_per_blk, 0, 0)),
-            pl.BlockSpec((None, None, t.codes, bv),
-                         lambda b, i, v: (b, i // q_per_blk, 0, v)),
+            pl.BlockSpec(
+                (None, None, 1, t.codes), lambda b, i, v: (b, i // q_per_blk, 0, 0)
+            ),
+            pl.BlockSpec(
+                (None, None, t.codes, bv), lambda b, i, v: (b, i // q_per_blk, 0, v)
+            ),
         ]
         args += [codebook, cbias, cmean]
     if st.has_bias:
@@ -145,8 +148,14 @@ def forward(st: Static, q, k_ext, v_ext, prev_ok, codebook, cbias, cmean, wbias)
         jax.ShapeDtypeStruct((bh, n_v, seq, 1), jnp.float32),
     ]
     out, lse = pallas_call(
-        functools.partial(_fwd_kernel, st=st), name="vq_attention_fwd",
-        grid=(bh, seq // bq, n_v), in_specs=in_specs, out_specs=out_specs,
-        out_shape=out_shape, sizes=st.sizes, interpret=st.interpret, debug=st.debug,
+        functools.partial(_fwd_kernel, st=st),
+        name="vq_attention_fwd",
+        grid=(bh, seq // bq, n_v),
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        sizes=st.sizes,
+        interpret=st.interpret,
+        debug=st.debug,
     )(*args)
     return out, lse[:, 0]

@@ -37,15 +37,20 @@ def _core_fwd(st, q, k_ext, v_ext, prev_ok, codebook, cbias, cmean, wbias):
 def _core_bwd(st, res, dout):
     q, k_ext, v_ext, prev_ok, codebook, cbias, cmean, wbias, out, lse = res
     dout = dout.astype(v_ext.dtype)
-    delta = jnp.sum(out.astype(jnp.float32) * dout.astype(jnp.float32), axis=-1,
-                    keepdims=True)  # [BH, T, 1]
-    dq, dwbias = _bwd.dq_call(st, q, k_ext, v_ext, prev_ok, codebook, cbias, cmean,
-                              wbias, dout, lse, delta)
+    delta = jnp.sum(
+        out.astype(jnp.float32) * dout.astype(jnp.float32), axis=-1, keepdims=True
+    )  # [BH, T, 1]
+    dq, dwbias = _bwd.dq_call(
+        st, q, k_ext, v_ext, prev_ok, codebook, cbias, cmean, wbias, dout, lse, delta
+    )
     dk = _bwd.dkv_call(st, "dk", q, k_ext, v_ext, prev_ok, wbias, dout, lse, delta)
     dv = _bwd.dkv_call(st, "dv", q, k_ext, v_ext, prev_ok, wbias, dout, lse, delta)
     if st.use_cache:
-        dcmean = (_bwd.dmean_call(st, q, codebook, cbias, cmean, dout, lse)
-                  if st.cache_grad else jnp.zeros_like(cmean))
+        dcmean = (
+            _bwd.dmean_call(st, q, codebook, cbias, cmean, dout, lse)
+            if st.cache_grad
+            else jnp.zeros_like(cmean)
+        )
         dcodebook, dcbias = jnp.zeros_like(codebook), jnp.zeros_like(cbias)
     else:
         dcmean = dcodebook = dcbias = None
@@ -56,10 +61,22 @@ _core.defvjp(_core_fwd, _core_bwd)
 
 
 def vq_attention_core(
-    q, k_ext, v_ext, prev_ok, codebook=None, cache_bias=None, cache_mean=None,
-    window_bias=None, *, block_len: int, scale: float, num_heads: int,
-    cache_grad: bool = True, block_sizes: BlockSizes | None = None,
-    interpret: bool | None = None, debug: bool = False,
+    q,
+    k_ext,
+    v_ext,
+    prev_ok,
+    codebook=None,
+    cache_bias=None,
+    cache_mean=None,
+    window_bias=None,
+    *,
+    block_len: int,
+    scale: float,
+    num_heads: int,
+    cache_grad: bool = True,
+    block_sizes: BlockSizes | None = None,
+    interpret: bool | None = None,
+    debug: bool = False,
 ):
     """VQ attention on kernel-layout arrays (see README.md for the math).
 
@@ -90,38 +107,65 @@ def vq_attention_core(
     want = dict(k_ext=(bh, seq + L, d_k), v_ext=(bh, seq + L, d_v), prev_ok=(bh, 1, 1))
     if use_cache:
         n_code = codebook.shape[1]
-        want.update(codebook=(num_heads, n_code, d_k), cache_bias=(bh, n_blk, 1, n_code),
-                    cache_mean=(bh, n_blk, n_code, d_v))
+        want.update(
+            codebook=(num_heads, n_code, d_k),
+            cache_bias=(bh, n_blk, 1, n_code),
+            cache_mean=(bh, n_blk, n_code, d_v),
+        )
     else:
         n_code = 1
     if window_bias is not None:
         want["window_bias"] = (bh, seq, 2 * L)
-    given = dict(k_ext=k_ext, v_ext=v_ext, prev_ok=prev_ok, codebook=codebook,
-                 cache_bias=cache_bias, cache_mean=cache_mean, window_bias=window_bias)
+    given = dict(
+        k_ext=k_ext,
+        v_ext=v_ext,
+        prev_ok=prev_ok,
+        codebook=codebook,
+        cache_bias=cache_bias,
+        cache_mean=cache_mean,
+        window_bias=window_bias,
+    )
     for name, shape in want.items():
         if given[name] is None or tuple(given[name].shape) != shape:
             got = None if given[name] is None else tuple(given[name].shape)
-            raise ValueError(f"{name} must have shape {shape} for q {tuple(q.shape)}, "
-                             f"v_ext {tuple(v_ext.shape)}, block_len={L}; got {got}")
+            raise ValueError(
+                f"{name} must have shape {shape} for q {tuple(q.shape)}, "
+                f"v_ext {tuple(v_ext.shape)}, block_len={L}; got {got}"
+            )
     if block_sizes is None:
         block_sizes = BlockSizes.for_platform(jax.default_backend())
     tiles = resolve_tiles(block_sizes, block_len=L, codes=n_code, d_k=d_k, d_v=d_v)
     dtype = v_ext.dtype
     st = Static(
-        tiles=tiles, sizes=block_sizes, scale=float(scale), num_heads=num_heads,
-        n_blocks=n_blk, use_cache=use_cache, has_bias=window_bias is not None,
-        cache_grad=cache_grad, f32_inputs=(q.dtype == jnp.float32 and dtype == jnp.float32),
-        interpret=interpret, debug=debug,
+        tiles=tiles,
+        sizes=block_sizes,
+        scale=float(scale),
+        num_heads=num_heads,
+        n_blocks=n_blk,
+        use_cache=use_cache,
+        has_bias=window_bias is not None,
+        cache_grad=cache_grad,
+        f32_inputs=(q.dtype == jnp.float32 and dtype == jnp.float32),
+        interpret=interpret,
+        debug=debug,
     )
     q = _pad_axis(q, 2, tiles.d_k)
     k_ext = _pad_axis(k_ext.astype(q.dtype), 2, tiles.d_k)
     v_ext = _pad_axis(v_ext, 2, tiles.d_v)
     prev_ok = prev_ok.astype(jnp.float32)
     if use_cache:
-        codebook = _pad_axis(_pad_axis(codebook.astype(q.dtype), 2, tiles.d_k), 1, tiles.codes)
-        cache_bias = _pad_axis(cache_bias.astype(jnp.float32), 3, tiles.codes, MASK_VALUE)
-        cache_mean = _pad_axis(_pad_axis(cache_mean.astype(dtype), 3, tiles.d_v), 2, tiles.codes)
+        codebook = _pad_axis(
+            _pad_axis(codebook.astype(q.dtype), 2, tiles.d_k), 1, tiles.codes
+        )
+        cache_bias = _pad_axis(
+            cache_bias.astype(jnp.float32), 3, tiles.codes, MASK_VALUE
+        )
+        cache_mean = _pad_axis(
+            _pad_axis(cache_mean.astype(dtype), 3, tiles.d_v), 2, tiles.codes
+        )
     if window_bias is not None:
         window_bias = window_bias.astype(jnp.float32)
-    out = _core(st, q, k_ext, v_ext, prev_ok, codebook, cache_bias, cache_mean, window_bias)
+    out = _core(
+        st, q, k_ext, v_ext, prev_ok, codebook, cache_bias, cache_mean, window_bias
+    )
     return out[..., :d_v]

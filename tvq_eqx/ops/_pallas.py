@@ -71,7 +71,8 @@ def block_summaries(codes, value, state, *, n_code, block_len):
     z_all = jnp.concatenate([state.prev_code[:, None], z_blk], axis=1)
     v_all = jnp.concatenate([prev_value[:, None], v_blk], axis=1)
     valid_all = jnp.concatenate(
-        [state.prev_valid[:, None], jnp.ones((b, n_blk), bool)], 1)
+        [state.prev_valid[:, None], jnp.ones((b, n_blk), bool)], 1
+    )
     onehot = jax.nn.one_hot(z_all, n_code, dtype=jnp.float32)
     onehot = onehot * valid_all[:, :, None, None, None]
     counts = jnp.sum(onehot, axis=2)  # [B, N+1, H, S]
@@ -79,16 +80,25 @@ def block_summaries(codes, value, state, *, n_code, block_len):
         # 0/1 and the values are exact in the value dtype and products are
         # accumulated in float32: the same sums as the float32 einsum (up to
         # summation order), on the fast low-precision matmul path.
-        sums = jnp.einsum("bnlhs,bnlhv->bnhsv", onehot.astype(value.dtype), v_all,
-                          preferred_element_type=jnp.float32)
+        sums = jnp.einsum(
+            "bnlhs,bnlhv->bnhsv",
+            onehot.astype(value.dtype),
+            v_all,
+            preferred_element_type=jnp.float32,
+        )
     else:
-        sums = jnp.einsum("bnlhs,bnlhv->bnhsv", onehot, v_all.astype(jnp.float32),
-                          precision=jax.lax.Precision.HIGHEST)
+        sums = jnp.einsum(
+            "bnlhs,bnlhv->bnhsv",
+            onehot,
+            v_all.astype(jnp.float32),
+            precision=jax.lax.Precision.HIGHEST,
+        )
 
     def prefix(x, total0):
         inclusive = jnp.cumsum(x, axis=1)
         before = jnp.concatenate(
-            [jnp.zeros_like(x[:, :1]), inclusive[:, : n_blk - 1]], 1)
+            [jnp.zeros_like(x[:, :1]), inclusive[:, : n_blk - 1]], 1
+        )
         return total0[:, None] + before, total0 + inclusive[:, n_blk - 1]
 
     count0 = state.cache_count
@@ -100,8 +110,22 @@ def block_summaries(codes, value, state, *, n_code, block_len):
     return blk_count, blk_mean, new_count, new_mean
 
 
-def _forward(query, key, value, codebook, state, rel_query, rel_table, *, block_len,
-             scale, use_cache, cache_grad, block_sizes, interpret):
+def _forward(
+    query,
+    key,
+    value,
+    codebook,
+    state,
+    rel_query,
+    rel_table,
+    *,
+    block_len,
+    scale,
+    use_cache,
+    cache_grad,
+    block_sizes,
+    interpret,
+):
     b, t, h, _ = query.shape
     n_code = codebook.shape[1]
     n_blk = t // block_len
@@ -122,13 +146,15 @@ def _forward(query, key, value, codebook, state, rel_query, rel_table, *, block_
     v_blk = _blocks(value, L)
     if use_cache:
         blk_count, blk_mean, new_count, new_mean = block_summaries(
-            codes, value, state, n_code=n_code, block_len=L)
+            codes, value, state, n_code=n_code, block_len=L
+        )
         if not cache_grad:
             blk_mean = sg(blk_mean)
         cache_bias = jnp.transpose(log_count_bias(blk_count), (0, 2, 1, 3))
         cache_bias = cache_bias.reshape(b * h, n_blk, 1, n_code)
         cache_mean = jnp.transpose(blk_mean, (0, 2, 1, 3, 4)).reshape(
-            b * h, n_blk, n_code, blk_mean.shape[-1])
+            b * h, n_blk, n_code, blk_mean.shape[-1]
+        )
         kernel_codebook = codebook
     else:
         new_count, new_mean = state.cache_count, state.cache_mean
@@ -140,10 +166,20 @@ def _forward(query, key, value, codebook, state, rel_query, rel_table, *, block_
         window_bias = jnp.transpose(wb, (0, 3, 1, 2, 4)).reshape(b * h, t, 2 * L)
 
     out = vq_attention_core(
-        _heads_first(query), _heads_first(k_ext), _heads_first(v_ext), prev_ok,
-        kernel_codebook, cache_bias, cache_mean, window_bias,
-        block_len=L, scale=scale, num_heads=h, cache_grad=cache_grad,
-        block_sizes=block_sizes, interpret=interpret,
+        _heads_first(query),
+        _heads_first(k_ext),
+        _heads_first(v_ext),
+        prev_ok,
+        kernel_codebook,
+        cache_bias,
+        cache_mean,
+        window_bias,
+        block_len=L,
+        scale=scale,
+        num_heads=h,
+        cache_grad=cache_grad,
+        block_sizes=block_sizes,
+        interpret=interpret,
     )
     out = jnp.transpose(out.reshape(b, h, t, -1), (0, 2, 1, 3)).astype(value.dtype)
     new_state = VQAttentionState(
@@ -158,8 +194,9 @@ def _forward(query, key, value, codebook, state, rel_query, rel_table, *, block_
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _xla_backward(static, query, key, value, codebook, state, rel_query, rel_table):
-    return _forward(query, key, value, codebook, state, rel_query, rel_table,
-                    **dict(static))
+    return _forward(
+        query, key, value, codebook, state, rel_query, rel_table, **dict(static)
+    )
 
 
 def _xla_backward_fwd(static, *args):
@@ -167,12 +204,23 @@ def _xla_backward_fwd(static, *args):
 
 
 def _xla_backward_bwd(static, args, cotangent):
-    kwargs = {k: v for k, v in dict(static).items() if k in ("block_len", "scale", "use_cache",
-                                                 "cache_grad")}
+    kwargs = {
+        k: v
+        for k, v in dict(static).items()
+        if k in ("block_len", "scale", "use_cache", "cache_grad")
+    }
 
     def xla(query, key, value, codebook, state, rel_query, rel_table):
-        return vq_attention_xla(query, key, value, codebook, state=state,
-                                rel_query=rel_query, rel_table=rel_table, **kwargs)
+        return vq_attention_xla(
+            query,
+            key,
+            value,
+            codebook,
+            state=state,
+            rel_query=rel_query,
+            rel_table=rel_table,
+            **kwargs,
+        )
 
     _, vjp = jax.vjp(xla, *args)
     return vjp(cotangent)
@@ -208,8 +256,12 @@ def vq_attention_pallas(
     b, _, h, _ = query.shape
     if state is None:
         state = VQAttentionState.empty(
-            b, block_len=block_len, heads=h, codes=codebook.shape[1],
-            d_v=value.shape[-1], dtype=value.dtype,
+            b,
+            block_len=block_len,
+            heads=h,
+            codes=codebook.shape[1],
+            d_v=value.shape[-1],
+            dtype=value.dtype,
         )
     if backward is None:
         backward = os.environ.get(BACKWARD_ENV, "kernels") or "kernels"
@@ -218,9 +270,23 @@ def vq_attention_pallas(
             f"backward must be 'kernels' or 'xla' (also via ${BACKWARD_ENV}); "
             f"got {backward!r}"
         )
-    static = dict(block_len=block_len, scale=float(scale), use_cache=use_cache,
-                  cache_grad=cache_grad, block_sizes=block_sizes, interpret=interpret)
+    static = dict(
+        block_len=block_len,
+        scale=float(scale),
+        use_cache=use_cache,
+        cache_grad=cache_grad,
+        block_sizes=block_sizes,
+        interpret=interpret,
+    )
     if backward == "xla":
-        return _xla_backward(tuple(sorted(static.items())), query, key, value,
-                             codebook, state, rel_query, rel_table)
+        return _xla_backward(
+            tuple(sorted(static.items())),
+            query,
+            key,
+            value,
+            codebook,
+            state,
+            rel_query,
+            rel_table,
+        )
     return _forward(query, key, value, codebook, state, rel_query, rel_table, **static)
