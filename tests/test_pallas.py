@@ -166,6 +166,8 @@ CASES = [
     ((1, 48, 1, 8, 20, 40, 16), TINY, False, None),  # many tiles, empty codes, pads
     ((2, 16, 3, 4, 6, 12, 8), TINY_Q2, True, 3),  # bq < bk, mem_len < L
     ((1, 24, 2, 6, 5, 7, 6), None, True, 6),  # block_len not a power of two
+    # The GPU preset in interpret mode: K, codes, d_v padded to Triton's 16.
+    ((1, 32, 2, 8, 12, 5, 16), BlockSizes.for_platform("gpu"), True, 8),
 ]
 
 

@@ -27,6 +27,9 @@ class BlockSizes:
     - `block_v`: value columns per program (d_v is padded to a multiple).
     - `num_warps`, `num_stages`: Triton launch parameters (GPU only).
     - `vmem_limit_bytes`: Mosaic VMEM limit (TPU only; None = compiler default).
+    - `min_tile`: smallest tile along any matmul dimension (16 on GPU, where
+      Triton's `tl.dot` needs M, N, K >= 16): d_k, codes and d_v are padded up
+      to it, and a block length below it is rejected.
 
     All tiles are powers of two: Triton needs power-of-two element counts, and
     TPU wants multiples of 128 on the lane dimension (the TPU preset uses 128).
@@ -39,9 +42,10 @@ class BlockSizes:
     num_warps: int = 4
     num_stages: int = 2
     vmem_limit_bytes: int | None = None
+    min_tile: int = 1
 
     def __post_init__(self):
-        for field in ("block_q", "block_k", "block_code", "block_v"):
+        for field in ("block_q", "block_k", "block_code", "block_v", "min_tile"):
             value = getattr(self, field)
             if (
                 isinstance(value, bool)
@@ -50,6 +54,12 @@ class BlockSizes:
             ):
                 raise ValueError(
                     f"BlockSizes.{field} must be a power of two; got {value!r}"
+                )
+        for field in ("block_q", "block_k", "block_code", "block_v"):
+            if getattr(self, field) < self.min_tile:
+                raise ValueError(
+                    f"BlockSizes.{field}={getattr(self, field)} is below "
+                    f"min_tile={self.min_tile}"
                 )
         for field in ("num_warps", "num_stages"):
             value = getattr(self, field)
@@ -60,7 +70,9 @@ class BlockSizes:
 
     @classmethod
     def for_platform(cls, platform: str) -> BlockSizes:
-        """Defaults per platform ("gpu"/"cuda", "tpu", anything else = interpret)."""
+        """Defaults per platform ("gpu"/"cuda"/"rocm", "tpu", else interpret)."""
+        if platform in ("gpu", "cuda", "rocm"):
+            return cls(min_tile=16)
         if platform == "tpu":
             return cls(
                 block_q=128,
@@ -92,14 +104,20 @@ def resolve_tiles(
     """Clip tiles to the problem and compute padded dimensions."""
     bq = min(sizes.block_q, block_len)
     bk = min(sizes.block_k, block_len)
+    if block_len < sizes.min_tile:
+        raise ValueError(
+            f"block_len={block_len} is below the smallest tile {sizes.min_tile} "
+            f"of BlockSizes {sizes} (Triton dots need >= 16 rows)"
+        )
     if block_len % bq or block_len % bk:
         raise ValueError(
             f"block_len={block_len} must be a multiple of the query tile {bq} and "
             f"the key tile {bk} (BlockSizes {sizes}); use a power-of-two block_len"
         )
-    bc = min(sizes.block_code, next_pow2(codes))
-    bv = min(sizes.block_v, next_pow2(d_v))
+    floor = sizes.min_tile
+    bc = max(min(sizes.block_code, next_pow2(codes)), floor)
+    bv = max(min(sizes.block_v, next_pow2(d_v)), floor)
     s_pad = -(-codes // bc) * bc
     v_pad = -(-d_v // bv) * bv
-    k_pad = next_pow2(d_k)
+    k_pad = max(next_pow2(d_k), floor)
     return Tiles(block_len, bq, bk, bc, bv, s_pad, k_pad, v_pad)
