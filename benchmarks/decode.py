@@ -1,0 +1,251 @@
+"""Decode benchmark: per-token sampling latency against context length,
+VQ attention (constant-size carried state) vs full attention (KV cache).
+
+Per token, the scheme is `tvq_eqx.sampling`'s: the model's state holds every
+*completed* block; each new token re-runs the current, partly filled block
+(`block_len` tokens, padded) from that state, reads the log-probabilities at
+the last known position, draws a token (`sample_token`, temperature 1), and
+when the block is full keeps that call's new state. The vq state is a fixed
+size (previous block + per-code cache); the full model's KV cache holds the
+whole context (`kv_cache_len` = context length), so its per-token work grows
+with the context.
+
+At each context length N the context (random tokens) is fed into the state in
+chunks of `fill_chunk` tokens; then one jitted `lax.scan` decodes `block_len`
+tokens (one whole block, including the state update at its end) from that
+state. Latency per token = median over `reps` timed calls (after one warm-up
+call; compile excluded) / `block_len`.
+
+Correctness gate (per model, at a short context `check_context`): greedy
+decoding with the carried state must give the same log-probabilities as one
+teacher-forced forward pass over context + generated tokens (max |dlogp| <=
+1e-4), and every timed call's log-probabilities must be finite. A model that
+fails gets CHECK FAILED in place of its ratios.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tvq_eqx import Transformer
+from tvq_eqx.sampling import sample_token
+
+from . import _common as C
+from .registry import DecodePreset
+
+CHECK_TOL = 1e-4
+
+
+def model_config(p: DecodePreset, attention: str, context: int):
+    # The full model's cache holds the whole context and the block being decoded.
+    return p.model.replace(attention=attention,
+                           kv_cache_len=context + p.model.block_len)
+
+
+@eqx.filter_jit
+def fill(model, state, chunk):
+    """Feed `chunk` [B, n * block_len] into the state."""
+    _, state, _ = model(chunk, state)
+    return state
+
+
+@eqx.filter_jit
+def decode(model, state, buf, idx, key, temperature):
+    """Decode `block_len` tokens from (state, partial block `buf`, last known
+    position `idx`), exactly as `tvq_eqx.sampling` does per token. Returns the
+    final carry, the tokens [n, B] and the log-probabilities used [n, B, V]."""
+    big_l = model.config.block_len
+
+    def body(carry, k):
+        state, buf, idx = carry
+        logprobs, new_state, _ = model(buf, state)
+        lp = jax.lax.dynamic_index_in_dim(logprobs, idx, axis=1, keepdims=False)
+        tok = sample_token(lp, k, temperature=temperature)
+        full = idx == big_l - 1
+        state = jax.tree.map(lambda n, o: jnp.where(full, n, o), new_state, state)
+        fresh = jnp.zeros_like(buf).at[:, 0].set(tok)
+        written = jax.lax.dynamic_update_index_in_dim(buf, tok, idx + 1, axis=1)
+        buf = jnp.where(full, fresh, written)
+        idx = jnp.where(full, 0, idx + 1).astype(jnp.int32)
+        return (state, buf, idx), (tok, lp)
+
+    carry, (toks, lps) = jax.lax.scan(body, (state, buf, idx),
+                                      jax.random.split(key, big_l))
+    return carry, toks, lps
+
+
+def build_context(model, tokens, chunk: int):
+    """State after feeding `tokens` [B, N] in chunks of `chunk` tokens."""
+    b, n = tokens.shape
+    state = model.init_state(b)
+    for s in range(0, n, chunk):
+        state = fill(model, state, tokens[:, s:s + chunk])
+    return state
+
+
+def _start(model, tokens, first, chunk):
+    """Context state and the partial block holding one known token."""
+    b = tokens.shape[0]
+    state = build_context(model, tokens, chunk)
+    buf = jnp.zeros((b, model.config.block_len), jnp.int32).at[:, 0].set(first)
+    return state, buf, jnp.int32(0)
+
+
+@eqx.filter_jit
+def _forward(model, tokens):
+    return model(tokens, model.init_state(tokens.shape[0]))[0]
+
+
+def exactness_check(model, context: int, chunk: int, *, seed: int = 0) -> tuple[bool, float]:
+    """Greedy decode with the carried state vs one forward pass over the text."""
+    big_l = model.config.block_len
+    rng = np.random.default_rng(seed)
+    b = 1
+    ctx = jnp.asarray(rng.integers(0, model.config.n_vocab, (b, context)), jnp.int32)
+    first = jnp.asarray(rng.integers(0, model.config.n_vocab, (b,)), jnp.int32)
+    state, buf, idx = _start(model, ctx, first, min(chunk, context))
+    _, toks, lps = decode(model, state, buf, idx, jax.random.key(0), jnp.float32(0.0))
+    text = jnp.concatenate([ctx, first[:, None], jnp.swapaxes(toks, 0, 1)[:, :-1]], axis=1)
+    ref = _forward(model, text)[:, context:context + big_l]  # [B, n, V]
+    err = float(jnp.max(jnp.abs(ref - jnp.swapaxes(lps, 0, 1))))
+    return bool(np.isfinite(err)) and err <= CHECK_TOL, err
+
+
+def check(model, context: int, chunk: int) -> tuple[bool, float]:
+    """The correctness gate (module-level so tests can force a failure)."""
+    return exactness_check(model, context, chunk)
+
+
+def measure(model, p: DecodePreset, context: int, *, seed: int = 1) -> dict:
+    rng = np.random.default_rng(seed)
+    b = p.batch_size
+    ctx = jnp.asarray(rng.integers(0, model.config.n_vocab, (b, context)), jnp.int32)
+    first = jnp.asarray(rng.integers(0, model.config.n_vocab, (b,)), jnp.int32)
+    t0 = time.perf_counter()
+    state, buf, idx = _start(model, ctx, first, min(p.fill_chunk, context))
+    C.block(state)
+    fill_s = time.perf_counter() - t0
+    key = jax.random.key(seed)
+    temp = jnp.float32(1.0)
+    out = {}
+
+    def call():
+        _, toks, lps = decode(model, state, buf, idx, key, temp)
+        out["lps"] = lps
+        return toks
+
+    times = C.time_calls(call, reps=p.reps, warmup=1)
+    finite = bool(jnp.all(jnp.isfinite(out["lps"])))
+    n = model.config.block_len
+    return dict(per_token=C.median(times) / n, times=times, finite=finite, fill_s=fill_s)
+
+
+def run(p: DecodePreset, *, out_dir: Path, tag: str, command: str) -> dict:
+    t_start = time.perf_counter()
+    gates = {}
+    for att in ("vq", "full"):
+        cfg = model_config(p, att, p.check_context)
+        model = Transformer(cfg, key=jax.random.key(0))
+        gates[att] = check(model, p.check_context, p.fill_chunk)
+        C.log(f"decode gate {att}: {'pass' if gates[att][0] else 'FAIL'} ({gates[att][1]:.1e})")
+    rows = []
+    for n in p.contexts:
+        row = dict(N=n)
+        for att in ("vq", "full"):
+            model = Transformer(model_config(p, att, n), key=jax.random.key(0))
+            m = measure(model, p, n)
+            m["ok"] = gates[att][0] and m["finite"]
+            row[att] = m
+            C.log(f"decode N={n} {att}: {m['per_token'] * 1e3:.3f} ms/token "
+                  f"(fill {m['fill_s']:.1f}s)")
+        rows.append(row)
+    wall = time.perf_counter() - t_start
+    md = out_dir / f"decode-{tag}.md"
+    png = out_dir / f"decode-{tag}.png"
+    lines, fits = write_report(p, rows, gates, md=md, png=png, command=command, wall=wall)
+    plot(p, rows, fits, png, command)
+    return dict(rows=rows, gates=gates, fits=fits, markdown=md, plot=png, lines=lines)
+
+
+def write_report(p, rows, gates, *, md, png, command, wall):
+    m = p.model
+    fits = {att: C.fit_exponent([r["N"] for r in rows], [r[att]["per_token"] for r in rows])
+            for att in ("vq", "full")}
+    first = rows[0]
+    notes = [
+        f"model: {m.n_layer} layer(s) ({2 * m.n_layer} gated attention units), d_model "
+        f"{m.d_model}, d_k {m.d_k}, d_v {m.d_v}, heads {m.n_head}, codes {m.n_code}, "
+        f"decode block_len {m.block_len}; full: KV cache = context + one block",
+        f"per token: one model call on the current block ({m.block_len} tokens) from the "
+        "carried state + `sample_token`, as `tvq_eqx.sampling`; batch "
+        f"{p.batch_size}",
+        f"latency: median of {p.reps} calls (each decodes one block of {m.block_len} "
+        "tokens, state update included) after 1 warm-up call, divided by "
+        f"{m.block_len}; context fed in chunks of {p.fill_chunk} tokens before timing",
+        f"gate: greedy decode with the carried state == one forward pass at context "
+        f"{p.check_context} (max |dlogp| <= {CHECK_TOL:g}): vq "
+        f"{'pass' if gates['vq'][0] else C.CHECK_FAILED} ({gates['vq'][1]:.1e}), full "
+        f"{'pass' if gates['full'][0] else C.CHECK_FAILED} ({gates['full'][1]:.1e}); "
+        "plus finite log-probabilities at every context",
+        f"total wall time {wall / 60:.1f} min; shared CPU, so absolute times are noisy",
+    ]
+    lines = C.header_lines(f"Decode benchmark ({C.tag_of(md)})", command, notes)
+    table = []
+    for r in rows:
+        v, f = r["vq"], r["full"]
+        table.append([
+            C.fmt_len(r["N"]),
+            f"{v['per_token'] * 1e3:.3f}",
+            f"{f['per_token'] * 1e3:.3f}",
+            C.gated_ratio(f["per_token"], v["per_token"], v["ok"] and f["ok"], "{:.2f}x"),
+            C.gated_ratio(v["per_token"], first["vq"]["per_token"],
+                          v["ok"] and first["vq"]["ok"], "{:.3f}"),
+            C.gated_ratio(f["per_token"], first["full"]["per_token"],
+                          f["ok"] and first["full"]["ok"], "{:.3f}"),
+            f"{'pass' if v['ok'] else C.CHECK_FAILED} / {'pass' if f['ok'] else C.CHECK_FAILED}",
+        ])
+    n0 = C.fmt_len(first["N"])
+    lines += ["## Per-token latency", ""]
+    lines += C.markdown_table(
+        ["context", "vq ms/token", "full ms/token", "full/vq", f"vq / vq@{n0}",
+         f"full / full@{n0}", "check vq / full"], table, "lrrrrrl")
+    last = rows[-1]
+    ratio = C.gated_ratio(last["vq"]["per_token"], first["vq"]["per_token"],
+                          last["vq"]["ok"] and first["vq"]["ok"], "{:.3f}")
+    met = "n/a"
+    if ratio != C.CHECK_FAILED:
+        met = "yes" if float(ratio) <= 1.1 else "no"
+    lines += [
+        "",
+        f"- vq latency at {C.fmt_len(last['N'])} / at {n0}: **{ratio}** "
+        f"(target <= 1.1: {met}); full: "
+        + C.gated_ratio(last["full"]["per_token"], first["full"]["per_token"],
+                        last["full"]["ok"] and first["full"]["ok"], "{:.2f}"),
+        f"- fitted exponent of latency vs context: vq {C.fmt_num(fits['vq'], '.3f')}, "
+        f"full {C.fmt_num(fits['full'], '.3f')}",
+        "", f"![decode]({png.name})", "",
+    ]
+    C.write_text(md, lines)
+    return lines, fits
+
+
+def plot(p, rows, fits, png, command):
+    fig, (ax,) = C.new_figure(1, width=6.5)
+    for att, style in (("vq", "o-"), ("full", "s-")):
+        xs = [r["N"] for r in rows]
+        ys = [r[att]["per_token"] * 1e3 for r in rows]
+        e = fits[att]
+        ax.plot(xs, ys, style, label=f"{att} (slope {e:.2f})" if e is not None else att)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set(xlabel="context length (tokens)", ylabel="latency per token (ms)",
+           title="sampling latency vs context")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    C.save_figure(fig, png, command)

@@ -1,0 +1,177 @@
+"""Shapes and presets of every benchmark, in one place.
+
+Each benchmark has presets named `cpu` (the committed CPU results), `quick`
+(a smoke run of a minute or two), `micro` (the test suite's shapes, seconds)
+and, where it makes sense, `gpu` (lengths a GPU can hold). `preset(bench,
+name)` looks one up; `python -m benchmarks.run BENCH --preset NAME` runs it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from tvq_eqx import TransformerConfig
+
+# A small model for the speed benchmarks: one layer (two gated attention
+# units), so that times are dominated by attention, not by the MLP-free
+# projections. Same parameters for vq and full (full ignores the codebook).
+SPEED_MODEL = TransformerConfig(
+    n_vocab=256, d_model=64, d_k=32, d_v=64, n_head=1, n_code=64, n_layer=1,
+    block_len=128,
+)
+
+# The quality model is the `tiny` training preset's (docs/training.md):
+# 2 layers, d_model 128, d_k 32, d_v 256, 64 codes, block 64.
+QUALITY_MODEL = TransformerConfig(
+    n_vocab=256, d_model=128, d_k=32, d_v=256, n_head=1, n_code=64, n_layer=2,
+    block_len=64,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class ScalingPreset:
+    """Training-step throughput and memory against sequence length.
+
+    One batch of `batch_size` rows of `T` tokens is one update segment
+    (`update_len = T`). The full model keeps a KV cache of `model.block_len`
+    tokens (the smallest allowed), so its cost is the T x T attention of the
+    segment. `full_max_len`: longest T at which the full model is run (longer
+    ones are compiled only, for the memory estimate); runs whose compiled
+    memory estimate exceeds `mem_limit_gib` are skipped."""
+
+    model: TransformerConfig
+    lengths: tuple[int, ...]
+    full_max_len: int
+    batch_size: int = 1
+    reps: int = 3
+    check_len: int = 1024
+    mem_limit_gib: float = 12.0
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodePreset:
+    """Per-token sampling latency against context length.
+
+    `model.block_len` is the decode block: each new token re-runs the current
+    (partial) block from the carried state, as `tvq_eqx.sampling` does. The
+    full model's KV cache is the context length. The context is fed in chunks
+    of `fill_chunk` tokens; then `model.block_len` tokens are decoded per timed
+    call (one block, one state update)."""
+
+    model: TransformerConfig
+    contexts: tuple[int, ...]
+    fill_chunk: int = 2048
+    reps: int = 5
+    check_context: int = 256
+    batch_size: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class QualityPreset:
+    """Identical training budgets for vq, full and window models.
+
+    Every model has the same parameter arrays (the codebook is present but
+    unused by full/window), the same data order, optimizer, steps, batch and
+    sequence length. `kv_cache_len`: the full model's cache. `code_sweep`: the
+    vq model is also trained with these codebook sizes."""
+
+    model: TransformerConfig
+    kv_cache_len: int
+    batch_size: int
+    seq_len: int
+    steps: int
+    learning_rate: float
+    warmup_steps: int
+    weight_decay: float = 2e-4
+    grad_clip: float | None = 1.0
+    eval_every: int = 100
+    eval_batches: int = 0  # 0 = the whole validation split
+    curve_eval_batches: int = 4  # validation windows for the learning curve
+    code_sweep: tuple[int, ...] = (16, 64, 256)
+    seed: int = 0
+
+
+def _with(config: TransformerConfig, **changes) -> TransformerConfig:
+    """`config.replace(**changes)`; a new `block_len` moves `mem_len` with it."""
+    if "block_len" in changes and "mem_len" not in changes:
+        changes["mem_len"] = None
+    return config.replace(**changes)
+
+
+_GPU_LENGTHS = tuple(2**i for i in range(10, 18))  # 1k .. 128k
+
+SCALING: dict[str, ScalingPreset] = {
+    "cpu": ScalingPreset(
+        model=SPEED_MODEL, lengths=(1024, 2048, 4096, 8192, 16384, 32768),
+        full_max_len=16384, reps=3,
+    ),
+    "gpu": ScalingPreset(
+        model=_with(SPEED_MODEL, d_model=256, d_k=64, d_v=256, n_code=256,
+                                  block_len=512),
+        lengths=_GPU_LENGTHS, full_max_len=131072, reps=5, mem_limit_gib=60.0,
+    ),
+    "quick": ScalingPreset(
+        model=SPEED_MODEL, lengths=(1024, 2048, 4096), full_max_len=4096, reps=2,
+        check_len=512,
+    ),
+    "micro": ScalingPreset(
+        model=_with(SPEED_MODEL, d_model=32, d_k=16, d_v=32, n_code=16,
+                                  block_len=32),
+        lengths=(128, 256), full_max_len=256, reps=1, check_len=128,
+    ),
+}
+
+DECODE: dict[str, DecodePreset] = {
+    "cpu": DecodePreset(
+        model=_with(SPEED_MODEL, block_len=32),
+        contexts=(1024, 2048, 4096, 8192, 16384, 32768, 65536),
+        fill_chunk=2048, reps=5,
+    ),
+    "gpu": DecodePreset(
+        model=_with(SPEED_MODEL, d_model=256, d_k=64, d_v=256, n_code=256,
+                                  block_len=64),
+        contexts=tuple(2**i for i in range(10, 18)), fill_chunk=8192, reps=10,
+    ),
+    "quick": DecodePreset(
+        model=_with(SPEED_MODEL, block_len=32),
+        contexts=(1024, 4096, 16384), fill_chunk=2048, reps=3,
+    ),
+    "micro": DecodePreset(
+        model=_with(SPEED_MODEL, d_model=32, d_k=16, d_v=32, n_code=16,
+                                  block_len=8),
+        contexts=(64, 128), fill_chunk=64, reps=1, check_context=32,
+    ),
+}
+
+QUALITY: dict[str, QualityPreset] = {
+    "cpu": QualityPreset(
+        model=QUALITY_MODEL, kv_cache_len=512, batch_size=8, seq_len=256,
+        steps=300, learning_rate=3e-3, warmup_steps=30, eval_every=100,
+    ),
+    "quick": QualityPreset(
+        model=_with(QUALITY_MODEL, d_model=64, d_v=128), kv_cache_len=256,
+        batch_size=4, seq_len=256, steps=30, learning_rate=3e-3, warmup_steps=5,
+        eval_every=15, eval_batches=4, curve_eval_batches=2,
+        code_sweep=(16, 64),
+    ),
+    "micro": QualityPreset(
+        model=_with(QUALITY_MODEL, d_model=32, d_k=16, d_v=32, n_code=16,
+                                    n_layer=1, block_len=16),
+        kv_cache_len=32, batch_size=2, seq_len=64, steps=4, learning_rate=3e-3,
+        warmup_steps=1, eval_every=2, eval_batches=2, curve_eval_batches=1,
+        code_sweep=(8, 16),
+    ),
+}
+QUALITY["gpu"] = QUALITY["cpu"]
+
+BENCHMARKS = {"scaling": SCALING, "decode": DECODE, "quality": QUALITY}
+
+
+def preset(bench: str, name: str):
+    """The preset `name` of benchmark `bench` (ValueError naming the choices)."""
+    if bench not in BENCHMARKS:
+        raise ValueError(f"unknown benchmark {bench!r}; choose from {sorted(BENCHMARKS)}")
+    table = BENCHMARKS[bench]
+    if name not in table:
+        raise ValueError(f"{bench} has no preset {name!r}; choose from {sorted(table)}")
+    return table[name]

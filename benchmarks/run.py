@@ -1,0 +1,88 @@
+"""Benchmark runner.
+
+```
+python -m benchmarks.run scaling|decode|quality|all [--quick] [--preset NAME]
+                         [--out DIR] [--data PATH]
+python benchmarks/run.py ...            # same
+```
+
+Presets live in `benchmarks/registry.py`: `cpu` (default on CPU; the
+committed results), `gpu` (default on GPU), `quick` (`--quick`: a smoke run),
+`micro` (the tests' shapes). Results go to `benchmarks/results/` (or `--out`)
+as `<bench>-<device>[-<preset>].md` and `.png`; each file starts with the
+machine, jax version, date and this command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks import _common as C  # noqa: E402
+from benchmarks import registry  # noqa: E402
+
+BENCHES = ("scaling", "decode", "quality")
+
+
+def _module(bench: str):
+    if bench == "scaling":
+        from benchmarks import scaling as m
+    elif bench == "decode":
+        from benchmarks import decode as m
+    else:
+        from benchmarks import quality as m
+    return m
+
+
+def result_tag(preset_name: str) -> str:
+    dev = C.device_tag()
+    return dev if preset_name == dev else f"{dev}-{preset_name}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n")[0])
+    ap.add_argument("bench", choices=(*BENCHES, "all"))
+    ap.add_argument("--quick", action="store_true", help="the quick preset (smoke run)")
+    ap.add_argument("--preset", default=None,
+                    help="preset name from benchmarks/registry.py (default: cpu/gpu by device)")
+    ap.add_argument("--out", default=str(C.RESULTS_DIR), help="results folder")
+    ap.add_argument("--data", default=None,
+                    help="quality: byte corpus (file or folder); default the bundled one")
+    args = ap.parse_args(argv)
+    if args.quick and args.preset not in (None, "quick"):
+        ap.error("--quick and --preset disagree")
+    name = "quick" if args.quick else (args.preset or ("gpu" if C.device_tag() == "gpu" else "cpu"))
+    benches = BENCHES if args.bench == "all" else (args.bench,)
+    for b in benches:
+        try:
+            registry.preset(b, name)
+        except ValueError as e:
+            ap.error(str(e))
+    if args.data is not None and not os.path.exists(args.data):
+        ap.error(f"--data {args.data!r} does not exist")
+    if argv is None:
+        main_spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+        prog = "-m benchmarks.run" if main_spec is not None else sys.argv[0]
+        command = C.command_line([prog, *sys.argv[1:]])
+    else:
+        command = C.command_line(["-m benchmarks.run", *argv])
+    out = Path(args.out)
+    tag = result_tag(name)
+    for b in benches:
+        C.log(f"== {b} (preset {name}) -> {out}")
+        kw = dict(out_dir=out, tag=tag, command=command)
+        if b == "quality":
+            kw["data_path"] = args.data
+        res = _module(b).run(registry.preset(b, name), **kw)
+        print("\n".join(res["lines"]))
+        print(f"\nwrote {res['markdown']} and {res['plot']}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
