@@ -40,14 +40,14 @@ def _core_bwd(st, res, dout):
     delta = jnp.sum(
         out.astype(jnp.float32) * dout.astype(jnp.float32), axis=-1, keepdims=True
     )  # [BH, T, 1]
-    dq, dwbias = _bwd.dq_call(
+    dq, p_win, ds_win, p_code, dwbias = _bwd.ds_call(
         st, q, k_ext, v_ext, prev_ok, codebook, cbias, cmean, wbias, dout, lse, delta
     )
-    dk = _bwd.dkv_call(st, "dk", q, k_ext, v_ext, prev_ok, wbias, dout, lse, delta)
-    dv = _bwd.dkv_call(st, "dv", q, k_ext, v_ext, prev_ok, wbias, dout, lse, delta)
+    dk = _bwd.dkv_call(st, "dk", ds_win, q, k_ext)
+    dv = _bwd.dkv_call(st, "dv", p_win, dout, v_ext)
     if st.use_cache:
         dcmean = (
-            _bwd.dmean_call(st, q, codebook, cbias, cmean, dout, lse)
+            _bwd.dmean_call(st, p_code, cmean, dout)
             if st.cache_grad
             else jnp.zeros_like(cmean)
         )
