@@ -1,5 +1,6 @@
 """Optimizer routing, train/eval steps (tvq_eqx.train)."""
 
+import itertools
 import math
 
 import equinox as eqx
@@ -105,7 +106,7 @@ def test_schedule_warmup_then_cosine_to_a_tenth():
     assert float(s(110)) == pytest.approx(0.2)
     assert float(s(500)) == pytest.approx(0.2)
     vals = [float(s(i)) for i in range(10, 111)]
-    assert all(a >= b for a, b in zip(vals, vals[1:]))
+    assert all(a >= b for a, b in itertools.pairwise(vals))
 
 
 def test_bad_optimizer_arguments():

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import sys
 import time
@@ -122,8 +121,8 @@ def _load_data(run, split: str | None = None):
         raise FileNotFoundError(f"data path {run.data!r} does not exist")
     if kind == "bytes":
         splits = data.load_splits(run.data)
-        decode = lambda toks: bytes(int(t) for t in toks).decode("utf-8", "replace")  # noqa: E731
-        encode = lambda s: np.frombuffer(s.encode("utf-8"), np.uint8).astype(np.int32)  # noqa: E731
+        decode = lambda toks: bytes(int(t) for t in toks).decode("utf-8", "replace")
+        encode = lambda s: np.frombuffer(s.encode("utf-8"), np.uint8).astype(np.int32)
         return splits, decode, encode
     if kind == "sentencepiece":
         tok = data.SentencePieceTokenizer.load(run.tokenizer)
@@ -194,7 +193,12 @@ def _like_train_state(run, optimizer):
 
 def _load_run(run_dir: Path):
     """RunConfig and TrainState from the newest checkpoint of `run_dir`."""
-    from .train import CheckpointError, load_checkpoint, optimizer_from_config, read_meta
+    from .train import (
+        CheckpointError,
+        load_checkpoint,
+        optimizer_from_config,
+        read_meta,
+    )
     from .train._presets import RunConfig
 
     ckpt = _checkpoint_dir(run_dir)
@@ -316,6 +320,7 @@ def cmd_train(args) -> int:
     from tqdm import tqdm
 
     from .nn import Transformer
+    from .train import evaluate as evaluate_fn
     from .train import (
         init_train_state,
         latest_checkpoint,
@@ -324,7 +329,6 @@ def cmd_train(args) -> int:
         save_checkpoint,
         shard_train_state,
     )
-    from .train import evaluate as evaluate_fn
     from .train._presets import PRESETS
 
     run_dir = Path(args.run_dir or f"runs/{args.preset}")
@@ -400,8 +404,6 @@ def cmd_train(args) -> int:
     t_start = time.perf_counter()
     t_last, tok_last = t_start, 0
     tokens_per_batch = run.batch_size * run.seq_len
-    acc: dict[str, float] = {}
-    n_acc = 0
     val = None
     for batch_index in range(start_batch, stop_batch):
         _, window = train_stream.epoch_and_window(batch_index)
@@ -477,7 +479,7 @@ def cmd_eval(args) -> int:
     stream = _stream(run, splits[args.split], train=False)
     mesh = _mesh_or_none(run.batch_size)
     n, batches = _eval_batches(run, stream)
-    bar = lambda it: tqdm(it, total=n, desc=f"eval {args.split}", disable=args.no_progress,  # noqa: E731
+    bar = lambda it: tqdm(it, total=n, desc=f"eval {args.split}", disable=args.no_progress,
                           file=sys.stderr)
     t0 = time.perf_counter()
     res = evaluate_fn(model, batches, segment_len=run.update_len, mesh=mesh, progress=bar)
@@ -504,8 +506,8 @@ def cmd_sample(args) -> int:
         raise UsageError(f"sample: flags {bad} cannot change a trained model's settings")
     run = run.replace(**overrides)
     if run.data_kind == "bytes":
-        decode = lambda toks: bytes(int(t) for t in toks).decode("utf-8", "replace")  # noqa: E731
-        encode = lambda s: np.frombuffer(s.encode("utf-8"), np.uint8).astype(np.int32)  # noqa: E731
+        decode = lambda toks: bytes(int(t) for t in toks).decode("utf-8", "replace")
+        encode = lambda s: np.frombuffer(s.encode("utf-8"), np.uint8).astype(np.int32)
     else:
         _, decode, encode = _load_data(run, split="validation")
     if args.prompt is not None:

@@ -1,13 +1,21 @@
 """Training, evaluation and checkpoints for Transformer-VQ."""
 
-from ._optimizer import CodebookRoutingError as CodebookRoutingError
+from ._checkpoint import CheckpointError as CheckpointError
+from ._checkpoint import latest_checkpoint as latest_checkpoint
+from ._checkpoint import list_checkpoints as list_checkpoints
+from ._checkpoint import load_checkpoint as load_checkpoint
+from ._checkpoint import read_meta as read_meta
+from ._checkpoint import save_checkpoint as save_checkpoint
 from ._optimizer import OPTIMIZERS as OPTIMIZERS
+from ._optimizer import CodebookRoutingError as CodebookRoutingError
 from ._optimizer import OptimizerConfig as OptimizerConfig
 from ._optimizer import guard_no_codebook as guard_no_codebook
 from ._optimizer import lr_schedule as lr_schedule
 from ._optimizer import make_optimizer as make_optimizer
 from ._optimizer import optimizer_from_config as optimizer_from_config
 from ._optimizer import param_labels as param_labels
+from ._presets import PRESETS as PRESETS
+from ._presets import RunConfig as RunConfig
 from ._steps import TrainState as TrainState
 from ._steps import eval_step as eval_step
 from ._steps import evaluate as evaluate
@@ -18,9 +26,3 @@ from ._steps import make_train_step as make_train_step
 from ._steps import shard_batch as shard_batch
 from ._steps import shard_train_state as shard_train_state
 from ._steps import train_step as train_step
-from ._checkpoint import CheckpointError as CheckpointError
-from ._checkpoint import latest_checkpoint as latest_checkpoint
-from ._checkpoint import list_checkpoints as list_checkpoints
-from ._checkpoint import load_checkpoint as load_checkpoint
-from ._checkpoint import read_meta as read_meta
-from ._checkpoint import save_checkpoint as save_checkpoint

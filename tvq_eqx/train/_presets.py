@@ -168,12 +168,12 @@ PRESETS: dict[str, RunConfig] = {
     # CPU demo on the bundled Shakespeare corpus: ~2 CPU cores, a few minutes.
     "tiny": RunConfig(
         model=TransformerConfig(
-            n_vocab=256, d_model=128, d_k=32, d_v=256, n_head=1, n_code=64,
+            n_vocab=256, d_model=128, d_k=32, d_v=128, n_head=1, n_code=64,
             n_layer=2, block_len=64,
         ),
         batch_size=8, seq_len=256, update_len=256, optimizer="adamw",
-        learning_rate=3e-3, warmup_steps=40, steps=400, weight_decay=2e-4,
-        grad_clip=1.0, eval_every=100, eval_batches=0, log_every=10,
+        learning_rate=3e-3, warmup_steps=20, steps=600, weight_decay=2e-4,
+        grad_clip=1.0, eval_every=150, eval_batches=0, log_every=10,
         save_every=0, keep=2, sample_len=400, temperature=0.8, top_p=0.9, seed=0,
     ),
     "enwik8": _official(
