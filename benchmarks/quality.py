@@ -49,6 +49,8 @@ def model_configs(p: QualityPreset) -> list[tuple[str, object]]:
     for s in p.code_sweep:
         if s != base.n_code:
             out.append((f"vq-{s}", base.replace(attention="vq", n_code=s)))
+    if p.models is not None:
+        out = [(n, c) for n, c in out if n in p.models]
     return out
 
 
@@ -155,7 +157,8 @@ def train_one(name, config, p: QualityPreset, splits, *, log=C.log) -> dict:
     for i in C.progress(range(p.steps), desc=name, leave=False):
         _, window = stream.epoch_and_window(i)
         t0 = time.perf_counter()
-        ts, metrics = step_fn(ts, stream.batch(i), reset=window == 0)
+        ts, metrics = step_fn(ts, stream.batch(i),
+                              reset=bool(window == 0 or p.reset_each_batch))
         bpt = float(metrics["bits_per_token"])  # waits for the step
         dt = time.perf_counter() - t0
         if i == 0:
@@ -228,8 +231,10 @@ def write_report(p, results, by, *, md, png, command, corpus, n_bytes, wall):
         f"budget (every model): {p.steps} AdamW updates of {p.batch_size} x {p.seq_len} "
         f"bytes ({p.steps * p.batch_size * p.seq_len:,} training tokens), peak lr "
         f"{p.learning_rate}, warmup {p.warmup_steps}, cosine decay, weight decay "
-        f"{p.weight_decay}, clip {p.grad_clip}, seed {p.seed}; attention state carried "
-        "between batches",
+        f"{p.weight_decay}, clip {p.grad_clip}, seed {p.seed}; "
+        + ("attention state EMPTIED at every training batch (context <= "
+           f"{p.seq_len} bytes)" if p.reset_each_batch else
+           "attention state carried between batches along each row (reset each epoch)"),
         "validation bits per byte: summed NLL over "
         + ("the whole validation split" if p.eval_batches == 0 else
            f"the first {p.eval_batches} validation windows")

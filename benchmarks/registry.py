@@ -89,6 +89,11 @@ class QualityPreset:
     curve_eval_batches: int = 4  # validation windows for the learning curve
     code_sweep: tuple[int, ...] = (16, 64, 256)
     seed: int = 0
+    # Empty the attention state at every training batch (context <= seq_len)
+    # instead of carrying it along the stream; `models`: subset to train
+    # (None = vq, full, window and the sweep).
+    reset_each_batch: bool = False
+    models: tuple[str, ...] | None = None
 
 
 def _with(config: TransformerConfig, **changes) -> TransformerConfig:
@@ -162,6 +167,11 @@ QUALITY: dict[str, QualityPreset] = {
         code_sweep=(8, 16),
     ),
 }
+# Diagnostic: the same budget, but the attention state is emptied at every
+# training batch, so no model sees more than the 256-byte training window.
+QUALITY["cpu-shortctx"] = dataclasses.replace(
+    QUALITY["cpu"], reset_each_batch=True, models=("vq", "full", "window"),
+)
 QUALITY["gpu"] = QUALITY["cpu"]
 
 BENCHMARKS = {"scaling": SCALING, "decode": DECODE, "quality": QUALITY}

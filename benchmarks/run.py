@@ -41,7 +41,9 @@ def _module(bench: str):
 
 def result_tag(preset_name: str) -> str:
     dev = C.device_tag()
-    return dev if preset_name == dev else f"{dev}-{preset_name}"
+    if preset_name == dev or preset_name.startswith(dev + "-"):
+        return preset_name
+    return f"{dev}-{preset_name}"
 
 
 def main(argv: list[str] | None = None) -> int:
