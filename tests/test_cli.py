@@ -134,3 +134,11 @@ def test_corrupt_or_missing_checkpoint(trained, tmp_path, capsys):
     assert "corrupt" in _one_error_line(capsys)
     assert main(["sample", "--run-dir", str(tmp_path / "nothing")]) == 2
     assert "no checkpoints" in _one_error_line(capsys)
+
+
+def test_rerunning_without_run_dir_never_overwrites(trained, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", *MICRO, "--stop-at", "2"]) == 0
+    assert main(["train", *MICRO, "--stop-at", "2"]) == 0
+    assert (tmp_path / "runs" / "tiny" / "checkpoints" / "LATEST").is_file()
+    assert (tmp_path / "runs" / "tiny-2" / "checkpoints" / "LATEST").is_file()

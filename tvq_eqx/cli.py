@@ -314,6 +314,23 @@ def _do_sample(run, model, prompt_tokens, decode, *, steps, temperature, top_p, 
     return decode(toks) if decode is not None else toks.tolist()
 
 
+def _default_run_dir(preset: str, resume: bool) -> Path:
+    """`runs/PRESET`; when that already holds a checkpoint and this is not a
+    resume, the first free `runs/PRESET-2`, `-3`, ... (so re-running the demo
+    never overwrites, and never fails)."""
+    from .train import latest_checkpoint
+
+    base = Path("runs") / preset
+    if resume:
+        return base
+    candidate, i = base, 1
+    while (_checkpoint_dir(candidate).is_dir()
+           and latest_checkpoint(_checkpoint_dir(candidate)) is not None):
+        i += 1
+        candidate = base.with_name(f"{preset}-{i}")
+    return candidate
+
+
 def cmd_train(args) -> int:
     import equinox as eqx
     import jax
@@ -331,7 +348,7 @@ def cmd_train(args) -> int:
     )
     from .train._presets import PRESETS
 
-    run_dir = Path(args.run_dir or f"runs/{args.preset}")
+    run_dir = Path(args.run_dir) if args.run_dir else _default_run_dir(args.preset, args.resume)
     overrides = _overrides(args)
     ckpt_dir = _checkpoint_dir(run_dir)
     existing = ckpt_dir.is_dir() and latest_checkpoint(ckpt_dir) is not None
@@ -588,7 +605,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a model (tqdm progress, JSONL log, PNG curves)")
     t.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
-    t.add_argument("--run-dir", default=None, help="output folder (default runs/PRESET)")
+    t.add_argument("--run-dir", default=None,
+                   help="output folder (default runs/PRESET, or runs/PRESET-N if taken)")
     t.add_argument("--resume", action="store_true", help="continue the run's newest checkpoint")
     t.add_argument("--stop-at", type=int, default=None, metavar="UPDATE",
                    help="stop (and checkpoint) after this many updates; --resume continues")
