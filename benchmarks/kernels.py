@@ -67,7 +67,8 @@ from tvq_eqx.ops import (  # noqa: E402
     vq_attention_xla,
 )
 from tvq_eqx.ops._common import gather_codes  # noqa: E402
-from tvq_eqx.ops._pallas import block_summaries, vq_attention_pallas  # noqa: E402
+from tvq_eqx.ops._pallas import vq_attention_pallas  # noqa: E402
+from tvq_eqx.ops._xla import block_summaries  # noqa: E402
 
 FORMS = ("pallas", "xla", "quadratic", "dpa", "dpa-cudnn", "summaries")
 

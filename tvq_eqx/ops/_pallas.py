@@ -36,7 +36,7 @@ from ._common import (
     quantize,
     straight_through,
 )
-from ._xla import vq_attention_xla, window_relative_bias
+from ._xla import block_summaries, vq_attention_xla, window_relative_bias
 
 sg = jax.lax.stop_gradient
 
@@ -52,62 +52,6 @@ def _heads_first(x):
     """[B, T, H, D] -> [B*H, T, D]."""
     b, t, h, d = x.shape
     return jnp.transpose(x, (0, 2, 1, 3)).reshape(b * h, t, d)
-
-
-def block_summaries(codes, value, state, *, n_code, block_len):
-    """The cache of every block, as in `vq_attention_xla`: per-block code
-    histograms and value sums (blocks -1..N-1, block -1 from the state), their
-    exclusive prefix over blocks, and the cache after the last block.
-
-    Returns `(blk_count [B, N, H, S] f32, blk_mean [B, N, H, S, V],
-    new_count [B, H, S] f32, new_mean [B, H, S, V])` (means in value dtype).
-    Cost: one [S, L] x [L, V] matmul per block, like one value matmul.
-    """
-    b = codes.shape[0]
-    n_blk = codes.shape[1] // block_len
-    z_blk = _blocks(codes, block_len)
-    v_blk = _blocks(value, block_len)
-    prev_value = state.prev_value.astype(value.dtype)
-    z_all = jnp.concatenate([state.prev_code[:, None], z_blk], axis=1)
-    v_all = jnp.concatenate([prev_value[:, None], v_blk], axis=1)
-    valid_all = jnp.concatenate(
-        [state.prev_valid[:, None], jnp.ones((b, n_blk), bool)], 1
-    )
-    onehot = jax.nn.one_hot(z_all, n_code, dtype=jnp.float32)
-    onehot = onehot * valid_all[:, :, None, None, None]
-    counts = jnp.sum(onehot, axis=2)  # [B, N+1, H, S]
-    if value.dtype in (jnp.bfloat16, jnp.float16):
-        # 0/1 and the values are exact in the value dtype and products are
-        # accumulated in float32: the same sums as the float32 einsum (up to
-        # summation order), on the fast low-precision matmul path.
-        sums = jnp.einsum(
-            "bnlhs,bnlhv->bnhsv",
-            onehot.astype(value.dtype),
-            v_all,
-            preferred_element_type=jnp.float32,
-        )
-    else:
-        sums = jnp.einsum(
-            "bnlhs,bnlhv->bnhsv",
-            onehot,
-            v_all.astype(jnp.float32),
-            precision=jax.lax.Precision.HIGHEST,
-        )
-
-    def prefix(x, total0):
-        inclusive = jnp.cumsum(x, axis=1)
-        before = jnp.concatenate(
-            [jnp.zeros_like(x[:, :1]), inclusive[:, : n_blk - 1]], 1
-        )
-        return total0[:, None] + before, total0 + inclusive[:, n_blk - 1]
-
-    count0 = state.cache_count
-    sum0 = state.cache_mean.astype(jnp.float32) * count0[..., None]
-    blk_count, new_count = prefix(counts, count0)  # [B, N, H, S]
-    blk_sum, new_sum = prefix(sums, sum0)
-    blk_mean = (blk_sum / jnp.maximum(blk_count, 1.0)[..., None]).astype(value.dtype)
-    new_mean = (new_sum / jnp.maximum(new_count, 1.0)[..., None]).astype(value.dtype)
-    return blk_count, blk_mean, new_count, new_mean
 
 
 def _forward(

@@ -85,9 +85,18 @@ def block_summaries(codes, value, state: VQAttentionState, *, n_code: int, block
     onehot = jax.nn.one_hot(z_all, n_code, dtype=jnp.float32)  # [B, N+1, L, H, S]
     onehot = onehot * valid_all[:, :, None, None, None]
     counts = jnp.sum(onehot, axis=2)  # [B, N+1, H, S]
-    sums = jnp.einsum(
-        "bnlhs,bnlhv->bnhsv", onehot, v_all.astype(jnp.float32), precision=HIGHEST
-    )
+    if value.dtype in (jnp.bfloat16, jnp.float16):
+        # 0/1 and the values are exact in the value dtype and products are
+        # accumulated in float32: the same sums as a float32 einsum (up to
+        # summation order), on the fast low-precision matmul path.
+        sums = jnp.einsum(
+            "bnlhs,bnlhv->bnhsv", onehot.astype(value.dtype), v_all,
+            preferred_element_type=jnp.float32,
+        )
+    else:
+        sums = jnp.einsum(
+            "bnlhs,bnlhv->bnhsv", onehot, v_all.astype(jnp.float32), precision=HIGHEST
+        )
 
     def prefix(x, total0):
         inclusive = jnp.cumsum(x, axis=1)
