@@ -9,14 +9,6 @@ import tvq_eqx
 from tvq_eqx import data, train
 from tvq_eqx.train import _checkpoint
 
-
-@pytest.fixture(autouse=True)
-def _allow_model_rank_promotion():
-    # See tests/test_train.py: the model relies on implicit rank promotion.
-    with jax.numpy_rank_promotion("allow"):
-        yield
-
-
 CFG = tvq_eqx.TransformerConfig(
     n_vocab=256, d_model=32, d_k=8, d_v=16, n_head=1, n_code=8, n_layer=1,
     block_len=8, p_dropres=0.1,

@@ -3,18 +3,9 @@ model, resume, and bad input (one error line, exit code 2, nothing written)."""
 
 import json
 
-import jax
 import pytest
 
 from tvq_eqx.cli import main
-
-
-@pytest.fixture(autouse=True)
-def _allow_model_rank_promotion():
-    # See tests/test_train.py: the model relies on implicit rank promotion.
-    with jax.numpy_rank_promotion("allow"):
-        yield
-
 
 MICRO = [
     "--d-model", "32", "--d-k", "8", "--d-v", "32", "--n-code", "8", "--n-layer", "1",
@@ -27,8 +18,7 @@ MICRO = [
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("cli") / "run"
-    with jax.numpy_rank_promotion("allow"):
-        code = main(["train", "--run-dir", str(run_dir), *MICRO])
+    code = main(["train", "--run-dir", str(run_dir), *MICRO])
     assert code == 0
     return run_dir
 

@@ -21,7 +21,6 @@ SCRIPT = textwrap.dedent(
     import jax.numpy as jnp
     import numpy as np
 
-    jax.config.update("jax_numpy_rank_promotion", "allow")
     import tvq_eqx
     from tvq_eqx import train
 

@@ -8,14 +8,6 @@ import pytest
 import tvq_eqx
 from tvq_eqx.sampling import sample, sample_token
 
-
-@pytest.fixture(autouse=True)
-def _allow_model_rank_promotion():
-    # See tests/test_train.py: the model relies on implicit rank promotion.
-    with jax.numpy_rank_promotion("allow"):
-        yield
-
-
 CFG = tvq_eqx.TransformerConfig(
     n_vocab=16, d_model=32, d_k=8, d_v=16, n_head=1, n_code=4, n_layer=1, block_len=8,
     abs_pe=True,

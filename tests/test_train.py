@@ -13,16 +13,6 @@ import pytest
 import tvq_eqx
 from tvq_eqx import data, train
 
-
-@pytest.fixture(autouse=True)
-def _allow_model_rank_promotion():
-    # The model (tvq_eqx/nn: RMSNorm weight, XL-bias u/v, LayerDrop) relies on
-    # implicit rank promotion, which conftest makes an error; reported, to be
-    # fixed in tvq_eqx/nn. Remove this fixture once it is.
-    with jax.numpy_rank_promotion("allow"):
-        yield
-
-
 CFG = tvq_eqx.TransformerConfig(
     n_vocab=32, d_model=32, d_k=8, d_v=16, n_head=2, n_code=8, n_layer=1, block_len=8
 )
