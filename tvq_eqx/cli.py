@@ -117,6 +117,8 @@ def _load_data(run, split: str | None = None):
         raise UsageError("data_kind 'sentencepiece' needs --data FOLDER and --tokenizer FILE")
     if kind == "images" and run.data is None:
         raise UsageError("data_kind 'images' needs --data FOLDER of images")
+    if kind in ("bytes", "images") and run.model.n_vocab < 256:
+        raise UsageError(f"byte data needs n_vocab >= 256; got {run.model.n_vocab}")
     if run.data is not None and not Path(run.data).exists():
         raise FileNotFoundError(f"data path {run.data!r} does not exist")
     if kind == "bytes":
@@ -126,6 +128,11 @@ def _load_data(run, split: str | None = None):
         return splits, decode, encode
     if kind == "sentencepiece":
         tok = data.SentencePieceTokenizer.load(run.tokenizer)
+        if tok.vocab_size > run.model.n_vocab:
+            raise UsageError(
+                f"tokenizer {run.tokenizer!r} has {tok.vocab_size} pieces but "
+                f"n_vocab={run.model.n_vocab}; pass --n-vocab {tok.vocab_size}"
+            )
         docs = data.load_documents(run.data)
         n = len(docs)
         if n < 3:
