@@ -132,3 +132,10 @@ def test_rerunning_without_run_dir_never_overwrites(trained, tmp_path, monkeypat
     assert main(["train", *MICRO, "--stop-at", "2"]) == 0
     assert (tmp_path / "runs" / "tiny" / "checkpoints" / "LATEST").is_file()
     assert (tmp_path / "runs" / "tiny-2" / "checkpoints" / "LATEST").is_file()
+
+
+def test_bench_reports_throughput(capsys):
+    flags = [f for f in MICRO if f != "--no-progress"]
+    assert main(["bench", *flags, "--bench-steps", "1", "--sample-tokens", "4"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["train_tokens_per_s"] > 0 and res["sample_ms_per_token"] > 0
