@@ -14,7 +14,9 @@ At each context length N the context (random tokens) is fed into the state in
 chunks of `fill_chunk` tokens; then one jitted `lax.scan` decodes `block_len`
 tokens (one whole block, including the state update at its end) from that
 state. Latency per token = median over `reps` timed calls (after one warm-up
-call; compile excluded) / `block_len`.
+call; compile excluded) / `block_len`. All contexts are prepared first, then
+timed in rounds (each round calls every context and model once), so that load
+drifts on a shared machine affect every length alike.
 
 Correctness gate (per model, at a short context `check_context`): greedy
 decoding with the carried state must give the same log-probabilities as one
@@ -122,7 +124,8 @@ def check(model, context: int, chunk: int) -> tuple[bool, float]:
     return exactness_check(model, context, chunk)
 
 
-def measure(model, p: DecodePreset, context: int, *, seed: int = 1) -> dict:
+def prepare(model, p: DecodePreset, context: int, *, seed: int = 1) -> dict:
+    """Feed a random context of `context` tokens; returns the decode inputs."""
     rng = np.random.default_rng(seed)
     b = p.batch_size
     ctx = jnp.asarray(rng.integers(0, model.config.n_vocab, (b, context)), jnp.int32)
@@ -131,19 +134,18 @@ def measure(model, p: DecodePreset, context: int, *, seed: int = 1) -> dict:
     state, buf, idx = _start(model, ctx, first, min(p.fill_chunk, context))
     C.block(state)
     fill_s = time.perf_counter() - t0
-    key = jax.random.key(seed)
-    temp = jnp.float32(1.0)
-    out = {}
+    job = dict(model=model, args=(state, buf, idx, jax.random.key(seed), jnp.float32(1.0)),
+               fill_s=fill_s, times=[], finite=True)
+    C.block(decode(model, *job["args"]))  # compile + warm-up, untimed
+    return job
 
-    def call():
-        _, toks, lps = decode(model, state, buf, idx, key, temp)
-        out["lps"] = lps
-        return toks
 
-    times = C.time_calls(call, reps=p.reps, warmup=1)
-    finite = bool(jnp.all(jnp.isfinite(out["lps"])))
-    n = model.config.block_len
-    return dict(per_token=C.median(times) / n, times=times, finite=finite, fill_s=fill_s)
+def timed_call(job) -> None:
+    """One timed decode of a block from the prepared state."""
+    t0 = time.perf_counter()
+    _, toks, lps = C.block(decode(job["model"], *job["args"]))
+    job["times"].append(time.perf_counter() - t0)
+    job["finite"] = job["finite"] and bool(jnp.all(jnp.isfinite(lps)))
 
 
 def run(p: DecodePreset, *, out_dir: Path, tag: str, command: str) -> dict:
@@ -154,16 +156,27 @@ def run(p: DecodePreset, *, out_dir: Path, tag: str, command: str) -> dict:
         model = Transformer(cfg, key=jax.random.key(0))
         gates[att] = check(model, p.check_context, p.fill_chunk)
         C.log(f"decode gate {att}: {'pass' if gates[att][0] else 'FAIL'} ({gates[att][1]:.1e})")
+    jobs = {}
+    for n in p.contexts:
+        for att in ("vq", "full"):
+            model = Transformer(model_config(p, att, n), key=jax.random.key(0))
+            jobs[n, att] = prepare(model, p, n)
+            C.log(f"decode N={n} {att}: context fed in {jobs[n, att]['fill_s']:.1f}s")
+    # Timing rounds: every (context, model) once per round, so that load
+    # drifts on a shared machine hit all of them alike.
+    for r in range(p.reps):
+        for job in jobs.values():
+            timed_call(job)
+    n_blk = p.model.block_len
     rows = []
     for n in p.contexts:
         row = dict(N=n)
         for att in ("vq", "full"):
-            model = Transformer(model_config(p, att, n), key=jax.random.key(0))
-            m = measure(model, p, n)
-            m["ok"] = gates[att][0] and m["finite"]
-            row[att] = m
-            C.log(f"decode N={n} {att}: {m['per_token'] * 1e3:.3f} ms/token "
-                  f"(fill {m['fill_s']:.1f}s)")
+            job = jobs[n, att]
+            row[att] = dict(per_token=C.median(job["times"]) / n_blk, times=job["times"],
+                            finite=job["finite"], fill_s=job["fill_s"],
+                            ok=gates[att][0] and job["finite"])
+            C.log(f"decode N={n} {att}: {row[att]['per_token'] * 1e3:.3f} ms/token")
         rows.append(row)
     wall = time.perf_counter() - t_start
     md = out_dir / f"decode-{tag}.md"
@@ -187,7 +200,8 @@ def write_report(p, rows, gates, *, md, png, command, wall):
         f"{p.batch_size}",
         f"latency: median of {p.reps} calls (each decodes one block of {m.block_len} "
         "tokens, state update included) after 1 warm-up call, divided by "
-        f"{m.block_len}; context fed in chunks of {p.fill_chunk} tokens before timing",
+        f"{m.block_len}; context fed in chunks of {p.fill_chunk} tokens before timing; "
+        "calls interleaved over all contexts and both models, round by round",
         f"gate: greedy decode with the carried state == one forward pass at context "
         f"{p.check_context} (max |dlogp| <= {CHECK_TOL:g}): vq "
         f"{'pass' if gates['vq'][0] else C.CHECK_FAILED} ({gates['vq'][1]:.1e}), full "

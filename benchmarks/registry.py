@@ -130,7 +130,7 @@ DECODE: dict[str, DecodePreset] = {
     "cpu": DecodePreset(
         model=_with(SPEED_MODEL, block_len=32),
         contexts=(1024, 2048, 4096, 8192, 16384, 32768, 65536),
-        fill_chunk=2048, reps=5,
+        fill_chunk=2048, reps=15,
     ),
     "gpu": DecodePreset(
         model=_with(SPEED_MODEL, d_model=256, d_k=64, d_v=256, n_code=256,
