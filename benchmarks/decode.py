@@ -164,7 +164,7 @@ def run(p: DecodePreset, *, out_dir: Path, tag: str, command: str) -> dict:
             C.log(f"decode N={n} {att}: context fed in {jobs[n, att]['fill_s']:.1f}s")
     # Timing rounds: every (context, model) once per round, so that load
     # drifts on a shared machine hit all of them alike.
-    for r in range(p.reps):
+    for _r in range(p.reps):
         for job in jobs.values():
             timed_call(job)
     n_blk = p.model.block_len

@@ -59,7 +59,7 @@ def count_params(model) -> tuple[int, int]:
     labels = train.param_labels(eqx.filter(model, eqx.is_inexact_array))
     arrays = eqx.filter(model, eqx.is_inexact_array)
     main = code = 0
-    for x, lab in zip(jax.tree.leaves(arrays), jax.tree.leaves(labels)):
+    for x, lab in zip(jax.tree.leaves(arrays), jax.tree.leaves(labels), strict=False):
         if lab == "codebook":
             code += x.size
         else:
@@ -225,7 +225,8 @@ def write_report(p, results, by, *, md, png, command, corpus, n_bytes, wall):
         f"corpus: {corpus}, {n_bytes:,} bytes, split 90/5/5 (`tvq_eqx.data.split_bytes`)",
         f"model: {m.n_layer} layers ({2 * m.n_layer} gated attention units), d_model "
         f"{m.d_model}, d_k {m.d_k}, d_v {m.d_v}, heads {m.n_head}, block_len "
-        f"{m.block_len}, codes {m.n_code} (sweep {', '.join(map(str, p.code_sweep))}); "
+        f"{m.block_len}, codes {m.n_code}; models trained: "
+        f"{', '.join(n for n, _ in model_configs(p))}; "
         f"full: KV cache of {p.kv_cache_len} tokens + the current segment; window: "
         f"previous + current block ({2 * m.block_len} tokens at most)",
         f"budget (every model): {p.steps} AdamW updates of {p.batch_size} x {p.seq_len} "
@@ -296,12 +297,12 @@ def plot(p, results, png, command):
     fig, (ax1, ax2) = C.new_figure(2)
     colors = {}
     for r in results:
-        xs, ys = zip(*r["train_curve"])
+        xs, ys = zip(*r["train_curve"], strict=False)
         k = max(1, len(xs) // 50)  # smooth: running mean over k updates
         ys_s = np.convolve(ys, np.ones(k) / k, mode="valid")
         (line,) = ax1.plot(xs[k - 1:], ys_s, label=r["name"], lw=1.2)
         colors[r["name"]] = line.get_color()
-        vx, vy = zip(*r["val_curve"])
+        vx, vy = zip(*r["val_curve"], strict=False)
         ax2.plot(vx, vy, "o-", color=line.get_color(), label=f"{r['name']} ({r['bpb']:.3f})")
     ax1.set(xlabel="update", ylabel="train bits per byte", title="training (running mean)")
     ax2.set(xlabel="update", ylabel="validation bits per byte",

@@ -23,8 +23,8 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks import _common as C  # noqa: E402
-from benchmarks import registry  # noqa: E402
+from benchmarks import _common as C
+from benchmarks import registry
 
 BENCHES = ("scaling", "decode", "quality")
 

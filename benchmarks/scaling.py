@@ -250,13 +250,13 @@ def plot(p, rows, fits, png, command):
     for att, style in (("vq", "o-"), ("full", "s-")):
         pts = [(r["T"], _t(r[att])) for r in rows if _t(r[att])]
         if pts:
-            xs, ys = zip(*pts)
+            xs, ys = zip(*pts, strict=False)
             e = fits[f"{att}_time"]
             ax1.plot(xs, [y * 1e3 for y in ys], style,
                      label=f"{att} (slope {e:.2f})" if e is not None else att)
         mem = [(r["T"], r[att]["mem"]) for r in rows if r[att]["mem"]]
         if mem:
-            xs, ys = zip(*mem)
+            xs, ys = zip(*mem, strict=False)
             e = fits[f"{att}_mem"]
             ax2.plot(xs, [y / 2**20 for y in ys], style,
                      label=f"{att} (slope {e:.2f})" if e is not None else att)
