@@ -2,8 +2,15 @@
 correctness gates: a failing check must print CHECK FAILED, never a ratio."""
 
 import dataclasses
+import sys
+from pathlib import Path
 
 import pytest
+
+# `benchmarks/` is a top-level folder, not part of the installed package:
+# make it importable however pytest is started (`pytest` does not put the
+# repository root on sys.path; `python -m pytest` does).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import _common as C
 from benchmarks import decode, quality, registry, run, scaling
