@@ -1,7 +1,6 @@
 """Shared test setup: strict numerics, a fresh-key fixture, helpers."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -38,4 +37,6 @@ def assert_close(ref, out, rtol, *, name="", atol_rms=1e-6):
     assert ref.shape == out.shape, (name, ref.shape, out.shape)
     err = np.linalg.norm(ref - out)
     bound = rtol * np.linalg.norm(ref) + atol_rms * np.sqrt(ref.size)
-    assert err <= bound, f"{name}: ||ref-out||={err:.3g} > {bound:.3g} (rel {rel_err(ref, out):.3g})"
+    assert err <= bound, (
+        f"{name}: ||ref-out||={err:.3g} > {bound:.3g} (rel {rel_err(ref, out):.3g})"
+    )

@@ -57,7 +57,7 @@ def test_train_2n_equals_train_n_save_load_train_n(tmp_path):
 
     a, b = _host_leaves(straight), _host_leaves(resumed)
     assert len(a) == len(b)
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         assert x.dtype == y.dtype and np.array_equal(x, y)  # bit for bit
 
 

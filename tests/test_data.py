@@ -12,15 +12,14 @@ from tvq_eqx.data import (
     ENWIK8_SIZE,
     IMAGE_BYTES,
     ImageStream,
+    TokenStream,
     load_bytes,
     load_documents,
     load_images,
     load_splits,
     pack_documents,
     split_bytes,
-    TokenStream,
 )
-
 
 KEYS = {
     "inputs": np.int32,
@@ -242,7 +241,7 @@ def test_seed_determinism_and_resume():
     it0, itk = a.iterate(), a.iterate(k)
     ref = [next(it0) for _ in range(k + 6)][k:]
     got = [next(itk) for _ in range(6)]
-    for x, y in zip(ref, got):
+    for x, y in zip(ref, got, strict=True):
         for key in KEYS:
             np.testing.assert_array_equal(x[key], y[key])
 
@@ -313,7 +312,7 @@ def test_doc_ids(shuffle):
         assert np.all((ids[real] % len(docs)) == true_doc[pos[real]])
         if not shuffle:
             assert np.all(ids[real] < len(docs))
-        for row, ok in zip(ids, real):
+        for row, ok in zip(ids, real, strict=True):
             assert np.all(np.diff(row[ok]) >= 0)  # increasing along each row
 
 
@@ -348,7 +347,7 @@ def test_load_images(tmp_path):
     colours = _write_images(tmp_path / "imgs")
     images = load_images(tmp_path / "imgs")
     assert images.shape == (5, IMAGE_BYTES) and images.dtype == np.uint8
-    for img, colour in zip(images, colours):
+    for img, colour in zip(images, colours, strict=True):
         assert np.all(img.reshape(64 * 64, 3) == colour)
     # Center crop of a wide image keeps the middle; RGB interleaved, row-major.
     wide = np.zeros((64, 128, 3), np.uint8)

@@ -10,14 +10,18 @@ from conftest import assert_close
 import tvq_eqx
 from tvq_eqx.nn import layer_norm
 
-CFG = dict(d_model=32, d_k=8, d_v=12, n_head=2, n_code=16, n_layer=1, block_len=8, c_gamma=0.9)
+CFG = dict(
+    d_model=32, d_k=8, d_v=12, n_head=2, n_code=16, n_layer=1, block_len=8, c_gamma=0.9
+)
 
-value_and_grad = eqx.filter_jit(eqx.filter_value_and_grad(tvq_eqx.loss_fn, has_aux=True))
+value_and_grad = eqx.filter_jit(
+    eqx.filter_value_and_grad(tvq_eqx.loss_fn, has_aux=True)
+)
 
 
 def make_batch(getkey, b=2, t=32, masked=0):
     x = jax.random.randint(getkey(), (b, t + 1), 0, 256)
-    mask = jnp.ones((b, t)).at[:, t - masked:].set(0.0)
+    mask = jnp.ones((b, t)).at[:, t - masked :].set(0.0)
     return dict(inputs=x[:, :-1], targets=x[:, 1:], loss_mask=mask)
 
 
@@ -32,15 +36,28 @@ def first_unit_keys(model, inputs):
 
 
 def test_loss_is_jittable_finite_and_reports_metrics(getkey):
-    model = tvq_eqx.Transformer(tvq_eqx.TransformerConfig(**{**CFG, "n_layer": 2}), key=getkey())
+    model = tvq_eqx.Transformer(
+        tvq_eqx.TransformerConfig(**{**CFG, "n_layer": 2}), key=getkey()
+    )
     batch = make_batch(getkey)
     (loss, aux), grads = value_and_grad(model, batch, model.init_state(2), key=getkey())
     assert loss.shape == () and np.isfinite(loss)
     assert all(np.isfinite(np.asarray(g)).all() for g in jax.tree.leaves(grads))
     m = aux["metrics"]
-    for name in ("loss", "lm_loss", "lm_loss_sum", "token_count", "bits_per_token",
-                 "mask_fraction", "commit_loss", "codebook_loss", "code_entropy",
-                 "code_perplexity", "dead_code_fraction", "quant_rel_error"):
+    for name in (
+        "loss",
+        "lm_loss",
+        "lm_loss_sum",
+        "token_count",
+        "bits_per_token",
+        "mask_fraction",
+        "commit_loss",
+        "codebook_loss",
+        "code_entropy",
+        "code_perplexity",
+        "dead_code_fraction",
+        "quant_rel_error",
+    ):
         assert m[name].shape == () and m[name].dtype == jnp.float32, name
     assert isinstance(aux["state"], tvq_eqx.TransformerState)
     # The codebook surrogate enters with value 0: loss = lm + c_beta * commit.
@@ -56,9 +73,13 @@ def test_lm_loss_equals_explicit_masked_nll(getkey):
     batch = make_batch(getkey, masked=5)
     _, aux = tvq_eqx.loss_fn(model, batch, model.init_state(2))
     logprobs, _, _ = model(batch["inputs"], model.init_state(2))
-    nll = -np.take_along_axis(np.asarray(logprobs), np.asarray(batch["targets"])[..., None], -1)[..., 0]
+    nll = -np.take_along_axis(
+        np.asarray(logprobs), np.asarray(batch["targets"])[..., None], -1
+    )[..., 0]
     mask = np.asarray(batch["loss_mask"])
-    np.testing.assert_allclose(aux["metrics"]["lm_loss"], (nll * mask).sum() / mask.sum(), rtol=1e-5)
+    np.testing.assert_allclose(
+        aux["metrics"]["lm_loss"], (nll * mask).sum() / mask.sum(), rtol=1e-5
+    )
     assert float(aux["metrics"]["mask_fraction"]) == pytest.approx(54 / 64)
     # Targets under the mask do not matter.
     other = dict(batch, targets=batch["targets"].at[:, -5:].set(7))
@@ -119,7 +140,9 @@ def test_masked_tokens_do_not_touch_codebook_statistics(getkey):
 def test_gradients_reach_keys_via_straight_through_only(getkey):
     # c_beta = 0: the only path from the loss to W_k is the straight-through
     # estimator through attention (the cache holds codewords).
-    model = tvq_eqx.Transformer(tvq_eqx.TransformerConfig(**{**CFG, "c_beta": 0.0}), key=getkey())
+    model = tvq_eqx.Transformer(
+        tvq_eqx.TransformerConfig(**{**CFG, "c_beta": 0.0}), key=getkey()
+    )
     batch = make_batch(getkey)
     (_, _), grads = value_and_grad(model, batch, model.init_state(2))
     hk = CFG["n_head"] * CFG["d_k"]
@@ -148,4 +171,6 @@ def test_rejects_bad_batch(getkey):
     with pytest.raises(ValueError, match=r"batch\['targets'\] has shape \(2, 31\)"):
         tvq_eqx.loss_fn(model, dict(batch, targets=batch["targets"][:, 1:]), state)
     with pytest.raises(Exception, match=r"targets'\] ids must be in"):
-        tvq_eqx.loss_fn(model, dict(batch, targets=batch["targets"].at[0, 0].set(999)), state)
+        tvq_eqx.loss_fn(
+            model, dict(batch, targets=batch["targets"].at[0, 0].set(999)), state
+        )

@@ -39,11 +39,15 @@ def test_output_shapes_dtypes_and_normalisation(getkey):
     assert aux["vq"]["code_count"].shape == (4, 2, 16)
 
 
-@pytest.mark.parametrize("extra,block_lens", [
-    (dict(), (12, 16, 48)),
-    (dict(abs_pe=True, tie_embeddings=True), (24,)),
-    (dict(output_norm=False, n_head=1), (16,)),
-], ids=["default", "abspe-tied", "nonorm-1head"])
+@pytest.mark.parametrize(
+    "extra,block_lens",
+    [
+        (dict(), (12, 16, 48)),
+        (dict(abs_pe=True, tie_embeddings=True), (24,)),
+        (dict(output_norm=False, n_head=1), (16,)),
+    ],
+    ids=["default", "abspe-tied", "nonorm-1head"],
+)
 def test_block_length_invariance_at_fixed_mem_len(getkey, extra, block_lens):
     model = make(getkey, mem_len=8, **extra)
     x = tokens(getkey, 2, 48)
@@ -61,12 +65,12 @@ def test_streaming_equals_one_call(getkey, splits):
     ref, ref_state, _ = run(model, x, model.init_state(2))
     state, outs, start = model.init_state(2), [], 0
     for n in splits:
-        out, state, _ = run(model, x[:, start:start + n], state)
+        out, state, _ = run(model, x[:, start : start + n], state)
         outs.append(out)
         start += n
     assert_close(ref, jnp.concatenate(outs, 1), 1e-5, name="streamed logprobs")
     assert int(state.position) == 48
-    for a, b in zip(jax.tree.leaves(ref_state), jax.tree.leaves(state)):
+    for a, b in zip(jax.tree.leaves(ref_state), jax.tree.leaves(state), strict=True):
         assert_close(a, b, 1e-5)
 
 
@@ -136,6 +140,7 @@ def test_sinusoids_angle_difference_structure():
 
 # ---- bad input ---------------------------------------------------------------
 
+
 def test_rejects_bad_tokens(getkey):
     model = make(getkey)
     state = model.init_state(2)
@@ -164,23 +169,26 @@ def test_with_config_rejects_shape_changes(getkey):
         model.with_config(d_model=64)
 
 
-@pytest.mark.parametrize("field,value,match", [
-    ("d_model", 0, "d_model must be a positive int"),
-    ("n_code", 2.5, "n_code"),
-    ("block_len", True, "block_len must be a positive int"),
-    ("mem_len", 16, "mem_len=16 must be <= block_len=8"),
-    ("mem_len", -1, "mem_len must be a non-negative int"),
-    ("p_dropres", 1.0, r"p_dropres must be in \[0, 1\)"),
-    ("p_dropsin", -0.1, r"p_dropsin must be in \[0, 1\)"),
-    ("c_gamma", 1.0, r"c_gamma must be in \[0, 1\)"),
-    ("c_beta", -1.0, "c_beta must be >= 0"),
-    ("dtype", "float64", "dtype must be one of"),
-    ("param_dtype", "int8", "param_dtype must be one of"),
-    ("attention", "linear", "attention must be one of"),
-    ("implementation", "cuda", "implementation must be one of"),
-    ("tie_embeddings", "yes", "tie_embeddings"),
-    ("pe_lam", 1.0, "pe_lam must be > 1"),
-])
+@pytest.mark.parametrize(
+    "field,value,match",
+    [
+        ("d_model", 0, "d_model must be a positive int"),
+        ("n_code", 2.5, "n_code"),
+        ("block_len", True, "block_len must be a positive int"),
+        ("mem_len", 16, "mem_len=16 must be <= block_len=8"),
+        ("mem_len", -1, "mem_len must be a non-negative int"),
+        ("p_dropres", 1.0, r"p_dropres must be in \[0, 1\)"),
+        ("p_dropsin", -0.1, r"p_dropsin must be in \[0, 1\)"),
+        ("c_gamma", 1.0, r"c_gamma must be in \[0, 1\)"),
+        ("c_beta", -1.0, "c_beta must be >= 0"),
+        ("dtype", "float64", "dtype must be one of"),
+        ("param_dtype", "int8", "param_dtype must be one of"),
+        ("attention", "linear", "attention must be one of"),
+        ("implementation", "cuda", "implementation must be one of"),
+        ("tie_embeddings", "yes", "tie_embeddings"),
+        ("pe_lam", 1.0, "pe_lam must be > 1"),
+    ],
+)
 def test_config_validation(field, value, match):
     # Wrong Python types may be caught first by the runtime type checker the
     # tests enable (a TypeError naming the field); users get our ValueError.
@@ -198,7 +206,9 @@ def test_config_is_frozen_and_defaults_mem_len():
 
 def test_quantizer_codebook_is_ratio_and_has_no_gradient(getkey):
     vq = VectorQuantizer(2, 5, 3, c_gamma=0.9, key=getkey())
-    np.testing.assert_allclose(vq.codebook, vq.codebook_sum / vq.codebook_count[..., None])
+    np.testing.assert_allclose(
+        vq.codebook, vq.codebook_sum / vq.codebook_count[..., None]
+    )
     g = jax.grad(lambda q: jnp.sum(q.codebook))(vq)
     assert not np.any(np.asarray(g.codebook_sum))
 

@@ -21,8 +21,14 @@ vq_attention_xla = jax.jit(
 )
 vq_attention_quadratic = jax.jit(
     _quadratic,
-    static_argnames=("scale", "block_len", "key_grad_window", "value_grad_window",
-                     "use_cache", "quantize_keys"),
+    static_argnames=(
+        "scale",
+        "block_len",
+        "key_grad_window",
+        "value_grad_window",
+        "use_cache",
+        "quantize_keys",
+    ),
 )
 
 # (B, T, H, K, V, S, L): awkward sizes, d_k != d_v, codes > tokens (empty codes),
@@ -58,7 +64,9 @@ def make_inputs(getkey, shape, dtype=jnp.float32, mem_len=None):
 @pytest.mark.parametrize(
     "shape,with_bias",
     [(s, True) for s in SHAPES] + [(SHAPES[0], False), (SHAPES[3], False)],
-    ids=lambda x: shape_id(x) if isinstance(x, tuple) else ("xlbias" if x else "nobias"),
+    ids=lambda x: (
+        shape_id(x) if isinstance(x, tuple) else ("xlbias" if x else "nobias")
+    ),
 )
 def test_xla_equals_quadratic_forward_f32(getkey, shape, with_bias):
     q, k, v, c, rq, rt = make_inputs(getkey, shape)
@@ -73,7 +81,9 @@ def test_xla_equals_quadratic_forward_f32(getkey, shape, with_bias):
 @pytest.mark.parametrize("shape", SHAPES[1:4], ids=shape_id)
 def test_public_api_implementations_agree(getkey, shape):
     q, k, v, c, _, _ = make_inputs(getkey, shape)
-    ref = tvq_eqx.vq_attention(q, k, v, c, block_len=shape[-1], implementation="quadratic")
+    ref = tvq_eqx.vq_attention(
+        q, k, v, c, block_len=shape[-1], implementation="quadratic"
+    )
     out = tvq_eqx.vq_attention(q, k, v, c, block_len=shape[-1], implementation="xla")
     default = tvq_eqx.vq_attention(q, k, v, c, block_len=shape[-1])
     assert rel_err(ref, out) <= 1e-5
@@ -87,7 +97,9 @@ def test_block_length_invariance(getkey):
     shape = (2, 48, 2, 8, 6, 9, 48)
     q, k, v, c, rq, rt = make_inputs(getkey, shape, mem_len=4)
     outs = [
-        vq_attention_xla(q, k, v, c, block_len=l, scale=0.5, rel_query=rq, rel_table=rt)[0]
+        vq_attention_xla(
+            q, k, v, c, block_len=l, scale=0.5, rel_query=rq, rel_table=rt
+        )[0]
         for l in (4, 8, 12, 48)
     ]
     for out in outs[1:]:
@@ -101,7 +113,7 @@ def test_xla_low_precision_close_to_f32_definition(getkey, shape, dtype):
     # rounds codewords, cached means and the output to `dtype`: with unit-scale
     # scores that is a few parts in 1e3 (bf16 has an 8-bit mantissa), so 2e-2.
     q, k, v, c, rq, rt = make_inputs(getkey, shape, dtype)
-    up = lambda x: x.astype(jnp.float32)  # noqa: E731
+    up = lambda x: x.astype(jnp.float32)
     ref = vq_attention_quadratic(
         up(q), up(k), up(v), c, scale=0.5, rel_query=up(rq), rel_table=up(rt)
     )
@@ -128,21 +140,31 @@ def test_gradient_semantics(getkey, shape):
     cot = jax.random.normal(getkey(), v.shape)
 
     def xla(q, k, v, c, rq, rt):
-        return vq_attention_xla(q, k, v, c, block_len=l, scale=0.6, rel_query=rq, rel_table=rt)[0]
+        return vq_attention_xla(
+            q, k, v, c, block_len=l, scale=0.6, rel_query=rq, rel_table=rt
+        )[0]
 
     def quad(window):
         def f(q, k, v, c, rq, rt):
             return vq_attention_quadratic(
-                q, k, v, c, scale=0.6, rel_query=rq, rel_table=rt,
-                block_len=l, key_grad_window=window,
+                q,
+                k,
+                v,
+                c,
+                scale=0.6,
+                rel_query=rq,
+                rel_table=rt,
+                block_len=l,
+                key_grad_window=window,
             )
+
         return f
 
     gx = jax.jit(lambda *a: _grads(xla, *a))(q, k, v, c, rq, rt, cot)
     gq_full = jax.jit(lambda *a: _grads(quad(False), *a))(q, k, v, c, rq, rt, cot)
     gq_win = jax.jit(lambda *a: _grads(quad(True), *a))(q, k, v, c, rq, rt, cot)
     names = ["dq", "dk", "dv", "dcodebook", "drel_query", "drel_table"]
-    for name, a, b in zip(names, gx, gq_win):
+    for name, a, b in zip(names, gx, gq_win, strict=True):
         assert a.shape == b.shape, name
         if name == "dcodebook":
             continue
@@ -187,11 +209,23 @@ def test_cache_grad_off_matches_windowed_value_gradient(getkey):
     shape = (2, 40, 2, 4, 6, 5, 8)
     q, k, v, c, rq, rt = make_inputs(getkey, shape)
     cot = jax.random.normal(getkey(), v.shape)
-    dv = jax.grad(lambda v: jnp.sum(vq_attention_xla(
-        q, k, v, c, block_len=8, scale=0.5, cache_grad=False)[0] * cot))(v)
-    dv_ref = jax.grad(lambda v: jnp.sum(vq_attention_quadratic(
-        q, k, v, c, scale=0.5, block_len=8, value_grad_window=True) * cot))(v)
-    dv_full = jax.grad(lambda v: jnp.sum(vq_attention_quadratic(q, k, v, c, scale=0.5) * cot))(v)
+    dv = jax.grad(
+        lambda v: jnp.sum(
+            vq_attention_xla(q, k, v, c, block_len=8, scale=0.5, cache_grad=False)[0]
+            * cot
+        )
+    )(v)
+    dv_ref = jax.grad(
+        lambda v: jnp.sum(
+            vq_attention_quadratic(
+                q, k, v, c, scale=0.5, block_len=8, value_grad_window=True
+            )
+            * cot
+        )
+    )(v)
+    dv_full = jax.grad(
+        lambda v: jnp.sum(vq_attention_quadratic(q, k, v, c, scale=0.5) * cot)
+    )(v)
     assert rel_err(dv_ref, dv) <= 1e-5
     assert rel_err(dv_full, dv) > 1e-3
 
@@ -214,13 +248,23 @@ def test_window_only_equals_masked_definition(getkey):
 def test_streaming_equals_one_call(getkey, splits):
     shape = (2, 48, 2, 6, 5, 7, 8)
     q, k, v, c, rq, rt = make_inputs(getkey, shape)
-    full, full_state = vq_attention_xla(q, k, v, c, block_len=8, scale=0.5, rel_query=rq, rel_table=rt)
+    full, full_state = vq_attention_xla(
+        q, k, v, c, block_len=8, scale=0.5, rel_query=rq, rel_table=rt
+    )
     state, outs, start = None, [], 0
     for n in splits:
         sl = slice(start, start + n)
         o, state = tvq_eqx.vq_attention_with_state(
-            q[:, sl], k[:, sl], v[:, sl], c, state,
-            block_len=8, scale=0.5, rel_query=rq[:, sl], rel_table=rt, implementation="xla",
+            q[:, sl],
+            k[:, sl],
+            v[:, sl],
+            c,
+            state,
+            block_len=8,
+            scale=0.5,
+            rel_query=rq[:, sl],
+            rel_table=rt,
+            implementation="xla",
         )
         outs.append(o)
         start += n
@@ -241,7 +285,12 @@ def test_state_contents(getkey):
     vals = np.asarray(v)[0, :24, 0]
     for s in range(6):
         if want_count[s]:
-            np.testing.assert_allclose(state.cache_mean[0, 0, s], vals[codes[:24] == s].mean(0), rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(
+                state.cache_mean[0, 0, s],
+                vals[codes[:24] == s].mean(0),
+                rtol=1e-5,
+                atol=1e-6,
+            )
     assert bool(state.prev_valid[0])
 
 
@@ -252,10 +301,12 @@ def test_empty_state_is_nan_free_with_collapsed_codes(getkey):
     k = jnp.ones((b, t, h, d))
     v = jax.random.normal(getkey(), (b, t, h, d))
     c = jnp.concatenate([jnp.ones((h, 1, d)), 50 * jnp.ones((h, 3, d))], axis=1)
-    out, g = jax.jit(jax.value_and_grad(
-        lambda q, k, v: jnp.sum(_xla(q, k, v, c, block_len=8, scale=1.0)[0]),
-        argnums=(0, 1, 2),
-    ))(q, k, v)
+    out, g = jax.jit(
+        jax.value_and_grad(
+            lambda q, k, v: jnp.sum(_xla(q, k, v, c, block_len=8, scale=1.0)[0]),
+            argnums=(0, 1, 2),
+        )
+    )(q, k, v)
     assert np.isfinite(out) and all(np.isfinite(np.asarray(x)).all() for x in g)
 
 
@@ -264,7 +315,9 @@ def test_causality_jacobian(getkey):
     q, k, v, c, rq, rt = make_inputs(getkey, shape)
 
     def f(q, k, v):
-        return vq_attention_xla(q, k, v, c, block_len=8, scale=0.5, rel_query=rq, rel_table=rt)[0][0, :, 0, 0]
+        return vq_attention_xla(
+            q, k, v, c, block_len=8, scale=0.5, rel_query=rq, rel_table=rt
+        )[0][0, :, 0, 0]
 
     jq, jk, jv = jax.jit(jax.jacrev(f, argnums=(0, 1, 2)))(q, k, v)
     for jac in (jq, jk, jv):
@@ -276,11 +329,17 @@ def test_causality_jacobian(getkey):
 
 @hypothesis.settings(max_examples=6, deadline=None)
 @hypothesis.given(
-    n_blocks=st.integers(1, 5), block_len=st.integers(1, 7), heads=st.integers(1, 2),
-    d_k=st.integers(1, 6), d_v=st.integers(1, 6), codes=st.integers(1, 9),
+    n_blocks=st.integers(1, 5),
+    block_len=st.integers(1, 7),
+    heads=st.integers(1, 2),
+    d_k=st.integers(1, 6),
+    d_v=st.integers(1, 6),
+    codes=st.integers(1, 9),
     seed=st.integers(0, 2**16),
 )
-def test_property_xla_equals_quadratic(n_blocks, block_len, heads, d_k, d_v, codes, seed):
+def test_property_xla_equals_quadratic(
+    n_blocks, block_len, heads, d_k, d_v, codes, seed
+):
     t = n_blocks * block_len
     ks = jax.random.split(jax.random.key(seed), 4)
     q = jax.random.normal(ks[0], (1, t, heads, d_k))
@@ -293,6 +352,7 @@ def test_property_xla_equals_quadratic(n_blocks, block_len, heads, d_k, d_v, cod
 
 
 # ---- bad input -------------------------------------------------------------
+
 
 def _ok(getkey):
     return make_inputs(getkey, (2, 16, 2, 4, 3, 5, 8))[:4]
@@ -328,7 +388,9 @@ def test_rejects_mismatched_heads_and_dims(getkey):
 
 def test_rejects_integer_inputs(getkey):
     q, k, v, c = _ok(getkey)
-    with pytest.raises(TypeError, match="query must be a floating-point array; got dtype int32"):
+    with pytest.raises(
+        TypeError, match="query must be a floating-point array; got dtype int32"
+    ):
         tvq_eqx.vq_attention(q.astype(jnp.int32), k, v, c, block_len=8)
     with pytest.raises(TypeError, match="value must be a floating-point"):
         tvq_eqx.vq_attention(q, k, v.astype(jnp.int32), c, block_len=8)
@@ -339,15 +401,21 @@ def test_rejects_unknown_implementation_and_bad_state(getkey):
     with pytest.raises(ValueError, match="implementation must be one of"):
         tvq_eqx.vq_attention(q, k, v, c, block_len=8, implementation="cuda")
     bad = VQAttentionState.empty(3, block_len=8, heads=2, codes=5, d_v=3)
-    with pytest.raises(ValueError, match=r"state.prev_code must have shape \(2, 8, 2\)"):
+    with pytest.raises(
+        ValueError, match=r"state.prev_code must have shape \(2, 8, 2\)"
+    ):
         tvq_eqx.vq_attention_with_state(q, k, v, c, bad, block_len=8)
     with pytest.raises(ValueError, match="no streaming state"):
-        tvq_eqx.vq_attention_with_state(q, k, v, c, None, block_len=8, implementation="quadratic")
+        tvq_eqx.vq_attention_with_state(
+            q, k, v, c, None, block_len=8, implementation="quadratic"
+        )
 
 
 def test_rejects_bad_relative_bias(getkey):
     q, k, v, c = _ok(getkey)
-    with pytest.raises(ValueError, match="rel_query and rel_table must be given together"):
+    with pytest.raises(
+        ValueError, match="rel_query and rel_table must be given together"
+    ):
         tvq_eqx.vq_attention_with_state(q, k, v, c, None, block_len=8, rel_query=q)
     with pytest.raises(ValueError, match=r"mem_len\) must be <= block_len=8"):
         tvq_eqx.vq_attention_with_state(
@@ -356,6 +424,7 @@ def test_rejects_bad_relative_bias(getkey):
 
 
 # ---- the "full" baseline ---------------------------------------------------
+
 
 def test_full_attention_equals_unquantized_definition_and_streams(getkey):
     from tvq_eqx.ops import FullAttentionState, full_attention_with_state
@@ -371,8 +440,15 @@ def test_full_attention_equals_unquantized_definition_and_streams(getkey):
     assert rel_err(ref, out) <= 1e-5
     state, outs = empty, []
     for sl in (slice(0, 8), slice(8, 9), slice(9, 24)):
-        o, state = full(q[:, sl], k[:, sl], v[:, sl], state, scale=0.5,
-                        rel_query=rq[:, sl], rel_table=rt)
+        o, state = full(
+            q[:, sl],
+            k[:, sl],
+            v[:, sl],
+            state,
+            scale=0.5,
+            rel_query=rq[:, sl],
+            rel_table=rt,
+        )
         outs.append(o)
     assert rel_err(ref, jnp.concatenate(outs, 1)) <= 1e-5
     assert state.length.tolist() == [24, 24]
@@ -381,5 +457,7 @@ def test_full_attention_equals_unquantized_definition_and_streams(getkey):
     _, st = full(q[:, :16], k[:, :16], v[:, :16], small, scale=0.5)
     o_small, _ = full(q[:, 16:], k[:, 16:], v[:, 16:], st, scale=0.5)
     kk = k.at[:, :12].set(0.0)
-    want = _quadratic(q[:, 12:], kk[:, 12:], v[:, 12:], c, scale=0.5, quantize_keys=False)[:, 4:]
+    want = _quadratic(
+        q[:, 12:], kk[:, 12:], v[:, 12:], c, scale=0.5, quantize_keys=False
+    )[:, 4:]
     assert rel_err(want, o_small) <= 1e-5

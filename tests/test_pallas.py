@@ -145,7 +145,7 @@ def check_same(ref, out, tol, what):
             np.testing.assert_array_equal(np.asarray(r), np.asarray(g), err_msg=field)
         else:
             errors[f"state.{field}"] = rel_err(r, g)
-    for name, r, g in zip(GRAD_NAMES, ref_grads, got_grads):
+    for name, r, g in zip(GRAD_NAMES, ref_grads, got_grads, strict=True):
         if r is None:
             assert g is None, name
             continue
@@ -211,7 +211,7 @@ def test_pallas_equals_xla_and_quadratic_f32(shape, sizes, use_rel, mem_len):
     )
     grads_q = vjp(cot0[0])
     assert rel_err(out_q, got[0]) <= F32_TOL
-    for name, r, g in zip(GRAD_NAMES, grads_q, got[2]):
+    for name, r, g in zip(GRAD_NAMES, grads_q, got[2], strict=False):
         if float(jnp.linalg.norm(r)) == 0:
             assert float(jnp.linalg.norm(g)) == 0, name
         else:
@@ -270,7 +270,7 @@ def test_pallas_bf16():
     for name, out in (("pallas", got), ("xla-bf16", xla16)):
         assert rel_err(ref[0], out[0]) <= BF16_FWD_TOL, name
         assert rel_err(ref[1].cache_mean, out[1].cache_mean) <= BF16_FWD_TOL, name
-        for gname, r, g in zip(GRAD_NAMES, ref[2], out[2]):
+        for gname, r, g in zip(GRAD_NAMES, ref[2], out[2], strict=True):
             if r is not None:
                 assert g.dtype == jnp.bfloat16, gname
                 assert rel_err(r, g) <= BF16_GRAD_TOL, (name, gname)
@@ -298,7 +298,7 @@ def test_debug_switch_differentiates_xla(monkeypatch):
     g_xla = jax.grad(functools.partial(loss, "xla"), argnums=(0, 1))(
         args["query"], args["value"]
     )
-    for a, b in zip(g_kernel, g_xla):
+    for a, b in zip(g_kernel, g_xla, strict=True):
         assert a.shape == b.shape and rel_err(b, a) <= F32_TOL
     monkeypatch.setenv("TVQ_EQX_PALLAS_BACKWARD", "nonsense")
     with pytest.raises(ValueError, match="backward must be"):

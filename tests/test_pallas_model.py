@@ -65,18 +65,18 @@ def test_model_pallas_equals_xla(attention):
         _run_segments(model, impl, tokens, b, t, step, results)
 
     (ref_outs, ref_state), (got_outs, got_state) = results["xla"], results["pallas"]
-    for (ref_loss, ref_g), (got_loss, got_g) in zip(ref_outs, got_outs):
+    for (ref_loss, ref_g), (got_loss, got_g) in zip(ref_outs, got_outs, strict=True):
         assert got_loss.shape == () and got_loss.dtype == ref_loss.dtype
         assert abs(float(got_loss) - float(ref_loss)) <= LOSS_TOL * abs(float(ref_loss))
         ref_leaves = jax.tree.leaves(eqx.filter(ref_g, eqx.is_inexact_array))
         got_leaves = jax.tree.leaves(eqx.filter(got_g, eqx.is_inexact_array))
         assert [x.shape for x in ref_leaves] == [x.shape for x in got_leaves]
-        flat = lambda leaves: jnp.concatenate([x.ravel() for x in leaves])  # noqa: E731
+        flat = lambda leaves: jnp.concatenate([x.ravel() for x in leaves])
         assert rel_err(flat(ref_leaves), flat(got_leaves)) <= GRAD_TOL
-        for r, g in zip(ref_leaves, got_leaves):
+        for r, g in zip(ref_leaves, got_leaves, strict=True):
             if float(jnp.linalg.norm(r)) > 0:
                 assert rel_err(r, g) <= LEAF_TOL
-    for r, g in zip(jax.tree.leaves(ref_state), jax.tree.leaves(got_state)):
+    for r, g in zip(jax.tree.leaves(ref_state), jax.tree.leaves(got_state), strict=True):
         assert r.shape == g.shape and r.dtype == g.dtype
         if jnp.issubdtype(r.dtype, jnp.floating):
             assert rel_err(r, g) <= GRAD_TOL

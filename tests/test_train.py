@@ -45,7 +45,7 @@ def test_one_step_moves_codebook_exactly_to_ema_target(getkey):
 
     _, _, aux = model(batch["inputs"], model.init_state(2), mask=batch["loss_mask"])
     vq = aux["vq"]
-    for i, (unit, (s, c)) in enumerate(zip(model.attention_units(), _codebooks(new.model))):
+    for i, (unit, (s, c)) in enumerate(zip(model.attention_units(), _codebooks(new.model), strict=True)):
         target = unit.quantizer.ema_update(vq["code_count"][i], vq["code_key_sum"][i])
         np.testing.assert_allclose(s, target.codebook_sum, rtol=1e-6, atol=1e-6)
         np.testing.assert_allclose(c, target.codebook_count, rtol=1e-6, atol=1e-6)
@@ -80,7 +80,7 @@ def test_weight_decay_on_matrices_only(name, getkey):
     zeros = jax.tree.map(jnp.zeros_like, params)
     updates, _ = jax.jit(opt.update)(zeros, state, params)
     labels = train.param_labels(params)
-    for u, p, lab in zip(jax.tree.leaves(updates), jax.tree.leaves(params), jax.tree.leaves(labels)):
+    for u, p, lab in zip(jax.tree.leaves(updates), jax.tree.leaves(params), jax.tree.leaves(labels), strict=True):
         if lab == "codebook" or p.ndim < 2:
             np.testing.assert_array_equal(u, 0.0)
         else:  # decoupled: -wd * theta, not scaled by the learning rate
@@ -140,9 +140,9 @@ def test_scan_over_update_segments_equals_sequential_updates(getkey):
 
     assert int(new.step) == 4
     for a, b in zip(jax.tree.leaves(eqx.filter(new.model, eqx.is_inexact_array)),
-                    jax.tree.leaves(params)):
+                    jax.tree.leaves(params), strict=True):
         np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
-    for a, b in zip(jax.tree.leaves(new.attn_state), jax.tree.leaves(attn)):
+    for a, b in zip(jax.tree.leaves(new.attn_state), jax.tree.leaves(attn), strict=True):
         np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5)
     assert float(metrics["lm_loss_sum"]) == pytest.approx(total, rel=1e-5)
     assert float(metrics["token_count"]) == 2 * 64

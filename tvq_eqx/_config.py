@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+
 import jax.numpy as jnp
 
 _DTYPES = ("float32", "bfloat16", "float16")
@@ -69,17 +70,30 @@ class TransformerConfig:
     kv_cache_len: int = 2048
 
     def __post_init__(self):
-        positive = ("n_vocab", "d_model", "d_k", "d_v", "n_head", "n_code",
-                    "n_layer", "block_len", "kv_cache_len")
+        positive = (
+            "n_vocab",
+            "d_model",
+            "d_k",
+            "d_v",
+            "n_head",
+            "n_code",
+            "n_layer",
+            "block_len",
+            "kv_cache_len",
+        )
         for name in positive:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"TransformerConfig.{name} must be a positive int; got {value!r}")
+                raise ValueError(
+                    f"TransformerConfig.{name} must be a positive int; got {value!r}"
+                )
         if self.mem_len is None:
             object.__setattr__(self, "mem_len", self.block_len)
         m = self.mem_len
         if isinstance(m, bool) or not isinstance(m, int) or m < 0:
-            raise ValueError(f"TransformerConfig.mem_len must be a non-negative int; got {m!r}")
+            raise ValueError(
+                f"TransformerConfig.mem_len must be a non-negative int; got {m!r}"
+            )
         if m > self.block_len:
             raise ValueError(
                 f"TransformerConfig.mem_len={m} must be <= block_len={self.block_len} "
@@ -87,12 +101,22 @@ class TransformerConfig:
             )
         for name in ("p_dropemb", "p_dropsin", "p_dropres", "p_droplyr"):
             p = getattr(self, name)
-            if not isinstance(p, (int, float)) or isinstance(p, bool) or not 0.0 <= p < 1.0:
-                raise ValueError(f"TransformerConfig.{name} must be in [0, 1); got {p!r}")
+            if (
+                not isinstance(p, (int, float))
+                or isinstance(p, bool)
+                or not 0.0 <= p < 1.0
+            ):
+                raise ValueError(
+                    f"TransformerConfig.{name} must be in [0, 1); got {p!r}"
+                )
         if not isinstance(self.c_beta, (int, float)) or self.c_beta < 0:
-            raise ValueError(f"TransformerConfig.c_beta must be >= 0; got {self.c_beta!r}")
+            raise ValueError(
+                f"TransformerConfig.c_beta must be >= 0; got {self.c_beta!r}"
+            )
         if not isinstance(self.c_gamma, (int, float)) or not 0.0 <= self.c_gamma < 1.0:
-            raise ValueError(f"TransformerConfig.c_gamma must be in [0, 1); got {self.c_gamma!r}")
+            raise ValueError(
+                f"TransformerConfig.c_gamma must be in [0, 1); got {self.c_gamma!r}"
+            )
         for name in ("param_dtype", "dtype"):
             if getattr(self, name) not in _DTYPES:
                 raise ValueError(
@@ -109,9 +133,13 @@ class TransformerConfig:
             )
         for name in ("grad_thru_cache", "tie_embeddings", "abs_pe", "output_norm"):
             if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"TransformerConfig.{name} must be a bool; got {getattr(self, name)!r}")
+                raise ValueError(
+                    f"TransformerConfig.{name} must be a bool; got {getattr(self, name)!r}"
+                )
         if not isinstance(self.pe_lam, (int, float)) or self.pe_lam <= 1:
-            raise ValueError(f"TransformerConfig.pe_lam must be > 1; got {self.pe_lam!r}")
+            raise ValueError(
+                f"TransformerConfig.pe_lam must be > 1; got {self.pe_lam!r}"
+            )
 
     @property
     def jnp_dtype(self):

@@ -29,8 +29,13 @@ EXIT_ERROR = 2
 # Exceptions that mean bad input (reported as one line); anything else is a bug
 # and keeps its traceback. TVQ_EQX_DEBUG=1 shows tracebacks for all.
 _REPORTED: tuple[type[BaseException], ...] = (
-    ValueError, TypeError, FileNotFoundError, NotADirectoryError, IndexError,
-    ImportError, RuntimeError,
+    ValueError,
+    TypeError,
+    FileNotFoundError,
+    NotADirectoryError,
+    IndexError,
+    ImportError,
+    RuntimeError,
 )
 
 
@@ -83,8 +88,12 @@ def _add_config_flags(p: argparse.ArgumentParser) -> None:
     model, run = _config_fields()
     g = p.add_argument_group("model and run settings (override the preset)")
     for f in model + run:
-        g.add_argument(f"--{f.name.replace('_', '-')}", dest=f"cfg_{f.name}",
-                       default=None, metavar="VALUE")
+        g.add_argument(
+            f"--{f.name.replace('_', '-')}",
+            dest=f"cfg_{f.name}",
+            default=None,
+            metavar="VALUE",
+        )
 
 
 def _overrides(args) -> dict[str, Any]:
@@ -97,7 +106,9 @@ def _overrides(args) -> dict[str, Any]:
         text = getattr(args, f"cfg_{f.name}", None)
         if text is None:
             continue
-        default = getattr(base.model, f.name, None) if f in model else getattr(base, f.name)
+        default = (
+            getattr(base.model, f.name, None) if f in model else getattr(base, f.name)
+        )
         out[f.name] = _parse_value(f.name, text, default, f.type)
     return out
 
@@ -114,7 +125,9 @@ def _load_data(run, split: str | None = None):
 
     kind = run.data_kind
     if kind == "sentencepiece" and (run.data is None or run.tokenizer is None):
-        raise UsageError("data_kind 'sentencepiece' needs --data FOLDER and --tokenizer FILE")
+        raise UsageError(
+            "data_kind 'sentencepiece' needs --data FOLDER and --tokenizer FILE"
+        )
     if kind == "images" and run.data is None:
         raise UsageError("data_kind 'images' needs --data FOLDER of images")
     if kind in ("bytes", "images") and run.model.n_vocab < 256:
@@ -136,26 +149,40 @@ def _load_data(run, split: str | None = None):
         docs = data.load_documents(run.data)
         n = len(docs)
         if n < 3:
-            raise ValueError(f"sentencepiece data needs >= 3 documents; {run.data!r} has {n}")
+            raise ValueError(
+                f"sentencepiece data needs >= 3 documents; {run.data!r} has {n}"
+            )
         n_eval = max(1, n // 20)
-        parts = dict(train=docs[: n - 2 * n_eval], validation=docs[n - 2 * n_eval: n - n_eval],
-                     test=docs[n - n_eval:])
+        parts = dict(
+            train=docs[: n - 2 * n_eval],
+            validation=docs[n - 2 * n_eval : n - n_eval],
+            test=docs[n - n_eval :],
+        )
         splits = {}
         for name, ds in parts.items():
             if split is not None and name not in ("train", split):
                 continue
-            enc = [np.asarray(tok.encode(d.tobytes().decode("utf-8", "replace")), np.int32) for d in ds]
+            enc = [
+                np.asarray(tok.encode(d.tobytes().decode("utf-8", "replace")), np.int32)
+                for d in ds
+            ]
             splits[name] = data.pack_documents(enc)[0]
-        return splits, lambda toks: tok.decode([int(t) for t in toks]), (
-            lambda s: np.asarray(tok.encode(s), np.int32))
+        return (
+            splits,
+            lambda toks: tok.decode([int(t) for t in toks]),
+            (lambda s: np.asarray(tok.encode(s), np.int32)),
+        )
     if kind == "images":
         images = data.load_images(run.data)
         n = images.shape[0]
         if n < 3:
             raise ValueError(f"image data needs >= 3 images; {run.data!r} has {n}")
         n_eval = max(1, n // 20)
-        splits = dict(train=images[: n - 2 * n_eval], validation=images[n - 2 * n_eval: n - n_eval],
-                      test=images[n - n_eval:])
+        splits = dict(
+            train=images[: n - 2 * n_eval],
+            validation=images[n - 2 * n_eval : n - n_eval],
+            test=images[n - n_eval :],
+        )
         return splits, None, None
     raise UsageError(f"unknown data kind {kind!r}")
 
@@ -165,14 +192,30 @@ def _stream(run, arr, *, train: bool, batch_size: int | None = None):
 
     b = run.batch_size if batch_size is None else batch_size
     if run.data_kind == "images":
-        return data.ImageStream(arr, batch_size=b, seq_len=run.seq_len, seed=run.seed,
-                                shuffle=train, repeat=train)
-    return data.TokenStream(arr, batch_size=b, seq_len=run.seq_len, seed=run.seed,
-                            shuffle=train, repeat=train)
+        return data.ImageStream(
+            arr,
+            batch_size=b,
+            seq_len=run.seq_len,
+            seed=run.seed,
+            shuffle=train,
+            repeat=train,
+        )
+    return data.TokenStream(
+        arr,
+        batch_size=b,
+        seq_len=run.seq_len,
+        seed=run.seed,
+        shuffle=train,
+        repeat=train,
+    )
 
 
 def _eval_batches(run, stream):
-    n = stream.num_batches if run.eval_batches == 0 else min(run.eval_batches, stream.num_batches)
+    n = (
+        stream.num_batches
+        if run.eval_batches == 0
+        else min(run.eval_batches, stream.num_batches)
+    )
     return n, (stream.batch(i) for i in range(n))
 
 
@@ -193,7 +236,9 @@ def _like_train_state(run, optimizer):
 
     def build():
         model = Transformer(run.model, key=jax.random.key(run.seed))
-        return init_train_state(model, optimizer, run.batch_size, key=jax.random.key(run.seed + 1))
+        return init_train_state(
+            model, optimizer, run.batch_size, key=jax.random.key(run.seed + 1)
+        )
 
     return eqx.filter_eval_shape(build)
 
@@ -215,7 +260,9 @@ def _load_run(run_dir: Path):
     try:
         run = RunConfig.from_dict(meta["run"])
     except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{meta['path']}: bad run config in meta.json: {e}") from None
+        raise CheckpointError(
+            f"{meta['path']}: bad run config in meta.json: {e}"
+        ) from None
     optimizer = optimizer_from_config(run.optimizer_config())
     like = _like_train_state(run, optimizer)
     ts, meta = load_checkpoint(meta["path"], like)
@@ -253,7 +300,9 @@ def _floats(metrics) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items()}
 
 
-def plot_curves(metrics_path: Path, out_path: Path, *, unit: str = "bits per byte") -> Path | None:
+def plot_curves(
+    metrics_path: Path, out_path: Path, *, unit: str = "bits per byte"
+) -> Path | None:
     """PNG of training and validation bits per token against optimizer updates."""
     import matplotlib
 
@@ -271,9 +320,9 @@ def plot_curves(metrics_path: Path, out_path: Path, *, unit: str = "bits per byt
         return None
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
     if train:
-        ax.plot(*zip(*train), label="train", lw=1.2)
+        ax.plot(*zip(*train, strict=False), label="train", lw=1.2)
     if val:
-        ax.plot(*zip(*val), "o-", label="validation", lw=1.5)
+        ax.plot(*zip(*val, strict=False), "o-", label="validation", lw=1.5)
     ax.set_xlabel("optimizer update")
     ax.set_ylabel(unit)
     ax.set_title("Transformer-VQ training")
@@ -315,8 +364,14 @@ def _do_sample(run, model, prompt_tokens, decode, *, steps, temperature, top_p, 
 
     from .sampling import sample
 
-    toks = sample(model, np.asarray(prompt_tokens, np.int32), steps=steps,
-                  key=jax.random.key(seed), temperature=temperature, top_p=top_p)
+    toks = sample(
+        model,
+        np.asarray(prompt_tokens, np.int32),
+        steps=steps,
+        key=jax.random.key(seed),
+        temperature=temperature,
+        top_p=top_p,
+    )
     toks = np.asarray(toks)
     return decode(toks) if decode is not None else toks.tolist()
 
@@ -331,8 +386,10 @@ def _default_run_dir(preset: str, resume: bool) -> Path:
     if resume:
         return base
     candidate, i = base, 1
-    while (_checkpoint_dir(candidate).is_dir()
-           and latest_checkpoint(_checkpoint_dir(candidate)) is not None):
+    while (
+        _checkpoint_dir(candidate).is_dir()
+        and latest_checkpoint(_checkpoint_dir(candidate)) is not None
+    ):
         i += 1
         candidate = base.with_name(f"{preset}-{i}")
     return candidate
@@ -355,7 +412,11 @@ def cmd_train(args) -> int:
     )
     from .train._presets import PRESETS
 
-    run_dir = Path(args.run_dir) if args.run_dir else _default_run_dir(args.preset, args.resume)
+    run_dir = (
+        Path(args.run_dir)
+        if args.run_dir
+        else _default_run_dir(args.preset, args.resume)
+    )
     overrides = _overrides(args)
     ckpt_dir = _checkpoint_dir(run_dir)
     existing = ckpt_dir.is_dir() and latest_checkpoint(ckpt_dir) is not None
@@ -364,8 +425,12 @@ def cmd_train(args) -> int:
         if not existing:
             raise UsageError(f"--resume: no checkpoint in {ckpt_dir}")
         run, ts, meta, optimizer = _load_run(run_dir)
-        bad = {k: v for k, v in overrides.items()
-               if (getattr(run.model, k) if hasattr(run.model, k) else getattr(run, k)) != v}
+        bad = {
+            k: v
+            for k, v in overrides.items()
+            if (getattr(run.model, k) if hasattr(run.model, k) else getattr(run, k))
+            != v
+        }
         if bad:
             raise UsageError(
                 f"--resume: flags {sorted(bad)} differ from the checkpoint's run config "
@@ -387,12 +452,15 @@ def cmd_train(args) -> int:
     if not args.resume:
         optimizer = optimizer_from_config(run.optimizer_config())
         model = Transformer(run.model, key=jax.random.key(run.seed))
-        ts = init_train_state(model, optimizer, run.batch_size,
-                              key=jax.random.key(run.seed + 1))
+        ts = init_train_state(
+            model, optimizer, run.batch_size, key=jax.random.key(run.seed + 1)
+        )
     if mesh is not None:
         ts = shard_train_state(ts, mesh)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "run.json").write_text(json.dumps(run.to_dict(), indent=2, sort_keys=True))
+    (run_dir / "run.json").write_text(
+        json.dumps(run.to_dict(), indent=2, sort_keys=True)
+    )
 
     n_params = sum(x.size for x in jax.tree.leaves(eqx.filter(ts.model, eqx.is_array)))
     start_step = int(ts.step)
@@ -401,7 +469,9 @@ def cmd_train(args) -> int:
     stop_batch = run.total_batches
     if args.stop_at is not None:
         stop_batch = min(stop_batch, max(start_batch, args.stop_at // upb))
-    log = _MetricsLog(run_dir / "metrics.jsonl", resume_step=start_step if args.resume else None)
+    log = _MetricsLog(
+        run_dir / "metrics.jsonl", resume_step=start_step if args.resume else None
+    )
     unit = _unit(run)
     print(
         f"tvq-eqx train: preset={args.preset} params={n_params:,} devices={jax.device_count()} "
@@ -414,17 +484,37 @@ def cmd_train(args) -> int:
 
     def run_eval(model, desc):
         n, batches = _eval_batches(run, val_stream)
-        bar = (lambda it: tqdm(it, total=n, desc=desc, leave=False, disable=args.no_progress,
-                               file=sys.stderr))
-        return evaluate_fn(model, batches, segment_len=run.update_len, mesh=mesh, progress=bar)
+        bar = lambda it: tqdm(
+            it,
+            total=n,
+            desc=desc,
+            leave=False,
+            disable=args.no_progress,
+            file=sys.stderr,
+        )
+        return evaluate_fn(
+            model, batches, segment_len=run.update_len, mesh=mesh, progress=bar
+        )
 
     def save(step, extra=None):
-        meta = dict(run=run.to_dict(), batch_index=step // upb, preset=args.preset,
-                    **(extra or {}))
+        meta = dict(
+            run=run.to_dict(),
+            batch_index=step // upb,
+            preset=args.preset,
+            **(extra or {}),
+        )
         save_checkpoint(ckpt_dir, ts, step=step, meta=meta, keep=run.keep)
 
-    bar = tqdm(total=stop_batch * upb, initial=start_batch * upb, desc="train", unit="upd",
-               disable=args.no_progress, file=sys.stderr, dynamic_ncols=True, mininterval=0.5)
+    bar = tqdm(
+        total=stop_batch * upb,
+        initial=start_batch * upb,
+        desc="train",
+        unit="upd",
+        disable=args.no_progress,
+        file=sys.stderr,
+        dynamic_ncols=True,
+        mininterval=0.5,
+    )
     t_start = time.perf_counter()
     t_last, tok_last = t_start, 0
     tokens_per_batch = run.batch_size * run.seq_len
@@ -440,10 +530,21 @@ def cmd_train(args) -> int:
             now = time.perf_counter()
             tps = tok_last / max(now - t_last, 1e-9)
             t_last, tok_last = now, 0
-            log.write(dict(split="train", step=step, tokens_per_s=tps,
-                           elapsed_s=now - t_start, **m))
-            bar.set_postfix(loss=f"{m['lm_loss']:.3f}", bpb=f"{m['bits_per_token']:.3f}",
-                            tok_s=f"{tps:,.0f}", refresh=False)
+            log.write(
+                dict(
+                    split="train",
+                    step=step,
+                    tokens_per_s=tps,
+                    elapsed_s=now - t_start,
+                    **m,
+                )
+            )
+            bar.set_postfix(
+                loss=f"{m['lm_loss']:.3f}",
+                bpb=f"{m['bits_per_token']:.3f}",
+                tok_s=f"{tps:,.0f}",
+                refresh=False,
+            )
         bar.update(upb)
         if run.eval_every and step % run.eval_every < upb and not last:
             val = run_eval(ts.model, f"eval@{step}")
@@ -456,19 +557,32 @@ def cmd_train(args) -> int:
     wall = time.perf_counter() - t_start
     if stop_batch < run.total_batches:
         save(final_step)
-        print(f"stopped at update {final_step} (--stop-at); resume with --resume", flush=True)
+        print(
+            f"stopped at update {final_step} (--stop-at); resume with --resume",
+            flush=True,
+        )
         return 0
     val = run_eval(ts.model, "eval")
     log.write(dict(split="validation", step=final_step, **val))
     save(final_step, dict(validation=val))
     png = plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png", unit=unit)
-    print(f"validation {unit}: {val['bits_per_token']:.4f} "
-          f"(perplexity {val['perplexity']:.3f} over {int(val['token_count']):,} tokens)")
+    print(
+        f"validation {unit}: {val['bits_per_token']:.4f} "
+        f"(perplexity {val['perplexity']:.3f} over {int(val['token_count']):,} tokens)"
+    )
     print(f"train wall time: {wall:.1f} s; checkpoint: {ckpt_dir}; curves: {png}")
     if run.sample_len > 0 and encode is not None:
         prompt = _default_prompt(splits["validation"], run)
-        text = _do_sample(run, ts.model, prompt, decode, steps=run.sample_len,
-                          temperature=run.temperature, top_p=run.top_p, seed=run.seed)
+        text = _do_sample(
+            run,
+            ts.model,
+            prompt,
+            decode,
+            steps=run.sample_len,
+            temperature=run.temperature,
+            top_p=run.top_p,
+            seed=run.seed,
+        )
         print("sample (prompt from validation text, then generated):")
         print("-" * 60)
         print((decode(prompt) if decode else "") + "\u2502" + text)
@@ -496,25 +610,42 @@ def cmd_eval(args) -> int:
     bad = sorted(set(overrides) - allowed)
     if bad:
         raise UsageError(f"eval: flags {bad} cannot change a trained model's settings")
-    model_changes = {k: v for k, v in overrides.items() if k in ("implementation", "block_len")}
+    model_changes = {
+        k: v for k, v in overrides.items() if k in ("implementation", "block_len")
+    }
     run = run.replace(**overrides)
     model = ts.model.with_config(**model_changes) if model_changes else ts.model
     splits, _, _ = _load_data(run, split=args.split)
     stream = _stream(run, splits[args.split], train=False)
     mesh = _mesh_or_none(run.batch_size)
     n, batches = _eval_batches(run, stream)
-    bar = lambda it: tqdm(it, total=n, desc=f"eval {args.split}", disable=args.no_progress,
-                          file=sys.stderr)
+    bar = lambda it: tqdm(
+        it,
+        total=n,
+        desc=f"eval {args.split}",
+        disable=args.no_progress,
+        file=sys.stderr,
+    )
     t0 = time.perf_counter()
-    res = evaluate_fn(model, batches, segment_len=run.update_len, mesh=mesh, progress=bar)
+    res = evaluate_fn(
+        model, batches, segment_len=run.update_len, mesh=mesh, progress=bar
+    )
     res["wall_s"] = time.perf_counter() - t0
-    res.update(split=args.split, step=meta["step"], checkpoint=meta["path"],
-               devices=jax.device_count())
-    print(f"{args.split} {_unit(run)}: {res['bits_per_token']:.4f} "
-          f"(perplexity {res['perplexity']:.3f}, {int(res['token_count']):,} tokens, "
-          f"{res['wall_s']:.1f} s)")
+    res.update(
+        split=args.split,
+        step=meta["step"],
+        checkpoint=meta["path"],
+        devices=jax.device_count(),
+    )
+    print(
+        f"{args.split} {_unit(run)}: {res['bits_per_token']:.4f} "
+        f"(perplexity {res['perplexity']:.3f}, {int(res['token_count']):,} tokens, "
+        f"{res['wall_s']:.1f} s)"
+    )
     with open(run_dir / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(dict(res, split=f"eval_{args.split}"), sort_keys=True) + "\n")
+        f.write(
+            json.dumps(dict(res, split=f"eval_{args.split}"), sort_keys=True) + "\n"
+        )
     return 0
 
 
@@ -527,7 +658,9 @@ def cmd_sample(args) -> int:
     allowed = {"sample_len", "temperature", "top_p", "seed", "data"}
     bad = sorted(set(overrides) - allowed)
     if bad:
-        raise UsageError(f"sample: flags {bad} cannot change a trained model's settings")
+        raise UsageError(
+            f"sample: flags {bad} cannot change a trained model's settings"
+        )
     run = run.replace(**overrides)
     if run.data_kind == "bytes":
         decode = lambda toks: bytes(int(t) for t in toks).decode("utf-8", "replace")
@@ -541,15 +674,30 @@ def cmd_sample(args) -> int:
         if prompt.size == 0:
             raise UsageError("--prompt must not be empty")
     else:
-        prompt = np.frombuffer(b"\n", np.uint8).astype(np.int32) if run.data_kind == "bytes" \
+        prompt = (
+            np.frombuffer(b"\n", np.uint8).astype(np.int32)
+            if run.data_kind == "bytes"
             else np.zeros(1, np.int32)
+        )
     t0 = time.perf_counter()
-    out = _do_sample(run, ts.model, prompt, decode, steps=run.sample_len,
-                     temperature=run.temperature, top_p=run.top_p, seed=run.seed)
+    out = _do_sample(
+        run,
+        ts.model,
+        prompt,
+        decode,
+        steps=run.sample_len,
+        temperature=run.temperature,
+        top_p=run.top_p,
+        seed=run.seed,
+    )
     dt = time.perf_counter() - t0
-    print((decode(prompt) if decode else "") + (out if isinstance(out, str) else str(out)))
-    print(f"[{run.sample_len} tokens in {dt:.2f} s incl. compile; step {meta['step']}]",
-          file=sys.stderr)
+    print(
+        (decode(prompt) if decode else "") + (out if isinstance(out, str) else str(out))
+    )
+    print(
+        f"[{run.sample_len} tokens in {dt:.2f} s incl. compile; step {meta['step']}]",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -572,9 +720,14 @@ def cmd_bench(args) -> int:
 
         ts = shard_train_state(ts, mesh)
     rng = np.random.default_rng(0)
-    toks = rng.integers(0, run.model.n_vocab, (run.batch_size, run.seq_len + 1), dtype=np.int32)
-    batch = dict(inputs=toks[:, :-1], targets=toks[:, 1:],
-                 loss_mask=np.ones((run.batch_size, run.seq_len), np.float32))
+    toks = rng.integers(
+        0, run.model.n_vocab, (run.batch_size, run.seq_len + 1), dtype=np.int32
+    )
+    batch = dict(
+        inputs=toks[:, :-1],
+        targets=toks[:, 1:],
+        loss_mask=np.ones((run.batch_size, run.seq_len), np.float32),
+    )
     step_fn = make_train_step(optimizer, update_len=run.update_len, mesh=mesh)
     t0 = time.perf_counter()
     ts, m = step_fn(ts, batch, reset=True)
@@ -586,9 +739,14 @@ def cmd_bench(args) -> int:
     jax.block_until_ready(m)
     dt = (time.perf_counter() - t0) / args.bench_steps
     n_tok = run.batch_size * run.seq_len
-    res = dict(preset=args.preset, device=str(jax.devices()[0].platform),
-               devices=jax.device_count(), compile_s=compile_s, step_s=dt,
-               train_tokens_per_s=n_tok / dt)
+    res = dict(
+        preset=args.preset,
+        device=str(jax.devices()[0].platform),
+        devices=jax.device_count(),
+        compile_s=compile_s,
+        step_s=dt,
+        train_tokens_per_s=n_tok / dt,
+    )
     if args.sample_tokens > 0:
         prompt = toks[:1, :1]
         out = sample(ts.model, prompt, steps=args.sample_tokens, key=jax.random.key(0))
@@ -596,7 +754,9 @@ def cmd_bench(args) -> int:
         t0 = time.perf_counter()
         out = sample(ts.model, prompt, steps=args.sample_tokens, key=jax.random.key(1))
         jax.block_until_ready(out)
-        res["sample_ms_per_token"] = 1e3 * (time.perf_counter() - t0) / args.sample_tokens
+        res["sample_ms_per_token"] = (
+            1e3 * (time.perf_counter() - t0) / args.sample_tokens
+        )
     print(json.dumps(res, indent=2))
     return 0
 
@@ -607,18 +767,35 @@ def cmd_bench(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from .train._presets import PRESETS
 
-    p = _Parser(prog="tvq-eqx", description="Transformer-VQ: train, evaluate, sample, bench.")
+    p = _Parser(
+        prog="tvq-eqx", description="Transformer-VQ: train, evaluate, sample, bench."
+    )
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    t = sub.add_parser("train", help="train a model (tqdm progress, JSONL log, PNG curves)")
+    t = sub.add_parser(
+        "train", help="train a model (tqdm progress, JSONL log, PNG curves)"
+    )
     t.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
-    t.add_argument("--run-dir", default=None,
-                   help="output folder (default runs/PRESET, or runs/PRESET-N if taken)")
-    t.add_argument("--resume", action="store_true", help="continue the run's newest checkpoint")
-    t.add_argument("--stop-at", type=int, default=None, metavar="UPDATE",
-                   help="stop (and checkpoint) after this many updates; --resume continues")
-    t.add_argument("--distributed", action="store_true",
-                   help="call jax.distributed.initialize() first (multi-host)")
+    t.add_argument(
+        "--run-dir",
+        default=None,
+        help="output folder (default runs/PRESET, or runs/PRESET-N if taken)",
+    )
+    t.add_argument(
+        "--resume", action="store_true", help="continue the run's newest checkpoint"
+    )
+    t.add_argument(
+        "--stop-at",
+        type=int,
+        default=None,
+        metavar="UPDATE",
+        help="stop (and checkpoint) after this many updates; --resume continues",
+    )
+    t.add_argument(
+        "--distributed",
+        action="store_true",
+        help="call jax.distributed.initialize() first (multi-host)",
+    )
     t.add_argument("--no-progress", action="store_true")
     _add_config_flags(t)
 
@@ -667,4 +844,3 @@ def main(argv: list[str] | None = None) -> int:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         sys.stderr.write(f"tvq-eqx: error: {msg}\n")
         return EXIT_ERROR
-

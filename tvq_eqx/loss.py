@@ -14,7 +14,9 @@ from .nn import Transformer, TransformerState
 
 def _check_batch(batch, model) -> None:
     if not isinstance(batch, dict):
-        raise TypeError(f"batch must be a dict with inputs/targets/loss_mask; got {type(batch).__name__}")
+        raise TypeError(
+            f"batch must be a dict with inputs/targets/loss_mask; got {type(batch).__name__}"
+        )
     missing = [k for k in ("inputs", "targets", "loss_mask") if k not in batch]
     if missing:
         raise ValueError(f"batch is missing {missing}; it has {sorted(batch)}")
@@ -25,7 +27,9 @@ def _check_batch(batch, model) -> None:
                 f"batch[{name!r}] has shape {tuple(batch[name].shape)}; batch['inputs'] has {shape}"
             )
     if not jnp.issubdtype(batch["targets"].dtype, jnp.integer):
-        raise TypeError(f"batch['targets'] must be integer; got {batch['targets'].dtype}")
+        raise TypeError(
+            f"batch['targets'] must be integer; got {batch['targets'].dtype}"
+        )
 
 
 def codebook_metrics(vq: dict[str, Array]) -> dict[str, Array]:
@@ -33,7 +37,9 @@ def codebook_metrics(vq: dict[str, Array]) -> dict[str, Array]:
     count = vq["code_count"]  # [units, heads, codes]
     total = jnp.sum(count, axis=-1, keepdims=True)
     p = count / jnp.maximum(total, 1.0)
-    entropy = -jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0), axis=-1)
+    entropy = -jnp.sum(
+        jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0), axis=-1
+    )
     return dict(
         code_entropy=jnp.mean(entropy),
         code_perplexity=jnp.mean(jnp.exp(entropy)),
@@ -76,7 +82,8 @@ def loss_fn(
     targets = batch["targets"]
     n_vocab = model.config.n_vocab
     targets = eqx.error_if(
-        targets, (targets < 0) | (targets >= n_vocab),
+        targets,
+        (targets < 0) | (targets >= n_vocab),
         f"batch['targets'] ids must be in [0, n_vocab={n_vocab})",
     )
     token_logp = jnp.take_along_axis(logprobs, targets[..., None], axis=-1)[..., 0]
@@ -105,5 +112,7 @@ def loss_fn(
         codebook_loss=codebook_loss,
         **codebook_metrics(vq),
     )
-    metrics = {k: jax.lax.stop_gradient(v).astype(jnp.float32) for k, v in metrics.items()}
+    metrics = {
+        k: jax.lax.stop_gradient(v).astype(jnp.float32) for k, v in metrics.items()
+    }
     return loss, {"state": new_state, "metrics": metrics}

@@ -64,7 +64,9 @@ def sample_token(
 
 def _check_prompt(model: Transformer, prompt) -> Int[Array, "batch prompt"]:
     if not isinstance(model, Transformer):
-        raise TypeError(f"model must be a tvq_eqx.Transformer; got {type(model).__name__}")
+        raise TypeError(
+            f"model must be a tvq_eqx.Transformer; got {type(model).__name__}"
+        )
     prompt = jnp.asarray(prompt)
     if not jnp.issubdtype(prompt.dtype, jnp.integer):
         raise TypeError(f"prompt must be integer token ids; got dtype {prompt.dtype}")
@@ -124,7 +126,8 @@ def _generate(model, prompt, key, temperature, top_p, steps):
     big_l = c.block_len
     b, p = prompt.shape
     prompt = eqx.error_if(
-        prompt, (prompt < 0) | (prompt >= c.n_vocab),
+        prompt,
+        (prompt < 0) | (prompt >= c.n_vocab),
         f"prompt token ids must be in [0, n_vocab={c.n_vocab})",
     )
     # Complete blocks before the block holding the last prompt token.
@@ -132,7 +135,7 @@ def _generate(model, prompt, key, temperature, top_p, steps):
     state = model.init_state(b)
     if n_full > 0:
         _, state, _ = model(prompt[:, : n_full * big_l], state)
-    tail = prompt[:, n_full * big_l:]
+    tail = prompt[:, n_full * big_l :]
     buf = jnp.zeros((b, big_l), jnp.int32).at[:, : tail.shape[1]].set(tail)
     idx = jnp.int32(tail.shape[1] - 1)  # position of the last known token
 

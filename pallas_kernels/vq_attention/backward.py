@@ -185,7 +185,7 @@ def ds_call(
         pl.BlockSpec((None, bq, 1), lambda b, i: (b, i, 0)),
     ]
     args += [do, lse, delta]
-    row_tile = lambda width: pl.BlockSpec((None, bq, width), lambda b, i: (b, i, 0))  # noqa: E731
+    row_tile = lambda width: pl.BlockSpec((None, bq, width), lambda b, i: (b, i, 0))
     out_specs = [row_tile(d_k), row_tile(2 * L), row_tile(2 * L)]
     out_shape = [
         jax.ShapeDtypeStruct(q.shape, q.dtype),

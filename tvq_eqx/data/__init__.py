@@ -7,25 +7,51 @@ See docs/data.md.
 """
 
 from ._bytes import (
-    bundled_corpus_path as bundled_corpus_path,
     ENWIK8_SIZE as ENWIK8_SIZE,
-    load_bytes as load_bytes,
-    load_documents as load_documents,
-    load_splits as load_splits,
-    split_bytes as split_bytes,
+)
+from ._bytes import (
     TEXT_SUFFIXES as TEXT_SUFFIXES,
+)
+from ._bytes import (
+    bundled_corpus_path as bundled_corpus_path,
+)
+from ._bytes import (
+    load_bytes as load_bytes,
+)
+from ._bytes import (
+    load_documents as load_documents,
+)
+from ._bytes import (
+    load_splits as load_splits,
+)
+from ._bytes import (
+    split_bytes as split_bytes,
 )
 from ._images import (
     IMAGE_BYTES as IMAGE_BYTES,
+)
+from ._images import (
     IMAGE_SIZE as IMAGE_SIZE,
+)
+from ._images import (
     IMAGE_SUFFIXES as IMAGE_SUFFIXES,
+)
+from ._images import (
     ImageStream as ImageStream,
+)
+from ._images import (
     load_images as load_images,
 )
 from ._sentencepiece import SentencePieceTokenizer as SentencePieceTokenizer
 from ._stream import (
     AbstractStream as AbstractStream,
+)
+from ._stream import (
     Batch as Batch,
-    pack_documents as pack_documents,
+)
+from ._stream import (
     TokenStream as TokenStream,
+)
+from ._stream import (
+    pack_documents as pack_documents,
 )

@@ -8,7 +8,6 @@ from jaxtyping import UInt8
 
 from ._files import find_files
 
-
 TEXT_SUFFIXES: tuple[str, ...] = (".txt", ".md", ".rst")
 """File suffixes that `load_documents` reads from a folder (case-insensitive)."""
 

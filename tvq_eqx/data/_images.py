@@ -7,8 +7,7 @@ import numpy as np
 from jaxtyping import Int, UInt8
 
 from ._files import find_files
-from ._stream import _Lookup, AbstractStream, _check_int
-
+from ._stream import AbstractStream, _check_int, _Lookup
 
 IMAGE_SIZE = 64
 """Side of the square images of ImageNet64."""
@@ -59,9 +58,7 @@ def load_images(
     try:
         from PIL import Image, ImageOps, UnidentifiedImageError
     except ImportError as e:  # pragma: no cover - pillow comes with matplotlib
-        raise ImportError(
-            "load_images needs Pillow: `pip install pillow`"
-        ) from e
+        raise ImportError("load_images needs Pillow: `pip install pillow`") from e
     size = _check_int("size", size, minimum=1)
     root = Path(path)
     if not root.exists():
@@ -157,9 +154,7 @@ class ImageStream(AbstractStream):
                 f"image length {d}"
             )
         if n < self.batch_size:
-            raise ValueError(
-                f"{n} images are fewer than batch_size {self.batch_size}"
-            )
+            raise ValueError(f"{n} images are fewer than batch_size {self.batch_size}")
         self.images = flat
         self._per_row = -(-n // self.batch_size)
         self._row_len = self._per_row * d

@@ -12,7 +12,6 @@ from jaxtyping import Int32, Integer
 from ._bytes import TEXT_SUFFIXES, load_documents
 from ._stream import _check_int
 
-
 PAD_ID = 0
 """Pad id of models trained here, the same as the streams' default `pad_id`."""
 
@@ -53,9 +52,7 @@ class SentencePieceTokenizer:
         _import_sentencepiece()
         path = Path(model_file)
         if not path.is_file():
-            raise FileNotFoundError(
-                f"sentencepiece model {str(path)!r} does not exist"
-            )
+            raise FileNotFoundError(f"sentencepiece model {str(path)!r} does not exist")
         return cls(path.read_bytes())
 
     @classmethod

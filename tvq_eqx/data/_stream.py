@@ -19,7 +19,6 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 from jaxtyping import Bool, Int, Integer
 
-
 _Lookup = tuple[
     Integer[np.ndarray, "B P"], Bool[np.ndarray, "B P"], Int[np.ndarray, "B P"]
 ]
@@ -86,9 +85,7 @@ class AbstractStream(abc.ABC):
         self.pad_id = _check_int("pad_id", pad_id, minimum=0)
 
     @abc.abstractmethod
-    def _lookup(
-        self, epoch: int, pos: Int[np.ndarray, " P"]
-    ) -> _Lookup:
+    def _lookup(self, epoch: int, pos: Int[np.ndarray, " P"]) -> _Lookup:
         """Tokens, validity and doc ids at positions `pos` of every row."""
 
     @property
@@ -274,9 +271,7 @@ class TokenStream(AbstractStream):
         self.doc_starts = doc_starts
         self._row_len = -(-n // self.batch_size)
 
-    def _lookup(
-        self, epoch: int, pos: Int[np.ndarray, " P"]
-    ) -> _Lookup:
+    def _lookup(self, epoch: int, pos: Int[np.ndarray, " P"]) -> _Lookup:
         n = int(self.tokens.shape[0])
         if self.shuffle:
             rng = self._rng(epoch)
@@ -294,4 +289,3 @@ class TokenStream(AbstractStream):
         doc = np.searchsorted(self.doc_starts, src, side="right") - 1
         doc = doc + np.where(wrapped, self.doc_starts.size, 0)
         return self.tokens[src], valid, doc
-

@@ -44,27 +44,45 @@ class VQAttention(eqx.Module):
         hk, hv = c.n_head * c.d_k, c.n_head * c.d_v
         self.norm = RMSNorm(c.d_model, dtype=pdt)
         self.w_q = jax.random.normal(kq, (c.d_model, hk), pdt) * c.d_model**-0.5
-        self.w_kvg = jax.random.normal(kkvg, (c.d_model, hk + 2 * hv), pdt) * c.d_model**-0.5
+        self.w_kvg = (
+            jax.random.normal(kkvg, (c.d_model, hk + 2 * hv), pdt) * c.d_model**-0.5
+        )
         # Residual branches start small so the deep stack starts near identity.
         out_std = hv**-0.5 / (2 * c.n_layer) ** 0.5
         self.w_o = jax.random.normal(ko, (hv, c.d_model), pdt) * out_std
         self.rel_bias = XLRelativeBias(
-            c.d_model, c.n_head, c.d_k, c.mem_len, pe_lam=c.pe_lam,
-            p_dropsin=c.p_dropsin, key=kr, dtype=pdt,
+            c.d_model,
+            c.n_head,
+            c.d_k,
+            c.mem_len,
+            pe_lam=c.pe_lam,
+            p_dropsin=c.p_dropsin,
+            key=kr,
+            dtype=pdt,
         )
-        self.quantizer = VectorQuantizer(c.n_head, c.n_code, c.d_k, c_gamma=c.c_gamma, key=kc)
+        self.quantizer = VectorQuantizer(
+            c.n_head, c.n_code, c.d_k, c_gamma=c.c_gamma, key=kc
+        )
         self.config = config
 
     def init_state(self, batch_size: int) -> VQAttentionState | FullAttentionState:
         c = self.config
         if c.attention == "full":
             return FullAttentionState.empty(
-                batch_size, capacity=c.kv_cache_len, heads=c.n_head, d_k=c.d_k,
-                d_v=c.d_v, dtype=c.jnp_dtype,
+                batch_size,
+                capacity=c.kv_cache_len,
+                heads=c.n_head,
+                d_k=c.d_k,
+                d_v=c.d_v,
+                dtype=c.jnp_dtype,
             )
         return VQAttentionState.empty(
-            batch_size, block_len=c.block_len, heads=c.n_head, codes=c.n_code,
-            d_v=c.d_v, dtype=c.jnp_dtype,
+            batch_size,
+            block_len=c.block_len,
+            heads=c.n_head,
+            codes=c.n_code,
+            d_v=c.d_v,
+            dtype=c.jnp_dtype,
         )
 
     @jax.named_scope("tvq_eqx.VQAttention")
@@ -76,7 +94,9 @@ class VQAttention(eqx.Module):
         mask: Float[Array, "batch seq"],
         key: PRNGKeyArray | None = None,
     ) -> tuple[
-        Float[Array, "batch seq d_model"], VQAttentionState | FullAttentionState, dict[str, Array]
+        Float[Array, "batch seq d_model"],
+        VQAttentionState | FullAttentionState,
+        dict[str, Array],
     ]:
         c = self.config
         b, t, _ = x.shape
@@ -99,7 +119,13 @@ class VQAttention(eqx.Module):
         rel_query = (q + self.rel_bias.v.astype(dt)[None, None]) * scale
         if c.attention == "full":
             attn, new_state = full_attention_with_state(
-                query, k, v, state, scale=scale, rel_query=rel_query, rel_table=rel_table
+                query,
+                k,
+                v,
+                state,
+                scale=scale,
+                rel_query=rel_query,
+                rel_table=rel_table,
             )
         else:
             attn, new_state = vq_attention_with_state(

@@ -26,10 +26,14 @@ class Embedding(eqx.Module):
 
     weight: Float[Array, "vocab d_model"]
 
-    def __init__(self, n_vocab: int, d_model: int, *, key: PRNGKeyArray, dtype=jnp.float32):
+    def __init__(
+        self, n_vocab: int, d_model: int, *, key: PRNGKeyArray, dtype=jnp.float32
+    ):
         self.weight = jax.random.normal(key, (n_vocab, d_model), dtype)
 
-    def __call__(self, tokens: Int[Array, "*batch"], *, key=None) -> Float[Array, "*batch d_model"]:
+    def __call__(
+        self, tokens: Int[Array, "*batch"], *, key=None
+    ) -> Float[Array, "*batch d_model"]:
         return jnp.take(self.weight, tokens, axis=0)
 
     def logits(self, x: Float[Array, "*batch d_model"]) -> Float[Array, "*batch vocab"]:
@@ -44,12 +48,21 @@ class OutputHead(eqx.Module):
     weight: Float[Array, "d_model vocab"]
     bias: Float[Array, " vocab"]
 
-    def __init__(self, d_model: int, n_vocab: int, *, key: PRNGKeyArray, dtype=jnp.float32):
+    def __init__(
+        self, d_model: int, n_vocab: int, *, key: PRNGKeyArray, dtype=jnp.float32
+    ):
         self.weight = jax.random.normal(key, (d_model, n_vocab), dtype) * d_model**-0.5
         self.bias = jnp.zeros((n_vocab,), dtype)
 
-    def __call__(self, x: Float[Array, "*batch d_model"], *, key=None) -> Float[Array, "*batch vocab"]:
+    def __call__(
+        self, x: Float[Array, "*batch d_model"], *, key=None
+    ) -> Float[Array, "*batch vocab"]:
         out = jnp.einsum(
-            "...d,dv->...v", x, self.weight.astype(x.dtype), preferred_element_type=jnp.float32
+            "...d,dv->...v",
+            x,
+            self.weight.astype(x.dtype),
+            preferred_element_type=jnp.float32,
         )
-        return out + self.bias.astype(jnp.float32).reshape((1,) * (out.ndim - 1) + (-1,))
+        return out + self.bias.astype(jnp.float32).reshape(
+            (1,) * (out.ndim - 1) + (-1,)
+        )

@@ -36,19 +36,32 @@ class XLRelativeBias(eqx.Module):
     p_dropsin: float = eqx.field(static=True)
 
     def __init__(
-        self, d_model: int, n_head: int, d_k: int, mem_len: int, *,
-        pe_lam: float = 10_000.0, p_dropsin: float = 0.0, key: PRNGKeyArray,
+        self,
+        d_model: int,
+        n_head: int,
+        d_k: int,
+        mem_len: int,
+        *,
+        pe_lam: float = 10_000.0,
+        p_dropsin: float = 0.0,
+        key: PRNGKeyArray,
         dtype=jnp.float32,
     ):
         self.u = jnp.zeros((n_head, d_k), dtype)
         self.v = jnp.zeros((n_head, d_k), dtype)
-        self.w_r = jax.random.normal(key, (d_model, n_head * d_k), dtype) * d_model**-0.5
+        self.w_r = (
+            jax.random.normal(key, (d_model, n_head * d_k), dtype) * d_model**-0.5
+        )
         self.mem_len, self.n_head, self.d_k = mem_len, n_head, d_k
         self.pe_lam, self.p_dropsin = pe_lam, p_dropsin
 
-    def table(self, *, key: PRNGKeyArray | None = None) -> Float[Array, "dist heads d_k"]:
+    def table(
+        self, *, key: PRNGKeyArray | None = None
+    ) -> Float[Array, "dist heads d_k"]:
         """r_d for d = 0..mem_len, shape [mem_len + 1, heads, d_k] (float32)."""
         sin = sinusoids(jnp.arange(self.mem_len + 1), self.w_r.shape[0], self.pe_lam)
         sin = dropout(sin, self.p_dropsin, key)
-        r = jnp.dot(sin, self.w_r.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+        r = jnp.dot(
+            sin, self.w_r.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST
+        )
         return r.reshape(self.mem_len + 1, self.n_head, self.d_k)

@@ -27,7 +27,9 @@ class VectorQuantizer(eqx.Module):
     codebook_count: Float[Array, "heads codes"]
     c_gamma: float = eqx.field(static=True)
 
-    def __init__(self, n_head: int, n_code: int, d_k: int, *, c_gamma: float, key: PRNGKeyArray):
+    def __init__(
+        self, n_head: int, n_code: int, d_k: int, *, c_gamma: float, key: PRNGKeyArray
+    ):
         # Keys are layer-normalised (unit mean square per dim), so N(0, 1)
         # codewords start on the right scale.
         self.codebook_sum = jax.random.normal(key, (n_head, n_code, d_k), jnp.float32)
@@ -62,7 +64,9 @@ class VectorQuantizer(eqx.Module):
         return dict(
             commit_sum=jnp.sum(per_token * m),
             code_count=sg(jnp.sum(onehot, axis=(0, 1))),
-            code_key_sum=sg(jnp.einsum("bths,bthk->hsk", onehot, k32, precision=HIGHEST)),
+            code_key_sum=sg(
+                jnp.einsum("bths,bthk->hsk", onehot, k32, precision=HIGHEST)
+            ),
             sq_err=sg(jnp.sum(jnp.sum(jnp.square(k32 - codeword), axis=(-1, -2)) * m)),
             sq_norm=sg(jnp.sum(jnp.sum(jnp.square(k32), axis=(-1, -2)) * m)),
         )

@@ -9,12 +9,12 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from .._config import TransformerConfig
 from ..ops import FullAttentionState, VQAttentionState
-
-AttentionState = VQAttentionState | FullAttentionState
 from ._attention import VQAttention
 from ._embedding import Embedding, OutputHead, sinusoids
 from ._norm import RMSNorm
 from ._positional import dropout
+
+AttentionState = VQAttentionState | FullAttentionState
 
 
 class TransformerState(eqx.Module):
@@ -44,18 +44,24 @@ class TransformerLayer(eqx.Module):
         *,
         mask: Float[Array, "batch seq"],
         key: PRNGKeyArray | None = None,
-    ) -> tuple[Float[Array, "batch seq d_model"], tuple[AttentionState, ...], list[dict]]:
+    ) -> tuple[
+        Float[Array, "batch seq d_model"], tuple[AttentionState, ...], list[dict]
+    ]:
         keys = (None,) * 3 if key is None else tuple(jax.random.split(key, 3))
         y = x
         new_states, stats = [], []
-        for unit, state, k in zip(self.units, states, keys[:2]):
+        for unit, state, k in zip(self.units, states, keys[:2], strict=True):
             res, new_state, st = unit(y, state, mask=mask, key=k)
             y = y + res
             new_states.append(new_state)
             stats.append(st)
         if keys[2] is not None and self.p_droplyr > 0.0:
-            keep = jax.random.bernoulli(keys[2], 1.0 - self.p_droplyr, (x.shape[0], 1, 1))
-            y = x + jnp.where(keep, (y - x) / (1.0 - self.p_droplyr), 0.0).astype(x.dtype)
+            keep = jax.random.bernoulli(
+                keys[2], 1.0 - self.p_droplyr, (x.shape[0], 1, 1)
+            )
+            y = x + jnp.where(keep, (y - x) / (1.0 - self.p_droplyr), 0.0).astype(
+                x.dtype
+            )
         return y, tuple(new_states), stats
 
 
@@ -87,14 +93,19 @@ class Transformer(eqx.Module):
 
     def __init__(self, config: TransformerConfig, *, key: PRNGKeyArray):
         if not isinstance(config, TransformerConfig):
-            raise TypeError(f"config must be a TransformerConfig; got {type(config).__name__}")
+            raise TypeError(
+                f"config must be a TransformerConfig; got {type(config).__name__}"
+            )
         ke, kh, *kl = jax.random.split(key, 2 + config.n_layer)
         pdt = config.jnp_param_dtype
         self.embedding = Embedding(config.n_vocab, config.d_model, key=ke, dtype=pdt)
         self.layers = tuple(TransformerLayer(config, key=k) for k in kl)
-        self.out_norm = RMSNorm(config.d_model, dtype=pdt) if config.output_norm else None
+        self.out_norm = (
+            RMSNorm(config.d_model, dtype=pdt) if config.output_norm else None
+        )
         self.head = (
-            None if config.tie_embeddings
+            None
+            if config.tie_embeddings
             else OutputHead(config.d_model, config.n_vocab, key=kh, dtype=pdt)
         )
         self.config = config
@@ -105,7 +116,11 @@ class Transformer(eqx.Module):
 
     def init_state(self, batch_size: int) -> TransformerState:
         """The state before any token."""
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+        if (
+            isinstance(batch_size, bool)
+            or not isinstance(batch_size, int)
+            or batch_size <= 0
+        ):
             raise ValueError(f"batch_size must be a positive int; got {batch_size!r}")
         return TransformerState(
             units=tuple(u.init_state(batch_size) for u in self.attention_units()),
@@ -119,30 +134,44 @@ class Transformer(eqx.Module):
         skeleton = eqx.filter_eval_shape(Transformer, new_config, key=jax.random.key(0))
         leaves = jax.tree.leaves(self)
         new_leaves, treedef = jax.tree.flatten(skeleton)  # static config is in treedef
-        if [(x.shape, x.dtype) for x in leaves] != [(x.shape, x.dtype) for x in new_leaves]:
-            raise ValueError(f"with_config({changes}) would change parameter shapes or dtypes")
+        if [(x.shape, x.dtype) for x in leaves] != [
+            (x.shape, x.dtype) for x in new_leaves
+        ]:
+            raise ValueError(
+                f"with_config({changes}) would change parameter shapes or dtypes"
+            )
         return jax.tree.unflatten(treedef, leaves)
 
     def _check_tokens(self, tokens, state) -> None:
         c = self.config
-        if not hasattr(tokens, "dtype") or not jnp.issubdtype(tokens.dtype, jnp.integer):
+        if not hasattr(tokens, "dtype") or not jnp.issubdtype(
+            tokens.dtype, jnp.integer
+        ):
             raise TypeError(
                 f"tokens must be an integer array [batch, seq]; got "
                 f"{getattr(tokens, 'dtype', type(tokens).__name__)}"
             )
         if tokens.ndim != 2:
-            raise ValueError(f"tokens must have rank 2 [batch, seq]; got shape {tuple(tokens.shape)}")
+            raise ValueError(
+                f"tokens must have rank 2 [batch, seq]; got shape {tuple(tokens.shape)}"
+            )
         if tokens.shape[1] % c.block_len != 0:
             raise ValueError(
                 f"tokens seq length {tokens.shape[1]} (shape {tuple(tokens.shape)}) must be a "
                 f"multiple of block_len={c.block_len}"
             )
         if not isinstance(state, TransformerState):
-            raise TypeError(f"state must be a TransformerState (model.init_state); got {type(state).__name__}")
+            raise TypeError(
+                f"state must be a TransformerState (model.init_state); got {type(state).__name__}"
+            )
         if len(state.units) != 2 * c.n_layer:
-            raise ValueError(f"state has {len(state.units)} units; the model has {2 * c.n_layer}")
+            raise ValueError(
+                f"state has {len(state.units)} units; the model has {2 * c.n_layer}"
+            )
         first = state.units[0]
-        want_b = (first.length if isinstance(first, FullAttentionState) else first.prev_valid).shape[0]
+        want_b = (
+            first.length if isinstance(first, FullAttentionState) else first.prev_valid
+        ).shape[0]
         if tokens.shape[0] != want_b:
             raise ValueError(
                 f"tokens batch {tokens.shape[0]} (shape {tuple(tokens.shape)}) does not match "
@@ -154,7 +183,10 @@ class Transformer(eqx.Module):
                 f"state holds {type(first).__name__}; attention={c.attention!r} needs "
                 f"{want_type.__name__} (use model.init_state)"
             )
-        if isinstance(first, VQAttentionState) and first.prev_code.shape[1] != c.block_len:
+        if (
+            isinstance(first, VQAttentionState)
+            and first.prev_code.shape[1] != c.block_len
+        ):
             raise ValueError(
                 f"state was made for block_len={state.units[0].prev_code.shape[1]}, the model "
                 f"uses block_len={c.block_len}"
@@ -173,11 +205,18 @@ class Transformer(eqx.Module):
         dt = c.jnp_dtype
         b, t = tokens.shape
         tokens = eqx.error_if(
-            tokens, (tokens < 0) | (tokens >= c.n_vocab),
+            tokens,
+            (tokens < 0) | (tokens >= c.n_vocab),
             f"token ids must be in [0, n_vocab={c.n_vocab})",
         )
-        mask = jnp.ones((b, t), jnp.float32) if mask is None else mask.astype(jnp.float32)
-        keys = [None] * (c.n_layer + 1) if key is None else list(jax.random.split(key, c.n_layer + 1))
+        mask = (
+            jnp.ones((b, t), jnp.float32) if mask is None else mask.astype(jnp.float32)
+        )
+        keys = (
+            [None] * (c.n_layer + 1)
+            if key is None
+            else list(jax.random.split(key, c.n_layer + 1))
+        )
 
         x = self.embedding(tokens).astype(dt)
         if c.abs_pe:
@@ -187,7 +226,9 @@ class Transformer(eqx.Module):
 
         new_units, stats = [], []
         for i, layer in enumerate(self.layers):
-            x, st, s = layer(x, state.units[2 * i: 2 * i + 2], mask=mask, key=keys[i + 1])
+            x, st, s = layer(
+                x, state.units[2 * i : 2 * i + 2], mask=mask, key=keys[i + 1]
+            )
             new_units.extend(st)
             stats.extend(s)
 
@@ -195,6 +236,8 @@ class Transformer(eqx.Module):
             x = self.out_norm(x)
         logits = self.embedding.logits(x) if self.head is None else self.head(x)
         logprobs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-        new_state = TransformerState(units=tuple(new_units), position=state.position + t)
+        new_state = TransformerState(
+            units=tuple(new_units), position=state.position + t
+        )
         vq = jax.tree.map(lambda *xs: jnp.stack(xs), *stats)
         return logprobs, new_state, {"vq": vq}

@@ -7,8 +7,8 @@ from ._common import quantize as quantize
 from ._dispatch import default_implementation as default_implementation
 from ._dispatch import vq_attention as vq_attention
 from ._dispatch import vq_attention_with_state as vq_attention_with_state
+from ._full import FullAttentionState as FullAttentionState
+from ._full import full_attention_with_state as full_attention_with_state
 from ._quadratic import relative_bias_dense as relative_bias_dense
 from ._quadratic import vq_attention_quadratic as vq_attention_quadratic
 from ._xla import vq_attention_xla as vq_attention_xla
-from ._full import FullAttentionState as FullAttentionState
-from ._full import full_attention_with_state as full_attention_with_state

@@ -65,7 +65,14 @@ def _shape(x) -> str:
 
 
 def validate_inputs(
-    query, key, value, codebook, *, block_len, rel_query=None, rel_table=None,
+    query,
+    key,
+    value,
+    codebook,
+    *,
+    block_len,
+    rel_query=None,
+    rel_table=None,
     state=None,
 ) -> None:
     """Raise a clear ValueError/TypeError naming the argument and shapes."""

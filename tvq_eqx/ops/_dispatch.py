@@ -9,7 +9,6 @@ from jaxtyping import Array, Float
 
 # Public entry points take plain `Array` so that our own validation (which
 # names the argument and all shapes) runs before any annotation check.
-
 from ._common import VQAttentionState, default_scale, validate_inputs
 from ._quadratic import vq_attention_quadratic
 from ._xla import vq_attention_xla
@@ -26,7 +25,7 @@ _IMPLEMENTATIONS = ("xla", "pallas", "quadratic")
 
 
 def default_implementation() -> str:
-    """"pallas" on GPU/TPU when the kernels are available, else "xla"."""
+    """ "pallas" on GPU/TPU when the kernels are available, else "xla"."""
     if jax.default_backend() in ("gpu", "cuda", "rocm", "tpu") and _pallas_available():
         return "pallas"
     return "xla"
@@ -98,8 +97,14 @@ def vq_attention(
     if impl == "quadratic":
         return _quadratic_jit(query, key, value, codebook, scale=scale)
     out, _ = vq_attention_with_state(
-        query, key, value, codebook, None,
-        block_len=block_len, scale=scale, implementation=impl,
+        query,
+        key,
+        value,
+        codebook,
+        None,
+        block_len=block_len,
+        scale=scale,
+        implementation=impl,
     )
     return out
 
@@ -133,8 +138,14 @@ def vq_attention_with_state(
     - `cache_grad=False`: no gradient into values through the cache.
     """
     validate_inputs(
-        query, key, value, codebook, block_len=block_len,
-        rel_query=rel_query, rel_table=rel_table, state=state,
+        query,
+        key,
+        value,
+        codebook,
+        block_len=block_len,
+        rel_query=rel_query,
+        rel_table=rel_table,
+        state=state,
     )
     impl = _check_implementation(implementation)
     scale = default_scale(query.shape[-1], scale)
@@ -146,12 +157,28 @@ def vq_attention_with_state(
         from ._pallas import vq_attention_pallas
 
         return vq_attention_pallas(
-            query, key, value, codebook,
-            block_len=block_len, scale=scale, state=state, rel_query=rel_query,
-            rel_table=rel_table, use_cache=use_cache, cache_grad=cache_grad,
+            query,
+            key,
+            value,
+            codebook,
+            block_len=block_len,
+            scale=scale,
+            state=state,
+            rel_query=rel_query,
+            rel_table=rel_table,
+            use_cache=use_cache,
+            cache_grad=cache_grad,
         )
     return _xla_jit(
-        query, key, value, codebook,
-        block_len=block_len, scale=scale, state=state, rel_query=rel_query,
-        rel_table=rel_table, use_cache=use_cache, cache_grad=cache_grad,
+        query,
+        key,
+        value,
+        codebook,
+        block_len=block_len,
+        scale=scale,
+        state=state,
+        rel_query=rel_query,
+        rel_table=rel_table,
+        use_cache=use_cache,
+        cache_grad=cache_grad,
     )

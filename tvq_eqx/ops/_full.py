@@ -29,8 +29,16 @@ class FullAttentionState(eqx.Module):
     length: Int[Array, " batch"]
 
     @classmethod
-    def empty(cls, batch_size: int, *, capacity: int, heads: int, d_k: int, d_v: int,
-              dtype=jnp.float32) -> FullAttentionState:
+    def empty(
+        cls,
+        batch_size: int,
+        *,
+        capacity: int,
+        heads: int,
+        d_k: int,
+        d_v: int,
+        dtype=jnp.float32,
+    ) -> FullAttentionState:
         return cls(
             key=jnp.zeros((batch_size, capacity, heads, d_k), dtype),
             value=jnp.zeros((batch_size, capacity, heads, d_v), dtype),
@@ -60,18 +68,26 @@ def full_attention_with_state(
     keep = (dist >= 0)[None] & valid[:, None, :]  # [B, T, C+T]
 
     scores = scale * jnp.einsum(
-        "bihk,bjhk->bhij", query, keys,
-        precision=HIGHEST, preferred_element_type=jnp.float32,
+        "bihk,bjhk->bhij",
+        query,
+        keys,
+        precision=HIGHEST,
+        preferred_element_type=jnp.float32,
     )
     if rel_query is not None:
         mem_len = rel_table.shape[0] - 1
         proj = jnp.einsum(
-            "bihk,dhk->bhid", rel_query, rel_table,
-            precision=HIGHEST, preferred_element_type=jnp.float32,
+            "bihk,dhk->bhid",
+            rel_query,
+            rel_table,
+            precision=HIGHEST,
+            preferred_element_type=jnp.float32,
         )
         idx = jnp.broadcast_to(jnp.clip(dist, 0, mem_len), (b, h, t, cap + t))
         in_range = ((dist >= 0) & (dist <= mem_len))[None, None]
-        scores = scores + jnp.where(in_range, jnp.take_along_axis(proj, idx, axis=-1), 0.0)
+        scores = scores + jnp.where(
+            in_range, jnp.take_along_axis(proj, idx, axis=-1), 0.0
+        )
     scores = jnp.where(keep[:, None], scores, MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1)
     out = jnp.einsum(

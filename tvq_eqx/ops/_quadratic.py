@@ -25,8 +25,11 @@ def relative_bias_dense(
     t = rel_query.shape[1]
     mem_len = rel_table.shape[0] - 1
     proj = jnp.einsum(
-        "bihk,dhk->bhid", rel_query, rel_table,
-        precision=HIGHEST, preferred_element_type=jnp.float32,
+        "bihk,dhk->bhid",
+        rel_query,
+        rel_table,
+        precision=HIGHEST,
+        preferred_element_type=jnp.float32,
     )
     dist = jnp.arange(t)[:, None] - jnp.arange(t)[None, :]
     in_range = (dist >= 0) & (dist <= mem_len)
@@ -74,8 +77,11 @@ def vq_attention_quadratic(
 
     def dot(a, b):
         return jnp.einsum(
-            "bihk,bjhk->bhij", a, b,
-            precision=HIGHEST, preferred_element_type=jnp.float32,
+            "bihk,bjhk->bhij",
+            a,
+            b,
+            precision=HIGHEST,
+            preferred_element_type=jnp.float32,
         )
 
     if quantize_keys:

@@ -51,8 +51,11 @@ def window_relative_bias(
     block_len = rel_query.shape[2]
     mem_len = rel_table.shape[0] - 1
     proj = jnp.einsum(
-        "bnrhk,dhk->bnrhd", rel_query, rel_table,
-        precision=HIGHEST, preferred_element_type=jnp.float32,
+        "bnrhk,dhk->bnrhd",
+        rel_query,
+        rel_table,
+        precision=HIGHEST,
+        preferred_element_type=jnp.float32,
     )
     r = jnp.arange(block_len)[:, None]
     c = jnp.arange(2 * block_len)[None, :]
@@ -64,7 +67,9 @@ def window_relative_bias(
     return jnp.where(in_range[None, None, :, None, :], bias, 0.0)
 
 
-def block_summaries(codes, value, state: VQAttentionState, *, n_code: int, block_len: int):
+def block_summaries(
+    codes, value, state: VQAttentionState, *, n_code: int, block_len: int
+):
     """The compressed cache seen by every block, and the cache after the last.
 
     Per-block code histograms `h_m = onehot(z_m)^T 1` and value sums
@@ -80,8 +85,12 @@ def block_summaries(codes, value, state: VQAttentionState, *, n_code: int, block
     z_blk = _blocks(codes, block_len)
     v_blk = _blocks(value, block_len)
     z_all = jnp.concatenate([state.prev_code[:, None], z_blk], axis=1)
-    v_all = jnp.concatenate([state.prev_value[:, None].astype(value.dtype), v_blk], axis=1)
-    valid_all = jnp.concatenate([state.prev_valid[:, None], jnp.ones((b, n_blk), bool)], 1)
+    v_all = jnp.concatenate(
+        [state.prev_value[:, None].astype(value.dtype), v_blk], axis=1
+    )
+    valid_all = jnp.concatenate(
+        [state.prev_valid[:, None], jnp.ones((b, n_blk), bool)], 1
+    )
     onehot = jax.nn.one_hot(z_all, n_code, dtype=jnp.float32)  # [B, N+1, L, H, S]
     onehot = onehot * valid_all[:, :, None, None, None]
     counts = jnp.sum(onehot, axis=2)  # [B, N+1, H, S]
@@ -90,7 +99,9 @@ def block_summaries(codes, value, state: VQAttentionState, *, n_code: int, block
         # accumulated in float32: the same sums as a float32 einsum (up to
         # summation order), on the fast low-precision matmul path.
         sums = jnp.einsum(
-            "bnlhs,bnlhv->bnhsv", onehot.astype(value.dtype), v_all,
+            "bnlhs,bnlhv->bnhsv",
+            onehot.astype(value.dtype),
+            v_all,
             preferred_element_type=jnp.float32,
         )
     else:
@@ -100,7 +111,9 @@ def block_summaries(codes, value, state: VQAttentionState, *, n_code: int, block
 
     def prefix(x, total0):
         inclusive = jnp.cumsum(x, axis=1)
-        before = jnp.concatenate([jnp.zeros_like(x[:, :1]), inclusive[:, : n_blk - 1]], 1)
+        before = jnp.concatenate(
+            [jnp.zeros_like(x[:, :1]), inclusive[:, : n_blk - 1]], 1
+        )
         return total0[:, None] + before, total0 + inclusive[:, n_blk - 1]
 
     count0 = state.cache_count
@@ -162,8 +175,11 @@ def vq_attention_xla(
     k_win = jnp.concatenate([k_prev, k_blk], axis=2)  # [B, N, 2L, H, K]
     v_win = jnp.concatenate([v_prev, v_blk], axis=2)
     win_scores = scale * jnp.einsum(
-        "bnrhk,bnchk->bnrhc", q_blk, k_win,
-        precision=HIGHEST, preferred_element_type=jnp.float32,
+        "bnrhk,bnchk->bnrhc",
+        q_blk,
+        k_win,
+        precision=HIGHEST,
+        preferred_element_type=jnp.float32,
     )
     if rel_query is not None:
         win_scores = win_scores + window_relative_bias(
@@ -184,8 +200,11 @@ def vq_attention_xla(
         if not cache_grad:
             blk_mean = sg(blk_mean)
         cache_scores = scale * jnp.einsum(
-            "bnrhk,hsk->bnrhs", q_blk, codebook,
-            precision=HIGHEST, preferred_element_type=jnp.float32,
+            "bnrhk,hsk->bnrhs",
+            q_blk,
+            codebook,
+            precision=HIGHEST,
+            preferred_element_type=jnp.float32,
         )
         cache_scores = cache_scores + log_count_bias(blk_count)[:, :, None]
         max_score = jnp.maximum(max_score, jnp.max(cache_scores, axis=-1))
@@ -203,7 +222,9 @@ def vq_attention_xla(
         cache_p = jnp.exp(cache_scores - max_score)
         denom = denom + jnp.sum(cache_p, axis=-1)
         out = out + jnp.einsum(
-            "bnrhs,bnhsv->bnrhv", cache_p, blk_mean.astype(jnp.float32),
+            "bnrhs,bnhsv->bnrhv",
+            cache_p,
+            blk_mean.astype(jnp.float32),
             precision=HIGHEST,
         )
     out = (out / denom[..., None]).reshape(b, t, h, d_v).astype(value.dtype)

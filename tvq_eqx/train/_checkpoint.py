@@ -46,7 +46,9 @@ class CheckpointError(RuntimeError):
 def _signature(tree: Any) -> list[str]:
     """`"shape:dtype"` of every array leaf (arrays or ShapeDtypeStructs)."""
     leaves = jax.tree.leaves(tree)
-    return [f"{tuple(x.shape)}:{np.dtype(x.dtype)}" for x in leaves if hasattr(x, "dtype")]
+    return [
+        f"{tuple(x.shape)}:{np.dtype(x.dtype)}" for x in leaves if hasattr(x, "dtype")
+    ]
 
 
 def _sha256(path: Path) -> str:
@@ -119,7 +121,11 @@ def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
         return None
     name = pointer.read_text().strip()
     path = d / name
-    if not _NAME.match(name) or not (path / _META).is_file() or not (path / _STATE).is_file():
+    if (
+        not _NAME.match(name)
+        or not (path / _META).is_file()
+        or not (path / _STATE).is_file()
+    ):
         raise CheckpointError(
             f"{pointer} names {name!r}, which is not a complete checkpoint in {d}"
         )
@@ -222,12 +228,14 @@ def load_checkpoint(path: str | os.PathLike, like: Any) -> tuple[Any, dict[str, 
     p = Path(meta["path"])
     state_path = p / _STATE
     if _sha256(state_path) != meta.get("sha256"):
-        raise CheckpointError(f"{state_path} is corrupt (SHA-256 does not match meta.json)")
+        raise CheckpointError(
+            f"{state_path} is corrupt (SHA-256 does not match meta.json)"
+        )
     want = _signature(like)
     got = meta.get("signature")
     if got != want:
         n_diff = (
-            sum(a != b for a, b in zip(got, want)) if isinstance(got, list) else "?"
+            sum(a != b for a, b in zip(got, want, strict=False)) if isinstance(got, list) else "?"
         )
         raise CheckpointError(
             f"{p} does not match the model/optimizer being loaded: "
@@ -237,6 +245,8 @@ def load_checkpoint(path: str | os.PathLike, like: Any) -> tuple[Any, dict[str, 
     try:
         with open(state_path, "rb") as f:
             tree = eqx.tree_deserialise_leaves(f, like)
-    except Exception as e:  # noqa: BLE001 - any decoding failure is a bad checkpoint
-        raise CheckpointError(f"cannot load {state_path}: {type(e).__name__}: {e}") from None
+    except Exception as e:
+        raise CheckpointError(
+            f"cannot load {state_path}: {type(e).__name__}: {e}"
+        ) from None
     return tree, meta

@@ -67,8 +67,14 @@ class RunConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
                 raise ValueError(f"{name} must be a positive int; got {v!r}")
-        for name in ("warmup_steps", "eval_every", "eval_batches", "save_every",
-                     "sample_len", "seed"):
+        for name in (
+            "warmup_steps",
+            "eval_every",
+            "eval_batches",
+            "save_every",
+            "sample_len",
+            "seed",
+        ):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"{name} must be an int >= 0; got {v!r}")
@@ -88,9 +94,13 @@ class RunConfig:
                 f"seq_len / update_len = {self.updates_per_batch}"
             )
         if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {OPTIMIZERS}; got {self.optimizer!r}")
+            raise ValueError(
+                f"optimizer must be one of {OPTIMIZERS}; got {self.optimizer!r}"
+            )
         if self.data_kind not in DATA_KINDS:
-            raise ValueError(f"data_kind must be one of {DATA_KINDS}; got {self.data_kind!r}")
+            raise ValueError(
+                f"data_kind must be one of {DATA_KINDS}; got {self.data_kind!r}"
+            )
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate must be > 0; got {self.learning_rate!r}")
         if self.grad_clip is not None and not self.grad_clip > 0:
@@ -125,7 +135,11 @@ class RunConfig:
         model_fields = {f.name for f in dataclasses.fields(TransformerConfig)}
         m = {k: v for k, v in changes.items() if k in model_fields}
         r = {k: v for k, v in changes.items() if k not in model_fields}
-        if "block_len" in m and "mem_len" not in m and self.model.mem_len == self.model.block_len:
+        if (
+            "block_len" in m
+            and "mem_len" not in m
+            and self.model.mem_len == self.model.block_len
+        ):
             m["mem_len"] = None  # mem_len followed block_len: keep following it
         model = self.model.replace(**m) if m else self.model
         return dataclasses.replace(self, model=model, **r)
@@ -143,23 +157,72 @@ class RunConfig:
 
 
 def _official(
-    *, n_vocab, d_model, d_v, n_layer, seq_len, update_len, abs_pe, p_dropsin,
-    p_dropres, p_droplyr, tie, preln, optimizer, lr, wd, clip, steps, top_p,
-    data_kind, batch_size,
+    *,
+    n_vocab,
+    d_model,
+    d_v,
+    n_layer,
+    seq_len,
+    update_len,
+    abs_pe,
+    p_dropsin,
+    p_dropres,
+    p_droplyr,
+    tie,
+    preln,
+    optimizer,
+    lr,
+    wd,
+    clip,
+    steps,
+    top_p,
+    data_kind,
+    batch_size,
 ) -> RunConfig:
     model = TransformerConfig(
-        n_vocab=n_vocab, d_model=d_model, d_k=128, d_v=d_v, n_head=1, n_code=512,
-        n_layer=n_layer, block_len=512, mem_len=512, p_dropemb=0.0,
-        p_dropsin=p_dropsin, p_dropres=p_dropres, p_droplyr=p_droplyr,
-        c_beta=1e-4, c_gamma=0.99, param_dtype="float32", dtype="bfloat16",
-        tie_embeddings=tie, output_norm=preln, abs_pe=abs_pe, pe_lam=100_000.0,
+        n_vocab=n_vocab,
+        d_model=d_model,
+        d_k=128,
+        d_v=d_v,
+        n_head=1,
+        n_code=512,
+        n_layer=n_layer,
+        block_len=512,
+        mem_len=512,
+        p_dropemb=0.0,
+        p_dropsin=p_dropsin,
+        p_dropres=p_dropres,
+        p_droplyr=p_droplyr,
+        c_beta=1e-4,
+        c_gamma=0.99,
+        param_dtype="float32",
+        dtype="bfloat16",
+        tie_embeddings=tie,
+        output_norm=preln,
+        abs_pe=abs_pe,
+        pe_lam=100_000.0,
     )
     return RunConfig(
-        model=model, data_kind=data_kind, batch_size=batch_size, seq_len=seq_len,
-        update_len=update_len, optimizer=optimizer, learning_rate=lr,
-        warmup_steps=10_000, steps=steps, weight_decay=wd, grad_clip=clip,
-        final_lr_ratio=0.1, eval_every=1_000, eval_batches=100, log_every=100,
-        save_every=1_000, keep=5, sample_len=8192, temperature=1.0, top_p=top_p,
+        model=model,
+        data_kind=data_kind,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        update_len=update_len,
+        optimizer=optimizer,
+        learning_rate=lr,
+        warmup_steps=10_000,
+        steps=steps,
+        weight_decay=wd,
+        grad_clip=clip,
+        final_lr_ratio=0.1,
+        eval_every=1_000,
+        eval_batches=100,
+        log_every=100,
+        save_every=1_000,
+        keep=5,
+        sample_len=8192,
+        temperature=1.0,
+        top_p=top_p,
         seed=42,
     )
 
@@ -168,33 +231,98 @@ PRESETS: dict[str, RunConfig] = {
     # CPU demo on the bundled Shakespeare corpus: ~2 CPU cores, a few minutes.
     "tiny": RunConfig(
         model=TransformerConfig(
-            n_vocab=256, d_model=128, d_k=32, d_v=128, n_head=1, n_code=64,
-            n_layer=2, block_len=64,
+            n_vocab=256,
+            d_model=128,
+            d_k=32,
+            d_v=128,
+            n_head=1,
+            n_code=64,
+            n_layer=2,
+            block_len=64,
         ),
-        batch_size=8, seq_len=256, update_len=256, optimizer="adamw",
-        learning_rate=3e-3, warmup_steps=20, steps=600, weight_decay=2e-4,
-        grad_clip=1.0, eval_every=150, eval_batches=0, log_every=10,
-        save_every=0, keep=2, sample_len=400, temperature=0.8, top_p=0.9, seed=0,
+        batch_size=8,
+        seq_len=256,
+        update_len=256,
+        optimizer="adamw",
+        learning_rate=3e-3,
+        warmup_steps=20,
+        steps=600,
+        weight_decay=2e-4,
+        grad_clip=1.0,
+        eval_every=150,
+        eval_batches=0,
+        log_every=10,
+        save_every=0,
+        keep=2,
+        sample_len=400,
+        temperature=0.8,
+        top_p=0.9,
+        seed=0,
     ),
     "enwik8": _official(
-        n_vocab=256, d_model=768, d_v=1536, n_layer=24, seq_len=8192,
-        update_len=2048, abs_pe=False, p_dropsin=0.2, p_dropres=0.5,
-        p_droplyr=0.3, tie=False, preln=False, optimizer="adamw", lr=4e-4,
-        wd=2e-4, clip=0.1, steps=125_000, top_p=0.9, data_kind="bytes",
+        n_vocab=256,
+        d_model=768,
+        d_v=1536,
+        n_layer=24,
+        seq_len=8192,
+        update_len=2048,
+        abs_pe=False,
+        p_dropsin=0.2,
+        p_dropres=0.5,
+        p_droplyr=0.3,
+        tie=False,
+        preln=False,
+        optimizer="adamw",
+        lr=4e-4,
+        wd=2e-4,
+        clip=0.1,
+        steps=125_000,
+        top_p=0.9,
+        data_kind="bytes",
         batch_size=128,
     ),
     "pg19": _official(
-        n_vocab=32_000, d_model=2048, d_v=4096, n_layer=24, seq_len=8192,
-        update_len=2048, abs_pe=False, p_dropsin=0.1, p_dropres=0.1,
-        p_droplyr=0.1, tie=True, preln=True, optimizer="adafactor", lr=0.01,
-        wd=0.0, clip=None, steps=500_000, top_p=0.8, data_kind="sentencepiece",
+        n_vocab=32_000,
+        d_model=2048,
+        d_v=4096,
+        n_layer=24,
+        seq_len=8192,
+        update_len=2048,
+        abs_pe=False,
+        p_dropsin=0.1,
+        p_dropres=0.1,
+        p_droplyr=0.1,
+        tie=True,
+        preln=True,
+        optimizer="adafactor",
+        lr=0.01,
+        wd=0.0,
+        clip=None,
+        steps=500_000,
+        top_p=0.8,
+        data_kind="sentencepiece",
         batch_size=128,
     ),
     "imagenet64": _official(
-        n_vocab=256, d_model=2048, d_v=4096, n_layer=24, seq_len=12_288,
-        update_len=1536, abs_pe=True, p_dropsin=0.1, p_dropres=0.0,
-        p_droplyr=0.0, tie=True, preln=True, optimizer="adafactor", lr=0.01,
-        wd=0.0, clip=None, steps=500_000, top_p=0.999, data_kind="images",
+        n_vocab=256,
+        d_model=2048,
+        d_v=4096,
+        n_layer=24,
+        seq_len=12_288,
+        update_len=1536,
+        abs_pe=True,
+        p_dropsin=0.1,
+        p_dropres=0.0,
+        p_droplyr=0.0,
+        tie=True,
+        preln=True,
+        optimizer="adafactor",
+        lr=0.01,
+        wd=0.0,
+        clip=None,
+        steps=500_000,
+        top_p=0.999,
+        data_kind="images",
         batch_size=128,
     ),
 }

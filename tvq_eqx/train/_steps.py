@@ -147,7 +147,9 @@ def train_step(
     _check_batch(batch, segment_len=update_len, block_len=c.block_len, what="train")
     params, static = eqx.partition(model, eqx.is_inexact_array)
     b = batch["inputs"].shape[0]
-    attn = _select_state(jnp.asarray(reset), model.init_state(b), train_state.attn_state)
+    attn = _select_state(
+        jnp.asarray(reset), model.init_state(b), train_state.attn_state
+    )
 
     def body(carry, segment):
         params, opt_state, attn, rng = carry
@@ -342,7 +344,9 @@ def make_train_step(
 
 @eqx.filter_jit
 def _eval_jitted(model, attn_state, batch, reset, segment_len, mesh):
-    new, sums = eval_step(model, attn_state, batch, segment_len=segment_len, reset=reset)
+    new, sums = eval_step(
+        model, attn_state, batch, segment_len=segment_len, reset=reset
+    )
     if mesh is not None:
         new = jax.lax.with_sharding_constraint(new, _attn_shardings(new, mesh))
     return new, sums
