@@ -6,7 +6,10 @@ scanned train step (`tvq_eqx.train.train_step`: loss, gradients, AdamW update
 with the EMA codebook routing) on one update segment of `batch x T` tokens,
 reads the compiled program's memory estimate, calls it once untimed
 (warm-up), then times `reps` calls (median, `block_until_ready`). Both
-models are timed side by side in one run, with the same parameters.
+models are timed side by side in one run, with the same parameters: every
+length and model is compiled and warmed up first, then timed in rounds (each
+round calls every program once), so load drifts on a shared machine hit all
+of them alike.
 
 Memory: `compiled.memory_analysis()` of the jitted step, temp + argument +
 output bytes (donated buffers counted once): XLA's static estimate of the
@@ -109,7 +112,9 @@ def compile_step(model, batch_size: int, seq: int):
     return compiled, dyn, batch
 
 
-def measure(model, p: ScalingPreset, seq: int, run_it: bool) -> dict:
+def prepare(model, p: ScalingPreset, seq: int, run_it: bool) -> dict:
+    """Compile the step, read its memory estimate and (if it is to run) make
+    one untimed warm-up call."""
     t0 = time.perf_counter()
     compiled, dyn, batch = compile_step(model, p.batch_size, seq)
     out = dict(compile_s=time.perf_counter() - t0,
@@ -126,10 +131,17 @@ def measure(model, p: ScalingPreset, seq: int, run_it: bool) -> dict:
         state["dyn"], loss = compiled(state["dyn"], batch)
         return loss
 
-    loss = C.block(call())  # warm-up
-    out["times"] = C.time_calls(call, reps=p.reps, warmup=0)
-    out["loss"] = float(loss)
+    out["loss"] = float(C.block(call()))  # warm-up
+    out["call"] = call
+    out["times"] = []
     return out
+
+
+def timed_call(m: dict) -> None:
+    t0 = time.perf_counter()
+    loss = C.block(m["call"]())
+    m["times"].append(time.perf_counter() - t0)
+    m["loss"] = float(loss) if np.isfinite(m["loss"]) else m["loss"]
 
 
 def run(p: ScalingPreset, *, out_dir: Path, tag: str, command: str) -> dict:
@@ -140,16 +152,29 @@ def run(p: ScalingPreset, *, out_dir: Path, tag: str, command: str) -> dict:
         for att in ("vq", "full"):
             model = Transformer(model_config(p, att), key=jax.random.key(0))
             ok, err = check(model, att, min(seq, p.check_len))
-            m = measure(model, p, seq, run_it=(att == "vq" or seq <= p.full_max_len))
-            finite = m["loss"] is None or bool(np.isfinite(m["loss"]))
-            m.update(ok=ok and finite, err=err)
+            m = prepare(model, p, seq, run_it=(att == "vq" or seq <= p.full_max_len))
+            m.update(check_ok=ok, err=err)
             row[att] = m
-            t = C.median(m["times"]) if m["times"] else None
-            C.log(f"scaling T={seq} {att}: "
-                  + (f"{t * 1e3:.1f} ms" if t else m.get("skip", "")) +
-                  f", mem {C.fmt_bytes(m['mem'])}, check {'pass' if m['ok'] else 'FAIL'} "
-                  f"({err:.1e})")
+            C.log(f"scaling T={seq} {att}: compiled, mem {C.fmt_bytes(m['mem'])}, "
+                  f"check {'pass' if ok else 'FAIL'} ({err:.1e})"
+                  + (f", {m['skip']}" if "skip" in m else ""))
         rows.append(row)
+    # Timing rounds: every (length, model) once per round, so that load
+    # drifts on a shared machine hit all lengths alike.
+    for _ in range(p.reps):
+        for row in rows:
+            for att in ("vq", "full"):
+                if row[att].get("call") is not None:
+                    timed_call(row[att])
+    for row in rows:
+        for att in ("vq", "full"):
+            m = row[att]
+            m.pop("call", None)
+            finite = m["loss"] is None or bool(np.isfinite(m["loss"]))
+            m["ok"] = m.pop("check_ok") and finite
+            t = C.median(m["times"]) if m["times"] else None
+            C.log(f"scaling T={row['T']} {att}: "
+                  + (f"{t * 1e3:.1f} ms" if t else m.get("skip", "")))
     wall = time.perf_counter() - t_start
     md = out_dir / f"scaling-{tag}.md"
     png = out_dir / f"scaling-{tag}.png"
@@ -188,7 +213,8 @@ def write_report(p, rows, *, md, png, command, wall):
         f"step: `tvq_eqx.train.train_step` (loss, gradients, AdamW + EMA codebook "
         f"update) on batch {p.batch_size} x T tokens, one update segment; jit, "
         "donated train state",
-        f"time: median of {p.reps} calls after 1 warm-up call (compile excluded); "
+        f"time: median of {p.reps} calls after 1 warm-up call (compile excluded), "
+        "interleaved over all lengths and both models round by round; "
         "tokens/s = batch x T / time",
         "memory: XLA's compiled estimate (`memory_analysis()`: temp + argument + "
         "output bytes) of the step, not a measured RSS",
