@@ -27,7 +27,9 @@ AGGRESSIVE = train.make_optimizer(
 def _batch(key, b=2, t=32, vocab=32):
     toks = jax.random.randint(key, (b, t + 1), 0, vocab)
     return dict(
-        inputs=toks[:, :-1], targets=toks[:, 1:], loss_mask=jnp.ones((b, t), jnp.float32)
+        inputs=toks[:, :-1],
+        targets=toks[:, 1:],
+        loss_mask=jnp.ones((b, t), jnp.float32),
     )
 
 
@@ -45,7 +47,9 @@ def test_one_step_moves_codebook_exactly_to_ema_target(getkey):
 
     _, _, aux = model(batch["inputs"], model.init_state(2), mask=batch["loss_mask"])
     vq = aux["vq"]
-    for i, (unit, (s, c)) in enumerate(zip(model.attention_units(), _codebooks(new.model), strict=True)):
+    for i, (unit, (s, c)) in enumerate(
+        zip(model.attention_units(), _codebooks(new.model), strict=True)
+    ):
         target = unit.quantizer.ema_update(vq["code_count"][i], vq["code_key_sum"][i])
         np.testing.assert_allclose(s, target.codebook_sum, rtol=1e-6, atol=1e-6)
         np.testing.assert_allclose(c, target.codebook_count, rtol=1e-6, atol=1e-6)
@@ -64,7 +68,8 @@ def test_codebook_reaching_main_optimizer_is_an_error(getkey):
     opt.init(params)
     labels = train.param_labels(params)
     cb = [
-        lab for u in labels.attention_units()
+        lab
+        for u in labels.attention_units()
         for lab in (u.quantizer.codebook_sum, u.quantizer.codebook_count)
     ]
     assert cb and set(cb) == {"codebook"}
@@ -80,7 +85,12 @@ def test_weight_decay_on_matrices_only(name, getkey):
     zeros = jax.tree.map(jnp.zeros_like, params)
     updates, _ = jax.jit(opt.update)(zeros, state, params)
     labels = train.param_labels(params)
-    for u, p, lab in zip(jax.tree.leaves(updates), jax.tree.leaves(params), jax.tree.leaves(labels), strict=True):
+    for u, p, lab in zip(
+        jax.tree.leaves(updates),
+        jax.tree.leaves(params),
+        jax.tree.leaves(labels),
+        strict=True,
+    ):
         if lab == "codebook" or p.ndim < 2:
             np.testing.assert_array_equal(u, 0.0)
         else:  # decoupled: -wd * theta, not scaled by the learning rate
@@ -133,16 +143,21 @@ def test_scan_over_update_segments_equals_sequential_updates(getkey):
 
     for i in range(4):
         rng, sub = jax.random.split(rng)
-        seg = {k: v[:, 16 * i: 16 * (i + 1)] for k, v in batch.items()}
+        seg = {k: v[:, 16 * i : 16 * (i + 1)] for k, v in batch.items()}
         params, opt_state, aux = manual(params, opt_state, attn, seg, sub)
         attn = aux["state"]
         total += float(aux["metrics"]["lm_loss_sum"])
 
     assert int(new.step) == 4
-    for a, b in zip(jax.tree.leaves(eqx.filter(new.model, eqx.is_inexact_array)),
-                    jax.tree.leaves(params), strict=True):
+    for a, b in zip(
+        jax.tree.leaves(eqx.filter(new.model, eqx.is_inexact_array)),
+        jax.tree.leaves(params),
+        strict=True,
+    ):
         np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
-    for a, b in zip(jax.tree.leaves(new.attn_state), jax.tree.leaves(attn), strict=True):
+    for a, b in zip(
+        jax.tree.leaves(new.attn_state), jax.tree.leaves(attn), strict=True
+    ):
         np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5)
     assert float(metrics["lm_loss_sum"]) == pytest.approx(total, rel=1e-5)
     assert float(metrics["token_count"]) == 2 * 64
@@ -155,8 +170,9 @@ def test_jitted_donating_step_trains(getkey):
     text = data.load_bytes()[:20_000]
     cfg = CFG.replace(n_vocab=256)
     model = tvq_eqx.Transformer(cfg, key=getkey())
-    opt = train.make_optimizer(learning_rate=1e-2, warmup_steps=2, total_steps=30,
-                               grad_clip=1.0)
+    opt = train.make_optimizer(
+        learning_rate=1e-2, warmup_steps=2, total_steps=30, grad_clip=1.0
+    )
     ts = train.init_train_state(model, opt, 4, key=getkey())
     stream = data.TokenStream(text, batch_size=4, seq_len=32, seed=0)
     step = train.make_train_step(opt, update_len=16)
@@ -180,8 +196,12 @@ def test_reset_restarts_the_attention_state(getkey):
     _, m_reset = step(carried, batch, reset=True)
     _, m_fresh = step(ts, batch)
     _, m_carry = step(carried, batch)
-    assert float(m_reset["lm_loss_sum"]) == pytest.approx(float(m_fresh["lm_loss_sum"]), rel=1e-6)
-    assert float(m_carry["lm_loss_sum"]) != pytest.approx(float(m_fresh["lm_loss_sum"]), rel=1e-6)
+    assert float(m_reset["lm_loss_sum"]) == pytest.approx(
+        float(m_fresh["lm_loss_sum"]), rel=1e-6
+    )
+    assert float(m_carry["lm_loss_sum"]) != pytest.approx(
+        float(m_fresh["lm_loss_sum"]), rel=1e-6
+    )
 
 
 def test_sequence_not_multiple_of_update_segments_is_an_error(getkey):
@@ -209,8 +229,10 @@ def test_evaluate_over_batches_equals_one_long_forward(getkey):
     whole row; bits = nats / (tokens ln 2)."""
     cfg = CFG.replace(n_vocab=256)
     model = tvq_eqx.Transformer(cfg, key=getkey())
-    text = data.load_bytes()[:2 * 96 + 2]
-    stream = data.TokenStream(text, batch_size=2, seq_len=32, shuffle=False, repeat=False)
+    text = data.load_bytes()[: 2 * 96 + 2]
+    stream = data.TokenStream(
+        text, batch_size=2, seq_len=32, shuffle=False, repeat=False
+    )
     assert stream.num_batches == 3
     res = train.evaluate(model, list(stream), segment_len=16)
 
@@ -225,3 +247,29 @@ def test_evaluate_over_batches_equals_one_long_forward(getkey):
     assert res["perplexity"] == pytest.approx(math.exp(res["nats_per_token"]))
     with pytest.raises(ValueError, match="no batches"):
         train.evaluate(model, [], segment_len=16)
+
+
+def test_context_len_bounds_the_carried_history():
+    from tvq_eqx.train import PRESETS
+
+    tiny = PRESETS["tiny"]
+    run = tiny.replace(context_len=4 * tiny.seq_len)
+    assert [run.resets_state(w) for w in range(9)] == [
+        True,
+        False,
+        False,
+        False,
+        True,
+        False,
+        False,
+        False,
+        True,
+    ]
+    unbounded = tiny.replace(context_len=0)
+    assert [unbounded.resets_state(w) for w in range(3)] == [True, False, False]
+    with pytest.raises(
+        ValueError, match="context_len=300 must be a multiple of seq_len=256"
+    ):
+        tiny.replace(context_len=300)
+    for name in ("enwik8", "pg19", "imagenet64"):
+        assert PRESETS[name].context_len == PRESETS[name].seq_len

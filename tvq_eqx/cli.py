@@ -211,12 +211,17 @@ def _stream(run, arr, *, train: bool, batch_size: int | None = None):
 
 
 def _eval_batches(run, stream):
+    """(count, batches, resets): one pass, the state emptied per `context_len`."""
     n = (
         stream.num_batches
         if run.eval_batches == 0
         else min(run.eval_batches, stream.num_batches)
     )
-    return n, (stream.batch(i) for i in range(n))
+    return (
+        n,
+        (stream.batch(i) for i in range(n)),
+        [run.resets_state(i) for i in range(n)],
+    )
 
 
 # ----------------------------------------------------------------------------
@@ -483,7 +488,7 @@ def cmd_train(args) -> int:
     step_fn = make_train_step(optimizer, update_len=run.update_len, mesh=mesh)
 
     def run_eval(model, desc):
-        n, batches = _eval_batches(run, val_stream)
+        n, batches, resets = _eval_batches(run, val_stream)
         bar = lambda it: tqdm(
             it,
             total=n,
@@ -493,7 +498,12 @@ def cmd_train(args) -> int:
             file=sys.stderr,
         )
         return evaluate_fn(
-            model, batches, segment_len=run.update_len, mesh=mesh, progress=bar
+            model,
+            batches,
+            segment_len=run.update_len,
+            mesh=mesh,
+            resets=resets,
+            progress=bar,
         )
 
     def save(step, extra=None):
@@ -521,7 +531,9 @@ def cmd_train(args) -> int:
     val = None
     for batch_index in range(start_batch, stop_batch):
         _, window = train_stream.epoch_and_window(batch_index)
-        ts, metrics = step_fn(ts, train_stream.batch(batch_index), reset=(window == 0))
+        ts, metrics = step_fn(
+            ts, train_stream.batch(batch_index), reset=run.resets_state(window)
+        )
         step = (batch_index + 1) * upb
         tok_last += tokens_per_batch
         last = batch_index + 1 == stop_batch
@@ -618,7 +630,7 @@ def cmd_eval(args) -> int:
     splits, _, _ = _load_data(run, split=args.split)
     stream = _stream(run, splits[args.split], train=False)
     mesh = _mesh_or_none(run.batch_size)
-    n, batches = _eval_batches(run, stream)
+    n, batches, resets = _eval_batches(run, stream)
     bar = lambda it: tqdm(
         it,
         total=n,
@@ -628,7 +640,12 @@ def cmd_eval(args) -> int:
     )
     t0 = time.perf_counter()
     res = evaluate_fn(
-        model, batches, segment_len=run.update_len, mesh=mesh, progress=bar
+        model,
+        batches,
+        segment_len=run.update_len,
+        mesh=mesh,
+        resets=resets,
+        progress=bar,
     )
     res["wall_s"] = time.perf_counter() - t0
     res.update(

@@ -235,7 +235,9 @@ def load_checkpoint(path: str | os.PathLike, like: Any) -> tuple[Any, dict[str, 
     got = meta.get("signature")
     if got != want:
         n_diff = (
-            sum(a != b for a, b in zip(got, want, strict=False)) if isinstance(got, list) else "?"
+            sum(a != b for a, b in zip(got, want, strict=False))
+            if isinstance(got, list)
+            else "?"
         )
         raise CheckpointError(
             f"{p} does not match the model/optimizer being loaded: "
