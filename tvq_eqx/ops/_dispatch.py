@@ -154,22 +154,10 @@ def vq_attention_with_state(
             "implementation='quadratic' has no streaming state; use 'xla' or 'pallas'"
         )
     if impl == "pallas":
-        from ._pallas import vq_attention_pallas
-
-        return vq_attention_pallas(
-            query,
-            key,
-            value,
-            codebook,
-            block_len=block_len,
-            scale=scale,
-            state=state,
-            rel_query=rel_query,
-            rel_table=rel_table,
-            use_cache=use_cache,
-            cache_grad=cache_grad,
-        )
-    return _xla_jit(
+        from ._pallas import vq_attention_pallas as implementation_fn
+    else:
+        implementation_fn = _xla_jit
+    return implementation_fn(
         query,
         key,
         value,
