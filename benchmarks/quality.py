@@ -119,15 +119,25 @@ def codebook_usage(model, batches) -> dict[str, float]:
     )
 
 
-def _eval_bpb(eval_step, model, batches, *, reset_each: bool = False) -> float:
-    """Bits per byte over `batches` with the carried state (or, with
-    `reset_each`, an empty state at the start of every window)."""
+def _resets(p: QualityPreset, window: int, *, training: bool = True) -> bool:
+    """Whether the carried state is emptied before window `window` of a pass
+    (`reset_each_batch` applies to training only, as it always did)."""
+    if window == 0 or (training and p.reset_each_batch):
+        return True
+    return p.context_len > 0 and (window * p.seq_len) % p.context_len == 0
+
+
+def _eval_bpb(eval_step, model, batches, *, reset_each: bool = False,
+              p: QualityPreset | None = None) -> float:
+    """Bits per byte over `batches` with the carried state (emptied per
+    `p.context_len` when given; with `reset_each`, at every window)."""
     state = None
     total = count = 0.0
-    for batch in batches:
+    for i, batch in enumerate(batches):
         if state is None:
             state = model.init_state(np.asarray(batch["inputs"]).shape[0])
-        state, sums = eval_step(model, state, batch, reset=reset_each)
+        reset = reset_each or (p is not None and _resets(p, i, training=False))
+        state, sums = eval_step(model, state, batch, reset=reset)
         total += float(sums["lm_loss_sum"])
         count += float(sums["token_count"])
     return total / max(count, 1.0) / math.log(2.0)
@@ -158,7 +168,7 @@ def train_one(name, config, p: QualityPreset, splits, *, log=C.log) -> dict:
         _, window = stream.epoch_and_window(i)
         t0 = time.perf_counter()
         ts, metrics = step_fn(ts, stream.batch(i),
-                              reset=bool(window == 0 or p.reset_each_batch))
+                              reset=_resets(p, window))
         bpt = float(metrics["bits_per_token"])  # waits for the step
         dt = time.perf_counter() - t0
         if i == 0:
@@ -170,10 +180,10 @@ def train_one(name, config, p: QualityPreset, splits, *, log=C.log) -> dict:
             log(f"  {name}: non-finite loss at update {i + 1}")
             break
         if (i + 1) % p.eval_every == 0 and (i + 1) < p.steps:
-            val_curve.append((i + 1, _eval_bpb(eval_step, ts.model, curve_batches)))
+            val_curve.append((i + 1, _eval_bpb(eval_step, ts.model, curve_batches, p=p)))
     model = ts.model
-    val_curve.append((p.steps, _eval_bpb(eval_step, model, curve_batches)))
-    bpb = _eval_bpb(eval_step, model, val_batches)
+    val_curve.append((p.steps, _eval_bpb(eval_step, model, curve_batches, p=p)))
+    bpb = _eval_bpb(eval_step, model, val_batches, p=p)
     bpb_reset = _eval_bpb(eval_step, model, val_batches, reset_each=True)
     ok, err = check(model, val_batches[0]["inputs"])
     ok = ok and all(math.isfinite(b) for _, b in train_curve) and math.isfinite(bpb)
@@ -235,6 +245,8 @@ def write_report(p, results, by, *, md, png, command, corpus, n_bytes, wall):
         f"{p.weight_decay}, clip {p.grad_clip}, seed {p.seed}; "
         + ("attention state EMPTIED at every training batch (context <= "
            f"{p.seq_len} bytes)" if p.reset_each_batch else
+           f"attention state carried along each row and emptied every {p.context_len} "
+           "bytes (training and evaluation)" if p.context_len else
            "attention state carried between batches along each row (reset each epoch)"),
         "validation bits per byte: summed NLL over "
         + ("the whole validation split" if p.eval_batches == 0 else

@@ -94,6 +94,10 @@ class QualityPreset:
     # (None = vq, full, window and the sweep).
     reset_each_batch: bool = False
     models: tuple[str, ...] | None = None
+    # Tokens of history the carried state holds (training and the main
+    # evaluation) before it is emptied, as `RunConfig.context_len`; 0 = the
+    # whole epoch / validation pass.
+    context_len: int = 0
 
 
 def _with(config: TransformerConfig, **changes) -> TransformerConfig:
@@ -171,6 +175,12 @@ QUALITY: dict[str, QualityPreset] = {
 # training batch, so no model sees more than the 256-byte training window.
 QUALITY["cpu-shortctx"] = dataclasses.replace(
     QUALITY["cpu"], reset_each_batch=True, models=("vq", "full", "window"),
+)
+# The training layer's bounded carried history (`RunConfig.context_len`, the
+# tiny preset's 1,024 bytes): the cache spans 4 consecutive batches; full gets
+# a KV cache of the same length.
+QUALITY["cpu-ctx1024"] = dataclasses.replace(
+    QUALITY["cpu"], context_len=1024, kv_cache_len=1024, models=("vq", "full", "window"),
 )
 QUALITY["gpu"] = QUALITY["cpu"]
 
