@@ -210,17 +210,27 @@ def _stream(run, arr, *, train: bool, batch_size: int | None = None):
     )
 
 
-def _eval_batches(run, stream):
-    """(count, batches, resets): one pass, the state emptied per `context_len`."""
+def _evaluate_stream(run, model, stream, *, mesh, desc, no_progress, leave=True):
+    """One pass over `stream` (or its first `eval_batches` windows) with the
+    carried state, emptied per `run.context_len`; returns `evaluate`'s dict."""
+    from tqdm import tqdm
+
+    from .train import evaluate
+
     n = (
         stream.num_batches
         if run.eval_batches == 0
         else min(run.eval_batches, stream.num_batches)
     )
-    return (
-        n,
+    return evaluate(
+        model,
         (stream.batch(i) for i in range(n)),
-        [run.resets_state(i) for i in range(n)],
+        segment_len=run.update_len,
+        mesh=mesh,
+        resets=[run.resets_state(i) for i in range(n)],
+        progress=lambda it: tqdm(
+            it, total=n, desc=desc, leave=leave, disable=no_progress, file=sys.stderr
+        ),
     )
 
 
@@ -406,7 +416,6 @@ def cmd_train(args) -> int:
     from tqdm import tqdm
 
     from .nn import Transformer
-    from .train import evaluate as evaluate_fn
     from .train import (
         init_train_state,
         latest_checkpoint,
@@ -488,22 +497,14 @@ def cmd_train(args) -> int:
     step_fn = make_train_step(optimizer, update_len=run.update_len, mesh=mesh)
 
     def run_eval(model, desc):
-        n, batches, resets = _eval_batches(run, val_stream)
-        bar = lambda it: tqdm(
-            it,
-            total=n,
-            desc=desc,
-            leave=False,
-            disable=args.no_progress,
-            file=sys.stderr,
-        )
-        return evaluate_fn(
+        return _evaluate_stream(
+            run,
             model,
-            batches,
-            segment_len=run.update_len,
+            val_stream,
             mesh=mesh,
-            resets=resets,
-            progress=bar,
+            desc=desc,
+            no_progress=args.no_progress,
+            leave=False,
         )
 
     def save(step, extra=None):
@@ -611,9 +612,6 @@ def _default_prompt(arr, run):
 
 def cmd_eval(args) -> int:
     import jax
-    from tqdm import tqdm
-
-    from .train import evaluate as evaluate_fn
 
     run_dir = Path(args.run_dir)
     run, ts, meta, _ = _load_run(run_dir)
@@ -630,22 +628,14 @@ def cmd_eval(args) -> int:
     splits, _, _ = _load_data(run, split=args.split)
     stream = _stream(run, splits[args.split], train=False)
     mesh = _mesh_or_none(run.batch_size)
-    n, batches, resets = _eval_batches(run, stream)
-    bar = lambda it: tqdm(
-        it,
-        total=n,
-        desc=f"eval {args.split}",
-        disable=args.no_progress,
-        file=sys.stderr,
-    )
     t0 = time.perf_counter()
-    res = evaluate_fn(
+    res = _evaluate_stream(
+        run,
         model,
-        batches,
-        segment_len=run.update_len,
+        stream,
         mesh=mesh,
-        resets=resets,
-        progress=bar,
+        desc=f"eval {args.split}",
+        no_progress=args.no_progress,
     )
     res["wall_s"] = time.perf_counter() - t0
     res.update(
