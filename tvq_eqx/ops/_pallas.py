@@ -36,16 +36,17 @@ from ._common import (
     quantize,
     straight_through,
 )
-from ._xla import block_summaries, vq_attention_xla, window_relative_bias
+from ._xla import (
+    _blocks,
+    block_summaries,
+    next_state,
+    vq_attention_xla,
+    window_relative_bias,
+)
 
 sg = jax.lax.stop_gradient
 
 BACKWARD_ENV = "TVQ_EQX_PALLAS_BACKWARD"
-
-
-def _blocks(x, block_len):
-    b, t = x.shape[:2]
-    return x.reshape(b, t // block_len, block_len, *x.shape[2:])
 
 
 def _heads_first(x):
@@ -126,14 +127,7 @@ def _forward(
         interpret=interpret,
     )
     out = jnp.transpose(out.reshape(b, h, t, -1), (0, 2, 1, 3)).astype(value.dtype)
-    new_state = VQAttentionState(
-        prev_code=z_blk[:, -1],
-        prev_value=v_blk[:, -1].astype(state.prev_value.dtype),
-        prev_valid=jnp.ones((b,), bool),
-        cache_count=new_count,
-        cache_mean=new_mean.astype(state.cache_mean.dtype),
-    )
-    return out, new_state
+    return out, next_state(state, z_blk[:, -1], v_blk[:, -1], new_count, new_mean)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))

@@ -125,6 +125,20 @@ def block_summaries(
     return blk_count, blk_mean, new_count, new_mean
 
 
+def next_state(
+    state: VQAttentionState, last_codes, last_values, cache_count, cache_mean
+):
+    """The state after a segment: its last block, and the cache of all older ones
+    (dtypes kept from the incoming state)."""
+    return VQAttentionState(
+        prev_code=last_codes,
+        prev_value=last_values.astype(state.prev_value.dtype),
+        prev_valid=jnp.ones_like(state.prev_valid),
+        cache_count=cache_count,
+        cache_mean=cache_mean.astype(state.cache_mean.dtype),
+    )
+
+
 def vq_attention_xla(
     query: Float[Array, "batch seq heads d_k"],
     key: Float[Array, "batch seq heads d_k"],
@@ -229,11 +243,4 @@ def vq_attention_xla(
         )
     out = (out / denom[..., None]).reshape(b, t, h, d_v).astype(value.dtype)
 
-    new_state = VQAttentionState(
-        prev_code=z_blk[:, -1],
-        prev_value=v_blk[:, -1].astype(state.prev_value.dtype),
-        prev_valid=jnp.ones((b,), bool),
-        cache_count=new_count,
-        cache_mean=new_mean.astype(state.cache_mean.dtype),
-    )
-    return out, new_state
+    return out, next_state(state, z_blk[:, -1], v_blk[:, -1], new_count, new_mean)
