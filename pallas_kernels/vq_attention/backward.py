@@ -31,7 +31,17 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from ._common import MASK_VALUE, Static, dot_nn, dot_nt, dot_tn, fori, iota, tile
+from ._common import (
+    MASK_VALUE,
+    Static,
+    dot_nn,
+    dot_nt,
+    dot_tn,
+    fori,
+    iota,
+    split_input_refs,
+    tile,
+)
 from ._platform import pallas_call
 
 
@@ -57,13 +67,19 @@ def _want_pcode(st: Static) -> bool:
 # ------------------------------------------------- dq, P and dS (query side)
 def _ds_kernel(*refs, st: Static):
     t = st.tiles
-    refs = list(refs)
-    q_ref, kp_ref, kc_ref, vp_ref, vc_ref, pv_ref = refs[:6]
-    rest = refs[6:]
-    if st.use_cache:
-        cb_ref, cbias_ref, cmean_ref, *rest = rest
-    if st.has_bias:
-        wb_ref, *rest = rest
+    inputs, rest = split_input_refs(refs, st)
+    (
+        q_ref,
+        kp_ref,
+        kc_ref,
+        vp_ref,
+        vc_ref,
+        pv_ref,
+        cb_ref,
+        cbias_ref,
+        cmean_ref,
+        wb_ref,
+    ) = inputs
     do_ref, lse_ref, delta_ref, dq_ref, pw_ref, dsw_ref, *rest = rest
     pc_ref = rest.pop(0) if _want_pcode(st) else None
     dwb_ref = rest.pop(0) if _separate_dwb(st) else None

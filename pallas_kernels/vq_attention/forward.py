@@ -25,7 +25,16 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from ._common import MASK_VALUE, Static, dot_nn, dot_nt, fori, iota, tile
+from ._common import (
+    MASK_VALUE,
+    Static,
+    dot_nn,
+    dot_nt,
+    fori,
+    iota,
+    split_input_refs,
+    tile,
+)
 from ._platform import pallas_call
 
 
@@ -42,13 +51,19 @@ def _online_update(carry, s, v, precision):
 
 def _fwd_kernel(*refs, st: Static):
     t = st.tiles
-    refs = list(refs)
-    q_ref, kp_ref, kc_ref, vp_ref, vc_ref, pv_ref = refs[:6]
-    rest = refs[6:]
-    if st.use_cache:
-        cb_ref, cbias_ref, cmean_ref, *rest = rest
-    if st.has_bias:
-        wb_ref, *rest = rest
+    inputs, rest = split_input_refs(refs, st)
+    (
+        q_ref,
+        kp_ref,
+        kc_ref,
+        vp_ref,
+        vc_ref,
+        pv_ref,
+        cb_ref,
+        cbias_ref,
+        cmean_ref,
+        wb_ref,
+    ) = inputs
     o_ref, lse_ref = rest
 
     bq, bk, bc, bv, L = t.block_q, t.block_k, t.block_code, t.block_v, t.block_len
