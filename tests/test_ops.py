@@ -17,16 +17,27 @@ from tvq_eqx.ops import vq_attention_xla as _xla
 
 # Jitted once per shape: op-by-op dispatch would compile every primitive.
 vq_attention_xla = jax.jit(
-    _xla, static_argnames=("block_len", "scale", "use_cache", "cache_grad")
+    _xla,
+    static_argnames=(
+        "block_len",
+        "scale",
+        "use_cache",
+        "cache_grad",
+        "mem_len",
+        "sliding_window",
+        "state_keys",
+    ),
 )
 vq_attention_quadratic = jax.jit(
     _quadratic,
     static_argnames=(
         "scale",
         "block_len",
+        "mem_len",
         "key_grad_window",
-        "value_grad_window",
+        "cache_grad",
         "use_cache",
+        "sliding_window",
         "quantize_keys",
     ),
 )
@@ -205,7 +216,7 @@ def test_straight_through_key_gradient_is_nonzero_and_matches_scores(getkey):
     assert rel_err(want, got) <= 1e-5
 
 
-def test_cache_grad_off_matches_windowed_value_gradient(getkey):
+def test_cache_grad_off_matches_in_block_value_gradient(getkey):
     shape = (2, 40, 2, 4, 6, 5, 8)
     q, k, v, c, rq, rt = make_inputs(getkey, shape)
     cot = jax.random.normal(getkey(), v.shape)
@@ -218,7 +229,7 @@ def test_cache_grad_off_matches_windowed_value_gradient(getkey):
     dv_ref = jax.grad(
         lambda v: jnp.sum(
             vq_attention_quadratic(
-                q, k, v, c, scale=0.5, block_len=8, value_grad_window=True
+                q, k, v, c, scale=0.5, block_len=8, cache_grad=False
             )
             * cot
         )
@@ -269,7 +280,7 @@ def test_streaming_equals_one_call(getkey, splits):
         outs.append(o)
         start += n
     assert rel_err(full, jnp.concatenate(outs, axis=1)) <= 1e-5
-    np.testing.assert_array_equal(state.prev_code, full_state.prev_code)
+    np.testing.assert_array_equal(state.window_code, full_state.window_code)
     np.testing.assert_array_equal(state.cache_count, full_state.cache_count)
     assert rel_err(full_state.cache_mean, state.cache_mean) <= 1e-5
 
@@ -279,7 +290,7 @@ def test_state_contents(getkey):
     q, k, v, c, _, _ = make_inputs(getkey, shape)
     _, state = vq_attention_xla(q, k, v, c, block_len=8, scale=0.5)
     codes = np.asarray(quantize(k, c))[0, :, 0]  # [T]
-    np.testing.assert_array_equal(state.prev_code[0, :, 0], codes[24:])
+    np.testing.assert_array_equal(state.window_code[0, :, 0], codes[24:])
     want_count = np.bincount(codes[:24], minlength=6)
     np.testing.assert_array_equal(state.cache_count[0, 0], want_count)
     vals = np.asarray(v)[0, :24, 0]
@@ -291,7 +302,7 @@ def test_state_contents(getkey):
                 rtol=1e-5,
                 atol=1e-6,
             )
-    assert bool(state.prev_valid[0])
+    assert int(state.length[0]) == 8
 
 
 def test_empty_state_is_nan_free_with_collapsed_codes(getkey):
@@ -400,9 +411,9 @@ def test_rejects_unknown_implementation_and_bad_state(getkey):
     q, k, v, c = _ok(getkey)
     with pytest.raises(ValueError, match="implementation must be one of"):
         tvq_eqx.vq_attention(q, k, v, c, block_len=8, implementation="cuda")
-    bad = VQAttentionState.empty(3, block_len=8, heads=2, codes=5, d_v=3)
+    bad = VQAttentionState.empty(3, block_len=8, heads=2, codes=5, d_k=4, d_v=3)
     with pytest.raises(
-        ValueError, match=r"state.prev_code must have shape \(2, 8, 2\)"
+        ValueError, match=r"state.window_code must have shape \(2, 8, 2\)"
     ):
         tvq_eqx.vq_attention_with_state(q, k, v, c, bad, block_len=8)
     with pytest.raises(ValueError, match="no streaming state"):
@@ -417,7 +428,7 @@ def test_rejects_bad_relative_bias(getkey):
         ValueError, match="rel_query and rel_table must be given together"
     ):
         tvq_eqx.vq_attention_with_state(q, k, v, c, None, block_len=8, rel_query=q)
-    with pytest.raises(ValueError, match=r"mem_len\) must be <= block_len=8"):
+    with pytest.raises(ValueError, match=r"bias range must be <= mem_len=8"):
         tvq_eqx.vq_attention_with_state(
             q, k, v, c, None, block_len=8, rel_query=q, rel_table=jnp.zeros((10, 2, 4))
         )

@@ -19,45 +19,78 @@ class VQAttentionState(eqx.Module):
     """Streaming state of one VQ-attention unit (per batch row and head).
 
     Carries everything a later segment needs to attend to this one exactly:
-    the last block (its codes and values, attended directly with the causal
-    window) and the compressed cache of all older blocks (per-code key counts
-    and value means).
+    the window of the last `mem_len` keys (attended directly, with the
+    relative bias) and the compressed cache of every older key (per-code key
+    counts and value means), as the official `xlcache` and `aggcache`.
 
-    **Fields:**
+    **Fields** (`mem_len` = M, the window length; may be 0):
 
-    - `prev_code`: int32 `[batch, block, heads]`, codes of the previous block.
-    - `prev_value`: `[batch, block, heads, d_v]`, its values.
-    - `prev_valid`: bool `[batch]`, False before the first block was seen.
+    - `window_code`: int32 `[batch, M, heads]`, codes of the window's keys
+      (they enter the cache by code when they leave the window).
+    - `window_key`: `[batch, M, heads, d_k]`, their codewords as quantized with
+      the codebook of the step that saw them (official; read with
+      `state_keys="codewords"`, ignored with `state_keys="codes"`).
+    - `window_value`: `[batch, M, heads, d_v]`, their values.
+    - `length`: int32 `[batch]`, how many of the window's last slots hold real
+      tokens (0 before the first token; slots before that are masked).
     - `cache_count`: float32 `[batch, heads, codes]`, keys per code in the cache.
     - `cache_mean`: `[batch, heads, codes, d_v]`, mean value per code (value
       dtype, as the official code does, so bf16 stays finite).
     """
 
-    prev_code: Int[Array, "batch block heads"]
-    prev_value: Float[Array, "batch block heads d_v"]
-    prev_valid: Bool[Array, " batch"]
+    window_code: Int[Array, "batch mem heads"]
+    window_key: Float[Array, "batch mem heads d_k"]
+    window_value: Float[Array, "batch mem heads d_v"]
+    length: Int[Array, " batch"]
     cache_count: Float[Array, "batch heads codes"]
     cache_mean: Float[Array, "batch heads codes d_v"]
+
+    @property
+    def mem_len(self) -> int:
+        """The window length M (static)."""
+        return self.window_code.shape[1]
 
     @classmethod
     def empty(
         cls,
         batch_size: int,
         *,
-        block_len: int,
         heads: int,
         codes: int,
+        d_k: int,
         d_v: int,
+        mem_len: int | None = None,
+        block_len: int | None = None,
         dtype=jnp.float32,
+        key_dtype=None,
     ) -> VQAttentionState:
-        """The state before any token: empty previous block and empty cache."""
+        """The state before any token: empty window and empty cache.
+
+        `mem_len` is the window length; `block_len` alone (the older
+        signature) means `mem_len = block_len`. `key_dtype` (default `dtype`)
+        is the dtype of the stored codewords.
+        """
+        if mem_len is None:
+            if block_len is None:
+                raise ValueError("VQAttentionState.empty needs mem_len (or block_len)")
+            mem_len = block_len
+        if isinstance(mem_len, bool) or not isinstance(mem_len, int) or mem_len < 0:
+            raise ValueError(
+                f"VQAttentionState.empty: mem_len must be a non-negative int; "
+                f"got {mem_len!r}"
+            )
+        key_dtype = dtype if key_dtype is None else key_dtype
         return cls(
-            prev_code=jnp.zeros((batch_size, block_len, heads), jnp.int32),
-            prev_value=jnp.zeros((batch_size, block_len, heads, d_v), dtype),
-            prev_valid=jnp.zeros((batch_size,), bool),
+            window_code=jnp.zeros((batch_size, mem_len, heads), jnp.int32),
+            window_key=jnp.zeros((batch_size, mem_len, heads, d_k), key_dtype),
+            window_value=jnp.zeros((batch_size, mem_len, heads, d_v), dtype),
+            length=jnp.zeros((batch_size,), jnp.int32),
             cache_count=jnp.zeros((batch_size, heads, codes), jnp.float32),
             cache_mean=jnp.zeros((batch_size, heads, codes, d_v), dtype),
         )
+
+
+STATE_KEYS = ("codewords", "codes")
 
 
 def _shape(x) -> str:
@@ -74,8 +107,13 @@ def validate_inputs(
     rel_query=None,
     rel_table=None,
     state=None,
+    mem_len=None,
 ) -> None:
-    """Raise a clear ValueError/TypeError naming the argument and shapes."""
+    """Raise a clear ValueError/TypeError naming the argument and shapes.
+
+    `mem_len` is the resolved window length (`resolve_mem_len`); None skips
+    the checks that need it.
+    """
     names = dict(query=query, key=key, value=value)
     for name, x in names.items():
         if not hasattr(x, "shape") or x.ndim != 4:
@@ -128,18 +166,21 @@ def validate_inputs(
                 f"rel_table must be [mem_len + 1, heads={h}, d_k={d_k}]; got "
                 f"{tuple(rel_table.shape)}"
             )
-        if rel_table.shape[0] - 1 > block_len:
+        if mem_len is not None and rel_table.shape[0] - 1 > mem_len:
             raise ValueError(
-                f"rel_table covers distances 0..{rel_table.shape[0] - 1} but the "
-                f"bias range (mem_len) must be <= block_len={block_len}"
+                f"rel_table {tuple(rel_table.shape)} covers distances "
+                f"0..{rel_table.shape[0] - 1}, but the bias range must be <= "
+                f"mem_len={mem_len} (the window of directly attended keys)"
             )
     if state is not None:
         s = codebook.shape[1]
         d_v = value.shape[3]
+        m = state.window_code.shape[1] if mem_len is None else mem_len
         want = dict(
-            prev_code=(b, block_len, h),
-            prev_value=(b, block_len, h, d_v),
-            prev_valid=(b,),
+            window_code=(b, m, h),
+            window_key=(b, m, h, d_k),
+            window_value=(b, m, h, d_v),
+            length=(b,),
             cache_count=(b, h, s),
             cache_mean=(b, h, s, d_v),
         )
@@ -149,8 +190,42 @@ def validate_inputs(
                 raise ValueError(
                     f"state.{field} must have shape {shape} for query "
                     f"{tuple(query.shape)}, value {tuple(value.shape)}, codebook "
-                    f"{tuple(codebook.shape)}, block_len={block_len}; got {tuple(got)}"
+                    f"{tuple(codebook.shape)}, mem_len={m}; got {tuple(got)}"
                 )
+
+
+def resolve_mem_len(mem_len, state, block_len) -> int:
+    """The window length: `mem_len` if given, else the state's, else
+    `block_len`; a given `mem_len` must match the state's window."""
+    if mem_len is None:
+        return block_len if state is None else state.window_code.shape[1]
+    if isinstance(mem_len, bool) or not isinstance(mem_len, int) or mem_len < 0:
+        raise ValueError(f"mem_len must be a non-negative int; got {mem_len!r}")
+    if state is not None and state.window_code.shape[1] != mem_len:
+        raise ValueError(
+            f"state holds a window of {state.window_code.shape[1]} keys "
+            f"(state.window_code {tuple(state.window_code.shape)}) but "
+            f"mem_len={mem_len}; make the state with mem_len={mem_len}"
+        )
+    return mem_len
+
+
+def check_options(*, use_cache, sliding_window, state_keys) -> bool:
+    """Validate the attention options; returns the resolved `sliding_window`."""
+    if not isinstance(use_cache, bool):
+        raise ValueError(f"use_cache must be a bool; got {use_cache!r}")
+    if sliding_window is None:
+        sliding_window = not use_cache
+    if not isinstance(sliding_window, bool):
+        raise ValueError(f"sliding_window must be a bool or None; got {sliding_window!r}")
+    if use_cache and sliding_window:
+        raise ValueError(
+            "sliding_window=True needs use_cache=False (with the cache every key "
+            "older than the window is attended through it)"
+        )
+    if state_keys not in STATE_KEYS:
+        raise ValueError(f"state_keys must be one of {STATE_KEYS}; got {state_keys!r}")
+    return sliding_window
 
 
 def default_scale(d_k: int, scale) -> float:

@@ -9,14 +9,29 @@ from jaxtyping import Array, Float
 
 # Public entry points take plain `Array` so that our own validation (which
 # names the argument and all shapes) runs before any annotation check.
-from ._common import VQAttentionState, default_scale, validate_inputs
+from ._common import (
+    VQAttentionState,
+    check_options,
+    default_scale,
+    resolve_mem_len,
+    validate_inputs,
+)
 from ._quadratic import vq_attention_quadratic
 from ._xla import vq_attention_xla
 
 # Jitted so eager calls compile once per shape instead of once per primitive;
 # inside a user's jit these inline.
 _xla_jit = jax.jit(
-    vq_attention_xla, static_argnames=("block_len", "scale", "use_cache", "cache_grad")
+    vq_attention_xla,
+    static_argnames=(
+        "block_len",
+        "scale",
+        "use_cache",
+        "cache_grad",
+        "mem_len",
+        "sliding_window",
+        "state_keys",
+    ),
 )
 _quadratic_jit = jax.jit(vq_attention_quadratic, static_argnames=("scale",))
 
@@ -88,8 +103,8 @@ def vq_attention(
     **Returns:** `[batch, seq, heads, d_v]` in `value.dtype`.
 
     Gradients: `dq` and `dv` equal the quadratic form's; `dk` flows only from
-    queries in the same or the next block (the cache holds codewords, not
-    keys), which is the paper's estimator.
+    queries in the same or the next block (the window, `mem_len = block_len`;
+    the cache holds codewords, not keys), which is the paper's estimator.
     """
     validate_inputs(query, key, value, codebook, block_len=block_len)
     impl = _check_implementation(implementation)
@@ -122,21 +137,45 @@ def vq_attention_with_state(
     rel_table: Array | None = None,
     use_cache: bool = True,
     cache_grad: bool = True,
+    mem_len: int | None = None,
+    sliding_window: bool | None = None,
+    state_keys: str = "codewords",
     implementation: str | None = None,
 ) -> tuple[Float[Array, "batch seq heads d_v"], VQAttentionState]:
     """Streaming VQ attention: attend to `state`'s history, return the new state.
 
     Calling it on consecutive segments, passing the state along, equals one
-    call on their concatenation. `state=None` is an empty history.
+    call on their concatenation (outputs, state, and gradients through the
+    state). `state=None` is an empty history.
 
-    **Extra arguments** (used by the model):
+    **Extra arguments** (used by the model; names follow the official code):
 
-    - `rel_query` `[batch, seq, heads, d_k]`, `rel_table` `[mem_len+1, heads, d_k]`:
-      an additive score bias `rel_query_i . rel_table[i-j]` for `0 <= i-j <=
-      mem_len` (Transformer-XL relative position term), zero for older keys.
-    - `use_cache=False`: attend only to the previous and current block.
-    - `cache_grad=False`: no gradient into values through the cache.
+    - `mem_len` (M >= 0; default: the state's window length, else
+      `block_len`): each block attends directly to the last M keys before it
+      plus itself (causal), and to every older key through the compressed
+      cache. Any M works, smaller or larger than `block_len`; the output does
+      not depend on it (the cache is exact), the key gradient does.
+    - `rel_query` `[batch, seq, heads, d_k]`, `rel_table` `[R+1, heads, d_k]`
+      with R <= M: an additive score bias `rel_query_i . rel_table[i-j]` for
+      `0 <= i-j <= R` (Transformer-XL relative position term), zero beyond.
+    - `cache_grad=False` (official `grad_thru_cache=False`): nothing carried
+      between blocks passes gradient (keys and values of earlier blocks in the
+      window, cached means, the incoming and returned state).
+    - `use_cache=False` (official `agg_cache=False`): no cache; with
+      `sliding_window` (default `not use_cache`) a query sees the last M
+      tokens (distance <= M), with `sliding_window=False` its block's whole
+      window (the "block_window" baseline).
+    - `state_keys`: `"codewords"` (official): the window keeps the codewords
+      quantized with the codebook of their own step; `"codes"`: it keeps
+      codes and re-reads the current codebook. Only differs after a codebook
+      update between calls.
     """
+    sliding_window = check_options(
+        use_cache=use_cache, sliding_window=sliding_window, state_keys=state_keys
+    )
+    if not isinstance(cache_grad, bool):
+        raise ValueError(f"cache_grad must be a bool; got {cache_grad!r}")
+    mem_len = resolve_mem_len(mem_len, state, block_len)
     validate_inputs(
         query,
         key,
@@ -146,6 +185,7 @@ def vq_attention_with_state(
         rel_query=rel_query,
         rel_table=rel_table,
         state=state,
+        mem_len=mem_len,
     )
     impl = _check_implementation(implementation)
     scale = default_scale(query.shape[-1], scale)
@@ -169,4 +209,7 @@ def vq_attention_with_state(
         rel_table=rel_table,
         use_cache=use_cache,
         cache_grad=cache_grad,
+        mem_len=mem_len,
+        sliding_window=sliding_window,
+        state_keys=state_keys,
     )

@@ -5,13 +5,20 @@ Same signature and semantics as `vq_attention_xla`. What runs where:
 - XLA (cheap, O(T * S * V) like one value matmul): quantization, the
   straight-through keys, the per-block code histograms and value sums and their
   exclusive prefix over blocks (the cache of every block), the Transformer-XL
-  window bias gathered into a `[L, 2L]` tile per block, and the new state. Their
+  window bias gathered into a `[L, 2L]` tile per block (with the sliding-window
+  mask folded in as MASK_VALUE when `use_cache=False`), and the new state. Their
   gradients (the reverse prefix over blocks that carries the cache gradient to
   the values, the straight-through key gradient, the bias gather's transpose)
   come from XLA autodiff.
 - Kernels: the fused attention forward and its backward (dq, dk and dv of the
   window, d(cached mean) of every block, d(window bias)), wired with
   `jax.custom_vjp` inside `pallas_kernels`.
+
+Limits: the kernels attend a window of exactly one previous block, so
+`mem_len` must equal `block_len` here (other values: the xla form). With
+`cache_grad=False` the backward kernels would still pass gradient between
+neighbouring blocks, so that mode runs the kernel forward with the xla form's
+backward.
 
 Debugging switch: set the environment variable `TVQ_EQX_PALLAS_BACKWARD=xla`
 (read when the function is traced) or pass `backward="xla"` to run the kernel
@@ -23,6 +30,7 @@ from __future__ import annotations
 import functools
 import os
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
@@ -30,6 +38,7 @@ from jaxtyping import Array, Float
 from pallas_kernels.vq_attention import BlockSizes, vq_attention_core
 
 from ._common import (
+    MASK_VALUE,
     VQAttentionState,
     gather_codes,
     log_count_bias,
@@ -38,9 +47,11 @@ from ._common import (
 )
 from ._xla import (
     _blocks,
-    block_summaries,
+    _summaries,
+    extend,
     next_state,
     vq_attention_xla,
+    window_offsets,
     window_relative_bias,
 )
 
@@ -68,31 +79,29 @@ def _forward(
     scale,
     use_cache,
     cache_grad,
+    sliding_window,
+    state_keys,
     block_sizes,
     interpret,
 ):
     b, t, h, _ = query.shape
     n_code = codebook.shape[1]
     n_blk = t // block_len
-    L = block_len
+    L = block_len  # == mem_len (checked by the caller)
 
     codes = quantize(key, codebook)  # [B, T, H]
     codebook = sg(codebook).astype(key.dtype)
     khat = straight_through(key, gather_codes(codebook, codes))
-    prev_khat = gather_codes(codebook, state.prev_code)  # [B, L, H, K]
-    k_ext = jnp.concatenate([prev_khat, khat], axis=1)  # [B, T + L, H, K]
-    prev_value = state.prev_value.astype(value.dtype)
-    v_ext = jnp.concatenate([prev_value, value], axis=1)
+    ext = extend(state, codes, khat, value, codebook, state_keys=state_keys)
+    # The window is whole or empty (checked by the caller): one flag per row.
     prev_ok = jnp.broadcast_to(
-        state.prev_valid.astype(jnp.float32)[:, None, None, None], (b, h, 1, 1)
+        (state.length > 0).astype(jnp.float32)[:, None, None, None], (b, h, 1, 1)
     ).reshape(b * h, 1, 1)
 
-    z_blk = _blocks(codes, L)
-    v_blk = _blocks(value, L)
+    blk_count, blk_mean, new_count, new_mean = _summaries(
+        ext.code, ext.value, ext.valid, state, n_code=n_code, block_len=L
+    )
     if use_cache:
-        blk_count, blk_mean, new_count, new_mean = block_summaries(
-            codes, value, state, n_code=n_code, block_len=L
-        )
         if not cache_grad:
             blk_mean = sg(blk_mean)
         cache_bias = jnp.transpose(log_count_bias(blk_count), (0, 2, 1, 3))
@@ -102,18 +111,27 @@ def _forward(
         )
         kernel_codebook = codebook
     else:
-        new_count, new_mean = state.cache_count, state.cache_mean
         cache_bias = cache_mean = kernel_codebook = None
 
     window_bias = None
     if rel_query is not None:
-        wb = window_relative_bias(_blocks(rel_query, L), rel_table)  # [B, N, L, H, 2L]
+        wb = window_relative_bias(_blocks(rel_query, L), rel_table, L)
         window_bias = jnp.transpose(wb, (0, 3, 1, 2, 4)).reshape(b * h, t, 2 * L)
+    if not use_cache and sliding_window:
+        # Sliding window over the last L tokens: mask window columns further
+        # than L back through the additive bias (exact in forward and backward:
+        # those weights are exactly 0, so their score gradients are too).
+        near = window_offsets(L, L) <= L  # [L, 2L]
+        near = jnp.tile(near, (n_blk, 1))[None]  # [1, T, 2L]
+        base = 0.0 if window_bias is None else window_bias
+        window_bias = jnp.broadcast_to(
+            jnp.where(near, base, MASK_VALUE), (b * h, t, 2 * L)
+        )
 
     out = vq_attention_core(
         _heads_first(query),
-        _heads_first(k_ext),
-        _heads_first(v_ext),
+        _heads_first(ext.khat),
+        _heads_first(ext.value),
         prev_ok,
         kernel_codebook,
         cache_bias,
@@ -127,7 +145,7 @@ def _forward(
         interpret=interpret,
     )
     out = jnp.transpose(out.reshape(b, h, t, -1), (0, 2, 1, 3)).astype(value.dtype)
-    return out, next_state(state, z_blk[:, -1], v_blk[:, -1], new_count, new_mean)
+    return out, next_state(state, ext, new_count, new_mean, cache_grad=cache_grad)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -145,7 +163,15 @@ def _xla_backward_bwd(static, args, cotangent):
     kwargs = {
         k: v
         for k, v in dict(static).items()
-        if k in ("block_len", "scale", "use_cache", "cache_grad")
+        if k
+        in (
+            "block_len",
+            "scale",
+            "use_cache",
+            "cache_grad",
+            "sliding_window",
+            "state_keys",
+        )
     }
 
     def xla(query, key, value, codebook, state, rel_query, rel_table):
@@ -180,27 +206,61 @@ def vq_attention_pallas(
     rel_table: Float[Array, "dist heads d_k"] | None = None,
     use_cache: bool = True,
     cache_grad: bool = True,
+    mem_len: int | None = None,
+    sliding_window: bool | None = None,
+    state_keys: str = "codewords",
     block_sizes: BlockSizes | None = None,
     interpret: bool | None = None,
     backward: str | None = None,
 ) -> tuple[Float[Array, "batch seq heads d_v"], VQAttentionState]:
     """`vq_attention_xla` on the Pallas kernels; returns (output, new state).
 
-    Extra keyword arguments (not needed by the dispatcher): `block_sizes`
-    (tile config, default per platform), `interpret` (None: interpret mode
-    exactly on CPU), `backward` ("kernels", default, or "xla": differentiate the
-    xla form; default from the environment variable TVQ_EQX_PALLAS_BACKWARD).
+    `mem_len` must equal `block_len` (the kernels' window is one previous
+    block). `cache_grad=False` differentiates the xla form (see the module
+    notes). Extra keyword arguments (not needed by the dispatcher):
+    `block_sizes` (tile config, default per platform), `interpret` (None:
+    interpret mode exactly on CPU), `backward` ("kernels", default, or "xla":
+    differentiate the xla form; default from the environment variable
+    TVQ_EQX_PALLAS_BACKWARD).
     """
     b, _, h, _ = query.shape
+    if sliding_window is None:
+        sliding_window = not use_cache
+    mem_len = (
+        (block_len if state is None else state.window_code.shape[1])
+        if mem_len is None
+        else mem_len
+    )
+    if mem_len != block_len or (
+        state is not None and state.window_code.shape[1] != block_len
+    ):
+        raise ValueError(
+            f"implementation='pallas' needs mem_len == block_len (the kernels "
+            f"attend a window of exactly one previous block); got mem_len="
+            f"{mem_len}, block_len={block_len}. Use implementation='xla' for "
+            f"other window lengths."
+        )
     if state is None:
         state = VQAttentionState.empty(
             b,
-            block_len=block_len,
+            mem_len=block_len,
             heads=h,
             codes=codebook.shape[1],
+            d_k=key.shape[-1],
             d_v=value.shape[-1],
             dtype=value.dtype,
+            key_dtype=key.dtype,
         )
+    else:
+        # The kernels take one validity flag per row for the previous block;
+        # states made by these ops are whole or empty when mem_len == block_len.
+        length = eqx.error_if(
+            state.length,
+            (state.length > 0) & (state.length < block_len),
+            f"implementation='pallas' needs the state's window whole or empty "
+            f"(length 0 or {block_len})",
+        )
+        state = eqx.tree_at(lambda s: s.length, state, length)
     if backward is None:
         backward = os.environ.get(BACKWARD_ENV, "kernels") or "kernels"
     if backward not in ("kernels", "xla"):
@@ -208,11 +268,17 @@ def vq_attention_pallas(
             f"backward must be 'kernels' or 'xla' (also via ${BACKWARD_ENV}); "
             f"got {backward!r}"
         )
+    if not cache_grad:
+        # The backward kernels pass gradient to the previous block's keys and
+        # values; official grad_thru_cache=False stops it: xla backward.
+        backward = "xla"
     static = dict(
         block_len=block_len,
         scale=float(scale),
         use_cache=use_cache,
         cache_grad=cache_grad,
+        sliding_window=sliding_window,
+        state_keys=state_keys,
         block_sizes=block_sizes,
         interpret=interpret,
     )

@@ -1,19 +1,23 @@
 """Linear-time VQ attention in pure jnp: the chunked (block-parallel) form.
 
-Per block n (length L) every query attends, under one softmax, to
-  [codebook rows, biased by log(count) and valued by the cached mean]  (blocks <= n-2)
-  [previous block]                                                    (causal window)
-  [current block, causal]
-The cache of block n is an exclusive prefix sum of per-block code histograms and
-value sums, so all blocks run in parallel with no loop over blocks; memory is
-O(T * (codes + 2 L)).
+Let `k_ext` be the carried window (the last M keys before the segment) followed
+by the segment's T keys. Block n (length L) attends, under one softmax, to
+  [codebook rows, biased by log(count) and valued by the cached mean]
+      (every key of k_ext before index nL, plus the carried cache)
+  [its window k_ext[nL : nL + M + L]: the M keys before the block, then the
+      block itself, causal]
+The cache of block n is the carried cache plus an exclusive prefix sum, over
+groups of L, of the per-group code histograms and value sums of k_ext's first
+T entries, so all blocks run in parallel with no loop over blocks; memory is
+O(T * (codes + M + L)).
 """
 
 from __future__ import annotations
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float
+from jaxtyping import Array, Bool, Float, Int
 
 from ._common import (
     HIGHEST,
@@ -34,22 +38,40 @@ def _blocks(x, block_len):
     return x.reshape(b, t // block_len, block_len, *x.shape[2:])
 
 
-def _shift_in(first, blocks):
-    """Blocks of the previous step: block n -> block n-1, with `first` as block -1."""
-    return jnp.concatenate([first[:, None], blocks[:, :-1]], axis=1)
+def block_windows(x_ext, *, mem_len: int, block_len: int):
+    """`[B, M + T, ...]` -> `[B, N, M + L, ...]`: block n's window
+    `x_ext[:, nL : nL + M + L]`, by static slices (no gather).
+
+    The front is padded to a whole number of blocks, so the window is `c + 1`
+    consecutive padded blocks (c = ceil(M / L)) minus the padding.
+    """
+    L = block_len
+    n_blk = (x_ext.shape[1] - mem_len) // L
+    c = -(-mem_len // L)
+    pad = c * L - mem_len
+    x = jnp.pad(x_ext, [(0, 0), (pad, 0)] + [(0, 0)] * (x_ext.ndim - 2))
+    blk = _blocks(x, L)  # [B, c + N, L, ...]
+    win = jnp.concatenate([blk[:, i : i + n_blk] for i in range(c + 1)], axis=2)
+    return win[:, :, pad:]
+
+
+def window_offsets(mem_len: int, block_len: int):
+    """`dist [L, M + L]`: query row r to window column j is at distance
+    `M + r - j` (columns j < M precede the block)."""
+    r = jnp.arange(block_len)[:, None]
+    j = jnp.arange(mem_len + block_len)[None, :]
+    return mem_len + r - j
 
 
 def window_relative_bias(
     rel_query: Float[Array, "batch blocks block heads d_k"],
     rel_table: Float[Array, "dist heads d_k"],
+    mem_len: int,
 ) -> Float[Array, "batch blocks block heads window"]:
-    """Bias of query r (in block n) to window key c (c < L: block n-1, else block n).
-
-    The distance is L + r - c; the bias is rel_query . rel_table[dist] for
-    0 <= dist <= mem_len and 0 otherwise.
-    """
+    """Bias of query r (in block n) to window column j, at distance M + r - j:
+    rel_query . rel_table[dist] for 0 <= dist < len(rel_table), else 0."""
     block_len = rel_query.shape[2]
-    mem_len = rel_table.shape[0] - 1
+    last = rel_table.shape[0] - 1
     proj = jnp.einsum(
         "bnrhk,dhk->bnrhd",
         rel_query,
@@ -57,56 +79,80 @@ def window_relative_bias(
         precision=HIGHEST,
         preferred_element_type=jnp.float32,
     )
-    r = jnp.arange(block_len)[:, None]
-    c = jnp.arange(2 * block_len)[None, :]
-    dist = block_len + r - c  # [L, 2L]
-    in_range = (dist >= 0) & (dist <= mem_len)
-    idx = jnp.clip(dist, 0, mem_len)[None, None, :, None, :]
-    idx = jnp.broadcast_to(idx, proj.shape[:4] + (2 * block_len,))
+    dist = window_offsets(mem_len, block_len)  # [L, W]
+    width = dist.shape[1]
+    in_range = (dist >= 0) & (dist <= last)
+    idx = jnp.clip(dist, 0, last)[None, None, :, None, :]
+    idx = jnp.broadcast_to(idx, proj.shape[:4] + (width,))
     bias = jnp.take_along_axis(proj, idx, axis=-1)
     return jnp.where(in_range[None, None, :, None, :], bias, 0.0)
 
 
-def block_summaries(
-    codes, value, state: VQAttentionState, *, n_code: int, block_len: int
-):
-    """The compressed cache seen by every block, and the cache after the last.
+class Extended(eqx.Module):
+    """The carried window followed by the segment, every per-key array.
 
-    Per-block code histograms `h_m = onehot(z_m)^T 1` and value sums
-    `A_m = onehot(z_m)^T V_m` for blocks -1..N-1 (block -1 is the state's
-    previous block), then an exclusive prefix over blocks starting from the
-    state's cache: block n sees blocks <= n-2.
-
-    Returns `(blk_count [B, N, H, S] f32, blk_mean [B, N, H, S, V],
-    new_count [B, H, S] f32, new_mean [B, H, S, V])`, means in `value.dtype`.
+    - `code` int32 `[B, M + T, H]`, `khat` `[B, M + T, H, K]` (straight-through
+      codewords), `value` `[B, M + T, H, V]`, `valid` bool `[B, M + T]`.
     """
-    b = codes.shape[0]
-    n_blk = codes.shape[1] // block_len
-    z_blk = _blocks(codes, block_len)
-    v_blk = _blocks(value, block_len)
-    z_all = jnp.concatenate([state.prev_code[:, None], z_blk], axis=1)
-    v_all = jnp.concatenate(
-        [state.prev_value[:, None].astype(value.dtype), v_blk], axis=1
+
+    code: Int[Array, "batch ext heads"]
+    khat: Float[Array, "batch ext heads d_k"]
+    value: Float[Array, "batch ext heads d_v"]
+    valid: Bool[Array, "batch ext"]
+
+
+def extend(
+    state: VQAttentionState, codes, khat, value, codebook, *, state_keys: str
+) -> Extended:
+    """Prepend the state's window to the segment's codes, keys and values.
+
+    `state_keys="codewords"` reads the window's stored codewords (quantized
+    with the codebook of their own step, as the official code);
+    `"codes"` re-reads the current `codebook` at the stored codes.
+    """
+    if state_keys == "codewords":
+        win_key = state.window_key.astype(khat.dtype)
+    else:
+        win_key = gather_codes(codebook, state.window_code).astype(khat.dtype)
+    return Extended(
+        code=jnp.concatenate([state.window_code, codes], axis=1),
+        khat=jnp.concatenate([win_key, khat], axis=1),
+        value=jnp.concatenate([state.window_value.astype(value.dtype), value], 1),
+        valid=extend_valid(state, codes.shape[1]),
     )
-    valid_all = jnp.concatenate(
-        [state.prev_valid[:, None], jnp.ones((b, n_blk), bool)], 1
-    )
-    onehot = jax.nn.one_hot(z_all, n_code, dtype=jnp.float32)  # [B, N+1, L, H, S]
-    onehot = onehot * valid_all[:, :, None, None, None]
-    counts = jnp.sum(onehot, axis=2)  # [B, N+1, H, S]
-    if value.dtype in (jnp.bfloat16, jnp.float16):
+
+
+def extend_valid(state: VQAttentionState, t: int) -> Bool[Array, "batch ext"]:
+    """Validity of [window, segment]: the window's last `length` slots are real."""
+    b, m = state.window_code.shape[:2]
+    win_valid = jnp.arange(m)[None, :] >= m - state.length[:, None]  # [B, M]
+    return jnp.concatenate([win_valid, jnp.ones((b, t), bool)], axis=1)
+
+
+def _summaries(code, value, valid, state: VQAttentionState, *, n_code, block_len):
+    """Cache of every block and after the segment, from the first T entries of
+    the extended codes, values and validity (T = their length minus M)."""
+    t = code.shape[1] - state.window_code.shape[1]
+    n_blk = t // block_len
+    z = _blocks(code[:, :t], block_len)  # [B, N, L, H]
+    v = _blocks(value[:, :t], block_len)
+    valid = _blocks(valid[:, :t], block_len)  # [B, N, L]
+    onehot = jax.nn.one_hot(z, n_code, dtype=jnp.float32)  # [B, N, L, H, S]
+    onehot = onehot * valid[..., None, None]
+    counts = jnp.sum(onehot, axis=2)  # [B, N, H, S]
+    if v.dtype in (jnp.bfloat16, jnp.float16):
         # 0/1 and the values are exact in the value dtype and products are
         # accumulated in float32: the same sums as a float32 einsum (up to
         # summation order), on the fast low-precision matmul path.
         sums = jnp.einsum(
             "bnlhs,bnlhv->bnhsv",
-            onehot.astype(value.dtype),
-            v_all,
+            onehot.astype(v.dtype),
+            v,
             preferred_element_type=jnp.float32,
         )
     else:
         sums = jnp.einsum(
-            "bnlhs,bnlhv->bnhsv", onehot, v_all.astype(jnp.float32), precision=HIGHEST
+            "bnlhs,bnlhv->bnhsv", onehot, v.astype(jnp.float32), precision=HIGHEST
         )
 
     def prefix(x, total0):
@@ -120,23 +166,52 @@ def block_summaries(
     sum0 = state.cache_mean.astype(jnp.float32) * count0[..., None]
     blk_count, new_count = prefix(counts, count0)
     blk_sum, new_sum = prefix(sums, sum0)
-    blk_mean = (blk_sum / jnp.maximum(blk_count, 1.0)[..., None]).astype(value.dtype)
-    new_mean = (new_sum / jnp.maximum(new_count, 1.0)[..., None]).astype(value.dtype)
+    dtype = value.dtype
+    blk_mean = (blk_sum / jnp.maximum(blk_count, 1.0)[..., None]).astype(dtype)
+    new_mean = (new_sum / jnp.maximum(new_count, 1.0)[..., None]).astype(dtype)
     return blk_count, blk_mean, new_count, new_mean
 
 
-def next_state(
-    state: VQAttentionState, last_codes, last_values, cache_count, cache_mean
+def block_summaries(
+    codes, value, state: VQAttentionState, *, n_code: int, block_len: int
 ):
-    """The state after a segment: its last block, and the cache of all older ones
-    (dtypes kept from the incoming state)."""
-    return VQAttentionState(
-        prev_code=last_codes,
-        prev_value=last_values.astype(state.prev_value.dtype),
-        prev_valid=jnp.ones_like(state.prev_valid),
+    """The compressed cache seen by every block, and the cache after the last.
+
+    Block n's cache is the state's cache plus every key before its window:
+    per-group code histograms `h_m = onehot(z_m)^T 1` and value sums
+    `A_m = onehot(z_m)^T V_m` over groups of L of [window, segment][:T], then an
+    exclusive prefix over groups.
+
+    Returns `(blk_count [B, N, H, S] f32, blk_mean [B, N, H, S, V],
+    new_count [B, H, S] f32, new_mean [B, H, S, V])`, means in `value.dtype`.
+    """
+    return _summaries(
+        jnp.concatenate([state.window_code, codes], axis=1),
+        jnp.concatenate([state.window_value.astype(value.dtype), value], axis=1),
+        extend_valid(state, codes.shape[1]),
+        state,
+        n_code=n_code,
+        block_len=block_len,
+    )
+
+
+def next_state(
+    state: VQAttentionState, ext: Extended, cache_count, cache_mean, *, cache_grad
+):
+    """The state after a segment: the last M entries of `ext` and the cache of
+    everything before them (dtypes kept from the incoming state). With
+    `cache_grad=False` it is a constant (official `grad_thru_cache=False`)."""
+    m = state.window_code.shape[1]
+    t = ext.code.shape[1] - m
+    new = VQAttentionState(
+        window_code=ext.code[:, t:],
+        window_key=ext.khat[:, t:].astype(state.window_key.dtype),
+        window_value=ext.value[:, t:].astype(state.window_value.dtype),
+        length=jnp.minimum(state.length + t, m).astype(jnp.int32),
         cache_count=cache_count,
         cache_mean=cache_mean.astype(state.cache_mean.dtype),
     )
+    return new if cache_grad else jax.tree.map(sg, new)
 
 
 def vq_attention_xla(
@@ -152,42 +227,54 @@ def vq_attention_xla(
     rel_table: Float[Array, "dist heads d_k"] | None = None,
     use_cache: bool = True,
     cache_grad: bool = True,
+    mem_len: int | None = None,
+    sliding_window: bool | None = None,
+    state_keys: str = "codewords",
 ) -> tuple[Float[Array, "batch seq heads d_v"], VQAttentionState]:
     """Linear-time VQ attention; returns the output and the state after `seq`.
 
-    `state=None` means an empty history. With `cache_grad=False` no gradient
-    flows into values through the compressed cache (official
-    `grad_thru_cache=False`). `use_cache=False` drops the cache (window-only
-    baseline).
+    `state=None` means an empty history; `mem_len` (M, default: the state's
+    window, else `block_len`) is the number of keys before each block that it
+    attends directly. `cache_grad=False` (official `grad_thru_cache=False`):
+    no gradient through anything carried between blocks (window keys and
+    values of earlier blocks, cached means, the incoming and outgoing state).
+    `use_cache=False` drops the cache; with `sliding_window` (default: `not
+    use_cache`) a query then sees only keys at distance <= M (official
+    `agg_cache=False`), otherwise its whole window. `state_keys`: see `extend`.
     """
     b, t, h, _ = query.shape
     n_code = codebook.shape[1]
     d_v = value.shape[-1]
-    n_blk = t // block_len
+    L = block_len
+    if sliding_window is None:
+        sliding_window = not use_cache
     if state is None:
         state = VQAttentionState.empty(
-            b, block_len=block_len, heads=h, codes=n_code, d_v=d_v, dtype=value.dtype
+            b,
+            mem_len=L if mem_len is None else mem_len,
+            heads=h,
+            codes=n_code,
+            d_k=key.shape[-1],
+            d_v=d_v,
+            dtype=value.dtype,
+            key_dtype=key.dtype,
         )
+    M = state.window_code.shape[1]
 
     codes = quantize(key, codebook)  # [B, T, H]
     codebook = sg(codebook).astype(key.dtype)
     khat = straight_through(key, gather_codes(codebook, codes))
+    ext = extend(state, codes, khat, value, codebook, state_keys=state_keys)
 
-    q_blk = _blocks(query, block_len)  # [B, N, L, H, K]
-    k_blk = _blocks(khat, block_len)
-    v_blk = _blocks(value, block_len)  # [B, N, L, H, V]
-    z_blk = _blocks(codes, block_len)  # [B, N, L, H]
+    q_blk = _blocks(query, L)  # [B, N, L, H, K]
+    k_win = block_windows(ext.khat, mem_len=M, block_len=L)  # [B, N, W, H, K]
+    v_win = block_windows(ext.value, mem_len=M, block_len=L)  # [B, N, W, H, V]
+    valid_win = block_windows(ext.valid, mem_len=M, block_len=L)  # [B, N, W]
+    if not cache_grad:
+        # Columns before the block come from the state between blocks: constant.
+        k_win = jnp.concatenate([sg(k_win[:, :, :M]), k_win[:, :, M:]], axis=2)
+        v_win = jnp.concatenate([sg(v_win[:, :, :M]), v_win[:, :, M:]], axis=2)
 
-    # Previous block of every block; block -1 comes from the carried state.
-    prev_khat = gather_codes(codebook, state.prev_code)
-    k_prev = _shift_in(prev_khat, k_blk)
-    v_prev = _shift_in(state.prev_value.astype(value.dtype), v_blk)
-    prev_valid = jnp.concatenate(
-        [state.prev_valid[:, None], jnp.ones((b, n_blk - 1), bool)], axis=1
-    )  # [B, N]
-
-    k_win = jnp.concatenate([k_prev, k_blk], axis=2)  # [B, N, 2L, H, K]
-    v_win = jnp.concatenate([v_prev, v_blk], axis=2)
     win_scores = scale * jnp.einsum(
         "bnrhk,bnchk->bnrhc",
         q_blk,
@@ -197,20 +284,22 @@ def vq_attention_xla(
     )
     if rel_query is not None:
         win_scores = win_scores + window_relative_bias(
-            _blocks(rel_query, block_len), rel_table
+            _blocks(rel_query, L), rel_table, M
         )
-    r = jnp.arange(block_len)[:, None]
-    c = jnp.arange(2 * block_len)[None, :]
-    causal = c - block_len <= r  # [L, 2L]
-    from_prev = c < block_len
-    keep = causal[None, None] & (~from_prev[None, None] | prev_valid[:, :, None, None])
+    dist = window_offsets(M, L)  # [L, W]
+    keep = dist >= 0
+    if not use_cache and sliding_window:
+        keep = keep & (dist <= M)
+    keep = keep[None, None] & valid_win[:, :, None, :]  # [B, N, L, W]
     win_scores = jnp.where(keep[:, :, :, None, :], win_scores, MASK_VALUE)
     max_score = jnp.max(win_scores, axis=-1)  # [B, N, L, H]
 
+    # The cache is kept up to date even when it is not read (as the official
+    # code does), so the carried state is the same in every mode.
+    blk_count, blk_mean, new_count, new_mean = _summaries(
+        ext.code, ext.value, ext.valid, state, n_code=n_code, block_len=L
+    )
     if use_cache:
-        blk_count, blk_mean, new_count, new_mean = block_summaries(
-            codes, value, state, n_code=n_code, block_len=block_len
-        )
         if not cache_grad:
             blk_mean = sg(blk_mean)
         cache_scores = scale * jnp.einsum(
@@ -222,8 +311,6 @@ def vq_attention_xla(
         )
         cache_scores = cache_scores + log_count_bias(blk_count)[:, :, None]
         max_score = jnp.maximum(max_score, jnp.max(cache_scores, axis=-1))
-    else:
-        new_count, new_mean = state.cache_count, state.cache_mean
 
     # One softmax over both parts; the max is a constant shift (no gradient needed).
     max_score = sg(max_score)[..., None]
@@ -242,5 +329,4 @@ def vq_attention_xla(
             precision=HIGHEST,
         )
     out = (out / denom[..., None]).reshape(b, t, h, d_v).astype(value.dtype)
-
-    return out, next_state(state, z_blk[:, -1], v_blk[:, -1], new_count, new_mean)
+    return out, next_state(state, ext, new_count, new_mean, cache_grad=cache_grad)
