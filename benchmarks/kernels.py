@@ -105,6 +105,7 @@ def make_fn(form, *, block_len, scale, codebook, mode):
                 block_len=block_len,
                 heads=q.shape[2],
                 codes=codebook.shape[1],
+                d_k=k.shape[-1],
                 d_v=v.shape[-1],
                 dtype=v.dtype,
             )

@@ -156,8 +156,8 @@ def test_rejects_bad_tokens(getkey):
         model(jnp.full((2, 8), 256, jnp.int32), state)
     with pytest.raises(Exception, match=r"token ids must be in"):
         eqx.filter_jit(model)(jnp.full((2, 8), -1, jnp.int32), state)
-    with pytest.raises(ValueError, match="state was made for block_len=8"):
-        other = model.with_config(block_len=16)
+    with pytest.raises(ValueError, match="state was made for mem_len=8"):
+        other = model.with_config(mem_len=4)
         other(jnp.zeros((2, 16), jnp.int32), state)
     with pytest.raises(ValueError, match="batch_size must be a positive int"):
         model.init_state(0)
@@ -175,7 +175,7 @@ def test_with_config_rejects_shape_changes(getkey):
         ("d_model", 0, "d_model must be a positive int"),
         ("n_code", 2.5, "n_code"),
         ("block_len", True, "block_len must be a positive int"),
-        ("mem_len", 16, "mem_len=16 must be <= block_len=8"),
+        ("state_keys", "keys", "state_keys must be one of"),
         ("mem_len", -1, "mem_len must be a non-negative int"),
         ("p_dropres", 1.0, r"p_dropres must be in \[0, 1\)"),
         ("p_dropsin", -0.1, r"p_dropsin must be in \[0, 1\)"),

@@ -58,16 +58,18 @@ def make_inputs(key, shape, dtype=jnp.float32, mem_len=None):
 
 
 def random_state(key, shape, dtype=jnp.float32):
-    """A non-trivial history: valid previous block, partly empty cache."""
-    b, _, h, _, v, s, blk = shape
-    ks = jax.random.split(key, 4)
+    """A non-trivial history: valid previous block (window of L codewords),
+    partly empty cache."""
+    b, _, h, k, v, s, blk = shape
+    ks = jax.random.split(key, 5)
     count = jnp.floor(4 * jax.random.uniform(ks[0], (b, h, s))) * (
         jax.random.uniform(ks[1], (b, h, s)) > 0.3
     )
     return VQAttentionState(
-        prev_code=jax.random.randint(ks[2], (b, blk, h), 0, s),
-        prev_value=jax.random.normal(ks[3], (b, blk, h, v), dtype),
-        prev_valid=jnp.array([True] + [False] * (b - 1)),
+        window_code=jax.random.randint(ks[2], (b, blk, h), 0, s),
+        window_key=jax.random.normal(ks[4], (b, blk, h, k), dtype),
+        window_value=jax.random.normal(ks[3], (b, blk, h, v), dtype),
+        length=jnp.array([blk] + [0] * (b - 1), jnp.int32),
         cache_count=count.astype(jnp.float32),
         cache_mean=jax.random.normal(ks[0], (b, h, s, v), dtype),
     )
@@ -75,27 +77,28 @@ def random_state(key, shape, dtype=jnp.float32):
 
 @functools.partial(jax.jit, static_argnames=("impl", "opts"))
 def run(impl, opts, args, state, cot):
-    """Output, new state, and the VJP of (output, state.prev_value,
+    """Output, new state, and the VJP of (output, state.window_value,
     state.cache_mean) with cotangents `cot` w.r.t. inputs and incoming state."""
     opts = dict(opts)
     fn = dict(xla=vq_attention_xla, pallas=vq_attention_pallas)[impl]
     use_rel = opts.pop("rel")
 
-    def f(q, k, v, rq, rt, prev_value, cache_mean):
+    def f(q, k, v, rq, rt, window_value, cache_mean):
         st = (
             None
             if state is None
             else VQAttentionState(
-                state.prev_code,
-                prev_value,
-                state.prev_valid,
+                state.window_code,
+                state.window_key,
+                window_value,
+                state.length,
                 state.cache_count,
                 cache_mean,
             )
         )
         rel = dict(rel_query=rq, rel_table=rt) if use_rel else {}
         out, new = fn(q, k, v, args["codebook"], state=st, **rel, **opts)
-        return (out, new.prev_value, new.cache_mean), new
+        return (out, new.window_value, new.cache_mean), new
 
     primals = (
         args["query"],
@@ -103,7 +106,7 @@ def run(impl, opts, args, state, cot):
         args["value"],
         args["rel_query"],
         args["rel_table"],
-        None if state is None else state.prev_value,
+        None if state is None else state.window_value,
         None if state is None else state.cache_mean,
     )
     outs, vjp, new = jax.vjp(f, *primals, has_aux=True)
@@ -127,7 +130,7 @@ GRAD_NAMES = (
     "dv",
     "d_rel_query",
     "d_rel_table",
-    "d_prev_value",
+    "d_window_value",
     "d_cache_mean",
 )
 
@@ -138,7 +141,14 @@ def check_same(ref, out, tol, what):
     errors = {}
     assert got_out.shape == ref_out.shape and got_out.dtype == ref_out.dtype
     errors["out"] = rel_err(ref_out, got_out)
-    for field in ("prev_code", "prev_value", "prev_valid", "cache_count", "cache_mean"):
+    for field in (
+        "window_code",
+        "window_key",
+        "window_value",
+        "length",
+        "cache_count",
+        "cache_mean",
+    ):
         r, g = getattr(ref_state, field), getattr(got_state, field)
         assert g.shape == r.shape and g.dtype == r.dtype, field
         if r.dtype in (jnp.int32, jnp.bool_):

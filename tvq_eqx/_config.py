@@ -7,7 +7,8 @@ import dataclasses
 import jax.numpy as jnp
 
 _DTYPES = ("float32", "bfloat16", "float16")
-_ATTENTIONS = ("vq", "window", "full")
+_ATTENTIONS = ("vq", "window", "block_window", "full")
+_STATE_KEYS = ("codewords", "codes")
 _IMPLEMENTATIONS = (None, "xla", "pallas", "quadratic")
 
 
@@ -21,8 +22,10 @@ class TransformerConfig:
     - `n_vocab`, `d_model`, `d_k`, `d_v`, `n_head`, `n_code`, `n_layer`: sizes;
       each layer holds two gated attention units.
     - `block_len`: attention block length; sequences are multiples of it.
-    - `mem_len`: range of the Transformer-XL relative biases (default
-      `block_len`, at most `block_len`).
+    - `mem_len`: window length M (default `block_len`, any M >= 0, also
+      above `block_len`): each block attends directly to the last M keys
+      before it plus itself, with the Transformer-XL relative biases for
+      distances 0..M; older keys go through the compressive cache.
     - `p_dropemb`, `p_dropsin`, `p_dropres`, `p_droplyr`: dropout on embeddings,
       on the relative-position sinusoids, on each unit's residual, and
       LayerDrop (whole layers).
@@ -30,12 +33,20 @@ class TransformerConfig:
     - `param_dtype`, `dtype`: parameter and activation dtypes (log-probs and
       norms are always float32).
     - `attention`: `"vq"` (default: exact VQ attention with the compressive
-      cache), `"window"` (compressive cache off: previous + current block only,
-      the official `agg_cache=0`), `"full"` (baseline: un-quantized causal
+      cache), `"window"` (compressive cache off: sliding window over the last
+      `mem_len` tokens, the official `agg_cache=0`), `"block_window"` (cache
+      off, each block sees the `mem_len` keys before it plus itself: the
+      previous + current block at the default `mem_len`), `"full"` (baseline:
+      un-quantized causal
       softmax over all keys in a KV cache of the last `kv_cache_len` tokens
       plus the current segment, with the same relative biases).
     - `kv_cache_len`: KV-cache capacity of the `"full"` baseline.
-    - `grad_thru_cache`: gradients reach values through the compressive cache.
+    - `grad_thru_cache`: gradients pass through the state carried between
+      blocks (window keys and values of earlier blocks, cached means); False
+      makes it a constant, as the official `grad_thru_cache=False`.
+    - `state_keys`: `"codewords"` (official: the carried window keeps the
+      codewords of the step that quantized them) or `"codes"` (keeps codes and
+      re-reads the current codebook); differs only after a codebook update.
     - `tie_embeddings`: output head shares the token embedding.
     - `abs_pe`: add sinusoidal absolute position embeddings to the input.
     - `output_norm`: RMS-normalise before the output head.
@@ -68,6 +79,7 @@ class TransformerConfig:
     pe_lam: float = 10_000.0
     implementation: str | None = None
     kv_cache_len: int = 2048
+    state_keys: str = "codewords"
 
     def __post_init__(self):
         positive = (
@@ -93,11 +105,6 @@ class TransformerConfig:
         if isinstance(m, bool) or not isinstance(m, int) or m < 0:
             raise ValueError(
                 f"TransformerConfig.mem_len must be a non-negative int; got {m!r}"
-            )
-        if m > self.block_len:
-            raise ValueError(
-                f"TransformerConfig.mem_len={m} must be <= block_len={self.block_len} "
-                "(the relative biases live inside the previous + current block window)"
             )
         for name in ("p_dropemb", "p_dropsin", "p_dropres", "p_droplyr"):
             p = getattr(self, name)
@@ -125,6 +132,11 @@ class TransformerConfig:
         if self.attention not in _ATTENTIONS:
             raise ValueError(
                 f"TransformerConfig.attention must be one of {_ATTENTIONS}; got {self.attention!r}"
+            )
+        if self.state_keys not in _STATE_KEYS:
+            raise ValueError(
+                f"TransformerConfig.state_keys must be one of {_STATE_KEYS}; "
+                f"got {self.state_keys!r}"
             )
         if self.implementation not in _IMPLEMENTATIONS:
             raise ValueError(

@@ -78,9 +78,10 @@ class VQAttention(eqx.Module):
             )
         return VQAttentionState.empty(
             batch_size,
-            block_len=c.block_len,
+            mem_len=c.mem_len,
             heads=c.n_head,
             codes=c.n_code,
+            d_k=c.d_k,
             d_v=c.d_v,
             dtype=c.jnp_dtype,
         )
@@ -138,8 +139,13 @@ class VQAttention(eqx.Module):
                 scale=scale,
                 rel_query=rel_query,
                 rel_table=rel_table,
+                mem_len=c.mem_len,
                 use_cache=c.attention == "vq",
+                # "window": official agg_cache=False (last mem_len tokens);
+                # "block_window": the whole window of the query's block.
+                sliding_window=c.attention == "window",
                 cache_grad=c.grad_thru_cache,
+                state_keys=c.state_keys,
                 implementation=c.implementation,
             )
         gated = attn.reshape(b, t, h * dv) * g

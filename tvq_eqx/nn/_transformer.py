@@ -169,9 +169,7 @@ class Transformer(eqx.Module):
                 f"state has {len(state.units)} units; the model has {2 * c.n_layer}"
             )
         first = state.units[0]
-        want_b = (
-            first.length if isinstance(first, FullAttentionState) else first.prev_valid
-        ).shape[0]
+        want_b = first.length.shape[0]
         if tokens.shape[0] != want_b:
             raise ValueError(
                 f"tokens batch {tokens.shape[0]} (shape {tuple(tokens.shape)}) does not match "
@@ -183,13 +181,10 @@ class Transformer(eqx.Module):
                 f"state holds {type(first).__name__}; attention={c.attention!r} needs "
                 f"{want_type.__name__} (use model.init_state)"
             )
-        if (
-            isinstance(first, VQAttentionState)
-            and first.prev_code.shape[1] != c.block_len
-        ):
+        if isinstance(first, VQAttentionState) and first.mem_len != c.mem_len:
             raise ValueError(
-                f"state was made for block_len={state.units[0].prev_code.shape[1]}, the model "
-                f"uses block_len={c.block_len}"
+                f"state was made for mem_len={first.mem_len}, the model "
+                f"uses mem_len={c.mem_len}"
             )
 
     def __call__(

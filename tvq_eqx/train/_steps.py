@@ -271,7 +271,7 @@ def shard_batch(batch: Batch, mesh: Mesh) -> dict[str, Array]:
 def shard_train_state(train_state: TrainState, mesh: Mesh) -> TrainState:
     """Replicate model, optimizer state, step and rng; split the attention
     state along its batch axis."""
-    _check_divisible(train_state.attn_state.units[0].prev_valid.shape[0], mesh)
+    _check_divisible(train_state.attn_state.units[0].length.shape[0], mesh)
     rep = _replicated(mesh)
     dyn, static = eqx.partition(train_state, eqx.is_array)
     dyn = jax.tree.map(lambda x: jax.device_put(x, rep), dyn)
