@@ -138,7 +138,8 @@ def test_block_window_baseline_equals_quadratic(mem_len):
 def test_semantics_are_the_official_ones():
     """The options change what they should, and only that."""
     m = L + 3
-    args = make_inputs(3, m)
+    # Bias at distance 0 only, so that it lies in every window compared here.
+    args = make_inputs(3, m, rel_len=0)
     cot = jax.random.normal(jax.random.key(97), (B, T, H, V))
     base = dict(block_len=L, scale=0.6, mem_len=m)
 
@@ -208,8 +209,10 @@ def test_state_contents(mem_len):
     np.testing.assert_allclose(st.cache_mean, mean, rtol=1e-5, atol=1e-6)
 
 
+@functools.partial(jax.jit, static_argnames=("splits", "opts"))
 def _split_loss(args, splits, opts, c_state):
     """<outputs, cot> + <final state, c_state> over consecutive calls."""
+    opts = dict(opts)
 
     def f(q, k, v, rq, rt):
         state, outs, start = None, [], 0
@@ -269,6 +272,7 @@ def test_streaming_equals_one_call_with_gradients(
         cache_grad=cache_grad,
         state_keys=state_keys,
     )
+    opts = tuple(opts.items())
     g_one, (out_one, st_one) = _split_loss(args, (T,), opts, c_state)
     g_split, (out_split, st_split) = _split_loss(args, splits, opts, c_state)
     assert rel_err(out_one, out_split) <= F32_TOL
@@ -508,7 +512,8 @@ def test_rejects_bad_options():
         call(block_len=L, sliding_window=True)
     with pytest.raises(ValueError, match="state_keys must be one of"):
         call(block_len=L, state_keys="keys")
-    with pytest.raises(ValueError, match="cache_grad must be a bool"):
+    # (the runtime type checker the tests enable may answer first)
+    with pytest.raises((ValueError, TypeError), match="cache_grad"):
         call(block_len=L, cache_grad="no")
 
 
