@@ -228,9 +228,7 @@ def test_cache_grad_off_matches_in_block_value_gradient(getkey):
     )(v)
     dv_ref = jax.grad(
         lambda v: jnp.sum(
-            vq_attention_quadratic(
-                q, k, v, c, scale=0.5, block_len=8, cache_grad=False
-            )
+            vq_attention_quadratic(q, k, v, c, scale=0.5, block_len=8, cache_grad=False)
             * cot
         )
     )(v)

@@ -83,9 +83,7 @@ def value_and_grads(form, opts, args, cot):
         return jnp.sum(out * cot), out
 
     names = ("query", "key", "value", "rel_query", "rel_table")
-    grads, out = jax.grad(f, argnums=range(5), has_aux=True)(
-        *(args[n] for n in names)
-    )
+    grads, out = jax.grad(f, argnums=range(5), has_aux=True)(*(args[n] for n in names))
     return out, grads
 
 
@@ -362,7 +360,9 @@ def test_codebook_update_between_calls_codewords_vs_codes():
     opts = dict(block_len=L, scale=0.5, mem_len=m)
     _, st = xla(q[:, :8], k[:, :8], v[:, :8], c1, **opts)
     outs = {
-        mode: xla(q[:, 8:], k[:, 8:], v[:, 8:], c2, state=st, state_keys=mode, **opts)[0]
+        mode: xla(q[:, 8:], k[:, 8:], v[:, 8:], c2, state=st, state_keys=mode, **opts)[
+            0
+        ]
         for mode in ("codewords", "codes")
     }
 
@@ -384,8 +384,8 @@ def test_codebook_update_between_calls_codewords_vs_codes():
         p = jax.nn.softmax(s, axis=-1)
         return jnp.einsum("bhij,bjhv->bihv", p, v, precision="highest")
 
-    in_window = lambda i, j: j >= (i // L) * L - m  # noqa: E731
-    never = lambda i, j: jnp.zeros_like(i + j, bool)  # noqa: E731
+    in_window = lambda i, j: j >= (i // L) * L - m
+    never = lambda i, j: jnp.zeros_like(i + j, bool)
     assert rel_err(dense(in_window), outs["codewords"]) <= F32_TOL
     assert rel_err(dense(never), outs["codes"]) <= F32_TOL
     assert rel_err(outs["codes"], outs["codewords"]) > 1e-3
@@ -485,7 +485,9 @@ def test_rejects_bad_mem_len_and_state():
 
 def test_rejects_rel_table_longer_than_window():
     q, k, v, c = _small()
-    with pytest.raises(ValueError, match=r"0\.\.6, but the bias range must be <= mem_len=5"):
+    with pytest.raises(
+        ValueError, match=r"0\.\.6, but the bias range must be <= mem_len=5"
+    ):
         tvq_eqx.vq_attention_with_state(
             q,
             k,
@@ -519,7 +521,9 @@ def test_rejects_bad_options():
 
 def test_pallas_rejects_mem_len_other_than_block_len():
     q, k, v, c = _small()
-    with pytest.raises(ValueError, match=r"pallas' needs mem_len == block_len .* mem_len=6"):
+    with pytest.raises(
+        ValueError, match=r"pallas' needs mem_len == block_len .* mem_len=6"
+    ):
         tvq_eqx.vq_attention_with_state(
             q, k, v, c, None, block_len=L, mem_len=6, implementation="pallas"
         )

@@ -52,7 +52,7 @@ def test_model_pallas_equals_xla(attention):
         n_code=8,
         n_layer=1,
         block_len=8,
-        mem_len=6,
+        mem_len=8,  # the kernels' window is one previous block
         attention=attention,
         implementation="xla",
     )

@@ -7,7 +7,7 @@ import math
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Bool, Float, Int
+from jaxtyping import Array, Float, Int
 
 # Finite stand-in for -inf in masked scores: exp() of it underflows to exactly 0,
 # but max/subtract never produce inf - inf = NaN (see the Pallas notes).
@@ -217,7 +217,9 @@ def check_options(*, use_cache, sliding_window, state_keys) -> bool:
     if sliding_window is None:
         sliding_window = not use_cache
     if not isinstance(sliding_window, bool):
-        raise ValueError(f"sliding_window must be a bool or None; got {sliding_window!r}")
+        raise ValueError(
+            f"sliding_window must be a bool or None; got {sliding_window!r}"
+        )
     if use_cache and sliding_window:
         raise ValueError(
             "sliding_window=True needs use_cache=False (with the cache every key "

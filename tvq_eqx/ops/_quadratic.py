@@ -81,7 +81,9 @@ def vq_attention_quadratic(
         sliding_window = not use_cache
     if use_cache and sliding_window:
         raise ValueError("sliding_window=True needs use_cache=False")
-    needs_blocks = key_grad_window or not cache_grad or not (use_cache or sliding_window)
+    needs_blocks = (
+        key_grad_window or not cache_grad or not (use_cache or sliding_window)
+    )
     if needs_blocks and block_len is None:
         raise ValueError(
             "key_grad_window, cache_grad=False and the block window "
