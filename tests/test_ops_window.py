@@ -527,3 +527,21 @@ def test_pallas_rejects_mem_len_other_than_block_len():
         tvq_eqx.vq_attention_with_state(
             q, k, v, c, None, block_len=L, mem_len=6, implementation="pallas"
         )
+
+
+def test_pallas_rejects_partly_filled_window():
+    # The kernels take one validity flag per row for the previous block.
+    from tvq_eqx.ops._pallas import vq_attention_pallas
+
+    q, k, v, c = _small()
+    st = VQAttentionState.empty(B, mem_len=L, heads=H, codes=S, d_k=K, d_v=V)
+    st = VQAttentionState(
+        st.window_code,
+        st.window_key,
+        st.window_value,
+        jnp.array([L, 2], jnp.int32),
+        st.cache_count,
+        st.cache_mean,
+    )
+    with pytest.raises(Exception, match="window whole or empty"):
+        vq_attention_pallas(q, k, v, c, block_len=L, scale=0.5, state=st)
