@@ -99,9 +99,7 @@ def weight_decay_mask(params: Any) -> Any:
             return eqx.tree_at(lambda r: (r.u, r.v), flags, (False, False))
         return jnp.ndim(node) != 1
 
-    return jax.tree.map(
-        mark, params, is_leaf=lambda x: isinstance(x, XLRelativeBias)
-    )
+    return jax.tree.map(mark, params, is_leaf=lambda x: isinstance(x, XLRelativeBias))
 
 
 def lr_schedule(
@@ -200,9 +198,7 @@ def make_optimizer(
         main.append(optax.clip_by_global_norm(grad_clip))
     main.append(_base(name, schedule))
     if weight_decay > 0:
-        main.append(
-            optax.add_decayed_weights(-weight_decay, mask=weight_decay_mask)
-        )
+        main.append(optax.add_decayed_weights(-weight_decay, mask=weight_decay_mask))
     return optax.multi_transform(
         {MAIN: optax.chain(*main), CODEBOOK: optax.sgd(1.0)},
         param_labels=param_labels,
