@@ -77,24 +77,47 @@ def test_codebook_reaching_main_optimizer_is_an_error(getkey):
 
 
 @pytest.mark.parametrize("name", ["adamw", "lion", "adafactor"])
-def test_weight_decay_on_matrices_only(name, getkey):
-    model = tvq_eqx.Transformer(CFG, key=getkey())
+def test_weight_decay_as_official(name, getkey):
+    # Official mask: every array that is not 1-D (here also the 0-d abs-PE
+    # scale), except u and v (1-D [heads * d_k] officially). Every array is
+    # made non-zero, so a wrongly decayed one shows.
+    model = tvq_eqx.Transformer(CFG.replace(abs_pe=True), key=getkey())
     params = eqx.filter(model, eqx.is_inexact_array)
+    params = jax.tree.map(lambda x: x + 0.5, params)
     opt = train.make_optimizer(name, weight_decay=0.1, warmup_steps=0, total_steps=10)
     state = opt.init(params)
     zeros = jax.tree.map(jnp.zeros_like, params)
     updates, _ = jax.jit(opt.update)(zeros, state, params)
-    labels = train.param_labels(params)
-    for u, p, lab in zip(
-        jax.tree.leaves(updates),
+    labels = jax.tree.leaves(train.param_labels(params))
+    decayed = set()
+    for (path, u), p, lab in zip(
+        jax.tree_util.tree_leaves_with_path(updates),
         jax.tree.leaves(params),
-        jax.tree.leaves(labels),
+        labels,
         strict=True,
     ):
-        if lab == "codebook" or p.ndim < 2:
-            np.testing.assert_array_equal(u, 0.0)
-        else:  # decoupled: -wd * theta, not scaled by the learning rate
+        name = jax.tree_util.keystr(path)
+        if np.any(np.asarray(u) != 0):
+            # decoupled: -wd * theta, not scaled by the learning rate
             np.testing.assert_allclose(u, -0.1 * p, rtol=1e-6, atol=1e-8)
+            decayed.add(name.split(".")[-1])
+            assert lab == "main" and p.ndim != 1, name
+        else:
+            assert lab == "codebook" or p.ndim == 1 or name.endswith((".u", ".v")), name
+    assert decayed == {"weight", "scale", "w_q", "w_kvg", "w_o", "w_r"}
+
+
+def test_lion_momentum_is_bfloat16_as_official(getkey):
+    model = tvq_eqx.Transformer(CFG, key=getkey())
+    params = eqx.filter(model, eqx.is_inexact_array)
+    state = train.make_optimizer("lion").init(params)
+    mus = [
+        x.mu
+        for x in jax.tree.leaves(state, is_leaf=lambda x: hasattr(x, "mu"))
+        if hasattr(x, "mu")
+    ]
+    dtypes = {x.dtype for mu in mus for x in jax.tree.leaves(mu)}
+    assert dtypes == {jnp.dtype(jnp.bfloat16)}
 
 
 def test_schedule_warmup_then_cosine_to_a_tenth():
@@ -119,7 +142,9 @@ def test_bad_optimizer_arguments():
 def test_scan_over_update_segments_equals_sequential_updates(getkey):
     """One train_step over 4 segments == 4 loss_fn/optimizer updates by hand,
     carrying the attention state."""
-    model = tvq_eqx.Transformer(CFG.replace(p_dropres=0.1), key=getkey())
+    model = tvq_eqx.Transformer(
+        CFG.replace(p_dropres=0.1, p_droplyr=0.3, p_dropsin=0.2), key=getkey()
+    )
     opt = train.make_optimizer(learning_rate=1e-2, warmup_steps=2, total_steps=8)
     ts = train.init_train_state(model, opt, 2, key=getkey())
     batch = _batch(getkey(), t=64)
@@ -129,13 +154,17 @@ def test_scan_over_update_segments_equals_sequential_updates(getkey):
 
     params, static = eqx.partition(model, eqx.is_inexact_array)
     opt_state, attn = ts.opt_state, ts.attn_state
-    rng = jax.random.wrap_key_data(ts.rng)
+    # One sequence key for the whole batch (LayerDrop / sinusoid-dropout
+    # masks), then a fresh key per segment.
+    rng, seq_key = jax.random.split(jax.random.wrap_key_data(ts.rng))
     total = 0.0
 
     @jax.jit
     def manual(params, opt_state, attn, seg, sub):
         def f(p):
-            return tvq_eqx.loss_fn(eqx.combine(p, static), seg, attn, key=sub)
+            return tvq_eqx.loss_fn(
+                eqx.combine(p, static), seg, attn, key=sub, sequence_key=seq_key
+            )
 
         (_, aux), g = jax.value_and_grad(f, has_aux=True)(params)
         u, opt_state = opt.update(g, opt_state, params)
