@@ -399,3 +399,15 @@ def test_from_official_rejects_what_it_cannot_reproduce():
     window = from_official(base | dict(agg_cache=0, grad_thru_cache=0))
     assert window.model.attention == "window"
     assert window.model.grad_thru_cache is False
+
+
+def test_checkpoint_of_the_old_parameter_layout_is_a_clear_error(tmp_path, getkey):
+    import json
+
+    model = tvq_eqx.Transformer(CFG, key=getkey())
+    ts = train.init_train_state(model, AGGRESSIVE, 2, key=getkey())
+    path = train.save_checkpoint(tmp_path, ts, step=1)
+    meta = json.loads((path / "meta.json").read_text())
+    (path / "meta.json").write_text(json.dumps(dict(meta, format_version=1)))
+    with pytest.raises(train.CheckpointError, match="earlier tvq-eqx .*format 1"):
+        train.load_checkpoint(tmp_path, ts)
