@@ -28,7 +28,7 @@ class TransformerConfig:
       `block_len`, at most `block_len`).
     - `p_dropemb`, `p_dropsin`, `p_dropres`, `p_droplyr`: dropout on embeddings,
       on the relative-position sinusoids, on each unit's residual, and
-      LayerDrop (whole layers).
+      LayerDrop (per attention unit or per layer, see `layerdrop`).
     - `c_beta`: commitment-loss weight; `c_gamma`: codebook EMA rate.
     - `param_dtype`, `dtype`: parameter and activation dtypes (log-probs and
       norms are always float32).
