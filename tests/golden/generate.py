@@ -33,9 +33,9 @@ flax paths joined with "/")
 ----------------------------------------------------------------------------
 - `meta`: JSON (config, case name, versions of jax/jaxlib/flax/chex/optax/
   numpy, official commit, seed, smallest relative argmin gap seen).
-- Unit level (one `VQAttention` run block by block on random features over
-  two update segments; the state between segments is stop-gradiented as
-  the official `train_op` does):
+- Unit level (cases not in `NO_UNIT`; one `VQAttention` run block by block
+  on random features over two update segments; the state between segments
+  is stop-gradiented as the official `train_op` does):
   `unit/params/...`, `unit/x [n_seg, B, T, D]`, `unit/loss_mask [n_seg, B, T]`,
   `unit/res [n_blocks_total, B, L, D]` (residual output of each block),
   `unit/state/<field> [n_blocks_total, ...]` (carried state after each block:
@@ -119,6 +119,9 @@ CASES = {
     "tied_escale": dict(VARIANT_COMMON, e_tie=1, e_preln=1, e_scale=0.005),
     "abs_pe": dict(VARIANT_COMMON, pe_abs=1),
 }
+# Cases whose attention unit is set up exactly as another case's ("default"
+# structure, variant coefficients) store no unit-level data.
+NO_UNIT = {"tied_escale", "abs_pe"}
 
 
 def export_official(repo: str) -> tuple[str, str]:
@@ -264,6 +267,8 @@ def run_case(name, overrides, seed, commit, min_gap):
     min_rel_gap = min(gaps)
     if min_rel_gap < min_gap:
         return None
+    if name in NO_UNIT:
+        out = {k: v for k, v in out.items() if not k.startswith("unit/")}
 
     our_config = {
         k: v for k, v in cfg_kwargs.items() if not callable(v) and k != "is_train"
