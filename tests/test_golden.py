@@ -17,8 +17,8 @@ A failing test lists every quantity of its group with its relative error, so
 one run shows where tvq_eqx and the official code disagree and by how much.
 `python tests/test_golden.py` prints the whole table.
 
-How the official parameters map (edit `UNIT_PARAMS`, `LM_PARAMS` and
-`CODEBOOK_SCALE` if our parametrisation changes): reshapes only, except that
+How the official parameters map (edit `UNIT_PARAMS`, `lm_params` and
+`codebook_scale` if our parametrisation changes): reshapes only, except that
 our codebook lives in the unscaled key space (keys after the q/k norm) while
 the official `LearnableVQ` works in the pre-scaled space `k * d_k^-1/4`, so
 `codebook_sum = c_sum * d_k^(1/4)`. The codebook's gradient is the EMA

@@ -22,11 +22,25 @@ How to regenerate
        /tmp/golden-venv/bin/pip install "jax[cpu]==0.4.30" jaxlib==0.4.30 \\
            flax==0.8.5 chex==0.1.86 optax==0.2.2
 
-3. Run (from the repository root)::
+3. Run (from the repository root; about 6 minutes on 2 CPU cores;
+   `--cases NAME ...` for a subset)::
 
        /tmp/golden-venv/bin/python tests/golden/generate.py \\
            --official-src /tmp/official/src
        # or: --official-repo /path/to/transformer_vq(.git)
+
+   The output is deterministic (the same arrays on a rerun with these
+   versions).
+
+Cases (`CASES` below): sizes `BASE` (batch 2, block_len 4, 3 blocks per
+update segment, 2 segments, d_model 16, d_k 6, d_v 4, 2 heads, 5 codes,
+vocab 13); `default` = the official launch defaults (agg_cache=1,
+grad_thru_cache=1, mem_len = block_len, untied head, no output LN, e_scale 1,
+no absolute PE, pe_lam 1e5, c_beta 1e-4, c_gamma 0.99, 2 layers); the
+variants (1 layer, c_beta 0.01, c_gamma 0.9) change one switch each:
+`no_grad_thru_cache`, `no_agg_cache`, `mem_lt_block` (mem_len 2),
+`mem_gt_block` (mem_len 6), `tied_escale` (e_tie=1, e_preln=1,
+e_scale=0.005), `abs_pe` (pe_abs=1).
 
 What each fixture holds (keys of the npz; parameter paths are the official
 flax paths joined with "/")
@@ -51,9 +65,8 @@ flax paths joined with "/")
   `lm/params/...`, `lm/inputs`, `lm/targets`, `lm/loss_mask` `[n_seg, B, T]`,
   per segment s: `lm/seg{s}/logprobs [B, T, V]`, `lm/seg{s}/l_lm_unscaled`,
   `lm/seg{s}/l_commit`, `lm/seg{s}/l_codebook`, `lm/seg{s}/loss` (composite),
-  `lm/seg{s}/grads/...` (jax.grad of loss_fn w.r.t. every parameter),
-  `lm/seg{s}/state/...` (the returned attn_state), and the codebook after the
-  official update of that segment's gradients (codebook parameters `c_*`
+  `lm/seg{s}/grads/...` (jax.grad of loss_fn w.r.t. every parameter), and
+  the codebook after the official update of that segment's gradients (codebook parameters `c_*`
   go to SGD with learning rate 1, as launch.py's optax.multi_transform does):
   `lm/seg{s}/updated/<unit path>/c_sum`, `.../c_count`.
 
@@ -247,7 +260,6 @@ def run_case(name, overrides, seed, commit, min_gap):
     try:
         out = _run(
             config,
-            settings,
             seed,
             L=L,
             K=K,
@@ -337,7 +349,6 @@ def _flat(prefix, tree, traverse_util):
 
 def _run(
     config,
-    settings,
     seed,
     *,
     L,
