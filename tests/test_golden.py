@@ -579,9 +579,14 @@ def test_fixtures_present():
     total = sum((GOLDEN / f"{c}.npz").stat().st_size for c in CASES)
     assert total < 1_000_000, f"golden fixtures take {total} bytes"
     for case in CASES:
-        with np.load(GOLDEN / f"{case}.npz") as f:
-            has_unit = "unit/x" in f.files
-        assert has_unit == (case in UNIT_CASES), (case, has_unit)
+        data, meta = load_fixture(case)
+        assert ("unit/x" in data) == (case in UNIT_CASES), case
+        # provenance: written by the official code, float32 on CPU
+        assert len(meta["official_commit"]) == 40, meta["official_commit"]
+        assert {"jax", "jaxlib", "flax"} <= set(meta["versions"]), meta["versions"]
+        assert meta["dtype"] == "float32" and meta["backend"] == "cpu", meta
+        # no key's nearest codeword is nearly tied (a flip would be a false alarm)
+        assert meta["min_rel_argmin_gap"] >= 1e-4, meta["min_rel_argmin_gap"]
 
 
 @pytest.mark.parametrize("case", UNIT_CASES)
