@@ -82,6 +82,8 @@ def test_resume_continues_bit_for_bit(trained, tmp_path, capsys):
         (["train", *MICRO, "--seq-len", "80"], "multiple of"),
         (["train", *MICRO, "--d-model", "abc"], "cannot parse"),
         (["train", *MICRO, "--optimizer", "sgd"], "optimizer must be one of"),
+        (["train", *MICRO, "--qk-norm", "centred"], "--qk-norm must be one of"),
+        (["train", *MICRO, "--e-scale", "0"], "e_scale must be a float > 0"),
     ],
 )
 def test_bad_input_one_line_exit_2_nothing_written(argv, message, tmp_path, capsys):
@@ -139,3 +141,15 @@ def test_bench_reports_throughput(capsys):
     assert main(["bench", *flags, "--bench-steps", "1", "--sample-tokens", "4"]) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["train_tokens_per_s"] > 0 and res["sample_ms_per_token"] > 0
+
+
+def test_parity_options_are_flags(tmp_path):
+    run_dir = tmp_path / "run"
+    flags = ["--qk-norm", "layer", "--layerdrop", "layer", "--e-scale", "0.5",
+             "--drop-mask-scope", "segment", "--lm-loss-average", "tokens",
+             "--p-droplyr", "0.2", "--tie-embeddings", "true"]  # fmt: skip
+    assert main(["train", "--run-dir", str(run_dir), *MICRO, *flags, "--stop-at", "2"]) == 0
+    meta = json.loads((run_dir / "checkpoints" / "step_00000002" / "meta.json").read_text())
+    model = meta["run"]["model"]
+    assert (model["qk_norm"], model["layerdrop"], model["e_scale"]) == ("layer", "layer", 0.5)
+    assert (model["drop_mask_scope"], model["lm_loss_average"]) == ("segment", "tokens")

@@ -8,7 +8,7 @@ import pytest
 from conftest import assert_close
 
 import tvq_eqx
-from tvq_eqx.nn import layer_norm
+from tvq_eqx.nn import VectorQuantizer, rms_norm
 
 CFG = dict(
     d_model=32, d_k=8, d_v=12, n_head=2, n_code=16, n_layer=1, block_len=8, c_gamma=0.9
@@ -26,13 +26,15 @@ def make_batch(getkey, b=2, t=32, masked=0):
 
 
 def first_unit_keys(model, inputs):
-    """Keys of layer 0, unit 0, recomputed by hand (no abs PE, no dropout)."""
+    """Keys of layer 0, unit 0, recomputed by hand (no abs PE, no dropout):
+    RMS norm with gain and bias on the input, RMS norm without centring on k."""
     unit = model.layers[0].units[0]
     c = model.config
     x = model.embedding.weight[inputs]
-    xt = unit.norm(x)
+    xt = x / jnp.sqrt(jnp.mean(x**2, -1, keepdims=True) + 1e-6)
+    xt = xt * unit.norm.weight[None, None] + unit.norm.bias[None, None]
     k = (xt @ unit.w_kvg)[..., : c.n_head * c.d_k]
-    return layer_norm(k.reshape(*inputs.shape, c.n_head, c.d_k))
+    return rms_norm(k.reshape(*inputs.shape, c.n_head, c.d_k))
 
 
 def test_loss_is_jittable_finite_and_reports_metrics(getkey):
@@ -60,10 +62,12 @@ def test_loss_is_jittable_finite_and_reports_metrics(getkey):
     ):
         assert m[name].shape == () and m[name].dtype == jnp.float32, name
     assert isinstance(aux["state"], tvq_eqx.TransformerState)
-    # The codebook surrogate enters with value 0: loss = lm + c_beta * commit.
+    # The codebook surrogate enters with value 0: loss = lm + c_beta * commit
+    # (no padding here, so the per-position and per-token LM means agree).
     np.testing.assert_allclose(
         loss, m["lm_loss"] + model.config.c_beta * m["commit_loss"], rtol=1e-6
     )
+    assert float(m["commit_loss"]) > 0
     # An untrained byte model is near uniform: ~8 bits per token.
     assert 6.0 < float(m["bits_per_token"]) < 10.0
 
@@ -81,6 +85,18 @@ def test_lm_loss_equals_explicit_masked_nll(getkey):
         aux["metrics"]["lm_loss"], (nll * mask).sum() / mask.sum(), rtol=1e-5
     )
     assert float(aux["metrics"]["mask_fraction"]) == pytest.approx(54 / 64)
+    # The objective's LM term: over all B * T positions (official) or over
+    # the unmasked tokens.
+    commit = model.config.c_beta * aux["metrics"]["commit_loss"]
+    np.testing.assert_allclose(
+        aux["metrics"]["loss"] - commit, (nll * mask).sum() / mask.size, rtol=1e-5
+    )
+    per_token = model.with_config(lm_loss_average="tokens")
+    _, aux_t = tvq_eqx.loss_fn(per_token, batch, per_token.init_state(2))
+    np.testing.assert_allclose(
+        aux_t["metrics"]["loss"] - commit, (nll * mask).sum() / mask.sum(), rtol=1e-5
+    )
+    assert float(aux_t["metrics"]["lm_loss"]) == float(aux["metrics"]["lm_loss"])
     # Targets under the mask do not matter.
     other = dict(batch, targets=batch["targets"].at[:, -5:].set(7))
     _, aux2 = tvq_eqx.loss_fn(model, other, model.init_state(2))
@@ -151,15 +167,47 @@ def test_gradients_reach_keys_via_straight_through_only(getkey):
 
 
 def test_commit_loss_equals_explicit(getkey):
+    # Official definition: per unit, sum over heads of ||k' - c'||^2 in the
+    # pre-scaled space k' = k d_k^-1/4 (= d_k^-1/2 ||k - c||^2 here), times
+    # the mask, summed; loss_fn divides by all B * T positions and sums units.
     model = tvq_eqx.Transformer(tvq_eqx.TransformerConfig(**CFG), key=getkey())
     batch = make_batch(getkey, masked=4)
     _, _, aux = model(batch["inputs"], model.init_state(2), mask=batch["loss_mask"])
     keys = np.asarray(first_unit_keys(model, batch["inputs"]), np.float64)
     cb = np.asarray(model.layers[0].units[0].quantizer.codebook, np.float64)
-    d = ((keys[..., None, :] - cb[None, None]) ** 2).sum(-1)  # [B,T,H,S]
-    per_token = d.min(-1).mean(-1)  # mean over heads of ||k - C[z]||^2
-    want = (per_token * np.asarray(batch["loss_mask"])).sum()
+    scale = CFG["d_k"] ** -0.25
+    d = (((keys[..., None, :] - cb[None, None]) * scale) ** 2).sum(-1)  # [B,T,H,S]
+    per_position = d.min(-1).sum(-1)  # sum over heads
+    want = (per_position * np.asarray(batch["loss_mask"])).sum()
     np.testing.assert_allclose(aux["vq"]["commit_sum"][0], want, rtol=1e-4)
+    _, out = tvq_eqx.loss_fn(model, batch, model.init_state(2))
+    np.testing.assert_allclose(
+        out["metrics"]["commit_loss"],
+        np.asarray(aux["vq"]["commit_sum"], np.float64).sum() / batch["loss_mask"].size,
+        rtol=1e-5,
+    )
+
+
+def test_commit_sum_hand_computed_in_prescaled_space(getkey):
+    # d_k = 4, so keys and codewords are compared after scaling by 4^-1/4.
+    vq = VectorQuantizer(2, 2, 4, c_gamma=0.9, key=getkey())
+    codebook = jnp.array(
+        [[[1.0, 0, 0, 0], [0, 1.0, 0, 0]], [[0, 0, 2.0, 0], [0, 0, 0, -2.0]]]
+    )
+    vq = eqx.tree_at(lambda q: q.codebook_sum, vq, codebook)  # counts are 1
+    key = jnp.array(
+        [[[[3.0, 0, 0, 0], [0, 0, 0, -1.0]]], [[[0, 2, 0, 1.0], [1, 1, 1, 1.0]]]]
+    )
+    mask = jnp.array([[1.0], [0.5]])
+    # Row 0: head 0 -> code 0, ||(2,0,0,0)||^2 = 4; head 1 -> code 1, 1.
+    # Row 1: head 0 -> code 1, ||(0,1,0,1)||^2 = 2; head 1 -> code 0, 1+1+1+1 = 4.
+    want = (1.0 * (4 + 1) + 0.5 * (2 + 4)) / 2.0  # d_k^-1/2 = 1/2
+    got = vq.statistics(key, mask)["commit_sum"]
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    # Its gradient pulls each key towards its codeword: 2 (k - c) d_k^-1/2 mask.
+    g = jax.grad(lambda k: vq.statistics(k, mask)["commit_sum"])(key)
+    np.testing.assert_allclose(g[0, 0, 0], [2.0, 0, 0, 0], rtol=1e-6)
+    np.testing.assert_allclose(g[1, 0, 1], [0.5, 0.5, -0.5, 0.5], rtol=1e-6)
 
 
 def test_rejects_bad_batch(getkey):

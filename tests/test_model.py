@@ -10,7 +10,14 @@ import pytest
 from conftest import assert_close
 
 import tvq_eqx
-from tvq_eqx.nn import RMSNorm, VectorQuantizer, layer_norm, sinusoids
+from tvq_eqx.nn import (
+    OutputHead,
+    RMSNorm,
+    VectorQuantizer,
+    layer_norm,
+    rms_norm,
+    sinusoids,
+)
 
 SMALL = dict(d_model=32, d_k=8, d_v=12, n_head=2, n_code=16, n_layer=2, block_len=8)
 
@@ -122,13 +129,214 @@ def test_bf16_activations_run_and_are_close(getkey):
     assert float(jnp.mean(jnp.abs(jnp.exp(ref) - jnp.exp(out)))) < 2e-3
 
 
-def test_rmsnorm_and_layer_norm():
+def test_rmsnorm_gain_and_bias_and_layer_norm(getkey):
     x = jnp.arange(12.0).reshape(3, 4) - 5
-    y = RMSNorm(4)(x)
-    np.testing.assert_allclose(jnp.mean(y**2, -1), 1.0, rtol=1e-4)
+    norm = RMSNorm(4)
+    np.testing.assert_allclose(jnp.mean(norm(x) ** 2, -1), 1.0, rtol=1e-4)
+    # Gain and bias (official LayerNorm defaults): y = rms(x) * g + b.
+    g, b = jax.random.normal(getkey(), (2, 4))
+    norm = eqx.tree_at(lambda n: (n.weight, n.bias), norm, (g, b))
+    want = x / jnp.sqrt(jnp.mean(x**2, -1, keepdims=True) + 1e-6)
+    assert_close(want * g[None] + b[None], norm(x), 1e-6)
     z = layer_norm(x)
     np.testing.assert_allclose(jnp.mean(z, -1), 0.0, atol=1e-6)
     np.testing.assert_allclose(jnp.mean(z**2, -1), 1.0, rtol=1e-4)
+
+
+def test_qk_rms_norm_is_not_centred(getkey):
+    # The official q/k norm has no centring: shifting a row by a constant
+    # changes it (the centred layer norm would not notice).
+    x = jax.random.normal(getkey(), (5, 8))
+    shifted = x + 3.0
+    assert np.abs(np.asarray(rms_norm(shifted) - rms_norm(x))).max() > 0.1
+    assert_close(layer_norm(x), layer_norm(shifted), 1e-5)
+    np.testing.assert_allclose(jnp.mean(rms_norm(shifted) ** 2, -1), 1.0, rtol=1e-4)
+    # The model's choice matters: same weights, different outputs.
+    model = make(getkey)
+    assert model.config.qk_norm == "rms"
+    x = tokens(getkey, 2, 16)
+    a, _, _ = run(model, x, model.init_state(2))
+    other = model.with_config(qk_norm="layer")
+    b, _, _ = run(other, x, other.init_state(2))
+    assert np.abs(np.asarray(a - b)).max() > 1e-3
+
+
+def test_norm_biases_are_used_and_trained(getkey):
+    model = make(getkey)
+    x = tokens(getkey, 2, 16)
+
+    def total(m):
+        logprobs, _, _ = m(x, m.init_state(2))
+        return jnp.sum(logprobs[..., 0])
+
+    grads = eqx.filter_grad(total)(model)
+    assert np.abs(np.asarray(grads.out_norm.bias)).max() > 0
+    assert np.abs(np.asarray(grads.layers[0].units[1].norm.bias)).max() > 0
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_e_scale_scales_logits_before_log_softmax(getkey, tie):
+    model = make(getkey, tie_embeddings=tie, e_scale=1.0)
+    model = eqx.tree_at(
+        lambda m: m.head.bias, model, jax.random.normal(getkey(), (256,))
+    )
+    x = tokens(getkey, 2, 16)
+    ref, _, _ = run(model, x, model.init_state(2))
+    scaled = model.with_config(e_scale=0.005)
+    out, _, _ = run(scaled, x, scaled.init_state(2))
+    # ref = z - logsumexp(z), so log_softmax(0.005 ref) = log_softmax(0.005 z).
+    assert_close(jax.nn.log_softmax(0.005 * ref, axis=-1), out, 1e-5)
+    assert np.abs(np.asarray(out - ref)).max() > 1.0
+
+
+def test_output_head_tied_and_untied(getkey):
+    h = jax.random.normal(getkey(), (3, 8))
+    table = jax.random.normal(getkey(), (11, 8))
+    tied = OutputHead(8, 11, tied=True, e_scale=0.5, key=getkey())
+    assert tied.weight is None and tied.bias.shape == (11,)
+    bias = jax.random.normal(getkey(), (11,))
+    tied = eqx.tree_at(lambda m: m.bias, tied, bias)
+    assert_close(0.5 * (h @ table.T + bias[None]), tied(h, table), 1e-6)
+    with pytest.raises(ValueError, match="tied OutputHead needs"):
+        tied(h)
+    untied = OutputHead(8, 11, e_scale=2.0, key=getkey())
+    assert_close(2.0 * (h @ untied.weight), untied(h), 1e-6)
+
+
+def test_abs_pe_scale_starts_at_zero_and_learns(getkey):
+    model = make(getkey, abs_pe=True)
+    assert model.position_embedding.scale.shape == ()
+    assert float(model.position_embedding.scale) == 0.0
+    x = tokens(getkey, 2, 16)
+
+    def total(m):
+        logprobs, _, _ = m(x, m.init_state(2))
+        return jnp.sum(logprobs[..., :3])
+
+    g = eqx.filter_grad(total)(model)
+    assert abs(float(g.position_embedding.scale)) > 0
+    # Scale 0: no absolute positions yet; a non-zero scale changes the output.
+    a, _, _ = run(model, x, model.init_state(2))
+    moved = eqx.tree_at(
+        lambda m: m.position_embedding.scale, model, jnp.asarray(0.7, jnp.float32)
+    )
+    b, _, _ = run(moved, x, moved.init_state(2))
+    assert np.abs(np.asarray(a - b)).max() > 1e-3
+    assert make(getkey).position_embedding is None
+
+
+def test_initialisers_are_official(getkey):
+    cfg = dict(d_model=64, d_k=16, d_v=32, n_head=2, n_code=64, n_layer=1)
+    model = make(getkey, **cfg)
+    unit = model.layers[0].units[0]
+    hv = cfg["n_head"] * cfg["d_v"]
+
+    def std(x):
+        return float(jnp.std(x))
+
+    # variance_scaling(1, fan_in, normal) everywhere, with no extra depth
+    # factor on the output projection.
+    assert std(unit.w_q) == pytest.approx(64**-0.5, rel=0.1)
+    assert std(unit.w_o) == pytest.approx(hv**-0.5, rel=0.1)
+    assert std(model.head.weight) == pytest.approx(64**-0.5, rel=0.1)
+    assert std(model.embedding.weight) == pytest.approx(1.0, rel=0.1)
+    # Codebook: official c_sum ~ N(0, 1/(heads * codes)) in the pre-scaled key
+    # space, i.e. a factor d_k^(1/4) in ours; counts 1.
+    want = 16**0.25 * (2 * 64) ** -0.5
+    assert std(unit.quantizer.codebook_sum) == pytest.approx(want, rel=0.1)
+    np.testing.assert_array_equal(unit.quantizer.codebook_count, 1.0)
+    for x in (unit.norm.bias, unit.rel_bias.u, unit.rel_bias.v, model.head.bias):
+        np.testing.assert_array_equal(x, 0.0)
+    np.testing.assert_array_equal(unit.norm.weight, 1.0)
+
+
+def test_config_defaults_are_official():
+    cfg = tvq_eqx.TransformerConfig(**SMALL)
+    assert cfg.pe_lam == 1e5 and cfg.e_scale == 1.0
+    assert (cfg.qk_norm, cfg.layerdrop, cfg.drop_mask_scope, cfg.lm_loss_average) == (
+        "rms",
+        "unit",
+        "sequence",
+        "positions",
+    )
+
+
+# ---- dropout masks -------------------------------------------------------------
+
+TIMELESS = dict(p_droplyr=0.5, p_dropsin=0.3, p_dropres=0.0, p_dropemb=0.0)
+
+
+def test_sequence_masks_depend_only_on_the_sequence_key(getkey):
+    # With only LayerDrop and sinusoid dropout on, the output depends on
+    # `sequence_key`, not on the per-call `key`.
+    model = make(getkey, **TIMELESS)
+    x = tokens(getkey, 8, 16)
+    s1, s2 = getkey(), getkey()
+    call = eqx.filter_jit(
+        lambda m, k, s: m(x, m.init_state(8), key=k, sequence_key=s)[0]
+    )
+    a = call(model, getkey(), s1)
+    assert_close(a, call(model, getkey(), s1), 1e-6)
+    assert np.abs(np.asarray(a - call(model, getkey(), s2))).max() > 1e-3
+    fresh = model.with_config(drop_mask_scope="segment")
+    assert (
+        np.abs(np.asarray(call(fresh, getkey(), s1) - call(fresh, getkey(), s1))).max()
+        > 1e-3
+    )
+
+
+def test_sequence_masks_are_the_same_in_every_segment(getkey):
+    # Same masks in each segment: streaming two segments with one sequence key
+    # equals one call on the whole sequence, dropout on.
+    model = make(getkey, abs_pe=True, **TIMELESS)
+    x = tokens(getkey, 8, 32)
+    s = getkey()
+    whole, _, _ = model(x, model.init_state(8), key=getkey(), sequence_key=s)
+    a, st, _ = model(x[:, :16], model.init_state(8), key=getkey(), sequence_key=s)
+    b, _, _ = model(x[:, 16:], st, key=getkey(), sequence_key=s)
+    assert_close(whole, jnp.concatenate([a, b], 1), 1e-5)
+    other, _, _ = model(x[:, 16:], st, key=getkey(), sequence_key=getkey())
+    assert np.abs(np.asarray(other - b)).max() > 1e-3
+
+
+@pytest.mark.parametrize("layerdrop", ["unit", "layer"])
+def test_layerdrop_per_unit_or_per_layer(getkey, layerdrop):
+    # Each row's output must be one of the drop patterns the mode allows; with
+    # "unit" the second unit sees the first unit's dropped output.
+    p, b = 0.5, 32
+    model = make(getkey, n_layer=1, layerdrop=layerdrop, **TIMELESS)
+    model = model.with_config(p_dropsin=0.0)
+    layer = model.layers[0]
+    u1, u2 = layer.units
+    x = jax.random.normal(getkey(), (b, 8, SMALL["d_model"]))
+    mask = jnp.ones((b, 8))
+    states = model.init_state(b).units[:2]
+    out, _, _ = layer(x, states, mask=mask, key=getkey(), sequence_key=getkey())
+
+    def unit(u, y, st):
+        return u(y, st, mask=mask)[0]
+
+    r1 = unit(u1, x, states[0])
+    y1 = x + r1 / (1 - p)
+    if layerdrop == "unit":
+        candidates = {
+            "none": x,
+            "1": y1,
+            "2": x + unit(u2, x, states[1]) / (1 - p),
+            "12": y1 + unit(u2, y1, states[1]) / (1 - p),
+        }
+    else:
+        both = r1 + unit(u2, x + r1, states[1])
+        candidates = {"none": x, "12": x + both / (1 - p)}
+    seen = set()
+    for row in range(b):
+        errs = {
+            k: float(jnp.max(jnp.abs(c[row] - out[row]))) for k, c in candidates.items()
+        }
+        best = min(errs, key=errs.get)
+        assert errs[best] < 1e-4, (row, errs)
+        seen.add(best)
+    assert seen == set(candidates), seen  # 2^-32-ish chance to miss one by luck
 
 
 def test_sinusoids_angle_difference_structure():
@@ -187,6 +395,11 @@ def test_with_config_rejects_shape_changes(getkey):
         ("implementation", "cuda", "implementation must be one of"),
         ("tie_embeddings", "yes", "tie_embeddings"),
         ("pe_lam", 1.0, "pe_lam must be > 1"),
+        ("e_scale", 0.0, "e_scale must be a float > 0"),
+        ("qk_norm", "centred", "qk_norm"),
+        ("layerdrop", "block", "layerdrop"),
+        ("drop_mask_scope", "batch", "drop_mask_scope"),
+        ("lm_loss_average", "tokenz", "lm_loss_average"),
     ],
 )
 def test_config_validation(field, value, match):

@@ -77,24 +77,47 @@ def test_codebook_reaching_main_optimizer_is_an_error(getkey):
 
 
 @pytest.mark.parametrize("name", ["adamw", "lion", "adafactor"])
-def test_weight_decay_on_matrices_only(name, getkey):
-    model = tvq_eqx.Transformer(CFG, key=getkey())
+def test_weight_decay_as_official(name, getkey):
+    # Official mask: every array that is not 1-D (here also the 0-d abs-PE
+    # scale), except u and v (1-D [heads * d_k] officially). Every array is
+    # made non-zero, so a wrongly decayed one shows.
+    model = tvq_eqx.Transformer(CFG.replace(abs_pe=True), key=getkey())
     params = eqx.filter(model, eqx.is_inexact_array)
+    params = jax.tree.map(lambda x: x + 0.5, params)
     opt = train.make_optimizer(name, weight_decay=0.1, warmup_steps=0, total_steps=10)
     state = opt.init(params)
     zeros = jax.tree.map(jnp.zeros_like, params)
     updates, _ = jax.jit(opt.update)(zeros, state, params)
-    labels = train.param_labels(params)
-    for u, p, lab in zip(
-        jax.tree.leaves(updates),
+    labels = jax.tree.leaves(train.param_labels(params))
+    decayed = set()
+    for (path, u), p, lab in zip(
+        jax.tree_util.tree_leaves_with_path(updates),
         jax.tree.leaves(params),
-        jax.tree.leaves(labels),
+        labels,
         strict=True,
     ):
-        if lab == "codebook" or p.ndim < 2:
-            np.testing.assert_array_equal(u, 0.0)
-        else:  # decoupled: -wd * theta, not scaled by the learning rate
+        name = jax.tree_util.keystr(path)
+        if np.any(np.asarray(u) != 0):
+            # decoupled: -wd * theta, not scaled by the learning rate
             np.testing.assert_allclose(u, -0.1 * p, rtol=1e-6, atol=1e-8)
+            decayed.add(name.split(".")[-1])
+            assert lab == "main" and p.ndim != 1, name
+        else:
+            assert lab == "codebook" or p.ndim == 1 or name.endswith((".u", ".v")), name
+    assert decayed == {"weight", "scale", "w_q", "w_kvg", "w_o", "w_r"}
+
+
+def test_lion_momentum_is_bfloat16_as_official(getkey):
+    model = tvq_eqx.Transformer(CFG, key=getkey())
+    params = eqx.filter(model, eqx.is_inexact_array)
+    state = train.make_optimizer("lion").init(params)
+    mus = [
+        x.mu
+        for x in jax.tree.leaves(state, is_leaf=lambda x: hasattr(x, "mu"))
+        if hasattr(x, "mu")
+    ]
+    dtypes = {x.dtype for mu in mus for x in jax.tree.leaves(mu)}
+    assert dtypes == {jnp.dtype(jnp.bfloat16)}
 
 
 def test_schedule_warmup_then_cosine_to_a_tenth():
@@ -119,7 +142,9 @@ def test_bad_optimizer_arguments():
 def test_scan_over_update_segments_equals_sequential_updates(getkey):
     """One train_step over 4 segments == 4 loss_fn/optimizer updates by hand,
     carrying the attention state."""
-    model = tvq_eqx.Transformer(CFG.replace(p_dropres=0.1), key=getkey())
+    model = tvq_eqx.Transformer(
+        CFG.replace(p_dropres=0.1, p_droplyr=0.3, p_dropsin=0.2), key=getkey()
+    )
     opt = train.make_optimizer(learning_rate=1e-2, warmup_steps=2, total_steps=8)
     ts = train.init_train_state(model, opt, 2, key=getkey())
     batch = _batch(getkey(), t=64)
@@ -129,13 +154,17 @@ def test_scan_over_update_segments_equals_sequential_updates(getkey):
 
     params, static = eqx.partition(model, eqx.is_inexact_array)
     opt_state, attn = ts.opt_state, ts.attn_state
-    rng = jax.random.wrap_key_data(ts.rng)
+    # One sequence key for the whole batch (LayerDrop / sinusoid-dropout
+    # masks), then a fresh key per segment.
+    rng, seq_key = jax.random.split(jax.random.wrap_key_data(ts.rng))
     total = 0.0
 
     @jax.jit
     def manual(params, opt_state, attn, seg, sub):
         def f(p):
-            return tvq_eqx.loss_fn(eqx.combine(p, static), seg, attn, key=sub)
+            return tvq_eqx.loss_fn(
+                eqx.combine(p, static), seg, attn, key=sub, sequence_key=seq_key
+            )
 
         (_, aux), g = jax.value_and_grad(f, has_aux=True)(params)
         u, opt_state = opt.update(g, opt_state, params)
@@ -273,3 +302,112 @@ def test_context_len_bounds_the_carried_history():
         tiny.replace(context_len=300)
     for name in ("enwik8", "pg19", "imagenet64"):
         assert PRESETS[name].context_len == PRESETS[name].seq_len
+
+
+# The official launch flags, transcribed from scripts/lm_{enwik8,pg19,
+# imagenet64}.sh and the scripts/launch.py defaults (pe_lam 100000,
+# n_print_step 200, n_save_keep 5, grad_clip None); the flags the scripts take
+# from their command line (-t -l -m -s -a -g -p -r -e) at the paper's values.
+_SCRIPT_ARGS = dict(
+    sequence_len=8192, block_len=512, mem_len=512, n_code=512, agg_cache=1,
+    grad_thru_cache=1, dtype="bfloat16", prng_seed=0, n_extra_step=0,
+)  # fmt: skip
+_SHARED = dict(
+    global_batch_size=128, param_dtype="float32", d_k=128, d_ff=0, n_head=1,
+    n_layer=24, pe_lam=100000, p_dropemb=0.0, c_beta=0.0001, c_gamma=0.99,
+    lr_schedule="cosine", n_warmup_step=10000, n_print_step=200,
+    n_save_step=1000, n_eval_step=100, n_save_keep=5,
+)  # fmt: skip
+OFFICIAL = {
+    "enwik8": dict(
+        _SCRIPT_ARGS, **_SHARED, dataset="enwik8", update_len=2048, d_model=768,
+        d_v=1536, pe_abs=0, p_dropsin=0.2, p_dropres=0.5, p_droplyr=0.3, e_tie=0,
+        e_preln=0, e_scale=1.0, grad_clip=0.1, optimizer="adamw", lr_max=0.0004,
+        wd_lam=0.0002, p_nucleus=0.9, n_max_step=125000,
+    ),
+    "pg19": dict(
+        _SCRIPT_ARGS, **_SHARED, dataset="pg19", update_len=2048, d_model=2048,
+        d_v=4096, pe_abs=0, p_dropsin=0.1, p_dropres=0.1, p_droplyr=0.1, e_tie=1,
+        e_preln=1, e_scale=0.005, grad_clip=None, optimizer="adafactor",
+        lr_max=0.01, wd_lam=0.0, p_nucleus=0.8, n_max_step=500000,
+    ),
+    "imagenet64": dict(
+        _SCRIPT_ARGS | dict(sequence_len=12288), **_SHARED, dataset="imagenet64",
+        update_len=1536, d_model=2048, d_v=4096, pe_abs=1, p_dropsin=0.1,
+        p_dropres=0.0, p_droplyr=0.0, e_tie=1, e_preln=1, e_scale=0.005,
+        grad_clip=None, optimizer="adafactor", lr_max=0.01, wd_lam=0.0,
+        p_nucleus=0.999, n_max_step=500000,
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ["enwik8", "pg19", "imagenet64"])
+def test_presets_equal_the_official_launch_scripts(name):
+    from tvq_eqx.train import OFFICIAL_LAUNCH, PRESETS, from_official
+
+    assert OFFICIAL_LAUNCH[name] == OFFICIAL[name]
+    run = PRESETS[name]
+    assert run == from_official(OFFICIAL[name])  # every field of both configs
+    # The mapping, flag by flag.
+    o, m = OFFICIAL[name], run.model
+    pairs = [
+        (m.d_model, o["d_model"]), (m.d_k, o["d_k"]), (m.d_v, o["d_v"]),
+        (m.n_head, o["n_head"]), (m.n_layer, o["n_layer"]), (m.n_code, o["n_code"]),
+        (m.block_len, o["block_len"]), (m.mem_len, o["mem_len"]),
+        (m.p_dropemb, o["p_dropemb"]), (m.p_dropsin, o["p_dropsin"]),
+        (m.p_dropres, o["p_dropres"]), (m.p_droplyr, o["p_droplyr"]),
+        (m.c_beta, o["c_beta"]), (m.c_gamma, o["c_gamma"]),
+        (m.tie_embeddings, bool(o["e_tie"])), (m.output_norm, bool(o["e_preln"])),
+        (m.e_scale, o["e_scale"]), (m.abs_pe, bool(o["pe_abs"])),
+        (m.pe_lam, o["pe_lam"]), (m.param_dtype, o["param_dtype"]),
+        (m.dtype, o["dtype"]), (m.attention, "vq"),
+        (m.grad_thru_cache, bool(o["grad_thru_cache"])),
+        (run.batch_size, o["global_batch_size"]), (run.seq_len, o["sequence_len"]),
+        (run.update_len, o["update_len"]), (run.optimizer, o["optimizer"]),
+        (run.learning_rate, o["lr_max"]), (run.weight_decay, o["wd_lam"]),
+        (run.grad_clip, o["grad_clip"]), (run.warmup_steps, o["n_warmup_step"]),
+        (run.steps, o["n_max_step"]), (run.final_lr_ratio, 0.1),
+        (run.top_p, o["p_nucleus"]), (run.log_every, o["n_print_step"]),
+        (run.eval_every, o["n_save_step"]), (run.eval_batches, o["n_eval_step"]),
+        (run.keep, o["n_save_keep"]), (run.seed, o["prng_seed"]),
+        (run.context_len, o["sequence_len"]),
+    ]  # fmt: skip
+    for i, (ours, official) in enumerate(pairs):
+        assert ours == official, (name, i, ours, official)
+    # Defaults the scripts rely on: the official forms of every option.
+    assert (m.qk_norm, m.layerdrop, m.drop_mask_scope, m.lm_loss_average) == (
+        "rms",
+        "unit",
+        "sequence",
+        "positions",
+    )
+
+
+def test_from_official_rejects_what_it_cannot_reproduce():
+    from tvq_eqx.train import from_official
+
+    base = OFFICIAL["enwik8"]
+    for change, match in [
+        (dict(d_ff=3072), "d_ff"),
+        (dict(n_extra_step=10), "n_extra_step"),
+        (dict(lr_schedule="inv_sqrt"), "lr_schedule"),
+        (dict(dataset="wikitext"), "dataset must be one of"),
+        (dict(frobnicate=1), "unknown official launch flags"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            from_official(base | change)
+    window = from_official(base | dict(agg_cache=0, grad_thru_cache=0))
+    assert window.model.attention == "window"
+    assert window.model.grad_thru_cache is False
+
+
+def test_checkpoint_of_the_old_parameter_layout_is_a_clear_error(tmp_path, getkey):
+    import json
+
+    model = tvq_eqx.Transformer(CFG, key=getkey())
+    ts = train.init_train_state(model, AGGRESSIVE, 2, key=getkey())
+    path = train.save_checkpoint(tmp_path, ts, step=1)
+    meta = json.loads((path / "meta.json").read_text())
+    (path / "meta.json").write_text(json.dumps(dict(meta, format_version=1)))
+    with pytest.raises(train.CheckpointError, match="earlier tvq-eqx .*format 1"):
+        train.load_checkpoint(tmp_path, ts)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+import typing
+from typing import Literal
 
 import jax.numpy as jnp
 
@@ -28,7 +31,7 @@ class TransformerConfig:
       distances 0..M; older keys go through the compressive cache.
     - `p_dropemb`, `p_dropsin`, `p_dropres`, `p_droplyr`: dropout on embeddings,
       on the relative-position sinusoids, on each unit's residual, and
-      LayerDrop (whole layers).
+      LayerDrop (per attention unit or per layer, see `layerdrop`).
     - `c_beta`: commitment-loss weight; `c_gamma`: codebook EMA rate.
     - `param_dtype`, `dtype`: parameter and activation dtypes (log-probs and
       norms are always float32).
@@ -48,9 +51,29 @@ class TransformerConfig:
       codewords of the step that quantized them) or `"codes"` (keeps codes and
       re-reads the current codebook); differs only after a codebook update.
     - `tie_embeddings`: output head shares the token embedding.
-    - `abs_pe`: add sinusoidal absolute position embeddings to the input.
-    - `output_norm`: RMS-normalise before the output head.
-    - `pe_lam`: sinusoid wavelength base.
+    - `abs_pe`: add sinusoidal absolute position embeddings to the input,
+      times a learned scalar that starts at 0 (official `pe_abs`, `ScaledSin`).
+    - `output_norm`: RMS-normalise (learned gain and bias) before the output
+      head (official `e_preln`).
+    - `pe_lam`: sinusoid wavelength base (official launch default 1e5).
+    - `e_scale`: the logits `x E^T + b` (tied) or `x W + b` (untied) are
+      multiplied by it before the log-softmax (official `e_scale`; 0.005 in
+      the official PG-19 and ImageNet64 runs).
+    - `qk_norm`: `"rms"` (default, official: RMS norm without centring, no
+      gain or bias) or `"layer"` (centred layer norm, tvq-eqx's earlier form).
+    - `layerdrop`: `"unit"` (default, official: each attention unit's
+      residual is dropped on its own, the second unit sees the first unit's
+      dropped output) or `"layer"` (one mask per layer for the sum of both
+      units' residuals).
+    - `drop_mask_scope`: `"sequence"` (default, official "timeless" masks:
+      the LayerDrop and sinusoid-dropout masks depend only on the
+      `sequence_key` passed to the model, so every update segment of one
+      sequence uses the same masks) or `"segment"` (fresh masks every call,
+      drawn from `key`).
+    - `lm_loss_average`: `"positions"` (default, official: the masked
+      negative log-likelihood summed and divided by all `batch * seq`
+      positions, padding included) or `"tokens"` (divided by the number of
+      unmasked tokens: the per-token mean, unaffected by padding).
     - `implementation`: VQ-attention implementation (`None` = best available).
     """
 
@@ -76,7 +99,12 @@ class TransformerConfig:
     tie_embeddings: bool = False
     abs_pe: bool = False
     output_norm: bool = True
-    pe_lam: float = 10_000.0
+    pe_lam: float = 100_000.0
+    e_scale: float = 1.0
+    qk_norm: Literal["rms", "layer"] = "rms"
+    layerdrop: Literal["unit", "layer"] = "unit"
+    drop_mask_scope: Literal["sequence", "segment"] = "sequence"
+    lm_loss_average: Literal["positions", "tokens"] = "positions"
     implementation: str | None = None
     kv_cache_len: int = 2048
     state_keys: str = "codewords"
@@ -152,6 +180,21 @@ class TransformerConfig:
             raise ValueError(
                 f"TransformerConfig.pe_lam must be > 1; got {self.pe_lam!r}"
             )
+        if (
+            isinstance(self.e_scale, bool)
+            or not isinstance(self.e_scale, (int, float))
+            or not self.e_scale > 0
+        ):
+            raise ValueError(
+                f"TransformerConfig.e_scale must be a float > 0; got {self.e_scale!r}"
+            )
+        for name in ("qk_norm", "layerdrop", "drop_mask_scope", "lm_loss_average"):
+            allowed = _literal_values(name)
+            if getattr(self, name) not in allowed:
+                raise ValueError(
+                    f"TransformerConfig.{name} must be one of {allowed}; "
+                    f"got {getattr(self, name)!r}"
+                )
 
     @property
     def jnp_dtype(self):
@@ -164,3 +207,10 @@ class TransformerConfig:
     def replace(self, **changes) -> TransformerConfig:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
+
+
+@functools.cache
+def _literal_values(name: str) -> tuple[str, ...]:
+    """The allowed values of a `Literal`-typed TransformerConfig field."""
+    hints = typing.get_type_hints(TransformerConfig)
+    return typing.get_args(hints[name])

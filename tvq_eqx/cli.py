@@ -17,6 +17,7 @@ before anything is written. See docs/training.md.
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
 import json
 import os
@@ -68,6 +69,13 @@ def _parse_value(name: str, text: str, default: Any, annotation: str) -> Any:
         return None
     kind = type(default) if default is not None else None
     ann = str(annotation)
+    if ann.startswith("Literal["):
+        allowed = ast.literal_eval("(" + ann[len("Literal[") : -1] + ",)")
+        if text not in allowed:
+            raise UsageError(
+                f"--{name.replace('_', '-')} must be one of {allowed}; got {text!r}"
+            )
+        return text
     try:
         if kind is bool or ann == "bool":
             if text.lower() in ("1", "true", "yes", "on"):

@@ -54,31 +54,48 @@ def loss_fn(
     state: TransformerState,
     *,
     key: PRNGKeyArray | None = None,
+    sequence_key: PRNGKeyArray | None = None,
 ) -> tuple[Array, dict]:
-    """Masked LM loss + c_beta * commit loss + codebook (EMA surrogate) loss.
+    """LM loss + c_beta * commit loss + codebook (EMA surrogate) loss, as the
+    official Transformer-VQ objective.
 
     **Arguments:**
 
     - `batch`: `{"inputs": int [B, T], "targets": int [B, T], "loss_mask": [B, T]}`.
     - `state`: the carried `TransformerState` (`model.init_state(B)` to start).
     - `key`: dropout key; None disables dropout.
+    - `sequence_key`: the per-sequence key of the LayerDrop and sinusoid
+      dropout masks (see `Transformer`); pass the same one for every update
+      segment of a sequence.
+
+    **The terms:**
+
+    - LM loss: the masked negative log-likelihood summed and divided by all
+      `B * T` positions (`lm_loss_average="positions"`, official) or by the
+      number of unmasked tokens (`"tokens"`).
+    - commit loss (official): for each attention unit, `sum_h ||k' - c'||^2`
+      in the quantizer's pre-scaled space (`k' = k d_k^-1/4`) times the mask,
+      averaged over all `B * T` positions; summed over units (two per layer)
+      and layers. `c_beta` therefore means what it means officially.
+    - codebook loss: its gradient w.r.t. the codebook arrays is
+      `theta - EMA_target`, so one SGD step with learning rate 1 on it
+      performs the EMA update (route those arrays to such an optimizer). It
+      enters `loss` with value zero (`cb - stop_gradient(cb)`): same
+      gradient, readable loss; its surrogate value is reported as
+      `metrics["codebook_loss"]`.
 
     **Returns:** `(loss, aux)` with `aux["state"]` the new state and
-    `aux["metrics"]` a dict of float32 scalars: `loss`, `lm_loss` (mean
-    per-token negative log-likelihood, nats), `lm_loss_sum`, `token_count`,
-    `bits_per_token`, `mask_fraction`, `commit_loss`, `codebook_loss`,
-    `code_entropy`, `code_perplexity`, `dead_code_fraction`,
-    `quant_rel_error`.
-
-    The codebook loss's gradient w.r.t. the codebook arrays is
-    `theta - EMA_target`, so one SGD step with learning rate 1 on it performs
-    the EMA update (route those arrays to such an optimizer). It enters `loss`
-    with value zero (`cb - stop_gradient(cb)`): same gradient, readable loss;
-    its surrogate value is reported as `metrics["codebook_loss"]`.
+    `aux["metrics"]` a dict of float32 scalars: `loss` (the objective),
+    `lm_loss` (mean negative log-likelihood per unmasked token, nats, whatever
+    `lm_loss_average`), `lm_loss_sum`, `token_count`, `bits_per_token`,
+    `mask_fraction`, `commit_loss`, `codebook_loss`, `code_entropy`,
+    `code_perplexity`, `dead_code_fraction`, `quant_rel_error`.
     """
     _check_batch(batch, model)
     mask = batch["loss_mask"].astype(jnp.float32)
-    logprobs, new_state, aux = model(batch["inputs"], state, key=key, mask=mask)
+    logprobs, new_state, aux = model(
+        batch["inputs"], state, key=key, mask=mask, sequence_key=sequence_key
+    )
     targets = batch["targets"]
     n_vocab = model.config.n_vocab
     targets = eqx.error_if(
@@ -89,10 +106,15 @@ def loss_fn(
     token_logp = jnp.take_along_axis(logprobs, targets[..., None], axis=-1)[..., 0]
     lm_sum = -jnp.sum(token_logp * mask)
     n_tokens = jnp.sum(mask)
+    n_positions = float(mask.size)
     lm_loss = lm_sum / jnp.maximum(n_tokens, 1.0)
+    if model.config.lm_loss_average == "positions":
+        lm_term = lm_sum / n_positions
+    else:
+        lm_term = lm_loss
 
     vq = aux["vq"]
-    commit = jnp.mean(vq["commit_sum"]) / jnp.maximum(n_tokens, 1.0)
+    commit = jnp.sum(vq["commit_sum"]) / n_positions
     codebook_loss = sum(
         unit.quantizer.codebook_loss(vq["code_count"][i], vq["code_key_sum"][i])
         for i, unit in enumerate(model.attention_units())
@@ -100,14 +122,14 @@ def loss_fn(
     # The surrogate's value is meaningless (only its gradient matters), so it
     # enters with value 0 and `loss` stays readable as LM loss + commit term.
     codebook_term = codebook_loss - jax.lax.stop_gradient(codebook_loss)
-    loss = lm_loss + model.config.c_beta * commit + codebook_term
+    loss = lm_term + model.config.c_beta * commit + codebook_term
     metrics = dict(
         loss=loss,
         lm_loss=lm_loss,
         lm_loss_sum=lm_sum,
         token_count=n_tokens,
         bits_per_token=lm_loss / math.log(2.0),
-        mask_fraction=n_tokens / mask.size,
+        mask_fraction=n_tokens / n_positions,
         commit_loss=commit,
         codebook_loss=codebook_loss,
         **codebook_metrics(vq),

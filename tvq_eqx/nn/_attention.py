@@ -14,7 +14,7 @@ from ..ops import (
     full_attention_with_state,
     vq_attention_with_state,
 )
-from ._norm import RMSNorm, layer_norm
+from ._norm import RMSNorm, layer_norm, rms_norm
 from ._positional import XLRelativeBias, dropout
 from ._quantizer import VectorQuantizer
 
@@ -22,11 +22,21 @@ from ._quantizer import VectorQuantizer
 class VQAttention(eqx.Module):
     """Gated VQ-attention unit.
 
-    `x~ = RMSNorm(x)`; `q = LN(x~ W_q)`, `k = LN(x~ W_k)` (parameter-free layer
-    norm per head); `v = SiLU(x~ W_v)`, `g = SiLU(x~ W_g)`; scores
+    `x~ = RMSNorm(x)` (gain and bias); `q = N(x~ W_q)`, `k = N(x~ W_k)` with
+    `N` a parameter-free norm per head (`qk_norm`: RMS norm without centring,
+    official, or centred layer norm); `v = SiLU(x~ W_v)`, `g = SiLU(x~ W_g)`;
+    scores
     `tau [(q + u) . k^_j + (q + v) . r_{i-j}]` with `tau = d_k^-1/2`, `k^` the
     quantized key and the position term only for `i - j <= mem_len`; output
     `dropout((g * attention) W_o)`, to be added to `x` by the caller.
+
+    Our scores equal the official ones: it scales q, k, u, v and r by
+    `d_k^-1/4` each instead of multiplying by `tau`. Official parameters map
+    as `norm.weight/bias = input_ln.g/b`, `w_q = q_proj.kernel`,
+    `w_kvg = kvg_proj.kernel`, `w_o = res_proj.kernel`,
+    `rel_bias.w_r = r_proj.kernel`, `rel_bias.u/v = u/v` reshaped to
+    `[heads, d_k]`, and the quantizer as `VectorQuantizer` says.
+    Initialisers as the official ones: projections N(0, 1/fan_in), u, v zero.
     """
 
     norm: RMSNorm
@@ -42,14 +52,12 @@ class VQAttention(eqx.Module):
         kq, kkvg, ko, kr, kc = jax.random.split(key, 5)
         pdt = c.jnp_param_dtype
         hk, hv = c.n_head * c.d_k, c.n_head * c.d_v
-        self.norm = RMSNorm(c.d_model, dtype=pdt)
+        self.norm = RMSNorm(c.d_model, dtype=pdt)  # gain and bias (official)
         self.w_q = jax.random.normal(kq, (c.d_model, hk), pdt) * c.d_model**-0.5
         self.w_kvg = (
             jax.random.normal(kkvg, (c.d_model, hk + 2 * hv), pdt) * c.d_model**-0.5
         )
-        # Residual branches start small so the deep stack starts near identity.
-        out_std = hv**-0.5 / (2 * c.n_layer) ** 0.5
-        self.w_o = jax.random.normal(ko, (hv, c.d_model), pdt) * out_std
+        self.w_o = jax.random.normal(ko, (hv, c.d_model), pdt) * hv**-0.5
         self.rel_bias = XLRelativeBias(
             c.d_model,
             c.n_head,
@@ -94,23 +102,28 @@ class VQAttention(eqx.Module):
         *,
         mask: Float[Array, "batch seq"],
         key: PRNGKeyArray | None = None,
+        sequence_key: PRNGKeyArray | None = None,
     ) -> tuple[
         Float[Array, "batch seq d_model"],
         VQAttentionState | FullAttentionState,
         dict[str, Array],
     ]:
+        """`key` draws the residual dropout; `sequence_key` the sinusoid
+        dropout mask (the official "timeless" mask, fixed for a sequence).
+        Either None: that dropout is off."""
         c = self.config
         b, t, _ = x.shape
         h, dk, dv = c.n_head, c.d_k, c.d_v
         dt = c.jnp_dtype
-        sin_key, res_key = (None, None) if key is None else jax.random.split(key)
+        sin_key, res_key = sequence_key, key
 
         xt = self.norm(x.astype(dt))
         q = jnp.einsum("btd,de->bte", xt, self.w_q.astype(dt)).reshape(b, t, h, dk)
         kvg = jnp.einsum("btd,de->bte", xt, self.w_kvg.astype(dt))
         k, v, g = jnp.split(kvg, [h * dk, h * (dk + dv)], axis=-1)
-        q = layer_norm(q)
-        k = layer_norm(k.reshape(b, t, h, dk))
+        qk_norm = rms_norm if c.qk_norm == "rms" else layer_norm
+        q = qk_norm(q)
+        k = qk_norm(k.reshape(b, t, h, dk))
         v = jax.nn.silu(v).reshape(b, t, h, dv)
         g = jax.nn.silu(g)
 

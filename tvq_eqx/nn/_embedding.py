@@ -22,7 +22,7 @@ def sinusoids(
 
 
 class Embedding(eqx.Module):
-    """Token embedding table; `logits()` is the tied output head (x E^T)."""
+    """Token embedding table, initialised N(0, 1) (official `e_init`)."""
 
     weight: Float[Array, "vocab d_model"]
 
@@ -36,33 +36,55 @@ class Embedding(eqx.Module):
     ) -> Float[Array, "*batch d_model"]:
         return jnp.take(self.weight, tokens, axis=0)
 
-    def logits(self, x: Float[Array, "*batch d_model"]) -> Float[Array, "*batch vocab"]:
-        # Rows of the table have unit variance; scale so tied logits start O(1).
-        w = self.weight.astype(x.dtype) * (x.shape[-1] ** -0.5)
-        return jnp.einsum("...d,vd->...v", x, w, preferred_element_type=jnp.float32)
-
 
 class OutputHead(eqx.Module):
-    """Untied output projection d_model -> vocab with bias."""
+    """Logits `(x W + b) * e_scale` in float32 (official `Embeddings.logits` /
+    `out_proj`, then `e_scale`).
 
-    weight: Float[Array, "d_model vocab"]
+    Untied: `W` is this head's `weight` `[d_model, vocab]`, initialised
+    N(0, 1/d_model) (official `w_init`). Tied (`weight is None`): `W = E^T`,
+    the token embedding table passed as `tied`. The bias starts at zero in
+    both cases (official `bias_out` / `out_proj.bias`).
+    """
+
+    weight: Float[Array, "d_model vocab"] | None
     bias: Float[Array, " vocab"]
+    e_scale: float = eqx.field(static=True)
 
     def __init__(
-        self, d_model: int, n_vocab: int, *, key: PRNGKeyArray, dtype=jnp.float32
+        self,
+        d_model: int,
+        n_vocab: int,
+        *,
+        tied: bool = False,
+        e_scale: float = 1.0,
+        key: PRNGKeyArray,
+        dtype=jnp.float32,
     ):
-        self.weight = jax.random.normal(key, (d_model, n_vocab), dtype) * d_model**-0.5
+        self.weight = (
+            None
+            if tied
+            else jax.random.normal(key, (d_model, n_vocab), dtype) * d_model**-0.5
+        )
         self.bias = jnp.zeros((n_vocab,), dtype)
+        self.e_scale = e_scale
 
     def __call__(
-        self, x: Float[Array, "*batch d_model"], *, key=None
+        self,
+        x: Float[Array, "*batch d_model"],
+        tied: Float[Array, "vocab d_model"] | None = None,
+        *,
+        key=None,
     ) -> Float[Array, "*batch vocab"]:
-        out = jnp.einsum(
-            "...d,dv->...v",
-            x,
-            self.weight.astype(x.dtype),
-            preferred_element_type=jnp.float32,
-        )
-        return out + self.bias.astype(jnp.float32).reshape(
-            (1,) * (out.ndim - 1) + (-1,)
-        )
+        # Full-precision logits, as the official code (its output layer runs
+        # in float32 whatever the activation dtype).
+        x32 = x.astype(jnp.float32)
+        if self.weight is None:
+            if tied is None:
+                raise ValueError("a tied OutputHead needs the embedding table `tied`")
+            w = tied.astype(jnp.float32).T
+        else:
+            w = self.weight.astype(jnp.float32)
+        out = jnp.einsum("...d,dv->...v", x32, w)
+        out = out + self.bias.astype(jnp.float32).reshape((1,) * (out.ndim - 1) + (-1,))
+        return out * self.e_scale

@@ -1,11 +1,12 @@
-"""Transformer-XL relative position biases (Dai et al., 2019)."""
+"""Position information: Transformer-XL relative biases (Dai et al., 2019)
+and the scaled absolute sinusoids (Hua et al., 2022)."""
 
 from __future__ import annotations
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, PRNGKeyArray
+from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from ._embedding import sinusoids
 
@@ -65,3 +66,24 @@ class XLRelativeBias(eqx.Module):
             sin, self.w_r.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST
         )
         return r.reshape(self.mem_len + 1, self.n_head, self.d_k)
+
+
+class ScaledSinusoids(eqx.Module):
+    """Absolute position embedding `scale * sinusoids(position)` with a learned
+    scalar `scale` initialised at 0 (official `ScaledSin`, `pe_abs`): the model
+    starts without absolute positions and learns how much to use them."""
+
+    scale: Float[Array, ""]
+    d_model: int = eqx.field(static=True)
+    pe_lam: float = eqx.field(static=True)
+
+    def __init__(self, d_model: int, *, pe_lam: float):
+        self.scale = jnp.zeros((), jnp.float32)
+        self.d_model, self.pe_lam = d_model, pe_lam
+
+    def __call__(
+        self, positions: Int[Array, " seq"], *, key=None
+    ) -> Float[Array, "seq d_model"]:
+        """float32 `[seq, d_model]` embeddings of absolute `positions`."""
+        table = sinusoids(positions, self.d_model, self.pe_lam)
+        return self.scale.astype(jnp.float32) * table

@@ -21,6 +21,11 @@ class VectorQuantizer(eqx.Module):
     surrogate whose SGD step with learning rate 1 is exactly the EMA update
     `theta <- c_gamma theta + (1 - c_gamma) batch_statistic` (as in the official
     code). `ema_update` applies the same update directly.
+
+    The codebook lives in the unscaled key space of `VQAttention` (keys after
+    the q/k norm); the official `LearnableVQ` works in the pre-scaled space
+    `k * d_k^-1/4`. Official parameters map as `codebook_sum = c_sum *
+    d_k^(1/4)`, `codebook_count = c_count`.
     """
 
     codebook_sum: Float[Array, "heads codes d_k"]
@@ -30,9 +35,14 @@ class VectorQuantizer(eqx.Module):
     def __init__(
         self, n_head: int, n_code: int, d_k: int, *, c_gamma: float, key: PRNGKeyArray
     ):
-        # Keys are layer-normalised (unit mean square per dim), so N(0, 1)
-        # codewords start on the right scale.
-        self.codebook_sum = jax.random.normal(key, (n_head, n_code, d_k), jnp.float32)
+        # Official init (`c_sum` by variance scaling, fan_in = heads * codes,
+        # normal; `c_count` ones) in the official pre-scaled key space
+        # `k * d_k^-1/4`; our codebook lives in the unscaled key space, so the
+        # sums carry a factor d_k^(1/4).
+        std = d_k**0.25 * (n_head * n_code) ** -0.5
+        self.codebook_sum = std * jax.random.normal(
+            key, (n_head, n_code, d_k), jnp.float32
+        )
         self.codebook_count = jnp.ones((n_head, n_code), jnp.float32)
         self.c_gamma = c_gamma
 
@@ -50,24 +60,31 @@ class VectorQuantizer(eqx.Module):
         """Commit loss and codebook statistics over non-masked tokens.
 
         Sums (not means) so that they add up across batches and devices:
-        `commit_sum` (differentiable w.r.t. `key`), `code_count [heads, codes]`,
-        `code_key_sum [heads, codes, d_k]`, `sq_err`, `sq_norm` (no gradient).
+
+        - `commit_sum` (differentiable w.r.t. `key`): the official commit
+          loss's numerator, `sum_{b,t} mask * sum_h ||k' - c'||^2` with
+          `k' = k d_k^-1/4`, `c' = C[z] d_k^-1/4` in the official quantizer's
+          pre-scaled space (so it is `d_k^-1/2` times the squared distance in
+          our unscaled key space);
+        - `code_count [heads, codes]`, `code_key_sum [heads, codes, d_k]`,
+          `sq_err`, `sq_norm` (unscaled key space, no gradient).
         """
         codebook = self.codebook
         codes = quantize(key, codebook)
         codeword = gather_codes(codebook, codes)  # [B, T, H, K] float32
         k32 = key.astype(jnp.float32)
         m = mask.astype(jnp.float32)
-        per_token = jnp.mean(jnp.sum(jnp.square(k32 - codeword), axis=-1), axis=-1)
+        sq_dist = jnp.sum(jnp.sum(jnp.square(k32 - codeword), axis=-1), axis=-1)
         onehot = jax.nn.one_hot(codes, codebook.shape[1], dtype=jnp.float32)
         onehot = onehot * m[:, :, None, None]
+        d_k = key.shape[-1]
         return dict(
-            commit_sum=jnp.sum(per_token * m),
+            commit_sum=jnp.sum(sq_dist * m) * d_k**-0.5,
             code_count=sg(jnp.sum(onehot, axis=(0, 1))),
             code_key_sum=sg(
                 jnp.einsum("bths,bthk->hsk", onehot, k32, precision=HIGHEST)
             ),
-            sq_err=sg(jnp.sum(jnp.sum(jnp.square(k32 - codeword), axis=(-1, -2)) * m)),
+            sq_err=sg(jnp.sum(sq_dist * m)),
             sq_norm=sg(jnp.sum(jnp.sum(jnp.square(k32), axis=(-1, -2)) * m)),
         )
 

@@ -10,9 +10,9 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray
 from .._config import TransformerConfig
 from ..ops import FullAttentionState, VQAttentionState
 from ._attention import VQAttention
-from ._embedding import Embedding, OutputHead, sinusoids
+from ._embedding import Embedding, OutputHead
 from ._norm import RMSNorm
-from ._positional import dropout
+from ._positional import ScaledSinusoids, dropout
 
 AttentionState = VQAttentionState | FullAttentionState
 
@@ -25,17 +25,37 @@ class TransformerState(eqx.Module):
     position: Int[Array, ""]
 
 
+def layer_drop(
+    residual: Float[Array, "batch seq d_model"], p: float, key: PRNGKeyArray | None
+) -> Float[Array, "batch seq d_model"]:
+    """Drop a residual update for whole batch rows with probability `p`
+    (inverted scaling; one draw per row, broadcast over positions and width,
+    as the official `broadcast_dims=(0, 2, 3)`). Identity when `key` is None."""
+    if key is None or p == 0.0:
+        return residual
+    keep = jax.random.bernoulli(key, 1.0 - p, (residual.shape[0], 1, 1))
+    return jnp.where(keep, residual / (1.0 - p), 0.0).astype(residual.dtype)
+
+
 class TransformerLayer(eqx.Module):
-    """Two gated VQ-attention units with residual connections; LayerDrop
-    (per example, inverted scaling) drops the whole layer's update in training."""
+    """Two gated VQ-attention units with residual connections and LayerDrop.
+
+    `layerdrop="unit"` (official): `x1 = x + drop1(unit1(x))`,
+    `x2 = x1 + drop2(unit2(x1))`, two independent per-row masks.
+    `layerdrop="layer"`: `x2 = x + drop(unit1(x) + unit2(x + unit1(x)))`, one
+    mask for the layer. The masks come from `sequence_key` (fixed for a
+    sequence); residual dropout inside the units from `key`.
+    """
 
     units: tuple[VQAttention, VQAttention]
     p_droplyr: float = eqx.field(static=True)
+    layerdrop: str = eqx.field(static=True)
 
     def __init__(self, config: TransformerConfig, *, key: PRNGKeyArray):
         k1, k2 = jax.random.split(key)
         self.units = (VQAttention(config, key=k1), VQAttention(config, key=k2))
         self.p_droplyr = config.p_droplyr
+        self.layerdrop = config.layerdrop
 
     def __call__(
         self,
@@ -44,24 +64,30 @@ class TransformerLayer(eqx.Module):
         *,
         mask: Float[Array, "batch seq"],
         key: PRNGKeyArray | None = None,
+        sequence_key: PRNGKeyArray | None = None,
     ) -> tuple[
         Float[Array, "batch seq d_model"], tuple[AttentionState, ...], list[dict]
     ]:
-        keys = (None,) * 3 if key is None else tuple(jax.random.split(key, 3))
+        res_keys = (None, None) if key is None else tuple(jax.random.split(key))
+        if sequence_key is None:
+            sin_keys = drop_keys = (None, None)
+        else:
+            k = jax.random.split(sequence_key, 4)
+            sin_keys, drop_keys = (k[0], k[1]), (k[2], k[3])
+        per_unit = self.layerdrop == "unit"
         y = x
         new_states, stats = [], []
-        for unit, state, k in zip(self.units, states, keys[:2], strict=True):
-            res, new_state, st = unit(y, state, mask=mask, key=k)
+        for i, (unit, state) in enumerate(zip(self.units, states, strict=True)):
+            res, new_state, st = unit(
+                y, state, mask=mask, key=res_keys[i], sequence_key=sin_keys[i]
+            )
+            if per_unit:
+                res = layer_drop(res, self.p_droplyr, drop_keys[i])
             y = y + res
             new_states.append(new_state)
             stats.append(st)
-        if keys[2] is not None and self.p_droplyr > 0.0:
-            keep = jax.random.bernoulli(
-                keys[2], 1.0 - self.p_droplyr, (x.shape[0], 1, 1)
-            )
-            y = x + jnp.where(keep, (y - x) / (1.0 - self.p_droplyr), 0.0).astype(
-                x.dtype
-            )
+        if not per_unit:
+            y = x + layer_drop(y - x, self.p_droplyr, drop_keys[0])
         return y, tuple(new_states), stats
 
 
@@ -79,6 +105,20 @@ class Transformer(eqx.Module):
     concatenation. `key=None` disables dropout. `mask` (`[batch, seq]`, 1 =
     real token) keeps padding out of the codebook statistics and commit loss.
 
+    Dropout keys: `key` draws the per-call masks (embedding and residual
+    dropout); `sequence_key` the LayerDrop and sinusoid-dropout masks, which
+    the official code keeps fixed for a whole sequence ("timeless"): pass the
+    same `sequence_key` for every segment of a sequence (the train step does).
+    With `sequence_key=None`, or `config.drop_mask_scope="segment"`, those
+    masks are drawn from `key` instead (fresh every call).
+
+    Parameters map onto the official Flax model as `embedding.weight = embs`;
+    `position_embedding.scale = position_embedder.scale`; `out_norm.weight/bias
+    = out_ln.g/b`; `head.bias = bias_out` (tied) or `out_proj.bias`;
+    `head.weight = out_proj.kernel` (untied; `None` when tied); each layer's
+    `units[0]`, `units[1]` = `scanned_attn1`, `scanned_attn2` (see
+    `VQAttention`).
+
     **Returns:** float32 log-probabilities `[batch, seq, n_vocab]`, the new
     state, and `aux = {"vq": stats}` where each entry of `stats` has a leading
     axis over the `2 * n_layer` attention units (see
@@ -86,9 +126,10 @@ class Transformer(eqx.Module):
     """
 
     embedding: Embedding
+    position_embedding: ScaledSinusoids | None
     layers: tuple[TransformerLayer, ...]
     out_norm: RMSNorm | None
-    head: OutputHead | None
+    head: OutputHead
     config: TransformerConfig = eqx.field(static=True)
 
     def __init__(self, config: TransformerConfig, *, key: PRNGKeyArray):
@@ -99,14 +140,22 @@ class Transformer(eqx.Module):
         ke, kh, *kl = jax.random.split(key, 2 + config.n_layer)
         pdt = config.jnp_param_dtype
         self.embedding = Embedding(config.n_vocab, config.d_model, key=ke, dtype=pdt)
+        self.position_embedding = (
+            ScaledSinusoids(config.d_model, pe_lam=config.pe_lam)
+            if config.abs_pe
+            else None
+        )
         self.layers = tuple(TransformerLayer(config, key=k) for k in kl)
         self.out_norm = (
             RMSNorm(config.d_model, dtype=pdt) if config.output_norm else None
         )
-        self.head = (
-            None
-            if config.tie_embeddings
-            else OutputHead(config.d_model, config.n_vocab, key=kh, dtype=pdt)
+        self.head = OutputHead(
+            config.d_model,
+            config.n_vocab,
+            tied=config.tie_embeddings,
+            e_scale=config.e_scale,
+            key=kh,
+            dtype=pdt,
         )
         self.config = config
 
@@ -194,6 +243,7 @@ class Transformer(eqx.Module):
         *,
         key: PRNGKeyArray | None = None,
         mask: Array | None = None,
+        sequence_key: PRNGKeyArray | None = None,
     ) -> tuple[Float[Array, "batch seq vocab"], TransformerState, dict]:
         self._check_tokens(tokens, state)
         c = self.config
@@ -207,32 +257,47 @@ class Transformer(eqx.Module):
         mask = (
             jnp.ones((b, t), jnp.float32) if mask is None else mask.astype(jnp.float32)
         )
-        keys = (
-            [None] * (c.n_layer + 1)
-            if key is None
-            else list(jax.random.split(key, c.n_layer + 1))
-        )
+        keys, seq_keys = self._dropout_keys(key, sequence_key)
 
         x = self.embedding(tokens).astype(dt)
-        if c.abs_pe:
+        if self.position_embedding is not None:
             pos = state.position + jnp.arange(t)
-            x = x + sinusoids(pos, c.d_model, c.pe_lam).astype(dt)[None]
+            x = x + self.position_embedding(pos).astype(dt)[None]
         x = dropout(x, c.p_dropemb, keys[0])
 
         new_units, stats = [], []
         for i, layer in enumerate(self.layers):
             x, st, s = layer(
-                x, state.units[2 * i : 2 * i + 2], mask=mask, key=keys[i + 1]
+                x,
+                state.units[2 * i : 2 * i + 2],
+                mask=mask,
+                key=keys[i + 1],
+                sequence_key=seq_keys[i],
             )
             new_units.extend(st)
             stats.extend(s)
 
         if self.out_norm is not None:
             x = self.out_norm(x)
-        logits = self.embedding.logits(x) if self.head is None else self.head(x)
-        logprobs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+        tied = self.embedding.weight if self.head.weight is None else None
+        logits = self.head(x, tied)
+        logprobs = jax.nn.log_softmax(logits, axis=-1)
         new_state = TransformerState(
             units=tuple(new_units), position=state.position + t
         )
         vq = jax.tree.map(lambda *xs: jnp.stack(xs), *stats)
         return logprobs, new_state, {"vq": vq}
+
+    def _dropout_keys(self, key, sequence_key):
+        """Per-call keys (embedding dropout, then one per layer for residual
+        dropout) and per-layer sequence keys (LayerDrop, sinusoid dropout)."""
+        c = self.config
+        n = c.n_layer
+        if key is None:
+            return [None] * (n + 1), [None] * n
+        keys = list(jax.random.split(key, n + 1))
+        if c.drop_mask_scope == "segment" or sequence_key is None:
+            # Fresh masks for this call: derived from `key`, independent of
+            # the per-call keys above.
+            sequence_key = jax.random.fold_in(key, 0x5E0)
+        return keys, list(jax.random.split(sequence_key, n))

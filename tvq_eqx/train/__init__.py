@@ -14,8 +14,11 @@ from ._optimizer import lr_schedule as lr_schedule
 from ._optimizer import make_optimizer as make_optimizer
 from ._optimizer import optimizer_from_config as optimizer_from_config
 from ._optimizer import param_labels as param_labels
+from ._optimizer import weight_decay_mask as weight_decay_mask
+from ._presets import OFFICIAL_LAUNCH as OFFICIAL_LAUNCH
 from ._presets import PRESETS as PRESETS
 from ._presets import RunConfig as RunConfig
+from ._presets import from_official as from_official
 from ._steps import TrainState as TrainState
 from ._steps import eval_step as eval_step
 from ._steps import evaluate as evaluate

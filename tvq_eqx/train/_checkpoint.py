@@ -32,7 +32,9 @@ import equinox as eqx
 import jax
 import numpy as np
 
-FORMAT_VERSION = 1
+# 2: the official-parity parameter layout (norm biases, output-head bias,
+# absolute-PE scale) and semantics (RMS q/k norm, codebook init, ...).
+FORMAT_VERSION = 2
 LATEST = "LATEST"
 _STATE = "state.eqx"
 _META = "meta.json"
@@ -205,6 +207,14 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
         meta = json.loads((p / _META).read_text())
     except (OSError, ValueError) as e:
         raise CheckpointError(f"cannot read {p / _META}: {e}") from None
+    if meta.get("format_version") == 1:
+        raise CheckpointError(
+            f"{p} was written by an earlier tvq-eqx (checkpoint format 1), whose "
+            "model differs from this one (no norm biases, no output bias or "
+            "e_scale, centred q/k norm, fixed absolute-PE scale, per-token "
+            "commit loss); its weights cannot be loaded into the current model. "
+            "Retrain, or load it with the tvq-eqx version that wrote it."
+        )
     if meta.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(
             f"{p} has checkpoint format {meta.get('format_version')!r}; this "

@@ -6,11 +6,12 @@ from __future__ import annotations
 import functools
 from typing import Any, Literal, NamedTuple
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import optax
 
-from ..nn import VectorQuantizer
+from ..nn import VectorQuantizer, XLRelativeBias
 
 OptimizerName = Literal["adamw", "lion", "adafactor"]
 OPTIMIZERS: tuple[str, ...] = ("adamw", "lion", "adafactor")
@@ -84,6 +85,23 @@ def guard_no_codebook() -> optax.GradientTransformation:
     return optax.GradientTransformation(init_fn, update_fn)
 
 
+def weight_decay_mask(params: Any) -> Any:
+    """True for the arrays weight decay acts on, as the official code: every
+    array that is not 1-D (matrices, the embedding table, the scalar
+    absolute-PE scale), except the Transformer-XL biases `u`, `v` (1-D
+    `[heads * d_k]` officially, stored `[heads, d_k]` here). Norm gains and
+    biases and the output bias are not decayed; the codebook never reaches
+    the main optimizer."""
+
+    def mark(node):
+        if isinstance(node, XLRelativeBias):
+            flags = jax.tree.map(lambda x: jnp.ndim(x) != 1, node)
+            return eqx.tree_at(lambda r: (r.u, r.v), flags, (False, False))
+        return jnp.ndim(node) != 1
+
+    return jax.tree.map(mark, params, is_leaf=lambda x: isinstance(x, XLRelativeBias))
+
+
 def lr_schedule(
     peak: float, warmup_steps: int, total_steps: int, final_ratio: float = 0.1
 ) -> optax.Schedule:
@@ -115,8 +133,9 @@ def _base(name: str, schedule: optax.Schedule) -> optax.GradientTransformation:
         # Weight decay is added separately below (not scaled by the lr).
         return optax.adam(schedule, b1=0.9, b2=0.98, eps=1e-9, mu_dtype=jnp.float32)
     if name == "lion":
+        # bfloat16 momentum, as the official code (Chen et al., 2023).
         return optax.lion(
-            schedule, b1=0.95, b2=0.98, mu_dtype=jnp.float32, weight_decay=0.0
+            schedule, b1=0.95, b2=0.98, mu_dtype=jnp.bfloat16, weight_decay=0.0
         )
     if name == "adafactor":
         return optax.adafactor(
@@ -143,10 +162,11 @@ def make_optimizer(
       `guard_no_codebook -> clip_by_global_norm(grad_clip) -> optimizer with
       lr_schedule -> add decayed weights`. The optimizer is AdamW
       (`b1=0.9, b2=0.98, eps=1e-9`, float32 moments), Lion (`b1=0.95,
-      b2=0.98`) or Adafactor (parameter-scaled, update clipping 1.0). Weight
-      decay is *decoupled*: each update subtracts `weight_decay * theta`, not
-      scaled by the learning rate (as the official code does), and only on
-      arrays with `ndim >= 2` (matrices and embeddings; no norms or biases).
+      b2=0.98`, bfloat16 momentum) or Adafactor (parameter-scaled, update
+      clipping 1.0). Weight decay is *decoupled*: each update subtracts
+      `weight_decay * theta`, not scaled by the learning rate (as the official
+      code does), on the arrays `weight_decay_mask` selects (matrices,
+      embeddings, the absolute-PE scale; no norms, biases or `u`, `v`).
     - **codebook** (`codebook_sum`, `codebook_count` of every quantizer):
       `optax.sgd(1.0)`. `loss_fn` gives them the gradient
       `theta - EMA_target` times `(1 - c_gamma)`, so this step is exactly the
@@ -178,12 +198,7 @@ def make_optimizer(
         main.append(optax.clip_by_global_norm(grad_clip))
     main.append(_base(name, schedule))
     if weight_decay > 0:
-        main.append(
-            optax.add_decayed_weights(
-                -weight_decay,
-                mask=lambda p: jax.tree.map(lambda x: jnp.ndim(x) >= 2, p),
-            )
-        )
+        main.append(optax.add_decayed_weights(-weight_decay, mask=weight_decay_mask))
     return optax.multi_transform(
         {MAIN: optax.chain(*main), CODEBOOK: optax.sgd(1.0)},
         param_labels=param_labels,

@@ -127,7 +127,10 @@ def train_step(
 
     The batch's `[B, seq]` arrays are split into update segments of
     `update_len` tokens; a `lax.scan` over segments computes `loss_fn` on each
-    (dropout on, a fresh key per segment), applies one optimizer update, and
+    (dropout on: a fresh `key` per segment, and one `sequence_key` for the
+    whole batch, so that LayerDrop and sinusoid-dropout masks stay fixed
+    across its segments as the official "timeless" masks), applies one
+    optimizer update, and
     carries the attention state (with no gradient through it) to the next
     segment, as the official `update_len` does. `reset` (scalar bool) starts
     from an empty attention state instead of `train_state.attn_state` (a new
@@ -151,12 +154,23 @@ def train_step(
         jnp.asarray(reset), model.init_state(b), train_state.attn_state
     )
 
+    # One key per sequence (this batch) for the LayerDrop and sinusoid-dropout
+    # masks, shared by all its update segments (the official "timeless" rng);
+    # a fresh key per segment for the other dropouts.
+    rng, sequence_key = jax.random.split(jax.random.wrap_key_data(train_state.rng))
+
     def body(carry, segment):
         params, opt_state, attn, rng = carry
         rng, sub = jax.random.split(rng)
 
         def objective(p):
-            return loss_fn(eqx.combine(p, static), segment, attn, key=sub)
+            return loss_fn(
+                eqx.combine(p, static),
+                segment,
+                attn,
+                key=sub,
+                sequence_key=sequence_key,
+            )
 
         (_, aux), grads = jax.value_and_grad(objective, has_aux=True)(params)
         updates, opt_state = optimizer.update(grads, opt_state, params)
@@ -166,7 +180,6 @@ def train_step(
         attn = jax.tree.map(jax.lax.stop_gradient, aux["state"])
         return (params, opt_state, attn, rng), metrics
 
-    rng = jax.random.wrap_key_data(train_state.rng)
     init = (params, train_state.opt_state, attn, rng)
     (params, opt_state, attn, rng), metrics = jax.lax.scan(
         body, init, _segments(batch, update_len)
