@@ -8,6 +8,7 @@ import functools
 import jax
 from jax.experimental import pallas as pl
 
+from . import partition
 from .config import BlockSizes
 
 
@@ -53,13 +54,16 @@ def pallas_call(
 
     def call(platform, *args):
         kwargs = _compiler_params(platform, sizes, len(grid))
+        # Inside shard_map, outputs vary along the manual axes the inputs do.
+        typed_out_shape = partition.typed_out_shape(out_shape, args)
         if interpret is not None:
             kwargs.pop("interpret", None)
             if interpret:
                 kwargs = dict(interpret=True)
+        kwargs = partition.interpret_params(kwargs, args)
         return pl.pallas_call(
             kernel,
-            out_shape=out_shape,
+            out_shape=typed_out_shape,
             grid=grid,
             in_specs=in_specs,
             out_specs=out_specs,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import os
 from typing import Literal
 
 import jax
@@ -19,6 +21,26 @@ _xla_jit = jax.jit(
     vq_attention_xla, static_argnames=("block_len", "scale", "use_cache", "cache_grad")
 )
 _quadratic_jit = jax.jit(vq_attention_quadratic, static_argnames=("scale",))
+_PALLAS_STATIC = ("block_len", "scale", "use_cache", "cache_grad", "backward")
+
+
+@functools.cache
+def _pallas_jit():
+    """`vq_attention_pallas` jitted like `_xla_jit` (built on first use: the
+    kernels package is optional). Eager calls otherwise re-trace and re-lower
+    every kernel on each call."""
+    from ._pallas import vq_attention_pallas
+
+    return jax.jit(vq_attention_pallas, static_argnames=_PALLAS_STATIC)
+
+
+def _pallas_backward() -> str | None:
+    """The backward switch read per call, not per trace: the jitted function
+    is cached, so it takes the environment variable as a static argument."""
+    from ._pallas import BACKWARD_ENV
+
+    return os.environ.get(BACKWARD_ENV) or None
+
 
 Implementation = Literal["xla", "pallas", "quadratic"]
 _IMPLEMENTATIONS = ("xla", "pallas", "quadratic")
@@ -153,8 +175,10 @@ def vq_attention_with_state(
         raise ValueError(
             "implementation='quadratic' has no streaming state; use 'xla' or 'pallas'"
         )
+    extra = {}
     if impl == "pallas":
-        from ._pallas import vq_attention_pallas as implementation_fn
+        implementation_fn = _pallas_jit()
+        extra = dict(backward=_pallas_backward())
     else:
         implementation_fn = _xla_jit
     return implementation_fn(
@@ -169,4 +193,5 @@ def vq_attention_with_state(
         rel_table=rel_table,
         use_cache=use_cache,
         cache_grad=cache_grad,
+        **extra,
     )
