@@ -11,6 +11,14 @@ from jax.experimental import pallas as pl
 from . import partition
 from .config import BlockSizes
 
+# Imported up front, not only inside `_compiler_params`: this module defines
+# config flags that are part of jit's cache key, so a first import during the
+# first trace would make the next call with the same shapes trace again.
+try:
+    from jax.experimental.pallas import tpu as _pltpu  # noqa: F401
+except ImportError:  # pragma: no cover - jax without the Mosaic TPU backend
+    pass
+
 
 def _compiler_params(platform: str, sizes: BlockSizes, n_grid: int):
     if platform == "gpu":

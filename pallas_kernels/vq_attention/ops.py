@@ -24,7 +24,8 @@ def _pad_axis(x, axis, size, value=0.0):
     return jnp.pad(x, widths, constant_values=value)
 
 
-# Each kernel call goes through `batch_head_call` (partition.py): split over the
+# Inside the custom_vjp, operands are [B, H, ...] (the codebook [H, ...]), and
+# each kernel call goes through `batch_head_call` (partition.py): split over the
 # batch and head mesh axes under jit. The codebook (argument 4) is per head.
 def _forward(st, *args):
     return batch_head_call(_fwd.forward, st, args, head_args=(4,))
@@ -54,7 +55,7 @@ def _core_bwd(st, res, dout):
     dout = dout.astype(v_ext.dtype)
     delta = jnp.sum(
         out.astype(jnp.float32) * dout.astype(jnp.float32), axis=-1, keepdims=True
-    )  # [BH, T, 1]
+    )  # [B, H, T, 1]
     dq, p_win, ds_win, p_code, dwbias = batch_head_call(
         _bwd.ds_call,
         st,
@@ -183,9 +184,19 @@ def vq_attention_core(
         )
     if window_bias is not None:
         window_bias = window_bias.astype(jnp.float32)
-    # Inside shard_map: one varying type for all operands (see match_varying).
-    args = match_varying(
-        q, k_ext, v_ext, prev_ok, codebook, cache_bias, cache_mean, window_bias
+
+    # Batch and heads as separate dimensions (each may carry its own mesh
+    # axes; see partition.py), and inside shard_map one varying type for all
+    # operands (see match_varying).
+    def split(x):
+        return (
+            None if x is None else x.reshape(bh // num_heads, num_heads, *x.shape[1:])
+        )
+
+    args = (
+        *map(split, (q, k_ext, v_ext, prev_ok)),
+        codebook,
+        *map(split, (cache_bias, cache_mean, window_bias)),
     )
-    out = _core(st, *args)
-    return out[..., :d_v]
+    out = _core(st, *match_varying(*args))
+    return out.reshape(bh, *out.shape[2:])[..., :d_v]

@@ -89,22 +89,34 @@ def typed_out_shape(out_shape, args):
 
 
 def interpret_params(kwargs: dict, args) -> dict:
-    """`pallas_call` keyword arguments with interpret mode that works inside
-    `shard_map` with `check_vma=True`.
+    """`pallas_call` keyword arguments whose interpret mode works inside
+    `shard_map` (with `check_vma=True`) on CPU devices.
 
-    jax's default (HLO) interpreter evaluates the kernel with operands typed as
-    varying and its own constants typed as invariant, and fails the check (jax
-    0.12: "Primitive mul requires varying manual axes to match" even for
-    `2 * x`). The TPU-style interpreter keeps the kernel's values untyped, so it
-    is used there; everywhere else the HLO interpreter stays (it is faster).
+    jax's default (HLO) interpreter evaluates the kernel with the operands
+    typed as varying and its own constants as invariant, and fails the check
+    (jax 0.12: "Primitive mul requires varying manual axes to match", even for
+    `2 * x`). The TPU-style interpreter keeps kernel values untyped, so it runs
+    there. It is chosen only for a CPU mesh: it carries ordered IO effects,
+    which would spread to the `platform_dependent` around the call and break a
+    GPU/TPU lowering of the same program. Everywhere else the HLO interpreter
+    stays (it is faster, and has no effects).
     """
     if kwargs.get("interpret") is not True or not varying_axes(*args):
+        return kwargs
+    if _mesh_platform() in ("cuda", "rocm", "gpu", "tpu"):
         return kwargs
     try:
         from jax.experimental.pallas import tpu as pltpu
     except ImportError:  # pragma: no cover - jax without the TPU interpreter
         return kwargs
     return dict(kwargs, interpret=pltpu.InterpretParams())
+
+
+def _mesh_platform() -> str:
+    """Platform of the devices of the enclosing `shard_map`'s mesh."""
+    get_mesh = getattr(jax.sharding, "get_abstract_mesh", None)
+    device = getattr(get_mesh(), "abstract_device", None) if get_mesh else None
+    return getattr(device, "platform", None) or jax.default_backend()
 
 
 def _in_manual_context() -> bool:
@@ -120,8 +132,6 @@ def _in_manual_context() -> bool:
 # ---------------------------------------------------------------------------
 # Automatic partitioning (jit with sharded operands)
 
-_BATCH, _HEAD = "bh", "head"
-
 
 def _spec_axes(entry) -> tuple:
     if entry is None:
@@ -136,62 +146,57 @@ def _spec_entry(axes: tuple):
 
 
 def batch_head_call(fn, st, args, *, head_args=()):
-    """`fn(st, *args)`, partitioned over batch and heads under `jit`.
+    """`fn(st, *merged args)` on operands with batch and heads as separate
+    leading dimensions, partitioned over both under `jit`.
 
     **Arguments:**
 
-    - `fn(st, *args)`: one kernel call; every output is a `[BH, ...]` array
-      (or None) and row `bh` of each output depends only on row `bh` of the
-      `[BH, ...]` inputs and on head `bh % st.num_heads` of the `head_args`.
-    - `st`: the call's `Static`; the local shard runs with
-      `num_heads` = the local head count.
-    - `args`: the operands; None entries pass through. Entries whose index is in
-      `head_args` are `[H, ...]` (the codebook); the rest are `[BH, ...]`.
+    - `fn(st, *args)`: one kernel call on the kernels' `[B*H, ...]` layout;
+      every output is a `[B*H, ...]` array (or None), row `bh` depending only
+      on row `bh` of the inputs and on head `bh % st.num_heads` of the
+      `head_args`.
+    - `st`: the call's `Static`; each shard runs with `num_heads` = its local
+      head count.
+    - `args`: `[B, H, ...]` operands, None entries passed through, except
+      those whose index is in `head_args`: `[H, ...]` (the codebook).
 
-    Inside `shard_map` (operands already local) this is `fn(st, *args)`.
+    **Returns:** `fn`'s outputs as `[B, H, ...]`.
+
+    Batch and heads stay separate dimensions up to here so that each can carry
+    its own mesh axes: merging `[B, H]` into one dimension is a reshard
+    (all-gather) as soon as both are split. They are merged only inside a
+    shard, on local arrays.
     """
-    if _in_manual_context():
-        return fn(st, *args)
-    n_head = st.num_heads
-    kinds = tuple(
-        None if a is None else (_HEAD if i in head_args else _BATCH)
-        for i, a in enumerate(args)
-    )
-    bh = next(a.shape[0] for a, k in zip(args, kinds, strict=True) if k == _BATCH)
-    n_batch = bh // n_head
-    present = [i for i, k in enumerate(kinds) if k is not None]
+    present = [i for i, a in enumerate(args) if a is not None]
+    batch_args = [i for i in present if i not in head_args]
 
-    def split(a, kind):
-        # [B*H, ...] -> [B, H, ...]: batch and heads become separate dimensions,
-        # so each can carry its own mesh axes.
-        if kind == _HEAD:
-            return a
-        return a.reshape(n_batch, n_head, *a.shape[1:])
-
-    def run_local(st_local, local_args):
-        """The kernels on (local) 4-D operands; outputs flattened, [b, h, ...]."""
+    def run_local(local_args):
+        """`fn` on (local) [b, h, ...] operands; outputs flattened, [b, h, ...]."""
         full = [None] * len(args)
-        b = h = None
+        b, h = local_args[present.index(batch_args[0])].shape[:2]
         for i, a in zip(present, local_args, strict=True):
-            if kinds[i] == _BATCH:
-                b, h = a.shape[:2]
-                full[i] = a.reshape(b * h, *a.shape[2:])
-            else:
-                full[i] = a
-        st_local = dataclasses.replace(st_local, num_heads=h)
+            full[i] = a if i in head_args else a.reshape(b * h, *a.shape[2:])
+        st_local = dataclasses.replace(st, num_heads=h)
         leaves, tree = jax.tree.flatten(fn(st_local, *full))
         for leaf in leaves:
             if leaf.shape[0] != b * h:
                 raise ValueError(
-                    f"batch_head_call: output {tuple(leaf.shape)} of {fn.__name__} "
-                    f"does not lead with batch*heads={b * h}"
+                    f"batch_head_call: output {tuple(leaf.shape)} of "
+                    f"{getattr(fn, '__name__', fn)} does not lead with "
+                    f"batch*heads={b * h}"
                 )
         return tree, tuple(x.reshape(b, h, *x.shape[1:]) for x in leaves)
 
+    dyn = [args[i] for i in present]
+    if _in_manual_context():  # shard_map: operands are already local
+        tree, outs = run_local(dyn)
+        return jax.tree.unflatten(tree, outs)
+
+    n_batch, n_head = args[batch_args[0]].shape[:2]
+
     def partition(mesh, arg_shapes, result_shape):
         shapes = dict(zip(present, arg_shapes, strict=True))
-        ref = shapes[next(i for i in present if kinds[i] == _BATCH)]
-        sharding = ref.sharding
+        sharding = shapes[batch_args[0]].sharding
         if not isinstance(sharding, NamedSharding):
             raise NotImplementedError(
                 f"batch_head_call: operand sharding {sharding} has no named mesh"
@@ -199,44 +204,40 @@ def batch_head_call(fn, st, args, *, head_args=()):
         mesh = sharding.mesh
         spec = (*sharding.spec, None, None)
         b_axes, h_axes = _spec_axes(spec[0]), _spec_axes(spec[1])
-        # An uneven split (not possible from a [B*H] dimension split evenly,
-        # but cheap to guard) runs replicated rather than padded.
+        # An uneven split runs replicated on that dimension rather than padded.
         if n_batch % math.prod(mesh.shape[x] for x in b_axes):
             b_axes = ()
         if n_head % math.prod(mesh.shape[x] for x in h_axes):
             h_axes = ()
-        bh_lead = (_spec_entry(b_axes), _spec_entry(h_axes))
+        lead = (_spec_entry(b_axes), _spec_entry(h_axes))
 
         def named(rank, head):
-            return NamedSharding(
-                mesh, PartitionSpec(*head, *((None,) * (rank - len(head))))
-            )
+            rest = (None,) * (rank - len(head))
+            return NamedSharding(mesh, PartitionSpec(*head, *rest))
 
         arg_shardings = tuple(
-            named(len(shapes[i].shape), bh_lead if kinds[i] == _BATCH else bh_lead[1:])
+            named(len(shapes[i].shape), lead[1:] if i in head_args else lead)
             for i in present
         )
         results = jax.tree.leaves(result_shape)
-        result_shardings = tuple(named(len(r.shape), bh_lead) for r in results)
+        result_shardings = tuple(named(len(r.shape), lead) for r in results)
 
         def lower_fn(*local_args):
-            return run_local(st, local_args)[1]
+            return run_local(local_args)[1]
 
         return mesh, lower_fn, result_shardings, arg_shardings
 
-    # Shardy rule: "b h" shared by every [B, H, ...] operand and result, "h" by
-    # the head operands; every other dimension its own factor that must stay
-    # replicated (the kernels need whole sequences, codebooks and features).
-    # Built at lowering time, once tracing has told the result ranks.
-    dyn = [split(args[i], kinds[i]) for i in present]
-    lead = [("b", "h") if kinds[i] == _BATCH else ("h",) for i in present]
     traced = {}  # the output tree and ranks, filled while tracing `whole`
 
-    def whole(*local_args):
-        tree, outs = run_local(st, local_args)
+    def whole(*all_args):
+        tree, outs = run_local(all_args)
         traced.update(tree=tree, ranks=[o.ndim for o in outs])
         return outs
 
+    # Shardy rule: "b h" shared by every [B, H, ...] operand and result, "h" by
+    # the head operands; every other dimension is its own factor that must stay
+    # replicated (the kernels need whole sequences, codebooks and features).
+    # Built at lowering time, once tracing has told the result ranks.
     def sharding_rule(mesh, value_types, result_types):
         del mesh, value_types, result_types
         names = iter(f"r{n}" for n in range(10_000))
@@ -247,7 +248,10 @@ def batch_head_call(fn, st, args, *, head_args=()):
             free.extend(rest)
             return " ".join((*head, *rest))
 
-        operands = [factors(a.ndim, h) for a, h in zip(dyn, lead, strict=True)]
+        operands = [
+            factors(args[i].ndim, ("h",) if i in head_args else ("b", "h"))
+            for i in present
+        ]
         results = [factors(r, ("b", "h")) for r in traced["ranks"]]
         rule = ", ".join(operands) + " -> " + ", ".join(results)
         return rule, dict(need_replication_factors=tuple(free))
@@ -255,5 +259,4 @@ def batch_head_call(fn, st, args, *, head_args=()):
     wrapped = custom_partitioning(whole)
     wrapped.def_partition(partition=partition, sharding_rule=sharding_rule)
     outs = wrapped(*dyn)
-    merged = [o.reshape(o.shape[0] * o.shape[1], *o.shape[2:]) for o in outs]
-    return jax.tree.unflatten(traced["tree"], merged)
+    return jax.tree.unflatten(traced["tree"], outs)
