@@ -211,8 +211,8 @@ def test_batch_sharded_jit_has_no_all_gather(sharded, what):
 @pytest.mark.parametrize("what", ["fwd", "grad"])
 def test_head_sharded_jit_gathers_only_the_codebook(sharded, what):
     """Batch and heads both split (2x2 mesh): no activation is gathered. The
-    head-split codebook is gathered once by the quantizer (XLA glue shared with
-    implementation="xla", which does the same)."""
+    head-split codebook (a parameter) is gathered once by the XLA glue before
+    the kernels; implementation="xla" does the same."""
     _, _, h, k, _, s, _ = SHAPE
     assert all(shape == [h, s, k] for shape in sharded[f"batch_head_{what}_gathered"])
     assert len(sharded[f"batch_head_{what}_gathered"]) <= 1
@@ -329,6 +329,37 @@ def test_eager_calls_trace_once_per_shape():
     assert n_new_shape == 1, traces  # the counter does see a new trace
     np.testing.assert_array_equal(np.asarray(first), np.asarray(second))
     assert shorter.shape == (1, 8, 2, 8)
+
+
+def test_vmap_equals_per_example_calls():
+    """custom_partitioning has no batching rule: under vmap the mapped axis is
+    folded into the batch (or, for a per-example codebook, the plain kernels
+    are vmapped). Forward and gradients equal the per-example calls."""
+    from tvq_eqx.ops._pallas import vq_attention_pallas
+
+    shape = (2, 16, 2, 4, 8, 5, 8)
+    ex = [_inputs(shape), _inputs(shape)]
+    ex[1] = {k: 0.5 * x[..., ::-1] for k, x in ex[1].items()}  # a different example
+    stacked = {k: jnp.stack([e[k] for e in ex]) for k in ex[0]}
+
+    def loss(q, k, v, codebook):
+        out, _ = vq_attention_pallas(q, k, v, codebook, block_len=8, scale=0.5)
+        return jnp.sum(out * jnp.cos(out)), out
+
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True))
+    names = ("query", "key", "value", "codebook")
+    for codebook_axis in (None, 0):  # shared codebook, codebook per example
+        axes = (0, 0, 0, codebook_axis)
+        args = [
+            stacked[n] if a == 0 else ex[0][n] for n, a in zip(names, axes, strict=True)
+        ]
+        got_grads, got_out = jax.jit(jax.vmap(grad, in_axes=axes))(*args)
+        for i, e in enumerate(ex):
+            codebook = e["codebook"] if codebook_axis == 0 else ex[0]["codebook"]
+            want_grads, want_out = grad(e["query"], e["key"], e["value"], codebook)
+            assert _rel(want_out, got_out[i]) <= TOL
+            for w, g in zip(want_grads, got_grads, strict=True):
+                assert _rel(w, g[i]) <= TOL
 
 
 if __name__ == "__main__":

@@ -1,9 +1,9 @@
 """The kernel calls under data (batch) and head parallelism.
 
 Every kernel is independent per (batch row, head): a program reads only its own
-`bh` row of each `[BH, ...]` operand plus that head's codebook. So a sharded
-call is the same kernels run on each device's local rows, with no
-communication. Two contexts need telling:
+row of each `[B*H, ...]` operand plus that head's codebook. So a sharded call
+is the same kernels run on each device's local rows, with no communication.
+Three contexts need telling (docs/kernels.md, "Sharding"):
 
 - `jit` with sharded operands (automatic partitioning): a `pallas_call` is an
   opaque custom call to XLA's partitioner, which would gather every operand onto
@@ -16,6 +16,8 @@ communication. Two contexts need telling:
 - Inside `jax.shard_map` (manual axes) the operands are already local: the
   kernels run directly, and `typed_out_shape` gives each `pallas_call` output
   the varying-manual-axes type of its inputs, as `check_vma=True` requires.
+- Under `vmap`, which `custom_partitioning` cannot batch, a `custom_vmap` folds
+  the mapped axis into the batch.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import dataclasses
 import math
 
 import jax
+import jax.numpy as jnp
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -199,7 +202,8 @@ def batch_head_call(fn, st, args, *, head_args=()):
         sharding = shapes[batch_args[0]].sharding
         if not isinstance(sharding, NamedSharding):
             raise NotImplementedError(
-                f"batch_head_call: operand sharding {sharding} has no named mesh"
+                f"batch_head_call: operand sharding {sharding} has no named mesh; "
+                "shard the operands with jax.sharding.NamedSharding"
             )
         mesh = sharding.mesh
         spec = (*sharding.spec, None, None)
@@ -258,5 +262,28 @@ def batch_head_call(fn, st, args, *, head_args=()):
 
     wrapped = custom_partitioning(whole)
     wrapped.def_partition(partition=partition, sharding_rule=sharding_rule)
-    outs = wrapped(*dyn)
+
+    # custom_partitioning has no batching rule; under vmap the mapped axis
+    # folds into the batch dimension (the kernels are independent per row).
+    batched = jax.custom_batching.custom_vmap(lambda *xs: tuple(wrapped(*xs)))
+
+    @batched.def_vmap
+    def _vmap_rule(axis_size, in_batched, *xs):
+        if any(b for i, b in zip(present, in_batched, strict=True) if i in head_args):
+            # A codebook per example cannot fold into the batch: the plain
+            # kernels under vmap (pallas_call batches over a new grid axis).
+            axes = [0 if b else None for b in in_batched]
+            outs = jax.vmap(lambda *ys: run_local(ys)[1], in_axes=axes)(*xs)
+            return outs, (True,) * len(outs)
+        full = [None] * len(args)
+        for i, x, b in zip(present, xs, in_batched, strict=True):
+            if i not in head_args:
+                x = x if b else jnp.broadcast_to(x, (axis_size, *x.shape))
+                x = x.reshape(axis_size * x.shape[1], *x.shape[2:])
+            full[i] = x
+        leaves = jax.tree.leaves(batch_head_call(fn, st, full, head_args=head_args))
+        outs = tuple(o.reshape(axis_size, -1, *o.shape[1:]) for o in leaves)
+        return outs, (True,) * len(outs)
+
+    outs = batched(*dyn)
     return jax.tree.unflatten(traced["tree"], outs)
