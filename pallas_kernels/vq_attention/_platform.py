@@ -62,16 +62,16 @@ def pallas_call(
 
     def call(platform, *args):
         kwargs = _compiler_params(platform, sizes, len(grid))
-        # Inside shard_map, outputs vary along the manual axes the inputs do.
-        typed_out_shape = partition.typed_out_shape(out_shape, args)
         if interpret is not None:
             kwargs.pop("interpret", None)
             if interpret:
                 kwargs = dict(interpret=True)
+        # Inside shard_map: interpret mode that passes the varying-axes check,
+        # and outputs that vary along the manual axes the inputs do.
         kwargs = partition.interpret_params(kwargs, args)
         return pl.pallas_call(
             kernel,
-            out_shape=typed_out_shape,
+            out_shape=partition.typed_out_shape(out_shape, args),
             grid=grid,
             in_specs=in_specs,
             out_specs=out_specs,

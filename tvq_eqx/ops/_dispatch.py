@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 from typing import Literal
 
@@ -21,7 +22,9 @@ _xla_jit = jax.jit(
     vq_attention_xla, static_argnames=("block_len", "scale", "use_cache", "cache_grad")
 )
 _quadratic_jit = jax.jit(vq_attention_quadratic, static_argnames=("scale",))
-_PALLAS_STATIC = ("block_len", "scale", "use_cache", "cache_grad", "backward")
+# Keyword arguments of `vq_attention_pallas` that are arrays; every other
+# keyword-only argument is an option, static under jit.
+_PALLAS_ARRAY_KWARGS = ("state", "rel_query", "rel_table")
 
 
 @functools.cache
@@ -31,7 +34,13 @@ def _pallas_jit():
     every kernel on each call."""
     from ._pallas import vq_attention_pallas
 
-    return jax.jit(vq_attention_pallas, static_argnames=_PALLAS_STATIC)
+    params = inspect.signature(vq_attention_pallas).parameters.values()
+    static = tuple(
+        p.name
+        for p in params
+        if p.kind is p.KEYWORD_ONLY and p.name not in _PALLAS_ARRAY_KWARGS
+    )
+    return jax.jit(vq_attention_pallas, static_argnames=static)
 
 
 def _pallas_backward() -> str | None:
@@ -175,10 +184,10 @@ def vq_attention_with_state(
         raise ValueError(
             "implementation='quadratic' has no streaming state; use 'xla' or 'pallas'"
         )
-    extra = {}
     if impl == "pallas":
-        implementation_fn = _pallas_jit()
-        extra = dict(backward=_pallas_backward())
+        implementation_fn = functools.partial(
+            _pallas_jit(), backward=_pallas_backward()
+        )
     else:
         implementation_fn = _xla_jit
     return implementation_fn(
@@ -193,5 +202,4 @@ def vq_attention_with_state(
         rel_table=rel_table,
         use_cache=use_cache,
         cache_grad=cache_grad,
-        **extra,
     )
