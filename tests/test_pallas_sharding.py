@@ -15,6 +15,10 @@ them. Interpret mode throughout (CPU).
 - `jax.shard_map` with its default checks (`check_vma=True`) around the op.
 - The library's 4-device train step: no more all-gathers with
   implementation="pallas" than with "xla".
+
+In this process: the same `shard_map` program lowers for GPU (Triton) and TPU
+(Mosaic) on abstract 4-device meshes; vmap equals per-example calls; a second
+eager call with the same shapes does not trace again.
 """
 
 from __future__ import annotations
