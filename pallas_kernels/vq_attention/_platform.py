@@ -8,7 +8,16 @@ import functools
 import jax
 from jax.experimental import pallas as pl
 
+from . import partition
 from .config import BlockSizes
+
+# Imported up front, not only inside `_compiler_params`: this module defines
+# config flags that are part of jit's cache key, so a first import during the
+# first trace would make the next call with the same shapes trace again.
+try:
+    from jax.experimental.pallas import tpu as _pltpu  # noqa: F401
+except ImportError:  # pragma: no cover - jax without the Mosaic TPU backend
+    pass
 
 
 def _compiler_params(platform: str, sizes: BlockSizes, n_grid: int):
@@ -57,9 +66,12 @@ def pallas_call(
             kwargs.pop("interpret", None)
             if interpret:
                 kwargs = dict(interpret=True)
+        # Inside shard_map: interpret mode that passes the varying-axes check,
+        # and outputs that vary along the manual axes the inputs do.
+        kwargs = partition.interpret_params(kwargs, args)
         return pl.pallas_call(
             kernel,
-            out_shape=out_shape,
+            out_shape=partition.typed_out_shape(out_shape, args),
             grid=grid,
             in_specs=in_specs,
             out_specs=out_specs,

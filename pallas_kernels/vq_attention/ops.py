@@ -12,6 +12,7 @@ from . import backward as _bwd
 from . import forward as _fwd
 from ._common import MASK_VALUE, Static
 from .config import BlockSizes, resolve_tiles
+from .partition import batch_head_call, match_varying
 
 
 def _pad_axis(x, axis, size, value=0.0):
@@ -23,14 +24,29 @@ def _pad_axis(x, axis, size, value=0.0):
     return jnp.pad(x, widths, constant_values=value)
 
 
+# Inside the custom_vjp, operands are [B, H, ...] (the codebook [H, ...]), and
+# each kernel call goes through `batch_head_call` (partition.py): split over the
+# batch and head mesh axes under jit. The codebook (argument 4) is per head.
+def _forward(st, *args):
+    return batch_head_call(_fwd.forward, st, args, head_args=(4,))
+
+
+def _dk(st, ds_win, q, k_ext):
+    return _bwd.dkv_call(st, "dk", ds_win, q, k_ext)
+
+
+def _dv(st, p_win, dout, v_ext):
+    return _bwd.dkv_call(st, "dv", p_win, dout, v_ext)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _core(st: Static, q, k_ext, v_ext, prev_ok, codebook, cbias, cmean, wbias):
-    out, _ = _fwd.forward(st, q, k_ext, v_ext, prev_ok, codebook, cbias, cmean, wbias)
+    out, _ = _forward(st, q, k_ext, v_ext, prev_ok, codebook, cbias, cmean, wbias)
     return out
 
 
 def _core_fwd(st, q, k_ext, v_ext, prev_ok, codebook, cbias, cmean, wbias):
-    out, lse = _fwd.forward(st, q, k_ext, v_ext, prev_ok, codebook, cbias, cmean, wbias)
+    out, lse = _forward(st, q, k_ext, v_ext, prev_ok, codebook, cbias, cmean, wbias)
     return out, (q, k_ext, v_ext, prev_ok, codebook, cbias, cmean, wbias, out, lse)
 
 
@@ -39,15 +55,18 @@ def _core_bwd(st, res, dout):
     dout = dout.astype(v_ext.dtype)
     delta = jnp.sum(
         out.astype(jnp.float32) * dout.astype(jnp.float32), axis=-1, keepdims=True
-    )  # [BH, T, 1]
-    dq, p_win, ds_win, p_code, dwbias = _bwd.ds_call(
-        st, q, k_ext, v_ext, prev_ok, codebook, cbias, cmean, wbias, dout, lse, delta
+    )  # [B, H, T, 1]
+    dq, p_win, ds_win, p_code, dwbias = batch_head_call(
+        _bwd.ds_call,
+        st,
+        (q, k_ext, v_ext, prev_ok, codebook, cbias, cmean, wbias, dout, lse, delta),
+        head_args=(4,),
     )
-    dk = _bwd.dkv_call(st, "dk", ds_win, q, k_ext)
-    dv = _bwd.dkv_call(st, "dv", p_win, dout, v_ext)
+    dk = batch_head_call(_dk, st, (ds_win, q, k_ext))
+    dv = batch_head_call(_dv, st, (p_win, dout, v_ext))
     if st.use_cache:
         dcmean = (
-            _bwd.dmean_call(st, p_code, cmean, dout)
+            batch_head_call(_bwd.dmean_call, st, (p_code, cmean, dout))
             if st.cache_grad
             else jnp.zeros_like(cmean)
         )
@@ -165,7 +184,19 @@ def vq_attention_core(
         )
     if window_bias is not None:
         window_bias = window_bias.astype(jnp.float32)
-    out = _core(
-        st, q, k_ext, v_ext, prev_ok, codebook, cache_bias, cache_mean, window_bias
+
+    # Batch and heads as separate dimensions (each may carry its own mesh
+    # axes; see partition.py), and inside shard_map one varying type for all
+    # operands (see match_varying).
+    def split(x):
+        return (
+            None if x is None else x.reshape(bh // num_heads, num_heads, *x.shape[1:])
+        )
+
+    args = (
+        *map(split, (q, k_ext, v_ext, prev_ok)),
+        codebook,
+        *map(split, (cache_bias, cache_mean, window_bias)),
     )
-    return out[..., :d_v]
+    out = _core(st, *match_varying(*args))
+    return out.reshape(bh, *out.shape[2:])[..., :d_v]

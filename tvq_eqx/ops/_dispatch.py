@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
+import os
 from typing import Literal
 
 import jax
@@ -34,6 +37,34 @@ _xla_jit = jax.jit(
     ),
 )
 _quadratic_jit = jax.jit(vq_attention_quadratic, static_argnames=("scale",))
+# Keyword arguments of `vq_attention_pallas` that are arrays; every other
+# keyword-only argument is an option, static under jit.
+_PALLAS_ARRAY_KWARGS = ("state", "rel_query", "rel_table")
+
+
+@functools.cache
+def _pallas_jit():
+    """`vq_attention_pallas` jitted like `_xla_jit` (built on first use: the
+    kernels package is optional). Eager calls otherwise re-trace and re-lower
+    every kernel on each call."""
+    from ._pallas import vq_attention_pallas
+
+    params = inspect.signature(vq_attention_pallas).parameters.values()
+    static = tuple(
+        p.name
+        for p in params
+        if p.kind is p.KEYWORD_ONLY and p.name not in _PALLAS_ARRAY_KWARGS
+    )
+    return jax.jit(vq_attention_pallas, static_argnames=static)
+
+
+def _pallas_backward() -> str | None:
+    """The backward switch read per call, not per trace: the jitted function
+    is cached, so it takes the environment variable as a static argument."""
+    from ._pallas import BACKWARD_ENV
+
+    return os.environ.get(BACKWARD_ENV) or None
+
 
 Implementation = Literal["xla", "pallas", "quadratic"]
 _IMPLEMENTATIONS = ("xla", "pallas", "quadratic")
@@ -194,7 +225,9 @@ def vq_attention_with_state(
             "implementation='quadratic' has no streaming state; use 'xla' or 'pallas'"
         )
     if impl == "pallas":
-        from ._pallas import vq_attention_pallas as implementation_fn
+        implementation_fn = functools.partial(
+            _pallas_jit(), backward=_pallas_backward()
+        )
     else:
         implementation_fn = _xla_jit
     return implementation_fn(
