@@ -11,13 +11,15 @@ from jax.experimental import pallas as pl
 from .config import BlockSizes
 
 
-def _compiler_params(platform: str, sizes: BlockSizes, n_grid: int):
+def _compiler_params(
+    platform: str, sizes: BlockSizes, n_grid: int, num_warps: int, num_stages: int
+):
     if platform == "gpu":
         from jax.experimental.pallas import triton as pltriton
 
         return dict(
             compiler_params=pltriton.CompilerParams(
-                num_warps=sizes.num_warps, num_stages=sizes.num_stages
+                num_warps=num_warps, num_stages=num_stages
             )
         )
     if platform == "tpu":
@@ -41,6 +43,8 @@ def pallas_call(
     out_specs,
     out_shape,
     sizes: BlockSizes,
+    num_warps: int = 4,
+    num_stages: int = 2,
     interpret: bool | None = None,
     debug: bool = False,
 ):
@@ -52,7 +56,7 @@ def pallas_call(
     """
 
     def call(platform, *args):
-        kwargs = _compiler_params(platform, sizes, len(grid))
+        kwargs = _compiler_params(platform, sizes, len(grid), num_warps, num_stages)
         if interpret is not None:
             kwargs.pop("interpret", None)
             if interpret:
