@@ -261,8 +261,8 @@ def rule(
                 block_q=64,
                 block_k=32,
                 block_code=32,
-                block_v=64 if d_v > 64 else 64,
-                dq_block_q=64,
+                block_v=64,
+                dq_block_q=32,
                 dq_block_k=32,
                 dq_block_code=32,
                 dq_block_dv=32,
@@ -272,13 +272,12 @@ def rule(
             )
             base = dict(
                 num_warps=4,
-                dq_num_warps=8,
+                dq_num_warps=4,
                 kv_num_warps=4,
                 num_stages=2,
                 float32_dots="bf16x6",
             )
         del d_v
-        return {**tiles, **base}
     else:
         tiles = dict(block_q=64, block_k=64, block_code=64, block_v=256)
         base = dict(num_warps=4, num_stages=2, float32_dots="highest")
