@@ -172,9 +172,13 @@ def lower_for_cuda(
         )
 
     fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 4, 5)))
-    mesh = AbstractMesh((), (), abstract_device=AbstractDevice(device_kind, 132, "cuda"))
+    mesh = AbstractMesh(
+        (), (), abstract_device=AbstractDevice(device_kind, 132, "cuda")
+    )
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*Pallas Triton backend is deprecated")
+        warnings.filterwarnings(
+            "ignore", message=".*Pallas Triton backend is deprecated"
+        )
         with use_abstract_mesh(mesh):
             return fn.trace(*args).lower(lowering_platforms=("cuda",))
 
@@ -194,9 +198,7 @@ def triton_calls(lowered) -> list[TritonCall]:
                 if target == TRITON_CALL:
                     cfg = ir.DictAttr(op.attributes["mhlo.backend_config"])
                     name = ir.StringAttr(cfg["name"]).value
-                    grid = tuple(
-                        ir.IntegerAttr(cfg[f"grid_{a}"]).value for a in "xyz"
-                    )
+                    grid = tuple(ir.IntegerAttr(cfg[f"grid_{a}"]).value for a in "xyz")
                     found.setdefault(
                         name,
                         TritonCall(
@@ -221,7 +223,7 @@ def verify_module(call: TritonCall) -> str:
     dialects XLA registers); returns its text. Raises ValueError with the
     verifier's message if it is invalid."""
     from jaxlib.mlir import ir
-    from jaxlib.mlir.dialects import arith, math as math_d, scf  # noqa: F401
+    from jaxlib.mlir.dialects import arith, scf  # noqa: F401
     from jaxlib.triton import dialect as tt_dialect
 
     ctx = ir.Context()
@@ -278,10 +280,10 @@ def _compile_worker(ttir_path: str, arch: int, num_warps: int, num_stages: int):
     """Runs in a subprocess: ttir -> ptx with triton, then ptxas -v. Prints
     one JSON line."""
     import triton
+    from triton._C.libtriton import ir as tir
     from triton.backends.compiler import GPUTarget
     from triton.backends.nvidia.compiler import get_ptxas
     from triton.compiler.compiler import make_backend
-    from triton._C.libtriton import ir as tir
 
     target = GPUTarget("cuda", arch, 32)
     backend = make_backend(target)
@@ -387,22 +389,45 @@ def _last_error(stderr: str) -> str:
 
 
 # ------------------------------------------------------------------------ gate
-def run_gate(shape_names, dtypes, archs, *, timeout=600, block_sizes=None, log=print):
-    """Reports for every (shape, dtype, arch, kernel)."""
+def run_gate(
+    shape_names,
+    dtypes,
+    archs,
+    *,
+    timeout=600,
+    block_sizes=None,
+    jobs=None,
+    log=print,
+):
+    """Reports for every (shape, dtype, arch, kernel), in that order.
+
+    `archs` is a list of compute capabilities, or a function of the shape name
+    giving it. Lowering and verification run here; the compiles run as
+    subprocesses, `jobs` at a time (default: the CPU count)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     import jax.numpy as jnp
 
-    rows = []
+    work = []
     for shape_name in shape_names:
         for dtype in dtypes:
             lowered = lower_for_cuda(
                 SHAPES[shape_name], jnp.dtype(dtype), block_sizes=block_sizes
             )
             calls = triton_calls(lowered)
-            for arch in archs:
-                for call in calls:
-                    rep = compile_call(call, arch, timeout=timeout)
-                    rows.append((shape_name, dtype, rep))
-                    log(format_row(shape_name, dtype, rep))
+            for arch in archs(shape_name) if callable(archs) else archs:
+                work += [(shape_name, dtype, arch, call) for call in calls]
+    jobs = jobs or os.cpu_count() or 1
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        futures = [
+            pool.submit(compile_call, call, arch, timeout=timeout)
+            for _, _, arch, call in work
+        ]
+        rows = []
+        for (shape_name, dtype, _, _), fut in zip(work, futures, strict=True):
+            rep = fut.result()
+            rows.append((shape_name, dtype, rep))
+            log(format_row(shape_name, dtype, rep))
     return rows
 
 
@@ -435,10 +460,13 @@ def main(argv=None):
         _compile_worker(path, int(arch), int(warps), int(stages))
         return 0
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--shapes", default="official", help=f"comma list of {list(SHAPES)} or 'all'")
+    p.add_argument(
+        "--shapes", default="official", help=f"comma list of {list(SHAPES)} or 'all'"
+    )
     p.add_argument("--dtypes", default=",".join(DTYPES))
     p.add_argument("--arch", default="90", help="comma list of 90, 80")
     p.add_argument("--timeout", type=float, default=600, help="seconds per kernel")
+    p.add_argument("--jobs", type=int, default=None, help="parallel compiles")
     p.add_argument("--markdown", default=None, help="also write the table here")
     args = p.parse_args(argv)
     shapes = list(SHAPES) if args.shapes == "all" else args.shapes.split(",")
@@ -449,6 +477,7 @@ def main(argv=None):
         args.dtypes.split(","),
         archs,
         timeout=args.timeout,
+        jobs=args.jobs,
         log=lambda s: print(s, flush=True),
     )
     if args.markdown:

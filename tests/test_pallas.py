@@ -132,7 +132,7 @@ GRAD_NAMES = (
 )
 
 
-def check_same(ref, out, tol, what):
+def check_same(ref, out, tol, what, skip=()):
     ref_out, ref_state, ref_grads = ref
     got_out, got_state, got_grads = out
     errors = {}
@@ -146,6 +146,8 @@ def check_same(ref, out, tol, what):
         else:
             errors[f"state.{field}"] = rel_err(r, g)
     for name, r, g in zip(GRAD_NAMES, ref_grads, got_grads, strict=True):
+        if name in skip:
+            continue
         if r is None:
             assert g is None, name
             continue
@@ -252,7 +254,13 @@ def test_pallas_cache_options_f32(use_cache, cache_grad):
     cot = cotangents(jax.random.fold_in(key, 1), shape, jnp.float32)
     ref = run("xla", opts, args, state, cot)
     got = run("pallas", opts, args, state, cot)
-    check_same(ref, got, F32_TOL, "pallas vs xla")
+    # cache_grad=False: the kernels also stop gradients from a block's queries
+    # to the previous block's keys and values (the official grad_thru_cache=
+    # False; test_core_semantics_f32 checks those against a reference); the xla
+    # form stops only the cache means until issue 8 aligns it, so dk, dv and
+    # d prev_value are left out of this comparison.
+    skip = () if cache_grad else ("dk", "dv", "d_prev_value")
+    check_same(ref, got, F32_TOL, "pallas vs xla", skip=skip)
 
 
 def test_pallas_bf16():
@@ -395,7 +403,10 @@ def core_reference(
     for n in range(n_blk):
         qn = q[:, n * L : (n + 1) * L]
         kp, vp = k_ext[:, n * L : (n + 1) * L], v_ext[:, n * L : (n + 1) * L]
-        kc, vc = k_ext[:, (n + 1) * L : (n + 2) * L], v_ext[:, (n + 1) * L : (n + 2) * L]
+        kc, vc = (
+            k_ext[:, (n + 1) * L : (n + 2) * L],
+            v_ext[:, (n + 1) * L : (n + 2) * L],
+        )
         if not cache_grad:
             kp, vp = sg(kp), sg(vp)
         hi = jax.lax.Precision.HIGHEST
@@ -487,7 +498,11 @@ def test_core_semantics_f32(use_cache, cache_grad, window_len, bias, sizes):
         cache_grad=cache_grad,
         window_len=window_len,
     )
-    names = [n for n in ("q", "k_ext", "v_ext", "cache_mean", "window_bias") if args[n] is not None]
+    names = [
+        n
+        for n in ("q", "k_ext", "v_ext", "cache_mean", "window_bias")
+        if args[n] is not None
+    ]
 
     def wrap(fn, **extra):
         def f(*diff):
@@ -511,13 +526,24 @@ def test_core_semantics_f32(use_cache, cache_grad, window_len, bias, sizes):
         assert float(jnp.abs(d["k_ext"][:, :L]).max()) == 0
         assert float(jnp.abs(d["v_ext"][:, :L]).max()) == 0
     if window_len is not None and window_len < L:
-        full = vq_attention_core(**args, **dict(opts, window_len=None), block_sizes=sizes)
+        full = vq_attention_core(
+            **args, **dict(opts, window_len=None), block_sizes=sizes
+        )
         assert rel_err(full, got) > 1e-3  # the window changes the result
 
 
 def test_core_window_len_rejected():
     args, _ = core_inputs(
-        jax.random.key(0), bh=2, heads=1, t=16, L=8, k=4, v=4, s=3, use_cache=True, bias=False
+        jax.random.key(0),
+        bh=2,
+        heads=1,
+        t=16,
+        L=8,
+        k=4,
+        v=4,
+        s=3,
+        use_cache=True,
+        bias=False,
     )
     opts = dict(block_len=8, scale=1.0, num_heads=1)
     with pytest.raises(ValueError, match="needs the cache off"):

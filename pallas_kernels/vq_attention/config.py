@@ -228,7 +228,7 @@ def rule(
 
     Returns a dict over BlockSizes' fields; `resolve_tiles` clips every tile
     to the problem afterwards."""
-    del block_len, codes  # clipping handles short blocks and small codebooks
+    del codes  # clipping handles small codebooks
     if platform == "tpu":
         tiles = dict.fromkeys(("block_q", "block_k", "block_code"), 128)
         tiles["block_v"] = 512
@@ -240,7 +240,10 @@ def rule(
                 block_q=64,
                 block_k=64,
                 block_code=64,
-                block_v=256,
+                # block_len <= 64: the window loops are single steps, traced
+                # straight-line, and the compiler keeps more tiles live (the
+                # 256-wide accumulator spilled at block 64).
+                block_v=256 if block_len > 64 else 128,
                 dq_block_q=64,
                 dq_block_k=32 if wide_k else 64,
                 dq_block_code=32 if wide_k else 64,

@@ -70,6 +70,7 @@ def _forward(
     cache_grad,
     block_sizes,
     interpret,
+    window_len=None,
 ):
     b, t, h, _ = query.shape
     n_code = codebook.shape[1]
@@ -123,6 +124,7 @@ def _forward(
         scale=scale,
         num_heads=h,
         cache_grad=cache_grad,
+        window_len=window_len,
         block_sizes=block_sizes,
         interpret=interpret,
     )
@@ -183,13 +185,16 @@ def vq_attention_pallas(
     block_sizes: BlockSizes | None = None,
     interpret: bool | None = None,
     backward: str | None = None,
+    window_len: int | None = None,
 ) -> tuple[Float[Array, "batch seq heads d_v"], VQAttentionState]:
     """`vq_attention_xla` on the Pallas kernels; returns (output, new state).
 
     Extra keyword arguments (not needed by the dispatcher): `block_sizes`
     (tile config, default per platform), `interpret` (None: interpret mode
     exactly on CPU), `backward` ("kernels", default, or "xla": differentiate the
-    xla form; default from the environment variable TVQ_EQX_PALLAS_BACKWARD).
+    xla form; default from the environment variable TVQ_EQX_PALLAS_BACKWARD),
+    `window_len` (use_cache=False only: attend to window keys at distance
+    0..window_len; see `vq_attention_core`).
     """
     b, _, h, _ = query.shape
     if state is None:
@@ -216,6 +221,10 @@ def vq_attention_pallas(
         block_sizes=block_sizes,
         interpret=interpret,
     )
+    if window_len is not None:
+        if backward == "xla":
+            raise ValueError("window_len is not supported with backward='xla'")
+        static["window_len"] = window_len
     if backward == "xla":
         return _xla_backward(
             tuple(sorted(static.items())),
