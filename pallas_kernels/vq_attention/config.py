@@ -238,12 +238,12 @@ def rule(
         if not float32:
             tiles = dict(
                 block_q=64,
-                block_k=64,
+                # At least two key tiles per block: a single-step window loop
+                # is traced straight-line and the compiler then keeps more
+                # tiles live (the forward spilled at block_len 64, bk 64).
+                block_k=64 if block_len > 64 else 32,
                 block_code=64,
-                # block_len <= 64: the window loops are single steps, traced
-                # straight-line, and the compiler keeps more tiles live (the
-                # 256-wide accumulator spilled at block 64).
-                block_v=256 if block_len > 64 else 128,
+                block_v=256,
                 dq_block_q=64,
                 dq_block_k=32 if wide_k else 64,
                 dq_block_code=32 if wide_k else 64,
@@ -261,10 +261,10 @@ def rule(
             )
         else:
             tiles = dict(
-                block_q=64,
+                block_q=32,
                 block_k=32,
                 block_code=32,
-                block_v=64,
+                block_v=128,
                 dq_block_q=32,
                 dq_block_k=32,
                 dq_block_code=32,
