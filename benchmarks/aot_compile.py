@@ -512,7 +512,7 @@ def roofline_table(shape_names, dtypes) -> str:
                 )
             # dense causal attention forward per token: T/2 keys, d_v/d_k calls
             # of width d_k as in benchmarks/kernels.py (T * 2 * d_v per token)
-            dense = [T * 2 * v * max(1, 1) / CUDNN_FWD_FLOPS * 1e9 for T in (2048, 32768)]
+            dense = [T * 2 * v / CUDNN_FWD_FLOPS * 1e9 for T in (2048, 32768)]
             summary.append(
                 f"| {shape_name} | {dtype} | {fwd:.2f} | {total:.2f} "
                 f"| {dense[0]:.1f} / {dense[1]:.1f} "
