@@ -138,8 +138,8 @@ def lower_for_cuda(
     from pallas_kernels.vq_attention import BlockSizes
     from tvq_eqx.ops._pallas import vq_attention_pallas
 
-    if block_sizes is None:  # the GPU rule of config.py, as on a GPU
-        block_sizes = BlockSizes.for_platform("gpu")
+    if block_sizes is None:  # the GPU rule of config.py for sm_90
+        block_sizes = BlockSizes.for_platform("gpu", arch=90)
 
     b, t, h, k, v, s, blk = shape
     dtype = jnp.dtype(dtype)
@@ -541,15 +541,18 @@ def run_gate(
 
     import jax.numpy as jnp
 
+    from pallas_kernels.vq_attention import BlockSizes
+
     work = []
     for shape_name in shape_names:
         for dtype in dtypes:
-            lowered = lower_for_cuda(
-                SHAPES[shape_name], jnp.dtype(dtype), block_sizes=block_sizes
-            )
-            calls = triton_calls(lowered)
             for arch in archs(shape_name) if callable(archs) else archs:
-                work += [(shape_name, dtype, arch, call) for call in calls]
+                # the rule tunes per architecture: lower once per arch
+                sizes = block_sizes or BlockSizes.for_platform("gpu", arch=arch)
+                lowered = lower_for_cuda(
+                    SHAPES[shape_name], jnp.dtype(dtype), block_sizes=sizes
+                )
+                work += [(shape_name, dtype, arch, c) for c in triton_calls(lowered)]
     jobs = jobs or os.cpu_count() or 1
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         futures = [

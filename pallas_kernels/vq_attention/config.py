@@ -99,6 +99,8 @@ class BlockSizes:
       Triton's `tl.dot` needs M, N, K >= 16): d_k, codes and d_v are padded up
       to it, and a block length below it is rejected.
     - `platform`: whose rule fills the `None` fields ("interpret", "gpu", "tpu").
+    - `arch`: GPU compute capability the rule tunes for (90: sm_90 / H100,
+      80: sm_80 / A100); None = the local GPU's when jax runs on one, else 90.
 
     Block length, query and key tiles must divide `block_len`. All tiles are
     powers of two: Triton needs power-of-two element counts, and TPU wants
@@ -124,8 +126,13 @@ class BlockSizes:
     vmem_limit_bytes: int | None = None
     min_tile: int = 1
     platform: str = "interpret"
+    arch: int | None = None
 
     def __post_init__(self):
+        if self.arch is not None and (
+            isinstance(self.arch, bool) or not isinstance(self.arch, int)
+        ):
+            raise ValueError(f"BlockSizes.arch must be an int; got {self.arch!r}")
         if self.platform not in PLATFORMS:
             raise ValueError(
                 f"BlockSizes.platform must be one of {PLATFORMS}; got {self.platform!r}"
@@ -215,6 +222,21 @@ class Tiles:
         return self.fwd.block_v
 
 
+def local_arch(default: int = 90) -> int:
+    """Compute capability of the first local GPU (e.g. 90), else `default`."""
+    import jax
+
+    try:
+        if jax.default_backend() == "gpu":
+            cc = getattr(jax.devices()[0], "compute_capability", None)
+            if cc:
+                major, _, minor = str(cc).partition(".")
+                return int(major) * 10 + int(minor or 0)
+    except (RuntimeError, ValueError):
+        pass
+    return default
+
+
 def rule(
     platform: str,
     *,
@@ -223,6 +245,7 @@ def rule(
     codes: int,
     d_k: int,
     d_v: int,
+    arch: int = 90,
 ) -> dict:
     """Default tiles and launch parameters of a platform (module docstring).
 
@@ -266,8 +289,8 @@ def rule(
                 block_code=32,
                 block_v=128,
                 dq_block_q=32,
-                dq_block_k=32,
-                dq_block_code=32,
+                dq_block_k=16,
+                dq_block_code=16,
                 dq_block_dv=32,
                 kv_block_q=32,
                 kv_block_k=64,
@@ -280,6 +303,14 @@ def rule(
                 num_stages=2,
                 float32_dots="bf16x6",
             )
+        if arch < 90:
+            # sm_80 and older: mma.sync (no wgmma, so no 64-row minimum) keeps
+            # accumulators differently and the sm_90 tiles spill; smaller
+            # query / key tiles remove every spill the gate showed.
+            if not float32:
+                tiles.update(block_v=128, dq_block_q=32, dq_block_k=32)
+            else:
+                tiles.update(block_k=16, block_code=16, kv_block_q=16)
         del d_v
     else:
         tiles = dict(block_q=64, block_k=64, block_code=64, block_v=256)
@@ -298,6 +329,9 @@ def resolve_tiles(
 ) -> Tiles:
     """Fill `None` fields by the rule, clip tiles to the problem, and compute
     the padded dimensions."""
+    arch = sizes.arch
+    if arch is None:
+        arch = local_arch() if sizes.platform == "gpu" else 90
     defaults = rule(
         sizes.platform,
         float32=float32,
@@ -305,6 +339,7 @@ def resolve_tiles(
         codes=codes,
         d_k=d_k,
         d_v=d_v,
+        arch=arch,
     )
 
     def pick(field):
