@@ -31,12 +31,12 @@ from jax import lax
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from pallas_kernels.vq_attention import _common  # noqa: E402
-from pallas_kernels.vq_attention import backward as _bwd  # noqa: E402
-from pallas_kernels.vq_attention import forward as _fwd  # noqa: E402
-from pallas_kernels.vq_attention.config import BlockSizes  # noqa: E402
-from tvq_eqx.ops import vq_attention_xla  # noqa: E402
-from tvq_eqx.ops._pallas import vq_attention_pallas  # noqa: E402
+from pallas_kernels.vq_attention import _common
+from pallas_kernels.vq_attention import backward as _bwd
+from pallas_kernels.vq_attention import forward as _fwd
+from pallas_kernels.vq_attention.config import BlockSizes
+from tvq_eqx.ops import vq_attention_xla
+from tvq_eqx.ops._pallas import vq_attention_pallas
 
 
 def _bf16_terms(x, n):
