@@ -552,3 +552,54 @@ def test_core_window_len_rejected():
     for bad in (0, 9):
         with pytest.raises(ValueError, match="window_len must be"):
             vq_attention_core(**nocache, **opts, window_len=bad)
+
+
+@pytest.mark.parametrize("window_len", [2, 8])
+def test_pallas_window_len_dense_f32(window_len):
+    """vq_attention_pallas(use_cache=False, window_len=w) against dense
+    attention over the straight-through quantized keys with the mask
+    0 <= i - j <= w: output and the gradients of query, key and value (every
+    query that sees a key is in its block or the next, so the windowed
+    straight-through estimator equals the dense one)."""
+    from tvq_eqx.ops._common import gather_codes, quantize, straight_through
+
+    shape = (2, 24, 2, 4, 6, 5, 8)
+    b, t, h, k, v, s, L = shape
+    a = make_inputs(jax.random.key(21), shape)
+    cot = jax.random.normal(jax.random.key(22), (b, t, h, v))
+
+    def dense(q, key, val):
+        khat = straight_through(
+            key, gather_codes(a["codebook"], quantize(key, a["codebook"]))
+        )
+        sc = 0.5 * jnp.einsum("bihk,bjhk->bhij", q, khat, precision="highest")
+        i = jnp.arange(t)[None, None, :, None]
+        j = jnp.arange(t)[None, None, None, :]
+        ok = (i - j >= 0) & (i - j <= window_len)
+        p = jax.nn.softmax(jnp.where(ok, sc, MASK), axis=-1)
+        return jnp.einsum("bhij,bjhv->bihv", p, val, precision="highest")
+
+    def pallas(q, key, val):
+        out, _ = vq_attention_pallas(
+            q,
+            key,
+            val,
+            a["codebook"],
+            block_len=L,
+            scale=0.5,
+            use_cache=False,
+            window_len=window_len,
+            block_sizes=TINY,
+        )
+        return out
+
+    primals = (a["query"], a["key"], a["value"])
+    ref, ref_vjp = jax.vjp(dense, *primals)
+    got, got_vjp = jax.vjp(pallas, *primals)
+    assert rel_err(ref, got) <= F32_TOL
+    for name, r, g in zip(("dq", "dk", "dv"), ref_vjp(cot), got_vjp(cot), strict=True):
+        assert rel_err(r, g) <= F32_TOL, name
+    with pytest.raises(ValueError, match="needs the cache off"):
+        vq_attention_pallas(
+            *primals, a["codebook"], block_len=L, scale=0.5, window_len=2
+        )
