@@ -86,6 +86,14 @@ def main(argv=None):
         "| candidate | fwd ms | fwd TFLOP/s (useful) | fwd+bwd ms | out rel. err vs rule |",
         "|---|---:|---:|---:|---:|",
     ]
+    out_path = args.out or os.path.join(
+        os.path.dirname(__file__), "results", f"tiles-{jax.default_backend()}.md"
+    )
+
+    def write():  # after every row: a run cut by a time limit keeps its rows
+        with open(out_path, "w") as f:
+            f.write("\n".join(lines) + "\n")
+
     ref = None
     for name, fixed in CANDIDATES.items():
         sizes = BlockSizes.for_platform(args.platform, **fixed)
@@ -111,11 +119,7 @@ def main(argv=None):
             row = f"| {name} | failed: {type(e).__name__}: {str(e)[:200]} | | | |"
         lines.append(row)
         print(row, flush=True)
-    out_path = args.out or os.path.join(
-        os.path.dirname(__file__), "results", f"tiles-{jax.default_backend()}.md"
-    )
-    with open(out_path, "w") as f:
-        f.write("\n".join(lines) + "\n")
+        write()
     print("wrote", out_path)
 
 
