@@ -24,10 +24,17 @@ docs/kernels.md):
 - float32 inputs: dots use `float32_dots="bf16x6"` (six bfloat16 tensor-core
   products with float32 accumulation, ~float32 accuracy; see
   `_common.dot_precision`), not IEEE float32 FMA dots (`"highest"`), which run
-  without tensor cores and spill. The float32 tiles are half the bf16 ones
-  along the value axis (4-byte elements, and each operand is split in three).
+  without tensor cores and spill. Each float32 operand lives as three bf16
+  terms, so the float32 tiles are smaller: 32-row query tiles in the forward
+  and `bwd_dq`, a 128-wide forward value tile, 16-key steps in `bwd_dq`.
+- At least two key tiles per block (bf16 forward `block_k` 32 at block_len
+  64): a one-step window loop is traced straight-line and spilled.
+- sm_80 (`arch < 90`, mma.sync instead of wgmma) gets smaller tiles where the
+  sm_90 ones spilled there.
 
-Interpret mode (CPU) and TPU keep one set of tiles for all kernels.
+Measured at d_k 32-128, d_v 256-1536, 64-512 codes, block 64-512 (the
+official shape and the benchmarks' GPU presets); check other shapes with the
+gate. Interpret mode (CPU) and TPU keep one set of tiles for all kernels.
 """
 
 from __future__ import annotations
