@@ -124,6 +124,7 @@ def lower_for_cuda(
     rel: bool = True,
     use_cache: bool = True,
     cache_grad: bool = True,
+    window_len: int | None = None,
     block_sizes=None,
     device_kind: str = "NVIDIA H100 80GB HBM3",
 ):
@@ -166,6 +167,7 @@ def lower_for_cuda(
             cache_grad=cache_grad,
             block_sizes=block_sizes,
             **extra,
+            **({} if window_len is None else dict(window_len=window_len)),
         )
         return jnp.sum(out.astype(jnp.float32)) + jnp.sum(
             state.cache_mean.astype(jnp.float32)

@@ -44,9 +44,14 @@ def test_every_triton_module_verifies(shape_name, dtype):
         assert "tt.func" in text and call.num_warps in (4, 8)
 
 
-def test_window_only_modules_verify():
+@pytest.mark.parametrize("window_len", [None, 200])
+def test_window_only_modules_verify(window_len):
     lowered = aot.lower_for_cuda(
-        aot.SHAPES["official"], jnp.bfloat16, use_cache=False, cache_grad=False
+        aot.SHAPES["official"],
+        jnp.bfloat16,
+        use_cache=False,
+        cache_grad=False,
+        window_len=window_len,
     )
     calls = aot.triton_calls(lowered)
     assert {c.name for c in calls} == KERNELS - {"vq_attention_bwd_dmean"}
@@ -117,3 +122,24 @@ def test_gate_every_kernel_compiles_and_fits(gate_rows):
         assert rep.shared <= limit, table
         assert rep.ctas_per_sm >= 1, table
         assert rep.spills == 0, table
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", aot.DTYPES)
+def test_gate_sliding_window_variant(dtype):
+    """Window-only, cache_grad=False and window_len (the masks in the forward
+    and bwd_dq) at the official shape: compiles for sm_90a, no spills, fits."""
+    if importlib.util.find_spec("triton") is None:
+        pytest.fail("the AOT gate needs the `aot` extra: pip install -e '.[aot]'")
+    lowered = aot.lower_for_cuda(
+        aot.SHAPES["official"],
+        jnp.dtype(dtype),
+        use_cache=False,
+        cache_grad=False,
+        window_len=200,
+    )
+    for call in aot.triton_calls(lowered):
+        rep = aot.compile_call(call, 90, timeout=900)
+        row = aot.format_row("official-window", dtype, rep)
+        assert rep.status == "ok" and rep.spills == 0, row
+        assert rep.shared <= aot.ARCH_LIMITS[90]["smem_per_block"], row
