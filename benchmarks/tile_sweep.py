@@ -25,13 +25,17 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from pallas_kernels.vq_attention import BlockSizes
 from tvq_eqx.ops._pallas import vq_attention_pallas
 
-# Forward variants at the official shape that pass the gate on sm_90 (bf16):
-# the rule's, a wider value tile (halves the Q K^T recompute) and a taller
-# query tile (halves the key/value traffic per query).
+# Variants at the official shape that pass the gate on sm_90 (bf16): the
+# rule's, a wider forward value tile (halves the Q K^T recompute), a taller
+# forward query tile (halves the key/value traffic per query), a taller bwd_dq
+# query tile.
 CANDIDATES = {
     "rule": {},
     "fwd bv512 w8": dict(block_v=512, num_warps=8),
     "fwd bq128 w8": dict(block_q=128, num_warps=8),
+    # bwd_dq with 128 query rows (216 registers, 80 KiB): half the dO / V
+    # chunk traffic per score of the rule's 64 rows.
+    "dq bq128 w8": dict(dq_block_q=128, dq_num_warps=8),
 }
 
 
