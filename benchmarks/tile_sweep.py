@@ -23,6 +23,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from pallas_kernels.vq_attention import BlockSizes
+from pallas_kernels.vq_attention.config import local_arch, rule
 from tvq_eqx.ops._pallas import vq_attention_pallas
 
 # Variants at the official shape that pass the gate on sm_90 (bf16): the
@@ -100,8 +101,19 @@ def main(argv=None):
             f.write("\n".join(lines) + "\n")
 
     ref = None
+    # Every field explicit (the rule's values, then the candidate's), so a
+    # forward tile does not carry over to the backward kernels.
+    base = rule(
+        "gpu" if args.platform in ("gpu", "cuda", "rocm") else args.platform,
+        float32=dtype == jnp.float32,
+        block_len=blk,
+        codes=s,
+        d_k=k,
+        d_v=v,
+        arch=local_arch(),
+    )
     for name, fixed in CANDIDATES.items():
-        sizes = BlockSizes.for_platform(args.platform, **fixed)
+        sizes = BlockSizes.for_platform(args.platform, **{**base, **fixed})
         fwd, fwdbwd = make(sizes)
         try:
             outs = jax.block_until_ready(fwdbwd(q, kk, vv, cot))  # out, dq, dk, dv
