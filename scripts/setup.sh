@@ -16,4 +16,4 @@ if [ ! -x .venv/bin/python ]; then
   "$py" -m venv .venv
   .venv/bin/pip install -q --upgrade pip
 fi
-.venv/bin/pip install -q -e ".[test]"
+.venv/bin/pip install -q -e ".[test,aot]"

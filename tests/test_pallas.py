@@ -135,7 +135,7 @@ GRAD_NAMES = (
 )
 
 
-def check_same(ref, out, tol, what):
+def check_same(ref, out, tol, what, skip=()):
     ref_out, ref_state, ref_grads = ref
     got_out, got_state, got_grads = out
     errors = {}
@@ -156,6 +156,8 @@ def check_same(ref, out, tol, what):
         else:
             errors[f"state.{field}"] = rel_err(r, g)
     for name, r, g in zip(GRAD_NAMES, ref_grads, got_grads, strict=True):
+        if name in skip:
+            continue
         if r is None:
             assert g is None, name
             continue
@@ -262,7 +264,13 @@ def test_pallas_cache_options_f32(use_cache, cache_grad):
     cot = cotangents(jax.random.fold_in(key, 1), shape, jnp.float32)
     ref = run("xla", opts, args, state, cot)
     got = run("pallas", opts, args, state, cot)
-    check_same(ref, got, F32_TOL, "pallas vs xla")
+    # cache_grad=False: the kernels also stop gradients from a block's queries
+    # to the previous block's keys and values (the official grad_thru_cache=
+    # False; test_core_semantics_f32 checks those against a reference); the xla
+    # form stops only the cache means until issue 8 aligns it, so dk, dv and
+    # d prev_value are left out of this comparison.
+    skip = () if cache_grad else ("dk", "dv", "d_prev_value")
+    check_same(ref, got, F32_TOL, "pallas vs xla", skip=skip)
 
 
 def test_pallas_bf16():
@@ -369,3 +377,239 @@ def test_bad_shapes_rejected():
         )
     with pytest.raises(ValueError, match="power of two"):
         BlockSizes(block_q=48)
+
+
+# ------------------------------------------- kernel-level semantics (core API)
+MASK = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+def core_reference(
+    q,
+    k_ext,
+    v_ext,
+    prev_ok,
+    codebook,
+    cache_bias,
+    cache_mean,
+    window_bias,
+    *,
+    block_len,
+    scale,
+    num_heads,
+    cache_grad=True,
+    window_len=None,
+):
+    """Pure-jnp `vq_attention_core`: per block n one softmax over the codes
+    (log-count bias, cached means), the previous block (ext block n) and the
+    causal current block (ext block n + 1). cache_grad=False stops gradients
+    through the carried state: the cached means and the previous block's keys
+    and values as seen by block n's queries. window_len: keep keys at distance
+    0..window_len only."""
+    sg = jax.lax.stop_gradient
+    bh, t, _ = q.shape
+    L = block_len
+    n_blk = t // L
+    outs = []
+    for n in range(n_blk):
+        qn = q[:, n * L : (n + 1) * L]
+        kp, vp = k_ext[:, n * L : (n + 1) * L], v_ext[:, n * L : (n + 1) * L]
+        kc, vc = (
+            k_ext[:, (n + 1) * L : (n + 2) * L],
+            v_ext[:, (n + 1) * L : (n + 2) * L],
+        )
+        if not cache_grad:
+            kp, vp = sg(kp), sg(vp)
+        hi = jax.lax.Precision.HIGHEST
+        s_prev = scale * jnp.einsum("bik,bjk->bij", qn, kp, precision=hi)
+        s_cur = scale * jnp.einsum("bik,bjk->bij", qn, kc, precision=hi)
+        if window_bias is not None:
+            wb = window_bias[:, n * L : (n + 1) * L]
+            s_prev, s_cur = s_prev + wb[..., :L], s_cur + wb[..., L:]
+        r = jnp.arange(L)[None, :, None]
+        c = jnp.arange(L)[None, None, :]
+        ok_prev = jnp.broadcast_to(jnp.asarray(n > 0) | (prev_ok > 0), s_prev.shape)
+        ok_cur = jnp.broadcast_to(c <= r, s_cur.shape)
+        if window_len is not None:
+            ok_prev = ok_prev & (r + L - c <= window_len)
+            ok_cur = ok_cur & (r - c <= window_len)
+        s_prev = jnp.where(ok_prev, s_prev, MASK)
+        s_cur = jnp.where(ok_cur, s_cur, MASK)
+        scores, values = [s_prev, s_cur], [vp, vc]
+        if codebook is not None:
+            cb = jnp.tile(codebook, (bh // num_heads, 1, 1))
+            s_code = scale * jnp.einsum("bik,bsk->bis", qn, cb, precision=hi)
+            s_code = s_code + cache_bias[:, n]
+            mean = cache_mean[:, n] if cache_grad else sg(cache_mean[:, n])
+            scores, values = [s_code, *scores], [mean, *values]
+        p = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1)
+        outs.append(
+            jnp.einsum("bij,bjv->biv", p, jnp.concatenate(values, axis=1), precision=hi)
+        )
+    return jnp.concatenate(outs, axis=1)
+
+
+def core_inputs(key, *, bh, heads, t, L, k, v, s, use_cache, bias):
+    ks = jax.random.split(key, 8)
+    n_blk = t // L
+    counts = jnp.floor(3 * jax.random.uniform(ks[5], (bh, n_blk, 1, s)))
+    args = dict(
+        q=jax.random.normal(ks[0], (bh, t, k)),
+        k_ext=jax.random.normal(ks[1], (bh, t + L, k)),
+        v_ext=jax.random.normal(ks[2], (bh, t + L, v)),
+        prev_ok=(jnp.arange(bh) % 2 == 0).astype(jnp.float32)[:, None, None],
+        codebook=jax.random.normal(ks[3], (heads, s, k)) if use_cache else None,
+        cache_bias=jnp.where(counts > 0, jnp.log(jnp.maximum(counts, 1)), MASK)
+        if use_cache
+        else None,
+        cache_mean=jax.random.normal(ks[4], (bh, n_blk, s, v)) if use_cache else None,
+        window_bias=0.5 * jax.random.normal(ks[6], (bh, t, 2 * L)) if bias else None,
+    )
+    return args, jax.random.normal(ks[7], (bh, t, v))
+
+
+CORE_CASES = [
+    # (use_cache, cache_grad, window_len, bias, block_sizes)
+    (True, True, None, True, TINY),
+    (True, False, None, True, TINY),
+    (True, False, None, False, None),
+    (False, False, None, True, TINY_Q2),
+    (False, True, 3, True, TINY),
+    (False, True, 8, False, TINY_Q2),  # window_len == block_len
+    (False, True, 1, True, None),
+    (False, False, 5, True, TINY),
+]
+
+
+@pytest.mark.parametrize(
+    "use_cache,cache_grad,window_len,bias,sizes",
+    CORE_CASES,
+    ids=[f"cache{c[0]:d}-grad{c[1]:d}-win{c[2]}-bias{c[3]:d}" for c in CORE_CASES],
+)
+def test_core_semantics_f32(use_cache, cache_grad, window_len, bias, sizes):
+    """vq_attention_core (interpret mode) against core_reference: output and
+    the gradient of every differentiable input (f32, 1e-5)."""
+    heads, L = 2, 8
+    args, cot = core_inputs(
+        jax.random.key(13 + (window_len or 0)),
+        bh=4,
+        heads=heads,
+        t=24,
+        L=L,
+        k=6,
+        v=10,
+        s=7,
+        use_cache=use_cache,
+        bias=bias,
+    )
+    opts = dict(
+        block_len=L,
+        scale=0.5,
+        num_heads=heads,
+        cache_grad=cache_grad,
+        window_len=window_len,
+    )
+    names = [
+        n
+        for n in ("q", "k_ext", "v_ext", "cache_mean", "window_bias")
+        if args[n] is not None
+    ]
+
+    def wrap(fn, **extra):
+        def f(*diff):
+            kw = dict(args, **dict(zip(names, diff, strict=True)))
+            return fn(**kw, **opts, **extra)
+
+        return f
+
+    primals = [args[n] for n in names]
+    ref, ref_vjp = jax.vjp(wrap(core_reference), *primals)
+    got, got_vjp = jax.vjp(wrap(vq_attention_core, block_sizes=sizes), *primals)
+    assert rel_err(ref, got) <= F32_TOL
+    for name, r, g in zip(names, ref_vjp(cot), got_vjp(cot), strict=True):
+        if float(jnp.linalg.norm(r)) == 0:
+            assert float(jnp.linalg.norm(g)) == 0, name
+        else:
+            assert rel_err(r, g) <= F32_TOL, name
+    if not cache_grad:  # the carried state really gets no gradient from block n
+        d = dict(zip(names, got_vjp(cot), strict=True))
+        # ext block 0 (the incoming previous block) is only ever carried state
+        assert float(jnp.abs(d["k_ext"][:, :L]).max()) == 0
+        assert float(jnp.abs(d["v_ext"][:, :L]).max()) == 0
+    if window_len is not None and window_len < L:
+        full = vq_attention_core(
+            **args, **dict(opts, window_len=None), block_sizes=sizes
+        )
+        assert rel_err(full, got) > 1e-3  # the window changes the result
+
+
+def test_core_window_len_rejected():
+    args, _ = core_inputs(
+        jax.random.key(0),
+        bh=2,
+        heads=1,
+        t=16,
+        L=8,
+        k=4,
+        v=4,
+        s=3,
+        use_cache=True,
+        bias=False,
+    )
+    opts = dict(block_len=8, scale=1.0, num_heads=1)
+    with pytest.raises(ValueError, match="needs the cache off"):
+        vq_attention_core(**args, **opts, window_len=4)
+    nocache = dict(args, codebook=None, cache_bias=None, cache_mean=None)
+    for bad in (0, 9):
+        with pytest.raises(ValueError, match="window_len must be"):
+            vq_attention_core(**nocache, **opts, window_len=bad)
+
+
+@pytest.mark.parametrize("window_len", [2, 8])
+def test_pallas_window_len_dense_f32(window_len):
+    """vq_attention_pallas(use_cache=False, window_len=w) against dense
+    attention over the straight-through quantized keys with the mask
+    0 <= i - j <= w: output and the gradients of query, key and value (every
+    query that sees a key is in its block or the next, so the windowed
+    straight-through estimator equals the dense one)."""
+    from tvq_eqx.ops._common import gather_codes, quantize, straight_through
+
+    shape = (2, 24, 2, 4, 6, 5, 8)
+    b, t, h, k, v, s, L = shape
+    a = make_inputs(jax.random.key(21), shape)
+    cot = jax.random.normal(jax.random.key(22), (b, t, h, v))
+
+    def dense(q, key, val):
+        khat = straight_through(
+            key, gather_codes(a["codebook"], quantize(key, a["codebook"]))
+        )
+        sc = 0.5 * jnp.einsum("bihk,bjhk->bhij", q, khat, precision="highest")
+        i = jnp.arange(t)[None, None, :, None]
+        j = jnp.arange(t)[None, None, None, :]
+        ok = (i - j >= 0) & (i - j <= window_len)
+        p = jax.nn.softmax(jnp.where(ok, sc, MASK), axis=-1)
+        return jnp.einsum("bhij,bjhv->bihv", p, val, precision="highest")
+
+    def pallas(q, key, val):
+        out, _ = vq_attention_pallas(
+            q,
+            key,
+            val,
+            a["codebook"],
+            block_len=L,
+            scale=0.5,
+            use_cache=False,
+            window_len=window_len,
+            block_sizes=TINY,
+        )
+        return out
+
+    primals = (a["query"], a["key"], a["value"])
+    ref, ref_vjp = jax.vjp(dense, *primals)
+    got, got_vjp = jax.vjp(pallas, *primals)
+    assert rel_err(ref, got) <= F32_TOL
+    for name, r, g in zip(("dq", "dk", "dv"), ref_vjp(cot), got_vjp(cot), strict=True):
+        assert rel_err(r, g) <= F32_TOL, name
+    with pytest.raises(ValueError, match="needs the cache off"):
+        vq_attention_pallas(
+            *primals, a["codebook"], block_len=L, scale=0.5, window_len=2
+        )

@@ -27,13 +27,40 @@ class Static:
     use_cache: bool
     has_bias: bool
     cache_grad: bool
-    f32_inputs: bool  # float32 operands -> Precision.HIGHEST dots (exact)
+    f32_inputs: bool  # float32 operands -> tiles.float32_dots (dot_precision)
     interpret: bool | None
     debug: bool
+    # Official `grad_thru_cache=False` (with cache_grad=False): the state
+    # carried from block n-1 into block n (the previous block's keys and values
+    # as seen by block n's queries) is stop-gradiented too.
+    window_grad: bool = True
+    # Sliding window (no cache): query i attends to window keys at distance
+    # 0..window_len only; None = the whole previous block and the causal
+    # current block.
+    window_len: int | None = None
 
     @property
     def precision(self):
-        return lax.Precision.HIGHEST if self.f32_inputs else lax.Precision.DEFAULT
+        return dot_precision(self.f32_inputs, self.tiles.float32_dots)
+
+
+def dot_precision(f32_inputs: bool, float32_dots: str):
+    """`precision=` of every kernel dot.
+
+    bfloat16 operands: DEFAULT (bf16 tensor cores, float32 accumulation).
+    float32 operands: "highest" = IEEE float32 (FMA dots on Triton: no tensor
+    cores); "bf16x3" / "bf16x6" = the operands split into 2 / 3 bfloat16 terms
+    and 3 / 6 tensor-core products (Triton lowering in jax; relative error per
+    product about 2^-16 / 2^-24, the latter float32's own). On CPU (interpret
+    mode) XLA computes every one of these in float32.
+    """
+    if not f32_inputs:
+        return lax.Precision.DEFAULT
+    return {
+        "highest": lax.Precision.HIGHEST,
+        "bf16x3": lax.DotAlgorithmPreset.BF16_BF16_F32_X3,
+        "bf16x6": lax.DotAlgorithmPreset.BF16_BF16_F32_X6,
+    }[float32_dots]
 
 
 def dot_nt(a, b, precision):
@@ -84,6 +111,13 @@ def fori(lower, upper, body, carry):
         if upper - lower == 1:
             return body(lower, carry)
     return lax.fori_loop(lower, upper, body, carry)
+
+
+def window_mask(s, rows, cols, window_len: int):
+    """Sliding window: keep scores of keys at distance rows - cols in
+    [0, window_len] (cols relative to the query's block start, negative for
+    the previous block)."""
+    return jnp.where(rows - cols <= window_len, s, MASK_VALUE)
 
 
 def iota(shape, dim):

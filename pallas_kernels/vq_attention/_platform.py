@@ -20,13 +20,15 @@ except ImportError:  # pragma: no cover - jax without the Mosaic TPU backend
     pass
 
 
-def _compiler_params(platform: str, sizes: BlockSizes, n_grid: int):
+def _compiler_params(
+    platform: str, sizes: BlockSizes, n_grid: int, num_warps: int, num_stages: int
+):
     if platform == "gpu":
         from jax.experimental.pallas import triton as pltriton
 
         return dict(
             compiler_params=pltriton.CompilerParams(
-                num_warps=sizes.num_warps, num_stages=sizes.num_stages
+                num_warps=num_warps, num_stages=num_stages
             )
         )
     if platform == "tpu":
@@ -50,6 +52,8 @@ def pallas_call(
     out_specs,
     out_shape,
     sizes: BlockSizes,
+    num_warps: int = 4,
+    num_stages: int = 2,
     interpret: bool | None = None,
     debug: bool = False,
 ):
@@ -61,7 +65,7 @@ def pallas_call(
     """
 
     def call(platform, *args):
-        kwargs = _compiler_params(platform, sizes, len(grid))
+        kwargs = _compiler_params(platform, sizes, len(grid), num_warps, num_stages)
         if interpret is not None:
             kwargs.pop("interpret", None)
             if interpret:

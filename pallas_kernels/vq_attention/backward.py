@@ -29,6 +29,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 from jax.experimental import pallas as pl
 
 from ._common import (
@@ -41,18 +42,22 @@ from ._common import (
     iota,
     split_input_refs,
     tile,
+    window_mask,
 )
 from ._platform import pallas_call
 
 
-def _dp(do_ref, v_ref, keys, n_v, bv, prec):
-    """dP [bq, bk] = dO . V[keys]^T, accumulated over value tiles."""
-    dp = None
-    for t in range(n_v):
-        cols = pl.ds(t * bv, bv)
-        part = dot_nt(do_ref[:, cols], v_ref[keys, cols], prec)
-        dp = part if dp is None else dp + part
-    return dp
+def _dp(do_ref, v_ref, keys, n_keys, n_v, bv, prec):
+    """dP [bq, n_keys] = dO . V[keys]^T, accumulated over value chunks of bv
+    columns in a loop: only one [bq, bv] and one [n_keys, bv] tile (times the
+    pipeline stages) are live, whatever d_v is."""
+
+    def step(t, dp):
+        cols = tile(t, bv)
+        return dp + dot_nt(do_ref[:, cols], v_ref[keys, cols], prec)
+
+    dp = jnp.zeros((do_ref.shape[0], n_keys), jnp.float32)
+    return fori(0, n_v, step, dp)
 
 
 def _separate_dwb(st: Static) -> bool:
@@ -84,7 +89,8 @@ def _ds_kernel(*refs, st: Static):
     pc_ref = rest.pop(0) if _want_pcode(st) else None
     dwb_ref = rest.pop(0) if _separate_dwb(st) else None
 
-    bq, bk, bc, bv, L = t.block_q, t.block_k, t.block_code, t.block_v, t.block_len
+    kt = t.dq
+    bq, bk, bc, bv, L = kt.block_q, kt.block_k, kt.block_code, kt.block_v, t.block_len
     n_v = t.d_v // bv
     prec = st.precision
     qi = pl.program_id(1)
@@ -95,9 +101,9 @@ def _ds_kernel(*refs, st: Static):
     lse = lse_ref[...]  # [bq, 1]
     delta = delta_ref[...]  # [bq, 1]
 
-    def p_ds(s, v_ref, keys):
+    def p_ds(s, v_ref, keys, n_keys):
         p = jnp.exp(s - lse)
-        return p, p * (_dp(do_ref, v_ref, keys, n_v, bv, prec) - delta)
+        return p, p * (_dp(do_ref, v_ref, keys, n_keys, n_v, bv, prec) - delta)
 
     def store_window(cols, p, ds):
         pw_ref[:, cols] = p.astype(pw_ref.dtype)
@@ -112,7 +118,7 @@ def _ds_kernel(*refs, st: Static):
             sl = tile(j, bc)
             c = cb_ref[sl, :]
             s = st.scale * dot_nt(q, c, prec) + cbias_ref[:, sl]
-            p, ds = p_ds(s, cmean_ref, sl)
+            p, ds = p_ds(s, cmean_ref, sl, bc)
             if pc_ref is not None:
                 pc_ref[:, sl] = p.astype(pc_ref.dtype)
             return dq + dot_nn(ds.astype(c.dtype), c, prec)
@@ -120,6 +126,7 @@ def _ds_kernel(*refs, st: Static):
         dq = fori(0, t.codes // bc, code_step, dq)
 
     prev_ok = (n > 0) | (pv_ref[...] > 0)
+    rows = r0 + iota((bq, bk), 0)
 
     def prev_step(j, dq):
         sl = tile(j, bk)
@@ -128,13 +135,13 @@ def _ds_kernel(*refs, st: Static):
         if st.has_bias:
             s = s + wb_ref[:, sl]
         s = jnp.where(prev_ok, s, MASK_VALUE)
-        p, ds = p_ds(s, vp_ref, sl)
+        if st.window_len is not None:
+            s = window_mask(s, rows, j * bk + iota((bq, bk), 1) - L, st.window_len)
+        p, ds = p_ds(s, vp_ref, sl, bk)
         store_window(sl, p, ds)
         return dq + dot_nn(ds.astype(k.dtype), k, prec)
 
     dq = fori(0, L // bk, prev_step, dq)
-
-    rows = r0 + iota((bq, bk), 0)
 
     def cur_step(j, dq):
         sl = tile(j, bk)
@@ -144,7 +151,9 @@ def _ds_kernel(*refs, st: Static):
             s = s + wb_ref[:, tile(j, bk, L)]
         cols = j * bk + iota((bq, bk), 1)
         s = jnp.where(cols <= rows, s, MASK_VALUE)
-        p, ds = p_ds(s, vc_ref, sl)
+        if st.window_len is not None:
+            s = window_mask(s, rows, cols, st.window_len)
+        p, ds = p_ds(s, vc_ref, sl, bk)
         store_window(tile(j, bk, L), p, ds)
         return dq + dot_nn(ds.astype(k.dtype), k, prec)
 
@@ -168,7 +177,7 @@ def ds_call(
     """Returns dq, P_win, dS_win, P_code (or None), dwbias f32 (or None)."""
     t = st.tiles
     bh, seq, d_k = q.shape
-    L, bq = t.block_len, t.block_q
+    L, bq = t.block_len, t.dq.block_q
     q_per_blk = L // bq
     H = st.num_heads
     V = t.d_v
@@ -223,6 +232,8 @@ def ds_call(
             out_specs=out_specs,
             out_shape=out_shape,
             sizes=st.sizes,
+            num_warps=t.dq.num_warps,
+            num_stages=t.num_stages,
             interpret=st.interpret,
             debug=st.debug,
         )(*args)
@@ -246,7 +257,7 @@ def _dkv_kernel(xa_ref, ya_ref, xb_ref, yb_ref, out_ref, *, st: Static, want: st
     block: columns c). x: the stored window tile source (dS for dk, P for dv),
     y: the query-side operand (q for dk, dO's value tile for dv)."""
     t = st.tiles
-    bq, bk, L = t.block_q, t.block_k, t.block_len
+    bq, bk, L = t.kv.block_q, t.kv.block_k, t.block_len
     prec = st.precision
     kt = pl.program_id(1)
     k_per_blk = L // bk
@@ -266,17 +277,21 @@ def _dkv_kernel(xa_ref, ya_ref, xb_ref, yb_ref, out_ref, *, st: Static, want: st
             x = x_ref[rows, cols]  # [bq, bk]
             return acc + dot_tn(x.astype(y.dtype), y, prec)
 
+        # Typed int32 bounds: jnp.where of two Python ints would take the
+        # predicate's type (i1) in the Triton lowering, and scf.for then fails
+        # to verify (its bounds must share one type).
         if current:  # query block e-1 exists for e >= 1; rows >= c0 only
             first = c0 // bq
-            last = jnp.where(e >= 1, n_q, first)
+            last = jnp.where(e >= 1, jnp.int32(n_q), first)
         else:  # query block e exists for e <= N-1
-            first = 0
-            last = jnp.where(e < st.n_blocks, n_q, 0)
-        return fori(first, last, step, acc)
+            first = jnp.int32(0)
+            last = jnp.where(e < st.n_blocks, jnp.int32(n_q), jnp.int32(0))
+        return lax.fori_loop(first, last, step, acc)
 
     acc = jnp.zeros(out_ref.shape, jnp.float32)
     acc = side(xa_ref, ya_ref, acc, current=True)
-    acc = side(xb_ref, yb_ref, acc, current=False)
+    if st.window_grad:  # else no gradient through the carried previous block
+        acc = side(xb_ref, yb_ref, acc, current=False)
     if want == "dk":
         acc = st.scale * acc
     out_ref[...] = acc.astype(out_ref.dtype)
@@ -287,7 +302,7 @@ def dkv_call(st: Static, want: str, window, operand, like):
     want="dv": window = P_win, operand = dO, result like v_ext [BH, T+L, V]."""
     t = st.tiles
     bh, seq_ext, width = like.shape
-    L, bk = t.block_len, t.block_k
+    L, bk = t.block_len, t.kv.block_k
     k_per_blk = L // bk
     N = st.n_blocks
 
@@ -307,7 +322,7 @@ def dkv_call(st: Static, want: str, window, operand, like):
             ]
         out_specs = pl.BlockSpec((None, bk, width), lambda b, kt: (b, kt, 0))
     else:
-        bv = t.block_v
+        bv = t.kv.block_v
         grid = (bh, seq_ext // bk, width // bv)
         in_specs = []
         for f in (blk_a, blk_b):
@@ -324,6 +339,8 @@ def dkv_call(st: Static, want: str, window, operand, like):
         out_specs=out_specs,
         out_shape=jax.ShapeDtypeStruct(like.shape, like.dtype),
         sizes=st.sizes,
+        num_warps=t.kv.num_warps,
+        num_stages=t.num_stages,
         interpret=st.interpret,
         debug=st.debug,
     )(window, operand, window, operand)
@@ -332,7 +349,7 @@ def dkv_call(st: Static, want: str, window, operand, like):
 # ---------------------------------------------------------------- dmean (cache)
 def _dmean_kernel(p_ref, do_ref, out_ref, *, st: Static):
     t = st.tiles
-    bq, L = t.block_q, t.block_len
+    bq, L = t.kv.block_q, t.block_len
     prec = st.precision
 
     def step(i, acc):
@@ -347,7 +364,7 @@ def _dmean_kernel(p_ref, do_ref, out_ref, *, st: Static):
 def dmean_call(st: Static, p_code, cmean, do):
     t = st.tiles
     bh = p_code.shape[0]
-    L, bc, bv = t.block_len, t.block_code, t.block_v
+    L, bc, bv = t.block_len, t.kv.block_code, t.kv.block_v
     N = st.n_blocks
     in_specs = [
         pl.BlockSpec((None, L, bc), lambda b, n, c, v: (b, n, c)),
@@ -361,6 +378,8 @@ def dmean_call(st: Static, p_code, cmean, do):
         out_specs=pl.BlockSpec((None, None, bc, bv), lambda b, n, c, v: (b, n, c, v)),
         out_shape=jax.ShapeDtypeStruct(cmean.shape, cmean.dtype),
         sizes=st.sizes,
+        num_warps=t.kv.num_warps,
+        num_stages=t.num_stages,
         interpret=st.interpret,
         debug=st.debug,
     )(p_code, do)

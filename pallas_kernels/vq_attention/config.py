@@ -1,9 +1,76 @@
-"""Tile sizes of the VQ-attention kernels: a frozen, validated dataclass that is
-passed statically (it is hashable) to every kernel."""
+"""Tile sizes and launch parameters of the VQ-attention kernels.
+
+`BlockSizes` (frozen, validated, hashable: passed statically) holds what the
+caller fixes; every field left `None` is filled per call by the rule of
+`BlockSizes.platform` from the dtype and the problem's (d_k, d_v, codes,
+block_len) in `resolve_tiles`, which returns the concrete `Tiles`.
+
+The GPU rule (Triton on sm_90 / sm_80; every figure below from the
+ahead-of-time compile gate, `benchmarks/aot_compile.py`, table in
+docs/kernels.md):
+
+- Per-thread registers are the binding limit (255 max, 4 warps = 128 threads
+  per program). A float32 accumulator of `r x c` costs `r*c/128` registers per
+  thread, so the largest live tiles are kept at <= 64 x 256 (forward `[bq, bv]`
+  output accumulator) and <= 64 x 128 (`bwd_dq`'s `[bq, d_k]` dq accumulator).
+- Shared memory is the other limit (227 KiB per block on sm_90, 163 KiB on
+  sm_80): Triton keeps `num_stages` copies of every tile loaded inside a loop.
+  `bwd_dq` therefore forms `dP = dO . V^T` by a loop over value chunks of
+  `dq_block_dv` columns (never whole `[rows, d_v]` tiles): its working set is
+  `stages * (bq + bk) * dq_block_dv * itemsize` plus the key tiles, independent
+  of d_v.
+- Tiles are powers of two and >= 16 (Triton dots), and wgmma (sm_90 tensor
+  cores) wants 64-row operands: 64-row query tiles where registers allow.
+- float32 inputs: dots use `float32_dots="bf16x6"` (six bfloat16 tensor-core
+  products with float32 accumulation, ~float32 accuracy; see
+  `_common.dot_precision`), not IEEE float32 FMA dots (`"highest"`), which run
+  without tensor cores and spill. Each float32 operand lives as three bf16
+  terms, so the float32 tiles are smaller: 32-row query tiles in the forward
+  and `bwd_dq`, a 128-wide forward value tile, 16-key steps in `bwd_dq`.
+- At least two key tiles per block (bf16 forward `block_k` 32 at block_len
+  64): a one-step window loop is traced straight-line and spilled.
+- sm_80 (`arch < 90`, mma.sync instead of wgmma) gets smaller tiles where the
+  sm_90 ones spilled there.
+
+Measured at d_k 32-128, d_v 256-1536, 64-512 codes, block 64-512 (the
+official shape and the benchmarks' GPU presets); check other shapes with the
+gate. Interpret mode (CPU) and TPU keep one set of tiles for all kernels.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+
+FLOAT32_DOTS = ("highest", "bf16x3", "bf16x6")
+PLATFORMS = ("interpret", "gpu", "tpu")
+
+_TILE_FIELDS = (
+    "block_q",
+    "block_k",
+    "block_code",
+    "block_v",
+    "dq_block_q",
+    "dq_block_k",
+    "dq_block_code",
+    "dq_block_dv",
+    "kv_block_q",
+    "kv_block_k",
+    "kv_block_v",
+)
+_COUNT_FIELDS = ("num_warps", "dq_num_warps", "kv_num_warps", "num_stages")
+# A backward tile left None follows the caller's forward tile of the same role
+# (so BlockSizes(block_q=4) shrinks every kernel), else the platform rule.
+_FOLLOWS = {
+    "dq_block_q": "block_q",
+    "dq_block_k": "block_k",
+    "dq_block_code": "block_code",
+    "dq_block_dv": "block_v",
+    "kv_block_q": "block_q",
+    "kv_block_k": "block_k",
+    "kv_block_v": "block_v",
+    "dq_num_warps": "num_warps",
+    "kv_num_warps": "num_warps",
+}
 
 
 def _is_pow2(x: int) -> bool:
@@ -16,37 +83,71 @@ def next_pow2(x: int) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
-    """Upper bounds for the tiles; each is clipped to the (padded) dimension.
+    """Upper bounds for the tiles (each is clipped to the padded dimension);
+    `None` = chosen by the platform's rule (module docstring).
 
     **Fields:**
 
-    - `block_q`: query rows per program (must divide `block_len` once clipped).
-    - `block_k`: window keys per inner-loop step (must divide `block_len`).
-    - `block_code`: codebook rows per inner-loop step (codes are padded to a
-      multiple of it with empty codes).
-    - `block_v`: value columns per program (d_v is padded to a multiple).
-    - `num_warps`, `num_stages`: Triton launch parameters (GPU only).
+    - `block_q`, `block_k`, `block_code`, `block_v`: forward query rows per
+      program, window keys and codebook rows per inner-loop step, value
+      columns per program.
+    - `dq_block_q`, `dq_block_k`, `dq_block_code`: the same for the query-side
+      backward kernel `bwd_dq`; `dq_block_dv`: value columns per step of its
+      `dO . V^T` loop.
+    - `kv_block_q`, `kv_block_k`, `kv_block_v`: key-side backward kernels
+      (`bwd_dk`, `bwd_dv`, `bwd_dmean`): query rows per loop step, key (or
+      code) rows per program, value columns per program.
+    - `num_warps`, `dq_num_warps`, `kv_num_warps`, `num_stages`: Triton launch
+      parameters (GPU only) of the forward, `bwd_dq` and the key-side kernels.
+    - `float32_dots`: how float32 operands are multiplied ("highest": IEEE
+      float32; "bf16x3" / "bf16x6": 3 / 6 bfloat16 tensor-core products).
     - `vmem_limit_bytes`: Mosaic VMEM limit (TPU only; None = compiler default).
     - `min_tile`: smallest tile along any matmul dimension (16 on GPU, where
       Triton's `tl.dot` needs M, N, K >= 16): d_k, codes and d_v are padded up
       to it, and a block length below it is rejected.
+    - `platform`: whose rule fills the `None` fields ("interpret", "gpu", "tpu").
+    - `arch`: GPU compute capability the rule tunes for (90: sm_90 / H100,
+      80: sm_80 / A100); None = the local GPU's when jax runs on one, else 90.
 
-    All tiles are powers of two: Triton needs power-of-two element counts, and
-    TPU wants multiples of 128 on the lane dimension (the TPU preset uses 128).
+    Block length, query and key tiles must divide `block_len`. All tiles are
+    powers of two: Triton needs power-of-two element counts, and TPU wants
+    multiples of 128 on the lane dimension (the TPU rule uses 128).
     """
 
-    block_q: int = 64
-    block_k: int = 64
-    block_code: int = 64
-    block_v: int = 256
-    num_warps: int = 4
-    num_stages: int = 2
+    block_q: int | None = None
+    block_k: int | None = None
+    block_code: int | None = None
+    block_v: int | None = None
+    dq_block_q: int | None = None
+    dq_block_k: int | None = None
+    dq_block_code: int | None = None
+    dq_block_dv: int | None = None
+    kv_block_q: int | None = None
+    kv_block_k: int | None = None
+    kv_block_v: int | None = None
+    num_warps: int | None = None
+    dq_num_warps: int | None = None
+    kv_num_warps: int | None = None
+    num_stages: int | None = None
+    float32_dots: str | None = None
     vmem_limit_bytes: int | None = None
     min_tile: int = 1
+    platform: str = "interpret"
+    arch: int | None = None
 
     def __post_init__(self):
-        for field in ("block_q", "block_k", "block_code", "block_v", "min_tile"):
+        if self.arch is not None and (
+            isinstance(self.arch, bool) or not isinstance(self.arch, int)
+        ):
+            raise ValueError(f"BlockSizes.arch must be an int; got {self.arch!r}")
+        if self.platform not in PLATFORMS:
+            raise ValueError(
+                f"BlockSizes.platform must be one of {PLATFORMS}; got {self.platform!r}"
+            )
+        for field in (*_TILE_FIELDS, "min_tile"):
             value = getattr(self, field)
+            if value is None and field != "min_tile":
+                continue
             if (
                 isinstance(value, bool)
                 or not isinstance(value, int)
@@ -55,69 +156,265 @@ class BlockSizes:
                 raise ValueError(
                     f"BlockSizes.{field} must be a power of two; got {value!r}"
                 )
-        for field in ("block_q", "block_k", "block_code", "block_v"):
-            if getattr(self, field) < self.min_tile:
+            if field != "min_tile" and value < self.min_tile:
                 raise ValueError(
-                    f"BlockSizes.{field}={getattr(self, field)} is below "
-                    f"min_tile={self.min_tile}"
+                    f"BlockSizes.{field}={value} is below min_tile={self.min_tile}"
                 )
-        for field in ("num_warps", "num_stages"):
+        for field in _COUNT_FIELDS:
             value = getattr(self, field)
+            if value is None:
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(
                     f"BlockSizes.{field} must be a positive int; got {value!r}"
                 )
+        if self.float32_dots is not None and self.float32_dots not in FLOAT32_DOTS:
+            raise ValueError(
+                f"BlockSizes.float32_dots must be one of {FLOAT32_DOTS}; "
+                f"got {self.float32_dots!r}"
+            )
 
     @classmethod
-    def for_platform(cls, platform: str) -> BlockSizes:
-        """Defaults per platform ("gpu"/"cuda"/"rocm", "tpu", else interpret)."""
+    def for_platform(cls, platform: str, **fixed) -> BlockSizes:
+        """The rule of a platform ("gpu"/"cuda"/"rocm", "tpu", else
+        interpret), with `fixed` fields overriding it."""
         if platform in ("gpu", "cuda", "rocm"):
-            return cls(min_tile=16)
+            return cls(min_tile=16, platform="gpu", **fixed)
         if platform == "tpu":
-            return cls(
-                block_q=128,
-                block_k=128,
-                block_code=128,
-                block_v=512,
-                vmem_limit_bytes=64 * 1024 * 1024,
-            )
-        return cls()
+            fixed.setdefault("vmem_limit_bytes", 64 * 1024 * 1024)
+            return cls(platform="tpu", **fixed)
+        return cls(**fixed)
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelTiles:
+    """Tiles and launch parameters of one kernel."""
+
+    block_q: int
+    block_k: int
+    block_code: int
+    block_v: int
+    num_warps: int
 
 
 @dataclasses.dataclass(frozen=True)
 class Tiles:
-    """Concrete tiles for one call (after clipping and padding)."""
+    """Concrete tiles for one call (after the rule, clipping and padding)."""
 
     block_len: int  # L
-    block_q: int  # bq | L
-    block_k: int  # bk | L
-    block_code: int  # bc | S_pad
-    block_v: int  # bv | V_pad
-    codes: int  # S_pad
+    codes: int  # S_pad (a multiple of every code tile)
     d_k: int  # K_pad
-    d_v: int  # V_pad
+    d_v: int  # V_pad (a multiple of every value tile)
+    fwd: KernelTiles
+    dq: KernelTiles  # block_v = the dO . V^T value chunk
+    kv: KernelTiles  # block_k = key rows (dk, dv) / block_code = code rows (dmean)
+    num_stages: int
+    float32_dots: str
+
+    # The forward's tiles under their historical names.
+    @property
+    def block_q(self) -> int:
+        return self.fwd.block_q
+
+    @property
+    def block_k(self) -> int:
+        return self.fwd.block_k
+
+    @property
+    def block_code(self) -> int:
+        return self.fwd.block_code
+
+    @property
+    def block_v(self) -> int:
+        return self.fwd.block_v
+
+
+def local_arch(default: int = 90) -> int:
+    """Compute capability of the first local GPU (e.g. 90), else `default`."""
+    import jax
+
+    try:
+        if jax.default_backend() == "gpu":
+            cc = getattr(jax.devices()[0], "compute_capability", None)
+            if cc:
+                major, _, minor = str(cc).partition(".")
+                return int(major) * 10 + int(minor or 0)
+    except (RuntimeError, ValueError):
+        pass
+    return default
+
+
+def rule(
+    platform: str,
+    *,
+    float32: bool,
+    block_len: int,
+    codes: int,
+    d_k: int,
+    d_v: int,
+    arch: int = 90,
+) -> dict:
+    """Default tiles and launch parameters of a platform (module docstring).
+
+    Returns a dict over BlockSizes' fields; `resolve_tiles` clips every tile
+    to the problem afterwards."""
+    del codes  # clipping handles small codebooks
+    if platform == "tpu":
+        tiles = dict.fromkeys(("block_q", "block_k", "block_code"), 128)
+        tiles["block_v"] = 512
+        base = dict(num_warps=4, num_stages=2, float32_dots="highest")
+    elif platform == "gpu":
+        wide_k = d_k > 64  # the [bq, d_k] operands and dq accumulator grow
+        if not float32:
+            tiles = dict(
+                block_q=64,
+                # At least two key tiles per block: a single-step window loop
+                # is traced straight-line and the compiler then keeps more
+                # tiles live (the forward spilled at block_len 64, bk 64).
+                block_k=64 if block_len > 64 else 32,
+                block_code=64,
+                block_v=256,
+                dq_block_q=64,
+                dq_block_k=32 if wide_k else 64,
+                dq_block_code=32 if wide_k else 64,
+                dq_block_dv=64,
+                kv_block_q=64,
+                kv_block_k=64,
+                kv_block_v=128,
+            )
+            base = dict(
+                num_warps=4,
+                dq_num_warps=8 if wide_k else 4,
+                kv_num_warps=4,
+                num_stages=2,
+                float32_dots="bf16x6",
+            )
+        else:
+            tiles = dict(
+                block_q=32,
+                block_k=32,
+                block_code=32,
+                block_v=128,
+                dq_block_q=32,
+                dq_block_k=16,
+                dq_block_code=16,
+                dq_block_dv=32,
+                kv_block_q=32,
+                kv_block_k=64,
+                kv_block_v=64,
+            )
+            base = dict(
+                num_warps=4,
+                dq_num_warps=4,
+                kv_num_warps=4,
+                num_stages=2,
+                float32_dots="bf16x6",
+            )
+        if arch < 90:
+            # sm_80 and older: mma.sync (no wgmma, so no 64-row minimum) keeps
+            # accumulators differently and the sm_90 tiles spill; smaller
+            # query / key tiles remove every spill the gate showed.
+            if not float32:
+                tiles.update(block_v=128, dq_block_q=32, dq_block_k=32)
+            else:
+                tiles.update(block_k=16, block_code=16, kv_block_q=16)
+        del d_v
+    else:
+        tiles = dict(block_q=64, block_k=64, block_code=64, block_v=256)
+        base = dict(num_warps=4, num_stages=2, float32_dots="highest")
+    return {**tiles, **base}
 
 
 def resolve_tiles(
-    sizes: BlockSizes, *, block_len: int, codes: int, d_k: int, d_v: int
+    sizes: BlockSizes,
+    *,
+    block_len: int,
+    codes: int,
+    d_k: int,
+    d_v: int,
+    float32: bool = False,
 ) -> Tiles:
-    """Clip tiles to the problem and compute padded dimensions."""
-    bq = min(sizes.block_q, block_len)
-    bk = min(sizes.block_k, block_len)
+    """Fill `None` fields by the rule, clip tiles to the problem, and compute
+    the padded dimensions."""
+    arch = sizes.arch
+    if arch is None:
+        arch = local_arch() if sizes.platform == "gpu" else 90
+    defaults = rule(
+        sizes.platform,
+        float32=float32,
+        block_len=block_len,
+        codes=codes,
+        d_k=d_k,
+        d_v=d_v,
+        arch=arch,
+    )
+
+    def pick(field):
+        value = getattr(sizes, field)
+        if value is None and field in _FOLLOWS:
+            value = getattr(sizes, _FOLLOWS[field])
+        if value is None:
+            value = defaults.get(field)
+        if value is None and field in _FOLLOWS:
+            value = defaults[_FOLLOWS[field]]
+        return value
+
     if block_len < sizes.min_tile:
         raise ValueError(
             f"block_len={block_len} is below the smallest tile {sizes.min_tile} "
             f"of BlockSizes {sizes} (Triton dots need >= 16 rows)"
         )
-    if block_len % bq or block_len % bk:
-        raise ValueError(
-            f"block_len={block_len} must be a multiple of the query tile {bq} and "
-            f"the key tile {bk} (BlockSizes {sizes}); use a power-of-two block_len"
-        )
     floor = sizes.min_tile
-    bc = max(min(sizes.block_code, next_pow2(codes)), floor)
-    bv = max(min(sizes.block_v, next_pow2(d_v)), floor)
-    s_pad = -(-codes // bc) * bc
-    v_pad = -(-d_v // bv) * bv
+    code_cap = max(next_pow2(codes), floor)
+    v_cap = max(next_pow2(d_v), floor)
+
+    def rows(field):  # tiles along the block: must divide block_len
+        value = min(pick(field), block_len)
+        if block_len % value:
+            raise ValueError(
+                f"block_len={block_len} must be a multiple of the query tile and "
+                f"the key tile ({field}={value}, BlockSizes {sizes}); use a "
+                "power-of-two block_len"
+            )
+        return value
+
+    def capped(field, cap):
+        return max(min(pick(field), cap), floor)
+
+    fwd = KernelTiles(
+        rows("block_q"),
+        rows("block_k"),
+        capped("block_code", code_cap),
+        capped("block_v", v_cap),
+        pick("num_warps"),
+    )
+    dq = KernelTiles(
+        rows("dq_block_q"),
+        rows("dq_block_k"),
+        capped("dq_block_code", code_cap),
+        capped("dq_block_dv", v_cap),
+        pick("dq_num_warps"),
+    )
+    kv = KernelTiles(
+        rows("kv_block_q"),
+        rows("kv_block_k"),
+        capped("kv_block_k", code_cap),  # dmean: code rows per program
+        capped("kv_block_v", v_cap),
+        pick("kv_num_warps"),
+    )
+    code_tile = max(fwd.block_code, dq.block_code, kv.block_code)
+    v_tile = max(fwd.block_v, dq.block_v, kv.block_v)  # powers of two: the lcm
+    s_pad = -(-codes // code_tile) * code_tile
+    v_pad = -(-d_v // v_tile) * v_tile
     k_pad = max(next_pow2(d_k), floor)
-    return Tiles(block_len, bq, bk, bc, bv, s_pad, k_pad, v_pad)
+    return Tiles(
+        block_len=block_len,
+        codes=s_pad,
+        d_k=k_pad,
+        d_v=v_pad,
+        fwd=fwd,
+        dq=dq,
+        kv=kv,
+        num_stages=pick("num_stages"),
+        float32_dots=pick("float32_dots"),
+    )

@@ -34,6 +34,7 @@ from ._common import (
     iota,
     split_input_refs,
     tile,
+    window_mask,
 )
 from ._platform import pallas_call
 
@@ -91,17 +92,19 @@ def _fwd_kernel(*refs, st: Static):
 
     prev_ok = (n > 0) | (pv_ref[...] > 0)  # [1, 1]
 
+    rows = r0 + iota((bq, bk), 0)
+
     def prev_step(j, carry):
         sl = tile(j, bk)
         s = st.scale * dot_nt(q, kp_ref[sl, :], prec)
         if st.has_bias:
             s = s + wb_ref[:, sl]
         s = jnp.where(prev_ok, s, MASK_VALUE)
+        if st.window_len is not None:
+            s = window_mask(s, rows, j * bk + iota((bq, bk), 1) - L, st.window_len)
         return _online_update(carry, s, vp_ref[sl, :], prec)
 
     carry = fori(0, L // bk, prev_step, carry)
-
-    rows = r0 + iota((bq, bk), 0)
 
     def cur_step(j, carry):
         sl = tile(j, bk)
@@ -110,6 +113,8 @@ def _fwd_kernel(*refs, st: Static):
             s = s + wb_ref[:, tile(j, bk, L)]
         cols = j * bk + iota((bq, bk), 1)
         s = jnp.where(cols <= rows, s, MASK_VALUE)
+        if st.window_len is not None:
+            s = window_mask(s, rows, cols, st.window_len)
         return _online_update(carry, s, vc_ref[sl, :], prec)
 
     n_cur = (r0 + bq + bk - 1) // bk  # key tiles at or below the diagonal
@@ -170,6 +175,8 @@ def forward(st: Static, q, k_ext, v_ext, prev_ok, codebook, cbias, cmean, wbias)
         out_specs=out_specs,
         out_shape=out_shape,
         sizes=st.sizes,
+        num_warps=t.fwd.num_warps,
+        num_stages=t.num_stages,
         interpret=st.interpret,
         debug=st.debug,
     )(*args)

@@ -93,6 +93,7 @@ def vq_attention_core(
     scale: float,
     num_heads: int,
     cache_grad: bool = True,
+    window_len: int | None = None,
     block_sizes: BlockSizes | None = None,
     interpret: bool | None = None,
     debug: bool = False,
@@ -109,7 +110,15 @@ def vq_attention_core(
       each block; all None for window-only attention.
     - `window_bias` float32 `[BH, T, 2L]` or None: additive bias of query t to
       window column c (c < L: previous block, else current block).
-    - `cache_grad=False`: no gradient to `cache_mean`.
+    - `cache_grad=False` (the official `grad_thru_cache=False`): the state
+      carried between blocks is stop-gradiented: no gradient to `cache_mean`,
+      and none from a block's queries to the previous block's keys and values
+      (`k_ext` / `v_ext` block n receive gradient only from block n's own
+      queries); gradients within a block are unchanged.
+    - `window_len` (only without the cache, 1 <= window_len <= block_len): a
+      query attends only to window keys at distance 0..window_len (sliding
+      window, the official `agg_cache=False` with mem_len = window_len).
+      None: the whole previous block and the causal current block.
 
     **Returns:** `[BH, T, V]` in `v_ext.dtype`. Differentiable in q, k_ext,
     v_ext, cache_mean and window_bias (zero cotangents for the rest).
@@ -151,10 +160,23 @@ def vq_attention_core(
                 f"{name} must have shape {shape} for q {tuple(q.shape)}, "
                 f"v_ext {tuple(v_ext.shape)}, block_len={L}; got {got}"
             )
+    if window_len is not None:
+        if use_cache:
+            raise ValueError(
+                f"window_len={window_len} needs the cache off (codebook=None)"
+            )
+        if isinstance(window_len, bool) or not 1 <= int(window_len) <= L:
+            raise ValueError(
+                f"window_len must be an int in [1, block_len={L}]; got {window_len!r}"
+            )
+        window_len = int(window_len)
     if block_sizes is None:
         block_sizes = BlockSizes.for_platform(jax.default_backend())
-    tiles = resolve_tiles(block_sizes, block_len=L, codes=n_code, d_k=d_k, d_v=d_v)
     dtype = v_ext.dtype
+    f32_inputs = q.dtype == jnp.float32 and dtype == jnp.float32
+    tiles = resolve_tiles(
+        block_sizes, block_len=L, codes=n_code, d_k=d_k, d_v=d_v, float32=f32_inputs
+    )
     st = Static(
         tiles=tiles,
         sizes=block_sizes,
@@ -164,9 +186,11 @@ def vq_attention_core(
         use_cache=use_cache,
         has_bias=window_bias is not None,
         cache_grad=cache_grad,
-        f32_inputs=(q.dtype == jnp.float32 and dtype == jnp.float32),
+        f32_inputs=f32_inputs,
         interpret=interpret,
         debug=debug,
+        window_grad=cache_grad,
+        window_len=window_len,
     )
     q = _pad_axis(q, 2, tiles.d_k)
     k_ext = _pad_axis(k_ext.astype(q.dtype), 2, tiles.d_k)

@@ -5,8 +5,7 @@ Same signature and semantics as `vq_attention_xla`. What runs where:
 - XLA (cheap, O(T * S * V) like one value matmul): quantization, the
   straight-through keys, the per-block code histograms and value sums and their
   exclusive prefix over blocks (the cache of every block), the Transformer-XL
-  window bias gathered into a `[L, 2L]` tile per block (with the sliding-window
-  mask folded in as MASK_VALUE when `use_cache=False`), and the new state. Their
+  window bias gathered into a `[L, 2L]` tile per block, and the new state. Their
   gradients (the reverse prefix over blocks that carries the cache gradient to
   the values, the straight-through key gradient, the bias gather's transpose)
   come from XLA autodiff.
@@ -15,10 +14,10 @@ Same signature and semantics as `vq_attention_xla`. What runs where:
   `jax.custom_vjp` inside `pallas_kernels`.
 
 Limits: the kernels attend a window of exactly one previous block, so
-`mem_len` must equal `block_len` here (other values: the xla form). With
-`cache_grad=False` the backward kernels would still pass gradient between
-neighbouring blocks, so that mode runs the kernel forward with the xla form's
-backward.
+`mem_len` must equal `block_len` here (other values: the xla form). The
+official modes run on the kernels, forward and backward: `cache_grad=False`
+(no gradient through the carried window or cache between blocks) and the
+sliding window (`use_cache=False`: the kernels' `window_len`).
 
 Debugging switch: set the environment variable `TVQ_EQX_PALLAS_BACKWARD=xla`
 (read when the function is traced) or pass `backward="xla"` to run the kernel
@@ -38,7 +37,6 @@ from jaxtyping import Array, Float
 from pallas_kernels.vq_attention import BlockSizes, vq_attention_core
 
 from ._common import (
-    MASK_VALUE,
     VQAttentionState,
     gather_codes,
     log_count_bias,
@@ -51,7 +49,6 @@ from ._xla import (
     extend,
     next_state,
     vq_attention_xla,
-    window_offsets,
     window_relative_bias,
 )
 
@@ -117,16 +114,6 @@ def _forward(
     if rel_query is not None:
         wb = window_relative_bias(_blocks(rel_query, L), rel_table, L)
         window_bias = jnp.transpose(wb, (0, 3, 1, 2, 4)).reshape(b * h, t, 2 * L)
-    if not use_cache and sliding_window:
-        # Sliding window over the last L tokens: mask window columns further
-        # than L back through the additive bias (exact in forward and backward:
-        # those weights are exactly 0, so their score gradients are too).
-        near = window_offsets(L, L) <= L  # [L, 2L]
-        near = jnp.tile(near, (n_blk, 1))[None]  # [1, T, 2L]
-        base = 0.0 if window_bias is None else window_bias
-        window_bias = jnp.broadcast_to(
-            jnp.where(near, base, MASK_VALUE), (b * h, t, 2 * L)
-        )
 
     out = vq_attention_core(
         _heads_first(query),
@@ -141,6 +128,8 @@ def _forward(
         scale=scale,
         num_heads=h,
         cache_grad=cache_grad,
+        # Official agg_cache=False: keys at distance <= mem_len (== L) only.
+        window_len=L if (not use_cache and sliding_window) else None,
         block_sizes=block_sizes,
         interpret=interpret,
     )
@@ -216,8 +205,7 @@ def vq_attention_pallas(
     """`vq_attention_xla` on the Pallas kernels; returns (output, new state).
 
     `mem_len` must equal `block_len` (the kernels' window is one previous
-    block). `cache_grad=False` differentiates the xla form (see the module
-    notes). Extra keyword arguments (not needed by the dispatcher):
+    block). Extra keyword arguments (not needed by the dispatcher):
     `block_sizes` (tile config, default per platform), `interpret` (None:
     interpret mode exactly on CPU), `backward` ("kernels", default, or "xla":
     differentiate the xla form; default from the environment variable
@@ -268,10 +256,6 @@ def vq_attention_pallas(
             f"backward must be 'kernels' or 'xla' (also via ${BACKWARD_ENV}); "
             f"got {backward!r}"
         )
-    if not cache_grad:
-        # The backward kernels pass gradient to the previous block's keys and
-        # values; official grad_thru_cache=False stops it: xla backward.
-        backward = "xla"
     static = dict(
         block_len=block_len,
         scale=float(scale),
