@@ -430,8 +430,11 @@ def test_bf16_close_to_f32_definition(mem_len, mode):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["block_window", "sliding"])
-def test_pallas_window_modes_equal_xla(mode):
+@pytest.mark.parametrize("cache_grad", [True, False])
+@pytest.mark.parametrize("mode", list(MODES))
+def test_pallas_window_modes_equal_xla(mode, cache_grad):
+    # The backward kernels themselves (no xla fallback): the sliding window is
+    # their `window_len`, cache_grad=False stops the carried window in dk/dv.
     from tvq_eqx.ops._pallas import vq_attention_pallas
 
     use_cache, sliding = MODES[mode]
@@ -451,6 +454,7 @@ def test_pallas_window_modes_equal_xla(mode):
             rel_table=rt,
             use_cache=use_cache,
             sliding_window=sliding,
+            cache_grad=cache_grad,
         )
         return jnp.sum(out * cot) + jnp.sum(st.window_value)
 
