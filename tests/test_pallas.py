@@ -264,13 +264,10 @@ def test_pallas_cache_options_f32(use_cache, cache_grad):
     cot = cotangents(jax.random.fold_in(key, 1), shape, jnp.float32)
     ref = run("xla", opts, args, state, cot)
     got = run("pallas", opts, args, state, cot)
-    # cache_grad=False: the kernels also stop gradients from a block's queries
-    # to the previous block's keys and values (the official grad_thru_cache=
-    # False; test_core_semantics_f32 checks those against a reference); the xla
-    # form stops only the cache means until issue 8 aligns it, so dk, dv and
-    # d prev_value are left out of this comparison.
-    skip = () if cache_grad else ("dk", "dv", "d_prev_value")
-    check_same(ref, got, F32_TOL, "pallas vs xla", skip=skip)
+    # cache_grad=False: both forms stop gradients through the carried state
+    # between blocks (the official grad_thru_cache=False): cache means and the
+    # previous block's keys and values as seen by the next block's queries.
+    check_same(ref, got, F32_TOL, "pallas vs xla")
 
 
 def test_pallas_bf16():
@@ -564,17 +561,19 @@ def test_core_window_len_rejected():
             vq_attention_core(**nocache, **opts, window_len=bad)
 
 
-@pytest.mark.parametrize("window_len", [2, 8])
-def test_pallas_window_len_dense_f32(window_len):
-    """vq_attention_pallas(use_cache=False, window_len=w) against dense
-    attention over the straight-through quantized keys with the mask
-    0 <= i - j <= w: output and the gradients of query, key and value (every
+def test_pallas_sliding_window_dense_f32():
+    """vq_attention_pallas(use_cache=False) -- the official sliding window over
+    the last mem_len == block_len keys, the kernels' window_len -- against
+    dense attention over the straight-through quantized keys with the mask
+    0 <= i - j <= L: output and the gradients of query, key and value (every
     query that sees a key is in its block or the next, so the windowed
-    straight-through estimator equals the dense one)."""
+    straight-through estimator equals the dense one). Shorter kernel windows
+    are covered by test_core_semantics_f32."""
     from tvq_eqx.ops._common import gather_codes, quantize, straight_through
 
     shape = (2, 24, 2, 4, 6, 5, 8)
     b, t, h, k, v, s, L = shape
+    window_len = L
     a = make_inputs(jax.random.key(21), shape)
     cot = jax.random.normal(jax.random.key(22), (b, t, h, v))
 
@@ -598,7 +597,6 @@ def test_pallas_window_len_dense_f32(window_len):
             block_len=L,
             scale=0.5,
             use_cache=False,
-            window_len=window_len,
             block_sizes=TINY,
         )
         return out
@@ -609,7 +607,3 @@ def test_pallas_window_len_dense_f32(window_len):
     assert rel_err(ref, got) <= F32_TOL
     for name, r, g in zip(("dq", "dk", "dv"), ref_vjp(cot), got_vjp(cot), strict=True):
         assert rel_err(r, g) <= F32_TOL, name
-    with pytest.raises(ValueError, match="needs the cache off"):
-        vq_attention_pallas(
-            *primals, a["codebook"], block_len=L, scale=0.5, window_len=2
-        )

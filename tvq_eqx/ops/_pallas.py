@@ -80,6 +80,7 @@ def _forward(
     state_keys,
     block_sizes,
     interpret,
+    window_len=None,
 ):
     b, t, h, _ = query.shape
     n_code = codebook.shape[1]
@@ -129,7 +130,11 @@ def _forward(
         num_heads=h,
         cache_grad=cache_grad,
         # Official agg_cache=False: keys at distance <= mem_len (== L) only.
-        window_len=L if (not use_cache and sliding_window) else None,
+        window_len=(
+            window_len
+            if window_len is not None
+            else (L if (not use_cache and sliding_window) else None)
+        ),
         block_sizes=block_sizes,
         interpret=interpret,
     )
@@ -201,6 +206,7 @@ def vq_attention_pallas(
     block_sizes: BlockSizes | None = None,
     interpret: bool | None = None,
     backward: str | None = None,
+    window_len: int | None = None,
 ) -> tuple[Float[Array, "batch seq heads d_v"], VQAttentionState]:
     """`vq_attention_xla` on the Pallas kernels; returns (output, new state).
 
@@ -209,7 +215,9 @@ def vq_attention_pallas(
     `block_sizes` (tile config, default per platform), `interpret` (None:
     interpret mode exactly on CPU), `backward` ("kernels", default, or "xla":
     differentiate the xla form; default from the environment variable
-    TVQ_EQX_PALLAS_BACKWARD).
+    TVQ_EQX_PALLAS_BACKWARD), `window_len` (use_cache=False only: a kernel
+    sliding window of keys at distance 0..window_len, shorter than the
+    default mem_len; see `vq_attention_core`).
     """
     b, _, h, _ = query.shape
     if sliding_window is None:
@@ -256,6 +264,8 @@ def vq_attention_pallas(
             f"backward must be 'kernels' or 'xla' (also via ${BACKWARD_ENV}); "
             f"got {backward!r}"
         )
+    if window_len is not None and backward == "xla":
+        raise ValueError("window_len is not supported with backward='xla'")
     static = dict(
         block_len=block_len,
         scale=float(scale),
@@ -266,6 +276,8 @@ def vq_attention_pallas(
         block_sizes=block_sizes,
         interpret=interpret,
     )
+    if window_len is not None:
+        static["window_len"] = window_len
     if backward == "xla":
         return _xla_backward(
             tuple(sorted(static.items())),
