@@ -2,8 +2,10 @@
 plus a codebook-size sweep, on a byte corpus.
 
 Every model has the same parameter arrays and initial values (the codebook is
-present in all; full attention does not use it, window attention quantizes
-keys but has no compressive cache), is trained with the library's optimizer
+present in all; full attention does not use it; window attention, the
+official code's `agg_cache=False` baseline, quantizes keys but has no
+compressive cache and attends over a sliding window of the last `mem_len`
+tokens), is trained with the library's optimizer
 and scanned train step (`tvq_eqx.train`) on the same `TokenStream` batches
 (same order, carried attention state between batches), for the same number
 of updates. Reported: validation bits per byte over the validation split with
@@ -238,7 +240,8 @@ def write_report(p, results, by, *, md, png, command, corpus, n_bytes, wall):
         f"{m.block_len}, codes {m.n_code}; models trained: "
         f"{', '.join(n for n, _ in model_configs(p))}; "
         f"full: KV cache of {p.kv_cache_len} tokens + the current segment; window: "
-        f"previous + current block ({2 * m.block_len} tokens at most)",
+        f"the official sliding window (`agg_cache=False`): each query sees the "
+        f"last {m.mem_len} tokens (mem_len) and itself, no compressive cache",
         f"budget (every model): {p.steps} AdamW updates of {p.batch_size} x {p.seq_len} "
         f"bytes ({p.steps * p.batch_size * p.seq_len:,} training tokens), peak lr "
         f"{p.learning_rate}, warmup {p.warmup_steps}, cosine decay, weight decay "

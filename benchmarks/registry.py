@@ -70,6 +70,12 @@ class DecodePreset:
 class QualityPreset:
     """Identical training budgets for vq, full and window models.
 
+    `window` is the official code's `agg_cache=False` baseline: VQ attention
+    with the compressive cache off, each query attending to the last
+    `model.mem_len` tokens and itself (`attention="window"`). The earlier
+    block-granular baseline (previous + current block) is
+    `attention="block_window"`, not trained here.
+
     Every model has the same parameter arrays (the codebook is present but
     unused by full/window), the same data order, optimizer, steps, batch and
     sequence length. `kv_cache_len`: the full model's cache. `code_sweep`: the
