@@ -200,14 +200,14 @@ def batch_head_call(fn, st, args, *, head_args=()):
     def partition(mesh, arg_shapes, result_shape):
         shapes = dict(zip(present, arg_shapes, strict=True))
         sharding = shapes[batch_args[0]].sharding
-        if not isinstance(sharding, NamedSharding):
-            raise NotImplementedError(
-                f"batch_head_call: operand sharding {sharding} has no named mesh; "
-                "shard the operands with jax.sharding.NamedSharding"
-            )
-        mesh = sharding.mesh
-        spec = (*sharding.spec, None, None)
-        b_axes, h_axes = _spec_axes(spec[0]), _spec_axes(spec[1])
+        if isinstance(sharding, NamedSharding):
+            mesh = sharding.mesh
+            spec = (*sharding.spec, None, None)
+            b_axes, h_axes = _spec_axes(spec[0]), _spec_axes(spec[1])
+        else:
+            # No named axes to read (a positional/GSPMD sharding): run
+            # replicated on the partitioner's mesh -- correct, only gathered.
+            b_axes = h_axes = ()
         # An uneven split runs replicated on that dimension rather than padded.
         if n_batch % math.prod(mesh.shape[x] for x in b_axes):
             b_axes = ()
