@@ -384,7 +384,7 @@ def core_reference(
     q,
     k_ext,
     v_ext,
-    prev_ok,
+    prev_valid,
     codebook,
     cache_bias,
     cache_mean,
@@ -424,7 +424,7 @@ def core_reference(
             s_prev, s_cur = s_prev + wb[..., :L], s_cur + wb[..., L:]
         r = jnp.arange(L)[None, :, None]
         c = jnp.arange(L)[None, None, :]
-        ok_prev = jnp.broadcast_to(jnp.asarray(n > 0) | (prev_ok > 0), s_prev.shape)
+        ok_prev = jnp.broadcast_to(jnp.asarray(n > 0) | (prev_valid > 0), s_prev.shape)
         ok_cur = jnp.broadcast_to(c <= r, s_cur.shape)
         if window_len is not None:
             ok_prev = ok_prev & (r + L - c <= window_len)
@@ -453,7 +453,7 @@ def core_inputs(key, *, bh, heads, t, L, k, v, s, use_cache, bias):
         q=jax.random.normal(ks[0], (bh, t, k)),
         k_ext=jax.random.normal(ks[1], (bh, t + L, k)),
         v_ext=jax.random.normal(ks[2], (bh, t + L, v)),
-        prev_ok=(jnp.arange(bh) % 2 == 0).astype(jnp.float32)[:, None, None],
+        prev_valid=(jnp.arange(bh) % 2 == 0).astype(jnp.float32)[:, None, None],
         codebook=jax.random.normal(ks[3], (heads, s, k)) if use_cache else None,
         cache_bias=jnp.where(counts > 0, jnp.log(jnp.maximum(counts, 1)), MASK)
         if use_cache

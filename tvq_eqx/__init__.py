@@ -8,6 +8,7 @@ from .loss import loss_fn as loss_fn
 from .nn import Transformer as Transformer
 from .nn import TransformerState as TransformerState
 from .ops import FullAttentionState as FullAttentionState
+from .ops import PallasConfig as PallasConfig
 from .ops import VQAttentionState as VQAttentionState
 from .ops import vq_attention as vq_attention
 from .ops import vq_attention_with_state as vq_attention_with_state

@@ -9,6 +9,8 @@ from typing import Literal
 
 import jax.numpy as jnp
 
+from pallas_kernels.vq_attention.config import PallasConfig
+
 _DTYPES = ("float32", "bfloat16", "float16")
 _ATTENTIONS = ("vq", "window", "block_window", "full")
 _STATE_KEYS = ("codewords", "codes")
@@ -75,6 +77,8 @@ class TransformerConfig:
       positions, padding included) or `"tokens"` (divided by the number of
       unmasked tokens: the per-token mean, unaffected by padding).
     - `implementation`: VQ-attention implementation (`None` = best available).
+    - `pallas`: how the Pallas kernels run when they do (`PallasConfig`: tile
+      sizes, backward choice, interpret mode); None = the defaults.
     """
 
     n_vocab: int = 256
@@ -108,6 +112,7 @@ class TransformerConfig:
     implementation: str | None = None
     kv_cache_len: int = 2048
     state_keys: str = "codewords"
+    pallas: PallasConfig | None = None
 
     def __post_init__(self):
         positive = (
@@ -170,6 +175,13 @@ class TransformerConfig:
             raise ValueError(
                 f"TransformerConfig.implementation must be one of {_IMPLEMENTATIONS}; "
                 f"got {self.implementation!r}"
+            )
+        if isinstance(self.pallas, dict):  # from `dataclasses.asdict` (JSON)
+            object.__setattr__(self, "pallas", PallasConfig(**self.pallas))
+        if self.pallas is not None and not isinstance(self.pallas, PallasConfig):
+            raise ValueError(
+                f"TransformerConfig.pallas must be a PallasConfig or None; got "
+                f"{self.pallas!r}"
             )
         for name in ("grad_thru_cache", "tie_embeddings", "abs_pe", "output_norm"):
             if not isinstance(getattr(self, name), bool):

@@ -129,19 +129,8 @@ def assert_shape(x, shape, name):
         raise ValueError(f"{name} must have shape {tuple(shape)}; got {tuple(x.shape)}")
 
 
-def split_input_refs(refs, st: Static):
-    """Unpack the input refs shared by the forward and the query-side backward.
-
-    Order: q, k_prev, k_cur, v_prev, v_cur, prev_ok, then codebook, cache_bias,
-    cache_mean (only with `st.use_cache`), then window_bias (only with
-    `st.has_bias`). Absent refs are None; returns `(inputs, remaining refs)`.
-    """
-    refs = list(refs)
-    inputs, rest = refs[:6], refs[6:]
-    cache = (None, None, None)
-    if st.use_cache:
-        cache, rest = tuple(rest[:3]), rest[3:]
-    window_bias = None
-    if st.has_bias:
-        window_bias, rest = rest[0], rest[1:]
-    return (*inputs, *cache, window_bias), rest
+def spec_if_present(x, spec):
+    """`spec` for a present operand, None for an absent one (None): the
+    kernel then receives None for that ref, as JAX's own attention kernels
+    pass optional inputs."""
+    return None if x is None else spec

@@ -40,23 +40,23 @@ from ._common import (
     dot_tn,
     fori,
     iota,
-    split_input_refs,
+    spec_if_present,
     tile,
     window_mask,
 )
 from ._platform import pallas_call
 
 
-def _dp(do_ref, v_ref, keys, n_keys, n_v, bv, prec):
+def _dp(dout_ref, v_ref, keys, n_keys, n_v, bv, prec):
     """dP [bq, n_keys] = dO . V[keys]^T, accumulated over value chunks of bv
     columns in a loop: only one [bq, bv] and one [n_keys, bv] tile (times the
     pipeline stages) are live, whatever d_v is."""
 
     def step(t, dp):
         cols = tile(t, bv)
-        return dp + dot_nt(do_ref[:, cols], v_ref[keys, cols], prec)
+        return dp + dot_nt(dout_ref[:, cols], v_ref[keys, cols], prec)
 
-    dp = jnp.zeros((do_ref.shape[0], n_keys), jnp.float32)
+    dp = jnp.zeros((dout_ref.shape[0], n_keys), jnp.float32)
     return fori(0, n_v, step, dp)
 
 
@@ -70,25 +70,33 @@ def _want_pcode(st: Static) -> bool:
 
 
 # ------------------------------------------------- dq, P and dS (query side)
-def _ds_kernel(*refs, st: Static):
+def _ds_kernel(
+    q_ref,
+    prev_key_ref,
+    key_ref,
+    prev_value_ref,
+    value_ref,
+    prev_valid_ref,
+    codebook_ref,
+    cache_bias_ref,
+    cache_mean_ref,
+    window_bias_ref,
+    dout_ref,
+    lse_ref,
+    delta_ref,
+    dq_ref,
+    p_window_ref,
+    ds_window_ref,
+    p_code_ref,
+    dwindow_bias_ref,
+    *,
+    st: Static,
+):
+    """One (row, query tile) program; inputs as the forward kernel's (absent
+    ones None). Outputs: dq, P and dS of the window, P of the codes (None
+    unless the cache passes gradient) and the float32 d(window bias) (None
+    unless separate from dS, `_separate_dwb`)."""
     t = st.tiles
-    inputs, rest = split_input_refs(refs, st)
-    (
-        q_ref,
-        kp_ref,
-        kc_ref,
-        vp_ref,
-        vc_ref,
-        pv_ref,
-        cb_ref,
-        cbias_ref,
-        cmean_ref,
-        wb_ref,
-    ) = inputs
-    do_ref, lse_ref, delta_ref, dq_ref, pw_ref, dsw_ref, *rest = rest
-    pc_ref = rest.pop(0) if _want_pcode(st) else None
-    dwb_ref = rest.pop(0) if _separate_dwb(st) else None
-
     kt = t.dq
     bq, bk, bc, bv, L = kt.block_q, kt.block_k, kt.block_code, kt.block_v, t.block_len
     n_v = t.d_v // bv
@@ -103,41 +111,41 @@ def _ds_kernel(*refs, st: Static):
 
     def p_ds(s, v_ref, keys, n_keys):
         p = jnp.exp(s - lse)
-        return p, p * (_dp(do_ref, v_ref, keys, n_keys, n_v, bv, prec) - delta)
+        return p, p * (_dp(dout_ref, v_ref, keys, n_keys, n_v, bv, prec) - delta)
 
     def store_window(cols, p, ds):
-        pw_ref[:, cols] = p.astype(pw_ref.dtype)
-        dsw_ref[:, cols] = ds.astype(dsw_ref.dtype)
-        if dwb_ref is not None:
-            dwb_ref[:, cols] = ds
+        p_window_ref[:, cols] = p.astype(p_window_ref.dtype)
+        ds_window_ref[:, cols] = ds.astype(ds_window_ref.dtype)
+        if dwindow_bias_ref is not None:
+            dwindow_bias_ref[:, cols] = ds
 
     dq = jnp.zeros((bq, t.d_k), jnp.float32)
     if st.use_cache:
 
         def code_step(j, dq):
             sl = tile(j, bc)
-            c = cb_ref[sl, :]
-            s = st.scale * dot_nt(q, c, prec) + cbias_ref[:, sl]
-            p, ds = p_ds(s, cmean_ref, sl, bc)
-            if pc_ref is not None:
-                pc_ref[:, sl] = p.astype(pc_ref.dtype)
+            c = codebook_ref[sl, :]
+            s = st.scale * dot_nt(q, c, prec) + cache_bias_ref[:, sl]
+            p, ds = p_ds(s, cache_mean_ref, sl, bc)
+            if p_code_ref is not None:
+                p_code_ref[:, sl] = p.astype(p_code_ref.dtype)
             return dq + dot_nn(ds.astype(c.dtype), c, prec)
 
         dq = fori(0, t.codes // bc, code_step, dq)
 
-    prev_ok = (n > 0) | (pv_ref[...] > 0)
+    prev_valid = (n > 0) | (prev_valid_ref[...] > 0)
     rows = r0 + iota((bq, bk), 0)
 
     def prev_step(j, dq):
         sl = tile(j, bk)
-        k = kp_ref[sl, :]
+        k = prev_key_ref[sl, :]
         s = st.scale * dot_nt(q, k, prec)
-        if st.has_bias:
-            s = s + wb_ref[:, sl]
-        s = jnp.where(prev_ok, s, MASK_VALUE)
+        if window_bias_ref is not None:
+            s = s + window_bias_ref[:, sl]
+        s = jnp.where(prev_valid, s, MASK_VALUE)
         if st.window_len is not None:
             s = window_mask(s, rows, j * bk + iota((bq, bk), 1) - L, st.window_len)
-        p, ds = p_ds(s, vp_ref, sl, bk)
+        p, ds = p_ds(s, prev_value_ref, sl, bk)
         store_window(sl, p, ds)
         return dq + dot_nn(ds.astype(k.dtype), k, prec)
 
@@ -145,15 +153,15 @@ def _ds_kernel(*refs, st: Static):
 
     def cur_step(j, dq):
         sl = tile(j, bk)
-        k = kc_ref[sl, :]
+        k = key_ref[sl, :]
         s = st.scale * dot_nt(q, k, prec)
-        if st.has_bias:
-            s = s + wb_ref[:, tile(j, bk, L)]
+        if window_bias_ref is not None:
+            s = s + window_bias_ref[:, tile(j, bk, L)]
         cols = j * bk + iota((bq, bk), 1)
         s = jnp.where(cols <= rows, s, MASK_VALUE)
         if st.window_len is not None:
             s = window_mask(s, rows, cols, st.window_len)
-        p, ds = p_ds(s, vc_ref, sl, bk)
+        p, ds = p_ds(s, value_ref, sl, bk)
         store_window(tile(j, bk, L), p, ds)
         return dq + dot_nn(ds.astype(k.dtype), k, prec)
 
@@ -172,7 +180,18 @@ def _ds_kernel(*refs, st: Static):
 
 
 def ds_call(
-    st: Static, q, k_ext, v_ext, prev_ok, codebook, cbias, cmean, wbias, do, lse, delta
+    st: Static,
+    q,
+    k_ext,
+    v_ext,
+    prev_valid,
+    codebook,
+    cache_bias,
+    cache_mean,
+    window_bias,
+    dout,
+    lse,
+    delta,
 ):
     """Returns dq, P_win, dS_win, P_code (or None), dwbias f32 (or None)."""
     t = st.tiles
@@ -181,81 +200,100 @@ def ds_call(
     q_per_blk = L // bq
     H = st.num_heads
     V = t.d_v
+    row_tile = lambda width: pl.BlockSpec((None, bq, width), lambda b, i: (b, i, 0))
     in_specs = [
-        pl.BlockSpec((None, bq, d_k), lambda b, i: (b, i, 0)),
+        row_tile(d_k),
         pl.BlockSpec((None, L, d_k), lambda b, i: (b, i // q_per_blk, 0)),
         pl.BlockSpec((None, L, d_k), lambda b, i: (b, i // q_per_blk + 1, 0)),
         pl.BlockSpec((None, L, V), lambda b, i: (b, i // q_per_blk, 0)),
         pl.BlockSpec((None, L, V), lambda b, i: (b, i // q_per_blk + 1, 0)),
         pl.BlockSpec((None, 1, 1), lambda b, i: (b, 0, 0)),
-    ]
-    args = [q, k_ext, k_ext, v_ext, v_ext, prev_ok]
-    if st.use_cache:
-        in_specs += [
-            pl.BlockSpec((None, t.codes, d_k), lambda b, i: (b % H, 0, 0)),
+        spec_if_present(
+            codebook, pl.BlockSpec((None, t.codes, d_k), lambda b, i: (b % H, 0, 0))
+        ),
+        spec_if_present(
+            cache_bias,
             pl.BlockSpec(
                 (None, None, 1, t.codes), lambda b, i: (b, i // q_per_blk, 0, 0)
             ),
+        ),
+        spec_if_present(
+            cache_mean,
             pl.BlockSpec(
                 (None, None, t.codes, V), lambda b, i: (b, i // q_per_blk, 0, 0)
             ),
-        ]
-        args += [codebook, cbias, cmean]
-    if st.has_bias:
-        in_specs.append(pl.BlockSpec((None, bq, 2 * L), lambda b, i: (b, i, 0)))
-        args.append(wbias)
-    in_specs += [
-        pl.BlockSpec((None, bq, V), lambda b, i: (b, i, 0)),
-        pl.BlockSpec((None, bq, 1), lambda b, i: (b, i, 0)),
-        pl.BlockSpec((None, bq, 1), lambda b, i: (b, i, 0)),
+        ),
+        spec_if_present(window_bias, row_tile(2 * L)),
+        row_tile(V),  # dO
+        row_tile(1),  # lse
+        row_tile(1),  # delta
     ]
-    args += [do, lse, delta]
-    row_tile = lambda width: pl.BlockSpec((None, bq, width), lambda b, i: (b, i, 0))
-    out_specs = [row_tile(d_k), row_tile(2 * L), row_tile(2 * L)]
+    args = (
+        q,
+        k_ext,
+        k_ext,
+        v_ext,
+        v_ext,
+        prev_valid,
+        codebook,
+        cache_bias,
+        cache_mean,
+        window_bias,
+        dout,
+        lse,
+        delta,
+    )
+    want_p_code, separate_dwb = _want_pcode(st), _separate_dwb(st)
+    out_specs = [
+        row_tile(d_k),
+        row_tile(2 * L),
+        row_tile(2 * L),
+        row_tile(t.codes) if want_p_code else None,
+        row_tile(2 * L) if separate_dwb else None,
+    ]
     out_shape = [
         jax.ShapeDtypeStruct(q.shape, q.dtype),
         jax.ShapeDtypeStruct((bh, seq, 2 * L), v_ext.dtype),  # P of the window
         jax.ShapeDtypeStruct((bh, seq, 2 * L), q.dtype),  # dS of the window
+        # P of the codes, float32 d(window bias):
+        jax.ShapeDtypeStruct((bh, seq, t.codes), v_ext.dtype) if want_p_code else None,
+        jax.ShapeDtypeStruct((bh, seq, 2 * L), jnp.float32) if separate_dwb else None,
     ]
-    if _want_pcode(st):
-        out_specs.append(row_tile(t.codes))
-        out_shape.append(jax.ShapeDtypeStruct((bh, seq, t.codes), v_ext.dtype))
-    if _separate_dwb(st):
-        out_specs.append(row_tile(2 * L))
-        out_shape.append(jax.ShapeDtypeStruct((bh, seq, 2 * L), jnp.float32))
-    outs = list(
-        pallas_call(
-            functools.partial(_ds_kernel, st=st),
-            name="vq_attention_bwd_dq",
-            grid=(bh, seq // bq),
-            in_specs=in_specs,
-            out_specs=out_specs,
-            out_shape=out_shape,
-            sizes=st.sizes,
-            num_warps=t.dq.num_warps,
-            num_stages=t.num_stages,
-            interpret=st.interpret,
-            debug=st.debug,
-        )(*args)
-    )
-    dq, p_win, ds_win = outs[:3]
-    rest = outs[3:]
-    p_code = rest.pop(0) if _want_pcode(st) else None
-    if not st.has_bias:
-        dwbias = None
-    elif _separate_dwb(st):
-        dwbias = rest.pop(0)
-    else:
+    dq, p_win, ds_win, p_code, dwbias = pallas_call(
+        functools.partial(_ds_kernel, st=st),
+        name="vq_attention_bwd_dq",
+        grid=(bh, seq // bq),
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        sizes=st.sizes,
+        num_warps=t.dq.num_warps,
+        num_stages=t.num_stages,
+        interpret=st.interpret,
+        debug=st.debug,
+    )(*args)
+    if window_bias is not None and not separate_dwb:
         dwbias = ds_win  # float32 already
     return dq, p_win, ds_win, p_code, dwbias
 
 
 # ------------------------------------------------------------ dk and dv (window)
-def _dkv_kernel(xa_ref, ya_ref, xb_ref, yb_ref, out_ref, *, st: Static, want: str):
-    """Key tile of ext block e. Side a: queries of block e-1 (the key is in their
-    current block: window columns L + c); side b: queries of block e (previous
-    block: columns c). x: the stored window tile source (dS for dk, P for dv),
-    y: the query-side operand (q for dk, dO's value tile for dv)."""
+def _dkv_kernel(
+    own_window_ref,
+    own_operand_ref,
+    next_window_ref,
+    next_operand_ref,
+    out_ref,
+    *,
+    st: Static,
+    want: str,
+):
+    """Key tile of ext block e. `own_*`: the queries of the key's own block
+    (segment block e-1; the key is in their current block: window columns
+    L + c); `next_*`: the queries of the next block (segment block e; the key
+    is in their previous block: columns c). `*_window_ref`: the stored window
+    tile source (dS for dk, P for dv); `*_operand_ref`: the query-side operand
+    (q for dk, dO's value tile for dv)."""
     t = st.tiles
     bq, bk, L = t.kv.block_q, t.kv.block_k, t.block_len
     prec = st.precision
@@ -265,7 +303,7 @@ def _dkv_kernel(xa_ref, ya_ref, xb_ref, yb_ref, out_ref, *, st: Static, want: st
     c0 = (kt % k_per_blk) * bk
     n_q = L // bq
 
-    def side(x_ref, y_ref, acc, *, current: bool):
+    def side(window_ref, operand_ref, acc, *, current: bool):
         if L // bk == 1:
             cols = pl.ds(L if current else 0, bk)
         else:
@@ -273,9 +311,9 @@ def _dkv_kernel(xa_ref, ya_ref, xb_ref, yb_ref, out_ref, *, st: Static, want: st
 
         def step(i, acc):
             rows = tile(i, bq)
-            y = y_ref[rows, :]
-            x = x_ref[rows, cols]  # [bq, bk]
-            return acc + dot_tn(x.astype(y.dtype), y, prec)
+            operand = operand_ref[rows, :]
+            window = window_ref[rows, cols]  # [bq, bk]
+            return acc + dot_tn(window.astype(operand.dtype), operand, prec)
 
         # Typed int32 bounds: jnp.where of two Python ints would take the
         # predicate's type (i1) in the Triton lowering, and scf.for then fails
@@ -289,9 +327,9 @@ def _dkv_kernel(xa_ref, ya_ref, xb_ref, yb_ref, out_ref, *, st: Static, want: st
         return lax.fori_loop(first, last, step, acc)
 
     acc = jnp.zeros(out_ref.shape, jnp.float32)
-    acc = side(xa_ref, ya_ref, acc, current=True)
+    acc = side(own_window_ref, own_operand_ref, acc, current=True)
     if st.window_grad:  # else no gradient through the carried previous block
-        acc = side(xb_ref, yb_ref, acc, current=False)
+        acc = side(next_window_ref, next_operand_ref, acc, current=False)
     if want == "dk":
         acc = st.scale * acc
     out_ref[...] = acc.astype(out_ref.dtype)
@@ -347,15 +385,15 @@ def dkv_call(st: Static, want: str, window, operand, like):
 
 
 # ---------------------------------------------------------------- dmean (cache)
-def _dmean_kernel(p_ref, do_ref, out_ref, *, st: Static):
+def _dmean_kernel(p_code_ref, dout_ref, out_ref, *, st: Static):
     t = st.tiles
     bq, L = t.kv.block_q, t.block_len
     prec = st.precision
 
     def step(i, acc):
         rows = tile(i, bq)
-        do = do_ref[rows, :]
-        return acc + dot_tn(p_ref[rows, :].astype(do.dtype), do, prec)
+        dout = dout_ref[rows, :]
+        return acc + dot_tn(p_code_ref[rows, :].astype(dout.dtype), dout, prec)
 
     acc = fori(0, L // bq, step, jnp.zeros(out_ref.shape, jnp.float32))
     out_ref[...] = acc.astype(out_ref.dtype)

@@ -41,6 +41,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from jax.experimental import pallas as pl
+
 FLOAT32_DOTS = ("highest", "bf16x3", "bf16x6")
 PLATFORMS = ("interpret", "gpu", "tpu")
 
@@ -75,10 +77,6 @@ _FOLLOWS = {
 
 def _is_pow2(x: int) -> bool:
     return x > 0 and (x & (x - 1)) == 0
-
-
-def next_pow2(x: int) -> int:
-    return 1 << max(0, (x - 1).bit_length())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,6 +182,52 @@ class BlockSizes:
             fixed.setdefault("vmem_limit_bytes", 64 * 1024 * 1024)
             return cls(platform="tpu", **fixed)
         return cls(**fixed)
+
+
+BACKWARDS = ("kernels", "xla")
+
+
+@dataclasses.dataclass(frozen=True)
+class PallasConfig:
+    """How the VQ-attention kernels run (frozen and hashable: a static
+    argument under `jit`). Changes speed and debugging, never the math.
+
+    **Fields:**
+
+    - `block_sizes`: tile sizes and launch parameters (`BlockSizes`); None =
+      the rule of the platform the program runs on
+      (`BlockSizes.for_platform(jax.default_backend())`).
+    - `backward`: `"kernels"` (default: the backward kernels) or `"xla"`
+      (run the kernel forward, but differentiate the linear-time XLA form:
+      a debugging aid that isolates the backward kernels).
+    - `interpret`: None (default) = Pallas interpret mode exactly when the
+      program is lowered for a platform other than cuda / rocm / tpu (so on
+      CPU); True forces it everywhere (debugging on a GPU); False never.
+    """
+
+    block_sizes: BlockSizes | None = None
+    backward: str = "kernels"
+    interpret: bool | None = None
+
+    def __post_init__(self):
+        if isinstance(self.block_sizes, dict):  # from `dataclasses.asdict`
+            object.__setattr__(self, "block_sizes", BlockSizes(**self.block_sizes))
+        if self.block_sizes is not None and not isinstance(
+            self.block_sizes, BlockSizes
+        ):
+            raise ValueError(
+                f"PallasConfig.block_sizes must be a BlockSizes or None; got "
+                f"{self.block_sizes!r}"
+            )
+        if self.backward not in BACKWARDS:
+            raise ValueError(
+                f"PallasConfig.backward must be one of {BACKWARDS}; got "
+                f"{self.backward!r}"
+            )
+        if self.interpret is not None and not isinstance(self.interpret, bool):
+            raise ValueError(
+                f"PallasConfig.interpret must be a bool or None; got {self.interpret!r}"
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -365,8 +409,8 @@ def resolve_tiles(
             f"of BlockSizes {sizes} (Triton dots need >= 16 rows)"
         )
     floor = sizes.min_tile
-    code_cap = max(next_pow2(codes), floor)
-    v_cap = max(next_pow2(d_v), floor)
+    code_cap = max(pl.next_power_of_2(codes), floor)
+    v_cap = max(pl.next_power_of_2(d_v), floor)
 
     def rows(field):  # tiles along the block: must divide block_len
         value = min(pick(field), block_len)
@@ -404,9 +448,9 @@ def resolve_tiles(
     )
     code_tile = max(fwd.block_code, dq.block_code, kv.block_code)
     v_tile = max(fwd.block_v, dq.block_v, kv.block_v)  # powers of two: the lcm
-    s_pad = -(-codes // code_tile) * code_tile
-    v_pad = -(-d_v // v_tile) * v_tile
-    k_pad = max(next_pow2(d_k), floor)
+    s_pad = pl.cdiv(codes, code_tile) * code_tile
+    v_pad = pl.cdiv(d_v, v_tile) * v_tile
+    k_pad = max(pl.next_power_of_2(d_k), floor)
     return Tiles(
         block_len=block_len,
         codes=s_pad,

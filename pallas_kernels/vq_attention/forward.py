@@ -4,17 +4,18 @@ block, causal], float32 accumulation; writes the output and the per-row
 log-sum-exp (the backward's residual).
 
 Layout (BH = batch*heads flattened, head = bh % H):
-  q        [BH, T, K]       queries
-  k_ext    [BH, T + L, K]   quantized keys; ext block 0 is the state's previous
-                            block, ext block n+1 is block n
-  v_ext    [BH, T + L, V]   values, same extension
-  prev_ok  [BH, 1, 1] f32   1 if the state's previous block is valid
-  codebook [H, S, K]        (cache only)
-  cbias    [BH, N, 1, S]    log count per code and block, MASK for empty codes
-  cmean    [BH, N, S, V]    cached mean value per code and block
-  wbias    [BH, T, 2L] f32  window bias of query row t to window column c
-                            (c < L: previous block, else current block)
-Grid: (BH, T / bq, V / bv).
+  q           [BH, T, K]       queries
+  k_ext       [BH, T + L, K]   quantized keys; ext block 0 is the state's
+                               previous block, ext block n+1 is block n
+  v_ext       [BH, T + L, V]   values, same extension
+  prev_valid  [BH, 1, 1] f32   1 if the state's previous block is valid
+  codebook    [H, S, K]        (cache only)
+  cache_bias  [BH, N, 1, S]    log count per code and block, MASK for empty codes
+  cache_mean  [BH, N, S, V]    cached mean value per code and block
+  window_bias [BH, T, 2L] f32  bias of query row t to window column c
+                               (c < L: previous block, else current block)
+Absent inputs (no cache, no bias) are passed as None, and the kernel receives
+None for their refs. Grid: (BH, T / bq, V / bv).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from ._common import (
     dot_nt,
     fori,
     iota,
-    split_input_refs,
+    spec_if_present,
     tile,
     window_mask,
 )
@@ -50,22 +51,27 @@ def _online_update(carry, s, v, precision):
     return m_new, denom, acc
 
 
-def _fwd_kernel(*refs, st: Static):
+def _fwd_kernel(
+    q_ref,
+    prev_key_ref,
+    key_ref,
+    prev_value_ref,
+    value_ref,
+    prev_valid_ref,
+    codebook_ref,
+    cache_bias_ref,
+    cache_mean_ref,
+    window_bias_ref,
+    out_ref,
+    lse_ref,
+    *,
+    st: Static,
+):
+    """One (row, query tile, value tile) program. `prev_*`: the block before
+    the query's block (the state's window for block 0), `key_ref` /
+    `value_ref`: the query's own block; the cache refs are None without the
+    cache, `window_bias_ref` None without the relative bias."""
     t = st.tiles
-    inputs, rest = split_input_refs(refs, st)
-    (
-        q_ref,
-        kp_ref,
-        kc_ref,
-        vp_ref,
-        vc_ref,
-        pv_ref,
-        cb_ref,
-        cbias_ref,
-        cmean_ref,
-        wb_ref,
-    ) = inputs
-    o_ref, lse_ref = rest
 
     bq, bk, bc, bv, L = t.block_q, t.block_k, t.block_code, t.block_v, t.block_len
     prec = st.precision
@@ -85,37 +91,38 @@ def _fwd_kernel(*refs, st: Static):
 
         def code_step(j, carry):
             sl = tile(j, bc)
-            s = st.scale * dot_nt(q, cb_ref[sl, :], prec) + cbias_ref[:, sl]
-            return _online_update(carry, s, cmean_ref[sl, :], prec)
+            s = st.scale * dot_nt(q, codebook_ref[sl, :], prec)
+            s = s + cache_bias_ref[:, sl]
+            return _online_update(carry, s, cache_mean_ref[sl, :], prec)
 
         carry = fori(0, t.codes // bc, code_step, carry)
 
-    prev_ok = (n > 0) | (pv_ref[...] > 0)  # [1, 1]
+    prev_valid = (n > 0) | (prev_valid_ref[...] > 0)  # [1, 1]
 
     rows = r0 + iota((bq, bk), 0)
 
     def prev_step(j, carry):
         sl = tile(j, bk)
-        s = st.scale * dot_nt(q, kp_ref[sl, :], prec)
-        if st.has_bias:
-            s = s + wb_ref[:, sl]
-        s = jnp.where(prev_ok, s, MASK_VALUE)
+        s = st.scale * dot_nt(q, prev_key_ref[sl, :], prec)
+        if window_bias_ref is not None:
+            s = s + window_bias_ref[:, sl]
+        s = jnp.where(prev_valid, s, MASK_VALUE)
         if st.window_len is not None:
             s = window_mask(s, rows, j * bk + iota((bq, bk), 1) - L, st.window_len)
-        return _online_update(carry, s, vp_ref[sl, :], prec)
+        return _online_update(carry, s, prev_value_ref[sl, :], prec)
 
     carry = fori(0, L // bk, prev_step, carry)
 
     def cur_step(j, carry):
         sl = tile(j, bk)
-        s = st.scale * dot_nt(q, kc_ref[sl, :], prec)
-        if st.has_bias:
-            s = s + wb_ref[:, tile(j, bk, L)]
+        s = st.scale * dot_nt(q, key_ref[sl, :], prec)
+        if window_bias_ref is not None:
+            s = s + window_bias_ref[:, tile(j, bk, L)]
         cols = j * bk + iota((bq, bk), 1)
         s = jnp.where(cols <= rows, s, MASK_VALUE)
         if st.window_len is not None:
             s = window_mask(s, rows, cols, st.window_len)
-        return _online_update(carry, s, vc_ref[sl, :], prec)
+        return _online_update(carry, s, value_ref[sl, :], prec)
 
     n_cur = (r0 + bq + bk - 1) // bk  # key tiles at or below the diagonal
     if L // bk == 1:
@@ -123,12 +130,23 @@ def _fwd_kernel(*refs, st: Static):
     carry = fori(0, n_cur, cur_step, carry)
 
     m, denom, acc = carry
-    o_ref[...] = (acc / denom).astype(o_ref.dtype)
+    out_ref[...] = (acc / denom).astype(out_ref.dtype)
     lse_ref[...] = m + jnp.log(denom)
 
 
-def forward(st: Static, q, k_ext, v_ext, prev_ok, codebook, cbias, cmean, wbias):
-    """Returns (out [BH, T, V], lse [BH, T, 1] float32)."""
+def forward(
+    st: Static,
+    q,
+    k_ext,
+    v_ext,
+    prev_valid,
+    codebook,
+    cache_bias,
+    cache_mean,
+    window_bias,
+):
+    """Returns (out [BH, T, V], lse [BH, T, 1] float32); the cache operands
+    and `window_bias` may be None (module docstring)."""
     t = st.tiles
     bh, seq, d_k = q.shape
     L, bq, bv = t.block_len, t.block_q, t.block_v
@@ -138,27 +156,46 @@ def forward(st: Static, q, k_ext, v_ext, prev_ok, codebook, cbias, cmean, wbias)
 
     in_specs = [
         pl.BlockSpec((None, bq, d_k), lambda b, i, v: (b, i, 0)),
+        # k_ext and v_ext twice: the block before the query tile's block, and
+        # its own block (ext block n + 1).
         pl.BlockSpec((None, L, d_k), lambda b, i, v: (b, i // q_per_blk, 0)),
         pl.BlockSpec((None, L, d_k), lambda b, i, v: (b, i // q_per_blk + 1, 0)),
         pl.BlockSpec((None, L, bv), lambda b, i, v: (b, i // q_per_blk, v)),
         pl.BlockSpec((None, L, bv), lambda b, i, v: (b, i // q_per_blk + 1, v)),
         pl.BlockSpec((None, 1, 1), lambda b, i, v: (b, 0, 0)),
-    ]
-    args = [q, k_ext, k_ext, v_ext, v_ext, prev_ok]
-    if st.use_cache:
-        in_specs += [
+        spec_if_present(
+            codebook,
             pl.BlockSpec((None, t.codes, d_k), lambda b, i, v: (b % H, 0, 0)),
+        ),
+        spec_if_present(
+            cache_bias,
             pl.BlockSpec(
                 (None, None, 1, t.codes), lambda b, i, v: (b, i // q_per_blk, 0, 0)
             ),
+        ),
+        spec_if_present(
+            cache_mean,
             pl.BlockSpec(
                 (None, None, t.codes, bv), lambda b, i, v: (b, i // q_per_blk, 0, v)
             ),
-        ]
-        args += [codebook, cbias, cmean]
-    if st.has_bias:
-        in_specs.append(pl.BlockSpec((None, bq, 2 * L), lambda b, i, v: (b, i, 0)))
-        args.append(wbias)
+        ),
+        spec_if_present(
+            window_bias,
+            pl.BlockSpec((None, bq, 2 * L), lambda b, i, v: (b, i, 0)),
+        ),
+    ]
+    args = (
+        q,
+        k_ext,
+        k_ext,
+        v_ext,
+        v_ext,
+        prev_valid,
+        codebook,
+        cache_bias,
+        cache_mean,
+        window_bias,
+    )
     out_specs = [
         pl.BlockSpec((None, bq, bv), lambda b, i, v: (b, i, v)),
         pl.BlockSpec((None, None, bq, 1), lambda b, i, v: (b, v, i, 0)),

@@ -40,40 +40,99 @@ def _dv(st, p_win, dout, v_ext):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _core(st: Static, q, k_ext, v_ext, prev_ok, codebook, cbias, cmean, wbias):
-    out, _ = _forward(st, q, k_ext, v_ext, prev_ok, codebook, cbias, cmean, wbias)
+def _core(
+    st: Static,
+    q,
+    k_ext,
+    v_ext,
+    prev_valid,
+    codebook,
+    cache_bias,
+    cache_mean,
+    window_bias,
+):
+    out, _ = _forward(
+        st, q, k_ext, v_ext, prev_valid, codebook, cache_bias, cache_mean, window_bias
+    )
     return out
 
 
-def _core_fwd(st, q, k_ext, v_ext, prev_ok, codebook, cbias, cmean, wbias):
-    out, lse = _forward(st, q, k_ext, v_ext, prev_ok, codebook, cbias, cmean, wbias)
-    return out, (q, k_ext, v_ext, prev_ok, codebook, cbias, cmean, wbias, out, lse)
+def _core_fwd(
+    st, q, k_ext, v_ext, prev_valid, codebook, cache_bias, cache_mean, window_bias
+):
+    out, lse = _forward(
+        st, q, k_ext, v_ext, prev_valid, codebook, cache_bias, cache_mean, window_bias
+    )
+    return out, (
+        q,
+        k_ext,
+        v_ext,
+        prev_valid,
+        codebook,
+        cache_bias,
+        cache_mean,
+        window_bias,
+        out,
+        lse,
+    )
 
 
 def _core_bwd(st, res, dout):
-    q, k_ext, v_ext, prev_ok, codebook, cbias, cmean, wbias, out, lse = res
+    (
+        q,
+        k_ext,
+        v_ext,
+        prev_valid,
+        codebook,
+        cache_bias,
+        cache_mean,
+        window_bias,
+        out,
+        lse,
+    ) = res
     dout = dout.astype(v_ext.dtype)
     delta = jnp.sum(
         out.astype(jnp.float32) * dout.astype(jnp.float32), axis=-1, keepdims=True
     )  # [B, H, T, 1]
-    dq, p_win, ds_win, p_code, dwbias = batch_head_call(
+    dq, p_win, ds_win, p_code, dwindow_bias = batch_head_call(
         _bwd.ds_call,
         st,
-        (q, k_ext, v_ext, prev_ok, codebook, cbias, cmean, wbias, dout, lse, delta),
+        (
+            q,
+            k_ext,
+            v_ext,
+            prev_valid,
+            codebook,
+            cache_bias,
+            cache_mean,
+            window_bias,
+            dout,
+            lse,
+            delta,
+        ),
         head_args=(4,),
     )
     dk = batch_head_call(_dk, st, (ds_win, q, k_ext))
     dv = batch_head_call(_dv, st, (p_win, dout, v_ext))
     if st.use_cache:
-        dcmean = (
-            batch_head_call(_bwd.dmean_call, st, (p_code, cmean, dout))
+        dcache_mean = (
+            batch_head_call(_bwd.dmean_call, st, (p_code, cache_mean, dout))
             if st.cache_grad
-            else jnp.zeros_like(cmean)
+            else jnp.zeros_like(cache_mean)
         )
-        dcodebook, dcbias = jnp.zeros_like(codebook), jnp.zeros_like(cbias)
+        dcodebook, dcache_bias = jnp.zeros_like(codebook), jnp.zeros_like(cache_bias)
     else:
-        dcmean = dcodebook = dcbias = None
-    return (dq, dk, dv, jnp.zeros_like(prev_ok), dcodebook, dcbias, dcmean, dwbias)
+        dcache_mean = dcodebook = dcache_bias = None
+    return (
+        dq,
+        dk,
+        dv,
+        jnp.zeros_like(prev_valid),
+        dcodebook,
+        dcache_bias,
+        dcache_mean,
+        dwindow_bias,
+    )
 
 
 _core.defvjp(_core_fwd, _core_bwd)
@@ -83,7 +142,7 @@ def vq_attention_core(
     q,
     k_ext,
     v_ext,
-    prev_ok,
+    prev_valid,
     codebook=None,
     cache_bias=None,
     cache_mean=None,
@@ -104,7 +163,7 @@ def vq_attention_core(
 
     - `q` `[BH, T, K]`; `k_ext` `[BH, T + L, K]` quantized keys whose first
       block is the previous segment's last block; `v_ext` `[BH, T + L, V]`.
-    - `prev_ok` float32 `[BH, 1, 1]`: 1 where that first block is valid.
+    - `prev_valid` float32 `[BH, 1, 1]`: 1 where that first block is valid.
     - `codebook` `[H, S, K]`, `cache_bias` float32 `[BH, N, 1, S]` (log count,
       MASK_VALUE for empty codes), `cache_mean` `[BH, N, S, V]`: the cache of
       each block; all None for window-only attention.
@@ -132,7 +191,9 @@ def vq_attention_core(
     n_blk = seq // L
     if bh % num_heads:
         raise ValueError(f"q {tuple(q.shape)}: leading dim must be batch*{num_heads}")
-    want = dict(k_ext=(bh, seq + L, d_k), v_ext=(bh, seq + L, d_v), prev_ok=(bh, 1, 1))
+    want = dict(
+        k_ext=(bh, seq + L, d_k), v_ext=(bh, seq + L, d_v), prev_valid=(bh, 1, 1)
+    )
     if use_cache:
         n_code = codebook.shape[1]
         want.update(
@@ -147,7 +208,7 @@ def vq_attention_core(
     given = dict(
         k_ext=k_ext,
         v_ext=v_ext,
-        prev_ok=prev_ok,
+        prev_valid=prev_valid,
         codebook=codebook,
         cache_bias=cache_bias,
         cache_mean=cache_mean,
@@ -195,7 +256,7 @@ def vq_attention_core(
     q = _pad_axis(q, 2, tiles.d_k)
     k_ext = _pad_axis(k_ext.astype(q.dtype), 2, tiles.d_k)
     v_ext = _pad_axis(v_ext, 2, tiles.d_v)
-    prev_ok = prev_ok.astype(jnp.float32)
+    prev_valid = prev_valid.astype(jnp.float32)
     if use_cache:
         codebook = _pad_axis(
             _pad_axis(codebook.astype(q.dtype), 2, tiles.d_k), 1, tiles.codes
@@ -218,7 +279,7 @@ def vq_attention_core(
         )
 
     args = (
-        *map(split, (q, k_ext, v_ext, prev_ok)),
+        *map(split, (q, k_ext, v_ext, prev_valid)),
         codebook,
         *map(split, (cache_bias, cache_mean, window_bias)),
     )

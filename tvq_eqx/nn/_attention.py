@@ -160,6 +160,7 @@ class VQAttention(eqx.Module):
                 cache_grad=c.grad_thru_cache,
                 state_keys=c.state_keys,
                 implementation=c.implementation,
+                pallas=c.pallas,
             )
         gated = attn.reshape(b, t, h * dv) * g
         out = jnp.einsum("bte,ed->btd", gated, self.w_o.astype(dt))

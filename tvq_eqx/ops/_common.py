@@ -267,6 +267,34 @@ def straight_through(
     return quantized + (key - jax.lax.stop_gradient(key))
 
 
+def relative_bias(
+    rel_query: Float[Array, "*batch rows heads d_k"],
+    rel_table: Float[Array, "dist heads d_k"],
+    dist: Int[Array, "rows cols"],
+) -> Float[Array, "*batch rows heads cols"]:
+    """Transformer-XL relative position term, float32:
+    `rel_query[..., r, h] . rel_table[dist[r, c], h]` where
+    `0 <= dist[r, c] < len(rel_table)`, else 0.
+
+    `dist` holds the query-to-key distance of every (query row, key column)
+    pair; every attention form (dense, windowed, KV-cached) only builds its own
+    distances. The table is projected once per query (`[rows, dist]`) and the
+    distances gathered from it, instead of a `[rows, cols, d_k]` tensor.
+    """
+    last = rel_table.shape[0] - 1
+    proj = jnp.einsum(
+        "...rhk,dhk->...rhd",
+        rel_query,
+        rel_table,
+        precision=HIGHEST,
+        preferred_element_type=jnp.float32,
+    )
+    in_range = ((dist >= 0) & (dist <= last))[:, None, :]  # [rows, 1, cols]
+    idx = jnp.clip(dist, 0, last)[:, None, :]
+    idx = jnp.broadcast_to(idx, proj.shape[:-1] + (dist.shape[1],))
+    return jnp.where(in_range, jnp.take_along_axis(proj, idx, axis=-1), 0.0)
+
+
 def log_count_bias(count: Float[Array, "*any"]) -> Float[Array, "*any"]:
     """log(count), with MASK_VALUE for empty codes; never NaN."""
     return jnp.where(count > 0, jnp.log(jnp.maximum(count, 1.0)), MASK_VALUE)

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import functools
 import inspect
-import os
 from typing import Literal
 
 import jax
 from jaxtyping import Array, Float
+
+from pallas_kernels.vq_attention.config import PallasConfig
 
 # Public entry points take plain `Array` so that our own validation (which
 # names the argument and all shapes) runs before any annotation check.
@@ -58,14 +59,6 @@ def _pallas_jit():
     return jax.jit(vq_attention_pallas, static_argnames=static)
 
 
-def _pallas_backward() -> str | None:
-    """The backward switch read per call, not per trace: the jitted function
-    is cached, so it takes the environment variable as a static argument."""
-    from ._pallas import BACKWARD_ENV
-
-    return os.environ.get(BACKWARD_ENV) or None
-
-
 Implementation = Literal["xla", "pallas", "quadratic"]
 _IMPLEMENTATIONS = ("xla", "pallas", "quadratic")
 
@@ -101,6 +94,16 @@ def _check_implementation(implementation) -> str:
     return implementation
 
 
+def _check_pallas(pallas) -> PallasConfig:
+    if pallas is None:
+        return PallasConfig()
+    if not isinstance(pallas, PallasConfig):
+        raise ValueError(
+            f"pallas must be a tvq_eqx.PallasConfig or None; got {pallas!r}"
+        )
+    return pallas
+
+
 def vq_attention(
     query: Array,
     key: Array,
@@ -110,6 +113,7 @@ def vq_attention(
     block_len: int,
     scale: float | None = None,
     implementation: str | None = None,
+    pallas: PallasConfig | None = None,
 ) -> Float[Array, "batch seq heads d_v"]:
     """Causal softmax attention over vector-quantized keys, exact, in linear time.
 
@@ -130,6 +134,9 @@ def vq_attention(
     - `implementation`: `"xla"` (linear time, pure jnp), `"pallas"` (kernels;
       interpret mode on CPU), `"quadratic"` (the O(T^2) definition) or None
       (pallas on GPU/TPU, xla on CPU).
+    - `pallas`: how the kernels run when the implementation is `"pallas"`
+      (`PallasConfig`: tile sizes, backward choice, interpret mode); None =
+      the defaults. Ignored by the other implementations.
 
     **Returns:** `[batch, seq, heads, d_v]` in `value.dtype`.
 
@@ -139,6 +146,7 @@ def vq_attention(
     """
     validate_inputs(query, key, value, codebook, block_len=block_len)
     impl = _check_implementation(implementation)
+    pallas = _check_pallas(pallas)
     scale = default_scale(query.shape[-1], scale)
     if impl == "quadratic":
         return _quadratic_jit(query, key, value, codebook, scale=scale)
@@ -151,6 +159,7 @@ def vq_attention(
         block_len=block_len,
         scale=scale,
         implementation=impl,
+        pallas=pallas,
     )
     return out
 
@@ -172,6 +181,7 @@ def vq_attention_with_state(
     sliding_window: bool | None = None,
     state_keys: str = "codewords",
     implementation: str | None = None,
+    pallas: PallasConfig | None = None,
 ) -> tuple[Float[Array, "batch seq heads d_v"], VQAttentionState]:
     """Streaming VQ attention: attend to `state`'s history, return the new state.
 
@@ -200,6 +210,8 @@ def vq_attention_with_state(
       quantized with the codebook of their own step; `"codes"`: it keeps
       codes and re-reads the current codebook. Only differs after a codebook
       update between calls.
+    - `pallas`: `PallasConfig` for `implementation="pallas"` (as in
+      `vq_attention`).
     """
     sliding_window = check_options(
         use_cache=use_cache, sliding_window=sliding_window, state_keys=state_keys
@@ -219,15 +231,14 @@ def vq_attention_with_state(
         mem_len=mem_len,
     )
     impl = _check_implementation(implementation)
+    pallas = _check_pallas(pallas)
     scale = default_scale(query.shape[-1], scale)
     if impl == "quadratic":
         raise ValueError(
             "implementation='quadratic' has no streaming state; use 'xla' or 'pallas'"
         )
     if impl == "pallas":
-        implementation_fn = functools.partial(
-            _pallas_jit(), backward=_pallas_backward()
-        )
+        implementation_fn = functools.partial(_pallas_jit(), pallas=pallas)
     else:
         implementation_fn = _xla_jit
     return implementation_fn(

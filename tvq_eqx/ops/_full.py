@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
-from ._common import HIGHEST, MASK_VALUE
+from ._common import HIGHEST, MASK_VALUE, relative_bias
 
 
 class FullAttentionState(eqx.Module):
@@ -75,19 +75,8 @@ def full_attention_with_state(
         preferred_element_type=jnp.float32,
     )
     if rel_query is not None:
-        mem_len = rel_table.shape[0] - 1
-        proj = jnp.einsum(
-            "bihk,dhk->bhid",
-            rel_query,
-            rel_table,
-            precision=HIGHEST,
-            preferred_element_type=jnp.float32,
-        )
-        idx = jnp.broadcast_to(jnp.clip(dist, 0, mem_len), (b, h, t, cap + t))
-        in_range = ((dist >= 0) & (dist <= mem_len))[None, None]
-        scores = scores + jnp.where(
-            in_range, jnp.take_along_axis(proj, idx, axis=-1), 0.0
-        )
+        bias = relative_bias(rel_query, rel_table, dist)  # [B, T, H, C+T]
+        scores = scores + jnp.swapaxes(bias, 1, 2)
     scores = jnp.where(keep[:, None], scores, MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1)
     out = jnp.einsum(

@@ -19,42 +19,30 @@ official modes run on the kernels, forward and backward: `cache_grad=False`
 (no gradient through the carried window or cache between blocks) and the
 sliding window (`use_cache=False`: the kernels' `window_len`).
 
-Debugging switch: set the environment variable `TVQ_EQX_PALLAS_BACKWARD=xla`
-(read when the function is traced) or pass `backward="xla"` to run the kernel
-forward but differentiate the xla form instead of the backward kernels.
+How the kernels run (tiles, interpret mode, and the debugging switch
+`backward="xla"`: the kernel forward, differentiated as the xla form) is a
+`PallasConfig`, passed as `pallas=`.
 """
 
 from __future__ import annotations
 
 import functools
-import os
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from pallas_kernels.vq_attention import BlockSizes, vq_attention_core
+from pallas_kernels.vq_attention import PallasConfig, vq_attention_core
 
-from ._common import (
-    VQAttentionState,
-    gather_codes,
-    log_count_bias,
-    quantize,
-    straight_through,
-)
+from ._common import VQAttentionState, log_count_bias, relative_bias
 from ._xla import (
     _blocks,
-    _summaries,
-    extend,
     next_state,
+    prologue,
     vq_attention_xla,
-    window_relative_bias,
+    window_offsets,
 )
-
-sg = jax.lax.stop_gradient
-
-BACKWARD_ENV = "TVQ_EQX_PALLAS_BACKWARD"
 
 
 def _heads_first(x):
@@ -78,49 +66,49 @@ def _forward(
     cache_grad,
     sliding_window,
     state_keys,
-    block_sizes,
-    interpret,
+    pallas: PallasConfig,
     window_len=None,
 ):
     b, t, h, _ = query.shape
     n_code = codebook.shape[1]
     n_blk = t // block_len
     L = block_len  # == mem_len (checked by the caller)
-
-    codes = quantize(key, codebook)  # [B, T, H]
-    codebook = sg(codebook).astype(key.dtype)
-    khat = straight_through(key, gather_codes(codebook, codes))
-    ext = extend(state, codes, khat, value, codebook, state_keys=state_keys)
+    pro = prologue(
+        key,
+        value,
+        codebook,
+        state,
+        block_len=L,
+        mem_len=L,
+        cache_grad=cache_grad,
+        state_keys=state_keys,
+    )
+    state, ext = pro.state, pro.ext
     # The window is whole or empty (checked by the caller): one flag per row.
-    prev_ok = jnp.broadcast_to(
+    prev_valid = jnp.broadcast_to(
         (state.length > 0).astype(jnp.float32)[:, None, None, None], (b, h, 1, 1)
     ).reshape(b * h, 1, 1)
 
-    blk_count, blk_mean, new_count, new_mean = _summaries(
-        ext.code, ext.value, ext.valid, state, n_code=n_code, block_len=L
-    )
     if use_cache:
-        if not cache_grad:
-            blk_mean = sg(blk_mean)
-        cache_bias = jnp.transpose(log_count_bias(blk_count), (0, 2, 1, 3))
+        cache_bias = jnp.transpose(log_count_bias(pro.block_count), (0, 2, 1, 3))
         cache_bias = cache_bias.reshape(b * h, n_blk, 1, n_code)
-        cache_mean = jnp.transpose(blk_mean, (0, 2, 1, 3, 4)).reshape(
-            b * h, n_blk, n_code, blk_mean.shape[-1]
+        cache_mean = jnp.transpose(pro.block_mean, (0, 2, 1, 3, 4)).reshape(
+            b * h, n_blk, n_code, pro.block_mean.shape[-1]
         )
-        kernel_codebook = codebook
+        kernel_codebook = pro.codebook
     else:
         cache_bias = cache_mean = kernel_codebook = None
 
     window_bias = None
     if rel_query is not None:
-        wb = window_relative_bias(_blocks(rel_query, L), rel_table, L)
+        wb = relative_bias(_blocks(rel_query, L), rel_table, window_offsets(L, L))
         window_bias = jnp.transpose(wb, (0, 3, 1, 2, 4)).reshape(b * h, t, 2 * L)
 
     out = vq_attention_core(
         _heads_first(query),
         _heads_first(ext.khat),
         _heads_first(ext.value),
-        prev_ok,
+        prev_valid,
         kernel_codebook,
         cache_bias,
         cache_mean,
@@ -135,11 +123,13 @@ def _forward(
             if window_len is not None
             else (L if (not use_cache and sliding_window) else None)
         ),
-        block_sizes=block_sizes,
-        interpret=interpret,
+        block_sizes=pallas.block_sizes,
+        interpret=pallas.interpret,
     )
     out = jnp.transpose(out.reshape(b, h, t, -1), (0, 2, 1, 3)).astype(value.dtype)
-    return out, next_state(state, ext, new_count, new_mean, cache_grad=cache_grad)
+    return out, next_state(
+        state, ext, pro.new_count, pro.new_mean, cache_grad=cache_grad
+    )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -153,20 +143,18 @@ def _xla_backward_fwd(static, *args):
     return _xla_backward(static, *args), args
 
 
+_XLA_OPTIONS = (
+    "block_len",
+    "scale",
+    "use_cache",
+    "cache_grad",
+    "sliding_window",
+    "state_keys",
+)
+
+
 def _xla_backward_bwd(static, args, cotangent):
-    kwargs = {
-        k: v
-        for k, v in dict(static).items()
-        if k
-        in (
-            "block_len",
-            "scale",
-            "use_cache",
-            "cache_grad",
-            "sliding_window",
-            "state_keys",
-        )
-    }
+    options = {k: v for k, v in static if k in _XLA_OPTIONS}
 
     def xla(query, key, value, codebook, state, rel_query, rel_table):
         return vq_attention_xla(
@@ -177,7 +165,7 @@ def _xla_backward_bwd(static, args, cotangent):
             state=state,
             rel_query=rel_query,
             rel_table=rel_table,
-            **kwargs,
+            **options,
         )
 
     _, vjp = jax.vjp(xla, *args)
@@ -203,23 +191,22 @@ def vq_attention_pallas(
     mem_len: int | None = None,
     sliding_window: bool | None = None,
     state_keys: str = "codewords",
-    block_sizes: BlockSizes | None = None,
-    interpret: bool | None = None,
-    backward: str | None = None,
+    pallas: PallasConfig | None = None,
     window_len: int | None = None,
 ) -> tuple[Float[Array, "batch seq heads d_v"], VQAttentionState]:
     """`vq_attention_xla` on the Pallas kernels; returns (output, new state).
 
     `mem_len` must equal `block_len` (the kernels' window is one previous
-    block). Extra keyword arguments (not needed by the dispatcher):
-    `block_sizes` (tile config, default per platform), `interpret` (None:
-    interpret mode exactly on CPU), `backward` ("kernels", default, or "xla":
-    differentiate the xla form; default from the environment variable
-    TVQ_EQX_PALLAS_BACKWARD), `window_len` (use_cache=False only: a kernel
-    sliding window of keys at distance 0..window_len, shorter than the
-    default mem_len; see `vq_attention_core`).
+    block). Extra keyword arguments: `pallas` (a `PallasConfig`: tiles,
+    interpret mode, backward choice; None = the defaults) and, not used by
+    the dispatcher, `window_len` (use_cache=False only: a kernel sliding
+    window of keys at distance 0..window_len, shorter than the default
+    mem_len; see `vq_attention_core`).
     """
-    b, _, h, _ = query.shape
+    if pallas is None:
+        pallas = PallasConfig()
+    if not isinstance(pallas, PallasConfig):
+        raise ValueError(f"pallas must be a PallasConfig or None; got {pallas!r}")
     if sliding_window is None:
         sliding_window = not use_cache
     mem_len = (
@@ -236,18 +223,7 @@ def vq_attention_pallas(
             f"{mem_len}, block_len={block_len}. Use implementation='xla' for "
             f"other window lengths."
         )
-    if state is None:
-        state = VQAttentionState.empty(
-            b,
-            mem_len=block_len,
-            heads=h,
-            codes=codebook.shape[1],
-            d_k=key.shape[-1],
-            d_v=value.shape[-1],
-            dtype=value.dtype,
-            key_dtype=key.dtype,
-        )
-    else:
+    if state is not None:
         # The kernels take one validity flag per row for the previous block;
         # states made by these ops are whole or empty when mem_len == block_len.
         length = eqx.error_if(
@@ -257,15 +233,10 @@ def vq_attention_pallas(
             f"(length 0 or {block_len})",
         )
         state = eqx.tree_at(lambda s: s.length, state, length)
-    if backward is None:
-        backward = os.environ.get(BACKWARD_ENV, "kernels") or "kernels"
-    if backward not in ("kernels", "xla"):
+    if window_len is not None and pallas.backward == "xla":
         raise ValueError(
-            f"backward must be 'kernels' or 'xla' (also via ${BACKWARD_ENV}); "
-            f"got {backward!r}"
+            "window_len is not supported with PallasConfig(backward='xla')"
         )
-    if window_len is not None and backward == "xla":
-        raise ValueError("window_len is not supported with backward='xla'")
     static = dict(
         block_len=block_len,
         scale=float(scale),
@@ -273,12 +244,11 @@ def vq_attention_pallas(
         cache_grad=cache_grad,
         sliding_window=sliding_window,
         state_keys=state_keys,
-        block_sizes=block_sizes,
-        interpret=interpret,
+        pallas=pallas,
     )
     if window_len is not None:
         static["window_len"] = window_len
-    if backward == "xla":
+    if pallas.backward == "xla":
         return _xla_backward(
             tuple(sorted(static.items())),
             query,

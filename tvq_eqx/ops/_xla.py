@@ -26,6 +26,7 @@ from ._common import (
     gather_codes,
     log_count_bias,
     quantize,
+    relative_bias,
     straight_through,
 )
 
@@ -61,31 +62,6 @@ def window_offsets(mem_len: int, block_len: int):
     r = jnp.arange(block_len)[:, None]
     j = jnp.arange(mem_len + block_len)[None, :]
     return mem_len + r - j
-
-
-def window_relative_bias(
-    rel_query: Float[Array, "batch blocks block heads d_k"],
-    rel_table: Float[Array, "dist heads d_k"],
-    mem_len: int,
-) -> Float[Array, "batch blocks block heads window"]:
-    """Bias of query r (in block n) to window column j, at distance M + r - j:
-    rel_query . rel_table[dist] for 0 <= dist < len(rel_table), else 0."""
-    block_len = rel_query.shape[2]
-    last = rel_table.shape[0] - 1
-    proj = jnp.einsum(
-        "bnrhk,dhk->bnrhd",
-        rel_query,
-        rel_table,
-        precision=HIGHEST,
-        preferred_element_type=jnp.float32,
-    )
-    dist = window_offsets(mem_len, block_len)  # [L, W]
-    width = dist.shape[1]
-    in_range = (dist >= 0) & (dist <= last)
-    idx = jnp.clip(dist, 0, last)[None, None, :, None, :]
-    idx = jnp.broadcast_to(idx, proj.shape[:4] + (width,))
-    bias = jnp.take_along_axis(proj, idx, axis=-1)
-    return jnp.where(in_range[None, None, :, None, :], bias, 0.0)
 
 
 class Extended(eqx.Module):
@@ -172,27 +148,67 @@ def _summaries(code, value, valid, state: VQAttentionState, *, n_code, block_len
     return blk_count, blk_mean, new_count, new_mean
 
 
-def block_summaries(
-    codes, value, state: VQAttentionState, *, n_code: int, block_len: int
-):
-    """The compressed cache seen by every block, and the cache after the last.
+class Prologue(eqx.Module):
+    """Everything the linear-time forms compute before attending (`prologue`).
 
-    Block n's cache is the state's cache plus every key before its window:
-    per-group code histograms `h_m = onehot(z_m)^T 1` and value sums
-    `A_m = onehot(z_m)^T V_m` over groups of L of [window, segment][:T], then an
-    exclusive prefix over groups.
-
-    Returns `(blk_count [B, N, H, S] f32, blk_mean [B, N, H, S, V],
-    new_count [B, H, S] f32, new_mean [B, H, S, V])`, means in `value.dtype`.
+    - `state`: the incoming state (an empty one for `state=None`).
+    - `codebook`: the codebook without gradient, in the key dtype.
+    - `ext`: the carried window followed by the segment (`Extended`).
+    - `block_count` f32 `[B, N, H, S]`, `block_mean` `[B, N, H, S, V]`: the
+      cache each block reads (stop-gradiented with `cache_grad=False`).
+    - `new_count` f32 `[B, H, S]`, `new_mean` `[B, H, S, V]`: the cache after
+      the segment (for `next_state`).
     """
-    return _summaries(
-        jnp.concatenate([state.window_code, codes], axis=1),
-        jnp.concatenate([state.window_value.astype(value.dtype), value], axis=1),
-        extend_valid(state, codes.shape[1]),
-        state,
-        n_code=n_code,
-        block_len=block_len,
+
+    state: VQAttentionState
+    codebook: Float[Array, "heads codes d_k"]
+    ext: Extended
+    block_count: Float[Array, "batch blocks heads codes"]
+    block_mean: Float[Array, "batch blocks heads codes d_v"]
+    new_count: Float[Array, "batch heads codes"]
+    new_mean: Float[Array, "batch heads codes d_v"]
+
+
+def prologue(
+    key: Float[Array, "batch seq heads d_k"],
+    value: Float[Array, "batch seq heads d_v"],
+    codebook: Float[Array, "heads codes d_k"],
+    state: VQAttentionState | None,
+    *,
+    block_len: int,
+    mem_len: int | None,
+    cache_grad: bool,
+    state_keys: str,
+) -> Prologue:
+    """Quantize the keys, form the straight-through keys, prepend the state's
+    window (an empty state for `state=None`, window `mem_len`, default
+    `block_len`) and sum the cache of every block: the shared first step of
+    the xla and pallas forms."""
+    b, _, h, d_k = key.shape
+    n_code = codebook.shape[1]
+    if state is None:
+        state = VQAttentionState.empty(
+            b,
+            mem_len=block_len if mem_len is None else mem_len,
+            heads=h,
+            codes=n_code,
+            d_k=d_k,
+            d_v=value.shape[-1],
+            dtype=value.dtype,
+            key_dtype=key.dtype,
+        )
+    codes = quantize(key, codebook)  # [B, T, H]
+    codebook = sg(codebook).astype(key.dtype)
+    khat = straight_through(key, gather_codes(codebook, codes))
+    ext = extend(state, codes, khat, value, codebook, state_keys=state_keys)
+    # The cache is kept up to date even when it is not read (as the official
+    # code does), so the carried state is the same in every mode.
+    blk_count, blk_mean, new_count, new_mean = _summaries(
+        ext.code, ext.value, ext.valid, state, n_code=n_code, block_len=block_len
     )
+    if not cache_grad:
+        blk_mean = sg(blk_mean)
+    return Prologue(state, codebook, ext, blk_count, blk_mean, new_count, new_mean)
 
 
 def next_state(
@@ -243,28 +259,22 @@ def vq_attention_xla(
     `agg_cache=False`), otherwise its whole window. `state_keys`: see `extend`.
     """
     b, t, h, _ = query.shape
-    n_code = codebook.shape[1]
     d_v = value.shape[-1]
     L = block_len
     if sliding_window is None:
         sliding_window = not use_cache
-    if state is None:
-        state = VQAttentionState.empty(
-            b,
-            mem_len=L if mem_len is None else mem_len,
-            heads=h,
-            codes=n_code,
-            d_k=key.shape[-1],
-            d_v=d_v,
-            dtype=value.dtype,
-            key_dtype=key.dtype,
-        )
+    pro = prologue(
+        key,
+        value,
+        codebook,
+        state,
+        block_len=L,
+        mem_len=mem_len,
+        cache_grad=cache_grad,
+        state_keys=state_keys,
+    )
+    state, ext = pro.state, pro.ext
     M = state.window_code.shape[1]
-
-    codes = quantize(key, codebook)  # [B, T, H]
-    codebook = sg(codebook).astype(key.dtype)
-    khat = straight_through(key, gather_codes(codebook, codes))
-    ext = extend(state, codes, khat, value, codebook, state_keys=state_keys)
 
     q_blk = _blocks(query, L)  # [B, N, L, H, K]
     k_win = block_windows(ext.khat, mem_len=M, block_len=L)  # [B, N, W, H, K]
@@ -282,11 +292,9 @@ def vq_attention_xla(
         precision=HIGHEST,
         preferred_element_type=jnp.float32,
     )
-    if rel_query is not None:
-        win_scores = win_scores + window_relative_bias(
-            _blocks(rel_query, L), rel_table, M
-        )
     dist = window_offsets(M, L)  # [L, W]
+    if rel_query is not None:
+        win_scores = win_scores + relative_bias(_blocks(rel_query, L), rel_table, dist)
     keep = dist >= 0
     if not use_cache and sliding_window:
         keep = keep & (dist <= M)
@@ -294,22 +302,15 @@ def vq_attention_xla(
     win_scores = jnp.where(keep[:, :, :, None, :], win_scores, MASK_VALUE)
     max_score = jnp.max(win_scores, axis=-1)  # [B, N, L, H]
 
-    # The cache is kept up to date even when it is not read (as the official
-    # code does), so the carried state is the same in every mode.
-    blk_count, blk_mean, new_count, new_mean = _summaries(
-        ext.code, ext.value, ext.valid, state, n_code=n_code, block_len=L
-    )
     if use_cache:
-        if not cache_grad:
-            blk_mean = sg(blk_mean)
         cache_scores = scale * jnp.einsum(
             "bnrhk,hsk->bnrhs",
             q_blk,
-            codebook,
+            pro.codebook,
             precision=HIGHEST,
             preferred_element_type=jnp.float32,
         )
-        cache_scores = cache_scores + log_count_bias(blk_count)[:, :, None]
+        cache_scores = cache_scores + log_count_bias(pro.block_count)[:, :, None]
         max_score = jnp.maximum(max_score, jnp.max(cache_scores, axis=-1))
 
     # One softmax over both parts; the max is a constant shift (no gradient needed).
@@ -325,8 +326,10 @@ def vq_attention_xla(
         out = out + jnp.einsum(
             "bnrhs,bnhsv->bnrhv",
             cache_p,
-            blk_mean.astype(jnp.float32),
+            pro.block_mean.astype(jnp.float32),
             precision=HIGHEST,
         )
     out = (out / denom[..., None]).reshape(b, t, h, d_v).astype(value.dtype)
-    return out, next_state(state, ext, new_count, new_mean, cache_grad=cache_grad)
+    return out, next_state(
+        state, ext, pro.new_count, pro.new_mean, cache_grad=cache_grad
+    )
