@@ -117,10 +117,16 @@ class KernelReport:
 
 
 # --------------------------------------------------------------------- lowering
-def lower_for_cuda(
+# Abstract devices to lower for, from a CPU-only machine (the shared Pallas
+# notes): the Triton lowering asks for a GPU kind.
+TPU_DEVICE = ("TPU v5p", 1)
+
+
+def lower(
     shape,
     dtype,
     *,
+    platform: str = "cuda",
     rel: bool = True,
     use_cache: bool = True,
     cache_grad: bool = True,
@@ -128,19 +134,30 @@ def lower_for_cuda(
     block_sizes=None,
     device_kind: str = "NVIDIA H100 80GB HBM3",
 ):
-    """Lower value_and_grad of a loss over `vq_attention_pallas` for cuda.
+    """Lower value_and_grad of a loss over `vq_attention_pallas` for `platform`
+    ("cuda": Triton, or "tpu": Mosaic) from any machine; nothing runs.
 
-    Returns the `jax.stages.Lowered`. Nothing runs. Tiles: the GPU rule of
-    `pallas_kernels/vq_attention/config.py` unless `block_sizes` is given."""
+    Returns the `jax.stages.Lowered`. Tiles: the platform's rule of
+    `pallas_kernels/vq_attention/config.py` (GPU: for sm_90) unless
+    `block_sizes` is given. The loss reads the output and the new state's
+    cache, so every forward and backward kernel is in the program."""
     import jax
     import jax.numpy as jnp
     from jax.sharding import AbstractDevice, AbstractMesh, use_abstract_mesh
 
-    from pallas_kernels.vq_attention import BlockSizes
+    from pallas_kernels.vq_attention import BlockSizes, PallasConfig
     from tvq_eqx.ops._pallas import vq_attention_pallas
 
-    if block_sizes is None:  # the GPU rule of config.py for sm_90
-        block_sizes = BlockSizes.for_platform("gpu", arch=90)
+    if platform == "cuda":
+        device = AbstractDevice(device_kind, 132, "cuda")
+        if block_sizes is None:
+            block_sizes = BlockSizes.for_platform("gpu", arch=90)
+    elif platform == "tpu":
+        device = AbstractDevice(*TPU_DEVICE, "tpu")
+        if block_sizes is None:
+            block_sizes = BlockSizes.for_platform("tpu")
+    else:
+        raise ValueError(f"platform must be 'cuda' or 'tpu'; got {platform!r}")
 
     b, t, h, k, v, s, blk = shape
     dtype = jnp.dtype(dtype)
@@ -165,24 +182,21 @@ def lower_for_cuda(
             scale=k**-0.5,
             use_cache=use_cache,
             cache_grad=cache_grad,
-            block_sizes=block_sizes,
+            pallas=PallasConfig(block_sizes=block_sizes),
+            window_len=window_len,
             **extra,
-            **({} if window_len is None else dict(window_len=window_len)),
         )
         return jnp.sum(out.astype(jnp.float32)) + jnp.sum(
             state.cache_mean.astype(jnp.float32)
         )
 
     fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 4, 5)))
-    mesh = AbstractMesh(
-        (), (), abstract_device=AbstractDevice(device_kind, 132, "cuda")
-    )
     with warnings.catch_warnings():
         warnings.filterwarnings(
             "ignore", message=".*Pallas Triton backend is deprecated"
         )
-        with use_abstract_mesh(mesh):
-            return fn.trace(*args).lower(lowering_platforms=("cuda",))
+        with use_abstract_mesh(AbstractMesh((), (), abstract_device=device)):
+            return fn.trace(*args).lower(lowering_platforms=(platform,))
 
 
 def triton_calls(lowered) -> list[TritonCall]:
@@ -551,9 +565,7 @@ def run_gate(
             for arch in archs(shape_name) if callable(archs) else archs:
                 # the rule tunes per architecture: lower once per arch
                 sizes = block_sizes or BlockSizes.for_platform("gpu", arch=arch)
-                lowered = lower_for_cuda(
-                    SHAPES[shape_name], jnp.dtype(dtype), block_sizes=sizes
-                )
+                lowered = lower(SHAPES[shape_name], jnp.dtype(dtype), block_sizes=sizes)
                 work += [(shape_name, dtype, arch, c) for c in triton_calls(lowered)]
     jobs = jobs or os.cpu_count() or 1
     with ThreadPoolExecutor(max_workers=jobs) as pool:

@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from pallas_kernels.vq_attention import _common
 from pallas_kernels.vq_attention import backward as _bwd
 from pallas_kernels.vq_attention import forward as _fwd
-from pallas_kernels.vq_attention.config import BlockSizes
+from pallas_kernels.vq_attention.config import BlockSizes, PallasConfig
 from tvq_eqx.ops import vq_attention_xla
 from tvq_eqx.ops._pallas import vq_attention_pallas
 
@@ -134,7 +134,7 @@ def measure(algorithm, shape, seed=0):
         ref = run(vq_attention_xla)
     patch_dots(algorithm)
     sizes = BlockSizes(block_q=16, block_k=16, block_code=16, block_v=32)
-    got = run(vq_attention_pallas, block_sizes=sizes)
+    got = run(vq_attention_pallas, pallas=PallasConfig(sizes))
     return [rel(r, g) for r, g in zip(ref, got, strict=True)]
 
 

@@ -61,14 +61,13 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from tvq_eqx.ops import (  # noqa: E402
-    VQAttentionState,  # noqa: E402
     quantize,
     vq_attention_quadratic,
     vq_attention_xla,
 )
 from tvq_eqx.ops._common import gather_codes  # noqa: E402
 from tvq_eqx.ops._pallas import vq_attention_pallas  # noqa: E402
-from tvq_eqx.ops._xla import block_summaries  # noqa: E402
+from tvq_eqx.ops._xla import prologue  # noqa: E402
 
 FORMS = ("pallas", "xla", "quadratic", "dpa", "dpa-cudnn", "summaries")
 
@@ -100,23 +99,17 @@ def make_fn(form, *, block_len, scale, codebook, mode):
     elif form == "summaries":
 
         def attn(q, k, v):
-            state = VQAttentionState.empty(
-                q.shape[0],
-                block_len=block_len,
-                heads=q.shape[2],
-                codes=codebook.shape[1],
-                d_k=k.shape[-1],
-                d_v=v.shape[-1],
-                dtype=v.dtype,
-            )
-            mean = block_summaries(
-                quantize(k, codebook),
+            # Quantization, straight-through keys and every block's cache.
+            return prologue(
+                k,
                 v,
-                state,
-                n_code=codebook.shape[1],
+                codebook,
+                None,
                 block_len=block_len,
-            )[1]
-            return mean
+                mem_len=block_len,
+                cache_grad=True,
+                state_keys="codewords",
+            ).block_mean
     elif form == "quadratic":
 
         def attn(q, k, v):

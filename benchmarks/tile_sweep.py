@@ -22,7 +22,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from pallas_kernels.vq_attention import BlockSizes
+from pallas_kernels.vq_attention import BlockSizes, PallasConfig
 from pallas_kernels.vq_attention.config import local_arch, rule
 from tvq_eqx.ops._pallas import vq_attention_pallas
 
@@ -75,7 +75,7 @@ def main(argv=None):
     def make(sizes):
         def fwd(q, kk, vv):
             return vq_attention_pallas(
-                q, kk, vv, cb, block_len=blk, scale=k**-0.5, block_sizes=sizes
+                q, kk, vv, cb, block_len=blk, scale=k**-0.5, pallas=PallasConfig(sizes)
             )[0]
 
         def fwdbwd(q, kk, vv, cot):

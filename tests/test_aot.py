@@ -36,7 +36,7 @@ KERNELS = {
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 @pytest.mark.parametrize("shape_name", ["official", "decode-gpu"])
 def test_every_triton_module_verifies(shape_name, dtype):
-    lowered = aot.lower_for_cuda(aot.SHAPES[shape_name], jnp.dtype(dtype))
+    lowered = aot.lower(aot.SHAPES[shape_name], jnp.dtype(dtype))
     calls = aot.triton_calls(lowered)
     assert {c.name for c in calls} == KERNELS
     for call in calls:
@@ -46,7 +46,7 @@ def test_every_triton_module_verifies(shape_name, dtype):
 
 @pytest.mark.parametrize("window_len", [None, 200])
 def test_window_only_modules_verify(window_len):
-    lowered = aot.lower_for_cuda(
+    lowered = aot.lower(
         aot.SHAPES["official"],
         jnp.bfloat16,
         use_cache=False,
@@ -131,7 +131,7 @@ def test_gate_sliding_window_variant(dtype):
     and bwd_dq) at the official shape: compiles for sm_90a, no spills, fits."""
     if importlib.util.find_spec("triton") is None:
         pytest.fail("the AOT gate needs the `aot` extra: pip install -e '.[aot]'")
-    lowered = aot.lower_for_cuda(
+    lowered = aot.lower(
         aot.SHAPES["official"],
         jnp.dtype(dtype),
         use_cache=False,

@@ -8,12 +8,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _inputs import attention_inputs, shape_id
 from conftest import assert_close, rel_err
 
 import tvq_eqx
 from tvq_eqx.ops import VQAttentionState, quantize
-from tvq_eqx.ops import vq_attention_quadratic as _quadratic
 from tvq_eqx.ops import vq_attention_xla as _xla
+from tvq_eqx.ops._reference import vq_attention_reference as _reference
 
 # Jitted once per shape: op-by-op dispatch would compile every primitive.
 vq_attention_xla = jax.jit(
@@ -28,8 +29,9 @@ vq_attention_xla = jax.jit(
         "state_keys",
     ),
 )
+# The dense reference (the definition plus the linear-time form's options).
 vq_attention_quadratic = jax.jit(
-    _quadratic,
+    _reference,
     static_argnames=(
         "scale",
         "block_len",
@@ -55,21 +57,9 @@ SHAPES = [
 ]
 
 
-def shape_id(s):
-    b, t, h, k, v, n, l = s
-    return f"B{b}-T{t}-H{h}-K{k}-V{v}-S{n}-L{l}"
-
-
 def make_inputs(getkey, shape, dtype=jnp.float32, mem_len=None):
-    b, t, h, k, v, s, l = shape
-    q = jax.random.normal(getkey(), (b, t, h, k), dtype)
-    key = jax.random.normal(getkey(), (b, t, h, k), dtype)
-    val = jax.random.normal(getkey(), (b, t, h, v), dtype)
-    codebook = jax.random.normal(getkey(), (h, s, k), jnp.float32)
-    m = l if mem_len is None else mem_len
-    rel_q = 0.3 * jax.random.normal(getkey(), (b, t, h, k), dtype)
-    rel_t = jax.random.normal(getkey(), (m + 1, h, k), dtype)
-    return q, key, val, codebook, rel_q, rel_t
+    """(q, k, v, codebook, rel_query, rel_table); rel_table over 0..mem_len."""
+    return tuple(attention_inputs(getkey(), shape, dtype, rel_len=mem_len).values())
 
 
 @pytest.mark.parametrize(

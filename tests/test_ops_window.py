@@ -13,12 +13,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _inputs import attention_inputs
 from conftest import assert_close, rel_err
 
 import tvq_eqx
 from tvq_eqx.ops import VQAttentionState, quantize
-from tvq_eqx.ops import vq_attention_quadratic as _quadratic
 from tvq_eqx.ops import vq_attention_xla as _xla
+from tvq_eqx.ops._reference import vq_attention_reference as _quadratic
 
 XLA_STATIC = (
     "block_len",
@@ -46,16 +47,10 @@ MEM_LENS = (0, L // 2, L, L + 3, 2 * L)
 
 
 def make_inputs(seed, mem_len, *, t=T, dtype=jnp.float32, rel_len=None):
-    ks = jax.random.split(jax.random.key(seed), 6)
-    r = mem_len if rel_len is None else rel_len
-    return dict(
-        query=jax.random.normal(ks[0], (B, t, H, K), dtype),
-        key=jax.random.normal(ks[1], (B, t, H, K), dtype),
-        value=jax.random.normal(ks[2], (B, t, H, V), dtype),
-        codebook=jax.random.normal(ks[3], (H, S, K), jnp.float32),
-        rel_query=(0.3 * jax.random.normal(ks[4], (B, t, H, K))).astype(dtype),
-        rel_table=jax.random.normal(ks[5], (r + 1, H, K), dtype),
-    )
+    """Inputs at the module's sizes; rel_table over 0..rel_len (default M)."""
+    shape = (B, t, H, K, V, S, L)
+    rel_len = mem_len if rel_len is None else rel_len
+    return attention_inputs(jax.random.key(seed), shape, dtype, rel_len=rel_len)
 
 
 MODES = {

@@ -15,18 +15,21 @@ Tolerances (relative error ||ref - out|| / ||ref||):
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _inputs import attention_inputs, random_state, shape_id
 from conftest import rel_err
 
 import tvq_eqx
-from pallas_kernels.vq_attention import BlockSizes, vq_attention_core
-from tvq_eqx.ops import VQAttentionState, vq_attention_quadratic, vq_attention_xla
+from pallas_kernels.vq_attention import BlockSizes, PallasConfig, vq_attention_core
+from tvq_eqx.ops import VQAttentionState, vq_attention_xla
 from tvq_eqx.ops._pallas import vq_attention_pallas
+from tvq_eqx.ops._reference import vq_attention_reference
 
 F32_TOL = 1e-5
 BF16_FWD_TOL = 1e-2
@@ -36,43 +39,6 @@ BF16_GRAD_TOL = 1.5e-2
 # (codes, d_v) run with several steps even at tiny shapes.
 TINY = BlockSizes(block_q=4, block_k=2, block_code=4, block_v=8)
 TINY_Q2 = BlockSizes(block_q=2, block_k=4, block_code=8, block_v=4)
-
-
-def shape_id(shape, dtype="f32"):
-    b, t, h, k, v, s, blk = shape
-    return f"B{b}-T{t}-H{h}-K{k}-V{v}-S{s}-L{blk}-{dtype}"
-
-
-def make_inputs(key, shape, dtype=jnp.float32, mem_len=None):
-    b, t, h, k, v, s, blk = shape
-    ks = jax.random.split(key, 6)
-    m = blk if mem_len is None else mem_len
-    return dict(
-        query=jax.random.normal(ks[0], (b, t, h, k), dtype),
-        key=jax.random.normal(ks[1], (b, t, h, k), dtype),
-        value=jax.random.normal(ks[2], (b, t, h, v), dtype),
-        codebook=jax.random.normal(ks[3], (h, s, k), jnp.float32),
-        rel_query=(0.3 * jax.random.normal(ks[4], (b, t, h, k))).astype(dtype),
-        rel_table=jax.random.normal(ks[5], (m + 1, h, k), dtype),
-    )
-
-
-def random_state(key, shape, dtype=jnp.float32):
-    """A non-trivial history: valid previous block (window of L codewords),
-    partly empty cache."""
-    b, _, h, k, v, s, blk = shape
-    ks = jax.random.split(key, 5)
-    count = jnp.floor(4 * jax.random.uniform(ks[0], (b, h, s))) * (
-        jax.random.uniform(ks[1], (b, h, s)) > 0.3
-    )
-    return VQAttentionState(
-        window_code=jax.random.randint(ks[2], (b, blk, h), 0, s),
-        window_key=jax.random.normal(ks[4], (b, blk, h, k), dtype),
-        window_value=jax.random.normal(ks[3], (b, blk, h, v), dtype),
-        length=jnp.array([blk] + [0] * (b - 1), jnp.int32),
-        cache_count=count.astype(jnp.float32),
-        cache_mean=jax.random.normal(ks[0], (b, h, s, v), dtype),
-    )
 
 
 @functools.partial(jax.jit, static_argnames=("impl", "opts"))
@@ -188,10 +154,10 @@ CASES = [
 )
 def test_pallas_equals_xla_and_quadratic_f32(shape, sizes, use_rel, mem_len):
     key = jax.random.key(sum(shape))
-    args = make_inputs(key, shape, mem_len=mem_len)
+    args = attention_inputs(key, shape, rel_len=mem_len)
     L = shape[-1]
     opts = (("block_len", L), ("scale", 0.6), ("rel", use_rel))
-    popts = opts + (("block_sizes", sizes),)
+    popts = opts + (("pallas", PallasConfig(block_sizes=sizes)),)
     cot = cotangents(jax.random.fold_in(key, 1), shape, jnp.float32)
     ref = run("xla", opts, args, None, cot)
     got = run("pallas", popts, args, None, cot)
@@ -208,7 +174,7 @@ def test_pallas_equals_xla_and_quadratic_f32(shape, sizes, use_rel, mem_len):
 
     def quad(q, k, v, rq, rt):
         r = dict(rel_query=rq, rel_table=rt) if use_rel else {}
-        return vq_attention_quadratic(
+        return vq_attention_reference(
             q, k, v, args["codebook"], scale=0.6, block_len=L, key_grad_window=True, **r
         )
 
@@ -235,12 +201,12 @@ def test_pallas_streaming_state_f32(shape):
     """Non-empty incoming state (one row with a valid previous block, one
     without), gradients into the incoming state, random state cotangents."""
     key = jax.random.key(7)
-    args = make_inputs(key, shape)
+    args = attention_inputs(key, shape)
     state = random_state(jax.random.fold_in(key, 2), shape)
     opts = (("block_len", shape[-1]), ("scale", 0.5), ("rel", True))
     cot = cotangents(jax.random.fold_in(key, 1), shape, jnp.float32)
     ref = run("xla", opts, args, state, cot)
-    got = run("pallas", opts + (("block_sizes", TINY),), args, state, cot)
+    got = run("pallas", opts + (("pallas", PallasConfig(TINY)),), args, state, cot)
     check_same(ref, got, F32_TOL, "streaming pallas vs xla")
 
 
@@ -252,7 +218,7 @@ def test_pallas_streaming_state_f32(shape):
 def test_pallas_cache_options_f32(use_cache, cache_grad):
     shape = (1, 16, 2, 4, 4, 6, 4)
     key = jax.random.key(3)
-    args = make_inputs(key, shape)
+    args = attention_inputs(key, shape)
     state = random_state(jax.random.fold_in(key, 2), shape)
     opts = (
         ("block_len", 4),
@@ -273,7 +239,7 @@ def test_pallas_cache_options_f32(use_cache, cache_grad):
 def test_pallas_bf16():
     shape = (2, 16, 2, 8, 12, 6, 8)
     key = jax.random.key(11)
-    args = make_inputs(key, shape, dtype=jnp.bfloat16)
+    args = attention_inputs(key, shape, dtype=jnp.bfloat16)
     args32 = {k: v.astype(jnp.float32) for k, v in args.items()}
     opts = (("block_len", 8), ("scale", 0.4), ("rel", True))
     cot = cotangents(jax.random.fold_in(key, 1), shape, jnp.bfloat16)
@@ -291,9 +257,11 @@ def test_pallas_bf16():
                 assert rel_err(r, g) <= BF16_GRAD_TOL, (name, gname)
 
 
-def test_debug_switch_differentiates_xla(monkeypatch):
+def test_debug_switch_differentiates_xla():
+    """PallasConfig(backward="xla"): the kernel forward, the xla form's
+    gradients; equal to the backward kernels' within float32 rounding."""
     shape = (1, 16, 1, 4, 4, 5, 8)
-    args = make_inputs(jax.random.key(5), shape)
+    args = attention_inputs(jax.random.key(5), shape)
 
     def loss(backward, q, v):
         out, st = vq_attention_pallas(
@@ -303,7 +271,7 @@ def test_debug_switch_differentiates_xla(monkeypatch):
             args["codebook"],
             block_len=8,
             scale=0.5,
-            backward=backward,
+            pallas=PallasConfig(backward=backward),
         )
         return jnp.sum(out * jnp.cos(out)) + jnp.sum(st.cache_mean)
 
@@ -315,14 +283,50 @@ def test_debug_switch_differentiates_xla(monkeypatch):
     )
     for a, b in zip(g_kernel, g_xla, strict=True):
         assert a.shape == b.shape and rel_err(b, a) <= F32_TOL
-    monkeypatch.setenv("TVQ_EQX_PALLAS_BACKWARD", "nonsense")
-    with pytest.raises(ValueError, match="backward must be"):
-        loss(None, args["query"], args["value"])
+
+
+def test_pallas_config_validated_and_hashable():
+    config = PallasConfig(BlockSizes(block_q=4), backward="xla", interpret=True)
+    assert config == PallasConfig(BlockSizes(block_q=4), "xla", True)
+    assert hash(config) == hash(PallasConfig(BlockSizes(block_q=4), "xla", True))
+    with pytest.raises(ValueError, match="PallasConfig.backward"):
+        PallasConfig(backward="nonsense")
+    with pytest.raises(ValueError, match="PallasConfig.interpret"):
+        PallasConfig(interpret="yes")
+    with pytest.raises(ValueError, match="PallasConfig.block_sizes"):
+        PallasConfig(block_sizes=64)
+    with pytest.raises(ValueError, match="PallasConfig.block_sizes.*BlockSizes"):
+        PallasConfig(block_sizes=(4, 4))
+    # (TypeError: the tests' runtime annotation check comes first.)
+    with pytest.raises((ValueError, TypeError), match="pallas"):
+        tvq_eqx.TransformerConfig(pallas="xla")
+    # Written as a dict (`dataclasses.asdict`, a checkpoint's JSON) it reads back.
+    assert PallasConfig(**dataclasses.asdict(config)) == config
+
+
+def test_pallas_config_reaches_the_kernels():
+    """`vq_attention(..., pallas=...)` passes the config to the kernels: a
+    query tile of 8 does not divide block_len 12, which the kernels' tile
+    check rejects (the default tiles clip to 12); the xla form ignores it."""
+    shape = (1, 24, 1, 4, 4, 5, 12)
+    a = attention_inputs(jax.random.key(3), shape)
+    base = (a["query"], a["key"], a["value"], a["codebook"])
+    ref = tvq_eqx.vq_attention(*base, block_len=12, implementation="xla")
+    got = tvq_eqx.vq_attention(*base, block_len=12, implementation="pallas")
+    assert rel_err(ref, got) <= F32_TOL
+    bad = PallasConfig(BlockSizes(block_q=8))
+    with pytest.raises(ValueError, match="multiple of the query tile"):
+        tvq_eqx.vq_attention(*base, block_len=12, implementation="pallas", pallas=bad)
+    xla = tvq_eqx.vq_attention(*base, block_len=12, implementation="xla", pallas=bad)
+    assert rel_err(ref, xla) == 0.0
+    # (TypeError: the tests' runtime annotation check comes first.)
+    with pytest.raises((ValueError, TypeError), match="pallas"):
+        tvq_eqx.vq_attention(*base, block_len=12, pallas="xla")
 
 
 def test_public_dispatch_uses_pallas():
     shape = (1, 16, 2, 4, 6, 5, 8)
-    args = make_inputs(jax.random.key(2), shape)
+    args = attention_inputs(jax.random.key(2), shape)
     base = (args["query"], args["key"], args["value"], args["codebook"])
     out_p = tvq_eqx.vq_attention(*base, block_len=8, implementation="pallas")
     out_x = tvq_eqx.vq_attention(*base, block_len=8, implementation="xla")
@@ -335,7 +339,7 @@ def test_public_dispatch_uses_pallas():
 
 def test_bad_shapes_rejected():
     shape = (1, 16, 2, 4, 6, 5, 8)
-    a = make_inputs(jax.random.key(0), shape)
+    a = attention_inputs(jax.random.key(0), shape)
     base = (a["query"], a["key"], a["value"], a["codebook"])
     with pytest.raises(ValueError, match="multiple of block_len"):
         tvq_eqx.vq_attention(*base, block_len=5, implementation="pallas")
@@ -574,7 +578,7 @@ def test_pallas_sliding_window_dense_f32():
     shape = (2, 24, 2, 4, 6, 5, 8)
     b, t, h, k, v, s, L = shape
     window_len = L
-    a = make_inputs(jax.random.key(21), shape)
+    a = attention_inputs(jax.random.key(21), shape)
     cot = jax.random.normal(jax.random.key(22), (b, t, h, v))
 
     def dense(q, key, val):
@@ -597,7 +601,7 @@ def test_pallas_sliding_window_dense_f32():
             block_len=L,
             scale=0.5,
             use_cache=False,
-            block_sizes=TINY,
+            pallas=PallasConfig(block_sizes=TINY),
         )
         return out
 

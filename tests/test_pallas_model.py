@@ -76,9 +76,40 @@ def test_model_pallas_equals_xla(attention):
         for r, g in zip(ref_leaves, got_leaves, strict=True):
             if float(jnp.linalg.norm(r)) > 0:
                 assert rel_err(r, g) <= LEAF_TOL
-    for r, g in zip(jax.tree.leaves(ref_state), jax.tree.leaves(got_state), strict=True):
+    for r, g in zip(
+        jax.tree.leaves(ref_state), jax.tree.leaves(got_state), strict=True
+    ):
         assert r.shape == g.shape and r.dtype == g.dtype
         if jnp.issubdtype(r.dtype, jnp.floating):
             assert rel_err(r, g) <= GRAD_TOL
         else:
             assert bool(jnp.all(r == g))
+
+
+def test_model_passes_its_pallas_config():
+    """`TransformerConfig(pallas=...)` reaches the kernels: a query tile of 8
+    does not divide block_len 12 and the kernels' tile check rejects it."""
+    config = tvq_eqx.TransformerConfig(
+        n_vocab=16,
+        d_model=16,
+        d_k=4,
+        d_v=8,
+        n_code=4,
+        n_layer=1,
+        block_len=12,
+        implementation="pallas",
+    )
+    model = tvq_eqx.Transformer(config, key=jax.random.key(0))
+    tokens = jax.random.randint(jax.random.key(1), (1, 25), 0, config.n_vocab)
+    batch = {
+        "inputs": tokens[:, :-1],
+        "targets": tokens[:, 1:],
+        "loss_mask": jnp.ones((1, 24), jnp.float32),
+    }
+    loss, _ = tvq_eqx.loss_fn(model, batch, model.init_state(1))
+    assert bool(jnp.isfinite(loss))
+    bad = model.with_config(
+        pallas=tvq_eqx.PallasConfig(tvq_eqx.ops.BlockSizes(block_q=8))
+    )
+    with pytest.raises(ValueError, match="multiple of the query tile"):
+        tvq_eqx.loss_fn(bad, batch, bad.init_state(1))

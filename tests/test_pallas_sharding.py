@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _inputs import attention_inputs
 
 # (B, T, H, K, V, S, L): batch and heads divisible by the 4 devices / a 2x2 mesh;
 # the relative-position bias and the cache are both on, so every kernel runs.
@@ -57,16 +58,7 @@ def _rel(ref, out) -> float:
 
 
 def _inputs(shape):
-    b, t, h, k, v, s, blk = shape
-    ks = jax.random.split(jax.random.key(0), 6)
-    return dict(
-        query=jax.random.normal(ks[0], (b, t, h, k)),
-        key=jax.random.normal(ks[1], (b, t, h, k)),
-        value=jax.random.normal(ks[2], (b, t, h, v)),
-        codebook=jax.random.normal(ks[3], (h, s, k)),
-        rel_query=0.3 * jax.random.normal(ks[4], (b, t, h, k)),
-        rel_table=jax.random.normal(ks[5], (blk + 1, h, k)),
-    )
+    return attention_inputs(jax.random.key(0), shape)
 
 
 def _attend(query, key, value, codebook, rel_query, rel_table):

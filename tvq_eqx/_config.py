@@ -176,8 +176,6 @@ class TransformerConfig:
                 f"TransformerConfig.implementation must be one of {_IMPLEMENTATIONS}; "
                 f"got {self.implementation!r}"
             )
-        if isinstance(self.pallas, dict):  # from `dataclasses.asdict` (JSON)
-            object.__setattr__(self, "pallas", PallasConfig(**self.pallas))
         if self.pallas is not None and not isinstance(self.pallas, PallasConfig):
             raise ValueError(
                 f"TransformerConfig.pallas must be a PallasConfig or None; got "

@@ -1,4 +1,6 @@
-"""Tile sizes and launch parameters of the VQ-attention kernels.
+"""Tile sizes and launch parameters of the VQ-attention kernels, and
+`PallasConfig`, the one object the library takes for how the kernels run
+(tiles, backward choice, interpret mode).
 
 `BlockSizes` (frozen, validated, hashable: passed statically) holds what the
 caller fixes; every field left `None` is filled per call by the rule of
