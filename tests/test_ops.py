@@ -13,6 +13,7 @@ from conftest import assert_close, rel_err
 
 import tvq_eqx
 from tvq_eqx.ops import VQAttentionState, quantize
+from tvq_eqx.ops import vq_attention_quadratic as _quadratic
 from tvq_eqx.ops import vq_attention_xla as _xla
 from tvq_eqx.ops._reference import vq_attention_reference as _reference
 
