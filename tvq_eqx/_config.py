@@ -75,6 +75,13 @@ class TransformerConfig:
       positions, padding included) or `"tokens"` (divided by the number of
       unmasked tokens: the per-token mean, unaffected by padding).
     - `implementation`: VQ-attention implementation (`None` = best available).
+    - `remat`: rematerialisation of the scanned layer body in the backward
+      pass (`jax.checkpoint`): `"none"` (default: keep every activation),
+      `"full"` (keep only each layer's input, recompute the rest),
+      `"dots"` (keep matmul outputs, `checkpoint_policies.dots_saveable`),
+      `"dots_no_batch"` (keep matmul outputs without batch dimensions, i.e.
+      weight-stationary ones, `dots_with_no_batch_dims_saveable`). Same values and
+      gradients, less memory, more compute.
     """
 
     n_vocab: int = 256
@@ -108,6 +115,7 @@ class TransformerConfig:
     implementation: str | None = None
     kv_cache_len: int = 2048
     state_keys: str = "codewords"
+    remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"
 
     def __post_init__(self):
         positive = (
@@ -195,6 +203,11 @@ class TransformerConfig:
                     f"TransformerConfig.{name} must be one of {allowed}; "
                     f"got {getattr(self, name)!r}"
                 )
+        if self.remat not in _literal_values("remat"):
+            raise ValueError(
+                f"TransformerConfig.remat must be one of {_literal_values('remat')}; "
+                f"got {self.remat!r}"
+            )
 
     @property
     def jnp_dtype(self):
