@@ -156,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
 
+    load = C.machine_info().get("load average at start (1/5/15 min)", "n/a")
+    stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     rows = []
     for n in args.depths:
         r = measure(n, remat=args.remat, reps=args.reps, preset=args.preset)
@@ -182,9 +184,7 @@ def main(argv: list[str] | None = None) -> int:
             "Shared 2-core machine: timings are noisy, read the ratios.",
         ],
     )
-    load = C.machine_info().get("load average at start (1/5/15 min)", "n/a")
-    stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    section = [f"## {args.label}", "", f"Run {stamp}, load average {load}.", ""]
+    section = [f"## {args.label}", "", f"Started {stamp}, load average {load}.", ""]
     if args.note:
         section += [args.note, ""]
     section += table(rows)
