@@ -12,8 +12,15 @@ from tvq_eqx import data, train
 from tvq_eqx.train import _checkpoint
 
 CFG = tvq_eqx.TransformerConfig(
-    n_vocab=256, d_model=32, d_k=8, d_v=16, n_head=1, n_code=8, n_layer=1,
-    block_len=8, p_dropres=0.1,
+    n_vocab=256,
+    d_model=32,
+    d_k=8,
+    d_v=16,
+    n_head=1,
+    n_code=8,
+    n_layer=1,
+    block_len=8,
+    p_dropres=0.1,
 )
 N = 3  # batches per half
 
@@ -94,7 +101,8 @@ def test_keep_only_the_newest(tmp_path):
     for s in range(1, 6):
         train.save_checkpoint(tmp_path, ts, step=s, keep=2)
     assert [p.name for p in train.list_checkpoints(tmp_path)] == [
-        "step_00000004", "step_00000005"
+        "step_00000004",
+        "step_00000005",
     ]
 
 
@@ -159,7 +167,9 @@ def test_old_checkpoint_of_another_model_or_unknown_format_is_a_clear_error(tmp_
     path = train.save_checkpoint(tmp_path, _checkpoint.unstack_layers(build()), step=1)
     _as_format(path, 2)
     _, other = _setup(CFG.replace(n_layer=2, d_model=48))
-    with pytest.raises(train.CheckpointError, match="does not match.*format 2 .layers unrolled"):
+    with pytest.raises(
+        train.CheckpointError, match="does not match.*format 2 .layers unrolled"
+    ):
         train.load_checkpoint(tmp_path, eqx.filter_eval_shape(other))
     # A stacked (format 3) file marked as format 2 has the wrong leaf shapes.
     path = train.save_checkpoint(tmp_path, build(), step=2)
@@ -167,5 +177,7 @@ def test_old_checkpoint_of_another_model_or_unknown_format_is_a_clear_error(tmp_
     with pytest.raises(train.CheckpointError, match="format 2 .layers unrolled"):
         train.load_checkpoint(tmp_path, eqx.filter_eval_shape(build))
     _as_format(path, 99)
-    with pytest.raises(train.CheckpointError, match="format 99.*reads formats 2 .* and 3"):
+    with pytest.raises(
+        train.CheckpointError, match="format 99.*reads formats 2 .* and 3"
+    ):
         train.load_checkpoint(tmp_path, eqx.filter_eval_shape(build))

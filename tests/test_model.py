@@ -508,7 +508,11 @@ def test_scanned_layers_equal_a_loop_over_layers(getkey, layerdrop):
     # Per-layer dropout keys, LayerDrop masks, states and quantizer statistics
     # come out of the scan exactly as from the layers run one by one.
     model = make(
-        getkey, n_layer=3, layerdrop=layerdrop, p_droplyr=0.4, p_dropsin=0.2,
+        getkey,
+        n_layer=3,
+        layerdrop=layerdrop,
+        p_droplyr=0.4,
+        p_dropsin=0.2,
         p_dropres=0.1,
     )
     x = tokens(getkey, 4, 16)
@@ -518,7 +522,9 @@ def test_scanned_layers_equal_a_loop_over_layers(getkey, layerdrop):
     out, new, aux = model(x, state, key=key, sequence_key=seq)
     assert_close(ref, out, 1e-6)
     assert len(new.units) == 6
-    for a, b in zip(jax.tree.leaves(ref_units), jax.tree.leaves(new.units), strict=True):
+    for a, b in zip(
+        jax.tree.leaves(ref_units), jax.tree.leaves(new.units), strict=True
+    ):
         assert_close(a, b, 1e-6)
     for k in ref_vq:
         assert aux["vq"][k].shape[0] == 6
