@@ -1,5 +1,7 @@
 """Checkpoints: bit-for-bit resume, atomic writes, corrupt/mismatched files."""
 
+import json
+
 import equinox as eqx
 import jax
 import numpy as np
@@ -10,8 +12,15 @@ from tvq_eqx import data, train
 from tvq_eqx.train import _checkpoint
 
 CFG = tvq_eqx.TransformerConfig(
-    n_vocab=256, d_model=32, d_k=8, d_v=16, n_head=1, n_code=8, n_layer=1,
-    block_len=8, p_dropres=0.1,
+    n_vocab=256,
+    d_model=32,
+    d_k=8,
+    d_v=16,
+    n_head=1,
+    n_code=8,
+    n_layer=1,
+    block_len=8,
+    p_dropres=0.1,
 )
 N = 3  # batches per half
 
@@ -92,7 +101,8 @@ def test_keep_only_the_newest(tmp_path):
     for s in range(1, 6):
         train.save_checkpoint(tmp_path, ts, step=s, keep=2)
     assert [p.name for p in train.list_checkpoints(tmp_path)] == [
-        "step_00000004", "step_00000005"
+        "step_00000004",
+        "step_00000005",
     ]
 
 
@@ -120,3 +130,54 @@ def test_mismatched_checkpoint_is_a_clear_error(tmp_path):
     _, other = _setup(CFG.replace(d_model=48))
     with pytest.raises(train.CheckpointError, match="does not match"):
         train.load_checkpoint(tmp_path, eqx.filter_eval_shape(other))
+
+
+def _as_format(path, version):
+    meta = json.loads((path / "meta.json").read_text())
+    (path / "meta.json").write_text(json.dumps(dict(meta, format_version=version)))
+
+
+def test_old_unrolled_checkpoint_loads_into_stacked_layers(tmp_path):
+    # A format-2 checkpoint held one subtree per layer (`layers` a tuple of
+    # TransformerLayers) in the model and in the optimizer moments:
+    # `unstack_layers` gives exactly that tree, so saving it and marking it
+    # format 2 is such a checkpoint.
+    opt, build = _setup(CFG.replace(n_layer=3))
+    step = train.make_train_step(opt, update_len=16)
+    stream = _stream()
+    ts = _run(build(), step, stream, 0, 1)
+    old = _checkpoint.unstack_layers(ts)
+    assert isinstance(old.model.layers, tuple) and len(old.model.layers) == 3
+    path = train.save_checkpoint(tmp_path, old, step=1)
+    _as_format(path, 2)
+    loaded, _ = train.load_checkpoint(tmp_path, eqx.filter_eval_shape(build))
+    assert isinstance(loaded.model.layers, tvq_eqx.nn.LayerStack)
+    a, b = _host_leaves(ts), _host_leaves(loaded)
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
+        assert x.dtype == y.dtype and np.array_equal(x, y)
+    # ... and training goes on from it as from the original.
+    cont = _host_leaves(_run(ts, step, stream, 1, 2))
+    for x, y in zip(cont, _host_leaves(_run(loaded, step, stream, 1, 2)), strict=True):
+        assert np.array_equal(x, y)
+
+
+def test_old_checkpoint_of_another_model_or_unknown_format_is_a_clear_error(tmp_path):
+    _, build = _setup(CFG.replace(n_layer=2))
+    path = train.save_checkpoint(tmp_path, _checkpoint.unstack_layers(build()), step=1)
+    _as_format(path, 2)
+    _, other = _setup(CFG.replace(n_layer=2, d_model=48))
+    with pytest.raises(
+        train.CheckpointError, match="does not match.*format 2 .layers unrolled"
+    ):
+        train.load_checkpoint(tmp_path, eqx.filter_eval_shape(other))
+    # A stacked (format 3) file marked as format 2 has the wrong leaf shapes.
+    path = train.save_checkpoint(tmp_path, build(), step=2)
+    _as_format(path, 2)
+    with pytest.raises(train.CheckpointError, match="format 2 .layers unrolled"):
+        train.load_checkpoint(tmp_path, eqx.filter_eval_shape(build))
+    _as_format(path, 99)
+    with pytest.raises(
+        train.CheckpointError, match="format 99.*reads formats 2 .* and 3"
+    ):
+        train.load_checkpoint(tmp_path, eqx.filter_eval_shape(build))

@@ -21,7 +21,9 @@ How the official parameters map (edit `UNIT_PARAMS`, `lm_params` and
 `codebook_scale` if our parametrisation changes): reshapes only, except that
 our codebook lives in the unscaled key space (keys after the q/k norm) while
 the official `LearnableVQ` works in the pre-scaled space `k * d_k^-1/4`, so
-`codebook_sum = c_sum * d_k^(1/4)`. The codebook's gradient is the EMA
+`codebook_sum = c_sum * d_k^(1/4)`. Our layers are stacked along a
+leading layer axis (`Transformer.layers`, a `LayerStack`): official layer `i`
+is index `i` of that axis (`model.layers[i]`). The codebook's gradient is the EMA
 surrogate's (its SGD step is the EMA update in either space), so its gradient
 and update map like the parameter itself.
 """
@@ -41,7 +43,7 @@ import pytest
 
 import tvq_eqx
 from tvq_eqx import TransformerConfig, loss_fn
-from tvq_eqx.nn import VQAttention
+from tvq_eqx.nn import LayerStack, VQAttention, stack_layers
 
 GOLDEN = Path(__file__).parent / "golden"
 CASES = sorted(p.stem for p in GOLDEN.glob("*.npz"))
@@ -192,6 +194,13 @@ def build(cls, config, table, params: dict, d_k: int, skip=()):
     with no counterpart of ours, is an error naming it.
     """
     skeleton = eqx.filter_eval_shape(cls, config, key=jax.random.key(0))
+    # Our layers are stacked along a leading layer axis; the official ones are
+    # separate (`transformer_layers_i`). Fill an unrolled skeleton (a tuple of
+    # per-layer skeletons, so `m.layers[i]` is a node `tree_at` can set), then
+    # stack it.
+    stacked = isinstance(getattr(skeleton, "layers", None), LayerStack)
+    if stacked:
+        skeleton = eqx.tree_at(lambda m: m.layers, skeleton, tuple(skeleton.layers))
     missing, getters, values = [], [], []
     for name, get, kind in table:
         try:
@@ -219,6 +228,8 @@ def build(cls, config, table, params: dict, d_k: int, skip=()):
         raise GoldenSetupError(
             f"{cls.__name__} parameters with no official counterpart: {unset}"
         )
+    if stacked:
+        module = eqx.tree_at(lambda m: m.layers, module, stack_layers(module.layers))
     return module
 
 

@@ -11,8 +11,10 @@ from conftest import assert_close
 
 import tvq_eqx
 from tvq_eqx.nn import (
+    LayerStack,
     OutputHead,
     RMSNorm,
+    TransformerLayer,
     VectorQuantizer,
     layer_norm,
     rms_norm,
@@ -400,6 +402,7 @@ def test_with_config_rejects_shape_changes(getkey):
         ("layerdrop", "block", "layerdrop"),
         ("drop_mask_scope", "batch", "drop_mask_scope"),
         ("lm_loss_average", "tokenz", "lm_loss_average"),
+        ("remat", "layer", "remat"),
     ],
 )
 def test_config_validation(field, value, match):
@@ -449,3 +452,108 @@ def test_shape_annotations_are_enforced_in_tests():
 
     with pytest.raises(jaxtyping.TypeCheckError):
         quantize(jnp.zeros((2, 3, 4)), jnp.zeros((3, 5, 6)))
+
+
+# ------------------------------------------------------------ stacked layers
+
+
+def test_layers_are_stacked_and_index_like_separate_layers(getkey):
+    model = make(getkey, n_layer=3)
+    stack = model.layers
+    assert isinstance(stack, LayerStack) and len(stack) == 3
+    assert stack.stacked.units[0].w_q.shape == (3, 32, 2 * 8)
+    # Layer i is initialised from the i-th layer key, as a lone layer would be.
+    keys = jax.random.split(jax.random.key(7), 3)
+    ref = [TransformerLayer(model.config, key=k) for k in keys]
+    built = LayerStack.init(model.config, keys=keys)
+    for i, layer in enumerate(built):
+        for a, b in zip(jax.tree.leaves(ref[i]), jax.tree.leaves(layer), strict=True):
+            np.testing.assert_array_equal(a, b)
+    assert np.array_equal(stack[-1].units[1].w_o, stack[2].units[1].w_o)
+    with pytest.raises(IndexError, match="layer 3 out of range for 3 layers"):
+        stack[3]
+    assert len(model.attention_units()) == 6
+    # Indexing works on any tree of the model's shape (here: abstract shapes).
+    abstract = eqx.filter_eval_shape(tvq_eqx.Transformer, model.config, key=getkey())
+    assert abstract.layers[1].units[0].w_q.shape == (32, 16)
+
+
+def _unrolled_call(model, x, state, key, sequence_key):
+    """The layers run one by one in a Python loop over per-layer views, with
+    the per-layer keys the model documents (the pre-scan implementation)."""
+    n = model.config.n_layer
+    keys = jax.random.split(key, n + 1)
+    seq_keys = jax.random.split(sequence_key, n)
+    b, t = x.shape
+    mask = jnp.ones((b, t))
+    h = model.embedding(x)
+    units, stats = [], []
+    for i in range(n):
+        h, st, s = model.layers[i](
+            h,
+            state.units[2 * i : 2 * i + 2],
+            mask=mask,
+            key=keys[i + 1],
+            sequence_key=seq_keys[i],
+        )
+        units += st
+        stats += s
+    logits = model.head(model.out_norm(h), None)
+    vq = jax.tree.map(lambda *a: jnp.stack(a), *stats)
+    return jax.nn.log_softmax(logits, -1), units, vq
+
+
+@pytest.mark.parametrize("layerdrop", ["unit", "layer"])
+def test_scanned_layers_equal_a_loop_over_layers(getkey, layerdrop):
+    # Per-layer dropout keys, LayerDrop masks, states and quantizer statistics
+    # come out of the scan exactly as from the layers run one by one.
+    model = make(
+        getkey,
+        n_layer=3,
+        layerdrop=layerdrop,
+        p_droplyr=0.4,
+        p_dropsin=0.2,
+        p_dropres=0.1,
+    )
+    x = tokens(getkey, 4, 16)
+    state = model.init_state(4)
+    key, seq = getkey(), getkey()
+    ref, ref_units, ref_vq = _unrolled_call(model, x, state, key, seq)
+    out, new, aux = model(x, state, key=key, sequence_key=seq)
+    assert_close(ref, out, 1e-6)
+    assert len(new.units) == 6
+    for a, b in zip(
+        jax.tree.leaves(ref_units), jax.tree.leaves(new.units), strict=True
+    ):
+        assert_close(a, b, 1e-6)
+    for k in ref_vq:
+        assert aux["vq"][k].shape[0] == 6
+        assert_close(ref_vq[k], aux["vq"][k], 1e-6, name=k)
+    # ... and the dropout is really on: another sequence key changes it.
+    other, _, _ = model(x, state, key=key, sequence_key=getkey())
+    assert np.abs(np.asarray(other - out)).max() > 1e-3
+
+
+@pytest.mark.parametrize("remat", ["full", "dots", "dots_no_batch"])
+def test_remat_gives_the_same_loss_and_gradients(getkey, remat):
+    model = make(getkey, n_layer=2, p_dropres=0.1, p_droplyr=0.3)
+    x = tokens(getkey, 2, 17)
+    batch = dict(inputs=x[:, :-1], targets=x[:, 1:], loss_mask=jnp.ones((2, 16)))
+    key = getkey()
+
+    @eqx.filter_jit
+    def value_and_grad(m):
+        f = eqx.filter_value_and_grad(tvq_eqx.loss_fn, has_aux=True)
+        (loss, aux), grads = f(m, batch, m.init_state(2), key=key)
+        return loss, aux["state"], grads
+
+    loss, state, grads = value_and_grad(model)
+    loss_r, state_r, grads_r = value_and_grad(model.with_config(remat=remat))
+    assert loss_r.dtype == jnp.float32
+    np.testing.assert_allclose(float(loss_r), float(loss), rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(state_r), strict=True):
+        assert_close(a, b, 1e-6)
+    g, g_r = jax.tree.leaves(grads), jax.tree.leaves(grads_r)
+    assert len(g) == len(g_r) > 10
+    for a, b in zip(g, g_r, strict=True):
+        assert_close(a, b, 1e-5)

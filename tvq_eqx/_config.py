@@ -79,6 +79,13 @@ class TransformerConfig:
     - `implementation`: VQ-attention implementation (`None` = best available).
     - `pallas`: how the Pallas kernels run when they do (`PallasConfig`: tile
       sizes, backward choice, interpret mode); None = the defaults.
+    - `remat`: rematerialisation of the scanned layer body in the backward
+      pass (`jax.checkpoint`): `"none"` (default: keep every activation),
+      `"full"` (keep only each layer's input, recompute the rest),
+      `"dots"` (keep matmul outputs, `checkpoint_policies.dots_saveable`),
+      `"dots_no_batch"` (keep matmul outputs without batch dimensions, i.e.
+      weight-stationary ones, `dots_with_no_batch_dims_saveable`). Same values and
+      gradients, less memory, more compute.
     """
 
     n_vocab: int = 256
@@ -113,6 +120,7 @@ class TransformerConfig:
     kv_cache_len: int = 2048
     state_keys: str = "codewords"
     pallas: PallasConfig | None = None
+    remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"
 
     def __post_init__(self):
         positive = (
@@ -205,6 +213,11 @@ class TransformerConfig:
                     f"TransformerConfig.{name} must be one of {allowed}; "
                     f"got {getattr(self, name)!r}"
                 )
+        if self.remat not in _literal_values("remat"):
+            raise ValueError(
+                f"TransformerConfig.remat must be one of {_literal_values('remat')}; "
+                f"got {self.remat!r}"
+            )
 
     @property
     def jnp_dtype(self):

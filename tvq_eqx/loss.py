@@ -115,9 +115,16 @@ def loss_fn(
 
     vq = aux["vq"]
     commit = jnp.sum(vq["commit_sum"]) / n_positions
+    # One term per unit position (first / second of each layer), each summed
+    # over the stacked layers: statistics [2 * n_layer, ...] -> [n_layer, 2, ...].
+    n_layer = model.config.n_layer
+    count, key_sum = (
+        vq[k].reshape(n_layer, 2, *vq[k].shape[1:])
+        for k in ("code_count", "code_key_sum")
+    )
     codebook_loss = sum(
-        unit.quantizer.codebook_loss(vq["code_count"][i], vq["code_key_sum"][i])
-        for i, unit in enumerate(model.attention_units())
+        unit.quantizer.codebook_loss(count[:, j], key_sum[:, j])
+        for j, unit in enumerate(model.layers.stacked.units)
     )
     # The surrogate's value is meaningless (only its gradient matters), so it
     # enters with value 0 and `loss` stays readable as LM loss + commit term.

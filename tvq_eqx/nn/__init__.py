@@ -10,7 +10,9 @@ from ._norm import rms_norm as rms_norm
 from ._positional import ScaledSinusoids as ScaledSinusoids
 from ._positional import XLRelativeBias as XLRelativeBias
 from ._quantizer import VectorQuantizer as VectorQuantizer
+from ._transformer import LayerStack as LayerStack
 from ._transformer import Transformer as Transformer
 from ._transformer import TransformerLayer as TransformerLayer
 from ._transformer import TransformerState as TransformerState
 from ._transformer import layer_drop as layer_drop
+from ._transformer import stack_layers as stack_layers

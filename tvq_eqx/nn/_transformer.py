@@ -5,7 +5,7 @@ from __future__ import annotations
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, Int, PRNGKeyArray
+from jaxtyping import Array, Float, Int, Key, PRNGKeyArray
 
 from .._config import TransformerConfig
 from ..ops import FullAttentionState, VQAttentionState
@@ -91,6 +91,76 @@ class TransformerLayer(eqx.Module):
         return y, tuple(new_states), stats
 
 
+def _slice_leaf(x, i: int):
+    if isinstance(x, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct(x.shape[1:], x.dtype)
+    return x[i] if eqx.is_array(x) else x
+
+
+class LayerStack(eqx.Module):
+    """The `n_layer` identical `TransformerLayer`s held as one module: every
+    array of `stacked` has a leading `[n_layer]` axis (built with
+    `eqx.filter_vmap`, run with `jax.lax.scan`), so tracing and compile time
+    do not grow with depth.
+
+    `stack[i]` is layer `i` as a plain `TransformerLayer` (a read-only view
+    with the layer axis sliced off); `len(stack)` and iteration work too. The
+    same indexing works on any PyTree of this shape (gradients, optimizer
+    labels): only array leaves are sliced.
+    """
+
+    stacked: TransformerLayer
+    n_layer: int = eqx.field(static=True)
+
+    @classmethod
+    def init(
+        cls, config: TransformerConfig, *, keys: Key[Array, " n_layer"]
+    ) -> LayerStack:
+        """`config.n_layer` fresh layers, layer `i` initialised from `keys[i]`
+        (the same values as `TransformerLayer(config, key=keys[i])`)."""
+        if keys.shape != (config.n_layer,):
+            raise ValueError(
+                f"keys must have shape ({config.n_layer},) (one per layer); got "
+                f"{keys.shape}"
+            )
+        make = eqx.filter_vmap(lambda k: TransformerLayer(config, key=k))
+        return cls(make(keys), config.n_layer)
+
+    def __len__(self) -> int:
+        return self.n_layer
+
+    def __getitem__(self, i: int) -> TransformerLayer:
+        if isinstance(i, bool) or not isinstance(i, int):
+            raise TypeError(f"layer index must be an int; got {type(i).__name__}")
+        if not -self.n_layer <= i < self.n_layer:
+            raise IndexError(f"layer {i} out of range for {self.n_layer} layers")
+        i %= self.n_layer
+        return jax.tree.map(lambda x: _slice_leaf(x, i), self.stacked)
+
+    def __iter__(self):
+        return (self[i] for i in range(self.n_layer))
+
+
+def stack_layers(layers: tuple | list) -> LayerStack:
+    """A `LayerStack` from per-layer `TransformerLayer`s (or PyTrees of their
+    shape, e.g. the layers of an old, unrolled checkpoint): array leaves are
+    stacked along a new leading axis."""
+    if not layers:
+        raise ValueError("stack_layers needs at least one layer")
+    return LayerStack(_stack_trees(layers), len(layers))
+
+
+_REMAT_POLICIES = {
+    "full": None,  # save nothing but the layer's inputs
+    "dots": jax.checkpoint_policies.dots_saveable,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _stack_trees(trees):
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
 class Transformer(eqx.Module):
     """Transformer-VQ decoder-only language model.
 
@@ -115,9 +185,16 @@ class Transformer(eqx.Module):
     Parameters map onto the official Flax model as `embedding.weight = embs`;
     `position_embedding.scale = position_embedder.scale`; `out_norm.weight/bias
     = out_ln.g/b`; `head.bias = bias_out` (tied) or `out_proj.bias`;
-    `head.weight = out_proj.kernel` (untied; `None` when tied); each layer's
+    `head.weight = out_proj.kernel` (untied; `None` when tied); layer `i`'s
     `units[0]`, `units[1]` = `scanned_attn1`, `scanned_attn2` (see
-    `VQAttention`).
+    `VQAttention`) of `transformer_layers_i`, stored at index `i` of the
+    leading layer axis of `layers.stacked` (a `LayerStack`; `layers[i]` reads
+    layer `i`).
+
+    The layers run as one `jax.lax.scan` over the stacked parameters;
+    `config.remat` wraps its body in `jax.checkpoint`. The state stays one
+    entry per attention unit (`state.units`, two per layer, in order);
+    stacked along the layer axis for the scan and split again after it.
 
     **Returns:** float32 log-probabilities `[batch, seq, n_vocab]`, the new
     state, and `aux = {"vq": stats}` where each entry of `stats` has a leading
@@ -127,7 +204,7 @@ class Transformer(eqx.Module):
 
     embedding: Embedding
     position_embedding: ScaledSinusoids | None
-    layers: tuple[TransformerLayer, ...]
+    layers: LayerStack
     out_norm: RMSNorm | None
     head: OutputHead
     config: TransformerConfig = eqx.field(static=True)
@@ -137,7 +214,8 @@ class Transformer(eqx.Module):
             raise TypeError(
                 f"config must be a TransformerConfig; got {type(config).__name__}"
             )
-        ke, kh, *kl = jax.random.split(key, 2 + config.n_layer)
+        keys = jax.random.split(key, 2 + config.n_layer)
+        ke, kh, kl = keys[0], keys[1], keys[2:]
         pdt = config.jnp_param_dtype
         self.embedding = Embedding(config.n_vocab, config.d_model, key=ke, dtype=pdt)
         self.position_embedding = (
@@ -145,7 +223,7 @@ class Transformer(eqx.Module):
             if config.abs_pe
             else None
         )
-        self.layers = tuple(TransformerLayer(config, key=k) for k in kl)
+        self.layers = LayerStack.init(config, keys=kl)
         self.out_norm = (
             RMSNorm(config.d_model, dtype=pdt) if config.output_norm else None
         )
@@ -160,7 +238,8 @@ class Transformer(eqx.Module):
         self.config = config
 
     def attention_units(self) -> list[VQAttention]:
-        """All attention units in call order (two per layer)."""
+        """All attention units in call order (two per layer), as per-layer
+        views of the stacked parameters."""
         return [unit for layer in self.layers for unit in layer.units]
 
     def init_state(self, batch_size: int) -> TransformerState:
@@ -265,17 +344,7 @@ class Transformer(eqx.Module):
             x = x + self.position_embedding(pos).astype(dt)[None]
         x = dropout(x, c.p_dropemb, keys[0])
 
-        new_units, stats = [], []
-        for i, layer in enumerate(self.layers):
-            x, st, s = layer(
-                x,
-                state.units[2 * i : 2 * i + 2],
-                mask=mask,
-                key=keys[i + 1],
-                sequence_key=seq_keys[i],
-            )
-            new_units.extend(st)
-            stats.extend(s)
+        x, new_units, stats = self._run_layers(x, state.units, mask, keys[1], seq_keys)
 
         if self.out_norm is not None:
             x = self.out_norm(x)
@@ -285,19 +354,55 @@ class Transformer(eqx.Module):
         new_state = TransformerState(
             units=tuple(new_units), position=state.position + t
         )
-        vq = jax.tree.map(lambda *xs: jnp.stack(xs), *stats)
-        return logprobs, new_state, {"vq": vq}
+        return logprobs, new_state, {"vq": stats}
+
+    def _run_layers(self, x, units, mask, layer_keys, seq_keys):
+        """`jax.lax.scan` of the layers over their stacked parameters, per-layer
+        attention states (stacked for the scan) and per-layer dropout keys.
+
+        **Returns:** the output, the new per-unit states (a tuple, two per
+        layer) and the quantizer statistics with a leading `2 * n_layer` axis.
+        """
+        n = self.config.n_layer
+        # [n_layer] states for the first and for the second unit of each layer.
+        states = tuple(_stack_trees(units[j::2]) for j in range(2))
+        params, static = eqx.partition(self.layers.stacked, eqx.is_array)
+
+        def body(x, per_layer):
+            params, states, key, sequence_key = per_layer
+            layer = eqx.combine(params, static)
+            y, new_states, stats = layer(
+                x, states, mask=mask, key=key, sequence_key=sequence_key
+            )
+            return y, (new_states, _stack_trees(stats))
+
+        if self.config.remat != "none":
+            body = jax.checkpoint(
+                body, policy=_REMAT_POLICIES[self.config.remat], prevent_cse=False
+            )
+        x, (new_states, stats) = jax.lax.scan(
+            body, x, (params, states, layer_keys, seq_keys)
+        )
+        new_units = tuple(
+            jax.tree.map(lambda a, i=i: a[i], new_states[j])
+            for i in range(n)
+            for j in range(2)
+        )
+        # [n_layer, 2, ...] -> [2 * n_layer, ...] in unit order.
+        stats = jax.tree.map(lambda a: a.reshape(2 * n, *a.shape[2:]), stats)
+        return x, new_units, stats
 
     def _dropout_keys(self, key, sequence_key):
-        """Per-call keys (embedding dropout, then one per layer for residual
-        dropout) and per-layer sequence keys (LayerDrop, sinusoid dropout)."""
+        """Per-call keys (embedding dropout, then `[n_layer]` keys for the
+        layers' residual dropout) and `[n_layer]` sequence keys (LayerDrop,
+        sinusoid dropout); all None when `key` is None."""
         c = self.config
         n = c.n_layer
         if key is None:
-            return [None] * (n + 1), [None] * n
-        keys = list(jax.random.split(key, n + 1))
+            return (None, None), None
+        keys = jax.random.split(key, n + 1)
         if c.drop_mask_scope == "segment" or sequence_key is None:
             # Fresh masks for this call: derived from `key`, independent of
             # the per-call keys above.
             sequence_key = jax.random.fold_in(key, 0x5E0)
-        return keys, list(jax.random.split(sequence_key, n))
+        return (keys[0], keys[1:]), jax.random.split(sequence_key, n)

@@ -32,9 +32,16 @@ import equinox as eqx
 import jax
 import numpy as np
 
+from ..nn import LayerStack, stack_layers
+
 # 2: the official-parity parameter layout (norm biases, output-head bias,
-# absolute-PE scale) and semantics (RMS q/k norm, codebook init, ...).
-FORMAT_VERSION = 2
+# absolute-PE scale) and semantics (RMS q/k norm, codebook init, ...), one
+# subtree per layer (`Transformer.layers` a tuple).
+# 3: the same model with its layers stacked (`Transformer.layers` a
+# `LayerStack`, every layer array with a leading layer axis). Format 2 loads:
+# its per-layer arrays are stacked (`unstack_layers` gives its layout).
+FORMAT_VERSION = 3
+_UNROLLED_FORMAT = 2
 LATEST = "LATEST"
 _STATE = "state.eqx"
 _META = "meta.json"
@@ -51,6 +58,31 @@ def _signature(tree: Any) -> list[str]:
     return [
         f"{tuple(x.shape)}:{np.dtype(x.dtype)}" for x in leaves if hasattr(x, "dtype")
     ]
+
+
+def _is_stack(x) -> bool:
+    return isinstance(x, LayerStack)
+
+
+def unstack_layers(tree: Any) -> Any:
+    """`tree` in the unrolled layout of checkpoint format 2: every
+    `LayerStack` (in the model, in optimizer moments shaped like it)
+    replaced by a tuple of its layers (array leaves sliced, ShapeDtypeStructs
+    too). Its leaves are in the order format 2 serialised them."""
+    return jax.tree.map(
+        lambda x: tuple(x) if _is_stack(x) else x, tree, is_leaf=_is_stack
+    )
+
+
+def restack_layers(like: Any, unrolled: Any) -> Any:
+    """Inverse of `unstack_layers`: `unrolled` (the layout of `unstack_layers(like)`)
+    with each tuple of layers where `like` has a `LayerStack` stacked back."""
+    return jax.tree.map(
+        lambda s, u: stack_layers(u) if _is_stack(s) else u,
+        like,
+        unrolled,
+        is_leaf=_is_stack,
+    )
 
 
 def _sha256(path: Path) -> str:
@@ -215,10 +247,11 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
             "commit loss); its weights cannot be loaded into the current model. "
             "Retrain, or load it with the tvq-eqx version that wrote it."
         )
-    if meta.get("format_version") != FORMAT_VERSION:
+    if meta.get("format_version") not in (FORMAT_VERSION, _UNROLLED_FORMAT):
         raise CheckpointError(
             f"{p} has checkpoint format {meta.get('format_version')!r}; this "
-            f"tvq-eqx reads format {FORMAT_VERSION}"
+            f"tvq-eqx reads formats {_UNROLLED_FORMAT} (layers unrolled, "
+            f"converted on load) and {FORMAT_VERSION} (layers stacked)"
         )
     meta["path"] = str(p)
     return meta
@@ -231,6 +264,8 @@ def load_checkpoint(path: str | os.PathLike, like: Any) -> tuple[Any, dict[str, 
     `path` is a checkpoint folder, or a checkpoints directory (its `LATEST`).
     Verifies the format version, the SHA-256 of the arrays and every leaf's
     shape and dtype; raises `CheckpointError` with one clear line otherwise.
+    A format-2 checkpoint (layers unrolled, one subtree per layer) is read in
+    that layout and its layers stacked into `like`'s.
 
     **Returns:** `(train_state, meta)`.
     """
@@ -241,7 +276,15 @@ def load_checkpoint(path: str | os.PathLike, like: Any) -> tuple[Any, dict[str, 
         raise CheckpointError(
             f"{state_path} is corrupt (SHA-256 does not match meta.json)"
         )
-    want = _signature(like)
+    unrolled = meta["format_version"] == _UNROLLED_FORMAT
+    on_disk = unstack_layers(like) if unrolled else like
+    layout = (
+        f"checkpoint format {_UNROLLED_FORMAT} (layers unrolled, converted to the "
+        "stacked layout)"
+        if unrolled
+        else f"checkpoint format {FORMAT_VERSION} (layers stacked)"
+    )
+    want = _signature(on_disk)
     got = meta.get("signature")
     if got != want:
         n_diff = (
@@ -252,13 +295,15 @@ def load_checkpoint(path: str | os.PathLike, like: Any) -> tuple[Any, dict[str, 
         raise CheckpointError(
             f"{p} does not match the model/optimizer being loaded: "
             f"{len(got) if isinstance(got, list) else '?'} arrays on disk vs "
-            f"{len(want)} expected, {n_diff} with different shape/dtype"
+            f"{len(want)} expected, {n_diff} with different shape/dtype ({layout})"
         )
     try:
         with open(state_path, "rb") as f:
-            tree = eqx.tree_deserialise_leaves(f, like)
+            tree = eqx.tree_deserialise_leaves(f, on_disk)
+        if unrolled:
+            tree = restack_layers(like, tree)
     except Exception as e:
         raise CheckpointError(
-            f"cannot load {state_path}: {type(e).__name__}: {e}"
+            f"cannot load {state_path} ({layout}): {type(e).__name__}: {e}"
         ) from None
     return tree, meta

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from ..nn import VectorQuantizer, XLRelativeBias
+from ..nn import LayerStack, VectorQuantizer, XLRelativeBias
 
 OptimizerName = Literal["adamw", "lion", "adafactor"]
 OPTIMIZERS: tuple[str, ...] = ("adamw", "lion", "adafactor")
@@ -87,19 +87,31 @@ def guard_no_codebook() -> optax.GradientTransformation:
 
 def weight_decay_mask(params: Any) -> Any:
     """True for the arrays weight decay acts on, as the official code: every
-    array that is not 1-D (matrices, the embedding table, the scalar
-    absolute-PE scale), except the Transformer-XL biases `u`, `v` (1-D
+    array that is not 1-D per layer (matrices, the embedding table, the scalar
+    absolute-PE scale; the leading layer axis of stacked layers not counted), except the Transformer-XL biases `u`, `v` (1-D
     `[heads * d_k]` officially, stored `[heads, d_k]` here). Norm gains and
     biases and the output bias are not decayed; the codebook never reaches
     the main optimizer."""
 
-    def mark(node):
-        if isinstance(node, XLRelativeBias):
-            flags = jax.tree.map(lambda x: jnp.ndim(x) != 1, node)
-            return eqx.tree_at(lambda r: (r.u, r.v), flags, (False, False))
-        return jnp.ndim(node) != 1
+    return _decay_flags(params, layer_axes=0)
 
-    return jax.tree.map(mark, params, is_leaf=lambda x: isinstance(x, XLRelativeBias))
+
+def _decay_flags(tree: Any, layer_axes: int) -> Any:
+    # `layer_axes`: leading stacked-layer axes (inside a `LayerStack`), not
+    # counted in the rank that decides.
+    def is_node(x):
+        return isinstance(x, (XLRelativeBias, LayerStack))
+
+    def mark(node):
+        if isinstance(node, LayerStack):
+            inner = _decay_flags(node.stacked, layer_axes + 1)
+            return eqx.tree_at(lambda s: s.stacked, node, inner)
+        if isinstance(node, XLRelativeBias):
+            flags = jax.tree.map(lambda x: jnp.ndim(x) - layer_axes != 1, node)
+            return eqx.tree_at(lambda r: (r.u, r.v), flags, (False, False))
+        return jnp.ndim(node) - layer_axes != 1
+
+    return jax.tree.map(mark, tree, is_leaf=is_node)
 
 
 def lr_schedule(
