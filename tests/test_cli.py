@@ -8,10 +8,11 @@ import pytest
 from tvq_eqx.cli import main
 
 MICRO = [
-    "--d-model", "32", "--d-k", "8", "--d-v", "32", "--n-code", "8", "--n-layer", "1",
-    "--block-len", "16", "--seq-len", "64", "--update-len", "32", "--batch-size", "4",
-    "--steps", "4", "--warmup-steps", "1", "--eval-every", "2", "--eval-batches", "2",
-    "--log-every", "2", "--sample-len", "12", "--no-progress",
+    "--model.d-model", "32", "--model.d-k", "8", "--model.d-v", "32",
+    "--model.n-code", "8", "--model.n-layer", "1", "--model.block-len", "16",
+    "--data.seq-len", "64", "--update-len", "32", "--data.batch-size", "4",
+    "--steps", "4", "--optimizer.warmup-steps", "1", "--eval-every", "2",
+    "--eval-batches", "2", "--log-every", "2", "--sample-len", "12", "--no-progress",
 ]
 
 
@@ -68,7 +69,7 @@ def test_resume_continues_bit_for_bit(trained, tmp_path, capsys):
     capsys.readouterr()
     # Different settings on resume: refused.
     assert main(["train", "--run-dir", str(run_dir), "--resume", *MICRO,
-                 "--learning-rate", "0.5"]) == 2
+                 "--optimizer.learning-rate", "0.5"]) == 2
     assert "differ from the checkpoint" in _one_error_line(capsys)
 
 
@@ -76,14 +77,15 @@ def test_resume_continues_bit_for_bit(trained, tmp_path, capsys):
     "argv, message",
     [
         (["train", "--preset", "nope"], "invalid choice"),
-        (["train", "--bogus-flag", "1"], "unrecognized arguments"),
+        (["train", "--bogus-flag", "1"], "Unrecognized options: --bogus-flag"),
         (["frobnicate"], "invalid choice"),
-        (["train", "--data", "/nonexistent/text.txt", *MICRO], "does not exist"),
-        (["train", *MICRO, "--seq-len", "80"], "multiple of"),
-        (["train", *MICRO, "--d-model", "abc"], "cannot parse"),
-        (["train", *MICRO, "--optimizer", "sgd"], "optimizer must be one of"),
-        (["train", *MICRO, "--qk-norm", "centred"], "--qk-norm must be one of"),
-        (["train", *MICRO, "--e-scale", "0"], "e_scale must be a float > 0"),
+        (["train", "--data.path", "/nonexistent/text.txt", *MICRO], "does not exist"),
+        (["train", *MICRO, "--data.seq-len", "80"], "multiple of"),
+        (["train", *MICRO, "--model.d-model", "abc"], "--model.d-model"),
+        (["train", *MICRO, "--optimizer.name", "sgd"], "'sgd'"),
+        (["train", *MICRO, "--model.qk-norm", "centred"], "--model.qk-norm"),
+        (["train", *MICRO, "--model.e-scale", "0"], "e_scale must be a float > 0"),
+        (["train", *MICRO, "--config", "/nonexistent/run.toml"], "no such file"),
     ],
 )
 def test_bad_input_one_line_exit_2_nothing_written(argv, message, tmp_path, capsys):
@@ -98,7 +100,7 @@ def test_empty_data_file(tmp_path, capsys):
     empty = tmp_path / "empty.txt"
     empty.write_bytes(b"")
     run_dir = tmp_path / "run"
-    assert main(["train", "--run-dir", str(run_dir), "--data", str(empty), *MICRO]) == 2
+    assert main(["train", "--run-dir", str(run_dir), "--data.path", str(empty), *MICRO]) == 2
     assert "empty" in _one_error_line(capsys)
     assert not run_dir.exists()
 
@@ -145,9 +147,10 @@ def test_bench_reports_throughput(capsys):
 
 def test_parity_options_are_flags(tmp_path):
     run_dir = tmp_path / "run"
-    flags = ["--qk-norm", "layer", "--layerdrop", "layer", "--e-scale", "0.5",
-             "--drop-mask-scope", "segment", "--lm-loss-average", "tokens",
-             "--p-droplyr", "0.2", "--tie-embeddings", "true"]  # fmt: skip
+    flags = ["--model.qk-norm", "layer", "--model.layerdrop", "layer",
+             "--model.e-scale", "0.5", "--model.drop-mask-scope", "segment",
+             "--model.lm-loss-average", "tokens", "--model.p-droplyr", "0.2",
+             "--model.tie-embeddings"]  # fmt: skip
     assert main(["train", "--run-dir", str(run_dir), *MICRO, *flags, "--stop-at", "2"]) == 0
     meta = json.loads((run_dir / "checkpoints" / "step_00000002" / "meta.json").read_text())
     model = meta["run"]["model"]
