@@ -187,7 +187,7 @@ def _base(name: str, schedule: optax.Schedule) -> optax.GradientTransformation:
 
 
 def make_optimizer(
-    name: OptimizerName = _DEFAULT.name,
+    name: str = _DEFAULT.name,
     *,
     learning_rate: float = _DEFAULT.learning_rate,
     warmup_steps: int = _DEFAULT.warmup_steps,
