@@ -491,20 +491,18 @@ def cmd_train(argv: list[str]) -> int:
     return 0
 
 
-def _loaded(run_dir: str):
-    return train.load_run(run_dir)
-
-
 def cmd_eval(argv: list[str]) -> int:
     import jax
 
     args = _parse(EvalCommand, argv, default=None, prog="tvq-eqx eval")
     if args.distributed:
         jax.distributed.initialize()
-    run, ts, meta = _loaded(args.run_dir)
+    run, ts, meta = train.load_run(args.run_dir)
     try:
         run = run.replace(
-            eval_batches=run.eval_batches if args.eval_batches is None else args.eval_batches,
+            eval_batches=run.eval_batches
+            if args.eval_batches is None
+            else args.eval_batches,
             data=dict(
                 batch_size=args.batch_size or run.data.batch_size,
                 path=args.data if args.data is not None else run.data.path,
@@ -514,7 +512,9 @@ def cmd_eval(argv: list[str]) -> int:
         raise UsageError(str(e)) from None
     changes = {
         k: v
-        for k, v in dict(implementation=args.implementation, block_len=args.block_len).items()
+        for k, v in dict(
+            implementation=args.implementation, block_len=args.block_len
+        ).items()
         if v is not None
     }
     try:
@@ -546,7 +546,9 @@ def cmd_eval(argv: list[str]) -> int:
         f"{res['wall_s']:.1f} s)"
     )
     with open(Path(args.run_dir) / "metrics.jsonl", "a") as f:
-        f.write(json.dumps(dict(res, split=f"eval_{args.split}"), sort_keys=True) + "\n")
+        f.write(
+            json.dumps(dict(res, split=f"eval_{args.split}"), sort_keys=True) + "\n"
+        )
     return 0
 
 
@@ -559,7 +561,7 @@ def cmd_sample(argv: list[str]) -> int:
     args = _parse(SampleCommand, argv, default=None, prog="tvq-eqx sample")
     if args.distributed:
         jax.distributed.initialize()
-    run, ts, meta = _loaded(args.run_dir)
+    run, ts, meta = train.load_run(args.run_dir)
     given = dict(
         sample_len=args.sample_len,
         temperature=args.temperature,
@@ -685,11 +687,15 @@ commands:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `python -m tvq_eqx` and the `tvq-eqx` script."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        (sys.stdout if argv else sys.stderr).write(_USAGE)
-        return 0 if argv else EXIT_USAGE
-    command, rest = argv[0], argv[1:]
+    if argv and argv[0] in ("-h", "--help"):
+        sys.stdout.write(_USAGE)
+        return 0
+    command, rest = (argv[0], argv[1:]) if argv else (None, [])
     try:
+        if command is None:
+            raise UsageError(
+                f"missing command (choose from {', '.join(_RUNNERS)}; see tvq-eqx --help)"
+            )
         if command not in _RUNNERS:
             raise UsageError(
                 f"invalid choice {command!r} (choose from {', '.join(_RUNNERS)})"

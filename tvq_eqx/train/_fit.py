@@ -45,7 +45,9 @@ class Callback:
     def on_start(self, *, run: RunConfig, start_step: int, stop_step: int) -> None:
         """Before the first batch (`start_step` > 0 when resuming)."""
 
-    def on_step(self, step: int, metrics: Mapping[str, Any], train_state: TrainState) -> None:
+    def on_step(
+        self, step: int, metrics: Mapping[str, Any], train_state: TrainState
+    ) -> None:
         """After each batch; `step` counts optimizer updates done."""
 
     def on_log(self, record: dict[str, Any]) -> None:
@@ -120,7 +122,9 @@ class _SigintFlag:
     def __init__(self, enabled: bool):
         self.raised = False
         self._previous = None
-        self._enabled = enabled and threading.current_thread() is threading.main_thread()
+        self._enabled = (
+            enabled and threading.current_thread() is threading.main_thread()
+        )
 
     def __enter__(self):
         if self._enabled:
@@ -285,7 +289,12 @@ def fit(
         save(step)
     elif status == "completed":
         validate(step)
-        save(step, None if state["validation"] is None else dict(validation=state["validation"]))
+        save(
+            step,
+            None
+            if state["validation"] is None
+            else dict(validation=state["validation"]),
+        )
     result = FitResult(
         train_state=ts,
         status=status,
@@ -297,4 +306,3 @@ def fit(
     )
     emit("on_end", result)
     return result
-

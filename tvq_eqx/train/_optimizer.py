@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Literal, get_args
+from typing import Any, Literal, cast, get_args
 
 import equinox as eqx
 import jax
@@ -149,7 +149,9 @@ class OptimizerConfig:
             )
         w = self.warmup_steps
         if isinstance(w, bool) or not isinstance(w, int) or w < 0:
-            raise ValueError(f"OptimizerConfig.warmup_steps must be an int >= 0; got {w!r}")
+            raise ValueError(
+                f"OptimizerConfig.warmup_steps must be an int >= 0; got {w!r}"
+            )
         if self.weight_decay < 0:
             raise ValueError(
                 f"OptimizerConfig.weight_decay must be >= 0; got {self.weight_decay!r}"
@@ -221,16 +223,20 @@ def make_optimizer(
     `total_steps` (cosine decay to `final_lr_ratio * learning_rate` at this
     optimizer step), `weight_decay`, `grad_clip` (global norm; `None` = off).
     """
-    # Validated in one place: the config's own checks.
+    # Validated in one place: the config's own checks (`name` included).
     OptimizerConfig(
-        name=name,
+        name=cast(OptimizerName, name),
         learning_rate=learning_rate,
         warmup_steps=warmup_steps,
         weight_decay=weight_decay,
         grad_clip=grad_clip,
         final_lr_ratio=final_lr_ratio,
     )
-    if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
+    if (
+        isinstance(total_steps, bool)
+        or not isinstance(total_steps, int)
+        or total_steps < 1
+    ):
         raise ValueError(f"total_steps must be an int >= 1; got {total_steps!r}")
     schedule = lr_schedule(learning_rate, warmup_steps, total_steps, final_lr_ratio)
     main = [guard_no_codebook()]

@@ -183,42 +183,57 @@ class RunConfig:
         return self.replace(**changes)
 
 
-_GROUPS = {"model": TransformerConfig, "data": DataConfig, "optimizer": OptimizerConfig}
-
-
-def _nested_changes(run: RunConfig, changes: dict[str, Any]) -> dict[str, Any]:
+def _nested_changes(obj: Any, changes: dict[str, Any]) -> dict[str, Any]:
+    """`changes` with every dict aimed at a dataclass-typed field replaced by
+    that field's value with the dict applied (recursively; a `None` field
+    starts from its class's defaults). A new `TransformerConfig.block_len`
+    moves `mem_len` with it when they were equal."""
+    hints = typing.get_type_hints(type(obj))
     out = dict(changes)
-    for group in _GROUPS:
-        sub = out.get(group)
-        if isinstance(sub, dict):
-            current = getattr(run, group)
-            sub = dict(sub)
-            if (
-                group == "model"
-                and "block_len" in sub
-                and "mem_len" not in sub
-                and current.mem_len == current.block_len
-            ):
-                sub["mem_len"] = None  # mem_len followed block_len: keep following
-            out[group] = dataclasses.replace(current, **sub)
+    for k, v in changes.items():
+        if not isinstance(v, dict) or k not in hints:
+            continue
+        current: Any = getattr(obj, k)
+        if not dataclasses.is_dataclass(current):
+            cls = _dataclass_in(hints[k])
+            if cls is None:
+                continue
+            current = cls()
+        out[k] = dataclasses.replace(current, **_nested_changes(current, v))
+    if (
+        isinstance(obj, TransformerConfig)
+        and "block_len" in changes
+        and "mem_len" not in changes
+        and obj.mem_len == obj.block_len
+    ):
+        out["mem_len"] = None  # mem_len followed block_len: keep following it
     return out
 
 
-def _check_keys(cls: type, changes: dict[str, Any], where: str) -> None:
+def _dataclass_in(tp: Any) -> type | None:
+    """The dataclass in annotation `tp` (`C` or `C | None`), else None."""
+    for t in (tp, *typing.get_args(tp)):
+        if isinstance(t, type) and dataclasses.is_dataclass(t):
+            return t
+    return None
+
+
+def _check_keys(cls: type, changes: Any, where: str) -> None:
+    place = f"[{where}]" if where else "the top level"
     if not isinstance(changes, dict):
-        raise ValueError(f"{where or 'config'} must be a table; got {changes!r}")
+        raise ValueError(f"{place} must be a table; got {changes!r}")
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(changes) - names)
     if unknown:
         raise ValueError(
-            f"unknown {cls.__name__} field(s) {unknown} in {where or 'config'}; "
+            f"unknown {cls.__name__} field(s) {unknown} in {place}; "
             f"known: {sorted(names)}"
         )
     hints = typing.get_type_hints(cls)
     for k, v in changes.items():
-        if isinstance(hints[k], type) and dataclasses.is_dataclass(hints[k]):
-            if isinstance(v, dict):
-                _check_keys(hints[k], v, f"{where}{k}.")
+        sub = _dataclass_in(hints[k])
+        if sub is not None and isinstance(v, dict):
+            _check_keys(sub, v, f"{where}.{k}" if where else k)
 
 
 _LEGACY = {

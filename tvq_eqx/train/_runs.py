@@ -35,7 +35,9 @@ def new_train_state(run: RunConfig) -> TrainState:
     )
 
 
-def load_run(run_dir: str | os.PathLike) -> tuple[RunConfig, TrainState, dict[str, Any]]:
+def load_run(
+    run_dir: str | os.PathLike,
+) -> tuple[RunConfig, TrainState, dict[str, Any]]:
     """`(run config, train state, checkpoint meta)` of the newest checkpoint in
     `run_dir` (`CheckpointError` when there is none or it is corrupt)."""
     ckpt = checkpoints_of(run_dir)
@@ -45,7 +47,9 @@ def load_run(run_dir: str | os.PathLike) -> tuple[RunConfig, TrainState, dict[st
     try:
         run = RunConfig.from_dict(meta["run"])
     except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{meta['path']}: bad run config in meta.json: {e}") from None
+        raise CheckpointError(
+            f"{meta['path']}: bad run config in meta.json: {e}"
+        ) from None
     like = eqx.filter_eval_shape(new_train_state, run)
     ts, meta = load_checkpoint(meta["path"], like)
     return run, ts, meta
