@@ -128,7 +128,11 @@ class _SigintFlag:
 
     def __enter__(self):
         if self._enabled:
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+            previous = signal.signal(signal.SIGINT, self._handle)
+            # None: a handler installed outside Python; restore the default.
+            self._previous = (
+                signal.default_int_handler if previous is None else previous
+            )
         return self
 
     def _handle(self, signum, frame):
