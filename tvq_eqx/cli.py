@@ -93,7 +93,7 @@ class TrainCommand:
     config: str | None = None
     """TOML file of RunConfig fields ([model], [data], [optimizer] tables) applied on top of the preset."""
     run_dir: str | None = None
-    """Output folder (default runs/PRESET, or runs/PRESET-N if that holds a checkpoint)."""
+    """Output folder (None = runs/PRESET, or runs/PRESET-N if that holds a checkpoint)."""
     resume: bool = False
     """Continue the run folder's newest checkpoint (flags must match its settings)."""
     stop_at: int | None = None
@@ -113,15 +113,15 @@ class EvalCommand:
     split: Literal["validation", "test"] = "validation"
     """Data split to evaluate."""
     eval_batches: int | None = None
-    """Batches to evaluate (0 = the whole split; default: the run's)."""
+    """Batches to evaluate (0 = the whole split; None = the run's)."""
     batch_size: int | None = None
-    """Rows per batch (default: the run's)."""
+    """Rows per batch (None = the run's)."""
     implementation: ImplementationName | None = None
-    """VQ-attention implementation (default: the run's)."""
+    """VQ-attention implementation (None = the run's)."""
     block_len: int | None = None
-    """Evaluate at another block length (same weights; default: the run's)."""
+    """Evaluate at another block length (same weights; None = the run's)."""
     data: str | None = None
-    """Data path (default: the run's)."""
+    """Data path (None = the run's)."""
     distributed: bool = False
     """Call jax.distributed.initialize() first (multi-host)."""
     progress: bool = True
@@ -135,17 +135,17 @@ class SampleCommand:
     run_dir: str
     """Run folder holding checkpoints/."""
     prompt: str | None = None
-    """Text to continue (default: a newline, or token 0 for non-byte data)."""
+    """Text to continue (None = a newline, or token 0 for non-byte data)."""
     sample_len: int | None = None
-    """Tokens to generate (default: the run's)."""
+    """Tokens to generate (None = the run's)."""
     temperature: float | None = None
-    """Softmax temperature, <= 0 = greedy (default: the run's)."""
+    """Softmax temperature, <= 0 = greedy (None = the run's)."""
     top_p: float | None = None
-    """Nucleus mass in (0, 1] (default: the run's)."""
+    """Nucleus mass in (0, 1] (None = the run's)."""
     seed: int | None = None
-    """Sampling seed (default: the run's)."""
+    """Sampling seed (None = the run's)."""
     data: str | None = None
-    """Data path, for the sentencepiece tokenizer's run (default: the run's)."""
+    """Data path, for the sentencepiece tokenizer's run (None = the run's)."""
     distributed: bool = False
     """Call jax.distributed.initialize() first (multi-host)."""
 
@@ -268,14 +268,18 @@ def _pre_parse(argv: list[str]) -> dict[str, Any]:
     return out
 
 
+def _with_config_file(run: RunConfig, path: str | None) -> RunConfig:
+    """`run` with the fields of TOML file `path` (if any) applied."""
+    if path is None:
+        return run
+    try:
+        return run.updated(_read_config_file(path))
+    except ValueError as e:
+        raise UsageError(f"--config {path}: {e}") from None
+
+
 def _base_run(pre: dict[str, Any]) -> RunConfig:
-    run = train.PRESETS[pre["preset"]]
-    if pre["config"] is not None:
-        try:
-            run = run.updated(_read_config_file(pre["config"]))
-        except ValueError as e:
-            raise UsageError(f"--config {pre['config']}: {e}") from None
-    return run
+    return _with_config_file(train.PRESETS[pre["preset"]], pre["config"])
 
 
 def _follow_mem_len(run: RunConfig, base: RunConfig, argv: list[str]) -> RunConfig:
@@ -384,19 +388,22 @@ def cmd_train(argv: list[str]) -> int:
     )
     ckpt_dir = train.checkpoints_of(run_dir)
     existing = _has_checkpoint(ckpt_dir)
-    ts = meta = None
+    ts = meta = saved = None
     if pre["resume"] and not help_requested:
         if not existing:
             raise UsageError(f"--resume: no checkpoint in {ckpt_dir}")
-        base, ts, meta = train.load_run(run_dir)
+        saved, ts, meta = train.load_run(run_dir)
+        # The checkpoint's settings are the defaults; --config and flags may
+        # only repeat them.
+        base = _with_config_file(saved, pre["config"])
     else:
         base = _base_run(pre)
     args = _parse_run_command(
         TrainCommand, argv, prog=prog, base=base, preset=pre["preset"]
     )
     run = args.run
-    if args.resume:
-        bad = _differences(run.to_dict(), base.to_dict())
+    if saved is not None:
+        bad = _differences(run.to_dict(), saved.to_dict())
         if bad:
             raise UsageError(
                 f"--resume: flags {bad} differ from the checkpoint's run config "
