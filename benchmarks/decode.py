@@ -5,7 +5,8 @@ Per token, the scheme is `tvq_eqx.sampling`'s: the model's state holds every
 *completed* block; each new token re-runs the current, partly filled block
 (`block_len` tokens, padded) from that state, reads the log-probabilities at
 the last known position, draws a token (`sample_token`, temperature 1), and
-when the block is full keeps that call's new state. The vq state is a fixed
+when the block is full keeps that call's new state: `sampling.decode_step`,
+the same function `sample` scans. The vq state is a fixed
 size (previous block + per-code cache); the full model's KV cache holds the
 whole context (`kv_cache_len` = context length), so its per-token work grows
 with the context.
@@ -36,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tvq_eqx import Transformer
-from tvq_eqx.sampling import sample_token
+from tvq_eqx.sampling import DecodeCarry, decode_step
 
 from . import _common as C
 from .registry import DecodePreset
@@ -60,25 +61,17 @@ def fill(model, state, chunk):
 @eqx.filter_jit
 def decode(model, state, buf, idx, key, temperature):
     """Decode `block_len` tokens from (state, partial block `buf`, last known
-    position `idx`), exactly as `tvq_eqx.sampling` does per token. Returns the
-    final carry, the tokens [n, B] and the log-probabilities used [n, B, V]."""
-    big_l = model.config.block_len
+    position `idx`) with `tvq_eqx.sampling.decode_step`, the step `sample`
+    scans. Returns the final carry, the tokens [n, B] and the
+    log-probabilities used [n, B, V]."""
 
     def body(carry, k):
-        state, buf, idx = carry
-        logprobs, new_state, _ = model(buf, state)
-        lp = jax.lax.dynamic_index_in_dim(logprobs, idx, axis=1, keepdims=False)
-        tok = sample_token(lp, k, temperature=temperature)
-        full = idx == big_l - 1
-        state = jax.tree.map(lambda n, o: jnp.where(full, n, o), new_state, state)
-        fresh = jnp.zeros_like(buf).at[:, 0].set(tok)
-        written = jax.lax.dynamic_update_index_in_dim(buf, tok, idx + 1, axis=1)
-        buf = jnp.where(full, fresh, written)
-        idx = jnp.where(full, 0, idx + 1).astype(jnp.int32)
-        return (state, buf, idx), (tok, lp)
+        carry, tok, lp = decode_step(model, carry, k, temperature=temperature)
+        return carry, (tok, lp)
 
-    carry, (toks, lps) = jax.lax.scan(body, (state, buf, idx),
-                                      jax.random.split(key, big_l))
+    carry, (toks, lps) = jax.lax.scan(
+        body, DecodeCarry(state, buf, idx), jax.random.split(key, model.config.block_len)
+    )
     return carry, toks, lps
 
 

@@ -5,11 +5,11 @@ Every model has the same parameter arrays and initial values (the codebook is
 present in all; full attention does not use it; window attention, the
 official code's `agg_cache=False` baseline, quantizes keys but has no
 compressive cache and attends over a sliding window of the last `mem_len`
-tokens), is trained with the library's optimizer
-and scanned train step (`tvq_eqx.train`) on the same `TokenStream` batches
-(same order, carried attention state between batches), for the same number
-of updates. Reported: validation bits per byte over the validation split with
-the carried state (`tvq_eqx.train.make_eval_step`), the learning curves, and
+tokens), is trained by the library's loop (`tvq_eqx.train.fit`, the one the
+command line runs) on the same `TokenStream` batches (same order, carried
+attention state between batches), for the same number of updates. Reported:
+validation bits per byte over the validation split with the carried state
+(`tvq_eqx.train.evaluate_stream`), the learning curves, and
 codebook usage on the validation split (fraction of codes used and the
 perplexity of the code distribution, per attention unit, averaged).
 
@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tvq_eqx import Transformer, data, train
+from tvq_eqx import data, train
 
 from . import _common as C
 from .registry import QualityPreset
@@ -121,86 +121,96 @@ def codebook_usage(model, batches) -> dict[str, float]:
     )
 
 
-def _resets(p: QualityPreset, window: int, *, training: bool = True) -> bool:
-    """Whether the carried state is emptied before window `window` of a pass
-    (`reset_each_batch` applies to training only, as it always did)."""
-    if window == 0 or (training and p.reset_each_batch):
-        return True
-    return p.context_len > 0 and (window * p.seq_len) % p.context_len == 0
+def run_config(p: QualityPreset, config) -> train.RunConfig:
+    """The `RunConfig` every model of preset `p` is trained with by
+    `tvq_eqx.train.fit`: one update per batch (`update_len = seq_len`),
+    AdamW, the curve evaluated on the first `curve_eval_batches` validation
+    windows every `eval_every` updates, the carried state emptied per
+    `context_len`."""
+    return train.RunConfig(
+        model=config,
+        data=train.DataConfig(batch_size=p.batch_size, seq_len=p.seq_len),
+        optimizer=train.OptimizerConfig(
+            name="adamw", learning_rate=p.learning_rate, warmup_steps=p.warmup_steps,
+            weight_decay=p.weight_decay, grad_clip=p.grad_clip,
+        ),
+        steps=p.steps, update_len=p.seq_len, context_len=p.context_len,
+        eval_every=p.eval_every, eval_batches=max(1, p.curve_eval_batches),
+        log_every=1, sample_len=0, seed=p.seed,
+    )  # fmt: skip
 
 
-def _eval_bpb(eval_step, model, batches, *, reset_each: bool = False,
-              p: QualityPreset | None = None) -> float:
-    """Bits per byte over `batches` with the carried state (emptied per
-    `p.context_len` when given; with `reset_each`, at every window)."""
-    state = None
-    total = count = 0.0
-    for i, batch in enumerate(batches):
-        if state is None:
-            state = model.init_state(np.asarray(batch["inputs"]).shape[0])
-        reset = reset_each or (p is not None and _resets(p, i, training=False))
-        state, sums = eval_step(model, state, batch, reset=reset)
-        total += float(sums["lm_loss_sum"])
-        count += float(sums["token_count"])
-    return total / max(count, 1.0) / math.log(2.0)
+class _Recorder(train.Callback):
+    """The learning curves and step times of one `fit`: compile = the first
+    step, train time = the other steps (evaluations excluded); stops at a
+    non-finite loss."""
+
+    def __init__(self, name: str, log):
+        self.name, self.log = name, log
+        self.train_curve, self.val_curve = [], []
+        self.t_train, self.t_compile = 0.0, None
+
+    def on_start(self, **_):
+        self.t_prev = time.perf_counter()
+
+    def on_log(self, record):
+        now = time.perf_counter()  # on_log follows reading the step's metrics
+        if self.t_compile is None:
+            self.t_compile = now - self.t_prev
+        else:
+            self.t_train += now - self.t_prev
+        self.t_prev = now
+        bpt = record["bits_per_token"]
+        self.train_curve.append((record["step"], bpt))
+        if not math.isfinite(bpt):
+            self.log(f"  {self.name}: non-finite loss at update {record['step']}")
+            raise train.StopTraining
+
+    def on_eval(self, record):
+        self.val_curve.append((record["step"], record["bits_per_token"]))
+        self.t_prev = time.perf_counter()
 
 
 def train_one(name, config, p: QualityPreset, splits, *, log=C.log) -> dict:
-    model = Transformer(config, key=jax.random.key(p.seed))
-    n_main, n_code = count_params(model)
-    opt = train.make_optimizer(
-        "adamw", learning_rate=p.learning_rate, warmup_steps=p.warmup_steps,
-        total_steps=p.steps, weight_decay=p.weight_decay, grad_clip=p.grad_clip,
-    )
-    ts = train.init_train_state(model, opt, p.batch_size, key=jax.random.key(p.seed + 1))
-    step_fn = train.make_train_step(opt, update_len=p.seq_len)
-    eval_step = train.make_eval_step(segment_len=p.seq_len)
-    stream = data.TokenStream(splits["train"], batch_size=p.batch_size,
-                              seq_len=p.seq_len, seed=p.seed)
-    val = data.TokenStream(splits["validation"], batch_size=p.batch_size,
-                           seq_len=p.seq_len, shuffle=False, repeat=False)
+    run_cfg = run_config(p, config)
+    ts = train.new_train_state(run_cfg)
+    n_main, n_code = count_params(ts.model)
+    stream = train.make_stream(run_cfg, splits["train"], train=True)
+    val = train.make_stream(run_cfg, splits["validation"], train=False)
     n_val = val.num_batches if p.eval_batches == 0 else min(p.eval_batches, val.num_batches)
     val_batches = [val.batch(i) for i in range(n_val)]
-    curve_batches = val_batches[: max(1, min(p.curve_eval_batches, n_val))]
 
-    train_curve, val_curve = [], []
-    t_train = 0.0
-    t_compile = None
-    for i in C.progress(range(p.steps), desc=name, leave=False):
-        _, window = stream.epoch_and_window(i)
-        t0 = time.perf_counter()
-        ts, metrics = step_fn(ts, stream.batch(i),
-                              reset=_resets(p, window))
-        bpt = float(metrics["bits_per_token"])  # waits for the step
-        dt = time.perf_counter() - t0
-        if i == 0:
-            t_compile = dt
-        else:
-            t_train += dt
-        train_curve.append((i + 1, bpt))
-        if not math.isfinite(bpt):
-            log(f"  {name}: non-finite loss at update {i + 1}")
-            break
-        if (i + 1) % p.eval_every == 0 and (i + 1) < p.steps:
-            val_curve.append((i + 1, _eval_bpb(eval_step, ts.model, curve_batches, p=p)))
-    model = ts.model
-    val_curve.append((p.steps, _eval_bpb(eval_step, model, curve_batches, p=p)))
-    bpb = _eval_bpb(eval_step, model, val_batches, p=p)
-    bpb_reset = _eval_bpb(eval_step, model, val_batches, reset_each=True)
+    rec = _Recorder(name, log)
+    # reset_each_batch empties the state at every training batch only; the
+    # evaluations keep the preset's context_len.
+    result = train.fit(
+        ts, run_cfg, stream, eval_stream=val, callbacks=[rec],
+        train_resets=(lambda _w: True) if p.reset_each_batch else None,
+        handle_sigint=False,
+    )  # fmt: skip
+    model = result.train_state.model
+    if result.validation is None:  # stopped early: the curve's last point
+        rec.val_curve.append(
+            (p.steps, train.evaluate_stream(model, val, run_cfg)["bits_per_token"])
+        )
+    bpb = train.evaluate_stream(model, val, run_cfg, max_batches=n_val)["bits_per_token"]
+    bpb_reset = train.evaluate(
+        model, val_batches, segment_len=p.seq_len, resets=[True] * n_val
+    )["bits_per_token"]
     ok, err = check(model, val_batches[0]["inputs"])
-    ok = ok and all(math.isfinite(b) for _, b in train_curve) and math.isfinite(bpb)
+    ok = ok and all(math.isfinite(b) for _, b in rec.train_curve) and math.isfinite(bpb)
     usage = None if config.attention == "full" else codebook_usage(model, val_batches)
     tokens = p.steps * p.batch_size * p.seq_len
     res = dict(
         name=name, attention=config.attention, n_code=config.n_code,
         params=n_main, codebook=n_code, bpb=bpb, bpb_reset=bpb_reset, ok=ok, stream_err=err,
-        train_curve=train_curve, val_curve=val_curve, usage=usage,
-        train_s=t_train, compile_s=t_compile,
-        tokens_per_s=(tokens - p.batch_size * p.seq_len) / max(t_train, 1e-9),
+        train_curve=rec.train_curve, val_curve=rec.val_curve, usage=usage,
+        train_s=rec.t_train, compile_s=rec.t_compile,
+        tokens_per_s=(tokens - p.batch_size * p.seq_len) / max(rec.t_train, 1e-9),
         val_tokens=sum(int(np.sum(b["loss_mask"])) for b in val_batches),
     )
-    log(f"  {name}: val {bpb:.4f} bpb ({bpb_reset:.4f} with reset windows), train {t_train:.0f}s, check "
-        f"{'pass' if ok else 'FAIL'} ({err:.1e})")
+    log(f"  {name}: val {bpb:.4f} bpb ({bpb_reset:.4f} with reset windows), train "
+        f"{rec.t_train:.0f}s, check {'pass' if ok else 'FAIL'} ({err:.1e})")
     return res
 
 

@@ -8,10 +8,11 @@ import pytest
 from tvq_eqx.cli import main
 
 MICRO = [
-    "--d-model", "32", "--d-k", "8", "--d-v", "32", "--n-code", "8", "--n-layer", "1",
-    "--block-len", "16", "--seq-len", "64", "--update-len", "32", "--batch-size", "4",
-    "--steps", "4", "--warmup-steps", "1", "--eval-every", "2", "--eval-batches", "2",
-    "--log-every", "2", "--sample-len", "12", "--no-progress",
+    "--model.d-model", "32", "--model.d-k", "8", "--model.d-v", "32",
+    "--model.n-code", "8", "--model.n-layer", "1", "--model.block-len", "16",
+    "--data.seq-len", "64", "--update-len", "32", "--data.batch-size", "4",
+    "--steps", "4", "--optimizer.warmup-steps", "1", "--eval-every", "2",
+    "--eval-batches", "2", "--log-every", "2", "--sample-len", "12", "--no-progress",
 ]
 
 
@@ -68,7 +69,7 @@ def test_resume_continues_bit_for_bit(trained, tmp_path, capsys):
     capsys.readouterr()
     # Different settings on resume: refused.
     assert main(["train", "--run-dir", str(run_dir), "--resume", *MICRO,
-                 "--learning-rate", "0.5"]) == 2
+                 "--optimizer.learning-rate", "0.5"]) == 2
     assert "differ from the checkpoint" in _one_error_line(capsys)
 
 
@@ -76,14 +77,15 @@ def test_resume_continues_bit_for_bit(trained, tmp_path, capsys):
     "argv, message",
     [
         (["train", "--preset", "nope"], "invalid choice"),
-        (["train", "--bogus-flag", "1"], "unrecognized arguments"),
+        (["train", "--bogus-flag", "1"], "Unrecognized options: --bogus-flag"),
         (["frobnicate"], "invalid choice"),
-        (["train", "--data", "/nonexistent/text.txt", *MICRO], "does not exist"),
-        (["train", *MICRO, "--seq-len", "80"], "multiple of"),
-        (["train", *MICRO, "--d-model", "abc"], "cannot parse"),
-        (["train", *MICRO, "--optimizer", "sgd"], "optimizer must be one of"),
-        (["train", *MICRO, "--qk-norm", "centred"], "--qk-norm must be one of"),
-        (["train", *MICRO, "--e-scale", "0"], "e_scale must be a float > 0"),
+        (["train", "--data.path", "/nonexistent/text.txt", *MICRO], "does not exist"),
+        (["train", *MICRO, "--data.seq-len", "80"], "multiple of"),
+        (["train", *MICRO, "--model.d-model", "abc"], "--model.d-model"),
+        (["train", *MICRO, "--optimizer.name", "sgd"], "'sgd'"),
+        (["train", *MICRO, "--model.qk-norm", "centred"], "--model.qk-norm"),
+        (["train", *MICRO, "--model.e-scale", "0"], "e_scale must be a float > 0"),
+        (["train", *MICRO, "--config", "/nonexistent/run.toml"], "no such file"),
     ],
 )
 def test_bad_input_one_line_exit_2_nothing_written(argv, message, tmp_path, capsys):
@@ -98,7 +100,7 @@ def test_empty_data_file(tmp_path, capsys):
     empty = tmp_path / "empty.txt"
     empty.write_bytes(b"")
     run_dir = tmp_path / "run"
-    assert main(["train", "--run-dir", str(run_dir), "--data", str(empty), *MICRO]) == 2
+    assert main(["train", "--run-dir", str(run_dir), "--data.path", str(empty), *MICRO]) == 2
     assert "empty" in _one_error_line(capsys)
     assert not run_dir.exists()
 
@@ -145,11 +147,99 @@ def test_bench_reports_throughput(capsys):
 
 def test_parity_options_are_flags(tmp_path):
     run_dir = tmp_path / "run"
-    flags = ["--qk-norm", "layer", "--layerdrop", "layer", "--e-scale", "0.5",
-             "--drop-mask-scope", "segment", "--lm-loss-average", "tokens",
-             "--p-droplyr", "0.2", "--tie-embeddings", "true"]  # fmt: skip
+    flags = ["--model.qk-norm", "layer", "--model.layerdrop", "layer",
+             "--model.e-scale", "0.5", "--model.drop-mask-scope", "segment",
+             "--model.lm-loss-average", "tokens", "--model.p-droplyr", "0.2",
+             "--model.tie-embeddings"]  # fmt: skip
     assert main(["train", "--run-dir", str(run_dir), *MICRO, *flags, "--stop-at", "2"]) == 0
     meta = json.loads((run_dir / "checkpoints" / "step_00000002" / "meta.json").read_text())
     model = meta["run"]["model"]
     assert (model["qk_norm"], model["layerdrop"], model["e_scale"]) == ("layer", "layer", 0.5)
     assert (model["drop_mask_scope"], model["lm_loss_average"]) == ("segment", "tokens")
+
+
+def test_train_help_shows_type_default_and_description(capsys):
+    assert main(["train", "--help"]) == 0
+    out = " ".join(capsys.readouterr().out.split())  # unwrap
+    for text in (
+        "--steps INT Optimizer updates in the whole run. (default: 600)",
+        "--model.d-model INT Width of the residual stream. (default: 128)",
+        "--optimizer.grad-clip {None}|FLOAT Global-norm gradient clipping (None = off). (default: 1.0)",
+        "--data.kind {bytes,sentencepiece,images}",
+        "--model.attention {vq,window,block_window,full}",
+        "--preset {tiny,enwik8,pg19,imagenet64}",
+    ):
+        assert text in out, text
+    assert main(["train", "--preset", "enwik8", "--help"]) == 0
+    assert "(default: 125000)" in " ".join(capsys.readouterr().out.split())
+
+
+def test_presets_are_the_cli_choices():
+    from typing import get_args
+
+    from tvq_eqx import cli
+    from tvq_eqx.train import PRESETS
+
+    assert set(get_args(cli.PresetName)) == set(PRESETS)
+
+
+def test_config_file_then_flags(tmp_path, capsys):
+    cfg = tmp_path / "run.toml"
+    cfg.write_text(
+        'steps = 4\nupdate_len = 32\ncontext_len = 0\n'
+        '[model]\nd_model = 32\nd_k = 8\nd_v = 32\nn_code = 8\nn_layer = 1\nblock_len = 16\n'
+        '[data]\nseq_len = 64\nbatch_size = 4\n'
+        '[optimizer]\nwarmup_steps = 1\ngrad_clip = "None"\n'
+    )
+    assert main(["train", "--config", str(cfg), "--help"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "Width of the residual stream. (default: 32)" in out
+    run_dir = tmp_path / "run"
+    assert main(["train", "--config", str(cfg), "--run-dir", str(run_dir), "--stop-at", "2",
+                 "--optimizer.learning-rate", "0.01", "--no-progress"]) == 0  # fmt: skip
+    run = json.loads((run_dir / "run.json").read_text())
+    assert run["model"]["d_model"] == 32 and run["model"]["mem_len"] == 16
+    assert run["optimizer"]["grad_clip"] is None
+    assert run["optimizer"]["learning_rate"] == 0.01  # the flag wins
+    assert run["optimizer"]["weight_decay"] == 2e-4  # the preset's
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[model]\nd_modle = 3\n")
+    capsys.readouterr()
+    assert main(["train", "--config", str(bad), "--run-dir", str(tmp_path / "x")]) == 2
+    assert "unknown TransformerConfig field(s) ['d_modle']" in _one_error_line(capsys)
+    assert not (tmp_path / "x").exists()
+
+
+def test_unexpected_errors_keep_their_traceback(monkeypatch, tmp_path):
+    from tvq_eqx import train
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("a real bug")
+
+    monkeypatch.setattr(train, "fit", boom)
+    with pytest.raises(RuntimeError, match="a real bug"):
+        main(["train", "--run-dir", str(tmp_path / "run"), *MICRO])
+
+
+def test_ctrl_c_checkpoints_exits_130_and_resumes(trained, tmp_path, monkeypatch, capsys):
+    import os
+    import signal
+
+    from tvq_eqx.train import _callbacks
+
+    real = _callbacks.ProgressBar.on_step
+
+    def on_step(self, step, metrics, train_state):
+        real(self, step, metrics, train_state)
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(_callbacks.ProgressBar, "on_step", on_step)
+    run_dir = tmp_path / "run"
+    assert main(["train", "--run-dir", str(run_dir), *MICRO]) == 130
+    assert "interrupted at update 2" in capsys.readouterr().err
+    assert (run_dir / "checkpoints" / "LATEST").read_text().strip() == "step_00000002"
+    monkeypatch.setattr(_callbacks.ProgressBar, "on_step", real)
+    assert main(["train", "--run-dir", str(run_dir), "--resume", *MICRO]) == 0
+    final = "checkpoints/step_00000004/state.eqx"
+    assert (run_dir / final).read_bytes() == (trained / final).read_bytes()

@@ -456,3 +456,17 @@ def test_sentencepiece_missing_is_clear(monkeypatch):
     monkeypatch.setitem(sys.modules, "sentencepiece", None)
     with pytest.raises(ImportError, match="pip install sentencepiece"):
         data.SentencePieceTokenizer.train(vocab_size=100)
+
+
+def test_byte_codec_and_item_split():
+    text = "héllo\n"
+    toks = data.encode_bytes(text)
+    assert toks.dtype == np.int32 and toks.tolist() == list(text.encode("utf-8"))
+    assert data.decode_bytes(toks) == text
+    assert data.decode_bytes([0xFF]) == "\ufffd"
+    parts = data.split_items(list(range(40)), what="documents")
+    assert (len(parts["train"]), len(parts["validation"]), len(parts["test"])) == (36, 2, 2)
+    assert parts["train"] + parts["validation"] + parts["test"] == list(range(40))
+    assert [len(v) for v in data.split_items([1, 2, 3]).values()] == [1, 1, 1]
+    with pytest.raises(ValueError, match="need >= 3 images"):
+        data.split_items([1, 2], what="images")

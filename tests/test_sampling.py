@@ -82,3 +82,29 @@ def test_bad_arguments(getkey):
         sample(model, jnp.array([1]), steps=3, key=getkey(), top_p=0.0)
     with pytest.raises(ValueError, match="steps"):
         sample(model, jnp.array([1]), steps=-1, key=getkey())
+
+
+def test_decode_step_scanned_is_sample(getkey):
+    """`decode_step` scanned from the prompt's carry gives `sample`'s tokens,
+    and its log-probabilities equal a teacher-forced forward pass."""
+    from tvq_eqx.sampling import DecodeCarry, decode_step
+
+    model = tvq_eqx.Transformer(CFG, key=getkey())
+    prompt = jax.random.randint(getkey(), (2, 1), 0, 16)
+    key = getkey()
+    steps = 12  # crosses a block boundary (block_len 8)
+    want = sample(model, prompt, steps=steps, key=key, temperature=0.7, top_p=0.9)
+    block = jnp.zeros((2, 8), jnp.int32).at[:, 0].set(prompt[:, 0])
+    carry = DecodeCarry(model.init_state(2), block, jnp.int32(0))
+    toks, lps = [], []
+    for k in jax.random.split(key, steps):
+        carry, tok, lp = decode_step(model, carry, k, temperature=0.7, top_p=0.9)
+        toks.append(tok)
+        lps.append(lp)
+    got = jnp.stack(toks, axis=1)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    text = jnp.pad(jnp.concatenate([prompt, got], axis=1), ((0, 0), (0, 3)))  # 16
+    ref, _, _ = model(text, model.init_state(2))
+    np.testing.assert_allclose(
+        np.asarray(jnp.stack(lps, axis=1)), np.asarray(ref[:, :steps]), atol=1e-4
+    )

@@ -1,7 +1,9 @@
 """Optimizer routing, train/eval steps (tvq_eqx.train)."""
 
+import dataclasses
 import itertools
 import math
+from typing import Literal
 
 import equinox as eqx
 import jax
@@ -12,6 +14,7 @@ import pytest
 
 import tvq_eqx
 from tvq_eqx import data, train
+from tvq_eqx._config import check_literals
 
 CFG = tvq_eqx.TransformerConfig(
     n_vocab=32, d_model=32, d_k=8, d_v=16, n_head=2, n_code=8, n_layer=1, block_len=8
@@ -135,7 +138,9 @@ def test_schedule_warmup_then_cosine_to_a_tenth():
 
 
 def test_bad_optimizer_arguments():
-    with pytest.raises(ValueError, match="optimizer must be one of"):
+    # The runtime type checker the tests enable answers first (a TypeError
+    # naming the parameter); users get OptimizerConfig's ValueError.
+    with pytest.raises((ValueError, TypeError), match="name"):
         train.make_optimizer("sgd")
     with pytest.raises(ValueError, match="learning_rate"):
         train.make_optimizer(learning_rate=0.0)
@@ -284,7 +289,7 @@ def test_context_len_bounds_the_carried_history():
     from tvq_eqx.train import PRESETS
 
     tiny = PRESETS["tiny"]
-    run = tiny.replace(context_len=4 * tiny.seq_len)
+    run = tiny.replace(context_len=4 * tiny.data.seq_len)
     assert [run.resets_state(w) for w in range(9)] == [
         True,
         False,
@@ -303,7 +308,7 @@ def test_context_len_bounds_the_carried_history():
     ):
         tiny.replace(context_len=300)
     for name in ("enwik8", "pg19", "imagenet64"):
-        assert PRESETS[name].context_len == PRESETS[name].seq_len
+        assert PRESETS[name].context_len == PRESETS[name].data.seq_len
 
 
 # The official launch flags, transcribed from scripts/lm_{enwik8,pg19,
@@ -364,11 +369,14 @@ def test_presets_equal_the_official_launch_scripts(name):
         (m.pe_lam, o["pe_lam"]), (m.param_dtype, o["param_dtype"]),
         (m.dtype, o["dtype"]), (m.attention, "vq"),
         (m.grad_thru_cache, bool(o["grad_thru_cache"])),
-        (run.batch_size, o["global_batch_size"]), (run.seq_len, o["sequence_len"]),
-        (run.update_len, o["update_len"]), (run.optimizer, o["optimizer"]),
-        (run.learning_rate, o["lr_max"]), (run.weight_decay, o["wd_lam"]),
-        (run.grad_clip, o["grad_clip"]), (run.warmup_steps, o["n_warmup_step"]),
-        (run.steps, o["n_max_step"]), (run.final_lr_ratio, 0.1),
+        (run.data.batch_size, o["global_batch_size"]),
+        (run.data.seq_len, o["sequence_len"]),
+        (run.update_len, o["update_len"]), (run.optimizer.name, o["optimizer"]),
+        (run.optimizer.learning_rate, o["lr_max"]),
+        (run.optimizer.weight_decay, o["wd_lam"]),
+        (run.optimizer.grad_clip, o["grad_clip"]),
+        (run.optimizer.warmup_steps, o["n_warmup_step"]),
+        (run.steps, o["n_max_step"]), (run.optimizer.final_lr_ratio, 0.1),
         (run.top_p, o["p_nucleus"]), (run.log_every, o["n_print_step"]),
         (run.eval_every, o["n_save_step"]), (run.eval_batches, o["n_eval_step"]),
         (run.keep, o["n_save_keep"]), (run.seed, o["prng_seed"]),
@@ -413,3 +421,166 @@ def test_checkpoint_of_the_old_parameter_layout_is_a_clear_error(tmp_path, getke
     (path / "meta.json").write_text(json.dumps(dict(meta, format_version=1)))
     with pytest.raises(train.CheckpointError, match="earlier tvq-eqx .*format 1"):
         train.load_checkpoint(tmp_path, ts)
+
+
+# ----------------------------------------------------------------------------
+# Configs: Literal fields checked in one place, nested replace, dict round trip
+
+
+@dataclasses.dataclass(frozen=True)
+class _Modes:
+    mode: Literal["a", "b"] = "a"
+    impl: Literal["x", "y"] | None = None
+    flag: Literal[True] = True
+    size: int = 1
+
+    def __post_init__(self):
+        check_literals(self)
+
+
+def test_check_literals_names_field_and_allowed_values():
+    # (a dataclass outside tvq_eqx: the runtime type checker the tests enable
+    # would otherwise answer before __post_init__)
+    _Modes(mode="b", impl=None, size=7)
+    _Modes(impl="y")
+    with pytest.raises(ValueError) as e:
+        _Modes(mode="c")
+    assert str(e.value) == "_Modes.mode must be one of 'a', 'b'; got 'c'"
+    with pytest.raises(ValueError, match=r"_Modes.impl must be one of 'x', 'y', None; got 'z'"):
+        _Modes(impl="z")
+    with pytest.raises(ValueError, match="_Modes.flag must be one of True; got 1"):
+        _Modes(flag=1)
+
+
+@pytest.mark.parametrize(
+    "make, field",
+    [
+        (lambda: tvq_eqx.TransformerConfig(attention="sparse"), "attention"),
+        (lambda: tvq_eqx.TransformerConfig(implementation="cuda"), "implementation"),
+        (lambda: train.DataConfig(kind="audio"), "kind"),
+        (lambda: train.OptimizerConfig(name="sgd"), "name"),
+    ],
+)
+def test_config_literal_fields_are_checked(make, field):
+    with pytest.raises((ValueError, TypeError), match=field):
+        make()
+
+
+def test_run_config_nested_replace_and_dict_round_trip():
+    tiny = train.PRESETS["tiny"]
+    run = tiny.replace(steps=8, model=dict(block_len=16), data=dict(seq_len=64),
+                       update_len=32, context_len=0)  # fmt: skip
+    assert run.model.mem_len == 16  # followed block_len
+    assert run.optimizer is tiny.optimizer
+    assert train.RunConfig.from_dict(run.to_dict()) == run
+    with pytest.raises(ValueError, match=r"unknown TransformerConfig field\(s\) \['d_modle'\]"):
+        run.updated(dict(model=dict(d_modle=3)))
+    with pytest.raises(ValueError, match="must be a multiple of"):
+        run.replace(data=dict(seq_len=40))
+    # The flat layout of earlier checkpoints still loads.
+    flat = {k: v for k, v in run.to_dict().items() if k not in ("data", "optimizer")}
+    flat.update(data=None, data_kind="bytes", tokenizer=None, batch_size=8,
+                seq_len=64, optimizer="adamw", learning_rate=3e-3, warmup_steps=20,
+                weight_decay=2e-4, grad_clip=1.0, final_lr_ratio=0.1)  # fmt: skip
+    assert train.RunConfig.from_dict(flat) == run
+
+
+# ----------------------------------------------------------------------------
+# fit: the training loop
+
+FIT_RUN = train.RunConfig(
+    model=tvq_eqx.TransformerConfig(
+        n_vocab=256, d_model=16, d_k=8, d_v=16, n_code=4, n_layer=1, block_len=8
+    ),
+    data=train.DataConfig(batch_size=2, seq_len=16),
+    optimizer=train.OptimizerConfig(learning_rate=1e-2, warmup_steps=1),
+    update_len=8, steps=8, context_len=32, eval_every=4, eval_batches=2,
+    log_every=2, save_every=4, keep=5, sample_len=0,
+)  # fmt: skip
+
+
+def _fit_streams(run):
+    toks = (np.arange(4000) * 7 % 251).astype(np.int32)
+    return (
+        train.make_stream(run, toks[:3000], train=True),
+        train.make_stream(run, toks[3000:], train=False),
+    )
+
+
+class _Interrupt(train.Callback):
+    def __init__(self, at, how="raise"):
+        self.at, self.how = at, how
+
+    def on_step(self, step, metrics, train_state):
+        if step == self.at:
+            if self.how == "raise":
+                raise KeyboardInterrupt
+            import os
+            import signal
+
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+def _state_bytes(ts):
+    return [np.asarray(x).tobytes() for x in jax.tree.leaves(eqx.filter(ts, eqx.is_array))]
+
+
+def test_fit_interrupt_checkpoints_and_resume_equals_uninterrupted(tmp_path):
+    run = FIT_RUN
+    stream, val = _fit_streams(run)
+    full = train.fit(train.new_train_state(run), run, stream, eval_stream=val,
+                     checkpoint_dir=tmp_path / "a", handle_sigint=False)  # fmt: skip
+    assert full.status == "completed" and full.step == 8
+    assert [r["step"] for r in full.history if r["split"] == "train"] == [2, 4, 6, 8]
+    assert [r["step"] for r in full.history if r["split"] == "validation"] == [4, 8]
+    assert full.validation["bits_per_token"] == full.history[-1]["bits_per_token"]
+    assert sorted(p.name for p in train.list_checkpoints(tmp_path / "a")) == [
+        "step_00000004", "step_00000008"]  # fmt: skip
+    assert train.read_meta(tmp_path / "a")["validation"] == full.validation
+
+    # KeyboardInterrupt from a callback after update 6: that step is saved,
+    # the interrupt propagates.
+    b = tmp_path / "b"
+    with pytest.raises(KeyboardInterrupt):
+        train.fit(train.new_train_state(run), run, stream, eval_stream=val,
+                  checkpoint_dir=b, callbacks=[_Interrupt(6)], handle_sigint=False)  # fmt: skip
+    meta = train.read_meta(b)
+    assert meta["step"] == 6 and meta["interrupted"] is True and meta["batch_index"] == 3
+    like = eqx.filter_eval_shape(train.new_train_state, run)
+    ts, _ = train.load_checkpoint(b, like)
+    assert int(ts.step) == 6
+    resumed = train.fit(ts, run, stream, eval_stream=val, checkpoint_dir=b,
+                        handle_sigint=False)  # fmt: skip
+    assert resumed.status == "completed" and resumed.step == 8
+    assert _state_bytes(resumed.train_state) == _state_bytes(full.train_state)
+    assert resumed.validation == full.validation
+
+
+def test_fit_sigint_finishes_the_batch_saves_and_returns(tmp_path):
+    run = FIT_RUN
+    stream, val = _fit_streams(run)
+    res = train.fit(train.new_train_state(run), run, stream, eval_stream=val,
+                    checkpoint_dir=tmp_path, callbacks=[_Interrupt(2, how="signal")])  # fmt: skip
+    assert res.status == "interrupted" and res.step == 2
+    assert train.read_meta(tmp_path)["step"] == 2
+    # The handler is gone again: the default one raises KeyboardInterrupt.
+    import signal
+
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_fit_stop_at_and_stop_training(tmp_path):
+    run = FIT_RUN
+    stream, _ = _fit_streams(run)
+    res = train.fit(train.new_train_state(run), run, stream, stop_at=5,
+                    checkpoint_dir=tmp_path, handle_sigint=False)  # fmt: skip
+    assert (res.status, res.step, res.validation) == ("stopped", 4, None)
+    assert train.read_meta(tmp_path)["step"] == 4
+
+    class Stop(train.Callback):
+        def on_log(self, record):
+            raise train.StopTraining
+
+    res = train.fit(train.new_train_state(run), run, stream, callbacks=[Stop()],
+                    handle_sigint=False)  # fmt: skip
+    assert (res.status, res.step, res.checkpoint) == ("stopped", 2, None)

@@ -12,9 +12,11 @@ from .ops import PallasConfig as PallasConfig
 from .ops import VQAttentionState as VQAttentionState
 from .ops import vq_attention as vq_attention
 from .ops import vq_attention_with_state as vq_attention_with_state
+from .sampling import decode_step as decode_step
 from .sampling import sample as sample
 from .train import TrainState as TrainState
 from .train import evaluate as evaluate
+from .train import fit as fit
 from .train import init_train_state as init_train_state
 from .train import load_checkpoint as load_checkpoint
 from .train import make_optimizer as make_optimizer

@@ -4,17 +4,68 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import types
 import typing
-from typing import Literal
+from typing import Any, Literal
 
 import jax.numpy as jnp
 
 from pallas_kernels.vq_attention.config import PallasConfig
 
-_DTYPES = ("float32", "bfloat16", "float16")
-_ATTENTIONS = ("vq", "window", "block_window", "full")
-_STATE_KEYS = ("codewords", "codes")
-_IMPLEMENTATIONS = (None, "xla", "pallas", "quadratic")
+DType = Literal["float32", "bfloat16", "float16"]
+Attention = Literal["vq", "window", "block_window", "full"]
+StateKeys = Literal["codewords", "codes"]
+ImplementationName = Literal["xla", "pallas", "quadratic"]
+
+
+def check_literals(config: Any) -> None:
+    """Raise `ValueError` naming the field and its allowed values when a
+    `Literal`-annotated field of the dataclass `config` (plain or `| None`)
+    holds anything else.
+
+    The one place every config class checks its `Literal` fields; the allowed
+    values are read from the annotations (`typing.get_args`), so they are
+    written once, in the field's type.
+    """
+    cls = type(config)
+    for name, allowed in _literal_fields(cls).items():
+        value = getattr(config, name)
+        # `x in allowed` would accept 1 for True and 1.0 for 1; compare types too.
+        if not any(value == a and type(value) is type(a) for a in allowed):
+            shown = ", ".join(repr(a) for a in allowed)
+            raise ValueError(
+                f"{cls.__name__}.{name} must be one of {shown}; got {value!r}"
+            )
+
+
+@functools.cache
+def _literal_fields(cls: type) -> dict[str, tuple[Any, ...]]:
+    """`{field: allowed values}` for the `Literal` (or `Literal | None`)
+    fields of dataclass `cls`."""
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for f in dataclasses.fields(cls):
+        allowed = _literal_values(hints[f.name])
+        if allowed is not None:
+            out[f.name] = allowed
+    return out
+
+
+def _literal_values(tp: Any) -> tuple[Any, ...] | None:
+    if typing.get_origin(tp) is Literal:
+        return typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        parts = [_literal_values(a) for a in typing.get_args(tp)]
+        if any(p is not None for p in parts) and all(
+            p is not None or a is type(None)
+            for p, a in zip(parts, typing.get_args(tp), strict=True)
+        ):
+            return tuple(
+                v
+                for p, a in zip(parts, typing.get_args(tp), strict=True)
+                for v in (p if p is not None else (None,))
+            )
+    return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,38 +140,71 @@ class TransformerConfig:
     """
 
     n_vocab: int = 256
+    """Vocabulary size (256 for bytes and images)."""
     d_model: int = 128
+    """Width of the residual stream."""
     d_k: int = 32
+    """Query/key width per head."""
     d_v: int = 128
+    """Value width per head (the gated unit's hidden width)."""
     n_head: int = 1
+    """Attention heads per unit."""
     n_code: int = 64
+    """Codebook size (codes per head)."""
     n_layer: int = 2
+    """Layers; each holds two gated attention units."""
     block_len: int = 64
+    """Attention block length L; sequences are multiples of it."""
     mem_len: int | None = None
+    """Window M of keys each block attends directly (None = block_len)."""
     p_dropemb: float = 0.0
+    """Dropout rate on the token embeddings."""
     p_dropsin: float = 0.0
+    """Dropout rate on the relative-position sinusoids."""
     p_dropres: float = 0.0
+    """Dropout rate on each unit's residual."""
     p_droplyr: float = 0.0
+    """LayerDrop rate (per unit or per layer, see layerdrop)."""
     c_beta: float = 1e-4
+    """Commitment-loss weight."""
     c_gamma: float = 0.99
-    param_dtype: str = "float32"
-    dtype: str = "float32"
-    attention: str = "vq"
+    """Codebook EMA rate."""
+    param_dtype: DType = "float32"
+    """Parameter dtype."""
+    dtype: DType = "float32"
+    """Activation dtype (log-probs and norms stay float32)."""
+    attention: Attention = "vq"
+    """vq (compressive cache), window, block_window or full (KV-cache baseline)."""
     grad_thru_cache: bool = True
+    """Gradients flow through the state carried between blocks."""
     tie_embeddings: bool = False
+    """Output head shares the token embedding."""
     abs_pe: bool = False
+    """Add scaled sinusoidal absolute position embeddings."""
     output_norm: bool = True
+    """RMS-normalise before the output head (official e_preln)."""
     pe_lam: float = 100_000.0
+    """Sinusoid wavelength base."""
     e_scale: float = 1.0
+    """Multiplier on the logits before the log-softmax."""
     qk_norm: Literal["rms", "layer"] = "rms"
+    """Query/key norm: rms (official) or layer (centred)."""
     layerdrop: Literal["unit", "layer"] = "unit"
+    """LayerDrop granularity: unit (official) or layer."""
     drop_mask_scope: Literal["sequence", "segment"] = "sequence"
+    """LayerDrop/sinusoid masks fixed per sequence (official) or per segment."""
     lm_loss_average: Literal["positions", "tokens"] = "positions"
-    implementation: str | None = None
+    """Loss divided by all positions (official) or by unmasked tokens."""
+    implementation: ImplementationName | None = None
+    """VQ-attention implementation (None = best available)."""
     kv_cache_len: int = 2048
-    state_keys: str = "codewords"
+    """KV-cache capacity of the full-attention baseline."""
+    state_keys: StateKeys = "codewords"
+    """Carried window keeps codewords (official) or codes."""
     pallas: PallasConfig | None = None
+    """How the Pallas kernels run (tiles, backward, interpret); None = defaults."""
     remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"
+    """Rematerialise the scanned layer body: none, full, dots, dots_no_batch."""
 
     def __post_init__(self):
         positive = (
@@ -165,25 +249,7 @@ class TransformerConfig:
             raise ValueError(
                 f"TransformerConfig.c_gamma must be in [0, 1); got {self.c_gamma!r}"
             )
-        for name in ("param_dtype", "dtype"):
-            if getattr(self, name) not in _DTYPES:
-                raise ValueError(
-                    f"TransformerConfig.{name} must be one of {_DTYPES}; got {getattr(self, name)!r}"
-                )
-        if self.attention not in _ATTENTIONS:
-            raise ValueError(
-                f"TransformerConfig.attention must be one of {_ATTENTIONS}; got {self.attention!r}"
-            )
-        if self.state_keys not in _STATE_KEYS:
-            raise ValueError(
-                f"TransformerConfig.state_keys must be one of {_STATE_KEYS}; "
-                f"got {self.state_keys!r}"
-            )
-        if self.implementation not in _IMPLEMENTATIONS:
-            raise ValueError(
-                f"TransformerConfig.implementation must be one of {_IMPLEMENTATIONS}; "
-                f"got {self.implementation!r}"
-            )
+        check_literals(self)
         if self.pallas is not None and not isinstance(self.pallas, PallasConfig):
             raise ValueError(
                 f"TransformerConfig.pallas must be a PallasConfig or None; got "
@@ -206,18 +272,6 @@ class TransformerConfig:
             raise ValueError(
                 f"TransformerConfig.e_scale must be a float > 0; got {self.e_scale!r}"
             )
-        for name in ("qk_norm", "layerdrop", "drop_mask_scope", "lm_loss_average"):
-            allowed = _literal_values(name)
-            if getattr(self, name) not in allowed:
-                raise ValueError(
-                    f"TransformerConfig.{name} must be one of {allowed}; "
-                    f"got {getattr(self, name)!r}"
-                )
-        if self.remat not in _literal_values("remat"):
-            raise ValueError(
-                f"TransformerConfig.remat must be one of {_literal_values('remat')}; "
-                f"got {self.remat!r}"
-            )
 
     @property
     def jnp_dtype(self):
@@ -230,10 +284,3 @@ class TransformerConfig:
     def replace(self, **changes) -> TransformerConfig:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
-
-
-@functools.cache
-def _literal_values(name: str) -> tuple[str, ...]:
-    """The allowed values of a `Literal`-typed TransformerConfig field."""
-    hints = typing.get_type_hints(TransformerConfig)
-    return typing.get_args(hints[name])

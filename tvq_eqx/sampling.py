@@ -18,13 +18,15 @@ independent of how long the context already is.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
-from .nn import Transformer
+from .nn import Transformer, TransformerState
 
 
 def sample_token(
@@ -60,6 +62,54 @@ def sample_token(
     masked = jnp.where(keep, scaled, -jnp.inf)
     drawn = jax.random.categorical(key, masked, axis=-1).astype(jnp.int32)
     return jnp.where(temperature <= 0, greedy, drawn)
+
+
+class DecodeCarry(NamedTuple):
+    """What generation carries from one token to the next.
+
+    - `state`: the model's `TransformerState` after every *completed* block.
+    - `block`: int32 `[batch, block_len]`, the current block: known tokens up
+      to `position`, zeros after.
+    - `position`: int32 scalar, index in `block` of the last known token.
+    """
+
+    state: TransformerState
+    block: Int[Array, "batch block_len"]
+    position: Int[Array, ""]
+
+
+def decode_step(
+    model: Transformer,
+    carry: DecodeCarry,
+    key: PRNGKeyArray,
+    *,
+    temperature: float | Float[Array, ""] = 1.0,
+    top_p: float | Float[Array, ""] = 1.0,
+) -> tuple[DecodeCarry, Int[Array, " batch"], Float[Array, "batch vocab"]]:
+    """One generated token: run the model on the current block from the
+    carried state, read the log-probabilities at `carry.position`, draw a
+    token (`sample_token`) and write it after it; when the block is full, the
+    state of that same call becomes the carried state and a new block starts
+    with the token.
+
+    Traceable (use it in `jax.lax.scan`); `sample` is this step scanned.
+
+    **Returns:** the new carry, the drawn tokens `[batch]` and the
+    log-probabilities they were drawn from `[batch, vocab]`.
+    """
+    big_l = model.config.block_len
+    logprobs, new_state, _ = model(carry.block, carry.state)
+    lp = jax.lax.dynamic_index_in_dim(logprobs, carry.position, axis=1, keepdims=False)
+    tok = sample_token(lp, key, temperature=temperature, top_p=top_p)
+    full = carry.position == big_l - 1
+    state = jax.tree.map(lambda n, o: jnp.where(full, n, o), new_state, carry.state)
+    fresh = jnp.zeros_like(carry.block).at[:, 0].set(tok)
+    written = jax.lax.dynamic_update_index_in_dim(
+        carry.block, tok, carry.position + 1, axis=1
+    )
+    block = jnp.where(full, fresh, written)
+    position = jnp.where(full, 0, carry.position + 1).astype(jnp.int32)
+    return DecodeCarry(state, block, position), tok, lp
 
 
 def _check_prompt(model: Transformer, prompt) -> Int[Array, "batch prompt"]:
@@ -140,17 +190,11 @@ def _generate(model, prompt, key, temperature, top_p, steps):
     idx = jnp.int32(tail.shape[1] - 1)  # position of the last known token
 
     def body(carry, k):
-        state, buf, idx = carry
-        logprobs, new_state, _ = model(buf, state)
-        lp = jax.lax.dynamic_index_in_dim(logprobs, idx, axis=1, keepdims=False)
-        tok = sample_token(lp, k, temperature=temperature, top_p=top_p)
-        full = idx == big_l - 1
-        state = jax.tree.map(lambda n, o: jnp.where(full, n, o), new_state, state)
-        fresh = jnp.zeros_like(buf).at[:, 0].set(tok)
-        written = jax.lax.dynamic_update_index_in_dim(buf, tok, idx + 1, axis=1)
-        buf = jnp.where(full, fresh, written)
-        idx = jnp.where(full, 0, idx + 1).astype(jnp.int32)
-        return (state, buf, idx), tok
+        carry, tok, _ = decode_step(
+            model, carry, k, temperature=temperature, top_p=top_p
+        )
+        return carry, tok
 
-    _, toks = jax.lax.scan(body, (state, buf, idx), jax.random.split(key, steps))
+    carry = DecodeCarry(state=state, block=buf, position=idx)
+    _, toks = jax.lax.scan(body, carry, jax.random.split(key, steps))
     return jnp.swapaxes(toks, 0, 1)

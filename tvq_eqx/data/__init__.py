@@ -16,6 +16,12 @@ from ._bytes import (
     bundled_corpus_path as bundled_corpus_path,
 )
 from ._bytes import (
+    decode_bytes as decode_bytes,
+)
+from ._bytes import (
+    encode_bytes as encode_bytes,
+)
+from ._bytes import (
     load_bytes as load_bytes,
 )
 from ._bytes import (
@@ -27,6 +33,7 @@ from ._bytes import (
 from ._bytes import (
     split_bytes as split_bytes,
 )
+from ._files import split_items as split_items
 from ._images import (
     IMAGE_BYTES as IMAGE_BYTES,
 )

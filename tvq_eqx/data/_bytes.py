@@ -1,10 +1,11 @@
 """Byte-level corpora: the bundled Shakespeare text, files, folders, enwik8."""
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
-from jaxtyping import UInt8
+from jaxtyping import Int32, UInt8
 
 from ._files import find_files
 
@@ -171,3 +172,15 @@ def load_splits(
         return split_bytes(data, enwik8=True if named_enwik8 else None)
     except ValueError as e:
         raise ValueError(f"cannot split {str(path)!r}: {e}") from None
+
+
+def encode_bytes(text: str) -> Int32[np.ndarray, " n"]:
+    """UTF-8 bytes of `text` as int32 token ids in [0, 256)."""
+    return np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32)
+
+
+def decode_bytes(tokens: Iterable[int] | np.ndarray) -> str:
+    """The inverse of `encode_bytes`; invalid UTF-8 becomes U+FFFD."""
+    return bytes(int(t) for t in np.asarray(tokens).reshape(-1)).decode(
+        "utf-8", "replace"
+    )

@@ -1,6 +1,9 @@
-"""Deterministic file discovery shared by the text and image loaders."""
+"""Deterministic file discovery and the whole-item split shared by the text
+and image loaders."""
 
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TypeVar
 
 
 def find_files(folder: Path, suffixes: tuple[str, ...]) -> list[Path]:
@@ -21,3 +24,24 @@ def find_files(folder: Path, suffixes: tuple[str, ...]) -> list[Path]:
         ):
             found.append((rel.as_posix(), p))
     return [p for _, p in sorted(found)]
+
+
+T = TypeVar("T")
+
+
+def split_items(items: Sequence[T], *, what: str = "items") -> dict[str, Sequence[T]]:
+    """Split whole items (documents, images) into contiguous train /
+    validation / test parts, 90% / 5% / 5% in that order: validation and test
+    hold `max(1, n // 20)` items each.
+
+    Raises `ValueError` (naming `what`) for fewer than 3 items.
+    """
+    n = len(items)
+    if n < 3:
+        raise ValueError(f"need >= 3 {what} to split train/validation/test; got {n}")
+    n_eval = max(1, n // 20)
+    return dict(
+        train=items[: n - 2 * n_eval],
+        validation=items[n - 2 * n_eval : n - n_eval],
+        test=items[n - n_eval :],
+    )

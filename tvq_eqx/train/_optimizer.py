@@ -3,18 +3,20 @@ to its exact EMA update and nowhere else."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, cast, get_args
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import optax
 
+from .._config import check_literals
 from ..nn import LayerStack, VectorQuantizer, XLRelativeBias
 
 OptimizerName = Literal["adamw", "lion", "adafactor"]
-OPTIMIZERS: tuple[str, ...] = ("adamw", "lion", "adafactor")
+OPTIMIZERS: tuple[str, ...] = get_args(OptimizerName)
 
 MAIN = "main"
 CODEBOOK = "codebook"
@@ -128,16 +130,58 @@ def lr_schedule(
     return optax.join_schedules([warmup, decay], boundaries=[warmup_steps])
 
 
-class OptimizerConfig(NamedTuple):
-    """Everything `make_optimizer` needs; kept in checkpoints."""
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    """The optimizer's settings (the official enwik8 recipe by default); the
+    only place their defaults are written. The schedule's length is the run's
+    `steps`, passed separately to `make_optimizer` / `optimizer_from_config`."""
 
-    name: str = "adamw"
+    name: OptimizerName = "adamw"
+    """adamw (b1 0.9, b2 0.98, eps 1e-9), lion (bfloat16 momentum) or adafactor."""
     learning_rate: float = 4e-4
+    """Peak learning rate."""
     warmup_steps: int = 10_000
-    total_steps: int = 125_000
+    """Linear warmup from 0 over this many updates."""
     weight_decay: float = 2e-4
+    """Decoupled weight decay (not scaled by the learning rate)."""
     grad_clip: float | None = 0.1
+    """Global-norm gradient clipping (None = off)."""
     final_lr_ratio: float = 0.1
+    """Cosine decay ends at this fraction of the peak learning rate."""
+
+    def __post_init__(self):
+        check_literals(self)
+        for name in ("learning_rate", "weight_decay", "final_lr_ratio"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise ValueError(f"OptimizerConfig.{name} must be a float; got {v!r}")
+        if not self.learning_rate > 0:
+            raise ValueError(
+                f"OptimizerConfig.learning_rate must be > 0; got {self.learning_rate!r}"
+            )
+        w = self.warmup_steps
+        if isinstance(w, bool) or not isinstance(w, int) or w < 0:
+            raise ValueError(
+                f"OptimizerConfig.warmup_steps must be an int >= 0; got {w!r}"
+            )
+        if self.weight_decay < 0:
+            raise ValueError(
+                f"OptimizerConfig.weight_decay must be >= 0; got {self.weight_decay!r}"
+            )
+        if self.grad_clip is not None and not (
+            isinstance(self.grad_clip, (int, float)) and self.grad_clip > 0
+        ):
+            raise ValueError(
+                f"OptimizerConfig.grad_clip must be > 0 or None; got {self.grad_clip!r}"
+            )
+        if not 0.0 <= self.final_lr_ratio <= 1.0:
+            raise ValueError(
+                f"OptimizerConfig.final_lr_ratio must be in [0, 1]; got "
+                f"{self.final_lr_ratio!r}"
+            )
+
+
+_DEFAULT = OptimizerConfig()
 
 
 def _base(name: str, schedule: optax.Schedule) -> optax.GradientTransformation:
@@ -157,14 +201,14 @@ def _base(name: str, schedule: optax.Schedule) -> optax.GradientTransformation:
 
 
 def make_optimizer(
-    name: str = "adamw",
+    name: str = _DEFAULT.name,
     *,
-    learning_rate: float = 4e-4,
-    warmup_steps: int = 10_000,
+    learning_rate: float = _DEFAULT.learning_rate,
+    warmup_steps: int = _DEFAULT.warmup_steps,
     total_steps: int = 125_000,
-    weight_decay: float = 2e-4,
-    grad_clip: float | None = 0.1,
-    final_lr_ratio: float = 0.1,
+    weight_decay: float = _DEFAULT.weight_decay,
+    grad_clip: float | None = _DEFAULT.grad_clip,
+    final_lr_ratio: float = _DEFAULT.final_lr_ratio,
 ) -> optax.GradientTransformation:
     """The Transformer-VQ optimizer (the official recipe).
 
@@ -191,19 +235,21 @@ def make_optimizer(
     `total_steps` (cosine decay to `final_lr_ratio * learning_rate` at this
     optimizer step), `weight_decay`, `grad_clip` (global norm; `None` = off).
     """
-    if name not in OPTIMIZERS:
-        raise ValueError(f"optimizer must be one of {OPTIMIZERS}; got {name!r}")
-    if not learning_rate > 0:
-        raise ValueError(f"learning_rate must be > 0; got {learning_rate!r}")
-    if warmup_steps < 0 or total_steps < 1:
-        raise ValueError(
-            f"need warmup_steps >= 0 and total_steps >= 1; got {warmup_steps}, "
-            f"{total_steps}"
-        )
-    if weight_decay < 0:
-        raise ValueError(f"weight_decay must be >= 0; got {weight_decay!r}")
-    if grad_clip is not None and not grad_clip > 0:
-        raise ValueError(f"grad_clip must be > 0 or None; got {grad_clip!r}")
+    # Validated in one place: the config's own checks (`name` included).
+    OptimizerConfig(
+        name=cast(OptimizerName, name),
+        learning_rate=learning_rate,
+        warmup_steps=warmup_steps,
+        weight_decay=weight_decay,
+        grad_clip=grad_clip,
+        final_lr_ratio=final_lr_ratio,
+    )
+    if (
+        isinstance(total_steps, bool)
+        or not isinstance(total_steps, int)
+        or total_steps < 1
+    ):
+        raise ValueError(f"total_steps must be an int >= 1; got {total_steps!r}")
     schedule = lr_schedule(learning_rate, warmup_steps, total_steps, final_lr_ratio)
     main = [guard_no_codebook()]
     if grad_clip is not None:
@@ -218,7 +264,13 @@ def make_optimizer(
 
 
 @functools.lru_cache(maxsize=32)
-def optimizer_from_config(cfg: OptimizerConfig) -> optax.GradientTransformation:
-    """`make_optimizer(**cfg._asdict())`, memoised: equal configs give the same
-    object, so compiled train steps are reused (e.g. after `--resume`)."""
-    return make_optimizer(**cfg._asdict())
+def optimizer_from_config(
+    cfg: OptimizerConfig, total_steps: int
+) -> optax.GradientTransformation:
+    """`make_optimizer` from a config and the schedule's length, memoised:
+    equal arguments give the same object, so compiled train steps are reused
+    (e.g. after `--resume`)."""
+    return make_optimizer(
+        **{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)},
+        total_steps=total_steps,
+    )

@@ -1,181 +1,13 @@
-"""Run configurations and the named presets (tiny, enwik8, pg19, imagenet64)."""
+"""The named presets (tiny, enwik8, pg19, imagenet64) as `RunConfig` values,
+and the conversion of the official launch scripts' flags."""
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any, Literal
+from typing import Any
 
 from .._config import TransformerConfig
-from ._optimizer import OPTIMIZERS, OptimizerConfig
-
-DataKind = Literal["bytes", "sentencepiece", "images"]
-DATA_KINDS = ("bytes", "sentencepiece", "images")
-
-
-@dataclasses.dataclass(frozen=True)
-class RunConfig:
-    """Everything a `train` run needs besides the model config.
-
-    Steps count *optimizer updates* (as the official `n_max_step`): each batch
-    of `seq_len` tokens per row gives `seq_len // update_len` updates, so
-    `steps` must be a multiple of that.
-
-    - `data`: path (file or folder) or `None` for the bundled Shakespeare
-      corpus; `data_kind`: `"bytes"` (byte-level text, 90/5/5 split or the
-      enwik8 split), `"sentencepiece"` (a folder of text documents and a
-      `tokenizer` model file, documents split 90/5/5), `"images"` (a folder of
-      images as 64x64 RGB byte sequences, images split 90/5/5).
-    - `batch_size` (global, split over devices), `seq_len`, `update_len`.
-    - optimizer: `optimizer`, `learning_rate`, `warmup_steps`, `steps`,
-      `weight_decay`, `grad_clip` (`None` = off), `final_lr_ratio`.
-    - `eval_every` (updates; 0 = only at the end), `eval_batches` (0 = the
-      whole validation split), `log_every`, `save_every` (0 = only at the
-      end), `keep` (checkpoints kept).
-    - sampling at the end: `sample_len`, `temperature`, `top_p`.
-    - `seed`: parameters, dropout and data order.
-    - `context_len`: tokens of history each row's attention state carries
-      before it is emptied, in training and evaluation (a multiple of
-      `seq_len`); 0 = never within an epoch. The official recipe trains and
-      evaluates on independent sequences (`context_len = seq_len`). Unbounded
-      carried history at small budgets hurts: the per-code counts of a long
-      cache outweigh the bounded query-key scores before the model learns to
-      use them (see docs/benchmarks.md).
-    """
-
-    model: TransformerConfig
-    data: str | None = None
-    data_kind: str = "bytes"
-    tokenizer: str | None = None
-    batch_size: int = 8
-    seq_len: int = 256
-    update_len: int = 256
-    optimizer: str = "adamw"
-    learning_rate: float = 3e-3
-    warmup_steps: int = 50
-    steps: int = 400
-    weight_decay: float = 2e-4
-    grad_clip: float | None = 1.0
-    final_lr_ratio: float = 0.1
-    eval_every: int = 100
-    eval_batches: int = 0
-    log_every: int = 10
-    save_every: int = 0
-    keep: int = 3
-    sample_len: int = 400
-    temperature: float = 1.0
-    top_p: float = 0.9
-    seed: int = 0
-    context_len: int = 0
-
-    def __post_init__(self):
-        if not isinstance(self.model, TransformerConfig):
-            raise TypeError("RunConfig.model must be a TransformerConfig")
-        ints = ("batch_size", "seq_len", "update_len", "steps", "log_every", "keep")
-        for name in ints:
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                raise ValueError(f"{name} must be a positive int; got {v!r}")
-        for name in (
-            "warmup_steps",
-            "eval_every",
-            "eval_batches",
-            "save_every",
-            "sample_len",
-            "seed",
-            "context_len",
-        ):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise ValueError(f"{name} must be an int >= 0; got {v!r}")
-        bl = self.model.block_len
-        if self.update_len % bl != 0:
-            raise ValueError(
-                f"update_len={self.update_len} must be a multiple of block_len={bl}"
-            )
-        if self.seq_len % self.update_len != 0:
-            raise ValueError(
-                f"seq_len={self.seq_len} must be a multiple of block_len={bl} x "
-                f"update segments (update_len={self.update_len})"
-            )
-        if self.steps % self.updates_per_batch != 0:
-            raise ValueError(
-                f"steps={self.steps} (optimizer updates) must be a multiple of "
-                f"seq_len / update_len = {self.updates_per_batch}"
-            )
-        if self.context_len % self.seq_len != 0:
-            raise ValueError(
-                f"context_len={self.context_len} must be a multiple of "
-                f"seq_len={self.seq_len} (or 0 = carry the state through the epoch)"
-            )
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(
-                f"optimizer must be one of {OPTIMIZERS}; got {self.optimizer!r}"
-            )
-        if self.data_kind not in DATA_KINDS:
-            raise ValueError(
-                f"data_kind must be one of {DATA_KINDS}; got {self.data_kind!r}"
-            )
-        if not self.learning_rate > 0:
-            raise ValueError(f"learning_rate must be > 0; got {self.learning_rate!r}")
-        if self.grad_clip is not None and not self.grad_clip > 0:
-            raise ValueError(f"grad_clip must be > 0 or none; got {self.grad_clip!r}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1]; got {self.top_p!r}")
-
-    def resets_state(self, window: int) -> bool:
-        """Whether the carried attention state is emptied before window `window`
-        (the index of a batch within its epoch / evaluation pass)."""
-        if window == 0:
-            return True
-        return self.context_len > 0 and (window * self.seq_len) % self.context_len == 0
-
-    @property
-    def updates_per_batch(self) -> int:
-        return self.seq_len // self.update_len
-
-    @property
-    def total_batches(self) -> int:
-        return self.steps // self.updates_per_batch
-
-    def optimizer_config(self) -> OptimizerConfig:
-        return OptimizerConfig(
-            name=self.optimizer,
-            learning_rate=self.learning_rate,
-            warmup_steps=self.warmup_steps,
-            total_steps=self.steps,
-            weight_decay=self.weight_decay,
-            grad_clip=self.grad_clip,
-            final_lr_ratio=self.final_lr_ratio,
-        )
-
-    def replace(self, **changes) -> RunConfig:
-        """A copy with some run fields or model fields changed (validated).
-
-        Changing `block_len` alone moves `mem_len` with it when they were
-        equal."""
-        model_fields = {f.name for f in dataclasses.fields(TransformerConfig)}
-        m = {k: v for k, v in changes.items() if k in model_fields}
-        r = {k: v for k, v in changes.items() if k not in model_fields}
-        if (
-            "block_len" in m
-            and "mem_len" not in m
-            and self.model.mem_len == self.model.block_len
-        ):
-            m["mem_len"] = None  # mem_len followed block_len: keep following it
-        model = self.model.replace(**m) if m else self.model
-        return dataclasses.replace(self, model=model, **r)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["model"] = dataclasses.asdict(self.model)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> RunConfig:
-        d = dict(d)
-        model = TransformerConfig(**d.pop("model"))
-        return cls(model=model, **d)
-
+from ._optimizer import OptimizerConfig
+from ._run_config import DataConfig, RunConfig
 
 # The official launch scripts' settings (scripts/lm_{enwik8,pg19,imagenet64}.sh
 # with scripts/launch.py defaults). The scripts leave sequence_len, block_len,
@@ -348,18 +180,22 @@ def from_official(args: dict[str, Any]) -> RunConfig:
     grad_clip = a.pop("grad_clip")
     run = RunConfig(
         model=model,
-        data_kind=data_kind,
-        tokenizer=a.pop("vocab_path", None),
-        batch_size=a.pop("global_batch_size"),
-        seq_len=seq_len,
+        data=DataConfig(
+            kind=data_kind,
+            tokenizer=a.pop("vocab_path", None),
+            batch_size=a.pop("global_batch_size"),
+            seq_len=seq_len,
+        ),
+        optimizer=OptimizerConfig(
+            name=a.pop("optimizer"),
+            learning_rate=float(a.pop("lr_max")),
+            warmup_steps=a.pop("n_warmup_step"),
+            weight_decay=float(a.pop("wd_lam")),
+            grad_clip=None if grad_clip is None else float(grad_clip),
+            final_lr_ratio=0.1,  # the official cosine schedule's alpha
+        ),
         update_len=a.pop("update_len"),
-        optimizer=a.pop("optimizer"),
-        learning_rate=float(a.pop("lr_max")),
-        warmup_steps=a.pop("n_warmup_step"),
         steps=a.pop("n_max_step"),
-        weight_decay=float(a.pop("wd_lam")),
-        grad_clip=None if grad_clip is None else float(grad_clip),
-        final_lr_ratio=0.1,  # the official cosine schedule's alpha
         # The official loop evaluates n_eval_step batches and saves (when
         # validation improved) every n_save_step updates.
         eval_every=n_save_step,
@@ -391,15 +227,16 @@ PRESETS: dict[str, RunConfig] = {
             n_layer=2,
             block_len=64,
         ),
-        batch_size=8,
-        seq_len=256,
+        data=DataConfig(kind="bytes", batch_size=8, seq_len=256),
+        optimizer=OptimizerConfig(
+            name="adamw",
+            learning_rate=3e-3,
+            warmup_steps=20,
+            weight_decay=2e-4,
+            grad_clip=1.0,
+        ),
         update_len=256,
-        optimizer="adamw",
-        learning_rate=3e-3,
-        warmup_steps=20,
         steps=600,
-        weight_decay=2e-4,
-        grad_clip=1.0,
         eval_every=150,
         eval_batches=0,
         log_every=10,

@@ -1,0 +1,137 @@
+"""`fit` callbacks of the command line: the JSONL metrics log, the tqdm
+progress bar and the PNG learning curves. tqdm and matplotlib (the `[cli]`
+extra) are imported only when these are used."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from ._fit import Callback, FitResult
+from ._run_config import RunConfig
+
+
+class JSONLLogger(Callback):
+    """Appends every train / validation record to `path`, one JSON object per
+    line. On resume (`resume_step`), entries after that step are dropped first;
+    otherwise an existing file is replaced."""
+
+    def __init__(self, path: str | os.PathLike, *, resume_step: int | None = None):
+        self.path = Path(path)
+        if resume_step is not None and self.path.is_file():
+            kept = []
+            for line in self.path.read_text().splitlines():
+                try:
+                    if json.loads(line).get("step", 0) <= resume_step:
+                        kept.append(line)
+                except ValueError:
+                    continue
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text("".join(k + "\n" for k in kept))
+            os.replace(tmp, self.path)
+        elif self.path.exists():
+            self.path.unlink()
+
+    def write(self, record: Mapping[str, Any]) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(dict(record), sort_keys=True) + "\n")
+
+    def on_log(self, record: dict[str, Any]) -> None:
+        self.write(record)
+
+    def on_eval(self, record: dict[str, Any]) -> None:
+        self.write(record)
+
+
+class ProgressBar(Callback):
+    """A tqdm bar over optimizer updates on stderr, with loss, bits per token
+    and throughput; validation results printed above it."""
+
+    def __init__(self, *, unit_name: str, disable: bool = False):
+        self.unit_name = unit_name
+        self.disable = disable
+        self.bar: Any = None
+
+    def on_start(self, *, run: RunConfig, start_step: int, stop_step: int) -> None:
+        from tqdm import tqdm
+
+        self.upb = run.updates_per_batch
+        self.bar = tqdm(
+            total=stop_step,
+            initial=start_step,
+            desc="train",
+            unit="upd",
+            disable=self.disable,
+            file=sys.stderr,
+            dynamic_ncols=True,
+            mininterval=0.5,
+        )
+
+    def on_step(self, step, metrics, train_state) -> None:
+        self.bar.update(self.upb)
+
+    def on_log(self, record: dict[str, Any]) -> None:
+        self.bar.set_postfix(
+            loss=f"{record['lm_loss']:.3f}",
+            bpt=f"{record['bits_per_token']:.3f}",
+            tok_s=f"{record['tokens_per_s']:,.0f}",
+            refresh=False,
+        )
+
+    def on_eval_start(self, step: int) -> None:
+        self.bar.set_description(f"eval@{step}")
+
+    def on_eval(self, record: dict[str, Any]) -> None:
+        self.bar.set_description("train")
+        self.bar.write(
+            f"step {record['step']}: validation {self.unit_name} "
+            f"{record['bits_per_token']:.4f}"
+        )
+
+    def on_end(self, result: FitResult) -> None:
+        self.bar.close()
+
+
+def plot_curves(
+    metrics_path: str | os.PathLike,
+    out_path: str | os.PathLike,
+    *,
+    unit: str = "bits per byte",
+) -> Path | None:
+    """PNG of training and validation bits per token against optimizer
+    updates from a JSONL log; None when the log holds neither."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_path = Path(out_path)
+    train, val = [], []
+    for line in Path(metrics_path).read_text().splitlines():
+        r = json.loads(line)
+        if r.get("split") == "train":
+            train.append((r["step"], r["bits_per_token"]))
+        elif r.get("split") == "validation":
+            val.append((r["step"], r["bits_per_token"]))
+    if not train and not val:
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
+    if train:
+        ax.plot(*zip(*train, strict=False), label="train", lw=1.2)
+    if val:
+        ax.plot(*zip(*val, strict=False), "o-", label="validation", lw=1.5)
+    ax.set_xlabel("optimizer update")
+    ax.set_ylabel(unit)
+    ax.set_title("Transformer-VQ training")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = out_path.with_name(out_path.stem + ".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, out_path)
+    return out_path

@@ -1,0 +1,312 @@
+"""`fit`: the training loop (carried attention state, periodic evaluation,
+checkpoints, metrics callbacks, interrupt handling), used by the command line
+and the benchmarks."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import equinox as eqx
+import jax
+import optax
+from jax.sharding import Mesh
+
+from ..data import AbstractStream
+from ..nn import Transformer
+from ._checkpoint import save_checkpoint
+from ._optimizer import optimizer_from_config
+from ._run_config import RunConfig
+from ._steps import TrainState, evaluate, make_train_step
+
+FitStatus = Literal["completed", "stopped", "interrupted"]
+
+
+class StopTraining(Exception):
+    """Raise from a callback to end `fit` after the current batch (no final
+    evaluation or checkpoint; `FitResult.status == "stopped"`)."""
+
+
+class Callback:
+    """Hooks `fit` calls; subclass and override the ones you need.
+
+    `on_step` runs after every batch with its metrics still on the device
+    (reading them waits for the step); `on_log` gets the float metrics every
+    `run.log_every` updates; `on_eval` each validation result; raise
+    `StopTraining` from any hook to end the run early.
+    """
+
+    def on_start(self, *, run: RunConfig, start_step: int, stop_step: int) -> None:
+        """Before the first batch (`start_step` > 0 when resuming)."""
+
+    def on_step(
+        self, step: int, metrics: Mapping[str, Any], train_state: TrainState
+    ) -> None:
+        """After each batch; `step` counts optimizer updates done."""
+
+    def on_log(self, record: dict[str, Any]) -> None:
+        """Training metrics (floats), `split="train"`."""
+
+    def on_eval_start(self, step: int) -> None:
+        """Before a validation pass."""
+
+    def on_eval(self, record: dict[str, Any]) -> None:
+        """A validation result, `split="validation"`."""
+
+    def on_checkpoint(self, step: int, path: Path) -> None:
+        """After a checkpoint was written."""
+
+    def on_end(self, result: FitResult) -> None:
+        """After the loop (not called when an exception escapes `fit`)."""
+
+
+@dataclasses.dataclass
+class FitResult:
+    """What `fit` returns.
+
+    - `train_state`: the state after the last completed batch.
+    - `status`: `"completed"` (all `run.steps`, final evaluation and
+      checkpoint done), `"stopped"` (`stop_at` reached or `StopTraining`
+      raised) or `"interrupted"` (SIGINT; a checkpoint of the last completed
+      step was written when `checkpoint_dir` was given).
+    - `step`: optimizer updates done.
+    - `history`: every `on_log` / `on_eval` record, in order.
+    - `validation`: the last validation result (None if none ran).
+    - `checkpoint`: the last checkpoint written (None if none).
+    - `wall_s`: seconds in the loop.
+    """
+
+    train_state: TrainState
+    status: FitStatus
+    step: int
+    history: list[dict[str, Any]]
+    validation: dict[str, float] | None
+    checkpoint: Path | None
+    wall_s: float
+
+
+def evaluate_stream(
+    model: Transformer,
+    stream: AbstractStream,
+    run: RunConfig,
+    *,
+    mesh: Mesh | None = None,
+    max_batches: int | None = None,
+    progress: Callable[[Iterable], Iterable] | None = None,
+) -> dict[str, float]:
+    """`evaluate` over the first `max_batches` (default `run.eval_batches`;
+    0 = all) windows of `stream`, the carried state emptied per
+    `run.resets_state`."""
+    limit = run.eval_batches if max_batches is None else max_batches
+    n = stream.num_batches if limit == 0 else min(limit, stream.num_batches)
+    return evaluate(
+        model,
+        (stream.batch(i) for i in range(n)),
+        segment_len=run.update_len,
+        mesh=mesh,
+        resets=[run.resets_state(i) for i in range(n)],
+        progress=progress,
+    )
+
+
+class _SigintFlag:
+    """First SIGINT sets `raised` (the loop ends after the current batch and
+    checkpoints it); the previous handler is back for a second one."""
+
+    def __init__(self, enabled: bool):
+        self.raised = False
+        self._previous = None
+        self._enabled = (
+            enabled and threading.current_thread() is threading.main_thread()
+        )
+
+    def __enter__(self):
+        if self._enabled:
+            previous = signal.signal(signal.SIGINT, self._handle)
+            # None: a handler installed outside Python; restore the default.
+            self._previous = (
+                signal.default_int_handler if previous is None else previous
+            )
+        return self
+
+    def _handle(self, signum, frame):
+        self.raised = True
+        signal.signal(signal.SIGINT, self._previous)
+
+    def __exit__(self, *exc):
+        if self._enabled:
+            signal.signal(signal.SIGINT, self._previous)
+        return False
+
+
+def _is_alive(tree: Any) -> bool:
+    """False when any array of `tree` was donated (deleted)."""
+    return not any(
+        x.is_deleted() for x in jax.tree.leaves(eqx.filter(tree, eqx.is_array))
+    )
+
+
+def fit(
+    train_state: TrainState,
+    run: RunConfig,
+    train_stream: AbstractStream,
+    *,
+    eval_stream: AbstractStream | None = None,
+    optimizer: optax.GradientTransformation | None = None,
+    mesh: Mesh | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
+    checkpoint_meta: Mapping[str, Any] | None = None,
+    stop_at: int | None = None,
+    callbacks: Sequence[Callback] = (),
+    train_resets: Callable[[int], bool] | None = None,
+    handle_sigint: bool = True,
+) -> FitResult:
+    """Train `train_state` for `run.steps` optimizer updates on
+    `train_stream`, continuing from `train_state.step` (resume).
+
+    Batch `i` of `train_stream` (global index `step / updates_per_batch`)
+    gives `run.updates_per_batch` updates with the attention state carried
+    from batch `i - 1`; the state is emptied when `run.resets_state(window)`
+    (window = index within the epoch) says so, or `train_resets(window)` when
+    given. So a run stopped at update `s` and resumed from its checkpoint
+    computes exactly what the uninterrupted run computes.
+
+    - Evaluation on `eval_stream` (`evaluate_stream`) every `run.eval_every`
+      updates and at the end.
+    - Checkpoints in `checkpoint_dir` every `run.save_every` updates, at the
+      end (with the final validation in its meta), at `stop_at`, and on
+      interrupt; `run.keep` are kept. Meta: `run` (`run.to_dict()`),
+      `batch_index`, and `checkpoint_meta`.
+    - `stop_at`: end after this many updates (rounded down to a whole batch)
+      with a checkpoint, status `"stopped"`.
+    - SIGINT (Ctrl-C, with `handle_sigint` in the main thread): the current
+      batch completes, a checkpoint of it is written, and `fit` returns with
+      status `"interrupted"`; a second Ctrl-C interrupts at once. A
+      `KeyboardInterrupt` raised inside the loop (e.g. by a callback) writes
+      the checkpoint of the last completed batch too, then propagates.
+    - `callbacks`: `Callback` hooks for metrics, progress, plots.
+
+    `optimizer` defaults to `optimizer_from_config(run.optimizer, run.steps)`
+    (it must be the one `train_state.opt_state` was built with).
+    """
+    if optimizer is None:
+        optimizer = optimizer_from_config(run.optimizer, run.steps)
+    upb = run.updates_per_batch
+    start_step = int(train_state.step)
+    if start_step % upb != 0:
+        raise ValueError(
+            f"train_state.step={start_step} is not a whole number of batches "
+            f"({upb} updates each)"
+        )
+    start_batch = start_step // upb
+    stop_batch = run.total_batches
+    if stop_at is not None:
+        stop_batch = min(stop_batch, max(start_batch, stop_at // upb))
+    resets = run.resets_state if train_resets is None else train_resets
+    ckpt_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
+    step_fn = make_train_step(optimizer, update_len=run.update_len, mesh=mesh)
+    history: list[dict[str, Any]] = []
+    ts = train_state
+    state: dict[str, Any] = dict(validation=None, checkpoint=None)
+
+    def emit(name: str, *args: Any) -> None:
+        for cb in callbacks:
+            getattr(cb, name)(*args)
+
+    def save(step: int, extra: Mapping[str, Any] | None = None) -> None:
+        if ckpt_dir is None:
+            return
+        meta = dict(run=run.to_dict(), batch_index=step // upb)
+        meta.update(checkpoint_meta or {})
+        meta.update(extra or {})
+        path = save_checkpoint(ckpt_dir, ts, step=step, meta=meta, keep=run.keep)
+        state["checkpoint"] = path
+        emit("on_checkpoint", step, path)
+
+    def validate(step: int) -> None:
+        if eval_stream is None:
+            return
+        emit("on_eval_start", step)
+        val = evaluate_stream(ts.model, eval_stream, run, mesh=mesh)
+        state["validation"] = val
+        record = dict(split="validation", step=step, **val)
+        history.append(record)
+        emit("on_eval", record)
+
+    for cb in callbacks:
+        cb.on_start(run=run, start_step=start_step, stop_step=stop_batch * upb)
+    tokens_per_batch = run.data.batch_size * run.data.seq_len
+    t_start = time.perf_counter()
+    t_last, tok_last = t_start, 0
+    step = start_step
+    status: FitStatus = "completed"
+    with _SigintFlag(handle_sigint) as sigint:
+        try:
+            for batch_index in range(start_batch, stop_batch):
+                _, window = train_stream.epoch_and_window(batch_index)
+                ts, metrics = step_fn(
+                    ts, train_stream.batch(batch_index), reset=resets(window)
+                )
+                step = (batch_index + 1) * upb
+                tok_last += tokens_per_batch
+                last = batch_index + 1 == stop_batch
+                emit("on_step", step, metrics, ts)
+                if step % run.log_every < upb or last:
+                    m = {k: float(v) for k, v in metrics.items()}
+                    now = time.perf_counter()
+                    record = dict(
+                        split="train",
+                        step=step,
+                        tokens_per_s=tok_last / max(now - t_last, 1e-9),
+                        elapsed_s=now - t_start,
+                        **m,
+                    )
+                    t_last, tok_last = now, 0
+                    history.append(record)
+                    emit("on_log", record)
+                if sigint.raised:
+                    status = "interrupted"
+                    break
+                if run.eval_every and step % run.eval_every < upb and not last:
+                    validate(step)
+                if run.save_every and step % run.save_every < upb and not last:
+                    save(step)
+        except StopTraining:
+            status = "stopped"
+        except KeyboardInterrupt:
+            # The last completed batch is saved unless its buffers were
+            # donated to a step that did not finish.
+            if ckpt_dir is not None and step > start_step and _is_alive(ts):
+                save(step, dict(interrupted=True))
+            raise
+    if status == "interrupted":
+        if step > start_step:
+            save(step, dict(interrupted=True))
+    elif status == "completed" and stop_batch < run.total_batches:
+        status = "stopped"
+        save(step)
+    elif status == "completed":
+        validate(step)
+        save(
+            step,
+            None
+            if state["validation"] is None
+            else dict(validation=state["validation"]),
+        )
+    result = FitResult(
+        train_state=ts,
+        status=status,
+        step=step,
+        history=history,
+        validation=state["validation"],
+        checkpoint=state["checkpoint"],
+        wall_s=time.perf_counter() - t_start,
+    )
+    emit("on_end", result)
+    return result

@@ -1,0 +1,272 @@
+"""`RunConfig`: model, data, optimizer and loop settings of a training run, as
+nested frozen dataclasses (one place for every default; `Literal` fields
+checked by `tvq_eqx._config.check_literals`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from typing import Any, Literal, get_args
+
+from .._config import TransformerConfig, check_literals
+from ._optimizer import OptimizerConfig
+
+DataKind = Literal["bytes", "sentencepiece", "images"]
+DATA_KINDS: tuple[str, ...] = get_args(DataKind)
+
+
+def _check_int(owner: str, name: str, value: Any, *, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        what = "a positive int" if minimum == 1 else f"an int >= {minimum}"
+        raise ValueError(f"{owner}.{name} must be {what}; got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """What a run reads and how its batches are cut."""
+
+    path: str | None = None
+    """Text file or folder (bytes), folder of documents (sentencepiece) or of
+    images; None = the bundled Shakespeare corpus."""
+    kind: DataKind = "bytes"
+    """bytes (90/5/5 split, or the enwik8 split), sentencepiece or images."""
+    tokenizer: str | None = None
+    """SentencePiece model file (kind sentencepiece only)."""
+    batch_size: int = 8
+    """Global batch size (rows), split over devices."""
+    seq_len: int = 256
+    """Tokens per row per batch."""
+
+    def __post_init__(self):
+        check_literals(self)
+        for name in ("batch_size", "seq_len"):
+            _check_int("DataConfig", name, getattr(self, name), minimum=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """Everything a training run needs: `model`, `data`, `optimizer` and the
+    loop's own settings.
+
+    Steps count *optimizer updates* (as the official `n_max_step`): each batch
+    of `data.seq_len` tokens per row gives `seq_len // update_len` updates, so
+    `steps` must be a multiple of that.
+
+    `context_len`: tokens of history each row's attention state carries
+    before it is emptied, in training and evaluation (a multiple of
+    `seq_len`); 0 = never within an epoch. The official recipe trains and
+    evaluates on independent sequences (`context_len = seq_len`). Unbounded
+    carried history at small budgets hurts: the per-code counts of a long
+    cache outweigh the bounded query-key scores before the model learns to use
+    them (see docs/benchmarks.md).
+    """
+
+    model: TransformerConfig = TransformerConfig()
+    """The model's hyperparameters."""
+    data: DataConfig = DataConfig()
+    """The data and its batching."""
+    optimizer: OptimizerConfig = OptimizerConfig()
+    """The optimizer (its schedule spans `steps`)."""
+    steps: int = 400
+    """Optimizer updates in the whole run."""
+    update_len: int = 256
+    """Tokens per optimizer update (a multiple of block_len dividing seq_len)."""
+    context_len: int = 0
+    """History carried before the attention state is emptied (multiple of seq_len; 0 = the epoch)."""
+    eval_every: int = 100
+    """Validate every this many updates (0 = only at the end)."""
+    eval_batches: int = 0
+    """Validation batches per evaluation (0 = the whole split)."""
+    log_every: int = 10
+    """Log training metrics every this many updates."""
+    save_every: int = 0
+    """Checkpoint every this many updates (0 = only at the end)."""
+    keep: int = 3
+    """Checkpoints kept (older ones are deleted)."""
+    sample_len: int = 400
+    """Tokens sampled after training (0 = none)."""
+    temperature: float = 1.0
+    """Sampling temperature (<= 0 = greedy)."""
+    top_p: float = 0.9
+    """Nucleus mass for sampling, in (0, 1]."""
+    seed: int = 0
+    """Seed of the parameters, dropout and data order."""
+
+    def __post_init__(self):
+        for name, cls in (
+            ("model", TransformerConfig),
+            ("data", DataConfig),
+            ("optimizer", OptimizerConfig),
+        ):
+            if not isinstance(getattr(self, name), cls):
+                raise TypeError(
+                    f"RunConfig.{name} must be a {cls.__name__}; got "
+                    f"{type(getattr(self, name)).__name__}"
+                )
+        for name in ("steps", "update_len", "log_every", "keep"):
+            _check_int("RunConfig", name, getattr(self, name), minimum=1)
+        for name in (
+            "context_len",
+            "eval_every",
+            "eval_batches",
+            "save_every",
+            "sample_len",
+            "seed",
+        ):
+            _check_int("RunConfig", name, getattr(self, name), minimum=0)
+        bl, seq = self.model.block_len, self.data.seq_len
+        if self.update_len % bl != 0:
+            raise ValueError(
+                f"update_len={self.update_len} must be a multiple of block_len={bl}"
+            )
+        if seq % self.update_len != 0:
+            raise ValueError(
+                f"seq_len={seq} must be a multiple of update_len={self.update_len} "
+                f"(itself a multiple of block_len={bl})"
+            )
+        if self.steps % self.updates_per_batch != 0:
+            raise ValueError(
+                f"steps={self.steps} (optimizer updates) must be a multiple of "
+                f"seq_len / update_len = {self.updates_per_batch}"
+            )
+        if self.context_len % seq != 0:
+            raise ValueError(
+                f"context_len={self.context_len} must be a multiple of "
+                f"seq_len={seq} (or 0 = carry the state through the epoch)"
+            )
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"RunConfig.top_p must be in (0, 1]; got {self.top_p!r}")
+        if self.data.kind in ("bytes", "images") and self.model.n_vocab < 256:
+            raise ValueError(
+                f"{self.data.kind} data needs n_vocab >= 256; got {self.model.n_vocab}"
+            )
+
+    def resets_state(self, window: int) -> bool:
+        """Whether the carried attention state is emptied before window `window`
+        (the index of a batch within its epoch / evaluation pass)."""
+        if window == 0:
+            return True
+        return (
+            self.context_len > 0
+            and (window * self.data.seq_len) % self.context_len == 0
+        )
+
+    @property
+    def updates_per_batch(self) -> int:
+        return self.data.seq_len // self.update_len
+
+    @property
+    def total_batches(self) -> int:
+        return self.steps // self.updates_per_batch
+
+    def replace(self, **changes: Any) -> RunConfig:
+        """A copy with some fields changed (validated again). Nested groups
+        take a dict of their own field changes: `run.replace(steps=8,
+        model=dict(d_model=64), data=dict(seq_len=128))`; a new
+        `model.block_len` moves `mem_len` with it when they were equal."""
+        return dataclasses.replace(self, **_nested_changes(self, changes))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Nested plain dict (JSON/TOML-ready; `None` kept)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunConfig:
+        """The inverse of `to_dict`; unknown keys are a `ValueError` naming
+        them. A flat dict of the earlier (tvq-eqx 0.1) layout is accepted."""
+        return cls().updated(_from_legacy(d))
+
+    def updated(self, changes: dict[str, Any]) -> RunConfig:
+        """A copy with a nested dict of changes applied (as `replace`, but
+        unknown keys raise a `ValueError` naming them; a TOML file's tables)."""
+        _check_keys(type(self), changes, "")
+        return self.replace(**changes)
+
+
+def _nested_changes(obj: Any, changes: dict[str, Any]) -> dict[str, Any]:
+    """`changes` with every dict aimed at a dataclass-typed field replaced by
+    that field's value with the dict applied (recursively; a `None` field
+    starts from its class's defaults). A new `TransformerConfig.block_len`
+    moves `mem_len` with it when they were equal."""
+    hints = typing.get_type_hints(type(obj))
+    out = dict(changes)
+    for k, v in changes.items():
+        if not isinstance(v, dict) or k not in hints:
+            continue
+        current: Any = getattr(obj, k)
+        if not dataclasses.is_dataclass(current):
+            cls = _dataclass_in(hints[k])
+            if cls is None:
+                continue
+            current = cls()
+        out[k] = dataclasses.replace(current, **_nested_changes(current, v))
+    if (
+        isinstance(obj, TransformerConfig)
+        and "block_len" in changes
+        and "mem_len" not in changes
+        and obj.mem_len == obj.block_len
+    ):
+        out["mem_len"] = None  # mem_len followed block_len: keep following it
+    return out
+
+
+def _dataclass_in(tp: Any) -> type | None:
+    """The dataclass in annotation `tp` (`C` or `C | None`), else None."""
+    for t in (tp, *typing.get_args(tp)):
+        if isinstance(t, type) and dataclasses.is_dataclass(t):
+            return t
+    return None
+
+
+def _check_keys(cls: type, changes: Any, where: str) -> None:
+    place = f"[{where}]" if where else "the top level"
+    if not isinstance(changes, dict):
+        raise ValueError(f"{place} must be a table; got {changes!r}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(changes) - names)
+    if unknown:
+        raise ValueError(
+            f"unknown {cls.__name__} field(s) {unknown} in {place}; "
+            f"known: {sorted(names)}"
+        )
+    hints = typing.get_type_hints(cls)
+    for k, v in changes.items():
+        sub = _dataclass_in(hints[k])
+        if sub is not None and isinstance(v, dict):
+            _check_keys(sub, v, f"{where}.{k}" if where else k)
+
+
+_LEGACY = {
+    "data": ("data", "path"),
+    "data_kind": ("data", "kind"),
+    "tokenizer": ("data", "tokenizer"),
+    "batch_size": ("data", "batch_size"),
+    "seq_len": ("data", "seq_len"),
+    "learning_rate": ("optimizer", "learning_rate"),
+    "warmup_steps": ("optimizer", "warmup_steps"),
+    "weight_decay": ("optimizer", "weight_decay"),
+    "grad_clip": ("optimizer", "grad_clip"),
+    "final_lr_ratio": ("optimizer", "final_lr_ratio"),
+}
+
+
+def _from_legacy(d: dict[str, Any]) -> dict[str, Any]:
+    """Map the flat 0.1 layout (`optimizer="adamw"`, `data="path"`,
+    `seq_len=...` at the top) onto the nested one; nested dicts pass through."""
+    legacy = (
+        isinstance(d.get("optimizer"), str)
+        or isinstance(d.get("data"), str)
+        or any(k in d for k in _LEGACY if k != "data")
+    )
+    if not legacy:
+        return d
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if k == "optimizer" and isinstance(v, str):
+            out.setdefault("optimizer", {})["name"] = v
+        elif k in _LEGACY:
+            group, field = _LEGACY[k]
+            out.setdefault(group, {})[field] = v
+        else:
+            out[k] = v
+    return out
