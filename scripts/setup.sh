@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Create .venv (Python >= 3.12 when available, so jax >= 0.11 is used, the
-# generation GPU machines run) and install tvq-eqx with its test extra.
+# generation GPU machines run) and install tvq-eqx in editable mode with what
+# the demo, the tests and CI's checks need: the test extra (which includes the
+# cli, images and sentencepiece extras), aot, docs (mkdocs) and dev (ruff,
+# pyright).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ ! -x .venv/bin/python ]; then
@@ -16,4 +19,4 @@ if [ ! -x .venv/bin/python ]; then
   "$py" -m venv .venv
   .venv/bin/pip install -q --upgrade pip
 fi
-.venv/bin/pip install -q -e ".[test,aot]"
+.venv/bin/pip install -q -e ".[test,aot,docs,dev]"

@@ -24,4 +24,16 @@ from .train import make_train_step as make_train_step
 from .train import save_checkpoint as save_checkpoint
 from .train import train_step as train_step
 
-__version__ = "0.1.0"
+
+def _version() -> str:
+    # The installed distribution's metadata is the one source of the version;
+    # a source tree on PYTHONPATH that was never installed has none.
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("tvq-eqx")
+    except PackageNotFoundError:
+        return "0.0.0+unknown"
+
+
+__version__: str = _version()

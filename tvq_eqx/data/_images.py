@@ -57,8 +57,11 @@ def load_images(
     """
     try:
         from PIL import Image, ImageOps, UnidentifiedImageError
-    except ImportError as e:  # pragma: no cover - pillow comes with matplotlib
-        raise ImportError("load_images needs Pillow: `pip install pillow`") from e
+    except ImportError as e:
+        raise ImportError(
+            "load_images needs Pillow, which the `images` extra installs: "
+            "`pip install 'tvq-eqx[images]'` (or `pip install pillow`)"
+        ) from e
     size = _check_int("size", size, minimum=1)
     root = Path(path)
     if not root.exists():

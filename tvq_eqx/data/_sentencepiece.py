@@ -21,8 +21,9 @@ def _import_sentencepiece() -> Any:
         import sentencepiece
     except ImportError as e:
         raise ImportError(
-            "SentencePieceTokenizer needs the optional `sentencepiece` package: "
-            "`pip install sentencepiece`"
+            "SentencePieceTokenizer needs the optional `sentencepiece` package, "
+            "which the `sentencepiece` extra installs: "
+            "`pip install 'tvq-eqx[sentencepiece]'` (or `pip install sentencepiece`)"
         ) from e
     return sentencepiece
 
@@ -35,8 +36,8 @@ class SentencePieceTokenizer:
     `pad=0, unk=1, bos=2, eos=3`, so padding matches the default `pad_id=0` of
     `TokenStream`.
 
-    Raises `ImportError` (with the `pip install sentencepiece` hint) when the
-    package is missing.
+    Raises `ImportError` naming the `sentencepiece` extra
+    (`pip install 'tvq-eqx[sentencepiece]'`) when the package is missing.
     """
 
     def __init__(self, model_proto: bytes):

@@ -1,0 +1,74 @@
+"""Packaging: the core imports only its core dependencies, optional features
+name their extra when it is missing, the version comes from the metadata, and
+the type information ships (py.typed)."""
+
+import importlib.metadata
+import json
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import tvq_eqx
+from tvq_eqx import data
+
+ROOT = Path(__file__).resolve().parent.parent
+OPTIONAL = ["tyro", "tqdm", "matplotlib", "PIL", "sentencepiece", "beartype"]
+
+
+def test_core_dependencies_are_only_the_four():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    names = sorted(d.split(">")[0].split("=")[0] for d in project["dependencies"])
+    assert names == ["equinox", "jax", "jaxtyping", "optax"]
+    for extra in ("cli", "images", "sentencepiece", "test", "docs", "dev", "aot"):
+        assert extra in project["optional-dependencies"], extra
+
+
+def test_import_pulls_in_no_optional_dependency():
+    code = (
+        "import sys, json, tvq_eqx, tvq_eqx.data, tvq_eqx.train, tvq_eqx.nn, "
+        "tvq_eqx.ops, tvq_eqx.sampling, pallas_kernels.vq_attention\n"
+        f"print(json.dumps([m for m in {OPTIONAL!r} if m in sys.modules]))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == []
+
+
+def test_version_comes_from_the_metadata():
+    try:
+        expected = importlib.metadata.version("tvq-eqx")
+    except importlib.metadata.PackageNotFoundError:
+        expected = "0.0.0+unknown"
+    assert tvq_eqx.__version__ == expected
+
+
+def test_py_typed_ships():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    package_data = project["tool"]["setuptools"]["package-data"]
+    for package in ("tvq_eqx", "pallas_kernels"):
+        assert (ROOT / package / "py.typed").is_file()
+        assert "py.typed" in package_data[package]
+
+
+def test_missing_pillow_names_the_images_extra(monkeypatch, tmp_path):
+    np.save(tmp_path / "unused.npy", np.zeros(1))
+    monkeypatch.setitem(sys.modules, "PIL", None)
+    with pytest.raises(ImportError, match=r"tvq-eqx\[images\]"):
+        data.load_images(tmp_path)
+
+
+def test_missing_sentencepiece_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "sentencepiece", None)
+    with pytest.raises(ImportError, match=r"tvq-eqx\[sentencepiece\]"):
+        data.SentencePieceTokenizer.train(vocab_size=100)
