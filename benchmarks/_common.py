@@ -151,7 +151,9 @@ def rel_err(ref, out) -> float:
     return float(np.linalg.norm(ref - out) / max(np.linalg.norm(ref), 1e-30))
 
 
-def gated_ratio(num: float | None, den: float | None, ok: bool, fmt: str = "{:.3f}") -> str:
+def gated_ratio(
+    num: float | None, den: float | None, ok: bool, fmt: str = "{:.3f}"
+) -> str:
     """A ratio as text, or CHECK FAILED when the correctness check failed."""
     if not ok:
         return CHECK_FAILED
@@ -182,8 +184,9 @@ def fmt_num(x: float | None, spec: str = ".3g") -> str:
     return format(x, spec)
 
 
-def markdown_table(columns: Sequence[str], rows: Sequence[Sequence[object]],
-                   align: str | None = None) -> list[str]:
+def markdown_table(
+    columns: Sequence[str], rows: Sequence[Sequence[object]], align: str | None = None
+) -> list[str]:
     """`align`: one character per column, `l` or `r` (default: first l, rest r)."""
     align = align or "l" + "r" * (len(columns) - 1)
     sep = ["---:" if a == "r" else "---" for a in align]
@@ -214,8 +217,15 @@ def new_figure(ncols: int = 1, width: float = 6.0, height: float = 4.2):
 def save_figure(fig, path: Path, command: str) -> Path:
     import matplotlib.pyplot as plt
 
-    fig.text(0.01, 0.005, f"{command}  |  jax {jax.__version__}, {jax.default_backend()}",
-             fontsize=6, color="gray", ha="left", va="bottom")
+    fig.text(
+        0.01,
+        0.005,
+        f"{command}  |  jax {jax.__version__}, {jax.default_backend()}",
+        fontsize=6,
+        color="gray",
+        ha="left",
+        va="bottom",
+    )
     fig.tight_layout(rect=(0, 0.02, 1, 1))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

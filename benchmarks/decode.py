@@ -47,8 +47,9 @@ CHECK_TOL = 1e-4
 
 def model_config(p: DecodePreset, attention: str, context: int):
     # The full model's cache holds the whole context and the block being decoded.
-    return p.model.replace(attention=attention,
-                           kv_cache_len=context + p.model.block_len)
+    return p.model.replace(
+        attention=attention, kv_cache_len=context + p.model.block_len
+    )
 
 
 @eqx.filter_jit
@@ -70,7 +71,9 @@ def decode(model, state, buf, idx, key, temperature):
         return carry, (tok, lp)
 
     carry, (toks, lps) = jax.lax.scan(
-        body, DecodeCarry(state, buf, idx), jax.random.split(key, model.config.block_len)
+        body,
+        DecodeCarry(state, buf, idx),
+        jax.random.split(key, model.config.block_len),
     )
     return carry, toks, lps
 
@@ -80,7 +83,7 @@ def build_context(model, tokens, chunk: int):
     b, n = tokens.shape
     state = model.init_state(b)
     for s in range(0, n, chunk):
-        state = fill(model, state, tokens[:, s:s + chunk])
+        state = fill(model, state, tokens[:, s : s + chunk])
     return state
 
 
@@ -97,7 +100,9 @@ def _forward(model, tokens):
     return model(tokens, model.init_state(tokens.shape[0]))[0]
 
 
-def exactness_check(model, context: int, chunk: int, *, seed: int = 0) -> tuple[bool, float]:
+def exactness_check(
+    model, context: int, chunk: int, *, seed: int = 0
+) -> tuple[bool, float]:
     """Greedy decode with the carried state vs one forward pass over the text."""
     big_l = model.config.block_len
     rng = np.random.default_rng(seed)
@@ -106,8 +111,10 @@ def exactness_check(model, context: int, chunk: int, *, seed: int = 0) -> tuple[
     first = jnp.asarray(rng.integers(0, model.config.n_vocab, (b,)), jnp.int32)
     state, buf, idx = _start(model, ctx, first, min(chunk, context))
     _, toks, lps = decode(model, state, buf, idx, jax.random.key(0), jnp.float32(0.0))
-    text = jnp.concatenate([ctx, first[:, None], jnp.swapaxes(toks, 0, 1)[:, :-1]], axis=1)
-    ref = _forward(model, text)[:, context:context + big_l]  # [B, n, V]
+    text = jnp.concatenate(
+        [ctx, first[:, None], jnp.swapaxes(toks, 0, 1)[:, :-1]], axis=1
+    )
+    ref = _forward(model, text)[:, context : context + big_l]  # [B, n, V]
     err = float(jnp.max(jnp.abs(ref - jnp.swapaxes(lps, 0, 1))))
     return bool(np.isfinite(err)) and err <= CHECK_TOL, err
 
@@ -127,8 +134,13 @@ def prepare(model, p: DecodePreset, context: int, *, seed: int = 1) -> dict:
     state, buf, idx = _start(model, ctx, first, min(p.fill_chunk, context))
     C.block(state)
     fill_s = time.perf_counter() - t0
-    job = dict(model=model, args=(state, buf, idx, jax.random.key(seed), jnp.float32(1.0)),
-               fill_s=fill_s, times=[], finite=True)
+    job = dict(
+        model=model,
+        args=(state, buf, idx, jax.random.key(seed), jnp.float32(1.0)),
+        fill_s=fill_s,
+        times=[],
+        finite=True,
+    )
     C.block(decode(model, *job["args"]))  # compile + warm-up, untimed
     return job
 
@@ -148,7 +160,9 @@ def run(p: DecodePreset, *, out_dir: Path, tag: str, command: str) -> dict:
         cfg = model_config(p, att, p.check_context)
         model = Transformer(cfg, key=jax.random.key(0))
         gates[att] = check(model, p.check_context, p.fill_chunk)
-        C.log(f"decode gate {att}: {'pass' if gates[att][0] else 'FAIL'} ({gates[att][1]:.1e})")
+        C.log(
+            f"decode gate {att}: {'pass' if gates[att][0] else 'FAIL'} ({gates[att][1]:.1e})"
+        )
     jobs = {}
     for n in p.contexts:
         for att in ("vq", "full"):
@@ -166,23 +180,31 @@ def run(p: DecodePreset, *, out_dir: Path, tag: str, command: str) -> dict:
         row = dict(N=n)
         for att in ("vq", "full"):
             job = jobs[n, att]
-            row[att] = dict(per_token=C.median(job["times"]) / n_blk, times=job["times"],
-                            finite=job["finite"], fill_s=job["fill_s"],
-                            ok=gates[att][0] and job["finite"])
+            row[att] = dict(
+                per_token=C.median(job["times"]) / n_blk,
+                times=job["times"],
+                finite=job["finite"],
+                fill_s=job["fill_s"],
+                ok=gates[att][0] and job["finite"],
+            )
             C.log(f"decode N={n} {att}: {row[att]['per_token'] * 1e3:.3f} ms/token")
         rows.append(row)
     wall = time.perf_counter() - t_start
     md = out_dir / f"decode-{tag}.md"
     png = out_dir / f"decode-{tag}.png"
-    lines, fits = write_report(p, rows, gates, md=md, png=png, command=command, wall=wall)
+    lines, fits = write_report(
+        p, rows, gates, md=md, png=png, command=command, wall=wall
+    )
     plot(p, rows, fits, png, command)
     return dict(rows=rows, gates=gates, fits=fits, markdown=md, plot=png, lines=lines)
 
 
 def write_report(p, rows, gates, *, md, png, command, wall):
     m = p.model
-    fits = {att: C.fit_exponent([r["N"] for r in rows], [r[att]["per_token"] for r in rows])
-            for att in ("vq", "full")}
+    fits = {
+        att: C.fit_exponent([r["N"] for r in rows], [r[att]["per_token"] for r in rows])
+        for att in ("vq", "full")
+    }
     first = rows[0]
     notes = [
         f"model: {m.n_layer} layer(s) ({2 * m.n_layer} gated attention units), d_model "
@@ -206,25 +228,51 @@ def write_report(p, rows, gates, *, md, png, command, wall):
     table = []
     for r in rows:
         v, f = r["vq"], r["full"]
-        table.append([
-            C.fmt_len(r["N"]),
-            f"{v['per_token'] * 1e3:.3f}",
-            f"{f['per_token'] * 1e3:.3f}",
-            C.gated_ratio(f["per_token"], v["per_token"], v["ok"] and f["ok"], "{:.2f}x"),
-            C.gated_ratio(v["per_token"], first["vq"]["per_token"],
-                          v["ok"] and first["vq"]["ok"], "{:.3f}"),
-            C.gated_ratio(f["per_token"], first["full"]["per_token"],
-                          f["ok"] and first["full"]["ok"], "{:.3f}"),
-            f"{'pass' if v['ok'] else C.CHECK_FAILED} / {'pass' if f['ok'] else C.CHECK_FAILED}",
-        ])
+        table.append(
+            [
+                C.fmt_len(r["N"]),
+                f"{v['per_token'] * 1e3:.3f}",
+                f"{f['per_token'] * 1e3:.3f}",
+                C.gated_ratio(
+                    f["per_token"], v["per_token"], v["ok"] and f["ok"], "{:.2f}x"
+                ),
+                C.gated_ratio(
+                    v["per_token"],
+                    first["vq"]["per_token"],
+                    v["ok"] and first["vq"]["ok"],
+                    "{:.3f}",
+                ),
+                C.gated_ratio(
+                    f["per_token"],
+                    first["full"]["per_token"],
+                    f["ok"] and first["full"]["ok"],
+                    "{:.3f}",
+                ),
+                f"{'pass' if v['ok'] else C.CHECK_FAILED} / {'pass' if f['ok'] else C.CHECK_FAILED}",
+            ]
+        )
     n0 = C.fmt_len(first["N"])
     lines += ["## Per-token latency", ""]
     lines += C.markdown_table(
-        ["context", "vq ms/token", "full ms/token", "full/vq", f"vq / vq@{n0}",
-         f"full / full@{n0}", "check vq / full"], table, "lrrrrrl")
+        [
+            "context",
+            "vq ms/token",
+            "full ms/token",
+            "full/vq",
+            f"vq / vq@{n0}",
+            f"full / full@{n0}",
+            "check vq / full",
+        ],
+        table,
+        "lrrrrrl",
+    )
     last = rows[-1]
-    ratio = C.gated_ratio(last["vq"]["per_token"], first["vq"]["per_token"],
-                          last["vq"]["ok"] and first["vq"]["ok"], "{:.3f}")
+    ratio = C.gated_ratio(
+        last["vq"]["per_token"],
+        first["vq"]["per_token"],
+        last["vq"]["ok"] and first["vq"]["ok"],
+        "{:.3f}",
+    )
     met = "n/a"
     if ratio != C.CHECK_FAILED:
         met = "yes" if float(ratio) <= 1.1 else "no"
@@ -232,11 +280,17 @@ def write_report(p, rows, gates, *, md, png, command, wall):
         "",
         f"- vq latency at {C.fmt_len(last['N'])} / at {n0}: **{ratio}** "
         f"(target <= 1.1: {met}); full: "
-        + C.gated_ratio(last["full"]["per_token"], first["full"]["per_token"],
-                        last["full"]["ok"] and first["full"]["ok"], "{:.2f}"),
+        + C.gated_ratio(
+            last["full"]["per_token"],
+            first["full"]["per_token"],
+            last["full"]["ok"] and first["full"]["ok"],
+            "{:.2f}",
+        ),
         f"- fitted exponent of latency vs context: vq {C.fmt_num(fits['vq'], '.3f')}, "
         f"full {C.fmt_num(fits['full'], '.3f')}",
-        "", f"![decode]({png.name})", "",
+        "",
+        f"![decode]({png.name})",
+        "",
     ]
     C.write_text(md, lines)
     return lines, fits
@@ -251,8 +305,11 @@ def plot(p, rows, fits, png, command):
         ax.plot(xs, ys, style, label=f"{att} (slope {e:.2f})" if e is not None else att)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
-    ax.set(xlabel="context length (tokens)", ylabel="latency per token (ms)",
-           title="sampling latency vs context")
+    ax.set(
+        xlabel="context length (tokens)",
+        ylabel="latency per token (ms)",
+        title="sampling latency vs context",
+    )
     ax.grid(alpha=0.3, which="both")
     ax.legend()
     C.save_figure(fig, png, command)

@@ -177,7 +177,9 @@ def train_one(name, config, p: QualityPreset, splits, *, log=C.log) -> dict:
     n_main, n_code = count_params(ts.model)
     stream = train.make_stream(run_cfg, splits["train"], train=True)
     val = train.make_stream(run_cfg, splits["validation"], train=False)
-    n_val = val.num_batches if p.eval_batches == 0 else min(p.eval_batches, val.num_batches)
+    n_val = (
+        val.num_batches if p.eval_batches == 0 else min(p.eval_batches, val.num_batches)
+    )
     val_batches = [val.batch(i) for i in range(n_val)]
 
     rec = _Recorder(name, log)
@@ -193,7 +195,9 @@ def train_one(name, config, p: QualityPreset, splits, *, log=C.log) -> dict:
         rec.val_curve.append(
             (p.steps, train.evaluate_stream(model, val, run_cfg)["bits_per_token"])
         )
-    bpb = train.evaluate_stream(model, val, run_cfg, max_batches=n_val)["bits_per_token"]
+    bpb = train.evaluate_stream(model, val, run_cfg, max_batches=n_val)[
+        "bits_per_token"
+    ]
     bpb_reset = train.evaluate(
         model, val_batches, segment_len=p.seq_len, resets=[True] * n_val
     )["bits_per_token"]
@@ -202,20 +206,38 @@ def train_one(name, config, p: QualityPreset, splits, *, log=C.log) -> dict:
     usage = None if config.attention == "full" else codebook_usage(model, val_batches)
     tokens = p.steps * p.batch_size * p.seq_len
     res = dict(
-        name=name, attention=config.attention, n_code=config.n_code,
-        params=n_main, codebook=n_code, bpb=bpb, bpb_reset=bpb_reset, ok=ok, stream_err=err,
-        train_curve=rec.train_curve, val_curve=rec.val_curve, usage=usage,
-        train_s=rec.t_train, compile_s=rec.t_compile,
+        name=name,
+        attention=config.attention,
+        n_code=config.n_code,
+        params=n_main,
+        codebook=n_code,
+        bpb=bpb,
+        bpb_reset=bpb_reset,
+        ok=ok,
+        stream_err=err,
+        train_curve=rec.train_curve,
+        val_curve=rec.val_curve,
+        usage=usage,
+        train_s=rec.t_train,
+        compile_s=rec.t_compile,
         tokens_per_s=(tokens - p.batch_size * p.seq_len) / max(rec.t_train, 1e-9),
         val_tokens=sum(int(np.sum(b["loss_mask"])) for b in val_batches),
     )
-    log(f"  {name}: val {bpb:.4f} bpb ({bpb_reset:.4f} with reset windows), train "
-        f"{rec.t_train:.0f}s, check {'pass' if ok else 'FAIL'} ({err:.1e})")
+    log(
+        f"  {name}: val {bpb:.4f} bpb ({bpb_reset:.4f} with reset windows), train "
+        f"{rec.t_train:.0f}s, check {'pass' if ok else 'FAIL'} ({err:.1e})"
+    )
     return res
 
 
-def run(p: QualityPreset, *, out_dir: Path, tag: str, command: str,
-        data_path: str | None = None) -> dict:
+def run(
+    p: QualityPreset,
+    *,
+    out_dir: Path,
+    tag: str,
+    command: str,
+    data_path: str | None = None,
+) -> dict:
     text = data.load_bytes(data_path) if data_path else data.load_bytes()
     splits = data.split_bytes(text)
     corpus = data_path or "bundled Shakespeare corpus (tvq_eqx/data/corpus)"
@@ -228,8 +250,17 @@ def run(p: QualityPreset, *, out_dir: Path, tag: str, command: str,
     by = {r["name"]: r for r in results}
     md = out_dir / f"quality-{tag}.md"
     png = out_dir / f"quality-{tag}.png"
-    lines = write_report(p, results, by, md=md, png=png, command=command,
-                         corpus=corpus, n_bytes=len(text), wall=wall)
+    lines = write_report(
+        p,
+        results,
+        by,
+        md=md,
+        png=png,
+        command=command,
+        corpus=corpus,
+        n_bytes=len(text),
+        wall=wall,
+    )
     plot(p, results, png, command)
     return dict(results=results, markdown=md, plot=png, lines=lines)
 
@@ -256,14 +287,21 @@ def write_report(p, results, by, *, md, png, command, corpus, n_bytes, wall):
         f"bytes ({p.steps * p.batch_size * p.seq_len:,} training tokens), peak lr "
         f"{p.learning_rate}, warmup {p.warmup_steps}, cosine decay, weight decay "
         f"{p.weight_decay}, clip {p.grad_clip}, seed {p.seed}; "
-        + ("attention state EMPTIED at every training batch (context <= "
-           f"{p.seq_len} bytes)" if p.reset_each_batch else
-           f"attention state carried along each row and emptied every {p.context_len} "
-           "bytes (training and evaluation)" if p.context_len else
-           "attention state carried between batches along each row (reset each epoch)"),
+        + (
+            "attention state EMPTIED at every training batch (context <= "
+            f"{p.seq_len} bytes)"
+            if p.reset_each_batch
+            else f"attention state carried along each row and emptied every {p.context_len} "
+            "bytes (training and evaluation)"
+            if p.context_len
+            else "attention state carried between batches along each row (reset each epoch)"
+        ),
         "validation bits per byte: summed NLL over "
-        + ("the whole validation split" if p.eval_batches == 0 else
-           f"the first {p.eval_batches} validation windows")
+        + (
+            "the whole validation split"
+            if p.eval_batches == 0
+            else f"the first {p.eval_batches} validation windows"
+        )
         + f" ({results[0]['val_tokens']:,} bytes) with the carried state, / (bytes x ln 2); "
         f"diagnostic column: the same with the attention state emptied at the start of "
         f"every {p.seq_len}-byte window (how much each model gains from longer context)",
@@ -276,35 +314,67 @@ def write_report(p, results, by, *, md, png, command, corpus, n_bytes, wall):
     rows = []
     for r in results:
         u = r["usage"]
-        rows.append([
-            r["name"], r["attention"], r["n_code"], f"{r['params']:,}",
-            f"{r['bpb']:.4f}",
-            f"{r['bpb_reset']:.4f}",
-            f"{r['train_curve'][-1][1]:.3f}",
-            "n/a (keys not quantized)" if u is None else f"{u['used_fraction']:.0%}",
-            "n/a" if u is None else f"{u['perplexity']:.1f}",
-            f"{r['tokens_per_s']:,.0f}",
-            ("pass" if r["ok"] else C.CHECK_FAILED) + f" ({r['stream_err']:.1e})",
-        ])
+        rows.append(
+            [
+                r["name"],
+                r["attention"],
+                r["n_code"],
+                f"{r['params']:,}",
+                f"{r['bpb']:.4f}",
+                f"{r['bpb_reset']:.4f}",
+                f"{r['train_curve'][-1][1]:.3f}",
+                "n/a (keys not quantized)"
+                if u is None
+                else f"{u['used_fraction']:.0%}",
+                "n/a" if u is None else f"{u['perplexity']:.1f}",
+                f"{r['tokens_per_s']:,.0f}",
+                ("pass" if r["ok"] else C.CHECK_FAILED) + f" ({r['stream_err']:.1e})",
+            ]
+        )
     lines += C.markdown_table(
-        ["model", "attention", "codes", "params (excl. codebook)", "val bpb",
-         f"val bpb, state reset every {p.seq_len} bytes", "last train bpb", "codes used",
-         "code perplexity", "train tokens/s", "check"],
-        rows, "llrrrrrrrrl",
+        [
+            "model",
+            "attention",
+            "codes",
+            "params (excl. codebook)",
+            "val bpb",
+            f"val bpb, state reset every {p.seq_len} bytes",
+            "last train bpb",
+            "codes used",
+            "code perplexity",
+            "train tokens/s",
+            "check",
+        ],
+        rows,
+        "llrrrrrrrrl",
     )
     lines += ["", "## Ratios (bits per byte)", ""]
     vq_full = _ratio(by, "vq", "full")
     vq_win = _ratio(by, "vq", "window")
     rows = [
-        ["vq / full", vq_full, "<= 1.02 (vq within 2% of full)",
-         _target(vq_full, lambda x: x <= 1.02)],
-        ["vq / window", vq_win, "< 1 (vq better than window)",
-         _target(vq_win, lambda x: x < 1.0)],
+        [
+            "vq / full",
+            vq_full,
+            "<= 1.02 (vq within 2% of full)",
+            _target(vq_full, lambda x: x <= 1.02),
+        ],
+        [
+            "vq / window",
+            vq_win,
+            "< 1 (vq better than window)",
+            _target(vq_win, lambda x: x < 1.0),
+        ],
     ]
     for r in results:
         if r["name"].startswith("vq-"):
-            rows.append([f"{r['name']} / vq ({m.n_code} codes)",
-                         _ratio(by, r["name"], "vq"), "", ""])
+            rows.append(
+                [
+                    f"{r['name']} / vq ({m.n_code} codes)",
+                    _ratio(by, r["name"], "vq"),
+                    "",
+                    "",
+                ]
+            )
     lines += C.markdown_table(["ratio", "value", "target", "met"], rows, "lrll")
     lines += ["", f"![learning curves]({png.name})", ""]
     C.write_text(md, lines)
@@ -325,13 +395,20 @@ def plot(p, results, png, command):
         xs, ys = zip(*r["train_curve"], strict=False)
         k = max(1, len(xs) // 50)  # smooth: running mean over k updates
         ys_s = np.convolve(ys, np.ones(k) / k, mode="valid")
-        (line,) = ax1.plot(xs[k - 1:], ys_s, label=r["name"], lw=1.2)
+        (line,) = ax1.plot(xs[k - 1 :], ys_s, label=r["name"], lw=1.2)
         colors[r["name"]] = line.get_color()
         vx, vy = zip(*r["val_curve"], strict=False)
-        ax2.plot(vx, vy, "o-", color=line.get_color(), label=f"{r['name']} ({r['bpb']:.3f})")
-    ax1.set(xlabel="update", ylabel="train bits per byte", title="training (running mean)")
-    ax2.set(xlabel="update", ylabel="validation bits per byte",
-            title=f"validation (first {p.curve_eval_batches} windows; legend: whole split)")
+        ax2.plot(
+            vx, vy, "o-", color=line.get_color(), label=f"{r['name']} ({r['bpb']:.3f})"
+        )
+    ax1.set(
+        xlabel="update", ylabel="train bits per byte", title="training (running mean)"
+    )
+    ax2.set(
+        xlabel="update",
+        ylabel="validation bits per byte",
+        title=f"validation (first {p.curve_eval_batches} windows; legend: whole split)",
+    )
     ax1.set_ylim(top=min(ax1.get_ylim()[1], 5.0))
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)

@@ -16,14 +16,26 @@ from tvq_eqx import TransformerConfig
 # units), so that times are dominated by attention, not by the MLP-free
 # projections. Same parameters for vq and full (full ignores the codebook).
 SPEED_MODEL = TransformerConfig(
-    n_vocab=256, d_model=64, d_k=32, d_v=64, n_head=1, n_code=64, n_layer=1,
+    n_vocab=256,
+    d_model=64,
+    d_k=32,
+    d_v=64,
+    n_head=1,
+    n_code=64,
+    n_layer=1,
     block_len=128,
 )
 
 # The quality model is the `tiny` training preset's (docs/training.md):
 # 2 layers, d_model 128, d_k 32, d_v 256, 64 codes, block 64.
 QUALITY_MODEL = TransformerConfig(
-    n_vocab=256, d_model=128, d_k=32, d_v=256, n_head=1, n_code=64, n_layer=2,
+    n_vocab=256,
+    d_model=128,
+    d_k=32,
+    d_v=256,
+    n_head=1,
+    n_code=64,
+    n_layer=2,
     block_len=64,
 )
 
@@ -117,22 +129,33 @@ _GPU_LENGTHS = tuple(2**i for i in range(10, 18))  # 1k .. 128k
 
 SCALING: dict[str, ScalingPreset] = {
     "cpu": ScalingPreset(
-        model=SPEED_MODEL, lengths=(1024, 2048, 4096, 8192, 16384, 32768),
-        full_max_len=16384, reps=3,
+        model=SPEED_MODEL,
+        lengths=(1024, 2048, 4096, 8192, 16384, 32768),
+        full_max_len=16384,
+        reps=3,
     ),
     "gpu": ScalingPreset(
-        model=_with(SPEED_MODEL, d_model=256, d_k=64, d_v=256, n_code=256,
-                                  block_len=512),
-        lengths=_GPU_LENGTHS, full_max_len=131072, reps=5, mem_limit_gib=60.0,
+        model=_with(
+            SPEED_MODEL, d_model=256, d_k=64, d_v=256, n_code=256, block_len=512
+        ),
+        lengths=_GPU_LENGTHS,
+        full_max_len=131072,
+        reps=5,
+        mem_limit_gib=60.0,
     ),
     "quick": ScalingPreset(
-        model=SPEED_MODEL, lengths=(1024, 2048, 4096), full_max_len=4096, reps=2,
+        model=SPEED_MODEL,
+        lengths=(1024, 2048, 4096),
+        full_max_len=4096,
+        reps=2,
         check_len=512,
     ),
     "micro": ScalingPreset(
-        model=_with(SPEED_MODEL, d_model=32, d_k=16, d_v=32, n_code=16,
-                                  block_len=32),
-        lengths=(128, 256), full_max_len=256, reps=1, check_len=128,
+        model=_with(SPEED_MODEL, d_model=32, d_k=16, d_v=32, n_code=16, block_len=32),
+        lengths=(128, 256),
+        full_max_len=256,
+        reps=1,
+        check_len=128,
     ),
 }
 
@@ -140,53 +163,93 @@ DECODE: dict[str, DecodePreset] = {
     "cpu": DecodePreset(
         model=_with(SPEED_MODEL, block_len=32),
         contexts=(1024, 2048, 4096, 8192, 16384, 32768, 65536),
-        fill_chunk=2048, reps=15,
+        fill_chunk=2048,
+        reps=15,
     ),
     "gpu": DecodePreset(
-        model=_with(SPEED_MODEL, d_model=256, d_k=64, d_v=256, n_code=256,
-                                  block_len=64),
-        contexts=tuple(2**i for i in range(10, 18)), fill_chunk=8192, reps=10,
+        model=_with(
+            SPEED_MODEL, d_model=256, d_k=64, d_v=256, n_code=256, block_len=64
+        ),
+        contexts=tuple(2**i for i in range(10, 18)),
+        fill_chunk=8192,
+        reps=10,
     ),
     "quick": DecodePreset(
         model=_with(SPEED_MODEL, block_len=32),
-        contexts=(1024, 4096, 16384), fill_chunk=2048, reps=3,
+        contexts=(1024, 4096, 16384),
+        fill_chunk=2048,
+        reps=3,
     ),
     "micro": DecodePreset(
-        model=_with(SPEED_MODEL, d_model=32, d_k=16, d_v=32, n_code=16,
-                                  block_len=8),
-        contexts=(64, 128), fill_chunk=64, reps=1, check_context=32,
+        model=_with(SPEED_MODEL, d_model=32, d_k=16, d_v=32, n_code=16, block_len=8),
+        contexts=(64, 128),
+        fill_chunk=64,
+        reps=1,
+        check_context=32,
     ),
 }
 
 QUALITY: dict[str, QualityPreset] = {
     "cpu": QualityPreset(
-        model=QUALITY_MODEL, kv_cache_len=512, batch_size=8, seq_len=256,
-        steps=300, learning_rate=3e-3, warmup_steps=30, eval_every=100,
+        model=QUALITY_MODEL,
+        kv_cache_len=512,
+        batch_size=8,
+        seq_len=256,
+        steps=300,
+        learning_rate=3e-3,
+        warmup_steps=30,
+        eval_every=100,
     ),
     "quick": QualityPreset(
-        model=_with(QUALITY_MODEL, d_model=64, d_v=128), kv_cache_len=256,
-        batch_size=4, seq_len=256, steps=30, learning_rate=3e-3, warmup_steps=5,
-        eval_every=15, eval_batches=4, curve_eval_batches=2,
+        model=_with(QUALITY_MODEL, d_model=64, d_v=128),
+        kv_cache_len=256,
+        batch_size=4,
+        seq_len=256,
+        steps=30,
+        learning_rate=3e-3,
+        warmup_steps=5,
+        eval_every=15,
+        eval_batches=4,
+        curve_eval_batches=2,
         code_sweep=(16, 64),
     ),
     "micro": QualityPreset(
-        model=_with(QUALITY_MODEL, d_model=32, d_k=16, d_v=32, n_code=16,
-                                    n_layer=1, block_len=16),
-        kv_cache_len=32, batch_size=2, seq_len=64, steps=4, learning_rate=3e-3,
-        warmup_steps=1, eval_every=2, eval_batches=2, curve_eval_batches=1,
+        model=_with(
+            QUALITY_MODEL,
+            d_model=32,
+            d_k=16,
+            d_v=32,
+            n_code=16,
+            n_layer=1,
+            block_len=16,
+        ),
+        kv_cache_len=32,
+        batch_size=2,
+        seq_len=64,
+        steps=4,
+        learning_rate=3e-3,
+        warmup_steps=1,
+        eval_every=2,
+        eval_batches=2,
+        curve_eval_batches=1,
         code_sweep=(8, 16),
     ),
 }
 # Diagnostic: the same budget, but the attention state is emptied at every
 # training batch, so no model sees more than the 256-byte training window.
 QUALITY["cpu-shortctx"] = dataclasses.replace(
-    QUALITY["cpu"], reset_each_batch=True, models=("vq", "full", "window"),
+    QUALITY["cpu"],
+    reset_each_batch=True,
+    models=("vq", "full", "window"),
 )
 # The training layer's bounded carried history (`RunConfig.context_len`, the
 # tiny preset's 1,024 bytes): the cache spans 4 consecutive batches; full gets
 # a KV cache of the same length.
 QUALITY["cpu-ctx1024"] = dataclasses.replace(
-    QUALITY["cpu"], context_len=1024, kv_cache_len=1024, models=("vq", "full", "window"),
+    QUALITY["cpu"],
+    context_len=1024,
+    kv_cache_len=1024,
+    models=("vq", "full", "window"),
 )
 QUALITY["gpu"] = QUALITY["cpu"]
 
@@ -196,7 +259,9 @@ BENCHMARKS = {"scaling": SCALING, "decode": DECODE, "quality": QUALITY}
 def preset(bench: str, name: str):
     """The preset `name` of benchmark `bench` (ValueError naming the choices)."""
     if bench not in BENCHMARKS:
-        raise ValueError(f"unknown benchmark {bench!r}; choose from {sorted(BENCHMARKS)}")
+        raise ValueError(
+            f"unknown benchmark {bench!r}; choose from {sorted(BENCHMARKS)}"
+        )
     table = BENCHMARKS[bench]
     if name not in table:
         raise ValueError(f"{bench} has no preset {name!r}; choose from {sorted(table)}")

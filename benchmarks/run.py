@@ -47,18 +47,30 @@ def result_tag(preset_name: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m benchmarks.run", description=__doc__.split("\n")[0]
+    )
     ap.add_argument("bench", choices=(*BENCHES, "all"))
     ap.add_argument("--quick", action="store_true", help="the quick preset (smoke run)")
-    ap.add_argument("--preset", default=None,
-                    help="preset name from benchmarks/registry.py (default: cpu/gpu by device)")
+    ap.add_argument(
+        "--preset",
+        default=None,
+        help="preset name from benchmarks/registry.py (default: cpu/gpu by device)",
+    )
     ap.add_argument("--out", default=str(C.RESULTS_DIR), help="results folder")
-    ap.add_argument("--data", default=None,
-                    help="quality: byte corpus (file or folder); default the bundled one")
+    ap.add_argument(
+        "--data",
+        default=None,
+        help="quality: byte corpus (file or folder); default the bundled one",
+    )
     args = ap.parse_args(argv)
     if args.quick and args.preset not in (None, "quick"):
         ap.error("--quick and --preset disagree")
-    name = "quick" if args.quick else (args.preset or ("gpu" if C.device_tag() == "gpu" else "cpu"))
+    name = (
+        "quick"
+        if args.quick
+        else (args.preset or ("gpu" if C.device_tag() == "gpu" else "cpu"))
+    )
     benches = BENCHES if args.bench == "all" else (args.bench,)
     for b in benches:
         try:

@@ -71,17 +71,36 @@ def op_check(model, attention: str, seq: int, *, seed: int = 0) -> tuple[bool, f
     scale = c.d_k**-0.5
     codebook = unit.quantizer.codebook
     if attention == "full":
-        state = FullAttentionState.empty(b, capacity=c.kv_cache_len, heads=h,
-                                         d_k=c.d_k, d_v=c.d_v)
-        out, _ = full_attention_with_state(q, k, v, state, scale=scale,
-                                           rel_query=rq, rel_table=table)
-        ref = vq_attention_quadratic(q, k, v, codebook, scale=scale, rel_query=rq,
-                                     rel_table=table, quantize_keys=False)
+        state = FullAttentionState.empty(
+            b, capacity=c.kv_cache_len, heads=h, d_k=c.d_k, d_v=c.d_v
+        )
+        out, _ = full_attention_with_state(
+            q, k, v, state, scale=scale, rel_query=rq, rel_table=table
+        )
+        ref = vq_attention_quadratic(
+            q,
+            k,
+            v,
+            codebook,
+            scale=scale,
+            rel_query=rq,
+            rel_table=table,
+            quantize_keys=False,
+        )
     else:
-        out, _ = vq_attention_xla(q, k, v, codebook, block_len=c.block_len,
-                                  scale=scale, rel_query=rq, rel_table=table)
-        ref = vq_attention_quadratic(q, k, v, codebook, scale=scale, rel_query=rq,
-                                     rel_table=table)
+        out, _ = vq_attention_xla(
+            q,
+            k,
+            v,
+            codebook,
+            block_len=c.block_len,
+            scale=scale,
+            rel_query=rq,
+            rel_table=table,
+        )
+        ref = vq_attention_quadratic(
+            q, k, v, codebook, scale=scale, rel_query=rq, rel_table=table
+        )
     err = C.rel_err(ref, out)
     return bool(np.isfinite(err)) and err <= CHECK_TOL, err
 
@@ -93,21 +112,27 @@ def check(model, attention: str, seq: int) -> tuple[bool, float]:
 
 def compile_step(model, batch_size: int, seq: int):
     """(compiled step, train-state arrays, batch): one update on `seq` tokens."""
-    opt = train.make_optimizer("adamw", learning_rate=1e-3, warmup_steps=10,
-                               total_steps=1000, grad_clip=1.0)
+    opt = train.make_optimizer(
+        "adamw", learning_rate=1e-3, warmup_steps=10, total_steps=1000, grad_clip=1.0
+    )
     ts = train.init_train_state(model, opt, batch_size, key=jax.random.key(1))
     dyn, static = eqx.partition(ts, eqx.is_array)
 
     def step(dyn, batch):
-        new, metrics = train.train_step(eqx.combine(dyn, static), batch,
-                                        optimizer=opt, update_len=seq)
+        new, metrics = train.train_step(
+            eqx.combine(dyn, static), batch, optimizer=opt, update_len=seq
+        )
         return eqx.partition(new, eqx.is_array)[0], metrics["loss"]
 
     rng = np.random.default_rng(0)
-    tokens = jnp.asarray(rng.integers(0, model.config.n_vocab, (batch_size, seq + 1)),
-                         jnp.int32)
-    batch = dict(inputs=tokens[:, :-1], targets=tokens[:, 1:],
-                 loss_mask=jnp.ones((batch_size, seq), jnp.float32))
+    tokens = jnp.asarray(
+        rng.integers(0, model.config.n_vocab, (batch_size, seq + 1)), jnp.int32
+    )
+    batch = dict(
+        inputs=tokens[:, :-1],
+        targets=tokens[:, 1:],
+        loss_mask=jnp.ones((batch_size, seq), jnp.float32),
+    )
     compiled = jax.jit(step, donate_argnums=0).lower(dyn, batch).compile()
     return compiled, dyn, batch
 
@@ -117,10 +142,16 @@ def prepare(model, p: ScalingPreset, seq: int, run_it: bool) -> dict:
     one untimed warm-up call."""
     t0 = time.perf_counter()
     compiled, dyn, batch = compile_step(model, p.batch_size, seq)
-    out = dict(compile_s=time.perf_counter() - t0,
-               mem=C.compiled_memory_bytes(compiled), times=None, loss=None)
+    out = dict(
+        compile_s=time.perf_counter() - t0,
+        mem=C.compiled_memory_bytes(compiled),
+        times=None,
+        loss=None,
+    )
     if out["mem"] is not None and out["mem"] > p.mem_limit_gib * 2**30:
-        out["skip"] = f"memory estimate {C.fmt_bytes(out['mem'])} > {p.mem_limit_gib:g} GiB"
+        out["skip"] = (
+            f"memory estimate {C.fmt_bytes(out['mem'])} > {p.mem_limit_gib:g} GiB"
+        )
         return out
     if not run_it:
         out["skip"] = f"not run (T > {C.fmt_len(p.full_max_len)}: too slow here)"
@@ -155,9 +186,11 @@ def run(p: ScalingPreset, *, out_dir: Path, tag: str, command: str) -> dict:
             m = prepare(model, p, seq, run_it=(att == "vq" or seq <= p.full_max_len))
             m.update(check_ok=ok, err=err)
             row[att] = m
-            C.log(f"scaling T={seq} {att}: compiled, mem {C.fmt_bytes(m['mem'])}, "
-                  f"check {'pass' if ok else 'FAIL'} ({err:.1e})"
-                  + (f", {m['skip']}" if "skip" in m else ""))
+            C.log(
+                f"scaling T={seq} {att}: compiled, mem {C.fmt_bytes(m['mem'])}, "
+                f"check {'pass' if ok else 'FAIL'} ({err:.1e})"
+                + (f", {m['skip']}" if "skip" in m else "")
+            )
         rows.append(row)
     # Timing rounds: every (length, model) once per round, so that load
     # drifts on a shared machine hit all lengths alike.
@@ -173,8 +206,10 @@ def run(p: ScalingPreset, *, out_dir: Path, tag: str, command: str) -> dict:
             finite = m["loss"] is None or bool(np.isfinite(m["loss"]))
             m["ok"] = m.pop("check_ok") and finite
             t = C.median(m["times"]) if m["times"] else None
-            C.log(f"scaling T={row['T']} {att}: "
-                  + (f"{t * 1e3:.1f} ms" if t else m.get("skip", "")))
+            C.log(
+                f"scaling T={row['T']} {att}: "
+                + (f"{t * 1e3:.1f} ms" if t else m.get("skip", ""))
+            )
     wall = time.perf_counter() - t_start
     md = out_dir / f"scaling-{tag}.md"
     png = out_dir / f"scaling-{tag}.png"
@@ -198,7 +233,9 @@ def fits_of(rows) -> dict:
         out[f"{att}_mem"] = C.fit_exponent([a for a, _ in ms], [b for _, b in ms])
         out[f"{att}_range"] = (ts[0][0], ts[-1][0]) if ts else None
     both = [r for r in rows if _t(r["vq"]) and _t(r["full"])]
-    out["vq_time_common"] = C.fit_exponent([r["T"] for r in both], [_t(r["vq"]) for r in both])
+    out["vq_time_common"] = C.fit_exponent(
+        [r["T"] for r in both], [_t(r["vq"]) for r in both]
+    )
     return out
 
 
@@ -230,26 +267,42 @@ def write_report(p, rows, *, md, png, command, wall):
         vq, fu = r["vq"], r["full"]
         tv, tf = _t(vq), _t(fu)
         ok = vq["ok"] and fu["ok"]
-        ratio = C.gated_ratio(tv, tf, ok) if tv and tf else (
-            C.CHECK_FAILED if not ok else "n/a")
+        ratio = (
+            C.gated_ratio(tv, tf, ok)
+            if tv and tf
+            else (C.CHECK_FAILED if not ok else "n/a")
+        )
         n_tok = p.batch_size * r["T"]
-        table.append([
-            C.fmt_len(r["T"]),
-            C.fmt_num(tv * 1e3 if tv else None, ".1f"),
-            C.fmt_num(n_tok / tv if tv else None, ",.0f"),
-            C.fmt_bytes(vq["mem"]),
-            C.fmt_num(tf * 1e3, ".1f") if tf else fu.get("skip", "n/a"),
-            C.fmt_num(n_tok / tf if tf else None, ",.0f"),
-            C.fmt_bytes(fu["mem"]),
-            ratio,
-            f"{'pass' if vq['ok'] else C.CHECK_FAILED} ({vq['err']:.1e}) / "
-            f"{'pass' if fu['ok'] else C.CHECK_FAILED} ({fu['err']:.1e})",
-        ])
+        table.append(
+            [
+                C.fmt_len(r["T"]),
+                C.fmt_num(tv * 1e3 if tv else None, ".1f"),
+                C.fmt_num(n_tok / tv if tv else None, ",.0f"),
+                C.fmt_bytes(vq["mem"]),
+                C.fmt_num(tf * 1e3, ".1f") if tf else fu.get("skip", "n/a"),
+                C.fmt_num(n_tok / tf if tf else None, ",.0f"),
+                C.fmt_bytes(fu["mem"]),
+                ratio,
+                f"{'pass' if vq['ok'] else C.CHECK_FAILED} ({vq['err']:.1e}) / "
+                f"{'pass' if fu['ok'] else C.CHECK_FAILED} ({fu['err']:.1e})",
+            ]
+        )
     lines += ["## Train-step time and memory", ""]
     lines += C.markdown_table(
-        ["T", "vq ms", "vq tokens/s", "vq memory", "full ms", "full tokens/s",
-         "full memory", "vq/full time", "check vq / full (rel err)"], table,
-        "lrrrrrrrl")
+        [
+            "T",
+            "vq ms",
+            "vq tokens/s",
+            "vq memory",
+            "full ms",
+            "full tokens/s",
+            "full memory",
+            "vq/full time",
+            "check vq / full (rel err)",
+        ],
+        table,
+        "lrrrrrrrl",
+    )
 
     def rng(key):
         r = fits[f"{key}_range"]
@@ -259,13 +312,24 @@ def write_report(p, rows, *, md, png, command, wall):
     lines += C.markdown_table(
         ["quantity", "vq", "full"],
         [
-            [f"step time (vq over {rng('vq')}, full over {rng('full')})",
-             C.fmt_num(fits["vq_time"], ".2f"), C.fmt_num(fits["full_time"], ".2f")],
-            ["step time, lengths where both ran", C.fmt_num(fits["vq_time_common"], ".2f"),
-             C.fmt_num(fits["full_time"], ".2f")],
-            ["memory estimate (all lengths)", C.fmt_num(fits["vq_mem"], ".2f"),
-             C.fmt_num(fits["full_mem"], ".2f")],
-        ], "lrr")
+            [
+                f"step time (vq over {rng('vq')}, full over {rng('full')})",
+                C.fmt_num(fits["vq_time"], ".2f"),
+                C.fmt_num(fits["full_time"], ".2f"),
+            ],
+            [
+                "step time, lengths where both ran",
+                C.fmt_num(fits["vq_time_common"], ".2f"),
+                C.fmt_num(fits["full_time"], ".2f"),
+            ],
+            [
+                "memory estimate (all lengths)",
+                C.fmt_num(fits["vq_mem"], ".2f"),
+                C.fmt_num(fits["full_mem"], ".2f"),
+            ],
+        ],
+        "lrr",
+    )
     lines += ["", f"![scaling]({png.name})", ""]
     C.write_text(md, lines)
     return lines, fits
@@ -278,14 +342,22 @@ def plot(p, rows, fits, png, command):
         if pts:
             xs, ys = zip(*pts, strict=False)
             e = fits[f"{att}_time"]
-            ax1.plot(xs, [y * 1e3 for y in ys], style,
-                     label=f"{att} (slope {e:.2f})" if e is not None else att)
+            ax1.plot(
+                xs,
+                [y * 1e3 for y in ys],
+                style,
+                label=f"{att} (slope {e:.2f})" if e is not None else att,
+            )
         mem = [(r["T"], r[att]["mem"]) for r in rows if r[att]["mem"]]
         if mem:
             xs, ys = zip(*mem, strict=False)
             e = fits[f"{att}_mem"]
-            ax2.plot(xs, [y / 2**20 for y in ys], style,
-                     label=f"{att} (slope {e:.2f})" if e is not None else att)
+            ax2.plot(
+                xs,
+                [y / 2**20 for y in ys],
+                style,
+                label=f"{att} (slope {e:.2f})" if e is not None else att,
+            )
     for ax, ylabel, title in (
         (ax1, "train step time (ms)", "train step time vs sequence length"),
         (ax2, "compiled memory estimate (MiB)", "memory vs sequence length"),

@@ -17,18 +17,25 @@ from benchmarks import decode, quality, registry, run, scaling
 
 
 def _scaling_preset():
-    return dataclasses.replace(registry.SCALING["micro"], lengths=(64,), full_max_len=64,
-                               check_len=64)
+    return dataclasses.replace(
+        registry.SCALING["micro"], lengths=(64,), full_max_len=64, check_len=64
+    )
 
 
 def _decode_preset():
-    return dataclasses.replace(registry.DECODE["micro"], contexts=(16, 32), fill_chunk=16,
-                               check_context=16)
+    return dataclasses.replace(
+        registry.DECODE["micro"], contexts=(16, 32), fill_chunk=16, check_context=16
+    )
 
 
 def _quality_preset():
-    return dataclasses.replace(registry.QUALITY["micro"], steps=2, eval_every=1,
-                               code_sweep=(8,), models=("vq", "full"))
+    return dataclasses.replace(
+        registry.QUALITY["micro"],
+        steps=2,
+        eval_every=1,
+        code_sweep=(8,),
+        models=("vq", "full"),
+    )
 
 
 def test_registry_lookup():
@@ -45,7 +52,9 @@ def test_runner_rejects_bad_arguments(tmp_path, capsys):
     with pytest.raises(SystemExit):
         run.main(["scaling", "--preset", "nope", "--out", str(tmp_path)])
     with pytest.raises(SystemExit):
-        run.main(["quality", "--data", str(tmp_path / "missing"), "--out", str(tmp_path)])
+        run.main(
+            ["quality", "--data", str(tmp_path / "missing"), "--out", str(tmp_path)]
+        )
     assert not list(tmp_path.iterdir())
 
 
@@ -85,10 +94,18 @@ def test_scaling_gate_refuses_ratio(tmp_path):
     def m(t, ok):
         return dict(times=[t], mem=1 << 20, ok=ok, err=0.0 if ok else 1.0, loss=1.0)
 
-    rows = [dict(T=64, vq=m(0.001, True), full=m(0.002, True)),
-            dict(T=128, vq=m(0.003, False), full=m(0.007, True))]
-    lines, _ = scaling.write_report(p, rows, md=tmp_path / "s.md", png=tmp_path / "s.png",
-                                    command="pytest", wall=0.0)
+    rows = [
+        dict(T=64, vq=m(0.001, True), full=m(0.002, True)),
+        dict(T=128, vq=m(0.003, False), full=m(0.007, True)),
+    ]
+    lines, _ = scaling.write_report(
+        p,
+        rows,
+        md=tmp_path / "s.md",
+        png=tmp_path / "s.png",
+        command="pytest",
+        wall=0.0,
+    )
     table = [ln for ln in lines if ln.startswith("| 64 ") or ln.startswith("| 128 ")]
     assert "0.500" in table[0] and C.CHECK_FAILED not in table[0]
     assert C.CHECK_FAILED in table[1] and "0.429" not in table[1]
@@ -110,7 +127,11 @@ def test_decode_smoke_and_forced_failure(tmp_path, monkeypatch):
     assert res["gates"]["vq"][0] and not res["gates"]["full"][0]
     text = res["markdown"].read_text()
     assert res["plot"].exists()
-    rows = [ln for ln in text.splitlines() if ln.startswith("| 16 ") or ln.startswith("| 32 ")]
+    rows = [
+        ln
+        for ln in text.splitlines()
+        if ln.startswith("| 16 ") or ln.startswith("| 32 ")
+    ]
     assert len(rows) == 2
     for ln in rows:
         cells = [c.strip() for c in ln.strip("|").split("|")]
@@ -138,15 +159,36 @@ def test_quality_gate_refuses_ratio(tmp_path):
     p = _quality_preset()
 
     def r(name, bpb, ok):
-        return dict(name=name, attention=name.split("-")[0], n_code=16, params=10, codebook=1,
-                    bpb=bpb, bpb_reset=bpb, ok=ok, stream_err=0.0, train_curve=[(1, 8.0)],
-                    val_curve=[(1, 8.0)], usage=None, tokens_per_s=1.0, val_tokens=10)
+        return dict(
+            name=name,
+            attention=name.split("-")[0],
+            n_code=16,
+            params=10,
+            codebook=1,
+            bpb=bpb,
+            bpb_reset=bpb,
+            ok=ok,
+            stream_err=0.0,
+            train_curve=[(1, 8.0)],
+            val_curve=[(1, 8.0)],
+            usage=None,
+            tokens_per_s=1.0,
+            val_tokens=10,
+        )
 
     results = [r("vq", 2.0, True), r("full", 2.5, False), r("window", 4.0, True)]
     by = {x["name"]: x for x in results}
-    lines = quality.write_report(p, results, by, md=tmp_path / "q.md",
-                                 png=tmp_path / "q.png", command="pytest", corpus="x",
-                                 n_bytes=1, wall=0.0)
+    lines = quality.write_report(
+        p,
+        results,
+        by,
+        md=tmp_path / "q.md",
+        png=tmp_path / "q.png",
+        command="pytest",
+        corpus="x",
+        n_bytes=1,
+        wall=0.0,
+    )
     vq_full = next(ln for ln in lines if ln.startswith("| vq / full |"))
     vq_win = next(ln for ln in lines if ln.startswith("| vq / window |"))
     assert C.CHECK_FAILED in vq_full and "0.8000" not in vq_full

@@ -8,11 +8,37 @@ import pytest
 from tvq_eqx.cli import main
 
 MICRO = [
-    "--model.d-model", "32", "--model.d-k", "8", "--model.d-v", "32",
-    "--model.n-code", "8", "--model.n-layer", "1", "--model.block-len", "16",
-    "--data.seq-len", "64", "--update-len", "32", "--data.batch-size", "4",
-    "--steps", "4", "--optimizer.warmup-steps", "1", "--eval-every", "2",
-    "--eval-batches", "2", "--log-every", "2", "--sample-len", "12", "--no-progress",
+    "--model.d-model",
+    "32",
+    "--model.d-k",
+    "8",
+    "--model.d-v",
+    "32",
+    "--model.n-code",
+    "8",
+    "--model.n-layer",
+    "1",
+    "--model.block-len",
+    "16",
+    "--data.seq-len",
+    "64",
+    "--update-len",
+    "32",
+    "--data.batch-size",
+    "4",
+    "--steps",
+    "4",
+    "--optimizer.warmup-steps",
+    "1",
+    "--eval-every",
+    "2",
+    "--eval-batches",
+    "2",
+    "--log-every",
+    "2",
+    "--sample-len",
+    "12",
+    "--no-progress",
 ]
 
 
@@ -31,28 +57,57 @@ def _one_error_line(capsys):
 
 
 def test_train_writes_log_curves_checkpoint(trained):
-    records = [json.loads(x) for x in (trained / "metrics.jsonl").read_text().splitlines()]
+    records = [
+        json.loads(x) for x in (trained / "metrics.jsonl").read_text().splitlines()
+    ]
     train_recs = [r for r in records if r["split"] == "train"]
     val_recs = [r for r in records if r["split"] == "validation"]
     assert [r["step"] for r in train_recs] == [2, 4]
     assert [r["step"] for r in val_recs] == [2, 4]
-    for k in ("bits_per_token", "tokens_per_s", "code_entropy", "dead_code_fraction",
-              "code_perplexity", "grad_norm"):
+    for k in (
+        "bits_per_token",
+        "tokens_per_s",
+        "code_entropy",
+        "dead_code_fraction",
+        "code_perplexity",
+        "grad_norm",
+    ):
         assert k in train_recs[-1]
     assert (trained / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (trained / "checkpoints" / "LATEST").read_text().strip() == "step_00000004"
-    meta = json.loads((trained / "checkpoints" / "step_00000004" / "meta.json").read_text())
+    meta = json.loads(
+        (trained / "checkpoints" / "step_00000004" / "meta.json").read_text()
+    )
     assert meta["batch_index"] == 2 and meta["run"]["model"]["d_model"] == 32
     assert meta["validation"]["bits_per_token"] == val_recs[-1]["bits_per_token"]
 
 
 def test_eval_and_sample_commands(trained, capsys):
     capsys.readouterr()
-    assert main(["eval", "--run-dir", str(trained), "--eval-batches", "2", "--no-progress"]) == 0
+    assert (
+        main(
+            ["eval", "--run-dir", str(trained), "--eval-batches", "2", "--no-progress"]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "validation bits per byte:" in out
-    assert main(["sample", "--run-dir", str(trained), "--prompt", "ROMEO:",
-                 "--sample-len", "12", "--temperature", "0"]) == 0
+    assert (
+        main(
+            [
+                "sample",
+                "--run-dir",
+                str(trained),
+                "--prompt",
+                "ROMEO:",
+                "--sample-len",
+                "12",
+                "--temperature",
+                "0",
+            ]
+        )
+        == 0
+    )
     assert capsys.readouterr().out.startswith("ROMEO:")
 
 
@@ -63,13 +118,28 @@ def test_resume_continues_bit_for_bit(trained, tmp_path, capsys):
     assert main(["train", "--run-dir", str(run_dir), "--resume", *MICRO]) == 0
     final = "checkpoints/step_00000004/state.eqx"
     assert (run_dir / final).read_bytes() == (trained / final).read_bytes()
-    steps = [json.loads(x)["step"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()
-             if json.loads(x)["split"] == "train"]
+    steps = [
+        json.loads(x)["step"]
+        for x in (run_dir / "metrics.jsonl").read_text().splitlines()
+        if json.loads(x)["split"] == "train"
+    ]
     assert steps == [2, 4]
     capsys.readouterr()
     # Different settings on resume: refused.
-    assert main(["train", "--run-dir", str(run_dir), "--resume", *MICRO,
-                 "--optimizer.learning-rate", "0.5"]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "--run-dir",
+                str(run_dir),
+                "--resume",
+                *MICRO,
+                "--optimizer.learning-rate",
+                "0.5",
+            ]
+        )
+        == 2
+    )
     assert "differ from the checkpoint" in _one_error_line(capsys)
 
 
@@ -90,8 +160,16 @@ def test_resume_continues_bit_for_bit(trained, tmp_path, capsys):
 )
 def test_bad_input_one_line_exit_2_nothing_written(argv, message, tmp_path, capsys):
     run_dir = tmp_path / "run"
-    assert main([*argv[:1], *(["--run-dir", str(run_dir)] if argv[0] == "train" else []),
-                 *argv[1:]]) == 2
+    assert (
+        main(
+            [
+                *argv[:1],
+                *(["--run-dir", str(run_dir)] if argv[0] == "train" else []),
+                *argv[1:],
+            ]
+        )
+        == 2
+    )
     assert message in _one_error_line(capsys)
     assert not run_dir.exists()
 
@@ -100,7 +178,10 @@ def test_empty_data_file(tmp_path, capsys):
     empty = tmp_path / "empty.txt"
     empty.write_bytes(b"")
     run_dir = tmp_path / "run"
-    assert main(["train", "--run-dir", str(run_dir), "--data.path", str(empty), *MICRO]) == 2
+    assert (
+        main(["train", "--run-dir", str(run_dir), "--data.path", str(empty), *MICRO])
+        == 2
+    )
     assert "empty" in _one_error_line(capsys)
     assert not run_dir.exists()
 
@@ -151,10 +232,19 @@ def test_parity_options_are_flags(tmp_path):
              "--model.e-scale", "0.5", "--model.drop-mask-scope", "segment",
              "--model.lm-loss-average", "tokens", "--model.p-droplyr", "0.2",
              "--model.tie-embeddings"]  # fmt: skip
-    assert main(["train", "--run-dir", str(run_dir), *MICRO, *flags, "--stop-at", "2"]) == 0
-    meta = json.loads((run_dir / "checkpoints" / "step_00000002" / "meta.json").read_text())
+    assert (
+        main(["train", "--run-dir", str(run_dir), *MICRO, *flags, "--stop-at", "2"])
+        == 0
+    )
+    meta = json.loads(
+        (run_dir / "checkpoints" / "step_00000002" / "meta.json").read_text()
+    )
     model = meta["run"]["model"]
-    assert (model["qk_norm"], model["layerdrop"], model["e_scale"]) == ("layer", "layer", 0.5)
+    assert (model["qk_norm"], model["layerdrop"], model["e_scale"]) == (
+        "layer",
+        "layer",
+        0.5,
+    )
     assert (model["drop_mask_scope"], model["lm_loss_average"]) == ("segment", "tokens")
 
 
@@ -186,9 +276,9 @@ def test_presets_are_the_cli_choices():
 def test_config_file_then_flags(tmp_path, capsys):
     cfg = tmp_path / "run.toml"
     cfg.write_text(
-        'steps = 4\nupdate_len = 32\ncontext_len = 0\n'
-        '[model]\nd_model = 32\nd_k = 8\nd_v = 32\nn_code = 8\nn_layer = 1\nblock_len = 16\n'
-        '[data]\nseq_len = 64\nbatch_size = 4\n'
+        "steps = 4\nupdate_len = 32\ncontext_len = 0\n"
+        "[model]\nd_model = 32\nd_k = 8\nd_v = 32\nn_code = 8\nn_layer = 1\nblock_len = 16\n"
+        "[data]\nseq_len = 64\nbatch_size = 4\n"
         '[optimizer]\nwarmup_steps = 1\ngrad_clip = "None"\n'
     )
     assert main(["train", "--config", str(cfg), "--help"]) == 0
@@ -221,7 +311,9 @@ def test_unexpected_errors_keep_their_traceback(monkeypatch, tmp_path):
         main(["train", "--run-dir", str(tmp_path / "run"), *MICRO])
 
 
-def test_ctrl_c_checkpoints_exits_130_and_resumes(trained, tmp_path, monkeypatch, capsys):
+def test_ctrl_c_checkpoints_exits_130_and_resumes(
+    trained, tmp_path, monkeypatch, capsys
+):
     import os
     import signal
 

@@ -182,8 +182,13 @@ def check_stream_epoch(stream, n):
 )
 def test_token_stream_properties(batch_size, seq_len, extra, seed, shuffle):
     n = batch_size * (seq_len + 1) + extra
-    stream = TokenStream(np.arange(n, dtype=np.int32), batch_size=batch_size,
-                         seq_len=seq_len, seed=seed, shuffle=shuffle)
+    stream = TokenStream(
+        np.arange(n, dtype=np.int32),
+        batch_size=batch_size,
+        seq_len=seq_len,
+        seed=seed,
+        shuffle=shuffle,
+    )
     check_stream_epoch(stream, n)
     # Later epochs have the same properties.
     stream_e1 = _ShiftedEpoch(stream, 1)
@@ -205,18 +210,20 @@ class _ShiftedEpoch:
 def test_unshuffled_rows_are_contiguous_slices():
     n, b, t = 103, 4, 5
     tokens = np.arange(n, dtype=np.int64) * 7 % 256
-    stream = TokenStream(tokens.astype(np.uint8), batch_size=b, seq_len=t,
-                         shuffle=False, repeat=False)
+    stream = TokenStream(
+        tokens.astype(np.uint8), batch_size=b, seq_len=t, shuffle=False, repeat=False
+    )
     batches = list(stream)
     # A row's text: its first input, then every target.
-    rows = np.concatenate([batches[0]["inputs"][:, :1]]
-                          + [x["targets"] for x in batches], axis=1)
+    rows = np.concatenate(
+        [batches[0]["inputs"][:, :1]] + [x["targets"] for x in batches], axis=1
+    )
     length = -(-n // b)
     assert stream.num_batches == -(-(length - 1) // t)
     for r in range(b):
-        want = tokens[r * length:(r + 1) * length]
-        np.testing.assert_array_equal(rows[r, :want.size], want)
-        np.testing.assert_array_equal(rows[r, want.size:], 0)
+        want = tokens[r * length : (r + 1) * length]
+        np.testing.assert_array_equal(rows[r, : want.size], want)
+        np.testing.assert_array_equal(rows[r, want.size :], 0)
     # The last row holds 103 - 3 * 26 = 25 tokens and ends in padding.
     mask = np.concatenate([x["loss_mask"] for x in batches], axis=1)
     np.testing.assert_array_equal(mask.sum(axis=1), [25, 25, 25, 24])
@@ -233,8 +240,7 @@ def test_seed_determinism_and_resume():
             np.testing.assert_array_equal(a.batch(s)[k], a2.batch(s)[k])
     assert not np.array_equal(a.batch(0)["inputs"], c.batch(0)["inputs"])
     # A new epoch is reshuffled.
-    assert not np.array_equal(a.batch(0)["inputs"],
-                              a.batch(a.num_batches)["inputs"])
+    assert not np.array_equal(a.batch(0)["inputs"], a.batch(a.num_batches)["inputs"])
     assert a.epoch_and_window(a.num_batches + 3) == (1, 3)
     # Resuming at step k equals iterating to step k.
     k = a.num_batches - 2  # crosses the epoch boundary
@@ -247,8 +253,13 @@ def test_seed_determinism_and_resume():
 
 
 def test_single_pass_for_eval():
-    stream = TokenStream(np.arange(500, dtype=np.int32), batch_size=2, seq_len=8,
-                         shuffle=False, repeat=False)
+    stream = TokenStream(
+        np.arange(500, dtype=np.int32),
+        batch_size=2,
+        seq_len=8,
+        shuffle=False,
+        repeat=False,
+    )
     assert len(list(stream)) == stream.num_batches
     assert len(list(stream.iterate(stream.num_batches - 1))) == 1
     with pytest.raises(IndexError, match="single epoch"):
@@ -278,8 +289,11 @@ def test_stream_errors():
 
 
 def test_pack_documents():
-    docs = [np.frombuffer(b"abc", np.uint8), np.frombuffer(b"", np.uint8),
-            np.frombuffer(b"de", np.uint8)]
+    docs = [
+        np.frombuffer(b"abc", np.uint8),
+        np.frombuffer(b"", np.uint8),
+        np.frombuffer(b"de", np.uint8),
+    ]
     tokens, starts = pack_documents(docs)
     assert tokens.dtype == np.uint8 and tokens.tobytes() == b"abcde"
     np.testing.assert_array_equal(starts, [0, 3, 3])
@@ -300,11 +314,18 @@ def test_doc_ids(shuffle):
     tokens, starts = pack_documents(docs)
     true_doc = tokens.copy()  # every token holds its own document id
     n = tokens.size
-    stream = TokenStream(np.arange(n, dtype=np.int32), batch_size=3, seq_len=6,
-                         doc_starts=starts, shuffle=shuffle, seed=5)
+    stream = TokenStream(
+        np.arange(n, dtype=np.int32),
+        batch_size=3,
+        seq_len=6,
+        doc_starts=starts,
+        shuffle=shuffle,
+        seed=5,
+    )
     for e in range(2):
-        batches = [stream.batch(e * stream.num_batches + s)
-                   for s in range(stream.num_batches)]
+        batches = [
+            stream.batch(e * stream.num_batches + s) for s in range(stream.num_batches)
+        ]
         ids = np.concatenate([b["doc_ids"] for b in batches], axis=1)
         pos = np.concatenate([b["inputs"] for b in batches], axis=1)
         real = ids >= 0
@@ -409,8 +430,7 @@ def test_image_stream_whole_images():
 @pytest.mark.parametrize("seq_len", [IMAGE_BYTES // 4, 2 * IMAGE_BYTES])
 def test_image_stream_windows(seq_len):
     n, b = 5, 2
-    images = np.random.default_rng(0).integers(0, 256, (n, 64, 64, 3),
-                                               dtype=np.uint8)
+    images = np.random.default_rng(0).integers(0, 256, (n, 64, 64, 3), dtype=np.uint8)
     stream = ImageStream(images, batch_size=b, seq_len=seq_len, seed=3)
     batches = epoch(stream)
     rows = np.concatenate([x["inputs"] for x in batches], axis=1)
@@ -422,8 +442,9 @@ def test_image_stream_windows(seq_len):
             assert seg.size == IMAGE_BYTES
             assert any(np.array_equal(seg, f) for f in flat)
     for s in range(len(batches) - 1):
-        np.testing.assert_array_equal(batches[s + 1]["inputs"][:, 0],
-                                      batches[s]["targets"][:, -1])
+        np.testing.assert_array_equal(
+            batches[s + 1]["inputs"][:, 0], batches[s]["targets"][:, -1]
+        )
 
 
 def test_image_stream_errors():
@@ -465,7 +486,11 @@ def test_byte_codec_and_item_split():
     assert data.decode_bytes(toks) == text
     assert data.decode_bytes([0xFF]) == "\ufffd"
     parts = data.split_items(list(range(40)), what="documents")
-    assert (len(parts["train"]), len(parts["validation"]), len(parts["test"])) == (36, 2, 2)
+    assert (len(parts["train"]), len(parts["validation"]), len(parts["test"])) == (
+        36,
+        2,
+        2,
+    )
     assert parts["train"] + parts["validation"] + parts["test"] == list(range(40))
     assert [len(v) for v in data.split_items([1, 2, 3]).values()] == [1, 1, 1]
     with pytest.raises(ValueError, match="need >= 3 images"):

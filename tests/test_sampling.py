@@ -9,7 +9,14 @@ import tvq_eqx
 from tvq_eqx.sampling import sample, sample_token
 
 CFG = tvq_eqx.TransformerConfig(
-    n_vocab=16, d_model=32, d_k=8, d_v=16, n_head=1, n_code=4, n_layer=1, block_len=8,
+    n_vocab=16,
+    d_model=32,
+    d_k=8,
+    d_v=16,
+    n_head=1,
+    n_code=4,
+    n_layer=1,
+    block_len=8,
     abs_pe=True,
 )
 
@@ -29,7 +36,7 @@ def test_greedy_equals_teacher_forced_argmax(prompt_shape, getkey):
     b, t = full.shape
     padded = jnp.pad(full, ((0, 0), (0, -t % 8)))
     logp, _, _ = model(padded, model.init_state(b))
-    pred = jnp.argmax(logp, axis=-1)[:, prompt.shape[1] - 1: t - 1]
+    pred = jnp.argmax(logp, axis=-1)[:, prompt.shape[1] - 1 : t - 1]
     np.testing.assert_array_equal(pred, out)
 
 
@@ -70,7 +77,9 @@ def test_temperature_sharpens_and_flattens():
     logits = np.log(p)
     for temp in (0.5, 2.0):
         want = np.exp(logits / temp) / np.exp(logits / temp).sum()
-        np.testing.assert_allclose(_draws(logits, 6000, temperature=temp), want, atol=0.025)
+        np.testing.assert_allclose(
+            _draws(logits, 6000, temperature=temp), want, atol=0.025
+        )
     np.testing.assert_array_equal(_draws(logits, 50, temperature=0.0), [1, 0, 0])
 
 

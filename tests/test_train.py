@@ -446,7 +446,9 @@ def test_check_literals_names_field_and_allowed_values():
     with pytest.raises(ValueError) as e:
         _Modes(mode="c")
     assert str(e.value) == "_Modes.mode must be one of 'a', 'b'; got 'c'"
-    with pytest.raises(ValueError, match=r"_Modes.impl must be one of 'x', 'y', None; got 'z'"):
+    with pytest.raises(
+        ValueError, match=r"_Modes.impl must be one of 'x', 'y', None; got 'z'"
+    ):
         _Modes(impl="z")
     with pytest.raises(ValueError, match="_Modes.flag must be one of True; got 1"):
         _Modes(flag=1)
@@ -473,7 +475,9 @@ def test_run_config_nested_replace_and_dict_round_trip():
     assert run.model.mem_len == 16  # followed block_len
     assert run.optimizer is tiny.optimizer
     assert train.RunConfig.from_dict(run.to_dict()) == run
-    with pytest.raises(ValueError, match=r"unknown TransformerConfig field\(s\) \['d_modle'\]"):
+    with pytest.raises(
+        ValueError, match=r"unknown TransformerConfig field\(s\) \['d_modle'\]"
+    ):
         run.updated(dict(model=dict(d_modle=3)))
     with pytest.raises(ValueError, match="must be a multiple of"):
         run.replace(data=dict(seq_len=40))
@@ -522,7 +526,9 @@ class _Interrupt(train.Callback):
 
 
 def _state_bytes(ts):
-    return [np.asarray(x).tobytes() for x in jax.tree.leaves(eqx.filter(ts, eqx.is_array))]
+    return [
+        np.asarray(x).tobytes() for x in jax.tree.leaves(eqx.filter(ts, eqx.is_array))
+    ]
 
 
 def test_fit_interrupt_checkpoints_and_resume_equals_uninterrupted(tmp_path):
@@ -545,7 +551,9 @@ def test_fit_interrupt_checkpoints_and_resume_equals_uninterrupted(tmp_path):
         train.fit(train.new_train_state(run), run, stream, eval_stream=val,
                   checkpoint_dir=b, callbacks=[_Interrupt(6)], handle_sigint=False)  # fmt: skip
     meta = train.read_meta(b)
-    assert meta["step"] == 6 and meta["interrupted"] is True and meta["batch_index"] == 3
+    assert (
+        meta["step"] == 6 and meta["interrupted"] is True and meta["batch_index"] == 3
+    )
     like = eqx.filter_eval_shape(train.new_train_state, run)
     ts, _ = train.load_checkpoint(b, like)
     assert int(ts.step) == 6
