@@ -21,9 +21,11 @@ import pytest
 # an error in tests.
 jax.config.update("jax_numpy_rank_promotion", "raise")
 # Dtype promotion: "strict" would make every implicit mix (float32 * bool,
-# int32 + float32, bf16 + f32) an error. The library still has such mixes
-# (listed in the issue-10 notes, e.g. ops/_xla.py multiplies float32 by a bool
-# mask), so the suite runs with "standard" until they are explicit casts;
+# int32 + float, bf16 + f32) an error. A strict run of the whole suite found
+# such mixes in ops/_xla.py (float32 onehot * bool mask), inside optax's
+# update (int32 step count * Python float; bf16 params with f32 state) and in
+# test_pallas.py (float * bool), so the suite runs with "standard" until those
+# are explicit casts (optax's under a local "standard" context);
 # TVQ_TEST_DTYPE_PROMOTION=strict runs it strict to find them.
 jax.config.update(
     "jax_numpy_dtype_promotion",
