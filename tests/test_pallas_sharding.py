@@ -1,12 +1,9 @@
 """The Pallas path under data and head parallelism, and its eager compile cache.
 
-Sharded checks run on 4 fake CPU devices in a child interpreter: jax fixes the
-CPU device count when its backend starts, once per process, and the pytest
-process shares one backend with every other test file (the CLI and training
-tests behave differently with more than one device: they build a mesh). So the
-child sets `jax_num_cpu_devices=4` before anything touches a device, runs every
-sharded check once, prints the figures as JSON, and the tests below assert on
-them. Interpret mode throughout (CPU).
+Sharded checks run on the 4 CPU devices the test session starts with
+(`jax_num_cpu_devices=4` in conftest.py): a module fixture runs every sharded
+check once and the tests below assert on its figures. Interpret mode
+throughout (CPU).
 
 - `jit` with batch-sharded (and head-sharded) operands: the compiled HLO of the
   forward and of `value_and_grad` has no all-gather, and the results equal the
@@ -23,11 +20,7 @@ eager call with the same shapes does not trace again.
 
 from __future__ import annotations
 
-import json
-import os
 import re
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -87,7 +80,7 @@ def _loss(*args):
 _GRAD = jax.value_and_grad(_loss, argnums=(0, 1, 2, 4, 5))
 
 
-def _child() -> dict:
+def _sharded_checks() -> dict:
     """Every sharded check; runs in a process with 4 CPU devices."""
     from jax.sharding import Mesh, NamedSharding
     from jax.sharding import PartitionSpec as P
@@ -182,18 +175,7 @@ def _child() -> dict:
 
 @pytest.fixture(scope="module")
 def sharded():
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    proc = subprocess.run(
-        [sys.executable, __file__],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    line = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")][-1]
-    res = json.loads(line[len("RESULT ") :])
+    res = _sharded_checks()
     print(res)  # the report quotes these figures
     return res
 
@@ -356,10 +338,3 @@ def test_vmap_equals_per_example_calls():
             assert _rel(want_out, got_out[i]) <= TOL
             for w, g in zip(want_grads, got_grads, strict=True):
                 assert _rel(w, g[i]) <= TOL
-
-
-if __name__ == "__main__":
-    # The child process: 4 CPU devices, set before any backend exists.
-    jax.config.update("jax_num_cpu_devices", 4)
-    jax.config.update("jax_numpy_rank_promotion", "raise")
-    print("RESULT " + json.dumps(_child()))

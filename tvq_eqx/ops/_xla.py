@@ -114,7 +114,7 @@ def _summaries(code, value, valid, state: VQAttentionState, *, n_code, block_len
     v = _blocks(value[:, :t], block_len)
     valid = _blocks(valid[:, :t], block_len)  # [B, N, L]
     onehot = jax.nn.one_hot(z, n_code, dtype=jnp.float32)  # [B, N, L, H, S]
-    onehot = onehot * valid[..., None, None]
+    onehot = onehot * valid[..., None, None].astype(onehot.dtype)
     counts = jnp.sum(onehot, axis=2)  # [B, N, H, S]
     if v.dtype in (jnp.bfloat16, jnp.float16):
         # 0/1 and the values are exact in the value dtype and products are
