@@ -487,6 +487,17 @@ def test_run_config_nested_replace_and_dict_round_trip():
                 seq_len=64, optimizer="adamw", learning_rate=3e-3, warmup_steps=20,
                 weight_decay=2e-4, grad_clip=1.0, final_lr_ratio=0.1)  # fmt: skip
     assert train.RunConfig.from_dict(flat) == run
+    # A non-default PallasConfig round-trips; None (earlier run.json) = default.
+    pallas = tvq_eqx.PallasConfig(tvq_eqx.ops.BlockSizes(block_q=8), backward="xla")
+    tiles = run.replace(model=dict(pallas=pallas))
+    assert train.RunConfig.from_dict(tiles.to_dict()).model.pallas == pallas
+    assert train.RunConfig.from_dict(tiles.to_dict()) == tiles
+    assert run.replace(model=dict(pallas=dict(backward="xla"))).model.pallas == (
+        tvq_eqx.PallasConfig(backward="xla")
+    )
+    old = run.to_dict()
+    old["model"]["pallas"] = None
+    assert train.RunConfig.from_dict(old) == run
 
 
 # ----------------------------------------------------------------------------
