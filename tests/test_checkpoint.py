@@ -181,3 +181,27 @@ def test_old_checkpoint_of_another_model_or_unknown_format_is_a_clear_error(tmp_
         train.CheckpointError, match="format 99.*reads formats 2 .* and 3"
     ):
         train.load_checkpoint(tmp_path, eqx.filter_eval_shape(build))
+
+
+def test_adafactor_state_without_per_layer_statistics_is_a_clear_error(
+    tmp_path, monkeypatch
+):
+    # Before Adafactor kept one state per layer (`per_layer`), its state was
+    # one optax state over all leaves (format 2: the layers' leaves unrolled;
+    # format 3: stacked). Neither can become the per-layer state: clear error.
+    from tvq_eqx.train import _optimizer
+
+    cfg = CFG.replace(n_layer=2)
+
+    def build(opt):
+        model = tvq_eqx.Transformer(cfg, key=jax.random.key(0))
+        return train.init_train_state(model, opt, 2, key=jax.random.key(1))
+
+    new = train.make_optimizer("adafactor", warmup_steps=2, total_steps=4)
+    monkeypatch.setattr(_optimizer, "per_layer", lambda inner: inner)
+    old = build(train.make_optimizer("adafactor", warmup_steps=2, total_steps=4))
+    for version, tree in ((2, _checkpoint.unstack_layers(old)), (3, old)):
+        path = train.save_checkpoint(tmp_path, tree, step=version)
+        _as_format(path, version)
+        with pytest.raises(train.CheckpointError, match="does not match.*Adafactor"):
+            train.load_checkpoint(path, eqx.filter_eval_shape(build, new))

@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+import tvq_eqx
 from tvq_eqx.cli import main
 
 MICRO = [
@@ -335,3 +336,39 @@ def test_ctrl_c_checkpoints_exits_130_and_resumes(
     assert main(["train", "--run-dir", str(run_dir), "--resume", *MICRO]) == 0
     final = "checkpoints/step_00000004/state.eqx"
     assert (run_dir / final).read_bytes() == (trained / final).read_bytes()
+
+
+def test_pallas_settings_are_flags_and_config_file_tables(tmp_path, capsys):
+    # Plain flags (no subcommand); tile sizes from a config file's table.
+    assert main(["train", "--help"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--model.pallas.backward {kernels,xla}" in out
+    assert "--model.pallas.interpret {None,True,False}" in out
+    assert "model.pallas:" not in out  # no tyro subcommand
+    cfg = tmp_path / "run.toml"
+    cfg.write_text("[model.pallas.block_sizes]\nblock_q = 8\nnum_warps = 2\n")
+    run_dir = tmp_path / "run"
+    flags = ["--config", str(cfg), *MICRO, "--model.pallas.backward", "xla",
+             "--model.pallas.interpret", "True"]  # fmt: skip
+    argv = ["train", "--run-dir", str(run_dir), *flags]
+    assert main([*argv, "--stop-at", "2"]) == 0
+    run = json.loads((run_dir / "run.json").read_text())
+    pallas = run["model"]["pallas"]
+    assert (pallas["backward"], pallas["interpret"]) == ("xla", True)
+    assert (pallas["block_sizes"]["block_q"], pallas["block_sizes"]["num_warps"]) == (
+        8,
+        2,
+    )
+    from tvq_eqx.train import RunConfig, load_run
+
+    saved, _, _ = load_run(run_dir)
+    assert saved.model.pallas == tvq_eqx.PallasConfig(
+        tvq_eqx.ops.BlockSizes(block_q=8, num_warps=2), backward="xla", interpret=True
+    )
+    assert RunConfig.from_dict(run) == saved
+    # --resume compares the pallas settings like any other.
+    capsys.readouterr()
+    bad = ["--model.pallas.backward", "kernels"]
+    assert main(["train", "--run-dir", str(run_dir), "--resume", *flags, *bad]) == 2
+    assert "differ from the checkpoint" in _one_error_line(capsys)
+    assert main(["train", "--run-dir", str(run_dir), "--resume", *flags]) == 0

@@ -487,6 +487,17 @@ def test_run_config_nested_replace_and_dict_round_trip():
                 seq_len=64, optimizer="adamw", learning_rate=3e-3, warmup_steps=20,
                 weight_decay=2e-4, grad_clip=1.0, final_lr_ratio=0.1)  # fmt: skip
     assert train.RunConfig.from_dict(flat) == run
+    # A non-default PallasConfig round-trips; None (earlier run.json) = default.
+    pallas = tvq_eqx.PallasConfig(tvq_eqx.ops.BlockSizes(block_q=8), backward="xla")
+    tiles = run.replace(model=dict(pallas=pallas))
+    assert train.RunConfig.from_dict(tiles.to_dict()).model.pallas == pallas
+    assert train.RunConfig.from_dict(tiles.to_dict()) == tiles
+    assert run.replace(model=dict(pallas=dict(backward="xla"))).model.pallas == (
+        tvq_eqx.PallasConfig(backward="xla")
+    )
+    old = run.to_dict()
+    old["model"]["pallas"] = None
+    assert train.RunConfig.from_dict(old) == run
 
 
 # ----------------------------------------------------------------------------
@@ -592,3 +603,51 @@ def test_fit_stop_at_and_stop_training(tmp_path):
     res = train.fit(train.new_train_state(run), run, stream, callbacks=[Stop()],
                     handle_sigint=False)  # fmt: skip
     assert (res.status, res.step, res.checkpoint) == ("stopped", 2, None)
+
+
+def test_adafactor_statistics_per_layer_as_official(getkey, monkeypatch):
+    # Official: the layers are a Python list, so Adafactor's parameter scale
+    # and update clipping (RMS over a whole leaf) are per layer. Reference: the
+    # same optimizer with plain Adafactor on per-layer leaves (the stacked
+    # arrays sliced). Layers are scaled differently so that mixing them shows.
+    from tvq_eqx.train import _checkpoint, _optimizer
+
+    model = tvq_eqx.Transformer(CFG.replace(n_layer=3), key=getkey())
+    params = eqx.filter(model, eqx.is_inexact_array)
+    scale = jnp.array([1.0, 4.0, 0.25])
+
+    def per_layer_scaled(tree, power):
+        def f(x):
+            return x * scale.reshape((-1,) + (1,) * (x.ndim - 1)) ** power
+
+        stack = jax.tree.map(f, tree.layers.stacked)
+        return eqx.tree_at(lambda t: t.layers.stacked, tree, stack)
+
+    params = per_layer_scaled(params, 1)
+    grads = jax.tree.map(lambda x: jax.random.normal(getkey(), x.shape), params)
+    grads = per_layer_scaled(grads, 2)
+    kw = dict(learning_rate=0.1, warmup_steps=0, total_steps=10, weight_decay=0.01)
+
+    def two_updates(opt, p, g):
+        state = opt.init(p)
+        u1, state = opt.update(g, state, p)
+        u2, _ = opt.update(jax.tree.map(lambda x: 0.5 * x, g), state, p)
+        return u1, u2
+
+    ours = two_updates(train.make_optimizer("adafactor", **kw), params, grads)
+    monkeypatch.setattr(_optimizer, "per_layer", lambda inner: inner)
+    plain = train.make_optimizer("adafactor", **kw)
+    unstack = _checkpoint.unstack_layers
+    ref = two_updates(plain, unstack(params), unstack(grads))
+    ref = tuple(_checkpoint.restack_layers(params, r) for r in ref)
+    mixed = two_updates(plain, params, grads)
+
+    max_err = max_mix = 0.0
+    for o, r, m in zip(
+        jax.tree.leaves(ours), jax.tree.leaves(ref), jax.tree.leaves(mixed), strict=True
+    ):
+        np.testing.assert_allclose(o, r, rtol=1e-5, atol=1e-7)
+        max_err = max(max_err, float(jnp.max(jnp.abs(o - r))))
+        max_mix = max(max_mix, float(jnp.max(jnp.abs(m - r))))
+    # Plain Adafactor on the stacked leaves is measurably different.
+    assert max_mix > 1e3 * max(max_err, 1e-7), (max_mix, max_err)

@@ -129,7 +129,8 @@ class TransformerConfig:
       unmasked tokens: the per-token mean, unaffected by padding).
     - `implementation`: VQ-attention implementation (`None` = best available).
     - `pallas`: how the Pallas kernels run when they do (`PallasConfig`: tile
-      sizes, backward choice, interpret mode); None = the defaults.
+      sizes, backward choice, interpret mode); default `PallasConfig()` (None
+      is taken as that).
     - `remat`: rematerialisation of the scanned layer body in the backward
       pass (`jax.checkpoint`): `"none"` (default: keep every activation),
       `"full"` (keep only each layer's input, recompute the rest),
@@ -201,8 +202,8 @@ class TransformerConfig:
     """KV-cache capacity of the full-attention baseline."""
     state_keys: StateKeys = "codewords"
     """Carried window keeps codewords (official) or codes."""
-    pallas: PallasConfig | None = None
-    """How the Pallas kernels run (tiles, backward, interpret); None = defaults."""
+    pallas: PallasConfig | None = PallasConfig()
+    """How the Pallas kernels run (tiles, backward, interpret); None = the defaults."""
     remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"
     """Rematerialise the scanned layer body: none, full, dots, dots_no_batch."""
 
@@ -250,7 +251,9 @@ class TransformerConfig:
                 f"TransformerConfig.c_gamma must be in [0, 1); got {self.c_gamma!r}"
             )
         check_literals(self)
-        if self.pallas is not None and not isinstance(self.pallas, PallasConfig):
+        if self.pallas is None:  # accepted (earlier run.json files): the defaults
+            object.__setattr__(self, "pallas", PallasConfig())
+        if not isinstance(self.pallas, PallasConfig):
             raise ValueError(
                 f"TransformerConfig.pallas must be a PallasConfig or None; got "
                 f"{self.pallas!r}"

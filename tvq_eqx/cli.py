@@ -91,7 +91,7 @@ class TrainCommand:
     preset: PresetName = "tiny"
     """Named starting configuration."""
     config: str | None = None
-    """TOML file of RunConfig fields ([model], [data], [optimizer] tables) applied on top of the preset."""
+    """TOML file of RunConfig fields ([model], [model.pallas.block_sizes], [data], [optimizer] tables) applied on top of the preset."""
     run_dir: str | None = None
     """Output folder (None = runs/PRESET, or runs/PRESET-N if that holds a checkpoint)."""
     resume: bool = False
@@ -202,7 +202,16 @@ def _parse(cls: type, argv: list[str], *, default: Any, prog: str) -> Any:
         if not help_requested:
             os.environ["COLUMNS"] = "1000"
         with contextlib.redirect_stderr(err):
-            return tyro.cli(cls, args=argv, default=default, prog=prog)
+            # Optional nested settings (`model.pallas`, its `block_sizes`) are
+            # flags of their defaults, not subcommands; tile sizes come from
+            # a config file's [model.pallas.block_sizes] table.
+            return tyro.cli(
+                cls,
+                args=argv,
+                default=default,
+                prog=prog,
+                config=(tyro.conf.AvoidSubcommands,),
+            )
     except SystemExit as e:
         if e.code in (0, None):
             raise

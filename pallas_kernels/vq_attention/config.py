@@ -42,6 +42,7 @@ gate. Interpret mode (CPU) and TPU keep one set of tiles for all kernels.
 from __future__ import annotations
 
 import dataclasses
+from typing import Literal, get_args
 
 from jax.experimental import pallas as pl
 
@@ -186,30 +187,25 @@ class BlockSizes:
         return cls(**fixed)
 
 
-BACKWARDS = ("kernels", "xla")
+Backward = Literal["kernels", "xla"]
+BACKWARDS: tuple[str, ...] = get_args(Backward)
 
 
 @dataclasses.dataclass(frozen=True)
 class PallasConfig:
     """How the VQ-attention kernels run (frozen and hashable: a static
-    argument under `jit`). Changes speed and debugging, never the math.
-
-    **Fields:**
-
-    - `block_sizes`: tile sizes and launch parameters (`BlockSizes`); None =
-      the rule of the platform the program runs on
-      (`BlockSizes.for_platform(jax.default_backend())`).
-    - `backward`: `"kernels"` (default: the backward kernels) or `"xla"`
-      (run the kernel forward, but differentiate the linear-time XLA form:
-      a debugging aid that isolates the backward kernels).
-    - `interpret`: None (default) = Pallas interpret mode exactly when the
-      program is lowered for a platform other than cuda / rocm / tpu (so on
-      CPU); True forces it everywhere (debugging on a GPU); False never.
-    """
+    argument under `jit`). Changes speed and debugging, never the math."""
 
     block_sizes: BlockSizes | None = None
-    backward: str = "kernels"
+    """Tile sizes and launch parameters (`BlockSizes`); None = the rule of the
+    platform the program runs on (`BlockSizes.for_platform(jax.default_backend())`).
+    On the command line: a config file's `[model.pallas.block_sizes]` table."""
+    backward: Backward = "kernels"
+    """kernels: the backward kernels; xla: differentiate the linear-time XLA form
+    of the kernel forward (a debugging aid that isolates the backward kernels)."""
     interpret: bool | None = None
+    """Pallas interpret mode: None = exactly when not lowered for cuda/rocm/tpu
+    (so on CPU); True = everywhere (debugging on a GPU); False = never."""
 
     def __post_init__(self):
         if isinstance(self.block_sizes, dict):  # from `dataclasses.asdict`

@@ -25,6 +25,7 @@ from ._optimizer import lr_schedule as lr_schedule
 from ._optimizer import make_optimizer as make_optimizer
 from ._optimizer import optimizer_from_config as optimizer_from_config
 from ._optimizer import param_labels as param_labels
+from ._optimizer import per_layer as per_layer
 from ._optimizer import weight_decay_mask as weight_decay_mask
 from ._presets import OFFICIAL_LAUNCH as OFFICIAL_LAUNCH
 from ._presets import PRESETS as PRESETS

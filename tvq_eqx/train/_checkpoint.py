@@ -295,7 +295,9 @@ def load_checkpoint(path: str | os.PathLike, like: Any) -> tuple[Any, dict[str, 
         raise CheckpointError(
             f"{p} does not match the model/optimizer being loaded: "
             f"{len(got) if isinstance(got, list) else '?'} arrays on disk vs "
-            f"{len(want)} expected, {n_diff} with different shape/dtype ({layout})"
+            f"{len(want)} expected, {n_diff} with different shape/dtype ({layout}); "
+            "an Adafactor state saved before Adafactor kept one state per layer "
+            "(train.per_layer) cannot be converted either"
         )
     try:
         with open(state_path, "rb") as f:

@@ -116,6 +116,67 @@ def _decay_flags(tree: Any, layer_axes: int) -> Any:
     return jax.tree.map(mark, tree, is_leaf=is_node)
 
 
+def _split_layers(tree: Any) -> tuple[Any, Any]:
+    """`(layers, rest)`: `tree` with everything outside its `LayerStack`s set
+    to None, and with its `LayerStack`s set to None."""
+
+    def is_stack(x):
+        return isinstance(x, LayerStack)
+
+    layers = jax.tree.map(lambda n: n if is_stack(n) else None, tree, is_leaf=is_stack)
+    rest = jax.tree.map(lambda n: None if is_stack(n) else n, tree, is_leaf=is_stack)
+    return layers, rest
+
+
+def _merge_layers(layers: Any, rest: Any) -> Any:
+    """Inverse of `_split_layers`."""
+    return jax.tree.map(
+        lambda a, b: a if isinstance(a, LayerStack) else b,
+        layers,
+        rest,
+        is_leaf=lambda x: x is None or isinstance(x, LayerStack),
+    )
+
+
+def per_layer(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+    """`inner` applied to each layer of every `LayerStack` as to its own leaves
+    (`jax.vmap` over the leading layer axis), and plainly to the other arrays.
+
+    For elementwise optimizers this changes nothing; for Adafactor it keeps
+    the parameter scale and update clipping (RMS over a whole leaf) per layer,
+    as in the official code, whose layers are separate leaves. The state is
+    `(state of the layers, each leaf with a leading layer axis, state of the
+    rest)`.
+    """
+
+    def vmapped(fn, layers, *rest_args):
+        # vmap needs at least one mapped array; a tree without layers runs plainly.
+        if not jax.tree.leaves(layers):
+            return fn(layers, *rest_args)
+        return jax.vmap(fn)(layers, *rest_args)
+
+    def init_fn(params):
+        layers, rest = _split_layers(params)
+        return vmapped(inner.init, layers), inner.init(rest)
+
+    def update_fn(updates, state, params=None):
+        layer_state, rest_state = state
+        u_layers, u_rest = _split_layers(updates)
+        p_layers, p_rest = (None, None) if params is None else _split_layers(params)
+        if p_layers is None:
+            new_layers, layer_state = vmapped(
+                lambda u, s: inner.update(u, s), u_layers, layer_state
+            )
+        else:
+            new_layers, layer_state = vmapped(
+                inner.update, u_layers, layer_state, p_layers
+            )
+        new_rest, rest_state = inner.update(u_rest, rest_state, p_rest)
+        return _merge_layers(new_layers, new_rest), (layer_state, rest_state)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
 def lr_schedule(
     peak: float, warmup_steps: int, total_steps: int, final_ratio: float = 0.1
 ) -> optax.Schedule:
@@ -194,8 +255,12 @@ def _base(name: str, schedule: optax.Schedule) -> optax.GradientTransformation:
             schedule, b1=0.95, b2=0.98, mu_dtype=jnp.bfloat16, weight_decay=0.0
         )
     if name == "adafactor":
-        return optax.adafactor(
-            schedule, multiply_by_parameter_scale=True, clipping_threshold=1.0
+        # Per layer: the parameter scale and update clipping are RMS over a
+        # whole leaf, and official's leaves are single layers.
+        return per_layer(
+            optax.adafactor(
+                schedule, multiply_by_parameter_scale=True, clipping_threshold=1.0
+            )
         )
     raise ValueError(f"optimizer must be one of {OPTIMIZERS}; got {name!r}")
 
@@ -219,7 +284,8 @@ def make_optimizer(
       lr_schedule -> add decayed weights`. The optimizer is AdamW
       (`b1=0.9, b2=0.98, eps=1e-9`, float32 moments), Lion (`b1=0.95,
       b2=0.98`, bfloat16 momentum) or Adafactor (parameter-scaled, update
-      clipping 1.0). Weight decay is *decoupled*: each update subtracts
+      clipping 1.0, its statistics per layer as in the official code: see
+      `per_layer`). Weight decay is *decoupled*: each update subtracts
       `weight_decay * theta`, not scaled by the learning rate (as the official
       code does), on the arrays `weight_decay_mask` selects (matrices,
       embeddings, the absolute-PE scale; no norms, biases or `u`, `v`).
