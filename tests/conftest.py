@@ -20,16 +20,13 @@ import pytest
 # Silent rank promotion hides shape bugs (a [n] broadcast against [n, 1]):
 # an error in tests.
 jax.config.update("jax_numpy_rank_promotion", "raise")
-# Dtype promotion: "strict" would make every implicit mix (float32 * bool,
-# int32 + float, bf16 + f32) an error. A strict run of the whole suite found
-# such mixes in ops/_xla.py (float32 onehot * bool mask), inside optax's
-# update (int32 step count * Python float; bf16 params with f32 state) and in
-# test_pallas.py (float * bool), so the suite runs with "standard" until those
-# are explicit casts (optax's under a local "standard" context);
-# TVQ_TEST_DTYPE_PROMOTION=strict runs it strict to find them.
+# Silent dtype promotion (float32 * bool, int32 + float, bf16 + f32) hides
+# precision bugs: an error in tests too. The library casts explicitly and runs
+# optax's updates under a local "standard" context (optax mixes dtypes
+# internally). TVQ_TEST_DTYPE_PROMOTION=standard relaxes it for debugging.
 jax.config.update(
     "jax_numpy_dtype_promotion",
-    os.environ.get("TVQ_TEST_DTYPE_PROMOTION", "standard"),
+    os.environ.get("TVQ_TEST_DTYPE_PROMOTION", "strict"),
 )
 
 # Four CPU devices, so the data-parallel and sharding tests run in this

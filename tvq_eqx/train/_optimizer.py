@@ -323,10 +323,31 @@ def make_optimizer(
     main.append(_base(name, schedule))
     if weight_decay > 0:
         main.append(optax.add_decayed_weights(-weight_decay, mask=weight_decay_mask))
-    return optax.multi_transform(
-        {MAIN: optax.chain(*main), CODEBOOK: optax.sgd(1.0)},
-        param_labels=param_labels,
+    return _standard_promotion(
+        optax.multi_transform(
+            {MAIN: optax.chain(*main), CODEBOOK: optax.sgd(1.0)},
+            param_labels=param_labels,
+        )
     )
+
+
+def _standard_promotion(
+    inner: optax.GradientTransformation,
+) -> optax.GradientTransformation:
+    """`inner` run under jax's standard dtype promotion. optax mixes dtypes
+    inside its updates (int32 step counts with Python floats, bfloat16 Lion
+    momentum with float32 gradients), so a program that sets
+    `jax_numpy_dtype_promotion="strict"` (our tests do) could not train."""
+
+    def init_fn(params):
+        with jax.numpy_dtype_promotion("standard"):
+            return inner.init(params)
+
+    def update_fn(updates, state, params=None):
+        with jax.numpy_dtype_promotion("standard"):
+            return inner.update(updates, state, params)
+
+    return optax.GradientTransformation(init_fn, update_fn)
 
 
 @functools.lru_cache(maxsize=32)
