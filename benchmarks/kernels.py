@@ -301,7 +301,9 @@ def main(argv=None):
                     ref[mode] = outs
                     err = 0.0
                 elif mode in ref:
-                    err = max(rel_err(r, o) for r, o in zip(ref[mode], outs))
+                    err = max(
+                        rel_err(r, o) for r, o in zip(ref[mode], outs, strict=True)
+                    )
                 else:
                     err = None
                 ok = (err is not None and err <= tol) or form == "summaries"
