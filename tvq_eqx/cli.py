@@ -35,7 +35,7 @@ import sys
 import time
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 try:
     import tyro
@@ -76,9 +76,12 @@ def _tyro():
 
 # The RunConfig field of train / bench: its flags carry no "run." prefix
 # (`--steps`, `--model.d-model`).
-_RunFlags = (
-    Annotated[RunConfig, tyro.conf.arg(name="")] if tyro is not None else RunConfig
-)
+if TYPE_CHECKING:  # the checker sees the type; tyro's marker is for run time
+    _RunFlags = RunConfig
+else:
+    _RunFlags = (
+        Annotated[RunConfig, tyro.conf.arg(name="")] if tyro is not None else RunConfig
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -241,7 +244,7 @@ def _read_config_file(path: str) -> dict[str, Any]:
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise UsageError(f"--config {path}: not valid TOML: {e}") from None
 
-    def none(x):
+    def none(x: Any) -> Any:
         if isinstance(x, dict):
             return {k: none(v) for k, v in x.items()}
         return None if x == "None" else x
@@ -412,6 +415,7 @@ def cmd_train(argv: list[str]) -> int:
     )
     run = args.run
     if saved is not None:
+        assert meta is not None  # loaded together with saved
         bad = _differences(run.to_dict(), saved.to_dict())
         if bad:
             raise UsageError(
@@ -478,6 +482,7 @@ def cmd_train(argv: list[str]) -> int:
         )
         return 0
     val = result.validation
+    assert val is not None  # "completed" ran the final evaluation on val_stream
     png = plot_curves(metrics_path, run_dir / "curves.png", unit=unit)
     print(
         f"validation {unit}: {val['bits_per_token']:.4f} "
@@ -486,7 +491,7 @@ def cmd_train(argv: list[str]) -> int:
     print(
         f"train wall time: {result.wall_s:.1f} s; checkpoint: {ckpt_dir}; curves: {png}"
     )
-    if run.sample_len > 0 and data.encode is not None:
+    if run.sample_len > 0 and data.encode is not None and data.decode is not None:
         import numpy as np
 
         valid = data.splits["validation"]

@@ -122,9 +122,12 @@ def loss_fn(
         vq[k].reshape(n_layer, 2, *vq[k].shape[1:])
         for k in ("code_count", "code_key_sum")
     )
-    codebook_loss = sum(
-        unit.quantizer.codebook_loss(count[:, j], key_sum[:, j])
-        for j, unit in enumerate(model.layers.stacked.units)
+    # asarray: an Array for the checker (sum() starts from the int 0).
+    codebook_loss = jnp.asarray(
+        sum(
+            unit.quantizer.codebook_loss(count[:, j], key_sum[:, j])
+            for j, unit in enumerate(model.layers.stacked.units)
+        )
     )
     # The surrogate's value is meaningless (only its gradient matters), so it
     # enters with value 0 and `loss` stays readable as LM loss + commit term.

@@ -302,7 +302,7 @@ def rule(
     to the problem afterwards."""
     del codes  # clipping handles small codebooks
     if platform == "tpu":
-        tiles = dict.fromkeys(("block_q", "block_k", "block_code"), 128)
+        tiles: dict[str, int] = dict.fromkeys(("block_q", "block_k", "block_code"), 128)
         tiles["block_v"] = 512
         base = dict(num_warps=4, num_stages=2, float32_dots="highest")
     elif platform == "gpu":
@@ -399,6 +399,8 @@ def resolve_tiles(
             value = defaults.get(field)
         if value is None and field in _FOLLOWS:
             value = defaults[_FOLLOWS[field]]
+        # `rule` covers every field or the field it follows.
+        assert value is not None, f"no default for {field} on {sizes.platform}"
         return value
 
     if block_len < sizes.min_tile:

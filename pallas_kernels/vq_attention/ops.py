@@ -191,7 +191,7 @@ def vq_attention_core(
     n_blk = seq // L
     if bh % num_heads:
         raise ValueError(f"q {tuple(q.shape)}: leading dim must be batch*{num_heads}")
-    want = dict(
+    want: dict[str, tuple[int, ...]] = dict(
         k_ext=(bh, seq + L, d_k), v_ext=(bh, seq + L, d_v), prev_valid=(bh, 1, 1)
     )
     if use_cache:
@@ -215,8 +215,9 @@ def vq_attention_core(
         window_bias=window_bias,
     )
     for name, shape in want.items():
-        if given[name] is None or tuple(given[name].shape) != shape:
-            got = None if given[name] is None else tuple(given[name].shape)
+        arr = given[name]
+        if arr is None or tuple(arr.shape) != shape:
+            got = None if arr is None else tuple(arr.shape)
             raise ValueError(
                 f"{name} must have shape {shape} for q {tuple(q.shape)}, "
                 f"v_ext {tuple(v_ext.shape)}, block_len={L}; got {got}"
@@ -258,6 +259,8 @@ def vq_attention_core(
     v_ext = _pad_axis(v_ext, 2, tiles.d_v)
     prev_valid = prev_valid.astype(jnp.float32)
     if use_cache:
+        # The shape check above rejected a missing cache_bias / cache_mean.
+        assert cache_bias is not None and cache_mean is not None
         codebook = _pad_axis(
             _pad_axis(codebook.astype(q.dtype), 2, tiles.d_k), 1, tiles.codes
         )

@@ -58,7 +58,8 @@ def _make_varying(x, axes: frozenset):
         return x
     if hasattr(jax.lax, "pcast"):
         return jax.lax.pcast(x, missing, to="varying")
-    return jax.lax.pvary(x, missing)
+    # jax 0.7 only (pcast replaced it); absent from the newer jax pyright reads.
+    return jax.lax.pvary(x, missing)  # pyright: ignore[reportAttributeAccessIssue]
 
 
 def match_varying(*args):
@@ -84,8 +85,8 @@ def typed_out_shape(out_shape, args):
         if manual_axis_type is not None:  # jax >= 0.12
             kind = manual_axis_type(varying=axes)
             return jax.ShapeDtypeStruct(s.shape, s.dtype, manual_axis_type=kind)
-        if axes:  # jax 0.7 - 0.11
-            return jax.ShapeDtypeStruct(s.shape, s.dtype, vma=axes)
+        if axes:  # jax 0.7 - 0.11: `vma`, absent from the newer jax pyright reads
+            return jax.ShapeDtypeStruct(s.shape, s.dtype, vma=axes)  # pyright: ignore[reportCallIssue]
         return s
 
     return jax.tree.map(stamp, out_shape)
@@ -175,7 +176,7 @@ def batch_head_call(fn, st, args, *, head_args=()):
 
     def run_local(local_args):
         """`fn` on (local) [b, h, ...] operands; outputs flattened, [b, h, ...]."""
-        full = [None] * len(args)
+        full: list[jax.Array | None] = [None] * len(args)
         b, h = local_args[present.index(batch_args[0])].shape[:2]
         for i, a in zip(present, local_args, strict=True):
             full[i] = a if i in head_args else a.reshape(b * h, *a.shape[2:])
@@ -275,7 +276,7 @@ def batch_head_call(fn, st, args, *, head_args=()):
             axes = [0 if b else None for b in in_batched]
             outs = jax.vmap(lambda *ys: run_local(ys)[1], in_axes=axes)(*xs)
             return outs, (True,) * len(outs)
-        full = [None] * len(args)
+        full: list[jax.Array | None] = [None] * len(args)
         for i, x, b in zip(present, xs, in_batched, strict=True):
             if i not in head_args:
                 x = x if b else jnp.broadcast_to(x, (axis_size, *x.shape))

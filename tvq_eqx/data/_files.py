@@ -1,9 +1,8 @@
 """Deterministic file discovery and the whole-item split shared by the text
 and image loaders."""
 
-from collections.abc import Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 
 def find_files(folder: Path, suffixes: tuple[str, ...]) -> list[Path]:
@@ -26,10 +25,19 @@ def find_files(folder: Path, suffixes: tuple[str, ...]) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-T = TypeVar("T")
+@runtime_checkable  # the tests' beartype checks the bound at run time
+class Sliceable(Protocol):
+    """A list of documents or an array of images: `len` and slicing."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: slice, /) -> Any: ...
 
 
-def split_items(items: Sequence[T], *, what: str = "items") -> dict[str, Sequence[T]]:
+S = TypeVar("S", bound=Sliceable)
+
+
+def split_items(items: S, *, what: str = "items") -> dict[str, S]:
     """Split whole items (documents, images) into contiguous train /
     validation / test parts, 90% / 5% / 5% in that order: validation and test
     hold `max(1, n // 20)` items each.

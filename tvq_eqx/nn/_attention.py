@@ -58,6 +58,7 @@ class VQAttention(eqx.Module):
             jax.random.normal(kkvg, (c.d_model, hk + 2 * hv), pdt) * c.d_model**-0.5
         )
         self.w_o = jax.random.normal(ko, (hv, c.d_model), pdt) * hv**-0.5
+        assert c.mem_len is not None  # TransformerConfig fills the default
         self.rel_bias = XLRelativeBias(
             c.d_model,
             c.n_head,
@@ -132,6 +133,11 @@ class VQAttention(eqx.Module):
         query = q + self.rel_bias.u.astype(dt)[None, None]
         rel_query = (q + self.rel_bias.v.astype(dt)[None, None]) * scale
         if c.attention == "full":
+            if not isinstance(state, FullAttentionState):
+                raise TypeError(
+                    "attention='full' needs a FullAttentionState (init_state); "
+                    f"got {type(state).__name__}"
+                )
             attn, new_state = full_attention_with_state(
                 query,
                 k,
@@ -142,6 +148,11 @@ class VQAttention(eqx.Module):
                 rel_table=rel_table,
             )
         else:
+            if isinstance(state, FullAttentionState):
+                raise TypeError(
+                    f"attention={c.attention!r} needs a VQAttentionState "
+                    "(init_state); got a FullAttentionState"
+                )
             attn, new_state = vq_attention_with_state(
                 query,
                 k,

@@ -155,7 +155,7 @@ def validate_inputs(
         )
     if (rel_query is None) != (rel_table is None):
         raise ValueError("rel_query and rel_table must be given together")
-    if rel_query is not None:
+    if rel_query is not None and rel_table is not None:
         if rel_query.shape != query.shape:
             raise ValueError(
                 f"rel_query must match query {tuple(query.shape)}; got "
@@ -265,6 +265,15 @@ def straight_through(
     """
     quantized = jax.lax.stop_gradient(quantized).astype(key.dtype)
     return quantized + (key - jax.lax.stop_gradient(key))
+
+
+def require_rel_table(
+    rel_table: Float[Array, "dist heads d_k"] | None,
+) -> Float[Array, "dist heads d_k"]:
+    """`rel_table`, which a given `rel_query` needs: a clear error if missing."""
+    if rel_table is None:
+        raise ValueError("rel_query and rel_table must be given together")
+    return rel_table
 
 
 def relative_bias(

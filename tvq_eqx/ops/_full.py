@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
-from ._common import HIGHEST, MASK_VALUE, relative_bias
+from ._common import HIGHEST, MASK_VALUE, relative_bias, require_rel_table
 
 
 class FullAttentionState(eqx.Module):
@@ -75,7 +75,9 @@ def full_attention_with_state(
         preferred_element_type=jnp.float32,
     )
     if rel_query is not None:
-        bias = relative_bias(rel_query, rel_table, dist)  # [B, T, H, C+T]
+        bias = relative_bias(
+            rel_query, require_rel_table(rel_table), dist
+        )  # [B, T, H, C+T]
         scores = scores + jnp.swapaxes(bias, 1, 2)
     scores = jnp.where(keep[:, None], scores, MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1)

@@ -27,6 +27,7 @@ How the kernels run (tiles, interpret mode, and the debugging switch
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -237,7 +238,8 @@ def vq_attention_pallas(
         raise ValueError(
             "window_len is not supported with PallasConfig(backward='xla')"
         )
-    static = dict(
+    # Keyword arguments of `_forward` (mixed types: ints, bools, the config).
+    static: dict[str, Any] = dict(
         block_len=block_len,
         scale=float(scale),
         use_cache=use_cache,

@@ -11,7 +11,14 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float
 
-from ._common import HIGHEST, MASK_VALUE, gather_codes, quantize, relative_bias
+from ._common import (
+    HIGHEST,
+    MASK_VALUE,
+    gather_codes,
+    quantize,
+    relative_bias,
+    require_rel_table,
+)
 
 
 def causal_distance(t: int):
@@ -58,7 +65,9 @@ def dense_scores(
     scores = scale * scores
     if rel_query is not None:
         dist = causal_distance(query.shape[1])
-        scores = scores + jnp.swapaxes(relative_bias(rel_query, rel_table, dist), 1, 2)
+        scores = scores + jnp.swapaxes(
+            relative_bias(rel_query, require_rel_table(rel_table), dist), 1, 2
+        )
     return scores
 
 

@@ -75,6 +75,7 @@ def vq_attention_reference(
     pos = jnp.arange(t)
     i, j = pos[:, None], pos[None, :]
     if block_len is not None:
+        assert mem_len is not None  # defaults to block_len above
         in_window = j >= (i // block_len) * block_len - mem_len
         same_block = (i // block_len) == (j // block_len)
 
@@ -95,6 +96,7 @@ def vq_attention_reference(
     )
     keep = causal_distance(t) >= 0
     if not use_cache:
+        assert mem_len is not None  # use_cache=False required it above
         keep = keep & ((i - j <= mem_len) if sliding_window else in_window)
     probs = jax.nn.softmax(jnp.where(keep, scores, MASK_VALUE), axis=-1)
     v32 = value.astype(jnp.float32)

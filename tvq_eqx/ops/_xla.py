@@ -27,6 +27,7 @@ from ._common import (
     log_count_bias,
     quantize,
     relative_bias,
+    require_rel_table,
     straight_through,
 )
 
@@ -294,7 +295,9 @@ def vq_attention_xla(
     )
     dist = window_offsets(M, L)  # [L, W]
     if rel_query is not None:
-        win_scores = win_scores + relative_bias(_blocks(rel_query, L), rel_table, dist)
+        win_scores = win_scores + relative_bias(
+            _blocks(rel_query, L), require_rel_table(rel_table), dist
+        )
     keep = dist >= 0
     if not use_cache and sliding_window:
         keep = keep & (dist <= M)

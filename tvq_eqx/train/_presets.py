@@ -7,7 +7,7 @@ from typing import Any
 
 from .._config import TransformerConfig
 from ._optimizer import OptimizerConfig
-from ._run_config import DataConfig, RunConfig
+from ._run_config import DataConfig, DataKind, RunConfig
 
 # The official launch scripts' settings (scripts/lm_{enwik8,pg19,imagenet64}.sh
 # with scripts/launch.py defaults). The scripts leave sequence_len, block_len,
@@ -107,7 +107,7 @@ OFFICIAL_LAUNCH: dict[str, dict[str, Any]] = {
     ),
 }
 
-_DATASETS = {
+_DATASETS: dict[str, tuple[DataKind, int]] = {
     # official dataset -> (our data_kind, vocabulary size)
     "enwik8": ("bytes", 256),
     "pg19": ("sentencepiece", 32_000),

@@ -194,7 +194,9 @@ def _nested_changes(obj: Any, changes: dict[str, Any]) -> dict[str, Any]:
         if not isinstance(v, dict) or k not in hints:
             continue
         current: Any = getattr(obj, k)
-        if not dataclasses.is_dataclass(current):
+        # Update a dataclass instance in place of the field; anything else
+        # (None, or a dataclass class) starts from the defaults.
+        if not dataclasses.is_dataclass(current) or isinstance(current, type):
             cls = _dataclass_in(hints[k])
             if cls is None:
                 continue

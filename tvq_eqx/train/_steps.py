@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, cast
 
 import equinox as eqx
 import jax
@@ -186,7 +186,8 @@ def train_step(
     )
     n_update = batch["inputs"].shape[1] // update_len
     new_state = TrainState(
-        model=eqx.combine(params, static),
+        # The partitioned model put back together (the checker sees optax Params).
+        model=cast(Transformer, eqx.combine(params, static)),
         opt_state=opt_state,
         attn_state=attn,
         step=train_state.step + n_update,
@@ -236,7 +237,8 @@ def eval_step(
 # Devices
 
 
-def make_mesh(devices: Iterable[jax.Device] | None = None) -> Mesh:
+# jax.Device aliases a class of the compiled jaxlib, which has no stubs.
+def make_mesh(devices: Iterable[jax.Device] | None = None) -> Mesh:  # pyright: ignore[reportInvalidTypeForm]
     """A 1-D data-parallel mesh (axis `"data"`) over `devices` (default: all,
     across hosts)."""
     devs = np.asarray(list(jax.devices() if devices is None else devices))
