@@ -41,7 +41,7 @@ def random_state(key, shape, dtype=jnp.float32) -> VQAttentionState:
     ks = jax.random.split(key, 5)
     count = jnp.floor(4 * jax.random.uniform(ks[0], (b, h, s))) * (
         jax.random.uniform(ks[1], (b, h, s)) > 0.3
-    )
+    ).astype(jnp.float32)
     return VQAttentionState(
         window_code=jax.random.randint(ks[2], (b, blk, h), 0, s),
         window_key=jax.random.normal(ks[4], (b, blk, h, k), dtype),
