@@ -36,7 +36,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Float, Int, PRNGKeyArray
+from jaxtyping import Array, Float, Int, Integer, PRNGKeyArray
 
 from .nn import Transformer, TransformerState
 
@@ -255,7 +255,7 @@ def _pow2_at_least(n: int) -> int:
 
 def sample(
     model: Transformer,
-    prompt: Int[Array, "*batch prompt"] | Int[np.ndarray, "*batch prompt"],
+    prompt: Integer[Array, "*batch prompt"] | Integer[np.ndarray, "*batch prompt"],
     *,
     steps: int,
     key: PRNGKeyArray,
@@ -317,7 +317,7 @@ def _concat(chunks, one_d, model, prompt) -> np.ndarray:
 
 def sample_iter(
     model: Transformer,
-    prompt: Int[Array, "*batch prompt"] | Int[np.ndarray, "*batch prompt"],
+    prompt: Integer[Array, "*batch prompt"] | Integer[np.ndarray, "*batch prompt"],
     *,
     steps: int | None,
     key: PRNGKeyArray,
@@ -363,7 +363,11 @@ def _stream(model, tokens, key, temperature, top_p, total, chunk_len, one_d):
     n_blocks = _pow2_at_least(-(-p // big_l))
     padded = np.zeros((b, n_blocks * big_l), np.int32)
     padded[:, :p] = tokens
-    carry = _prefill(model, jnp.asarray(padded), jnp.int32(p))
+    if n_blocks == 1:  # nothing to read: no compiled prefill needed
+        state = model.init_state(b)
+        carry = DecodeCarry(state, jnp.asarray(padded), jnp.int32(p - 1))
+    else:
+        carry = _prefill(model, jnp.asarray(padded), jnp.int32(p))
     temp, nucleus = jnp.float32(temperature), jnp.float32(top_p)
     done = 0
     while done < total:
