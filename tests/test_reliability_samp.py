@@ -6,6 +6,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import tvq_eqx
@@ -207,3 +208,114 @@ def test_long_generation_streams_in_bounded_chunks_and_stops_on_ctrl_c(
         sample(model, prompt, steps=10**8, key=key, chunk_len=32)
     assert isinstance(info.value, KeyboardInterrupt)
     np.testing.assert_array_equal(info.value.tokens, np.asarray(whole)[:, :32])
+
+
+# ---- the EMA codebook in hand-written optax loops -------------------------
+
+
+def _codebook_leaves(tree):
+    return [
+        x
+        for u in tree.attention_units()
+        for x in (u.quantizer.codebook_sum, u.quantizer.codebook_count)
+    ]
+
+
+def _fake_grads(params, key):
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(key, len(leaves))
+    return jax.tree.unflatten(
+        treedef,
+        [
+            jax.random.normal(k, x.shape, x.dtype)
+            for k, x in zip(keys, leaves, strict=True)
+        ],
+    )
+
+
+def test_with_ema_codebook_and_split_codebook_train_as_make_optimizer(model):
+    """The recipe written by hand around `with_ema_codebook`, and a plain optax
+    optimizer on `split_codebook`'s trainable half plus the EMA step applied
+    directly, give `make_optimizer`'s parameters (two updates); the codebook
+    moves by exactly minus its gradient (the EMA step), unclipped."""
+    from tvq_eqx import train
+
+    params = eqx.filter(model, eqx.is_inexact_array)
+    grads = [_fake_grads(params, jax.random.key(i)) for i in range(2)]
+    kw = dict(learning_rate=1e-2, warmup_steps=0, total_steps=10, weight_decay=0.0)
+    schedule = train.lr_schedule(1e-2, 0, 10)
+
+    def adam_recipe():  # make_optimizer's main chain, clip included
+        return optax.chain(
+            optax.clip_by_global_norm(0.5),
+            optax.adam(schedule, b1=0.9, b2=0.98, eps=1e-9),
+        )
+
+    @eqx.filter_jit
+    def run(opt, p):
+        state = opt.init(p)
+        for g in grads:
+            updates, state = opt.update(g, state, p)
+            p = optax.apply_updates(p, updates)
+        return p
+
+    want = run(train.make_optimizer(grad_clip=0.5, **kw), params)
+    got = run(train.with_ema_codebook(adam_recipe()), params)
+    for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+    # By hand: the plain optimizer sees only the trainable arrays.
+    trainable, codebook = train.split_codebook(params)
+    assert all(x is None for x in _codebook_leaves(trainable))
+    assert all(x is not None for x in _codebook_leaves(codebook))
+    assert len(jax.tree.leaves(codebook)) == len(_codebook_leaves(codebook))
+
+    @eqx.filter_jit
+    def by_hand(trainable, codebook):
+        plain = adam_recipe()
+        state = plain.init(trainable)
+        for g in grads:
+            g_trainable, g_codebook = train.split_codebook(g)
+            updates, state = plain.update(g_trainable, state, trainable)
+            trainable = optax.apply_updates(trainable, updates)
+            codebook = jax.tree.map(jnp.subtract, codebook, g_codebook)
+        return eqx.combine(trainable, codebook)
+
+    with jax.numpy_dtype_promotion("standard"):  # optax mixes dtypes
+        manual = by_hand(trainable, codebook)
+    for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(manual), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    # The EMA step is minus the gradient, unclipped (the gradients' global
+    # norm is far above the clip).
+    for p0, p2, g0, g1 in zip(
+        *(_codebook_leaves(t) for t in (params, got, *grads)), strict=True
+    ):
+        np.testing.assert_allclose(p2, p0 - g0 - g1, rtol=1e-6, atol=1e-6)
+
+
+def test_wrong_optimizer_compositions_are_loud(model):
+    """Chaining a whole-tree transformation before the codebook-routing
+    optimizers (which would clip the EMA step) raises and says what to do;
+    a plain optimizer behind `guard_no_codebook` refuses the codebook; a
+    non-optimizer is named."""
+    from tvq_eqx import train
+
+    params = eqx.filter(model, eqx.is_inexact_array)
+    for routed in (
+        train.make_optimizer(),
+        train.with_ema_codebook(optax.adamw(1e-3)),
+    ):
+        with pytest.raises(train.CodebookRoutingError, match="outermost") as info:
+            optax.chain(optax.clip_by_global_norm(1.0), routed)
+        assert "with_ema_codebook(optax.chain(" in str(info.value)
+        with pytest.raises(train.CodebookRoutingError, match="outermost"):
+            optax.chain(routed, optax.scale(0.5))
+        # Used as it should be, it works as an optax optimizer.
+        state = routed.init(params)
+        routed.update(_fake_grads(params, jax.random.key(0)), state, params)
+    guarded = optax.chain(train.guard_no_codebook(), optax.adamw(1e-3))
+    with pytest.raises(train.CodebookRoutingError, match="with_ema_codebook"):
+        guarded.init(params)
+    trainable, _ = train.split_codebook(params)
+    with jax.numpy_dtype_promotion("standard"):
+        guarded.init(trainable)  # the trainable half passes the guard

@@ -26,7 +26,9 @@ from ._optimizer import make_optimizer as make_optimizer
 from ._optimizer import optimizer_from_config as optimizer_from_config
 from ._optimizer import param_labels as param_labels
 from ._optimizer import per_layer as per_layer
+from ._optimizer import split_codebook as split_codebook
 from ._optimizer import weight_decay_mask as weight_decay_mask
+from ._optimizer import with_ema_codebook as with_ema_codebook
 from ._presets import OFFICIAL_LAUNCH as OFFICIAL_LAUNCH
 from ._presets import PRESETS as PRESETS
 from ._presets import from_official as from_official

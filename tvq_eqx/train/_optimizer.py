@@ -1,5 +1,22 @@
 """The optimizer: the official Transformer-VQ recipe, with the codebook routed
-to its exact EMA update and nowhere else."""
+to its exact EMA update and nowhere else.
+
+The codebook (`VectorQuantizer.codebook_sum` / `codebook_count`) is not
+trained by gradient descent: `loss_fn` gives it the "gradient"
+`theta - EMA_target`, and exactly one SGD step with learning rate 1 on it is
+the EMA update. Any other transformation of that step (Adam, clipping,
+weight decay, a schedule) silently breaks the codebook, so:
+
+- `make_optimizer` (the official recipe) and `with_ema_codebook(opt)` (any
+  optax optimizer of yours for the other arrays) route the codebook to that
+  step and everything else to the optimizer;
+- `split_codebook` splits a tree into the trainable arrays and the codebook,
+  for loops that apply the two themselves;
+- the wrong compositions are loud: `guard_no_codebook` raises if a codebook
+  array reaches the optimizer it starts, and the optimizers above refuse to
+  be put inside `optax.chain` (a transformation before them, e.g.
+  `clip_by_global_norm`, would rescale the EMA step).
+"""
 
 from __future__ import annotations
 
@@ -58,6 +75,34 @@ def _quantizer_leaves(tree: Any) -> list:
     return [x for q in quantizers for x in (q.codebook_sum, q.codebook_count)]
 
 
+def split_codebook(tree: Any) -> tuple[Any, Any]:
+    """`(trainable, codebook)`: `tree` with its codebook arrays set to None,
+    and `tree` with everything else set to None (`eqx.combine` joins them).
+
+    `tree` is a `Transformer`, its parameters
+    (`eqx.filter(model, eqx.is_inexact_array)`), gradients or updates. Use it
+    to give a plain optax optimizer only the trainable arrays, and apply the
+    codebook's gradient as the EMA step itself (`theta - grad`)::
+
+        trainable, _ = split_codebook(eqx.filter(model, eqx.is_inexact_array))
+        g_trainable, g_codebook = split_codebook(grads)
+        updates, opt_state = optimizer.update(g_trainable, opt_state, trainable)
+        model = eqx.apply_updates(model, updates)
+        model = eqx.apply_updates(model, jax.tree.map(jnp.negative, g_codebook))
+
+    `with_ema_codebook(optimizer)` does exactly this as one optax optimizer.
+    """
+    labels = param_labels(tree)
+    is_none = lambda x: x is None
+    trainable = jax.tree.map(
+        lambda x, lab: x if lab == MAIN else None, tree, labels, is_leaf=is_none
+    )
+    codebook = jax.tree.map(
+        lambda x, lab: x if lab == CODEBOOK else None, tree, labels, is_leaf=is_none
+    )
+    return trainable, codebook
+
+
 def guard_no_codebook() -> optax.GradientTransformation:
     """Identity transformation that raises `CodebookRoutingError` if any
     `VectorQuantizer` codebook array reaches it (at `init` or `update`).
@@ -72,8 +117,12 @@ def guard_no_codebook() -> optax.GradientTransformation:
             raise CodebookRoutingError(
                 f"{len(bad)} codebook array(s) (VectorQuantizer.codebook_sum/"
                 f"codebook_count) reached the main optimizer's {where}; the "
-                "codebook is updated only by its EMA rule. Build the optimizer "
-                "with tvq_eqx.train.make_optimizer (it routes them to SGD(1))."
+                "codebook is updated only by its EMA rule (its gradient is the "
+                "EMA step, which this optimizer would change). Use "
+                "tvq_eqx.train.with_ema_codebook(your_optimizer) or "
+                "tvq_eqx.train.make_optimizer (they route the codebook to its "
+                "exact EMA step), or give your optimizer only the trainable "
+                "arrays (tvq_eqx.train.split_codebook)."
             )
 
     def init_fn(params):
@@ -294,7 +343,11 @@ def make_optimizer(
       `theta - EMA_target` times `(1 - c_gamma)`, so this step is exactly the
       EMA update; no clipping, decay or schedule touches them.
 
-    Feed it `eqx.filter(model, eqx.is_array)`-shaped gradients and params.
+    Feed it `eqx.filter(model, eqx.is_inexact_array)`-shaped gradients and
+    params, unmodified: it must be the outermost transformation (inside
+    `optax.chain` it raises `CodebookRoutingError`; a clip before it would
+    rescale the EMA step). For an optimizer of your own, see
+    `with_ema_codebook`.
 
     **Arguments:** `name` (`"adamw"`, `"lion"`, `"adafactor"`),
     `learning_rate` (peak), `warmup_steps` (linear warmup from 0),
@@ -323,6 +376,71 @@ def make_optimizer(
     main.append(_base(name, schedule))
     if weight_decay > 0:
         main.append(optax.add_decayed_weights(-weight_decay, mask=weight_decay_mask))
+    return _routed(main)
+
+
+def with_ema_codebook(
+    optimizer: optax.GradientTransformation,
+) -> optax.GradientTransformation:
+    """`optimizer` for every array of the model except the codebooks, and the
+    codebooks' exact EMA step (`optax.sgd(1.0)` on their `loss_fn`
+    gradient): the safe way to train Transformer-VQ with an optax optimizer
+    of your own.
+
+    Whole-tree transformations belong *inside*, e.g.
+    `with_ema_codebook(optax.chain(optax.clip_by_global_norm(1.0),
+    optax.adamw(1e-3)))`: clipping then sees the trainable gradients only.
+    The result refuses to be put inside `optax.chain` (`CodebookRoutingError`),
+    since anything chained before it would rescale the EMA step.
+
+    `optimizer` never sees a codebook array (it is preceded by
+    `guard_no_codebook`); feed the result `eqx.filter(model,
+    eqx.is_inexact_array)`-shaped gradients and parameters, as
+    `make_optimizer`'s, which is this with the official recipe.
+    """
+    if not isinstance(optimizer, optax.GradientTransformation):
+        raise TypeError(
+            f"optimizer must be an optax.GradientTransformation; got "
+            f"{type(optimizer).__name__}"
+        )
+    return _routed([guard_no_codebook(), optimizer])
+
+
+class _Routed(optax.GradientTransformationExtraArgs):
+    """An optimizer that routes the codebook to its EMA step. `optax.chain`
+    unpacks the transformations it is given; unpacking this one raises, so
+    `optax.chain(optax.clip_by_global_norm(c), make_optimizer())` (which
+    would clip the EMA step with the gradients) is an error, not a silently
+    wrong codebook. `.init` / `.update` and indexing work as usual."""
+
+    __slots__ = ()
+
+    def __iter__(self):
+        raise CodebookRoutingError(
+            "this optimizer (tvq_eqx.train.make_optimizer / with_ema_codebook) "
+            "routes the codebook to its exact EMA step and must be the "
+            "outermost transformation: inside optax.chain, a transformation "
+            "before it (clipping, scaling) would change that step. Put "
+            "whole-tree transformations inside instead: "
+            "with_ema_codebook(optax.chain(optax.clip_by_global_norm(c), opt)), "
+            "or make_optimizer(grad_clip=c)."
+        )
+
+    # The namedtuple helpers that would iterate, by index instead.
+    def __getnewargs__(self):
+        return (self[0], self[1])
+
+    def _asdict(self) -> dict[str, Any]:
+        return {"init": self[0], "update": self[1]}
+
+    def _replace(self, **changes) -> _Routed:
+        return _Routed(changes.pop("init", self[0]), changes.pop("update", self[1]))
+
+
+def _routed(main: list[optax.GradientTransformation]) -> _Routed:
+    """The codebook to `optax.sgd(1.0)`, every other array to `chain(*main)`
+    (whose first element is `guard_no_codebook()`), under standard dtype
+    promotion."""
     return _standard_promotion(
         optax.multi_transform(
             {MAIN: optax.chain(*main), CODEBOOK: optax.sgd(1.0)},
@@ -331,9 +449,7 @@ def make_optimizer(
     )
 
 
-def _standard_promotion(
-    inner: optax.GradientTransformation,
-) -> optax.GradientTransformation:
+def _standard_promotion(inner: optax.GradientTransformation) -> _Routed:
     """`inner` run under jax's standard dtype promotion. optax mixes dtypes
     inside its updates (int32 step counts with Python floats, bfloat16 Lion
     momentum with float32 gradients), so a program that sets
@@ -343,11 +459,12 @@ def _standard_promotion(
         with jax.numpy_dtype_promotion("standard"):
             return inner.init(params)
 
-    def update_fn(updates, state, params=None):
+    def update_fn(updates, state, params=None, **extra_args):
+        del extra_args  # none of ours takes any
         with jax.numpy_dtype_promotion("standard"):
             return inner.update(updates, state, params)
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return _Routed(init_fn, update_fn)
 
 
 @functools.lru_cache(maxsize=32)
