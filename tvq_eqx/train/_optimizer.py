@@ -82,7 +82,7 @@ def split_codebook(tree: Any) -> tuple[Any, Any]:
     `tree` is a `Transformer`, its parameters
     (`eqx.filter(model, eqx.is_inexact_array)`), gradients or updates. Use it
     to give a plain optax optimizer only the trainable arrays, and apply the
-    codebook's gradient as the EMA step itself (`theta - grad`)::
+    codebook's gradient as the EMA step itself (`theta - grad`):
 
         trainable, _ = split_codebook(eqx.filter(model, eqx.is_inexact_array))
         g_trainable, g_codebook = split_codebook(grads)
