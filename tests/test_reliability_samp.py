@@ -159,7 +159,7 @@ def test_bad_sampling_argument_types_are_named(model):
     assert _check_temperature(np.float32(0.5)) == 0.5 and _check_temperature(2) == 2
     for bad in (2.0, True, "3"):
         with pytest.raises(TypeError, match="steps must be"):
-            _check_steps(bad, allow_none=False)
+            _check_steps(bad)
     for bad in (0, jax.random.split(jax.random.key(0), 2), jnp.zeros(3, jnp.uint32)):
         with pytest.raises(TypeError, match="key must be"):
             _check_key(bad)

@@ -36,6 +36,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.core import Tracer
 from jaxtyping import Array, Float, Int, Integer, PRNGKeyArray
 
 from .nn import Transformer, TransformerState
@@ -48,7 +49,7 @@ _MAX_STREAM = 2**32  # per-token keys are fold_in(key, i) with i a uint32
 
 
 def _is_tracer(x) -> bool:
-    return isinstance(x, jax.core.Tracer)
+    return isinstance(x, Tracer)
 
 
 class SampleInterrupted(KeyboardInterrupt):
@@ -223,9 +224,7 @@ def _check_prompt(model: Transformer, prompt) -> np.ndarray:
     return prompt.astype(np.int32)
 
 
-def _check_steps(steps, *, allow_none: bool) -> int | None:
-    if steps is None and allow_none:
-        return None
+def _check_steps(steps) -> int:
     if isinstance(steps, (bool, np.bool_)) or not isinstance(steps, (int, np.integer)):
         raise TypeError(f"steps must be an int >= 0; got {steps!r}")
     if steps < 0:
@@ -286,7 +285,7 @@ def sample(
     between two chunks, with the tokens generated so far in `.tokens`; use
     `sample_iter` to consume a long generation as it is produced.
     """
-    steps = _check_steps(steps, allow_none=False)
+    steps = _check_steps(steps)
     chunks: list[np.ndarray] = []
     one_d = np.ndim(prompt) == 1
     it = sample_iter(
@@ -303,12 +302,12 @@ def sample(
     except KeyboardInterrupt as interrupt:
         if isinstance(interrupt, SampleInterrupted):
             raise
-        done = _concat(chunks, one_d, model, prompt)
+        done = _concat(chunks, one_d, prompt)
         raise SampleInterrupted(done) from interrupt
-    return jnp.asarray(_concat(chunks, one_d, model, prompt))
+    return jnp.asarray(_concat(chunks, one_d, prompt))
 
 
-def _concat(chunks, one_d, model, prompt) -> np.ndarray:
+def _concat(chunks, one_d, prompt) -> np.ndarray:
     if chunks:
         return np.concatenate(chunks, axis=-1)
     b = 1 if one_d else np.shape(prompt)[0]
@@ -336,7 +335,7 @@ def sample_iter(
     (up to 2**32 tokens). Arguments are checked before the first token;
     see `sample` for them.
     """
-    steps = _check_steps(steps, allow_none=True)
+    steps = None if steps is None else _check_steps(steps)
     if (
         isinstance(chunk_len, (bool, np.bool_))
         or not isinstance(chunk_len, (int, np.integer))
