@@ -29,11 +29,13 @@ import contextlib
 import dataclasses
 import io
 import json
+import math
 import os
 import re
 import sys
 import time
 import tomllib
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
@@ -44,7 +46,8 @@ except ImportError:  # pragma: no cover (the [cli] extra)
 
 from . import train
 from ._config import ImplementationName
-from .train import CheckpointError, DataError, RunConfig
+from .train import CheckpointError, DataError, RunConfig, RunDirError
+from .train._run_config import mem_len_follows
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -59,6 +62,7 @@ EXPECTED_ERRORS: tuple[type[BaseException], ...] = (
     UsageError,
     DataError,
     CheckpointError,
+    RunDirError,
     FileNotFoundError,
 )
 
@@ -98,7 +102,9 @@ class TrainCommand:
     run_dir: str | None = None
     """Output folder (None = runs/PRESET, or runs/PRESET-N if that holds a checkpoint)."""
     resume: bool = False
-    """Continue the run folder's newest checkpoint (flags must match its settings)."""
+    """Continue the run folder's newest intact checkpoint (flags must match its settings; --steps may change, e.g. to extend a finished run)."""
+    checkpoint: int | None = None
+    """With --resume: continue from the checkpoint of this update instead of the newest intact one."""
     stop_at: int | None = None
     """Stop (and checkpoint) after this many updates; --resume continues."""
     distributed: bool = False
@@ -113,6 +119,8 @@ class EvalCommand:
 
     run_dir: str
     """Run folder holding checkpoints/."""
+    checkpoint: int | None = None
+    """The checkpoint of this update (None = the newest intact one)."""
     split: Literal["validation", "test"] = "validation"
     """Data split to evaluate."""
     eval_batches: int | None = None
@@ -137,6 +145,8 @@ class SampleCommand:
 
     run_dir: str
     """Run folder holding checkpoints/."""
+    checkpoint: int | None = None
+    """The checkpoint of this update (None = the newest intact one)."""
     prompt: str | None = None
     """Text to continue (None = a newline, or token 0 for non-byte data)."""
     sample_len: int | None = None
@@ -164,7 +174,7 @@ class BenchCommand:
     config: str | None = None
     """TOML file of RunConfig fields applied on top of the preset."""
     bench_steps: int = 5
-    """Timed train steps (after one compiling step)."""
+    """Timed train steps (after one compiling step; >= 1)."""
     sample_tokens: int = 64
     """Tokens sampled for the per-token latency (0 = skip)."""
     distributed: bool = False
@@ -255,7 +265,9 @@ def _read_config_file(path: str) -> dict[str, Any]:
 def _pre_parse(argv: list[str]) -> dict[str, Any]:
     """--preset, --config, --resume, --run-dir before the full parse (they
     choose the defaults the full parse shows and starts from)."""
-    out: dict[str, Any] = dict(preset="tiny", config=None, resume=False, run_dir=None)
+    out: dict[str, Any] = dict(
+        preset="tiny", config=None, resume=False, run_dir=None, checkpoint=None
+    )
     it = iter(range(len(argv)))
     for i in it:
         a = argv[i]
@@ -265,19 +277,55 @@ def _pre_parse(argv: list[str]) -> dict[str, Any]:
             out["resume"] = True
         elif name == "no_resume":
             out["resume"] = False
-        elif name in ("preset", "config", "run_dir"):
+        elif name in ("preset", "config", "run_dir", "checkpoint"):
             if not value:
                 if i + 1 >= len(argv):
                     continue  # tyro reports the missing value
                 value = argv[i + 1]
                 next(it, None)
             out[name] = value
+    if out["checkpoint"] is not None:
+        out["checkpoint"] = _checkpoint_step(out["checkpoint"])
     if out["preset"] not in train.PRESETS:
         raise UsageError(
             f"--preset: invalid choice {out['preset']!r} (choose from "
             f"{', '.join(sorted(train.PRESETS))})"
         )
     return out
+
+
+def _checkpoint_step(value: Any) -> int:
+    """The update number `--checkpoint` names (an int >= 0)."""
+    try:
+        step = int(value)
+    except (TypeError, ValueError):
+        step = -1
+    if step < 0:
+        raise UsageError(
+            f"--checkpoint: expected an update number (an int >= 0); got {value!r}"
+        )
+    return step
+
+
+def _load_run(run_dir: str | Path, step: int | None):
+    """`train.load_run`, its warnings (a skipped corrupt checkpoint, a lost
+    LATEST) printed as `tvq-eqx: warning: ...` lines."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", train.CheckpointWarning)
+        out = train.load_run(
+            run_dir, step=None if step is None else _checkpoint_step(step)
+        )
+    for w in caught:
+        if issubclass(w.category, train.CheckpointWarning):
+            sys.stderr.write(f"tvq-eqx: warning: {w.message}\n")
+        else:  # not ours: as if not caught
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return out
+
+
+def _check_at_least(flag: str, value: int, minimum: int) -> None:
+    if value < minimum:
+        raise UsageError(f"{flag} must be >= {minimum}; got {value}")
 
 
 def _with_config_file(run: RunConfig, path: str | None) -> RunConfig:
@@ -295,12 +343,13 @@ def _base_run(pre: dict[str, Any]) -> RunConfig:
 
 
 def _follow_mem_len(run: RunConfig, base: RunConfig, argv: list[str]) -> RunConfig:
-    """A new `--model.block-len` moves `mem_len` with it when the two were
-    equal and `--model.mem-len` was not given."""
+    """`mem_len` moved with a new `--model.block-len` (the rule:
+    `train._run_config.mem_len_follows`); tyro built the model config field
+    by field, so the rule is applied here."""
     given = any(a.split("=")[0] == "--model.mem-len" for a in argv)
-    m, b = run.model, base.model
-    if m.block_len != b.block_len and not given and b.mem_len == b.block_len:
-        return run.replace(model=dict(mem_len=m.block_len))
+    changed = run.model.block_len != base.model.block_len
+    if mem_len_follows(base.model, block_len_changed=changed, mem_len_given=given):
+        return run.replace(model=dict(mem_len=run.model.block_len))
     return run
 
 
@@ -312,18 +361,6 @@ def _parse_run_command(cls, argv: list[str], *, prog: str, base: RunConfig, **fi
     except ValueError as e:
         raise UsageError(str(e)) from None
     return dataclasses.replace(args, run=run)
-
-
-def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
-    """Dotted names of the fields where nested dicts `a` and `b` differ."""
-    out = []
-    for k in sorted(set(a) | set(b)):
-        va, vb = a.get(k), b.get(k)
-        if isinstance(va, dict) and isinstance(vb, dict):
-            out += _differences(va, vb, f"{prefix}{k}.")
-        elif va != vb:
-            out.append(prefix + k)
-    return out
 
 
 # ----------------------------------------------------------------------------
@@ -366,24 +403,6 @@ def _sample_text(model, prompt, decode, *, steps, temperature, top_p, seed):
     return decode(toks) if decode is not None else str(toks.tolist())
 
 
-def _has_checkpoint(ckpt_dir: Path) -> bool:
-    return ckpt_dir.is_dir() and train.latest_checkpoint(ckpt_dir) is not None
-
-
-def _default_run_dir(preset: str, resume: bool) -> Path:
-    """`runs/PRESET`; when that already holds a checkpoint and this is not a
-    resume, the first free `runs/PRESET-2`, `-3`, ... (so re-running the demo
-    never overwrites, and never fails)."""
-    base = Path("runs") / preset
-    if resume:
-        return base
-    candidate, i = base, 1
-    while _has_checkpoint(train.checkpoints_of(candidate)):
-        i += 1
-        candidate = base.with_name(f"{preset}-{i}")
-    return candidate
-
-
 def cmd_train(argv: list[str]) -> int:
     import equinox as eqx
     import jax
@@ -396,37 +415,48 @@ def cmd_train(argv: list[str]) -> int:
     run_dir = (
         Path(pre["run_dir"])
         if pre["run_dir"]
-        else _default_run_dir(pre["preset"], pre["resume"])
+        else train.default_run_dir(pre["preset"], resume=pre["resume"])
     )
     ckpt_dir = train.checkpoints_of(run_dir)
-    existing = _has_checkpoint(ckpt_dir)
     ts = meta = saved = None
     if pre["resume"] and not help_requested:
-        if not existing:
-            raise UsageError(f"--resume: no checkpoint in {ckpt_dir}")
-        saved, ts, meta = train.load_run(run_dir)
+        try:
+            saved, ts, meta = _load_run(run_dir, pre["checkpoint"])
+        except CheckpointError as e:
+            raise CheckpointError(f"--resume: {e}") from None
         # The checkpoint's settings are the defaults; --config and flags may
-        # only repeat them.
+        # only repeat them (or change --steps).
         base = _with_config_file(saved, pre["config"])
     else:
+        if pre["checkpoint"] is not None and not help_requested:
+            raise UsageError(
+                "--checkpoint needs --resume (it names the checkpoint to continue)"
+            )
         base = _base_run(pre)
     args = _parse_run_command(
         TrainCommand, argv, prog=prog, base=base, preset=pre["preset"]
     )
     run = args.run
+    if args.stop_at is not None:
+        _check_at_least("--stop-at", args.stop_at, 1)
     if saved is not None:
-        assert meta is not None  # loaded together with saved
-        bad = _differences(run.to_dict(), saved.to_dict())
-        if bad:
-            raise UsageError(
-                f"--resume: flags {bad} differ from the checkpoint's run config "
-                f"({meta['path']}); resume with the same settings or use a new --run-dir"
+        assert meta is not None and ts is not None  # loaded together with saved
+        train.check_resume(saved, run, meta)
+        if train.is_finished(run, meta):
+            print(
+                f"{run_dir}: the run is complete ({meta['step']} of {run.steps} "
+                f"updates, final validation done; {meta['path']}); nothing to do "
+                "(a larger --steps extends it)",
+                flush=True,
             )
-    elif existing:
-        raise UsageError(
-            f"{ckpt_dir} already holds a checkpoint; pass --resume to continue it "
-            "or choose another --run-dir (nothing was overwritten)"
-        )
+            return 0
+        if args.stop_at is not None and args.stop_at <= int(ts.step):
+            raise UsageError(
+                f"--stop-at {args.stop_at} is not after the checkpoint's update "
+                f"{int(ts.step)}"
+            )
+    else:
+        train.check_new_run_dir(run_dir)
     if args.distributed:
         jax.distributed.initialize()
 
@@ -439,10 +469,7 @@ def cmd_train(argv: list[str]) -> int:
         ts = train.new_train_state(run)
     if mesh is not None:
         ts = train.shard_train_state(ts, mesh)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "run.json").write_text(
-        json.dumps(run.to_dict(), indent=2, sort_keys=True)
-    )
+    train.start_run_dir(run_dir, run)
 
     n_params = sum(x.size for x in jax.tree.leaves(eqx.filter(ts.model, eqx.is_array)))
     start = int(ts.step)
@@ -516,16 +543,22 @@ def cmd_eval(argv: list[str]) -> int:
     import jax
 
     args = _parse(EvalCommand, argv, default=None, prog="tvq-eqx eval")
+    if args.eval_batches is not None:
+        _check_at_least("--eval-batches", args.eval_batches, 0)
+    if args.batch_size is not None:
+        _check_at_least("--batch-size", args.batch_size, 1)
     if args.distributed:
         jax.distributed.initialize()
-    run, ts, meta = train.load_run(args.run_dir)
+    run, ts, meta = _load_run(args.run_dir, args.checkpoint)
     try:
         run = run.replace(
             eval_batches=run.eval_batches
             if args.eval_batches is None
             else args.eval_batches,
             data=dict(
-                batch_size=args.batch_size or run.data.batch_size,
+                batch_size=run.data.batch_size
+                if args.batch_size is None
+                else args.batch_size,
                 path=args.data if args.data is not None else run.data.path,
             ),
         )
@@ -580,9 +613,19 @@ def cmd_sample(argv: list[str]) -> int:
     from . import data as data_lib
 
     args = _parse(SampleCommand, argv, default=None, prog="tvq-eqx sample")
+    if args.temperature is not None and not math.isfinite(args.temperature):
+        raise UsageError(
+            f"--temperature must be a finite number (<= 0 = greedy); got {args.temperature}"
+        )
+    if args.top_p is not None and not 0.0 < args.top_p <= 1.0:
+        raise UsageError(f"--top-p must be in (0, 1]; got {args.top_p}")
+    if args.sample_len is not None:
+        _check_at_least("--sample-len", args.sample_len, 0)
+    if args.seed is not None:
+        _check_at_least("--seed", args.seed, 0)
     if args.distributed:
         jax.distributed.initialize()
-    run, ts, meta = train.load_run(args.run_dir)
+    run, ts, meta = _load_run(args.run_dir, args.checkpoint)
     given = dict(
         sample_len=args.sample_len,
         temperature=args.temperature,
@@ -640,6 +683,8 @@ def cmd_bench(argv: list[str]) -> int:
         BenchCommand, argv, prog="tvq-eqx bench", base=_base_run(pre),
         preset=pre["preset"],
     )  # fmt: skip
+    _check_at_least("--bench-steps", args.bench_steps, 1)
+    _check_at_least("--sample-tokens", args.sample_tokens, 0)
     if args.distributed:
         jax.distributed.initialize()
     run = args.run
@@ -665,7 +710,7 @@ def cmd_bench(argv: list[str]) -> int:
     for _ in range(args.bench_steps):
         ts, m = step_fn(ts, batch)
     jax.block_until_ready(m)
-    dt = (time.perf_counter() - t0) / max(args.bench_steps, 1)
+    dt = (time.perf_counter() - t0) / args.bench_steps
     res: dict[str, Any] = dict(
         preset=args.preset,
         device=str(jax.devices()[0].platform),
