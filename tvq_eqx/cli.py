@@ -407,7 +407,12 @@ def cmd_train(argv: list[str]) -> int:
     import equinox as eqx
     import jax
 
-    from .train._callbacks import JSONLLogger, ProgressBar, plot_curves
+    from .train._callbacks import (
+        JSONLLogger,
+        ProgressBar,
+        RunFolderWriter,
+        plot_curves,
+    )
 
     prog = "tvq-eqx train"
     pre = _pre_parse(argv)
@@ -469,7 +474,6 @@ def cmd_train(argv: list[str]) -> int:
         ts = train.new_train_state(run)
     if mesh is not None:
         ts = train.shard_train_state(ts, mesh)
-    train.start_run_dir(run_dir, run)
 
     n_params = sum(x.size for x in jax.tree.leaves(eqx.filter(ts.model, eqx.is_array)))
     start = int(ts.step)
@@ -491,6 +495,7 @@ def cmd_train(argv: list[str]) -> int:
         checkpoint_meta=dict(preset=args.preset),
         stop_at=args.stop_at,
         callbacks=[
+            RunFolderWriter(run_dir, run),  # run.json once the first update ran
             JSONLLogger(metrics_path, resume_step=start if args.resume else None),
             ProgressBar(unit_name=unit, disable=not args.progress),
         ],
