@@ -1,9 +1,9 @@
 """`python -m tvq_eqx` / `tvq-eqx`: train, eval, sample, bench.
 
 ```
-tvq-eqx train  [--preset tiny] [--config run.toml] [--run-dir DIR] [--resume] [--FIELD VALUE ...]
-tvq-eqx eval   --run-dir DIR [--split validation|test] [--eval-batches N]
-tvq-eqx sample --run-dir DIR [--prompt TEXT] [--sample-len N] [--temperature T] [--top-p P]
+tvq-eqx train  [--preset tiny] [--config run.toml] [--run-dir DIR] [--resume [--checkpoint STEP]] [--FIELD VALUE ...]
+tvq-eqx eval   --run-dir DIR [--checkpoint STEP] [--split validation|test] [--eval-batches N]
+tvq-eqx sample --run-dir DIR [--checkpoint STEP] [--prompt TEXT] [--sample-len N] [--temperature T] [--top-p P]
 tvq-eqx bench  [--preset tiny] [--bench-steps N] [--FIELD VALUE ...]
 ```
 
@@ -22,7 +22,10 @@ ends with one `tvq-eqx: error: ...` line on stderr and exit code 2, before
 anything is written; anything else is a bug or a resource problem (out of
 memory) and keeps its traceback (`TVQ_EQX_DEBUG=1` shows tracebacks for all).
 Ctrl-C during training checkpoints the last completed step and exits 130;
-`--resume` continues from it. See docs/training.md.
+`--resume` continues from it. Loading a run falls back from a corrupt newest
+checkpoint to the newest intact one (a warning line names the skipped one);
+a fresh `train` never writes into a folder with checkpoints. The run-folder
+policy lives in `tvq_eqx.train._runs`. See docs/training.md.
 """
 
 import contextlib
