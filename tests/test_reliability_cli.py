@@ -3,7 +3,9 @@ checkpoint fallback and flag checks. One micro run (checkpoints at updates 2
 and 4) is trained once; the tests copy it."""
 
 import json
+import os
 import shutil
+import signal
 
 import pytest
 from test_cli import MICRO
@@ -222,3 +224,35 @@ def test_bad_flags_one_line_exit_2_nothing_written(
     assert message in _error_line(capsys)
     assert not new.exists()
     assert a_file.read_text() == "not a folder"
+
+
+def test_ctrl_c_during_a_huge_sample_exits_130_keeping_the_text(
+    two_checkpoints, monkeypatch, capsys
+):
+    # 10^8 tokens are accepted (streamed in chunks, memory bounded); a Ctrl-C
+    # after the first chunk stops it, exit 130, what was printed stays.
+    from tvq_eqx import sampling
+
+    real = sampling.sample_iter
+    asked = []
+
+    def ctrl_c_after_one_chunk(*args, **kwargs):
+        asked.append(kwargs["steps"])
+        chunks = real(*args, **kwargs, chunk_len=16)
+        yield next(chunks)
+        os.kill(os.getpid(), signal.SIGINT)
+        yield from chunks
+
+    monkeypatch.setattr(sampling, "sample_iter", ctrl_c_after_one_chunk)
+    capsys.readouterr()
+    code = main(["sample", "--run-dir", str(two_checkpoints), "--prompt", "x" * 16,
+                 "--sample-len", "100000000", "--temperature", "0"])  # fmt: skip
+    out, err = capsys.readouterr()
+    assert code == 130 and asked == [100_000_000]
+    assert "interrupted after 16 of 100000000 tokens" in err
+    assert out.startswith("x" * 16) and len(out) > 16 + 1
+    # The same 16 tokens as a plain greedy sample of 16.
+    monkeypatch.setattr(sampling, "sample_iter", real)
+    assert main(["sample", "--run-dir", str(two_checkpoints), "--prompt", "x" * 16,
+                 "--sample-len", "16", "--temperature", "0"]) == 0  # fmt: skip
+    assert capsys.readouterr().out == out

@@ -28,6 +28,7 @@ a fresh `train` never writes into a folder with checkpoints. The run-folder
 policy lives in `tvq_eqx.train._runs`. See docs/training.md.
 """
 
+import codecs
 import contextlib
 import dataclasses
 import io
@@ -153,7 +154,7 @@ class SampleCommand:
     prompt: str | None = None
     """Text to continue (None = a newline, or token 0 for non-byte data)."""
     sample_len: int | None = None
-    """Tokens to generate (None = the run's)."""
+    """Tokens to generate, printed as they come in chunks (memory stays bounded; at most 2**32; Ctrl-C stops, keeping what was printed; None = the run's)."""
     temperature: float | None = None
     """Softmax temperature, <= 0 = greedy (None = the run's)."""
     top_p: float | None = None
@@ -387,23 +388,66 @@ def _unit(run: RunConfig) -> str:
     return "bits per byte" if run.model.n_vocab == 256 else "bits per token"
 
 
-def _sample_text(model, prompt, decode, *, steps, temperature, top_p, seed):
+class _TokenPrinter:
+    """Prints generated tokens to stdout as they come, chunk by chunk: byte
+    tokens through an incremental UTF-8 decoder (a character split between
+    two chunks prints whole; invalid bytes as U+FFFD, as `decode_bytes`),
+    other text with the run's decoder per chunk, non-text as ids."""
+
+    def __init__(self, decode, *, byte_level: bool):
+        self.decode = decode
+        self.count = 0
+        self._utf8 = (
+            codecs.getincrementaldecoder("utf-8")("replace") if byte_level else None
+        )
+
+    def write(self, tokens) -> None:
+        import numpy as np
+
+        toks = np.asarray(tokens).reshape(-1)
+        if self._utf8 is not None:
+            raw = np.where(toks < 256, toks, 0xFF).astype(np.uint8).tobytes()
+            text = self._utf8.decode(raw)
+        elif self.decode is not None:
+            text = self.decode(toks)
+        else:
+            text = "".join(f"{int(t)} " for t in toks)
+        self.count += toks.size
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    def close(self) -> None:
+        tail = self._utf8.decode(b"", final=True) if self._utf8 is not None else ""
+        sys.stdout.write(tail + "\n")
+        sys.stdout.flush()
+
+
+def _print_sample(model, prompt, printer: _TokenPrinter, *, steps, temperature,
+                  top_p, seed) -> None:  # fmt: skip
+    """Generate `steps` tokens after `prompt` and print them as they come
+    (`sampling.sample_iter`: memory bounded by one chunk, Ctrl-C stops
+    between two chunks with what was printed kept)."""
     import jax
     import numpy as np
 
-    from .sampling import sample
+    from . import sampling
 
-    toks = np.asarray(
-        sample(
+    try:
+        chunks = sampling.sample_iter(
             model,
             np.asarray(prompt, np.int32),
             steps=steps,
             key=jax.random.key(seed),
-            temperature=temperature,
+            temperature=max(temperature, 0.0),  # the run's "<= 0 = greedy"
             top_p=top_p,
         )
-    )
-    return decode(toks) if decode is not None else str(toks.tolist())
+    except ValueError as e:  # what the sampler rejects (a length past 2**32)
+        raise UsageError(str(e)) from None
+    try:
+        for chunk in chunks:
+            printer.write(chunk)
+    finally:
+        printer.close()
 
 
 def cmd_train(argv: list[str]) -> int:
@@ -531,18 +575,18 @@ def cmd_train(argv: list[str]) -> int:
 
         valid = data.splits["validation"]
         prompt = np.asarray(valid[: min(len(valid), run.model.block_len)], np.int32)
-        text = _sample_text(
+        print("sample (prompt from validation text, then generated):")
+        print("-" * 60)
+        print(data.decode(prompt) + "\u2502", end="", flush=True)
+        _print_sample(
             result.train_state.model,
             prompt,
-            data.decode,
+            _TokenPrinter(data.decode, byte_level=run.data.kind == "bytes"),
             steps=run.sample_len,
             temperature=run.temperature,
             top_p=run.top_p,
             seed=run.seed,
         )
-        print("sample (prompt from validation text, then generated):")
-        print("-" * 60)
-        print(data.decode(prompt) + "\u2502" + text)
         print("-" * 60)
     return 0
 
@@ -662,19 +706,27 @@ def cmd_sample(argv: list[str]) -> int:
     else:
         prompt = np.zeros(1, np.int32)
     t0 = time.perf_counter()
-    out = _sample_text(
-        ts.model,
-        prompt,
-        decode,
-        steps=run.sample_len,
-        temperature=run.temperature,
-        top_p=run.top_p,
-        seed=run.seed,
-    )
+    printer = _TokenPrinter(decode, byte_level=run.data.kind == "bytes")
+    sys.stdout.write(decode(prompt) if decode else "")
+    try:
+        _print_sample(
+            ts.model,
+            prompt,
+            printer,
+            steps=run.sample_len,
+            temperature=run.temperature,
+            top_p=run.top_p,
+            seed=run.seed,
+        )
+    except KeyboardInterrupt:
+        sys.stderr.write(
+            f"tvq-eqx: interrupted after {printer.count} of {run.sample_len} "
+            "tokens (those are printed above)\n"
+        )
+        return EXIT_INTERRUPTED
     dt = time.perf_counter() - t0
-    print((decode(prompt) if decode else "") + out)
     print(
-        f"[{run.sample_len} tokens in {dt:.2f} s incl. compile; step {meta['step']}]",
+        f"[{printer.count} tokens in {dt:.2f} s incl. compile; step {meta['step']}]",
         file=sys.stderr,
     )
     return 0
