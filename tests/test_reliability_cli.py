@@ -203,6 +203,13 @@ def a_file(tmp_path):
         (["train", "--run-dir", "{new}", "--checkpoint", "2"], "--checkpoint needs --resume"),
         (["train", "--run-dir", "{new}", "--resume"], "--resume: no checkpoints"),
         (["train", "--run-dir", "{new}", "--data.path", "{new}/none.txt"], "does not exist"),
+        (["train", "--run-dir", "{new}", "--data.path", "{empty}"], "contains no non-empty files"),
+        (["train", "--run-dir", "{new}", "--data.kind", "images"], "needs a data path"),
+        (["train", "--run-dir", "{new}", "--config", "{empty}"], "is a folder, not a file"),
+        (["train", "--run-dir", "{new}", "--model.n-layer", "0"], "n_layer must be a positive int"),
+        (["train", "--run-dir", "{new}", "--optimizer.learning-rate", "nan"], "learning_rate must be > 0"),
+        (["train", "--run-dir", "{new}", "--keep", "0"], "keep must be a positive int"),
+        (["train", "--run-dir", "{new}", "--context-len", "7"], "context_len=7 must be a multiple"),
         (["eval", "--run-dir", "{file}"], "is a file, not a folder"),
         (["eval", "--run-dir", "{new}"], "no checkpoints in"),
         (["eval", "--run-dir", "{new}", "--eval-batches", "-1"], "--eval-batches must be >= 0"),
@@ -218,8 +225,9 @@ def a_file(tmp_path):
 def test_bad_flags_one_line_exit_2_nothing_written(
     argv, message, tmp_path, a_file, capsys
 ):
-    new = tmp_path / "new"
-    argv = [a.format(file=a_file, new=new) for a in argv]
+    new, empty = tmp_path / "new", tmp_path / "empty"
+    empty.mkdir()
+    argv = [a.format(file=a_file, new=new, empty=empty) for a in argv]
     assert main(argv) == 2
     assert message in _error_line(capsys)
     assert not new.exists()
@@ -256,3 +264,24 @@ def test_ctrl_c_during_a_huge_sample_exits_130_keeping_the_text(
     assert main(["sample", "--run-dir", str(two_checkpoints), "--prompt", "x" * 16,
                  "--sample-len", "16", "--temperature", "0"]) == 0  # fmt: skip
     assert capsys.readouterr().out == out
+
+
+def test_distributed_without_a_coordinator_is_one_line(tmp_path, monkeypatch, capsys):
+    # What jax.distributed.initialize() raises without its settings (stubbed:
+    # on a cluster machine the real one would try to connect).
+    import jax
+
+    def no_coordinator(*args, **kwargs):
+        raise ValueError("coordinator_address should be defined.")
+
+    monkeypatch.setattr(jax.distributed, "initialize", no_coordinator)
+    for argv in (
+        ["train", "--run-dir", str(tmp_path / "run"), *MICRO, "--distributed"],
+        ["bench", "--distributed"],
+        ["eval", "--run-dir", str(tmp_path / "run"), "--distributed"],
+    ):
+        assert main(argv) == 2
+        assert "--distributed: coordinator_address should be defined" in _error_line(
+            capsys
+        )
+    assert not (tmp_path / "run").exists()

@@ -252,6 +252,8 @@ def _read_config_file(path: str) -> dict[str, Any]:
     (TOML has no null)."""
     p = Path(path)
     if not p.is_file():
+        if p.is_dir():
+            raise FileNotFoundError(f"--config: {path!r} is a folder, not a file")
         raise FileNotFoundError(f"--config: no such file {path!r}")
     try:
         raw = tomllib.loads(p.read_text())
@@ -369,6 +371,20 @@ def _parse_run_command(cls, argv: list[str], *, prog: str, base: RunConfig, **fi
 
 # ----------------------------------------------------------------------------
 # Commands
+
+
+def _init_distributed() -> None:
+    """`jax.distributed.initialize()`; a missing coordinator setting is a
+    usage error (one line), a failure to connect keeps its traceback."""
+    import jax
+
+    try:
+        jax.distributed.initialize()
+    except ValueError as e:
+        raise UsageError(
+            f"--distributed: {e} (run under SLURM / Cloud TPU, or set "
+            "JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID)"
+        ) from None
 
 
 def _mesh_or_none(batch_size: int):
@@ -510,7 +526,7 @@ def cmd_train(argv: list[str]) -> int:
     else:
         train.check_new_run_dir(run_dir)
     if args.distributed:
-        jax.distributed.initialize()
+        _init_distributed()
 
     # Everything that can fail on bad input happens before anything is written.
     data = train.load_run_data(run)
@@ -600,7 +616,7 @@ def cmd_eval(argv: list[str]) -> int:
     if args.batch_size is not None:
         _check_at_least("--batch-size", args.batch_size, 1)
     if args.distributed:
-        jax.distributed.initialize()
+        _init_distributed()
     run, ts, meta = _load_run(args.run_dir, args.checkpoint)
     try:
         run = run.replace(
@@ -659,7 +675,6 @@ def cmd_eval(argv: list[str]) -> int:
 
 
 def cmd_sample(argv: list[str]) -> int:
-    import jax
     import numpy as np
 
     from . import data as data_lib
@@ -676,7 +691,7 @@ def cmd_sample(argv: list[str]) -> int:
     if args.seed is not None:
         _check_at_least("--seed", args.seed, 0)
     if args.distributed:
-        jax.distributed.initialize()
+        _init_distributed()
     run, ts, meta = _load_run(args.run_dir, args.checkpoint)
     given = dict(
         sample_len=args.sample_len,
@@ -746,7 +761,7 @@ def cmd_bench(argv: list[str]) -> int:
     _check_at_least("--bench-steps", args.bench_steps, 1)
     _check_at_least("--sample-tokens", args.sample_tokens, 0)
     if args.distributed:
-        jax.distributed.initialize()
+        _init_distributed()
     run = args.run
     b, t = run.data.batch_size, run.data.seq_len
     mesh = _mesh_or_none(b)
