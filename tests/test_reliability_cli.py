@@ -285,3 +285,31 @@ def test_distributed_without_a_coordinator_is_one_line(tmp_path, monkeypatch, ca
             capsys
         )
     assert not (tmp_path / "run").exists()
+
+
+def test_streamed_text_equals_one_whole_decode(capsys):
+    # Chunk boundaries change nothing: a UTF-8 character split between two
+    # chunks, and a sentencepiece-like decoder that drops the text's first
+    # space.
+    import numpy as np
+
+    from tvq_eqx.cli import _TokenPrinter
+    from tvq_eqx.data import decode_bytes, encode_bytes
+
+    toks = encode_bytes("héllo wörld ✓")
+    printer = _TokenPrinter(decode_bytes, byte_level=True)
+    for i in range(0, len(toks), 3):
+        printer.write(toks[i : i + 3])
+    printer.close()
+    assert capsys.readouterr().out == "héllo wörld ✓\n"
+
+    pieces = [" a", " b", "c", " d"]
+
+    def decode(ids):
+        return "".join(pieces[int(t)] for t in ids).lstrip(" ")
+
+    printer = _TokenPrinter(decode, byte_level=False)
+    for t in [0, 1, 2, 3]:
+        printer.write(np.asarray([t]))
+    printer.close()
+    assert capsys.readouterr().out == decode([0, 1, 2, 3]) + "\n" == "a bc d\n"

@@ -411,8 +411,11 @@ class _TokenPrinter:
     other text with the run's decoder per chunk, non-text as ids."""
 
     def __init__(self, decode, *, byte_level: bool):
+        import numpy as np
+
         self.decode = decode
         self.count = 0
+        self._tail = np.zeros(0, np.int32)
         self._utf8 = (
             codecs.getincrementaldecoder("utf-8")("replace") if byte_level else None
         )
@@ -425,7 +428,13 @@ class _TokenPrinter:
             raw = np.where(toks < 256, toks, 0xFF).astype(np.uint8).tobytes()
             text = self._utf8.decode(raw)
         elif self.decode is not None:
-            text = self.decode(toks)
+            # Decoded with the tokens before it, so that a piece whose text
+            # depends on what precedes it (sentencepiece drops the space of
+            # a text's first word) prints as in one whole decode.
+            before = self.decode(self._tail)
+            text = self.decode(np.concatenate([self._tail, toks]))
+            text = text[len(before) :] if text.startswith(before) else text
+            self._tail = np.concatenate([self._tail, toks])[-8:]
         else:
             text = "".join(f"{int(t)} " for t in toks)
         self.count += toks.size
