@@ -1,9 +1,9 @@
 """`python -m tvq_eqx` / `tvq-eqx`: train, eval, sample, bench.
 
 ```
-tvq-eqx train  [--preset tiny] [--config run.toml] [--run-dir DIR] [--resume] [--FIELD VALUE ...]
-tvq-eqx eval   --run-dir DIR [--split validation|test] [--eval-batches N]
-tvq-eqx sample --run-dir DIR [--prompt TEXT] [--sample-len N] [--temperature T] [--top-p P]
+tvq-eqx train  [--preset tiny] [--config run.toml] [--run-dir DIR] [--resume [--checkpoint STEP]] [--FIELD VALUE ...]
+tvq-eqx eval   --run-dir DIR [--checkpoint STEP] [--split validation|test] [--eval-batches N]
+tvq-eqx sample --run-dir DIR [--checkpoint STEP] [--prompt TEXT] [--sample-len N] [--temperature T] [--top-p P]
 tvq-eqx bench  [--preset tiny] [--bench-steps N] [--FIELD VALUE ...]
 ```
 
@@ -22,18 +22,24 @@ ends with one `tvq-eqx: error: ...` line on stderr and exit code 2, before
 anything is written; anything else is a bug or a resource problem (out of
 memory) and keeps its traceback (`TVQ_EQX_DEBUG=1` shows tracebacks for all).
 Ctrl-C during training checkpoints the last completed step and exits 130;
-`--resume` continues from it. See docs/training.md.
+`--resume` continues from it. Loading a run falls back from a corrupt newest
+checkpoint to the newest intact one (a warning line names the skipped one);
+a fresh `train` never writes into a folder with checkpoints. The run-folder
+policy lives in `tvq_eqx.train._runs`. See docs/training.md.
 """
 
+import codecs
 import contextlib
 import dataclasses
 import io
 import json
+import math
 import os
 import re
 import sys
 import time
 import tomllib
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
@@ -44,7 +50,8 @@ except ImportError:  # pragma: no cover (the [cli] extra)
 
 from . import train
 from ._config import ImplementationName
-from .train import CheckpointError, DataError, RunConfig
+from .train import CheckpointError, DataError, RunConfig, RunDirError
+from .train._run_config import mem_len_follows
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -59,6 +66,7 @@ EXPECTED_ERRORS: tuple[type[BaseException], ...] = (
     UsageError,
     DataError,
     CheckpointError,
+    RunDirError,
     FileNotFoundError,
 )
 
@@ -98,7 +106,9 @@ class TrainCommand:
     run_dir: str | None = None
     """Output folder (None = runs/PRESET, or runs/PRESET-N if that holds a checkpoint)."""
     resume: bool = False
-    """Continue the run folder's newest checkpoint (flags must match its settings)."""
+    """Continue the run folder's newest intact checkpoint (flags must match its settings; --steps may change, e.g. to extend a finished run)."""
+    checkpoint: int | None = None
+    """With --resume: continue from the checkpoint of this update instead of the newest intact one."""
     stop_at: int | None = None
     """Stop (and checkpoint) after this many updates; --resume continues."""
     distributed: bool = False
@@ -113,6 +123,8 @@ class EvalCommand:
 
     run_dir: str
     """Run folder holding checkpoints/."""
+    checkpoint: int | None = None
+    """The checkpoint of this update (None = the newest intact one)."""
     split: Literal["validation", "test"] = "validation"
     """Data split to evaluate."""
     eval_batches: int | None = None
@@ -137,10 +149,12 @@ class SampleCommand:
 
     run_dir: str
     """Run folder holding checkpoints/."""
+    checkpoint: int | None = None
+    """The checkpoint of this update (None = the newest intact one)."""
     prompt: str | None = None
     """Text to continue (None = a newline, or token 0 for non-byte data)."""
     sample_len: int | None = None
-    """Tokens to generate (None = the run's)."""
+    """Tokens to generate, printed as they come in chunks (memory stays bounded; at most 2**32; Ctrl-C stops, keeping what was printed; None = the run's)."""
     temperature: float | None = None
     """Softmax temperature, <= 0 = greedy (None = the run's)."""
     top_p: float | None = None
@@ -164,7 +178,7 @@ class BenchCommand:
     config: str | None = None
     """TOML file of RunConfig fields applied on top of the preset."""
     bench_steps: int = 5
-    """Timed train steps (after one compiling step)."""
+    """Timed train steps (after one compiling step; >= 1)."""
     sample_tokens: int = 64
     """Tokens sampled for the per-token latency (0 = skip)."""
     distributed: bool = False
@@ -238,6 +252,8 @@ def _read_config_file(path: str) -> dict[str, Any]:
     (TOML has no null)."""
     p = Path(path)
     if not p.is_file():
+        if p.is_dir():
+            raise FileNotFoundError(f"--config: {path!r} is a folder, not a file")
         raise FileNotFoundError(f"--config: no such file {path!r}")
     try:
         raw = tomllib.loads(p.read_text())
@@ -255,7 +271,9 @@ def _read_config_file(path: str) -> dict[str, Any]:
 def _pre_parse(argv: list[str]) -> dict[str, Any]:
     """--preset, --config, --resume, --run-dir before the full parse (they
     choose the defaults the full parse shows and starts from)."""
-    out: dict[str, Any] = dict(preset="tiny", config=None, resume=False, run_dir=None)
+    out: dict[str, Any] = dict(
+        preset="tiny", config=None, resume=False, run_dir=None, checkpoint=None
+    )
     it = iter(range(len(argv)))
     for i in it:
         a = argv[i]
@@ -265,19 +283,55 @@ def _pre_parse(argv: list[str]) -> dict[str, Any]:
             out["resume"] = True
         elif name == "no_resume":
             out["resume"] = False
-        elif name in ("preset", "config", "run_dir"):
+        elif name in ("preset", "config", "run_dir", "checkpoint"):
             if not value:
                 if i + 1 >= len(argv):
                     continue  # tyro reports the missing value
                 value = argv[i + 1]
                 next(it, None)
             out[name] = value
+    if out["checkpoint"] is not None:
+        out["checkpoint"] = _checkpoint_step(out["checkpoint"])
     if out["preset"] not in train.PRESETS:
         raise UsageError(
             f"--preset: invalid choice {out['preset']!r} (choose from "
             f"{', '.join(sorted(train.PRESETS))})"
         )
     return out
+
+
+def _checkpoint_step(value: Any) -> int:
+    """The update number `--checkpoint` names (an int >= 0)."""
+    try:
+        step = int(value)
+    except (TypeError, ValueError):
+        step = -1
+    if step < 0:
+        raise UsageError(
+            f"--checkpoint: expected an update number (an int >= 0); got {value!r}"
+        )
+    return step
+
+
+def _load_run(run_dir: str | Path, step: int | None):
+    """`train.load_run`, its warnings (a skipped corrupt checkpoint, a lost
+    LATEST) printed as `tvq-eqx: warning: ...` lines."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", train.CheckpointWarning)
+        out = train.load_run(
+            run_dir, step=None if step is None else _checkpoint_step(step)
+        )
+    for w in caught:
+        if issubclass(w.category, train.CheckpointWarning):
+            sys.stderr.write(f"tvq-eqx: warning: {w.message}\n")
+        else:  # not ours: as if not caught
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return out
+
+
+def _check_at_least(flag: str, value: int, minimum: int) -> None:
+    if value < minimum:
+        raise UsageError(f"{flag} must be >= {minimum}; got {value}")
 
 
 def _with_config_file(run: RunConfig, path: str | None) -> RunConfig:
@@ -295,12 +349,13 @@ def _base_run(pre: dict[str, Any]) -> RunConfig:
 
 
 def _follow_mem_len(run: RunConfig, base: RunConfig, argv: list[str]) -> RunConfig:
-    """A new `--model.block-len` moves `mem_len` with it when the two were
-    equal and `--model.mem-len` was not given."""
+    """`mem_len` moved with a new `--model.block-len` (the rule:
+    `train._run_config.mem_len_follows`); tyro built the model config field
+    by field, so the rule is applied here."""
     given = any(a.split("=")[0] == "--model.mem-len" for a in argv)
-    m, b = run.model, base.model
-    if m.block_len != b.block_len and not given and b.mem_len == b.block_len:
-        return run.replace(model=dict(mem_len=m.block_len))
+    changed = run.model.block_len != base.model.block_len
+    if mem_len_follows(base.model, block_len_changed=changed, mem_len_given=given):
+        return run.replace(model=dict(mem_len=run.model.block_len))
     return run
 
 
@@ -314,20 +369,22 @@ def _parse_run_command(cls, argv: list[str], *, prog: str, base: RunConfig, **fi
     return dataclasses.replace(args, run=run)
 
 
-def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
-    """Dotted names of the fields where nested dicts `a` and `b` differ."""
-    out = []
-    for k in sorted(set(a) | set(b)):
-        va, vb = a.get(k), b.get(k)
-        if isinstance(va, dict) and isinstance(vb, dict):
-            out += _differences(va, vb, f"{prefix}{k}.")
-        elif va != vb:
-            out.append(prefix + k)
-    return out
-
-
 # ----------------------------------------------------------------------------
 # Commands
+
+
+def _init_distributed() -> None:
+    """`jax.distributed.initialize()`; a missing coordinator setting is a
+    usage error (one line), a failure to connect keeps its traceback."""
+    import jax
+
+    try:
+        jax.distributed.initialize()
+    except ValueError as e:
+        raise UsageError(
+            f"--distributed: {e} (run under SLURM / Cloud TPU, or set "
+            "JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID)"
+        ) from None
 
 
 def _mesh_or_none(batch_size: int):
@@ -347,48 +404,87 @@ def _unit(run: RunConfig) -> str:
     return "bits per byte" if run.model.n_vocab == 256 else "bits per token"
 
 
-def _sample_text(model, prompt, decode, *, steps, temperature, top_p, seed):
+class _TokenPrinter:
+    """Prints generated tokens to stdout as they come, chunk by chunk: byte
+    tokens through an incremental UTF-8 decoder (a character split between
+    two chunks prints whole; invalid bytes as U+FFFD, as `decode_bytes`),
+    other text with the run's decoder per chunk, non-text as ids."""
+
+    def __init__(self, decode, *, byte_level: bool):
+        import numpy as np
+
+        self.decode = decode
+        self.count = 0
+        self._tail = np.zeros(0, np.int32)
+        self._utf8 = (
+            codecs.getincrementaldecoder("utf-8")("replace") if byte_level else None
+        )
+
+    def write(self, tokens) -> None:
+        import numpy as np
+
+        toks = np.asarray(tokens).reshape(-1)
+        if self._utf8 is not None:
+            raw = np.where(toks < 256, toks, 0xFF).astype(np.uint8).tobytes()
+            text = self._utf8.decode(raw)
+        elif self.decode is not None:
+            # Decoded with the tokens before it, so that a piece whose text
+            # depends on what precedes it (sentencepiece drops the space of
+            # a text's first word) prints as in one whole decode.
+            before = self.decode(self._tail)
+            text = self.decode(np.concatenate([self._tail, toks]))
+            text = text[len(before) :] if text.startswith(before) else text
+            self._tail = np.concatenate([self._tail, toks])[-8:]
+        else:
+            text = "".join(f"{int(t)} " for t in toks)
+        self.count += toks.size
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    def close(self) -> None:
+        tail = self._utf8.decode(b"", final=True) if self._utf8 is not None else ""
+        sys.stdout.write(tail + "\n")
+        sys.stdout.flush()
+
+
+def _print_sample(model, prompt, printer: _TokenPrinter, *, steps, temperature,
+                  top_p, seed) -> None:  # fmt: skip
+    """Generate `steps` tokens after `prompt` and print them as they come
+    (`sampling.sample_iter`: memory bounded by one chunk, Ctrl-C stops
+    between two chunks with what was printed kept)."""
     import jax
     import numpy as np
 
-    from .sampling import sample
+    from . import sampling
 
-    toks = np.asarray(
-        sample(
+    try:
+        chunks = sampling.sample_iter(
             model,
             np.asarray(prompt, np.int32),
             steps=steps,
             key=jax.random.key(seed),
-            temperature=temperature,
+            temperature=max(temperature, 0.0),  # the run's "<= 0 = greedy"
             top_p=top_p,
         )
-    )
-    return decode(toks) if decode is not None else str(toks.tolist())
-
-
-def _has_checkpoint(ckpt_dir: Path) -> bool:
-    return ckpt_dir.is_dir() and train.latest_checkpoint(ckpt_dir) is not None
-
-
-def _default_run_dir(preset: str, resume: bool) -> Path:
-    """`runs/PRESET`; when that already holds a checkpoint and this is not a
-    resume, the first free `runs/PRESET-2`, `-3`, ... (so re-running the demo
-    never overwrites, and never fails)."""
-    base = Path("runs") / preset
-    if resume:
-        return base
-    candidate, i = base, 1
-    while _has_checkpoint(train.checkpoints_of(candidate)):
-        i += 1
-        candidate = base.with_name(f"{preset}-{i}")
-    return candidate
+    except ValueError as e:  # what the sampler rejects (a length past 2**32)
+        raise UsageError(str(e)) from None
+    try:
+        for chunk in chunks:
+            printer.write(chunk)
+    finally:
+        printer.close()
 
 
 def cmd_train(argv: list[str]) -> int:
     import equinox as eqx
     import jax
 
-    from .train._callbacks import JSONLLogger, ProgressBar, plot_curves
+    from .train._callbacks import (
+        JSONLLogger,
+        ProgressBar,
+        RunFolderWriter,
+        plot_curves,
+    )
 
     prog = "tvq-eqx train"
     pre = _pre_parse(argv)
@@ -396,39 +492,50 @@ def cmd_train(argv: list[str]) -> int:
     run_dir = (
         Path(pre["run_dir"])
         if pre["run_dir"]
-        else _default_run_dir(pre["preset"], pre["resume"])
+        else train.default_run_dir(pre["preset"], resume=pre["resume"])
     )
     ckpt_dir = train.checkpoints_of(run_dir)
-    existing = _has_checkpoint(ckpt_dir)
     ts = meta = saved = None
     if pre["resume"] and not help_requested:
-        if not existing:
-            raise UsageError(f"--resume: no checkpoint in {ckpt_dir}")
-        saved, ts, meta = train.load_run(run_dir)
+        try:
+            saved, ts, meta = _load_run(run_dir, pre["checkpoint"])
+        except CheckpointError as e:
+            raise CheckpointError(f"--resume: {e}") from None
         # The checkpoint's settings are the defaults; --config and flags may
-        # only repeat them.
+        # only repeat them (or change --steps).
         base = _with_config_file(saved, pre["config"])
     else:
+        if pre["checkpoint"] is not None and not help_requested:
+            raise UsageError(
+                "--checkpoint needs --resume (it names the checkpoint to continue)"
+            )
         base = _base_run(pre)
     args = _parse_run_command(
         TrainCommand, argv, prog=prog, base=base, preset=pre["preset"]
     )
     run = args.run
+    if args.stop_at is not None:
+        _check_at_least("--stop-at", args.stop_at, 1)
     if saved is not None:
-        assert meta is not None  # loaded together with saved
-        bad = _differences(run.to_dict(), saved.to_dict())
-        if bad:
-            raise UsageError(
-                f"--resume: flags {bad} differ from the checkpoint's run config "
-                f"({meta['path']}); resume with the same settings or use a new --run-dir"
+        assert meta is not None and ts is not None  # loaded together with saved
+        train.check_resume(saved, run, meta)
+        if train.is_finished(run, meta):
+            print(
+                f"{run_dir}: the run is complete ({meta['step']} of {run.steps} "
+                f"updates, final validation done; {meta['path']}); nothing to do "
+                "(a larger --steps extends it)",
+                flush=True,
             )
-    elif existing:
-        raise UsageError(
-            f"{ckpt_dir} already holds a checkpoint; pass --resume to continue it "
-            "or choose another --run-dir (nothing was overwritten)"
-        )
+            return 0
+        if args.stop_at is not None and args.stop_at <= int(ts.step):
+            raise UsageError(
+                f"--stop-at {args.stop_at} is not after the checkpoint's update "
+                f"{int(ts.step)}"
+            )
+    else:
+        train.check_new_run_dir(run_dir)
     if args.distributed:
-        jax.distributed.initialize()
+        _init_distributed()
 
     # Everything that can fail on bad input happens before anything is written.
     data = train.load_run_data(run)
@@ -439,10 +546,6 @@ def cmd_train(argv: list[str]) -> int:
         ts = train.new_train_state(run)
     if mesh is not None:
         ts = train.shard_train_state(ts, mesh)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "run.json").write_text(
-        json.dumps(run.to_dict(), indent=2, sort_keys=True)
-    )
 
     n_params = sum(x.size for x in jax.tree.leaves(eqx.filter(ts.model, eqx.is_array)))
     start = int(ts.step)
@@ -464,6 +567,7 @@ def cmd_train(argv: list[str]) -> int:
         checkpoint_meta=dict(preset=args.preset),
         stop_at=args.stop_at,
         callbacks=[
+            RunFolderWriter(run_dir, run),  # run.json once the first update ran
             JSONLLogger(metrics_path, resume_step=start if args.resume else None),
             ProgressBar(unit_name=unit, disable=not args.progress),
         ],
@@ -496,18 +600,18 @@ def cmd_train(argv: list[str]) -> int:
 
         valid = data.splits["validation"]
         prompt = np.asarray(valid[: min(len(valid), run.model.block_len)], np.int32)
-        text = _sample_text(
+        print("sample (prompt from validation text, then generated):")
+        print("-" * 60)
+        print(data.decode(prompt) + "\u2502", end="", flush=True)
+        _print_sample(
             result.train_state.model,
             prompt,
-            data.decode,
+            _TokenPrinter(data.decode, byte_level=run.data.kind == "bytes"),
             steps=run.sample_len,
             temperature=run.temperature,
             top_p=run.top_p,
             seed=run.seed,
         )
-        print("sample (prompt from validation text, then generated):")
-        print("-" * 60)
-        print(data.decode(prompt) + "\u2502" + text)
         print("-" * 60)
     return 0
 
@@ -516,16 +620,22 @@ def cmd_eval(argv: list[str]) -> int:
     import jax
 
     args = _parse(EvalCommand, argv, default=None, prog="tvq-eqx eval")
+    if args.eval_batches is not None:
+        _check_at_least("--eval-batches", args.eval_batches, 0)
+    if args.batch_size is not None:
+        _check_at_least("--batch-size", args.batch_size, 1)
     if args.distributed:
-        jax.distributed.initialize()
-    run, ts, meta = train.load_run(args.run_dir)
+        _init_distributed()
+    run, ts, meta = _load_run(args.run_dir, args.checkpoint)
     try:
         run = run.replace(
             eval_batches=run.eval_batches
             if args.eval_batches is None
             else args.eval_batches,
             data=dict(
-                batch_size=args.batch_size or run.data.batch_size,
+                batch_size=run.data.batch_size
+                if args.batch_size is None
+                else args.batch_size,
                 path=args.data if args.data is not None else run.data.path,
             ),
         )
@@ -574,15 +684,24 @@ def cmd_eval(argv: list[str]) -> int:
 
 
 def cmd_sample(argv: list[str]) -> int:
-    import jax
     import numpy as np
 
     from . import data as data_lib
 
     args = _parse(SampleCommand, argv, default=None, prog="tvq-eqx sample")
+    if args.temperature is not None and not math.isfinite(args.temperature):
+        raise UsageError(
+            f"--temperature must be a finite number (<= 0 = greedy); got {args.temperature}"
+        )
+    if args.top_p is not None and not 0.0 < args.top_p <= 1.0:
+        raise UsageError(f"--top-p must be in (0, 1]; got {args.top_p}")
+    if args.sample_len is not None:
+        _check_at_least("--sample-len", args.sample_len, 0)
+    if args.seed is not None:
+        _check_at_least("--seed", args.seed, 0)
     if args.distributed:
-        jax.distributed.initialize()
-    run, ts, meta = train.load_run(args.run_dir)
+        _init_distributed()
+    run, ts, meta = _load_run(args.run_dir, args.checkpoint)
     given = dict(
         sample_len=args.sample_len,
         temperature=args.temperature,
@@ -611,19 +730,27 @@ def cmd_sample(argv: list[str]) -> int:
     else:
         prompt = np.zeros(1, np.int32)
     t0 = time.perf_counter()
-    out = _sample_text(
-        ts.model,
-        prompt,
-        decode,
-        steps=run.sample_len,
-        temperature=run.temperature,
-        top_p=run.top_p,
-        seed=run.seed,
-    )
+    printer = _TokenPrinter(decode, byte_level=run.data.kind == "bytes")
+    sys.stdout.write(decode(prompt) if decode else "")
+    try:
+        _print_sample(
+            ts.model,
+            prompt,
+            printer,
+            steps=run.sample_len,
+            temperature=run.temperature,
+            top_p=run.top_p,
+            seed=run.seed,
+        )
+    except KeyboardInterrupt:
+        sys.stderr.write(
+            f"tvq-eqx: interrupted after {printer.count} of {run.sample_len} "
+            "tokens (those are printed above)\n"
+        )
+        return EXIT_INTERRUPTED
     dt = time.perf_counter() - t0
-    print((decode(prompt) if decode else "") + out)
     print(
-        f"[{run.sample_len} tokens in {dt:.2f} s incl. compile; step {meta['step']}]",
+        f"[{printer.count} tokens in {dt:.2f} s incl. compile; step {meta['step']}]",
         file=sys.stderr,
     )
     return 0
@@ -640,8 +767,10 @@ def cmd_bench(argv: list[str]) -> int:
         BenchCommand, argv, prog="tvq-eqx bench", base=_base_run(pre),
         preset=pre["preset"],
     )  # fmt: skip
+    _check_at_least("--bench-steps", args.bench_steps, 1)
+    _check_at_least("--sample-tokens", args.sample_tokens, 0)
     if args.distributed:
-        jax.distributed.initialize()
+        _init_distributed()
     run = args.run
     b, t = run.data.batch_size, run.data.seq_len
     mesh = _mesh_or_none(b)
@@ -665,7 +794,7 @@ def cmd_bench(argv: list[str]) -> int:
     for _ in range(args.bench_steps):
         ts, m = step_fn(ts, batch)
     jax.block_until_ready(m)
-    dt = (time.perf_counter() - t0) / max(args.bench_steps, 1)
+    dt = (time.perf_counter() - t0) / args.bench_steps
     res: dict[str, Any] = dict(
         preset=args.preset,
         device=str(jax.devices()[0].platform),

@@ -1,6 +1,8 @@
 """Training, evaluation and checkpoints for Transformer-VQ."""
 
 from ._checkpoint import CheckpointError as CheckpointError
+from ._checkpoint import CheckpointWarning as CheckpointWarning
+from ._checkpoint import has_checkpoints as has_checkpoints
 from ._checkpoint import latest_checkpoint as latest_checkpoint
 from ._checkpoint import list_checkpoints as list_checkpoints
 from ._checkpoint import load_checkpoint as load_checkpoint
@@ -36,9 +38,15 @@ from ._run_config import DATA_KINDS as DATA_KINDS
 from ._run_config import DataConfig as DataConfig
 from ._run_config import DataKind as DataKind
 from ._run_config import RunConfig as RunConfig
+from ._runs import RunDirError as RunDirError
+from ._runs import check_new_run_dir as check_new_run_dir
+from ._runs import check_resume as check_resume
 from ._runs import checkpoints_of as checkpoints_of
+from ._runs import default_run_dir as default_run_dir
+from ._runs import is_finished as is_finished
 from ._runs import load_run as load_run
 from ._runs import new_train_state as new_train_state
+from ._runs import start_run_dir as start_run_dir
 from ._steps import TrainState as TrainState
 from ._steps import eval_step as eval_step
 from ._steps import evaluate as evaluate

@@ -13,30 +13,39 @@ from typing import Any
 
 from ._fit import Callback, FitResult
 from ._run_config import RunConfig
+from ._runs import start_run_dir
 
 
 class JSONLLogger(Callback):
     """Appends every train / validation record to `path`, one JSON object per
     line. On resume (`resume_step`), entries after that step are dropped first;
-    otherwise an existing file is replaced."""
+    otherwise an existing file is replaced. The file is touched only at the
+    first record (a run that fails before it leaves the old log as it was)."""
 
     def __init__(self, path: str | os.PathLike, *, resume_step: int | None = None):
         self.path = Path(path)
-        if resume_step is not None and self.path.is_file():
+        self.resume_step = resume_step
+        self._prepared = False
+
+    def _prepare(self) -> None:
+        self._prepared = True
+        if self.resume_step is not None and self.path.is_file():
             kept = []
             for line in self.path.read_text().splitlines():
                 try:
-                    if json.loads(line).get("step", 0) <= resume_step:
+                    if json.loads(line).get("step", 0) <= self.resume_step:
                         kept.append(line)
                 except ValueError:
                     continue
             tmp = self.path.with_name(self.path.name + ".tmp")
             tmp.write_text("".join(k + "\n" for k in kept))
             os.replace(tmp, self.path)
-        elif self.path.exists():
+        elif self.resume_step is None and self.path.exists():
             self.path.unlink()
 
     def write(self, record: Mapping[str, Any]) -> None:
+        if not self._prepared:
+            self._prepare()
         with open(self.path, "a") as f:
             f.write(json.dumps(dict(record), sort_keys=True) + "\n")
 
@@ -45,6 +54,28 @@ class JSONLLogger(Callback):
 
     def on_eval(self, record: dict[str, Any]) -> None:
         self.write(record)
+
+
+class RunFolderWriter(Callback):
+    """Creates the run folder and writes its `run.json` after the first
+    completed update (or before the first record or checkpoint), so a run
+    that fails at its first step (a setting that fails only when the model
+    runs, out of memory) writes nothing. Put it first in the callbacks."""
+
+    def __init__(self, run_dir: str | os.PathLike, run: RunConfig):
+        self.run_dir, self.run = Path(run_dir), run
+        self.written = False
+
+    def _write(self) -> None:
+        if not self.written:
+            self.written = True
+            start_run_dir(self.run_dir, self.run)
+
+    def on_step(self, step, metrics, train_state) -> None:
+        self._write()
+
+    def on_eval_start(self, step: int) -> None:
+        self._write()
 
 
 class ProgressBar(Callback):

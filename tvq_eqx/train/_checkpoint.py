@@ -52,6 +52,11 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, corrupt, or does not match what loads it."""
 
 
+class CheckpointWarning(UserWarning):
+    """A checkpoint was skipped (corrupt, incomplete) or `LATEST` was missing
+    or wrong, and another checkpoint was loaded instead."""
+
+
 def _signature(tree: Any) -> list[str]:
     """`"shape:dtype"` of every array leaf (arrays or ShapeDtypeStructs)."""
     leaves = jax.tree.leaves(tree)
@@ -144,15 +149,26 @@ def list_checkpoints(directory: str | os.PathLike) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def checkpoint_step(path: str | os.PathLike) -> int:
+    """The update number of checkpoint folder `path` (`step_00000400` -> 400)."""
+    m = _NAME.match(Path(path).name)
+    if m is None:
+        raise CheckpointError(f"{path} is not a checkpoint folder (step_NNNNNNNN)")
+    return int(m.group(1))
+
+
 def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
-    """The checkpoint `LATEST` names, or None if there is none yet.
+    """The checkpoint `LATEST` names; without `LATEST` (lost, or never
+    written), the newest complete checkpoint found by scanning; None if there
+    is none.
 
     Raises `CheckpointError` if `LATEST` exists but names a missing checkpoint.
     """
     d = Path(directory)
     pointer = d / LATEST
     if not pointer.is_file():
-        return None
+        complete = list_checkpoints(d)
+        return complete[-1] if complete else None
     name = pointer.read_text().strip()
     path = d / name
     if (
@@ -164,6 +180,36 @@ def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
             f"{pointer} names {name!r}, which is not a complete checkpoint in {d}"
         )
     return path
+
+
+def has_checkpoints(directory: str | os.PathLike) -> bool:
+    """Whether `directory` holds any checkpoint, complete or not (a `LATEST`
+    file or a `step_*` folder): a folder a fresh run must not write into."""
+    d = Path(directory)
+    if not d.is_dir():
+        return False
+    return (d / LATEST).exists() or any(_NAME.match(p.name) for p in d.iterdir())
+
+
+def checkpoint_candidates(directory: str | os.PathLike) -> list[Path]:
+    """Every checkpoint folder of `directory` (complete or not), in the order
+    to try them: the one `LATEST` names first (when it exists), then the
+    others newest first."""
+    d = Path(directory)
+    if not d.is_dir():
+        return []
+    found = sorted(
+        (p for p in d.iterdir() if _NAME.match(p.name) and p.is_dir()),
+        key=checkpoint_step,
+        reverse=True,
+    )
+    pointer = d / LATEST
+    if pointer.is_file():
+        named = d / pointer.read_text().strip()
+        if named in found:
+            found.remove(named)
+            found.insert(0, named)
+    return found
 
 
 def save_checkpoint(
@@ -230,6 +276,8 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
     """`meta.json` of checkpoint folder `path` (or of `LATEST` when `path` is
     a checkpoints directory)."""
     p = Path(path)
+    if _NAME.match(p.name) and p.is_dir() and not (p / _META).is_file():
+        raise CheckpointError(f"{p} is incomplete (no {_META})")
     if not (p / _META).is_file():
         latest = latest_checkpoint(p)
         if latest is None:
@@ -272,6 +320,8 @@ def load_checkpoint(path: str | os.PathLike, like: Any) -> tuple[Any, dict[str, 
     meta = read_meta(path)
     p = Path(meta["path"])
     state_path = p / _STATE
+    if not state_path.is_file():
+        raise CheckpointError(f"{p} is incomplete (no {_STATE})")
     if _sha256(state_path) != meta.get("sha256"):
         raise CheckpointError(
             f"{state_path} is corrupt (SHA-256 does not match meta.json)"

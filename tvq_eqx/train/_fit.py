@@ -180,7 +180,7 @@ def fit(
     - Evaluation on `eval_stream` (`evaluate_stream`) every `run.eval_every`
       updates and at the end.
     - Checkpoints in `checkpoint_dir` every `run.save_every` updates, at the
-      end (with the final validation in its meta), at `stop_at`, and on
+      end (meta `completed=True` and the final validation), at `stop_at`, and on
       interrupt; `run.keep` are kept. Meta: `run` (`run.to_dict()`),
       `batch_index`, and `checkpoint_meta`.
     - `stop_at`: end after this many updates (rounded down to a whole batch)
@@ -203,6 +203,11 @@ def fit(
         raise ValueError(
             f"train_state.step={start_step} is not a whole number of batches "
             f"({upb} updates each)"
+        )
+    if start_step > run.steps:
+        raise ValueError(
+            f"train_state.step={start_step} is past run.steps={run.steps}; "
+            "extend the run with a larger steps"
         )
     start_batch = start_step // upb
     stop_batch = run.total_batches
@@ -293,12 +298,12 @@ def fit(
         save(step)
     elif status == "completed":
         validate(step)
-        save(
-            step,
-            None
-            if state["validation"] is None
-            else dict(validation=state["validation"]),
-        )
+        # `completed`: nothing is left to do; a resume of this checkpoint with
+        # the same `steps` has no work (the CLI says so and writes nothing).
+        final: dict[str, Any] = dict(completed=True)
+        if state["validation"] is not None:
+            final["validation"] = state["validation"]
+        save(step, final)
     result = FitResult(
         train_state=ts,
         status=status,

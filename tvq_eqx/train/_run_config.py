@@ -5,6 +5,7 @@ checked by `tvq_eqx._config.check_literals`)."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from typing import Any, Literal, get_args
 
@@ -134,6 +135,15 @@ class RunConfig:
                 f"context_len={self.context_len} must be a multiple of "
                 f"seq_len={seq} (or 0 = carry the state through the epoch)"
             )
+        if (
+            isinstance(self.temperature, bool)
+            or not isinstance(self.temperature, (int, float))
+            or not math.isfinite(self.temperature)
+        ):
+            raise ValueError(
+                "RunConfig.temperature must be a finite float (<= 0 = greedy); "
+                f"got {self.temperature!r}"
+            )
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"RunConfig.top_p must be in (0, 1]; got {self.top_p!r}")
         if self.data.kind in ("bytes", "images") and self.model.n_vocab < 256:
@@ -202,14 +212,24 @@ def _nested_changes(obj: Any, changes: dict[str, Any]) -> dict[str, Any]:
                 continue
             current = cls()
         out[k] = dataclasses.replace(current, **_nested_changes(current, v))
-    if (
-        isinstance(obj, TransformerConfig)
-        and "block_len" in changes
-        and "mem_len" not in changes
-        and obj.mem_len == obj.block_len
+    if isinstance(obj, TransformerConfig) and mem_len_follows(
+        obj,
+        block_len_changed="block_len" in changes,
+        mem_len_given="mem_len" in changes,
     ):
         out["mem_len"] = None  # mem_len followed block_len: keep following it
     return out
+
+
+def mem_len_follows(
+    before: TransformerConfig, *, block_len_changed: bool, mem_len_given: bool
+) -> bool:
+    """Whether a change of `block_len` moves `mem_len` with it: when the two
+    were equal and `mem_len` is not set explicitly (the one place this rule
+    lives; `RunConfig.replace` and the command line use it)."""
+    return (
+        block_len_changed and not mem_len_given and before.mem_len == before.block_len
+    )
 
 
 def _dataclass_in(tp: Any) -> type | None:

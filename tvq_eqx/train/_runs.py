@@ -1,9 +1,14 @@
-"""Run folders: a fresh train state for a `RunConfig`, and the config and
-state of a run folder's newest checkpoint (`RUN_DIR/checkpoints`)."""
+"""Run folders (`RUN_DIR/run.json`, `RUN_DIR/checkpoints/`): a fresh train
+state for a `RunConfig`, loading a run's newest intact (or a chosen)
+checkpoint, and the policy of when a folder may be trained into: a fresh run
+never writes into a folder that holds checkpoints, a resumed one may change
+only `steps` (to extend the run)."""
 
 from __future__ import annotations
 
+import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -11,10 +16,27 @@ import equinox as eqx
 import jax
 
 from ..nn import Transformer
-from ._checkpoint import CheckpointError, load_checkpoint, read_meta
+from ._checkpoint import (
+    LATEST,
+    CheckpointError,
+    CheckpointWarning,
+    checkpoint_candidates,
+    checkpoint_name,
+    checkpoint_step,
+    has_checkpoints,
+    list_checkpoints,
+    load_checkpoint,
+    read_meta,
+)
 from ._optimizer import optimizer_from_config
 from ._run_config import RunConfig
 from ._steps import TrainState, init_train_state
+
+
+class RunDirError(ValueError):
+    """A run folder cannot be used as asked: it is a file, a fresh run would
+    overwrite its checkpoints, or a resume asks for other settings (a user
+    error; the CLI reports it as one line)."""
 
 
 def checkpoints_of(run_dir: str | os.PathLike) -> Path:
@@ -35,21 +57,164 @@ def new_train_state(run: RunConfig) -> TrainState:
     )
 
 
-def load_run(
-    run_dir: str | os.PathLike,
-) -> tuple[RunConfig, TrainState, dict[str, Any]]:
-    """`(run config, train state, checkpoint meta)` of the newest checkpoint in
-    `run_dir` (`CheckpointError` when there is none or it is corrupt)."""
-    ckpt = checkpoints_of(run_dir)
-    if not ckpt.is_dir():
-        raise CheckpointError(f"no checkpoints in {run_dir} (expected {ckpt})")
-    meta = read_meta(ckpt)
+def _check_not_a_file(run_dir: Path) -> None:
+    """`RunDirError` when `run_dir` or a folder above it is a file."""
+    for p in (run_dir, *run_dir.parents):
+        if p.exists():
+            if not p.is_dir():
+                what = "is a file" if p == run_dir else f"lies under the file {p}"
+                raise RunDirError(f"run folder {run_dir} {what}, not a folder")
+            return
+
+
+def _load_one(path: Path) -> tuple[RunConfig, TrainState, dict[str, Any]]:
+    meta = read_meta(path)
     try:
         run = RunConfig.from_dict(meta["run"])
     except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(
-            f"{meta['path']}: bad run config in meta.json: {e}"
-        ) from None
+        raise CheckpointError(f"{path}: bad run config in meta.json: {e}") from None
     like = eqx.filter_eval_shape(new_train_state, run)
-    ts, meta = load_checkpoint(meta["path"], like)
+    ts, meta = load_checkpoint(path, like)
     return run, ts, meta
+
+
+def load_run(
+    run_dir: str | os.PathLike, *, step: int | None = None
+) -> tuple[RunConfig, TrainState, dict[str, Any]]:
+    """`(run config, train state, checkpoint meta)` of a run folder's
+    checkpoint of update `step`, or by default of its newest intact one.
+
+    Default order: the checkpoint `LATEST` names, then the others newest
+    first (found by scanning, so a lost `LATEST` loses nothing). A corrupt or
+    incomplete one is skipped with a `CheckpointWarning` naming it and why,
+    as is a missing or wrong `LATEST`. `CheckpointError` when there is no
+    checkpoint, none is intact, or checkpoint `step` is missing or corrupt
+    (a chosen checkpoint has no fallback).
+    """
+    run_dir = Path(run_dir)
+    try:
+        _check_not_a_file(run_dir)
+    except RunDirError as e:
+        raise CheckpointError(str(e)) from None
+    ckpt = checkpoints_of(run_dir)
+    if not ckpt.is_dir():
+        raise CheckpointError(f"no checkpoints in {run_dir} (expected {ckpt})")
+    if step is not None:
+        path = ckpt / checkpoint_name(step)
+        if not path.is_dir():
+            have = [checkpoint_step(p) for p in list_checkpoints(ckpt)]
+            raise CheckpointError(
+                f"no checkpoint of update {step} in {ckpt} (complete ones: "
+                f"{', '.join(map(str, have)) or 'none'})"
+            )
+        return _load_one(path)
+    candidates = checkpoint_candidates(ckpt)
+    if not candidates:
+        raise CheckpointError(f"no checkpoint found in {ckpt}")
+    notes: list[str] = []
+    pointer = ckpt / LATEST
+    if not pointer.is_file():
+        notes.append(f"{pointer} is missing; checkpoints found by scanning")
+    elif (ckpt / pointer.read_text().strip()) not in candidates:
+        notes.append(
+            f"{pointer} names {pointer.read_text().strip()!r}, which does not exist"
+        )
+    skipped: list[str] = []
+    for path in candidates:
+        try:
+            out = _load_one(path)
+        except CheckpointError as e:
+            skipped.append(f"{path.name} ({e})")
+            continue
+        for note in notes:
+            warnings.warn(f"{note}; using {path.name}", CheckpointWarning, 2)
+        for s in skipped:
+            warnings.warn(
+                f"skipped checkpoint {s}; using {path.name}", CheckpointWarning, 2
+            )
+        return out
+    raise CheckpointError(f"no intact checkpoint in {ckpt}: " + "; ".join(skipped))
+
+
+def default_run_dir(preset: str, *, resume: bool, root: str = "runs") -> Path:
+    """`ROOT/PRESET`; when that already holds a checkpoint and this is not a
+    resume, the first free `ROOT/PRESET-2`, `-3`, ... (so re-running the demo
+    never overwrites, and never fails)."""
+    base = Path(root) / preset
+    if resume:
+        return base
+    candidate, i = base, 1
+    while has_checkpoints(checkpoints_of(candidate)) or (
+        candidate.exists() and not candidate.is_dir()
+    ):
+        i += 1
+        candidate = base.with_name(f"{preset}-{i}")
+    return candidate
+
+
+def check_new_run_dir(run_dir: str | os.PathLike) -> None:
+    """`RunDirError` unless a fresh run may write into `run_dir`: it must
+    not be a file (nor lie under one) and must hold no checkpoint, complete or
+    not (`LATEST` lost or not). Writes nothing."""
+    run_dir = Path(run_dir)
+    _check_not_a_file(run_dir)
+    ckpt = checkpoints_of(run_dir)
+    if ckpt.exists() and not ckpt.is_dir():
+        raise RunDirError(f"{ckpt} is a file, not a folder")
+    if has_checkpoints(ckpt):
+        raise RunDirError(
+            f"{ckpt} already holds checkpoints; continue the run with --resume "
+            "or choose another --run-dir (nothing was written)"
+        )
+
+
+def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
+    """Dotted names of the fields where nested dicts `a` and `b` differ."""
+    out = []
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += _differences(va, vb, f"{prefix}{k}.")
+        elif va != vb:
+            out.append(prefix + k)
+    return out
+
+
+def check_resume(saved: RunConfig, run: RunConfig, meta: dict[str, Any]) -> None:
+    """`RunDirError` unless `run` may continue checkpoint `meta` of a run
+    with settings `saved`: every field equal except `steps`, which may move
+    (extend a finished run, shorten an unfinished one) but not below the
+    checkpoint's update. The new `steps` defines the learning-rate schedule
+    from the checkpoint on (docs/training.md, "Resuming")."""
+    bad = [k for k in _differences(run.to_dict(), saved.to_dict()) if k != "steps"]
+    if bad:
+        raise RunDirError(
+            f"--resume: flags {bad} differ from the checkpoint's run config "
+            f"({meta['path']}); resume with the same settings (only --steps may "
+            "change) or use a new --run-dir"
+        )
+    done = int(meta["step"])
+    if run.steps < done:
+        raise RunDirError(
+            f"--steps {run.steps} is below the checkpoint's update {done} "
+            f"({meta['path']}); give --steps >= {done}"
+        )
+
+
+def is_finished(run: RunConfig, meta: dict[str, Any]) -> bool:
+    """Whether checkpoint `meta` ends `run`: all `run.steps` updates and the
+    final evaluation done (nothing left to do)."""
+    completed = meta.get("completed", "validation" in meta)
+    return int(meta["step"]) >= run.steps and bool(completed)
+
+
+def start_run_dir(run_dir: str | os.PathLike, run: RunConfig) -> Path:
+    """Create `run_dir` and write its `run.json` (the run's settings); the
+    caller has checked the folder (`check_new_run_dir` or a resume)."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "run.json"
+    tmp = path.with_name(".run.json.tmp")
+    tmp.write_text(json.dumps(run.to_dict(), indent=2, sort_keys=True))
+    os.replace(tmp, path)
+    return path
