@@ -1,10 +1,10 @@
 """Runtime value checks shared by the model, the loss and sampling.
 
-They run under `jit` (`eqx.error_if`) and compose with `vmap` and with
-`jax.shard_map` (`check_vma=True` included): inside a `shard_map` the
-predicate is first summed over the mesh axes the checked array varies along,
-so the error branch sees replicated values (a plain `eqx.error_if` on a
-varying array fails there with "cond branches must have equal output types").
+They run under `jit` (`eqx.error_if`) and compose with `vmap`, with a
+batch-sharded `jit` (no resharding of the checked array) and with
+`jax.shard_map` (`check_vma=True` included; a plain `eqx.error_if` on a
+varying array fails there with "cond branches must have equal output
+types"): see `error_if_any`.
 """
 
 from __future__ import annotations
@@ -25,15 +25,22 @@ def varying_axes(x) -> tuple[str, ...]:
 
 
 def error_if_any(x: Array, bad: Bool[Array, "*dims"], msg: str) -> Array:
-    """`x` unchanged, raising `msg` at run time if any entry of `bad` is true
-    (on any device of an enclosing `shard_map`). As `eqx.error_if`, the check
-    only runs if the returned value is used."""
+    """`x` (a numeric array) unchanged, raising `msg` at run time if any entry
+    of `bad` is true (on any device of an enclosing `shard_map`). As
+    `eqx.error_if`, the check only runs if the returned value is used.
+
+    The check runs on one scalar flag, tied to `x` by adding a zero it
+    returns: `eqx.error_if` on `x` itself makes `x` the output of a
+    conditional whose error branch is a host callback, which XLA places on
+    one device; a batch-sharded `x` then had to be gathered there and split
+    again ("Involuntary full rematerialization"). Inside a `shard_map` the
+    flag is first summed over the mesh axes `x` and `bad` vary along, so it
+    is replicated, as the conditional needs under `check_vma=True`.
+    """
+    flag = jnp.any(bad)
     axes = tuple(sorted(set(varying_axes(x)) | set(varying_axes(bad))))
-    if not axes:
-        return eqx.error_if(x, bad, msg)
-    # Inside shard_map: one replicated flag (any device bad), checked on a
-    # replicated zero that is then added to `x` to tie the check to `x`.
-    flag = jax.lax.psum(jnp.any(bad).astype(jnp.int32), axes) > 0
+    if axes:
+        flag = jax.lax.psum(flag.astype(jnp.int32), axes) > 0
     zero = eqx.error_if(jnp.zeros((), x.dtype), flag, msg)
     return x + zero
 
