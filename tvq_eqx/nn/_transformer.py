@@ -5,6 +5,7 @@ from __future__ import annotations
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float, Int, Key, PRNGKeyArray
 
 from .._checks import check_token_ids, check_weights
@@ -247,8 +248,10 @@ class Transformer(eqx.Module):
         views of the stacked parameters."""
         return [unit for layer in self.layers for unit in layer.units]
 
-    def init_state(self, batch_size: int) -> TransformerState:
-        """The state before any token."""
+    def init_state(self, batch_size: int | np.integer) -> TransformerState:
+        """The state before any token (`batch_size`: an int, numpy ints too)."""
+        if isinstance(batch_size, np.integer):
+            batch_size = int(batch_size)
         if (
             isinstance(batch_size, bool)
             or not isinstance(batch_size, int)
