@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import inspect
 import types
 import typing
 from typing import Any, Literal
@@ -46,11 +45,7 @@ def check_literals(config: Any) -> None:
 def _literal_fields(cls: type) -> dict[str, tuple[Any, ...]]:
     """`{field: allowed values}` for the `Literal` (or `Literal | None`)
     fields of dataclass `cls`."""
-    # Not `typing.get_type_hints`: it returns nothing for a class marked
-    # `__no_type_check__` (as TransformerConfig is).
-    hints = {}
-    for klass in reversed(cls.__mro__):
-        hints.update(inspect.get_annotations(klass, eval_str=True))
+    hints = typing.get_type_hints(cls)
     out = {}
     for f in dataclasses.fields(cls):
         allowed = _literal_values(hints[f.name])
@@ -114,7 +109,7 @@ def _normalised(name: str, value: Any) -> Any:
     if name in _DTYPE_FIELDS and not isinstance(value, str):
         try:
             return jnp.dtype(value).name
-        except TypeError:
+        except (TypeError, ValueError):
             return value
     return value
 
@@ -259,12 +254,6 @@ class TransformerConfig:
     """How the Pallas kernels run (tiles, backward, interpret); None = the defaults."""
     remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"
     """Rematerialise the scanned layer body: none, full, dots, dots_no_batch."""
-
-    # `__post_init__` normalises (numpy scalars, dtype objects) and validates
-    # every field with errors naming it; a runtime type checker wrapping
-    # `__init__` (the tests' jaxtyping + beartype) must not reject the
-    # accepted numpy and dtype values before it runs.
-    __no_type_check__ = True
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
