@@ -9,13 +9,16 @@ import typing
 from typing import Any, Literal
 
 import jax.numpy as jnp
+import numpy as np
 
 from pallas_kernels.vq_attention.config import PallasConfig
 
 DType = Literal["float32", "bfloat16", "float16"]
 Attention = Literal["vq", "window", "block_window", "full"]
 StateKeys = Literal["codewords", "codes"]
-ImplementationName = Literal["xla", "pallas", "quadratic"]
+# The model's VQ-attention implementations. The op's third one, "quadratic"
+# (the dense reference), takes no streaming state, so the model cannot use it.
+ImplementationName = Literal["xla", "pallas"]
 
 
 def check_literals(config: Any) -> None:
@@ -66,6 +69,49 @@ def _literal_values(tp: Any) -> tuple[Any, ...] | None:
                 for v in (p if p is not None else (None,))
             )
     return None
+
+
+_INT_FIELDS = (
+    "n_vocab",
+    "d_model",
+    "d_k",
+    "d_v",
+    "n_head",
+    "n_code",
+    "n_layer",
+    "block_len",
+    "mem_len",
+    "kv_cache_len",
+)
+_FLOAT_FIELDS = (
+    "p_dropemb",
+    "p_dropsin",
+    "p_dropres",
+    "p_droplyr",
+    "c_beta",
+    "c_gamma",
+    "pe_lam",
+    "e_scale",
+)
+_DTYPE_FIELDS = ("param_dtype", "dtype")
+
+
+def _normalised(name: str, value: Any) -> Any:
+    """`value` of field `name` in its canonical Python form: numpy integers
+    and floats as `int` / `float`, dtype objects (`jnp.bfloat16`,
+    `np.dtype("float32")`) as their name; anything else unchanged (the
+    validation then judges it). Bools stay bools, so they are not taken for
+    ints."""
+    if name in _INT_FIELDS and isinstance(value, np.integer):
+        return int(value)
+    if name in _FLOAT_FIELDS and isinstance(value, (np.integer, np.floating)):
+        return float(value) if isinstance(value, np.floating) else int(value)
+    if name in _DTYPE_FIELDS and not isinstance(value, str):
+        try:
+            return jnp.dtype(value).name
+        except (TypeError, ValueError):
+            return value
+    return value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,7 +173,9 @@ class TransformerConfig:
       negative log-likelihood summed and divided by all `batch * seq`
       positions, padding included) or `"tokens"` (divided by the number of
       unmasked tokens: the per-token mean, unaffected by padding).
-    - `implementation`: VQ-attention implementation (`None` = best available).
+    - `implementation`: VQ-attention implementation, `"xla"` or `"pallas"`
+      (`None` = best available); the op's dense `"quadratic"` reference
+      carries no streaming state, so the model cannot use it.
     - `pallas`: how the Pallas kernels run when they do (`PallasConfig`: tile
       sizes, backward choice, interpret mode); default `PallasConfig()` (None
       is taken as that).
@@ -208,6 +256,11 @@ class TransformerConfig:
     """Rematerialise the scanned layer body: none, full, dots, dots_no_batch."""
 
     def __post_init__(self):
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            canonical = _normalised(f.name, value)
+            if canonical is not value:
+                object.__setattr__(self, f.name, canonical)
         positive = (
             "n_vocab",
             "d_model",
@@ -249,6 +302,12 @@ class TransformerConfig:
         if not isinstance(self.c_gamma, (int, float)) or not 0.0 <= self.c_gamma < 1.0:
             raise ValueError(
                 f"TransformerConfig.c_gamma must be in [0, 1); got {self.c_gamma!r}"
+            )
+        if self.implementation == "quadratic":
+            raise ValueError(
+                "TransformerConfig.implementation must be one of 'xla', 'pallas', "
+                "None; got 'quadratic' (the op's dense reference has no streaming "
+                "state, which the model carries between blocks and calls)"
             )
         check_literals(self)
         if self.pallas is None:  # accepted (earlier run.json files): the defaults

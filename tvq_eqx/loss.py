@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import math
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, PRNGKeyArray
 
+from ._checks import check_token_ids, check_weights, out_of_range
 from .nn import Transformer, TransformerState
 
 
@@ -20,6 +20,11 @@ def _check_batch(batch, model) -> None:
     missing = [k for k in ("inputs", "targets", "loss_mask") if k not in batch]
     if missing:
         raise ValueError(f"batch is missing {missing}; it has {sorted(batch)}")
+    for name in ("inputs", "targets", "loss_mask"):
+        if not hasattr(batch[name], "shape") or not hasattr(batch[name], "dtype"):
+            raise TypeError(
+                f"batch[{name!r}] must be an array; got {type(batch[name]).__name__}"
+            )
     shape = tuple(batch["inputs"].shape)
     for name in ("targets", "loss_mask"):
         if tuple(batch[name].shape) != shape:
@@ -29,6 +34,15 @@ def _check_batch(batch, model) -> None:
     if not jnp.issubdtype(batch["targets"].dtype, jnp.integer):
         raise TypeError(
             f"batch['targets'] must be integer; got {batch['targets'].dtype}"
+        )
+    mask_dtype = batch["loss_mask"].dtype
+    if not (
+        jnp.issubdtype(mask_dtype, jnp.floating)
+        or jnp.issubdtype(mask_dtype, jnp.integer)
+        or jnp.issubdtype(mask_dtype, jnp.bool_)
+    ):
+        raise TypeError(
+            f"batch['loss_mask'] must be float, integer or bool; got {mask_dtype}"
         )
 
 
@@ -61,7 +75,10 @@ def loss_fn(
 
     **Arguments:**
 
-    - `batch`: `{"inputs": int [B, T], "targets": int [B, T], "loss_mask": [B, T]}`.
+    - `batch`: `{"inputs": int [B, T], "targets": int [B, T], "loss_mask": [B, T]}`
+      (any integer dtype for the ids, uint8 included). `loss_mask` holds
+      weights >= 0 (1 = count the position, 0 = ignore it); where it is 0 the
+      target is not read, so an ignore index such as -1 may stand there.
     - `state`: the carried `TransformerState` (`model.init_state(B)` to start).
     - `key`: dropout key; None disables dropout.
     - `sequence_key`: the per-sequence key of the LayerDrop and sinusoid
@@ -92,17 +109,23 @@ def loss_fn(
     `code_perplexity`, `dead_code_fraction`, `quant_rel_error`.
     """
     _check_batch(batch, model)
-    mask = batch["loss_mask"].astype(jnp.float32)
+    # Negative weights would make the loss negative, NaN would poison it.
+    mask = check_weights(
+        jnp.asarray(batch["loss_mask"]).astype(jnp.float32), "batch['loss_mask']"
+    )
     logprobs, new_state, aux = model(
         batch["inputs"], state, key=key, mask=mask, sequence_key=sequence_key
     )
-    targets = batch["targets"]
     n_vocab = model.config.n_vocab
-    targets = eqx.error_if(
-        targets,
-        (targets < 0) | (targets >= n_vocab),
-        f"batch['targets'] ids must be in [0, n_vocab={n_vocab})",
+    # Any integer dtype (uint8 included). Where the mask is 0 a target is
+    # ignored, whatever its value: the -1 "ignore index" idiom works there.
+    ignored = mask == 0
+    targets = check_token_ids(
+        jnp.asarray(batch["targets"]), n_vocab, "batch['targets']", ignore=ignored
     )
+    bad = out_of_range(targets, n_vocab)
+    if bad is not None:  # only ignored positions can be out of range here
+        targets = jnp.where(bad, jnp.zeros((), targets.dtype), targets)
     token_logp = jnp.take_along_axis(logprobs, targets[..., None], axis=-1)[..., 0]
     lm_sum = -jnp.sum(token_logp * mask)
     n_tokens = jnp.sum(mask)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, Int, PRNGKeyArray
+from jaxtyping import Array, Float, Int, Integer, PRNGKeyArray
 
 
 def sinusoids(
@@ -32,7 +32,7 @@ class Embedding(eqx.Module):
         self.weight = jax.random.normal(key, (n_vocab, d_model), dtype)
 
     def __call__(
-        self, tokens: Int[Array, "*batch"], *, key=None
+        self, tokens: Integer[Array, "*batch"], *, key=None
     ) -> Float[Array, "*batch d_model"]:
         return jnp.take(self.weight, tokens, axis=0)
 

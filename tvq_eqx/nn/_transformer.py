@@ -5,8 +5,10 @@ from __future__ import annotations
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float, Int, Key, PRNGKeyArray
 
+from .._checks import check_token_ids, check_weights
 from .._config import TransformerConfig
 from ..ops import FullAttentionState, VQAttentionState
 from ._attention import VQAttention
@@ -170,6 +172,10 @@ class Transformer(eqx.Module):
     logprobs, state, aux = model(tokens, state)   # tokens int [batch, seq]
     ```
 
+    `tokens` may have any integer dtype (uint8 bytes included); ids outside
+    `[0, n_vocab)` raise at run time, under `jit` and `shard_map` too.
+    `state=None` is the empty history (`model.init_state(batch)`).
+
     `seq` must be a multiple of `config.block_len`. Calling the model on
     consecutive segments, passing the state along, equals one call on their
     concatenation. `key=None` disables dropout. `mask` (`[batch, seq]`, 1 =
@@ -242,8 +248,10 @@ class Transformer(eqx.Module):
         views of the stacked parameters."""
         return [unit for layer in self.layers for unit in layer.units]
 
-    def init_state(self, batch_size: int) -> TransformerState:
-        """The state before any token."""
+    def init_state(self, batch_size: int | np.integer) -> TransformerState:
+        """The state before any token (`batch_size`: an int, numpy ints too)."""
+        if isinstance(batch_size, np.integer):
+            batch_size = int(batch_size)
         if (
             isinstance(batch_size, bool)
             or not isinstance(batch_size, int)
@@ -270,8 +278,8 @@ class Transformer(eqx.Module):
             )
         return jax.tree.unflatten(treedef, leaves)
 
-    def _check_tokens(self, tokens, state) -> None:
-        c = self.config
+    @staticmethod
+    def _check_token_array(tokens) -> None:
         if not hasattr(tokens, "dtype") or not jnp.issubdtype(
             tokens.dtype, jnp.integer
         ):
@@ -283,6 +291,10 @@ class Transformer(eqx.Module):
             raise ValueError(
                 f"tokens must have rank 2 [batch, seq]; got shape {tuple(tokens.shape)}"
             )
+
+    def _check_tokens(self, tokens, state) -> None:
+        c = self.config
+        self._check_token_array(tokens)
         if tokens.shape[1] % c.block_len != 0:
             raise ValueError(
                 f"tokens seq length {tokens.shape[1]} (shape {tuple(tokens.shape)}) must be a "
@@ -318,24 +330,30 @@ class Transformer(eqx.Module):
     def __call__(
         self,
         tokens: Array,
-        state: TransformerState,
+        state: TransformerState | None = None,
         *,
         key: PRNGKeyArray | None = None,
         mask: Array | None = None,
         sequence_key: PRNGKeyArray | None = None,
     ) -> tuple[Float[Array, "batch seq vocab"], TransformerState, dict]:
+        if state is None:  # no history, as the op's state=None
+            self._check_token_array(tokens)
+            state = self.init_state(tokens.shape[0])
         self._check_tokens(tokens, state)
         c = self.config
         dt = c.jnp_dtype
         b, t = tokens.shape
-        tokens = eqx.error_if(
-            tokens,
-            (tokens < 0) | (tokens >= c.n_vocab),
-            f"token ids must be in [0, n_vocab={c.n_vocab})",
-        )
-        mask = (
-            jnp.ones((b, t), jnp.float32) if mask is None else mask.astype(jnp.float32)
-        )
+        # Any integer dtype (uint8 bytes from `data.load_bytes` included).
+        tokens = check_token_ids(tokens, c.n_vocab, "token")
+        if mask is None:
+            mask = jnp.ones((b, t), jnp.float32)
+        else:
+            if not hasattr(mask, "shape") or tuple(mask.shape) != (b, t):
+                raise ValueError(
+                    f"mask must have the tokens' shape {(b, t)} [batch, seq]; got "
+                    f"{tuple(getattr(mask, 'shape', ()))}"
+                )
+            mask = check_weights(jnp.asarray(mask).astype(jnp.float32), "mask")
         keys, seq_keys = self._dropout_keys(key, sequence_key)
 
         x = self.embedding(tokens).astype(dt)
