@@ -61,14 +61,14 @@ class VQAttentionState(eqx.Module):
     @classmethod
     def empty(
         cls,
-        batch_size: int,
+        batch_size: int | np.integer,
         *,
-        heads: int,
-        codes: int,
-        d_k: int,
-        d_v: int,
-        mem_len: int | None = None,
-        block_len: int | None = None,
+        heads: int | np.integer,
+        codes: int | np.integer,
+        d_k: int | np.integer,
+        d_v: int | np.integer,
+        mem_len: int | np.integer | None = None,
+        block_len: int | np.integer | None = None,
         dtype=jnp.float32,
         key_dtype=None,
     ) -> VQAttentionState:
@@ -101,8 +101,10 @@ class VQAttentionState(eqx.Module):
 
 
 def cache_dtype(dtype):
-    """dtype of the carried cache means: float32, or wider if `dtype` is."""
-    return jnp.promote_types(dtype, jnp.float32)
+    """dtype of the carried cache means: float32, or `dtype` if wider."""
+    dtype = jnp.dtype(dtype)
+    wider = jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize > 4
+    return dtype if wider else jnp.dtype(jnp.float32)
 
 
 def as_int(name: str, value, minimum: int) -> int:

@@ -9,6 +9,7 @@ from typing import Literal
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float
 
 from pallas_kernels.vq_attention.config import PallasConfig
@@ -116,8 +117,8 @@ def vq_attention(
     value: Array,
     codebook: Array,
     *,
-    block_len: int,
-    scale: float | Array | None = None,
+    block_len: int | np.integer,
+    scale: float | int | np.number | Array | None = None,
     implementation: str | None = None,
     pallas: PallasConfig | None = None,
 ) -> Float[Array, "batch seq heads d_v"]:
@@ -187,13 +188,13 @@ def vq_attention_with_state(
     codebook: Array,
     state: VQAttentionState | None,
     *,
-    block_len: int,
-    scale: float | Array | None = None,
+    block_len: int | np.integer,
+    scale: float | int | np.number | Array | None = None,
     rel_query: Array | None = None,
     rel_table: Array | None = None,
     use_cache: bool = True,
     cache_grad: bool = True,
-    mem_len: int | None = None,
+    mem_len: int | np.integer | None = None,
     sliding_window: bool | None = None,
     state_keys: str = "codewords",
     implementation: str | None = None,

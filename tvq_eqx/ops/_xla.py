@@ -233,10 +233,14 @@ def next_state(
         length=jnp.minimum(state.length + t, m).astype(jnp.int32),
         cache_count=cache_count,
         cache_mean=cache_mean.astype(
-            jnp.promote_types(cache_mean.dtype, cache_dtype(state.cache_mean.dtype))
+            max(cache_mean.dtype, state.cache_mean.dtype, key=cache_dtype_size)
         ),
     )
     return new if cache_grad else jax.tree.map(sg, new)
+
+
+def cache_dtype_size(dtype) -> int:
+    return cache_dtype(dtype).itemsize
 
 
 def vq_attention_xla(
