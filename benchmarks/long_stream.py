@@ -20,7 +20,8 @@ Errors per segment: op: elementwise |bf16 - f32| / |f32| of the outputs
 max |dlogp| and the relative error ||p16 - p32|| / ||p32|| of the
 probabilities.
 
-Run: `python -m benchmarks.long_stream` (about 2-4 min on 2 CPU cores);
+Run: `python -m benchmarks.long_stream` (14 min on 2 shared CPU cores at load
+average 12; a few minutes on an idle machine);
 `--tokens`, `--segment` to change the sizes.
 """
 
@@ -28,6 +29,8 @@ from __future__ import annotations
 
 import argparse
 import functools
+import shlex
+import sys
 import time
 from pathlib import Path
 
@@ -312,7 +315,9 @@ def main(argv=None) -> None:
     ap.add_argument("--segment", type=int, default=1 << 14)
     ap.add_argument("--out", type=Path, default=RESULTS / "long-stream-cpu.md")
     args = ap.parse_args(argv)
-    res = run(args.tokens, args.segment, out=args.out, command=C.command_line())
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = " ".join(["python -m benchmarks.long_stream", *map(shlex.quote, argv)])
+    res = run(args.tokens, args.segment, out=args.out, command=command)
     print("\n".join(res["lines"]))
 
 

@@ -158,7 +158,7 @@ def test_new_scale_value_does_not_recompile(getkey):
 def test_traced_scale_under_jit_and_grad(getkey, impl):
     """A learned temperature: a traced scale under jit equals the Python
     float, and its gradient matches finite differences and the quadratic
-    form's (pallas: the scale is folded into the query)."""
+    form's (pallas: the scale is folded into the query; value only)."""
     q, k, v, c = _qkvc(getkey)
     w = jax.random.normal(getkey(), v.shape)
 
@@ -172,6 +172,10 @@ def test_traced_scale_under_jit_and_grad(getkey, impl):
         lambda s: vq_attention(q, k, v, c, block_len=8, scale=s, implementation=impl)
     )(jnp.float32(s0))
     assert_close(eager, traced, 1e-5, name="jit")
+    if impl == "pallas":
+        # The folded scale's gradient is the kernels' dq (tested in
+        # test_pallas.py) times q: not worth a kernel backward compile here.
+        return
     grad = float(jax.grad(loss)(jnp.float32(s0)))
     h = 1e-2
     fd = (float(loss(s0 + h)) - float(loss(s0 - h))) / (2 * h)
@@ -355,3 +359,13 @@ def test_kernel_wrapper_validation(getkey):
         q[:, :0], k_ext[:, :blk], v_ext[:, :blk], valid, scale=1.0, **kw
     )
     assert empty.shape == (bh, 0, dv)
+
+
+def test_nan_in_inputs_is_not_checked_and_propagates_only_forward(getkey):
+    """NaN/inf inside the arrays is left to the user (checking costs a pass
+    over the data): it reaches the outputs that attend to it, no earlier."""
+    q, k, v, c = _qkvc(getkey)
+    v = v.at[0, 9].set(jnp.nan)
+    out = vq_attention(q, k, v, c, block_len=8, implementation="xla")
+    assert np.isfinite(np.asarray(out[0, :9])).all()
+    assert np.isnan(np.asarray(out[0, 9])).all()
