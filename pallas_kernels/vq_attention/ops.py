@@ -155,18 +155,19 @@ def _as_int(name: str, value, minimum: int) -> int:
 
 def _static_scale(scale) -> float:
     """The kernels' scale: a finite Python number (compiled into the kernels)."""
-    if isinstance(scale, jax.core.Tracer):
-        raise ValueError(
-            "scale must be a Python float for the Pallas kernels (it is compiled "
-            "in); for a traced scale multiply it into q and pass scale=1.0 "
-            "(tvq_eqx.vq_attention does this)"
-        )
     if isinstance(scale, bool | np.bool_) or not (
         isinstance(scale, numbers.Real)
         or (hasattr(scale, "shape") and tuple(scale.shape) == ())
     ):
         raise ValueError(f"scale must be a real number; got {scale!r}")
-    scale = float(scale)
+    try:
+        scale = float(scale)
+    except jax.errors.ConcretizationTypeError:
+        raise ValueError(
+            "scale must be a Python float for the Pallas kernels (it is compiled "
+            "in); for a traced scale multiply it into q and pass scale=1.0 "
+            "(tvq_eqx.vq_attention does this)"
+        ) from None
     if not math.isfinite(scale):
         raise ValueError(f"scale must be finite; got {scale!r}")
     return scale

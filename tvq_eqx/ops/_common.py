@@ -303,14 +303,10 @@ def check_options(*, use_cache, sliding_window, state_keys) -> bool:
     return sliding_window
 
 
-def is_traced(x) -> bool:
-    return isinstance(x, jax.core.Tracer)
-
-
 def check_scale(scale, d_k: int):
     """The score scale: `1/sqrt(d_k)` for None; a Python float for a real
     number (numpy scalars and concrete 0-d arrays included); a traced 0-d
-    floating array (a learned temperature, under jit or grad) as is.
+    array (a learned temperature, under jit or grad) as a float32 array.
 
     A ValueError names `scale` if it is not a real scalar or, when its value
     is known, not finite (NaN or inf would make every output NaN)."""
@@ -329,11 +325,12 @@ def check_scale(scale, d_k: int):
                 f"scale must be a real scalar (a 0-d float array); got shape "
                 f"{tuple(scale.shape)} dtype {scale.dtype}"
             )
-        if is_traced(scale):
-            # Value unknown here (a learned temperature): used as an operand.
-            # Scores are float32: a float32 operand (strict promotion safe).
-            return scale.astype(jnp.float32)
-        scale = float(scale)
+        try:
+            scale = float(scale)
+        except jax.errors.ConcretizationTypeError:
+            # Traced (a learned temperature): its value is unknown here; an
+            # operand of the scores, which are float32 (strict promotion).
+            return jnp.asarray(scale).astype(jnp.float32)
     else:
         raise ValueError(
             f"scale must be a real number or a 0-d array; got "

@@ -22,7 +22,6 @@ from ._common import (
     cache_dtype,
     check_options,
     check_scale,
-    is_traced,
     resolve_mem_len,
     validate_inputs,
 )
@@ -268,10 +267,11 @@ def vq_attention_with_state(
         # gives the (empty) output and the state exactly.
         impl = "xla"
     if impl == "pallas":
-        if is_traced(scale):
-            # The kernels take the scale as a Python float; a traced one scales
-            # the query instead (the window bias is added unscaled either way).
-            query = query * scale.astype(query.dtype)
+        if not isinstance(scale, float):
+            # Traced: the kernels take the scale as a Python float, so a traced
+            # one scales the query instead (the window bias is added unscaled
+            # either way).
+            query = query * jnp.asarray(scale).astype(query.dtype)
             scale = 1.0
         implementation_fn = functools.partial(_pallas_jit(), pallas=pallas)
     else:
