@@ -151,9 +151,10 @@ def vq_attention(
 
     Sizes: `seq = 0`, `batch = 0`, `heads = 0` or `d_v = 0` give the empty
     output of the right shape; `d_k = 0` and `codes = 0` raise a ValueError
-    (nothing to quantize with). NaN or inf in the arrays is not checked (it
-    propagates to the outputs that attend to it); a non-finite Python `scale`
-    raises.
+    (nothing to quantize with). NaN or inf in the arrays is not checked (a pass
+    over the data): it reaches every output of its block and of later blocks
+    (masked weights are 0, and 0 * NaN = NaN). A non-finite `scale` raises
+    when its value is known.
 
     Gradients: `dq` and `dv` equal the quadratic form's; `dk` flows only from
     queries in the same or the next block (the window, `mem_len = block_len`;
