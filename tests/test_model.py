@@ -124,7 +124,8 @@ def test_bf16_activations_run_and_are_close(getkey):
     ref, _, _ = run(model, x, model.init_state(2))
     low = model.with_config(dtype="bfloat16")
     out, state, _ = run(low, x, low.init_state(2))
-    assert out.dtype == jnp.float32 and state.units[0].cache_mean.dtype == jnp.bfloat16
+    # The carried cache stays float32 with bf16 activations (long streams).
+    assert out.dtype == jnp.float32 and state.units[0].cache_mean.dtype == jnp.float32
     assert np.isfinite(np.asarray(out)).all()
     # bf16 activations (8-bit mantissa) through 4 units: a few percent of the
     # log-prob spread.

@@ -122,7 +122,8 @@ def test_xla_low_precision_close_to_f32_definition(getkey, shape, dtype):
     out, state = vq_attention_xla(
         q, k, v, c, block_len=shape[-1], scale=0.5, rel_query=rq, rel_table=rt
     )
-    assert out.dtype == dtype and state.cache_mean.dtype == dtype
+    # The carried cache is float32 whatever the activation dtype (long streams).
+    assert out.dtype == dtype and state.cache_mean.dtype == jnp.float32
     tol = 2e-2 if dtype == jnp.bfloat16 else 4e-3
     assert rel_err(ref, out) <= tol
     assert np.isfinite(np.asarray(out, np.float32)).all()

@@ -84,7 +84,8 @@ def cotangents(key, shape, dtype, zero_state=False):
     ks = jax.random.split(key, 3)
     c_out = jax.random.normal(ks[0], (b, t, h, v), dtype)
     c_prev = jax.random.normal(ks[1], (b, blk, h, v), dtype)
-    c_mean = jax.random.normal(ks[2], (b, h, s, v), dtype)
+    # The returned cache mean is float32 whatever the activation dtype.
+    c_mean = jax.random.normal(ks[2], (b, h, s, v), jnp.float32)
     if zero_state:
         c_prev, c_mean = jnp.zeros_like(c_prev), jnp.zeros_like(c_mean)
     return (c_out, c_prev, c_mean)

@@ -4,9 +4,13 @@ wires the forward kernel to the backward kernels."""
 from __future__ import annotations
 
 import functools
+import math
+import numbers
+import operator
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from . import backward as _bwd
 from . import forward as _fwd
@@ -138,6 +142,37 @@ def _core_bwd(st, res, dout):
 _core.defvjp(_core_fwd, _core_bwd)
 
 
+def _as_int(name: str, value, minimum: int) -> int:
+    """`value` as a Python int >= minimum (numpy integers accepted, bools not)."""
+    if isinstance(value, numbers.Integral | np.integer) and not isinstance(
+        value, bool | np.bool_
+    ):
+        value = operator.index(value)
+        if value >= minimum:
+            return value
+    raise ValueError(f"{name} must be an int >= {minimum}; got {value!r}")
+
+
+def _static_scale(scale) -> float:
+    """The kernels' scale: a finite Python number (compiled into the kernels)."""
+    if isinstance(scale, bool | np.bool_) or not (
+        isinstance(scale, numbers.Real)
+        or (hasattr(scale, "shape") and tuple(scale.shape) == ())
+    ):
+        raise ValueError(f"scale must be a real number; got {scale!r}")
+    try:
+        scale = float(scale)
+    except jax.errors.ConcretizationTypeError:
+        raise ValueError(
+            "scale must be a Python float for the Pallas kernels (it is compiled "
+            "in); for a traced scale multiply it into q and pass scale=1.0 "
+            "(tvq_eqx.vq_attention does this)"
+        ) from None
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite; got {scale!r}")
+    return scale
+
+
 def vq_attention_core(
     q,
     k_ext,
@@ -182,10 +217,23 @@ def vq_attention_core(
     **Returns:** `[BH, T, V]` in `v_ext.dtype`. Differentiable in q, k_ext,
     v_ext, cache_mean and window_bias (zero cotangents for the rest).
     """
+    block_len = _as_int("block_len", block_len, 1)
+    num_heads = _as_int("num_heads", num_heads, 1)
+    scale = _static_scale(scale)
+    if not hasattr(q, "ndim") or q.ndim != 3 or not hasattr(v_ext, "ndim"):
+        got = tuple(q.shape) if hasattr(q, "shape") else type(q).__name__
+        raise ValueError(f"q must be [batch*heads, seq, d_k]; got {got}")
     bh, seq, d_k = q.shape
     d_v = v_ext.shape[-1]
     L = block_len
     use_cache = codebook is not None
+    if d_k == 0:
+        raise ValueError(f"q {tuple(q.shape)}: d_k must be >= 1")
+    if use_cache and codebook.ndim == 3 and codebook.shape[1] == 0:
+        raise ValueError(
+            f"codebook {tuple(codebook.shape)} has no codes; give at least one "
+            f"or codebook=None (no cache)"
+        )
     if seq % L:
         raise ValueError(f"q {tuple(q.shape)}: seq must be a multiple of block_len={L}")
     n_blk = seq // L
@@ -227,11 +275,18 @@ def vq_attention_core(
             raise ValueError(
                 f"window_len={window_len} needs the cache off (codebook=None)"
             )
-        if isinstance(window_len, bool) or not 1 <= int(window_len) <= L:
+        ok = isinstance(window_len, numbers.Integral | np.integer) and not (
+            isinstance(window_len, bool | np.bool_)
+        )
+        if not ok or not 1 <= operator.index(window_len) <= L:
             raise ValueError(
                 f"window_len must be an int in [1, block_len={L}]; got {window_len!r}"
             )
-        window_len = int(window_len)
+        window_len = operator.index(window_len)
+    if bh == 0 or seq == 0 or d_v == 0:
+        # Nothing to compute (the shapes above are consistent): the kernels'
+        # grids would be empty, and an empty output has no gradient.
+        return jnp.zeros((bh, seq, d_v), v_ext.dtype)
     if block_sizes is None:
         block_sizes = BlockSizes.for_platform(jax.default_backend())
     dtype = v_ext.dtype

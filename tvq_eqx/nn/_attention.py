@@ -85,6 +85,8 @@ class VQAttention(eqx.Module):
                 d_v=c.d_v,
                 dtype=c.jnp_dtype,
             )
+        # Window in the activation dtype; the cache (counts, value means) is
+        # float32 whatever it is, so long bf16 streams do not drift.
         return VQAttentionState.empty(
             batch_size,
             mem_len=c.mem_len,

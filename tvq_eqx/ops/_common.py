@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import math
+import numbers
+import operator
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float, Int
 
 # Finite stand-in for -inf in masked scores: exp() of it underflows to exactly 0,
@@ -33,9 +36,14 @@ class VQAttentionState(eqx.Module):
     - `window_value`: `[batch, M, heads, d_v]`, their values.
     - `length`: int32 `[batch]`, how many of the window's last slots hold real
       tokens (0 before the first token; slots before that are masked).
-    - `cache_count`: float32 `[batch, heads, codes]`, keys per code in the cache.
-    - `cache_mean`: `[batch, heads, codes, d_v]`, mean value per code (value
-      dtype, as the official code does, so bf16 stays finite).
+    - `cache_count`: float32 `[batch, heads, codes]`, keys per code in the cache
+      (exact up to 2^24 keys per code).
+    - `cache_mean`: float32 `[batch, heads, codes, d_v]` (float64 for float64
+      values), mean value per code. Float32 whatever the activation dtype:
+      rounded to bf16 after every call, a code's mean stops moving once it has
+      seen a few hundred keys, and a long bf16 stream drifts from float32.
+      The ops accept a state with a lower-precision `cache_mean` and return
+      one in float32.
     """
 
     window_code: Int[Array, "batch mem heads"]
@@ -53,32 +61,34 @@ class VQAttentionState(eqx.Module):
     @classmethod
     def empty(
         cls,
-        batch_size: int,
+        batch_size: int | np.integer,
         *,
-        heads: int,
-        codes: int,
-        d_k: int,
-        d_v: int,
-        mem_len: int | None = None,
-        block_len: int | None = None,
+        heads: int | np.integer,
+        codes: int | np.integer,
+        d_k: int | np.integer,
+        d_v: int | np.integer,
+        mem_len: int | np.integer | None = None,
+        block_len: int | np.integer | None = None,
         dtype=jnp.float32,
         key_dtype=None,
     ) -> VQAttentionState:
         """The state before any token: empty window and empty cache.
 
         `mem_len` is the window length; `block_len` alone (the older
-        signature) means `mem_len = block_len`. `key_dtype` (default `dtype`)
-        is the dtype of the stored codewords.
+        signature) means `mem_len = block_len`. `dtype` is the dtype of the
+        window's values, `key_dtype` (default `dtype`) of its codewords; the
+        cache is float32 whatever `dtype` (`cache_dtype`).
         """
         if mem_len is None:
             if block_len is None:
                 raise ValueError("VQAttentionState.empty needs mem_len (or block_len)")
-            mem_len = block_len
-        if isinstance(mem_len, bool) or not isinstance(mem_len, int) or mem_len < 0:
-            raise ValueError(
-                f"VQAttentionState.empty: mem_len must be a non-negative int; "
-                f"got {mem_len!r}"
-            )
+            mem_len = as_int("VQAttentionState.empty: block_len", block_len, 1)
+        mem_len = as_int("VQAttentionState.empty: mem_len", mem_len, 0)
+        batch_size = as_int("VQAttentionState.empty: batch_size", batch_size, 0)
+        heads = as_int("VQAttentionState.empty: heads", heads, 0)
+        codes = as_int("VQAttentionState.empty: codes", codes, 0)
+        d_k = as_int("VQAttentionState.empty: d_k", d_k, 0)
+        d_v = as_int("VQAttentionState.empty: d_v", d_v, 0)
         key_dtype = dtype if key_dtype is None else key_dtype
         return cls(
             window_code=jnp.zeros((batch_size, mem_len, heads), jnp.int32),
@@ -86,8 +96,32 @@ class VQAttentionState(eqx.Module):
             window_value=jnp.zeros((batch_size, mem_len, heads, d_v), dtype),
             length=jnp.zeros((batch_size,), jnp.int32),
             cache_count=jnp.zeros((batch_size, heads, codes), jnp.float32),
-            cache_mean=jnp.zeros((batch_size, heads, codes, d_v), dtype),
+            cache_mean=jnp.zeros((batch_size, heads, codes, d_v), cache_dtype(dtype)),
         )
+
+
+def cache_dtype(dtype):
+    """dtype of the carried cache means: float32, or `dtype` if wider."""
+    dtype = jnp.dtype(dtype)
+    wider = jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize > 4
+    return dtype if wider else jnp.dtype(jnp.float32)
+
+
+def as_int(name: str, value, minimum: int) -> int:
+    """`value` as a Python int >= `minimum` (numpy integers accepted, bools
+    and floats not); a ValueError naming `name` otherwise."""
+    ok = isinstance(value, numbers.Integral | np.integer) and not isinstance(
+        value, bool | np.bool_
+    )
+    if ok:
+        value = operator.index(value)
+        if value >= minimum:
+            return value
+    kind = "positive" if minimum == 1 else "non-negative" if minimum == 0 else ""
+    raise ValueError(
+        f"{name} must be a {kind} int (>= {minimum}); got {value!r} "
+        f"({type(value).__name__})"
+    )
 
 
 STATE_KEYS = ("codewords", "codes")
@@ -146,8 +180,19 @@ def validate_inputs(
             f"codebook must be [heads={h}, codes, d_k={d_k}] to match query "
             f"{tuple(query.shape)}; got {tuple(codebook.shape)}"
         )
-    if isinstance(block_len, bool) or not isinstance(block_len, int) or block_len <= 0:
-        raise ValueError(f"block_len must be a positive int; got {block_len!r}")
+    block_len = as_int("block_len", block_len, 1)
+    if d_k == 0:
+        # No key space: every key would tie on code 0 and the default scale
+        # 1/sqrt(d_k) is undefined.
+        raise ValueError(
+            f"query/key need d_k >= 1 (the last axis); got query "
+            f"{tuple(query.shape)}, key {tuple(key.shape)}"
+        )
+    if codebook.shape[1] == 0:
+        raise ValueError(
+            f"codebook needs at least one code to quantize keys to; got codebook "
+            f"{tuple(codebook.shape)} (codes = 0)"
+        )
     if t % block_len != 0:
         raise ValueError(
             f"seq length {t} (query {tuple(query.shape)}) must be a multiple "
@@ -173,6 +218,7 @@ def validate_inputs(
                 f"mem_len={mem_len} (the window of directly attended keys)"
             )
     if state is not None:
+        check_state(state)
         s = codebook.shape[1]
         d_v = value.shape[3]
         m = state.window_code.shape[1] if mem_len is None else mem_len
@@ -194,13 +240,40 @@ def validate_inputs(
                 )
 
 
+_STATE_DTYPES = dict(
+    window_code="integer",
+    window_key="floating",
+    window_value="floating",
+    length="integer",
+    cache_count="floating",
+    cache_mean="floating",
+)
+
+
+def check_state(state) -> None:
+    """A TypeError unless `state` is a VQAttentionState of array fields with
+    the right kinds of dtype (shapes: `validate_inputs`)."""
+    if not isinstance(state, VQAttentionState):
+        raise TypeError(
+            f"state must be a VQAttentionState (VQAttentionState.empty) or None; "
+            f"got {type(state).__name__}"
+        )
+    for field, kind in _STATE_DTYPES.items():
+        x = getattr(state, field)
+        want = jnp.integer if kind == "integer" else jnp.floating
+        if not hasattr(x, "dtype") or not jnp.issubdtype(x.dtype, want):
+            got = x.dtype if hasattr(x, "dtype") else type(x).__name__
+            raise TypeError(f"state.{field} must have an {kind} dtype; got {got}")
+
+
 def resolve_mem_len(mem_len, state, block_len) -> int:
     """The window length: `mem_len` if given, else the state's, else
     `block_len`; a given `mem_len` must match the state's window."""
+    if state is not None:
+        check_state(state)
     if mem_len is None:
         return block_len if state is None else state.window_code.shape[1]
-    if isinstance(mem_len, bool) or not isinstance(mem_len, int) or mem_len < 0:
-        raise ValueError(f"mem_len must be a non-negative int; got {mem_len!r}")
+    mem_len = as_int("mem_len", mem_len, 0)
     if state is not None and state.window_code.shape[1] != mem_len:
         raise ValueError(
             f"state holds a window of {state.window_code.shape[1]} keys "
@@ -230,8 +303,42 @@ def check_options(*, use_cache, sliding_window, state_keys) -> bool:
     return sliding_window
 
 
-def default_scale(d_k: int, scale) -> float:
-    return 1.0 / math.sqrt(d_k) if scale is None else scale
+def check_scale(scale, d_k: int):
+    """The score scale: `1/sqrt(d_k)` for None; a Python float for a real
+    number (numpy scalars and concrete 0-d arrays included); a traced 0-d
+    array (a learned temperature, under jit or grad) as a float32 array.
+
+    A ValueError names `scale` if it is not a real scalar or, when its value
+    is known, not finite (NaN or inf would make every output NaN)."""
+    if scale is None:
+        return 1.0 / math.sqrt(d_k)
+    if isinstance(scale, bool | np.bool_):
+        raise ValueError(f"scale must be a real number or a 0-d array; got {scale!r}")
+    if isinstance(scale, numbers.Real):
+        scale = float(scale)
+    elif hasattr(scale, "shape") and hasattr(scale, "dtype"):
+        if tuple(scale.shape) != () or not (
+            jnp.issubdtype(scale.dtype, jnp.floating)
+            or jnp.issubdtype(scale.dtype, jnp.integer)
+        ):
+            raise ValueError(
+                f"scale must be a real scalar (a 0-d float array); got shape "
+                f"{tuple(scale.shape)} dtype {scale.dtype}"
+            )
+        try:
+            scale = float(scale)
+        except jax.errors.ConcretizationTypeError:
+            # Traced (a learned temperature): its value is unknown here; an
+            # operand of the scores, which are float32 (strict promotion).
+            return jnp.asarray(scale).astype(jnp.float32)
+    else:
+        raise ValueError(
+            f"scale must be a real number or a 0-d array; got "
+            f"{type(scale).__name__} {scale!r}"
+        )
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be finite; got {scale!r}")
+    return scale
 
 
 def quantize(

@@ -6,7 +6,10 @@ import functools
 import inspect
 from typing import Literal
 
+import equinox as eqx
 import jax
+import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float
 
 from pallas_kernels.vq_attention.config import PallasConfig
@@ -15,8 +18,10 @@ from pallas_kernels.vq_attention.config import PallasConfig
 # names the argument and all shapes) runs before any annotation check.
 from ._common import (
     VQAttentionState,
+    as_int,
+    cache_dtype,
     check_options,
-    default_scale,
+    check_scale,
     resolve_mem_len,
     validate_inputs,
 )
@@ -24,12 +29,12 @@ from ._quadratic import vq_attention_quadratic
 from ._xla import vq_attention_xla
 
 # Jitted so eager calls compile once per shape instead of once per primitive;
-# inside a user's jit these inline.
+# inside a user's jit these inline. `scale` is an operand, not static: a new
+# value does not recompile, and it may be traced (a learned temperature).
 _xla_jit = jax.jit(
     vq_attention_xla,
     static_argnames=(
         "block_len",
-        "scale",
         "use_cache",
         "cache_grad",
         "mem_len",
@@ -37,7 +42,7 @@ _xla_jit = jax.jit(
         "state_keys",
     ),
 )
-_quadratic_jit = jax.jit(vq_attention_quadratic, static_argnames=("scale",))
+_quadratic_jit = jax.jit(vq_attention_quadratic)
 # Keyword arguments of `vq_attention_pallas` that are arrays; every other
 # keyword-only argument is an option, static under jit.
 _PALLAS_ARRAY_KWARGS = ("state", "rel_query", "rel_table")
@@ -47,7 +52,8 @@ _PALLAS_ARRAY_KWARGS = ("state", "rel_query", "rel_table")
 def _pallas_jit():
     """`vq_attention_pallas` jitted like `_xla_jit` (built on first use: the
     kernels package is optional). Eager calls otherwise re-trace and re-lower
-    every kernel on each call."""
+    every kernel on each call. `scale` is static here (the kernels take a
+    Python float); `_run_pallas` folds a traced scale into the query."""
     from ._pallas import vq_attention_pallas
 
     params = inspect.signature(vq_attention_pallas).parameters.values()
@@ -110,8 +116,8 @@ def vq_attention(
     value: Array,
     codebook: Array,
     *,
-    block_len: int,
-    scale: float | None = None,
+    block_len: int | np.integer,
+    scale: float | int | np.number | Array | None = None,
     implementation: str | None = None,
     pallas: PallasConfig | None = None,
 ) -> Float[Array, "batch seq heads d_v"]:
@@ -130,7 +136,10 @@ def vq_attention(
     - `codebook`: `[heads, codes, d_k]`; receives no gradient.
     - `block_len`: block length; `seq` must be a multiple of it. Outputs do not
       depend on it (up to rounding).
-    - `scale`: score scale, default `1/sqrt(d_k)`.
+    - `scale`: score scale, default `1/sqrt(d_k)`: a finite real number, or a
+      0-d array that may be traced (a learned temperature; differentiable).
+      A new value does not recompile, except on the pallas kernels, which
+      compile per Python value (a traced scale is folded into the query there).
     - `implementation`: `"xla"` (linear time, pure jnp), `"pallas"` (kernels;
       interpret mode on CPU), `"quadratic"` (the O(T^2) definition) or None
       (pallas on GPU/TPU, xla on CPU).
@@ -140,14 +149,22 @@ def vq_attention(
 
     **Returns:** `[batch, seq, heads, d_v]` in `value.dtype`.
 
+    Sizes: `seq = 0`, `batch = 0`, `heads = 0` or `d_v = 0` give the empty
+    output of the right shape; `d_k = 0` and `codes = 0` raise a ValueError
+    (nothing to quantize with). NaN or inf in the arrays is not checked (a pass
+    over the data): it reaches every output of its block and of later blocks
+    (masked weights are 0, and 0 * NaN = NaN). A non-finite `scale` raises
+    when its value is known.
+
     Gradients: `dq` and `dv` equal the quadratic form's; `dk` flows only from
     queries in the same or the next block (the window, `mem_len = block_len`;
     the cache holds codewords, not keys), which is the paper's estimator.
     """
-    validate_inputs(query, key, value, codebook, block_len=block_len)
     impl = _check_implementation(implementation)
     pallas = _check_pallas(pallas)
-    scale = default_scale(query.shape[-1], scale)
+    block_len = as_int("block_len", block_len, 1)
+    validate_inputs(query, key, value, codebook, block_len=block_len)
+    scale = check_scale(scale, query.shape[-1])
     if impl == "quadratic":
         return _quadratic_jit(query, key, value, codebook, scale=scale)
     out, _ = vq_attention_with_state(
@@ -171,13 +188,13 @@ def vq_attention_with_state(
     codebook: Array,
     state: VQAttentionState | None,
     *,
-    block_len: int,
-    scale: float | None = None,
+    block_len: int | np.integer,
+    scale: float | int | np.number | Array | None = None,
     rel_query: Array | None = None,
     rel_table: Array | None = None,
     use_cache: bool = True,
     cache_grad: bool = True,
-    mem_len: int | None = None,
+    mem_len: int | np.integer | None = None,
     sliding_window: bool | None = None,
     state_keys: str = "codewords",
     implementation: str | None = None,
@@ -212,12 +229,23 @@ def vq_attention_with_state(
       update between calls.
     - `pallas`: `PallasConfig` for `implementation="pallas"` (as in
       `vq_attention`).
+
+    Sizes and `scale` as in `vq_attention`; `seq = 0` returns the state
+    unchanged (cache in float32). The returned state's cache is float32
+    whatever the activation dtype (see `VQAttentionState`).
     """
+    impl = _check_implementation(implementation)
+    pallas = _check_pallas(pallas)
+    if impl == "quadratic":
+        raise ValueError(
+            "implementation='quadratic' has no streaming state; use 'xla' or 'pallas'"
+        )
     sliding_window = check_options(
         use_cache=use_cache, sliding_window=sliding_window, state_keys=state_keys
     )
     if not isinstance(cache_grad, bool):
         raise ValueError(f"cache_grad must be a bool; got {cache_grad!r}")
+    block_len = as_int("block_len", block_len, 1)
     mem_len = resolve_mem_len(mem_len, state, block_len)
     validate_inputs(
         query,
@@ -230,14 +258,22 @@ def vq_attention_with_state(
         state=state,
         mem_len=mem_len,
     )
-    impl = _check_implementation(implementation)
-    pallas = _check_pallas(pallas)
-    scale = default_scale(query.shape[-1], scale)
-    if impl == "quadratic":
-        raise ValueError(
-            "implementation='quadratic' has no streaming state; use 'xla' or 'pallas'"
-        )
+    scale = check_scale(scale, query.shape[-1])
+    b, t, h, _ = query.shape
+    if t == 0:
+        # Nothing to attend or to add to the history: the state is unchanged.
+        return _empty_segment(query, key, value, codebook, state, mem_len=mem_len)
+    if impl == "pallas" and b * h * value.shape[-1] == 0:
+        # Zero-size batch, heads or values: no kernel work; the xla form
+        # gives the (empty) output and the state exactly.
+        impl = "xla"
     if impl == "pallas":
+        if not isinstance(scale, float):
+            # Traced: the kernels take the scale as a Python float, so a traced
+            # one scales the query instead (the window bias is added unscaled
+            # either way).
+            query = query * jnp.asarray(scale).astype(query.dtype)
+            scale = 1.0
         implementation_fn = functools.partial(_pallas_jit(), pallas=pallas)
     else:
         implementation_fn = _xla_jit
@@ -257,3 +293,32 @@ def vq_attention_with_state(
         sliding_window=sliding_window,
         state_keys=state_keys,
     )
+
+
+def _empty_segment(query, key, value, codebook, state, *, mem_len):
+    """Output and state of a zero-length segment: `[batch, 0, heads, d_v]`
+    and the incoming state (an empty one for None), cache in float32."""
+    b, _, h, d_k = query.shape
+    d_v = value.shape[-1]
+    out = jnp.zeros((b, 0, h, d_v), value.dtype)
+    if state is None:
+        state = VQAttentionState.empty(
+            b,
+            mem_len=mem_len,
+            heads=h,
+            codes=codebook.shape[1],
+            d_k=d_k,
+            d_v=d_v,
+            dtype=value.dtype,
+            key_dtype=key.dtype,
+        )
+    mean = state.cache_mean
+    state = eqx.tree_at(
+        lambda s: (s.cache_count, s.cache_mean),
+        state,
+        (
+            state.cache_count.astype(jnp.float32),
+            mean.astype(cache_dtype(mean.dtype)),
+        ),
+    )
+    return out, state

@@ -23,7 +23,7 @@ def vq_attention_reference(
     value: Float[Array, "batch seq heads d_v"],
     codebook: Float[Array, "heads codes d_k"],
     *,
-    scale: float,
+    scale: float | Float[Array, ""],
     rel_query: Float[Array, "batch seq heads d_k"] | None = None,
     rel_table: Float[Array, "dist heads d_k"] | None = None,
     block_len: int | None = None,

@@ -23,6 +23,7 @@ from ._common import (
     HIGHEST,
     MASK_VALUE,
     VQAttentionState,
+    cache_dtype,
     gather_codes,
     log_count_bias,
     quantize,
@@ -139,13 +140,17 @@ def _summaries(code, value, valid, state: VQAttentionState, *, n_code, block_len
         )
         return total0[:, None] + before, total0 + inclusive[:, n_blk - 1]
 
-    count0 = state.cache_count
+    count0 = state.cache_count.astype(jnp.float32)
     sum0 = state.cache_mean.astype(jnp.float32) * count0[..., None]
     blk_count, new_count = prefix(counts, count0)
     blk_sum, new_sum = prefix(sums, sum0)
     dtype = value.dtype
+    # What the blocks read is one rounding to the value dtype; what is carried
+    # to the next call stays float32, so rounding never compounds over calls.
     blk_mean = (blk_sum / jnp.maximum(blk_count, 1.0)[..., None]).astype(dtype)
-    new_mean = (new_sum / jnp.maximum(new_count, 1.0)[..., None]).astype(dtype)
+    new_mean = (new_sum / jnp.maximum(new_count, 1.0)[..., None]).astype(
+        cache_dtype(dtype)
+    )
     return blk_count, blk_mean, new_count, new_mean
 
 
@@ -157,8 +162,8 @@ class Prologue(eqx.Module):
     - `ext`: the carried window followed by the segment (`Extended`).
     - `block_count` f32 `[B, N, H, S]`, `block_mean` `[B, N, H, S, V]`: the
       cache each block reads (stop-gradiented with `cache_grad=False`).
-    - `new_count` f32 `[B, H, S]`, `new_mean` `[B, H, S, V]`: the cache after
-      the segment (for `next_state`).
+    - `new_count` f32 `[B, H, S]`, `new_mean` f32 `[B, H, S, V]`: the cache
+      after the segment (for `next_state`).
     """
 
     state: VQAttentionState
@@ -216,7 +221,8 @@ def next_state(
     state: VQAttentionState, ext: Extended, cache_count, cache_mean, *, cache_grad
 ):
     """The state after a segment: the last M entries of `ext` and the cache of
-    everything before them (dtypes kept from the incoming state). With
+    everything before them (window dtypes kept from the incoming state; the
+    cache float32 or wider, see `VQAttentionState`). With
     `cache_grad=False` it is a constant (official `grad_thru_cache=False`)."""
     m = state.window_code.shape[1]
     t = ext.code.shape[1] - m
@@ -226,9 +232,15 @@ def next_state(
         window_value=ext.value[:, t:].astype(state.window_value.dtype),
         length=jnp.minimum(state.length + t, m).astype(jnp.int32),
         cache_count=cache_count,
-        cache_mean=cache_mean.astype(state.cache_mean.dtype),
+        cache_mean=cache_mean.astype(
+            max(cache_mean.dtype, state.cache_mean.dtype, key=cache_dtype_size)
+        ),
     )
     return new if cache_grad else jax.tree.map(sg, new)
+
+
+def cache_dtype_size(dtype) -> int:
+    return cache_dtype(dtype).itemsize
 
 
 def vq_attention_xla(
@@ -238,7 +250,7 @@ def vq_attention_xla(
     codebook: Float[Array, "heads codes d_k"],
     *,
     block_len: int,
-    scale: float,
+    scale: float | Float[Array, ""],
     state: VQAttentionState | None = None,
     rel_query: Float[Array, "batch seq heads d_k"] | None = None,
     rel_table: Float[Array, "dist heads d_k"] | None = None,
