@@ -49,16 +49,16 @@ def _train_state_and_batch(n_layer: int, remat: str | None, preset: str):
     if remat is not None:
         changes["remat"] = remat
     cfg = run.model.replace(**changes)
-    opt = train.optimizer_from_config(run.optimizer_config())
+    opt = train.optimizer_from_config(run.optimizer, run.steps)
     model = tvq_eqx.Transformer(cfg, key=jax.random.key(0))
-    ts = train.init_train_state(model, opt, run.batch_size, key=jax.random.key(1))
+    ts = train.init_train_state(model, opt, run.data.batch_size, key=jax.random.key(1))
     toks = jax.random.randint(
-        jax.random.key(2), (run.batch_size, run.seq_len + 1), 0, cfg.n_vocab
+        jax.random.key(2), (run.data.batch_size, run.data.seq_len + 1), 0, cfg.n_vocab
     )
     batch = dict(
         inputs=toks[:, :-1],
         targets=toks[:, 1:],
-        loss_mask=jnp.ones((run.batch_size, run.seq_len), jnp.float32),
+        loss_mask=jnp.ones((run.data.batch_size, run.data.seq_len), jnp.float32),
         reset=jnp.asarray(False),
     )
     return ts, batch, opt, run
@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         notes=[
             f"Model: the `{args.preset}` preset (d_model {run.model.d_model}, "
             f"{run.model.n_head} head(s), {run.model.n_code} codes, block "
-            f"{run.model.block_len}; batch {run.batch_size} x {run.seq_len} "
+            f"{run.model.block_len}; batch {run.data.batch_size} x {run.data.seq_len} "
             f"tokens, update_len "
             f"{run.update_len}), n_layer varied; the real train step "
             "(loss, gradient, optimizer update), no donation.",

@@ -1,4 +1,6 @@
-"""Shared test setup: strict numerics, four CPU devices, seeded keys, helpers.
+"""Shared test setup: strict numerics, four CPU devices, a persistent
+compilation cache (`.pytest_cache/jax`; `TVQ_TEST_COMPILATION_CACHE=<dir>` or
+`off`), seeded keys, helpers.
 
 Random keys come from the `getkey` fixture, whose seed is fixed per test (a
 hash of the test's id) unless `TVQ_TEST_SEED` says otherwise:
@@ -17,6 +19,8 @@ import jax
 import numpy as np
 import pytest
 
+CACHE_ENV = "TVQ_TEST_COMPILATION_CACHE"
+
 # Silent rank promotion hides shape bugs (a [n] broadcast against [n, 1]):
 # an error in tests.
 jax.config.update("jax_numpy_rank_promotion", "raise")
@@ -33,6 +37,21 @@ jax.config.update(
 # process (the flag must be set before the backend starts; nothing above
 # touches it). Everything else runs on the default device, as with one.
 jax.config.update("jax_num_cpu_devices", 4)
+
+# Compilation dominates the suite's CPU time (about 85% on test_model.py), and
+# the programs rarely change between runs: keep every compiled executable in a
+# persistent cache shared by the xdist workers, so a re-run compiles only what
+# changed. TVQ_TEST_COMPILATION_CACHE names the folder; "off" disables it.
+_cache_dir = os.environ.get(
+    CACHE_ENV,
+    os.path.join(os.path.dirname(os.path.dirname(__file__)), ".pytest_cache", "jax"),
+)
+if _cache_dir.strip().lower() != "off":
+    jax.config.update("jax_compilation_cache_dir", _cache_dir)
+    # Cache small programs too: most of the suite's compiles take under the
+    # default one-second threshold, and together they are most of its time.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 SEED_ENV = "TVQ_TEST_SEED"
 _seed_key = pytest.StashKey[int]()

@@ -1,5 +1,6 @@
 """Generation with the carried state (tvq_eqx.sampling)."""
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -105,9 +106,14 @@ def test_decode_step_scanned_is_sample(getkey):
     want = sample(model, prompt, steps=steps, key=key, temperature=0.7, top_p=0.9)
     block = jnp.zeros((2, 8), jnp.int32).at[:, 0].set(prompt[:, 0])
     carry = DecodeCarry(model.init_state(2), block, jnp.int32(0))
+    # One compile for every step (eagerly, each op inside would dispatch
+    # on its own: minutes of the suite).
+    step = eqx.filter_jit(
+        lambda m, c, k: decode_step(m, c, k, temperature=0.7, top_p=0.9)
+    )
     toks, lps = [], []
     for k in jax.random.split(key, steps):
-        carry, tok, lp = decode_step(model, carry, k, temperature=0.7, top_p=0.9)
+        carry, tok, lp = step(model, carry, k)
         toks.append(tok)
         lps.append(lp)
     got = jnp.stack(toks, axis=1)
