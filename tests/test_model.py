@@ -554,9 +554,7 @@ def test_remat_gives_the_same_loss_and_gradients(getkey):
         loss_r, state_r, grads_r = value_and_grad(model.with_config(remat=remat))
         assert loss_r.dtype == jnp.float32
         np.testing.assert_allclose(float(loss_r), float(loss), rtol=1e-6, err_msg=remat)
-        for a, b in zip(
-            jax.tree.leaves(state), jax.tree.leaves(state_r), strict=True
-        ):
+        for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(state_r), strict=True):
             assert_close(a, b, 1e-6, name=remat)
         g, g_r = jax.tree.leaves(grads), jax.tree.leaves(grads_r)
         assert len(g) == len(g_r) > 10

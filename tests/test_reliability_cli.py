@@ -209,6 +209,7 @@ def a_file(tmp_path):
         (["train", "--run-dir", "{new}", "--model.n-layer", "0"], "n_layer must be a positive int"),
         (["train", "--run-dir", "{new}", "--optimizer.learning-rate", "nan"], "learning_rate must be > 0"),
         (["train", "--run-dir", "{new}", "--keep", "0"], "keep must be a positive int"),
+        (["train", "--run-dir", "{new}", "--model.implementation", "quadratic"], "invalid choice 'quadratic'"),
         (["train", "--run-dir", "{new}", "--context-len", "7"], "context_len=7 must be a multiple"),
         (["eval", "--run-dir", "{file}"], "is a file, not a folder"),
         (["eval", "--run-dir", "{new}"], "no checkpoints in"),
