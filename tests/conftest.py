@@ -53,6 +53,21 @@ if _cache_dir.strip().lower() != "off":
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
+
+@pytest.fixture
+def no_compilation_cache():
+    """Compile for real, bypassing the persistent cache: for tests that read
+    what XLA logs while compiling (a cache hit compiles nothing, logs nothing)."""
+    from jax.experimental.compilation_cache import compilation_cache
+
+    enabled = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    compilation_cache.reset_cache()  # JAX memoises whether the cache is on
+    yield
+    jax.config.update("jax_enable_compilation_cache", enabled)
+    compilation_cache.reset_cache()
+
+
 SEED_ENV = "TVQ_TEST_SEED"
 _seed_key = pytest.StashKey[int]()
 

@@ -287,7 +287,7 @@ def test_model_and_loss_run_inside_shard_map_as_unsharded(model, batch, mesh):
 
 
 def test_batch_sharded_jit_compiles_without_rematerialization(
-    model, batch, mesh, capfd
+    model, batch, mesh, capfd, no_compilation_cache
 ):
     """XLA warns on stderr when it must gather a sharded array to one device
     ("Involuntary full rematerialization"): `eqx.error_if` on a batch-sharded
