@@ -50,3 +50,21 @@ def random_state(key, shape, dtype=jnp.float32) -> VQAttentionState:
         cache_count=count.astype(jnp.float32),
         cache_mean=jax.random.normal(ks[0], (b, h, s, v), dtype),
     )
+
+
+def sampling_config():
+    """The micro model of the sampling tests (one shape, so both sampling test
+    files share compiled programs when they run in one process)."""
+    import tvq_eqx
+
+    return tvq_eqx.TransformerConfig(
+        n_vocab=16,
+        d_model=32,
+        d_k=8,
+        d_v=16,
+        n_head=1,
+        n_code=4,
+        n_layer=1,
+        block_len=8,
+        abs_pe=True,
+    )

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _inputs import sampling_config
 
 import tvq_eqx
 from tvq_eqx import sampling
@@ -20,19 +21,7 @@ from tvq_eqx.sampling import (
     sample_token,
 )
 
-# The config of tests/test_sampling.py: same shapes, so compiled programs are
-# shared when both files run in one process.
-CFG = tvq_eqx.TransformerConfig(
-    n_vocab=16,
-    d_model=32,
-    d_k=8,
-    d_v=16,
-    n_head=1,
-    n_code=4,
-    n_layer=1,
-    block_len=8,
-    abs_pe=True,
-)
+CFG = sampling_config()
 
 
 @pytest.fixture(scope="module")

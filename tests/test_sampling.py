@@ -5,21 +5,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _inputs import sampling_config
 
 import tvq_eqx
 from tvq_eqx.sampling import sample, sample_token
 
-CFG = tvq_eqx.TransformerConfig(
-    n_vocab=16,
-    d_model=32,
-    d_k=8,
-    d_v=16,
-    n_head=1,
-    n_code=4,
-    n_layer=1,
-    block_len=8,
-    abs_pe=True,
-)
+CFG = sampling_config()
 
 
 @pytest.mark.parametrize("prompt_shape", [(1,), (2, 11)])

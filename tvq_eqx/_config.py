@@ -261,18 +261,8 @@ class TransformerConfig:
             canonical = _normalised(f.name, value)
             if canonical is not value:
                 object.__setattr__(self, f.name, canonical)
-        positive = (
-            "n_vocab",
-            "d_model",
-            "d_k",
-            "d_v",
-            "n_head",
-            "n_code",
-            "n_layer",
-            "block_len",
-            "kv_cache_len",
-        )
-        for name in positive:
+        # Every int field but mem_len (0 = no window is valid; None = follow).
+        for name in (n for n in _INT_FIELDS if n != "mem_len"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(
