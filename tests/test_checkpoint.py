@@ -145,13 +145,15 @@ def test_old_unrolled_checkpoint_loads_into_stacked_layers(tmp_path):
     opt, build = _setup(CFG.replace(n_layer=3))
     step = train.make_train_step(opt, update_len=16)
     stream = _stream()
+    # Format 2 predates the codebook tally: it loads as 1 (a whole number).
     ts = _run(build(), step, stream, 0, 1)
-    old = _checkpoint.unstack_layers(ts)
+    old = _checkpoint.without_tally(_checkpoint.unstack_layers(ts))
     assert isinstance(old.model.layers, tuple) and len(old.model.layers) == 3
     path = train.save_checkpoint(tmp_path, old, step=1)
     _as_format(path, 2)
     loaded, _ = train.load_checkpoint(tmp_path, eqx.filter_eval_shape(build))
     assert isinstance(loaded.model.layers, tvq_eqx.nn.LayerStack)
+    ts = _unit_tallies(ts)
     a, b = _host_leaves(ts), _host_leaves(loaded)
     assert len(a) == len(b)
     for x, y in zip(a, b, strict=True):
@@ -162,23 +164,62 @@ def test_old_unrolled_checkpoint_loads_into_stacked_layers(tmp_path):
         assert np.array_equal(x, y)
 
 
+def _unit_tallies(ts):
+    """`ts` with every codebook tally 1, as a checkpoint from before it loads."""
+    quantizers = [u.quantizer for u in ts.model.layers.stacked.units]
+    ones = [np.ones_like(q.ema_tally) for q in quantizers]
+    return eqx.tree_at(
+        lambda t: [u.quantizer.ema_tally for u in t.model.layers.stacked.units],
+        ts,
+        ones,
+    )
+
+
+def test_checkpoint_from_before_the_codebook_tally_loads(tmp_path):
+    # Format 3: the stacked layout without `VectorQuantizer.ema_tally`. It
+    # loads with tallies 1 and trains on exactly as the original.
+    opt, build = _setup(CFG.replace(n_layer=2))
+    step = train.make_train_step(opt, update_len=16)
+    stream = _stream()
+    ts = _run(build(), step, stream, 0, 1)
+    assert all(
+        np.all(np.asarray(u.quantizer.ema_tally) == 3.0)  # 1 + two EMA steps
+        for u in ts.model.layers.stacked.units
+    )
+    # A format-4 file (with the tally) marked as format 3 does not match.
+    path = train.save_checkpoint(tmp_path / "new", ts, step=2)
+    _as_format(path, 3)
+    with pytest.raises(train.CheckpointError, match="does not match.*format 3"):
+        train.load_checkpoint(path, eqx.filter_eval_shape(build))
+    path = train.save_checkpoint(tmp_path, _checkpoint.without_tally(ts), step=1)
+    _as_format(path, 3)
+    loaded, _ = train.load_checkpoint(tmp_path, eqx.filter_eval_shape(build))
+    want = _unit_tallies(ts)
+    for x, y in zip(_host_leaves(want), _host_leaves(loaded), strict=True):
+        assert x.dtype == y.dtype and np.array_equal(x, y)
+    cont = _host_leaves(_run(want, step, stream, 1, 2))
+    for x, y in zip(cont, _host_leaves(_run(loaded, step, stream, 1, 2)), strict=True):
+        assert np.array_equal(x, y)
+
+
 def test_old_checkpoint_of_another_model_or_unknown_format_is_a_clear_error(tmp_path):
     _, build = _setup(CFG.replace(n_layer=2))
-    path = train.save_checkpoint(tmp_path, _checkpoint.unstack_layers(build()), step=1)
+    old = _checkpoint.without_tally(_checkpoint.unstack_layers(build()))
+    path = train.save_checkpoint(tmp_path, old, step=1)
     _as_format(path, 2)
     _, other = _setup(CFG.replace(n_layer=2, d_model=48))
     with pytest.raises(
         train.CheckpointError, match="does not match.*format 2 .layers unrolled"
     ):
         train.load_checkpoint(tmp_path, eqx.filter_eval_shape(other))
-    # A stacked (format 3) file marked as format 2 has the wrong leaf shapes.
+    # A stacked file marked as format 2 has the wrong leaf shapes.
     path = train.save_checkpoint(tmp_path, build(), step=2)
     _as_format(path, 2)
     with pytest.raises(train.CheckpointError, match="format 2 .layers unrolled"):
         train.load_checkpoint(tmp_path, eqx.filter_eval_shape(build))
     _as_format(path, 99)
     with pytest.raises(
-        train.CheckpointError, match="format 99.*reads formats 2 .* and 3"
+        train.CheckpointError, match="format 99.*reads formats 2 .*, 3 .* and 4"
     ):
         train.load_checkpoint(tmp_path, eqx.filter_eval_shape(build))
 

@@ -43,7 +43,7 @@ import pytest
 
 import tvq_eqx
 from tvq_eqx import TransformerConfig, loss_fn
-from tvq_eqx.nn import LayerStack, VQAttention, stack_layers
+from tvq_eqx.nn import LayerStack, VectorQuantizer, VQAttention, stack_layers
 
 GOLDEN = Path(__file__).parent / "golden"
 CASES = sorted(p.stem for p in GOLDEN.glob("*.npz"))
@@ -219,6 +219,7 @@ def build(cls, config, table, params: dict, d_k: int, skip=()):
             f"official parameters with no counterpart in {cls.__name__}: {missing}"
         )
     module = eqx.tree_at(lambda m: [g(m) for g in getters], skeleton, values)
+    module = _fill_ema_tallies(module)
     unset = [
         jax.tree_util.keystr(path)
         for path, leaf in jax.tree_util.tree_flatten_with_path(module)[0]
@@ -231,6 +232,20 @@ def build(cls, config, table, params: dict, d_k: int, skip=()):
     if stacked:
         module = eqx.tree_at(lambda m: m.layers, module, stack_layers(module.layers))
     return module
+
+
+def _fill_ema_tallies(module):
+    """Every quantizer's `ema_tally` (ours only: no official counterpart) set
+    to its initial 1."""
+
+    def fill(q):
+        if not isinstance(q.ema_tally, jax.ShapeDtypeStruct):
+            return q
+        ones = jnp.ones(q.ema_tally.shape, q.ema_tally.dtype)
+        return eqx.tree_at(lambda q: q.ema_tally, q, ones)
+
+    is_q = lambda x: isinstance(x, VectorQuantizer)
+    return jax.tree.map(lambda x: fill(x) if is_q(x) else x, module, is_leaf=is_q)
 
 
 # ---------------------------------------------------------------- fixtures --

@@ -213,7 +213,11 @@ def _codebook_leaves(tree):
     return [
         x
         for u in tree.attention_units()
-        for x in (u.quantizer.codebook_sum, u.quantizer.codebook_count)
+        for x in (
+            u.quantizer.codebook_sum,
+            u.quantizer.codebook_count,
+            u.quantizer.ema_tally,
+        )
     ]
 
 
@@ -354,4 +358,5 @@ def test_readme_hand_written_loop_moves_codebook_exactly_to_ema_target(model):
             (after.quantizer.codebook_count, target.codebook_count),
         ):
             np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+        assert float(after.quantizer.ema_tally) == float(target.ema_tally) == 2.0
     assert not np.allclose(trained.embedding.weight, model.embedding.weight)

@@ -73,7 +73,11 @@ def test_codebook_reaching_main_optimizer_is_an_error(getkey):
     cb = [
         lab
         for u in labels.attention_units()
-        for lab in (u.quantizer.codebook_sum, u.quantizer.codebook_count)
+        for lab in (
+            u.quantizer.codebook_sum,
+            u.quantizer.codebook_count,
+            u.quantizer.ema_tally,
+        )
     ]
     assert cb and set(cb) == {"codebook"}
     assert jax.tree.leaves(labels).count("codebook") == len(cb)

@@ -65,7 +65,7 @@ def codebook_metrics(vq: dict[str, Array]) -> dict[str, Array]:
 def loss_fn(
     model: Transformer,
     batch: dict[str, Array],
-    state: TransformerState,
+    state: TransformerState | None,
     *,
     key: PRNGKeyArray | None = None,
     sequence_key: PRNGKeyArray | None = None,
@@ -79,7 +79,8 @@ def loss_fn(
       (any integer dtype for the ids, uint8 included). `loss_mask` holds
       weights >= 0 (1 = count the position, 0 = ignore it); where it is 0 the
       target is not read, so an ignore index such as -1 may stand there.
-    - `state`: the carried `TransformerState` (`model.init_state(B)` to start).
+    - `state`: the carried `TransformerState`, or None for no history (as
+      `model.init_state(B)`).
     - `key`: dropout key; None disables dropout.
     - `sequence_key`: the per-sequence key of the LayerDrop and sinusoid
       dropout masks (see `Transformer`); pass the same one for every update
@@ -99,7 +100,9 @@ def loss_fn(
       performs the EMA update (route those arrays to such an optimizer). It
       enters `loss` with value zero (`cb - stop_gradient(cb)`): same
       gradient, readable loss; its surrogate value is reported as
-      `metrics["codebook_loss"]`.
+      `metrics["codebook_loss"]`. It also gives every quantizer's
+      `ema_tally` the gradient -1 (the same step adds 1 to it: the tally that
+      makes any other optimizer on the codebook loud).
 
     **Returns:** `(loss, aux)` with `aux["state"]` the new state and
     `aux["metrics"]` a dict of float32 scalars: `loss` (the objective),
@@ -152,9 +155,14 @@ def loss_fn(
             for j, unit in enumerate(model.layers.stacked.units)
         )
     )
-    # The surrogate's value is meaningless (only its gradient matters), so it
-    # enters with value 0 and `loss` stays readable as LM loss + commit term.
-    codebook_term = codebook_loss - jax.lax.stop_gradient(codebook_loss)
+    # Its gradient step (lr 1) adds 1 to every `ema_tally` (see VectorQuantizer).
+    tally_loss = jnp.asarray(
+        sum(unit.quantizer.tally_loss() for unit in model.layers.stacked.units)
+    )
+    # The surrogates' values are meaningless (only their gradients matter), so
+    # they enter with value 0 and `loss` stays readable as LM loss + commit term.
+    surrogate = codebook_loss + tally_loss
+    codebook_term = surrogate - jax.lax.stop_gradient(surrogate)
     loss = lm_term + model.config.c_beta * commit + codebook_term
     metrics = dict(
         loss=loss,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, PRNGKeyArray
+from jaxtyping import Array, Bool, Float, PRNGKeyArray
 
 from ..ops import quantize
 from ..ops._common import HIGHEST, gather_codes
@@ -26,10 +26,20 @@ class VectorQuantizer(eqx.Module):
     the q/k norm); the official `LearnableVQ` works in the pre-scaled space
     `k * d_k^-1/4`. Official parameters map as `codebook_sum = c_sum *
     d_k^(1/4)`, `codebook_count = c_count`.
+
+    `ema_tally` is 1 + the number of EMA steps applied. Its surrogate
+    gradient is -1, so the EMA rule (SGD with learning rate 1 on the
+    codebook) adds exactly 1 per step and it stays a whole number. Any other
+    optimizer step on the codebook (Adam's normalisation, weight decay, a
+    clip, another learning rate) leaves a fraction, and the model's forward
+    pass then raises: a plain `optax.adamw` over the whole model is loud at
+    the next call instead of silently training a wrong codebook. It starts
+    at 1, not 0, so that weight decay alone moves it too.
     """
 
     codebook_sum: Float[Array, "heads codes d_k"]
     codebook_count: Float[Array, "heads codes"]
+    ema_tally: Float[Array, ""]
     c_gamma: float = eqx.field(static=True)
 
     def __init__(
@@ -44,6 +54,7 @@ class VectorQuantizer(eqx.Module):
             key, (n_head, n_code, d_k), jnp.float32
         )
         self.codebook_count = jnp.ones((n_head, n_code), jnp.float32)
+        self.ema_tally = jnp.ones((), jnp.float32)
         self.c_gamma = c_gamma
 
     @property
@@ -96,11 +107,22 @@ class VectorQuantizer(eqx.Module):
             + jnp.sum(jnp.square(self.codebook_count - sg(code_count)))
         )
 
+    def tally_loss(self) -> Float[Array, ""]:
+        """Surrogate whose gradient step (lr 1) adds 1 to `ema_tally`."""
+        return -jnp.sum(self.ema_tally)
+
+    def tally_is_whole(self) -> Bool[Array, "*layers"]:
+        """Whether `ema_tally` is a whole number (per stacked layer): false
+        once an optimizer other than the EMA rule has moved the codebook."""
+        return self.ema_tally == jnp.round(self.ema_tally)
+
     def ema_update(self, code_count: Array, code_key_sum: Array) -> VectorQuantizer:
         """The EMA step applied directly (equals one SGD(1) step on codebook_loss)."""
         g = self.c_gamma
         new_sum = g * self.codebook_sum + (1.0 - g) * code_key_sum
         new_count = g * self.codebook_count + (1.0 - g) * code_count
         return eqx.tree_at(
-            lambda q: (q.codebook_sum, q.codebook_count), self, (new_sum, new_count)
+            lambda q: (q.codebook_sum, q.codebook_count, q.ema_tally),
+            self,
+            (new_sum, new_count, self.ema_tally + 1.0),
         )

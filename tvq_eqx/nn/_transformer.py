@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int, Key, PRNGKeyArray
 
-from .._checks import check_token_ids, check_weights
+from .._checks import check_token_ids, check_weights, error_if_any
 from .._config import TransformerConfig
 from ..ops import FullAttentionState, VQAttentionState
 from ._attention import VQAttention
@@ -356,7 +356,7 @@ class Transformer(eqx.Module):
             mask = check_weights(jnp.asarray(mask).astype(jnp.float32), "mask")
         keys, seq_keys = self._dropout_keys(key, sequence_key)
 
-        x = self.embedding(tokens).astype(dt)
+        x = self._check_codebook_tally(self.embedding(tokens).astype(dt))
         if self.position_embedding is not None:
             pos = state.position + jnp.arange(t)
             x = x + self.position_embedding(pos).astype(dt)[None]
@@ -373,6 +373,23 @@ class Transformer(eqx.Module):
             units=tuple(new_units), position=state.position + t
         )
         return logprobs, new_state, {"vq": stats}
+
+    def _check_codebook_tally(self, x: Array) -> Array:
+        """`x` unchanged, raising at run time if an optimizer other than the
+        EMA rule has moved a codebook (see `VectorQuantizer.ema_tally`)."""
+        whole = [u.quantizer.tally_is_whole() for u in self.layers.stacked.units]
+        return error_if_any(
+            x,
+            ~jnp.stack(whole),
+            "a VectorQuantizer's ema_tally is not a whole number: an optimizer "
+            "other than the codebook's EMA rule (SGD, learning rate 1) updated "
+            "the codebook (e.g. optax.adamw over the whole model, or weight "
+            "decay, clipping or a schedule on the codebook). Wrap your "
+            "optimizer in tvq_eqx.train.with_ema_codebook(...), use "
+            "tvq_eqx.train.make_optimizer, or apply the codebook part yourself "
+            "(tvq_eqx.train.split_codebook); see the README's 'Your own "
+            "training loop'",
+        )
 
     def _run_layers(self, x, units, mask, layer_keys, seq_keys):
         """`jax.lax.scan` of the layers over their stacked parameters, per-layer

@@ -32,7 +32,7 @@ import equinox as eqx
 import jax
 import numpy as np
 
-from ..nn import LayerStack, stack_layers
+from ..nn import LayerStack, VectorQuantizer, stack_layers
 
 # 2: the official-parity parameter layout (norm biases, output-head bias,
 # absolute-PE scale) and semantics (RMS q/k norm, codebook init, ...), one
@@ -40,8 +40,11 @@ from ..nn import LayerStack, stack_layers
 # 3: the same model with its layers stacked (`Transformer.layers` a
 # `LayerStack`, every layer array with a leading layer axis). Format 2 loads:
 # its per-layer arrays are stacked (`unstack_layers` gives its layout).
-FORMAT_VERSION = 3
+# 4: format 3 plus `VectorQuantizer.ema_tally` (one scalar per quantizer and
+# layer). Formats 2 and 3 load, their tallies set to 1.
+FORMAT_VERSION = 4
 _UNROLLED_FORMAT = 2
+_NO_TALLY_FORMATS = (2, 3)
 LATEST = "LATEST"
 _STATE = "state.eqx"
 _META = "meta.json"
@@ -88,6 +91,41 @@ def restack_layers(like: Any, unrolled: Any) -> Any:
         unrolled,
         is_leaf=_is_stack,
     )
+
+
+def _is_quantizer(x) -> bool:
+    return isinstance(x, VectorQuantizer)
+
+
+def _map_quantizers(fn, tree: Any) -> Any:
+    return jax.tree.map(
+        lambda x: fn(x) if _is_quantizer(x) else x, tree, is_leaf=_is_quantizer
+    )
+
+
+def without_tally(tree: Any) -> Any:
+    """`tree` with every quantizer's `ema_tally` array set to None: the
+    layout of checkpoint formats 2 and 3, written before the tally existed."""
+
+    def drop(q):
+        if not hasattr(q.ema_tally, "shape"):  # masked in an optimizer state
+            return q
+        return eqx.tree_at(lambda q: q.ema_tally, q, None)
+
+    return _map_quantizers(drop, tree)
+
+
+def _with_unit_tally(tree: Any) -> Any:
+    """Inverse of `without_tally`: each missing tally set to 1 (whole, as
+    after no EMA step), shaped as the quantizer's leading (layer) axes."""
+
+    def fill(q):
+        if q.ema_tally is not None or not hasattr(q.codebook_count, "shape"):
+            return q
+        ones = np.ones(q.codebook_count.shape[:-2], np.float32)
+        return eqx.tree_at(lambda q: q.ema_tally, q, ones, is_leaf=lambda x: x is None)
+
+    return _map_quantizers(fill, tree)
 
 
 def _sha256(path: Path) -> str:
@@ -295,11 +333,11 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
             "commit loss); its weights cannot be loaded into the current model. "
             "Retrain, or load it with the tvq-eqx version that wrote it."
         )
-    if meta.get("format_version") not in (FORMAT_VERSION, _UNROLLED_FORMAT):
+    if meta.get("format_version") not in (FORMAT_VERSION, *_NO_TALLY_FORMATS):
         raise CheckpointError(
             f"{p} has checkpoint format {meta.get('format_version')!r}; this "
-            f"tvq-eqx reads formats {_UNROLLED_FORMAT} (layers unrolled, "
-            f"converted on load) and {FORMAT_VERSION} (layers stacked)"
+            f"tvq-eqx reads formats {_UNROLLED_FORMAT} (layers unrolled), 3 (no "
+            f"codebook tally; both converted on load) and {FORMAT_VERSION}"
         )
     meta["path"] = str(p)
     return meta
@@ -326,13 +364,17 @@ def load_checkpoint(path: str | os.PathLike, like: Any) -> tuple[Any, dict[str, 
         raise CheckpointError(
             f"{state_path} is corrupt (SHA-256 does not match meta.json)"
         )
-    unrolled = meta["format_version"] == _UNROLLED_FORMAT
+    version = meta["format_version"]
+    unrolled = version == _UNROLLED_FORMAT
+    no_tally = version in _NO_TALLY_FORMATS
     on_disk = unstack_layers(like) if unrolled else like
+    if no_tally:
+        on_disk = without_tally(on_disk)
     layout = (
         f"checkpoint format {_UNROLLED_FORMAT} (layers unrolled, converted to the "
         "stacked layout)"
         if unrolled
-        else f"checkpoint format {FORMAT_VERSION} (layers stacked)"
+        else f"checkpoint format {version} (layers stacked)"
     )
     want = _signature(on_disk)
     got = meta.get("signature")
@@ -353,7 +395,9 @@ def load_checkpoint(path: str | os.PathLike, like: Any) -> tuple[Any, dict[str, 
         with open(state_path, "rb") as f:
             tree = eqx.tree_deserialise_leaves(f, on_disk)
         if unrolled:
-            tree = restack_layers(like, tree)
+            tree = restack_layers(without_tally(like), tree)
+        if no_tally:
+            tree = _with_unit_tally(tree)
     except Exception as e:
         raise CheckpointError(
             f"cannot load {state_path} ({layout}): {type(e).__name__}: {e}"

@@ -52,8 +52,8 @@ def _is_masked(x) -> bool:
 
 
 def param_labels(params: Any) -> Any:
-    """`"codebook"` for every `VectorQuantizer.codebook_sum`/`codebook_count`
-    leaf of `params`, `"main"` for every other leaf.
+    """`"codebook"` for every `VectorQuantizer` leaf (`codebook_sum`,
+    `codebook_count`, `ema_tally`) of `params`, `"main"` for every other leaf.
 
     Works on any PyTree that contains the model's `VectorQuantizer`s (a
     `Transformer`, its `eqx.filter(model, eqx.is_array)` parameters, gradients).
@@ -72,7 +72,9 @@ def _quantizer_leaves(tree: Any) -> list:
     quantizers = [
         q for q in jax.tree.leaves(tree, is_leaf=_is_quantizer) if _is_quantizer(q)
     ]
-    return [x for q in quantizers for x in (q.codebook_sum, q.codebook_count)]
+    return [
+        x for q in quantizers for x in (q.codebook_sum, q.codebook_count, q.ema_tally)
+    ]
 
 
 def split_codebook(tree: Any) -> tuple[Any, Any]:
