@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
+import jaxtyping
 
 from tvq_eqx.ops import VQAttentionState
 
@@ -68,3 +71,18 @@ def sampling_config():
         block_len=8,
         abs_pe=True,
     )
+
+
+@contextlib.contextmanager
+def user_call():
+    """Without the runtime type checker the tests wrap the library in
+    (jaxtyping + beartype, pyproject addopts): it reads the config's `int`
+    and `Literal` annotations strictly and would refuse `np.int64(8)` or
+    `jnp.bfloat16` before the config's own normalisation runs, which is what
+    users (who do not run that checker) get."""
+    old = jaxtyping.config.jaxtyping_disable
+    jaxtyping.config.update("jaxtyping_disable", True)
+    try:
+        yield
+    finally:
+        jaxtyping.config.update("jaxtyping_disable", old)

@@ -5,16 +5,15 @@ misshapen masks, the stateless "quadratic" implementation), and composition
 into user code: `jax.shard_map` with its default checks, and a batch-sharded
 `jit` that XLA compiles without rematerialising."""
 
-import contextlib
 import dataclasses
 import json
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import jaxtyping
 import numpy as np
 import pytest
+from _inputs import user_call
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -178,22 +177,18 @@ def test_state_none_is_the_empty_history(model, batch):
         model.init_state(np.bool_(True))
 
 
+def test_empty_segment_returns_empty_logprobs_and_the_state(model, batch):
+    """T = 0 through the model: `[B, 0, vocab]` log-probs, the state carried
+    unchanged (a stream may hand over an empty chunk)."""
+    toks = jnp.asarray(batch["inputs"], jnp.int32)
+    _, state = forward_jit(model, toks, model.init_state(4))
+    logprobs, after, _ = model(toks[:, :0], state)
+    assert logprobs.shape == (4, 0, model.config.n_vocab)
+    for a, b in zip(jax.tree.leaves(after), jax.tree.leaves(state), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 # ---- config ------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def user_call():
-    """Without the runtime type checker the tests wrap the library in
-    (jaxtyping + beartype, pyproject addopts): it reads the config's `int`
-    and `Literal` annotations strictly and would refuse `np.int64(8)` or
-    `jnp.bfloat16` before the config's own normalisation runs, which is what
-    users (who do not run that checker) get."""
-    old = jaxtyping.config.jaxtyping_disable
-    jaxtyping.config.update("jaxtyping_disable", True)
-    try:
-        yield
-    finally:
-        jaxtyping.config.update("jaxtyping_disable", old)
 
 
 def test_config_accepts_numpy_ints_and_dtype_objects_canonically():

@@ -92,6 +92,7 @@ _FLOAT_FIELDS = (
     "c_gamma",
     "pe_lam",
     "e_scale",
+    "cache_decay",
 )
 _DTYPE_FIELDS = ("param_dtype", "dtype")
 
@@ -143,6 +144,11 @@ class TransformerConfig:
       softmax over all keys in a KV cache of the last `kv_cache_len` tokens
       plus the current segment, with the same relative biases).
     - `kv_cache_len`: KV-cache capacity of the `"full"` baseline.
+    - `cache_decay`: gamma in (0, 1]; 1 (default, official) is the plain
+      cache. Below 1 the compressive cache decays per block (counts and sums
+      times gamma), so each cached key weighs `gamma ** (blocks since it left
+      the window)` and the log-count bias stays bounded on long streams (a
+      remedy for long-context drift; see docs/benchmarks.md). `"vq"` only.
     - `grad_thru_cache`: gradients pass through the state carried between
       blocks (window keys and values of earlier blocks, cached means); False
       makes it a constant, as the official `grad_thru_cache=False`.
@@ -254,6 +260,8 @@ class TransformerConfig:
     """How the Pallas kernels run (tiles, backward, interpret); None = the defaults."""
     remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"
     """Rematerialise the scanned layer body: none, full, dots, dots_no_batch."""
+    cache_decay: float = 1.0
+    """Per-block decay of the compressive cache (1 = none, official)."""
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -292,6 +300,21 @@ class TransformerConfig:
         if not isinstance(self.c_gamma, (int, float)) or not 0.0 <= self.c_gamma < 1.0:
             raise ValueError(
                 f"TransformerConfig.c_gamma must be in [0, 1); got {self.c_gamma!r}"
+            )
+        if (
+            isinstance(self.cache_decay, bool)
+            or not isinstance(self.cache_decay, (int, float))
+            or not 0.0 < self.cache_decay <= 1.0
+        ):
+            raise ValueError(
+                f"TransformerConfig.cache_decay must be in (0, 1]; got "
+                f"{self.cache_decay!r}"
+            )
+        if self.cache_decay != 1.0 and self.attention != "vq":
+            raise ValueError(
+                f"TransformerConfig.cache_decay={self.cache_decay!r} decays the "
+                f"compressive cache, which attention={self.attention!r} does not "
+                "have; use attention='vq' or cache_decay=1.0"
             )
         if self.implementation == "quadratic":
             raise ValueError(

@@ -174,6 +174,7 @@ class VQAttention(eqx.Module):
                 state_keys=c.state_keys,
                 implementation=c.implementation,
                 pallas=c.pallas,
+                cache_decay=c.cache_decay,
             )
         gated = attn.reshape(b, t, h * dv) * g
         out = jnp.einsum("bte,ed->btd", gated, self.w_o.astype(dt))

@@ -303,6 +303,21 @@ def check_options(*, use_cache, sliding_window, state_keys) -> bool:
     return sliding_window
 
 
+def check_cache_decay(cache_decay) -> float:
+    """`cache_decay` as a Python float in (0, 1] (static: it is compiled in)."""
+    if isinstance(cache_decay, (bool, np.bool_)) or not isinstance(
+        cache_decay, (int, float, np.integer, np.floating)
+    ):
+        raise ValueError(
+            f"cache_decay must be a Python or numpy real number in (0, 1]; got "
+            f"{cache_decay!r}"
+        )
+    gamma = float(cache_decay)
+    if not 0.0 < gamma <= 1.0:  # NaN fails too
+        raise ValueError(f"cache_decay must be in (0, 1]; got {cache_decay!r}")
+    return gamma
+
+
 def check_scale(scale, d_k: int):
     """The score scale: `1/sqrt(d_k)` for None; a Python float for a real
     number (numpy scalars and concrete 0-d arrays included); a traced 0-d
@@ -412,5 +427,6 @@ def relative_bias(
 
 
 def log_count_bias(count: Float[Array, "*any"]) -> Float[Array, "*any"]:
-    """log(count), with MASK_VALUE for empty codes; never NaN."""
-    return jnp.where(count > 0, jnp.log(jnp.maximum(count, 1.0)), MASK_VALUE)
+    """log(count), with MASK_VALUE for empty codes; never NaN. Counts are
+    whole numbers, or below 1 with a decayed cache."""
+    return jnp.where(count > 0, jnp.log(jnp.where(count > 0, count, 1.0)), MASK_VALUE)

@@ -20,6 +20,7 @@ from ._common import (
     VQAttentionState,
     as_int,
     cache_dtype,
+    check_cache_decay,
     check_options,
     check_scale,
     resolve_mem_len,
@@ -40,9 +41,12 @@ _xla_jit = jax.jit(
         "mem_len",
         "sliding_window",
         "state_keys",
+        "cache_decay",
     ),
 )
-_quadratic_jit = jax.jit(vq_attention_quadratic)
+_quadratic_jit = jax.jit(
+    vq_attention_quadratic, static_argnames=("cache_decay", "block_len", "mem_len")
+)
 # Keyword arguments of `vq_attention_pallas` that are arrays; every other
 # keyword-only argument is an option, static under jit.
 _PALLAS_ARRAY_KWARGS = ("state", "rel_query", "rel_table")
@@ -120,6 +124,7 @@ def vq_attention(
     scale: float | int | np.number | Array | None = None,
     implementation: str | None = None,
     pallas: PallasConfig | None = None,
+    cache_decay: float | int | np.number = 1.0,
 ) -> Float[Array, "batch seq heads d_v"]:
     """Causal softmax attention over vector-quantized keys, exact, in linear time.
 
@@ -146,6 +151,9 @@ def vq_attention(
     - `pallas`: how the kernels run when the implementation is `"pallas"`
       (`PallasConfig`: tile sizes, backward choice, interpret mode); None =
       the defaults. Ignored by the other implementations.
+    - `cache_decay` (gamma in (0, 1], default 1 = none, official): a decayed
+      cache, each key weighted `gamma ** (blocks since it left the window)`
+      (see `vq_attention_quadratic`); then the output depends on `block_len`.
 
     **Returns:** `[batch, seq, heads, d_v]` in `value.dtype`.
 
@@ -165,8 +173,17 @@ def vq_attention(
     block_len = as_int("block_len", block_len, 1)
     validate_inputs(query, key, value, codebook, block_len=block_len)
     scale = check_scale(scale, query.shape[-1])
+    cache_decay = check_cache_decay(cache_decay)
     if impl == "quadratic":
-        return _quadratic_jit(query, key, value, codebook, scale=scale)
+        return _quadratic_jit(
+            query,
+            key,
+            value,
+            codebook,
+            scale=scale,
+            cache_decay=cache_decay,
+            block_len=block_len,
+        )
     out, _ = vq_attention_with_state(
         query,
         key,
@@ -177,6 +194,7 @@ def vq_attention(
         scale=scale,
         implementation=impl,
         pallas=pallas,
+        cache_decay=cache_decay,
     )
     return out
 
@@ -199,6 +217,7 @@ def vq_attention_with_state(
     state_keys: str = "codewords",
     implementation: str | None = None,
     pallas: PallasConfig | None = None,
+    cache_decay: float | int | np.number = 1.0,
 ) -> tuple[Float[Array, "batch seq heads d_v"], VQAttentionState]:
     """Streaming VQ attention: attend to `state`'s history, return the new state.
 
@@ -229,6 +248,8 @@ def vq_attention_with_state(
       update between calls.
     - `pallas`: `PallasConfig` for `implementation="pallas"` (as in
       `vq_attention`).
+    - `cache_decay`: as in `vq_attention`; the carried cache is the decayed
+      one, so streamed calls still equal one call.
 
     Sizes and `scale` as in `vq_attention`; `seq = 0` returns the state
     unchanged (cache in float32). The returned state's cache is float32
@@ -245,6 +266,7 @@ def vq_attention_with_state(
     )
     if not isinstance(cache_grad, bool):
         raise ValueError(f"cache_grad must be a bool; got {cache_grad!r}")
+    cache_decay = check_cache_decay(cache_decay)
     block_len = as_int("block_len", block_len, 1)
     mem_len = resolve_mem_len(mem_len, state, block_len)
     validate_inputs(
@@ -292,6 +314,7 @@ def vq_attention_with_state(
         mem_len=mem_len,
         sliding_window=sliding_window,
         state_keys=state_keys,
+        cache_decay=cache_decay,
     )
 
 

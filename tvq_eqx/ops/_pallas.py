@@ -36,6 +36,7 @@ from jaxtyping import Array, Float
 
 from pallas_kernels.vq_attention import PallasConfig, vq_attention_core
 
+from .._checks import error_if_any
 from ._common import VQAttentionState, log_count_bias, relative_bias
 from ._xla import (
     _blocks,
@@ -69,6 +70,7 @@ def _forward(
     state_keys,
     pallas: PallasConfig,
     window_len=None,
+    cache_decay=1.0,
 ):
     b, t, h, _ = query.shape
     n_code = codebook.shape[1]
@@ -83,6 +85,7 @@ def _forward(
         mem_len=L,
         cache_grad=cache_grad,
         state_keys=state_keys,
+        cache_decay=cache_decay,
     )
     state, ext = pro.state, pro.ext
     # The window is whole or empty (checked by the caller): one flag per row.
@@ -151,6 +154,7 @@ _XLA_OPTIONS = (
     "cache_grad",
     "sliding_window",
     "state_keys",
+    "cache_decay",
 )
 
 
@@ -194,6 +198,7 @@ def vq_attention_pallas(
     state_keys: str = "codewords",
     pallas: PallasConfig | None = None,
     window_len: int | None = None,
+    cache_decay: float = 1.0,
 ) -> tuple[Float[Array, "batch seq heads d_v"], VQAttentionState]:
     """`vq_attention_xla` on the Pallas kernels; returns (output, new state).
 
@@ -227,7 +232,8 @@ def vq_attention_pallas(
     if state is not None:
         # The kernels take one validity flag per row for the previous block;
         # states made by these ops are whole or empty when mem_len == block_len.
-        length = eqx.error_if(
+        # (error_if_any: one scalar flag, so it also runs inside shard_map.)
+        length = error_if_any(
             state.length,
             (state.length > 0) & (state.length < block_len),
             f"implementation='pallas' needs the state's window whole or empty "
@@ -250,6 +256,9 @@ def vq_attention_pallas(
     )
     if window_len is not None:
         static["window_len"] = window_len
+    if cache_decay != 1.0:
+        # The kernels read the decayed cache's counts and means unchanged.
+        static["cache_decay"] = float(cache_decay)
     if pallas.backward == "xla":
         return _xla_backward(
             tuple(sorted(static.items())),

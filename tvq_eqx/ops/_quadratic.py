@@ -27,6 +27,24 @@ def causal_distance(t: int):
     return pos[:, None] - pos[None, :]
 
 
+def cache_age_bias(
+    t: int, *, block_len: int, mem_len: int, cache_decay: float
+) -> Float[Array, "seq seq"]:
+    """`age(i, j) * log(cache_decay)` where key j is in query i's cache, else 0.
+
+    Query i (block n = i // L) reads key j through the cache when
+    `j < nL - M` (older than its window); j entered the cache at block
+    `(j + M) // L + 1`, so its age there is `n - (j + M) // L - 1` blocks.
+    A decayed cache weighs each cached key by `cache_decay ** age`."""
+    i = jnp.arange(t)[:, None]
+    j = jnp.arange(t)[None, :]
+    n = i // block_len
+    in_cache = j < n * block_len - mem_len
+    age = n - (j + mem_len) // block_len - 1
+    log_decay = jnp.log(jnp.float32(cache_decay))
+    return jnp.where(in_cache, age.astype(jnp.float32) * log_decay, 0.0)
+
+
 def dense_scores(
     query: Float[Array, "batch seq heads d_k"],
     key: Float[Array, "batch seq heads d_k"],
@@ -81,6 +99,9 @@ def vq_attention_quadratic(
     rel_query: Float[Array, "batch seq heads d_k"] | None = None,
     rel_table: Float[Array, "dist heads d_k"] | None = None,
     quantize_keys: bool = True,
+    cache_decay: float = 1.0,
+    block_len: int | None = None,
+    mem_len: int | None = None,
 ) -> Float[Array, "batch seq heads d_v"]:
     """Dense causal attention over straight-through quantized keys.
 
@@ -89,6 +110,12 @@ def vq_attention_quadratic(
     rel_query_i . rel_table[i - j]` for `i - j < len(rel_table)`, else 0.
     `quantize_keys=False`: plain causal attention on the raw keys (the "full"
     baseline); `codebook` is then unused.
+
+    `cache_decay` (gamma in (0, 1], default 1: none) defines the decayed
+    cache: key j, read by query i through the cache (older than i's window of
+    `mem_len` keys before its block of `block_len`, default `block_len`), gets
+    the extra bias `age * log(gamma)` (`cache_age_bias`), i.e. weight
+    `gamma ** age`. Then the output depends on `block_len` and `mem_len`.
     """
     scores = dense_scores(
         query,
@@ -99,6 +126,18 @@ def vq_attention_quadratic(
         rel_table=rel_table,
         quantize_keys=quantize_keys,
     )
+    if cache_decay != 1.0:
+        if block_len is None:
+            raise ValueError(
+                "cache_decay != 1 needs block_len (the decay is per block)"
+            )
+        age_bias = cache_age_bias(
+            query.shape[1],
+            block_len=block_len,
+            mem_len=block_len if mem_len is None else mem_len,
+            cache_decay=cache_decay,
+        )
+        scores = scores + age_bias[None, None]
     causal = causal_distance(query.shape[1]) >= 0
     probs = jax.nn.softmax(jnp.where(causal, scores, MASK_VALUE), axis=-1)
     out = jnp.einsum(

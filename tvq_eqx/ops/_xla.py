@@ -107,9 +107,16 @@ def extend_valid(state: VQAttentionState, t: int) -> Bool[Array, "batch ext"]:
     return jnp.concatenate([win_valid, jnp.ones((b, t), bool)], axis=1)
 
 
-def _summaries(code, value, valid, state: VQAttentionState, *, n_code, block_len):
+def _summaries(
+    code, value, valid, state: VQAttentionState, *, n_code, block_len, decay=1.0
+):
     """Cache of every block and after the segment, from the first T entries of
-    the extended codes, values and validity (T = their length minus M)."""
+    the extended codes, values and validity (T = their length minus M).
+
+    `decay` (gamma in (0, 1]): the cache of block n is `gamma * cache(n-1) +
+    summary of the keys that left the window at block n`, counts and sums
+    alike, so a key's weight is `gamma ** (blocks since it entered the
+    cache)`; 1 is the plain (official) sum."""
     t = code.shape[1] - state.window_code.shape[1]
     n_blk = t // block_len
     z = _blocks(code[:, :t], block_len)  # [B, N, L, H]
@@ -134,11 +141,28 @@ def _summaries(code, value, valid, state: VQAttentionState, *, n_code, block_len
         )
 
     def prefix(x, total0):
-        inclusive = jnp.cumsum(x, axis=1)
-        before = jnp.concatenate(
-            [jnp.zeros_like(x[:, :1]), inclusive[:, : n_blk - 1]], 1
-        )
-        return total0[:, None] + before, total0 + inclusive[:, n_blk - 1]
+        if decay == 1.0:
+            inclusive = jnp.cumsum(x, axis=1)
+            before = jnp.concatenate(
+                [jnp.zeros_like(x[:, :1]), inclusive[:, : n_blk - 1]], 1
+            )
+            return total0[:, None] + before, total0 + inclusive[:, n_blk - 1]
+        # y_n = gamma y_(n-1) + x_n with y_(-1) = total0: a linear recurrence,
+        # so an associative scan over (gamma^k, partial sum) pairs.
+        x = x.at[:, 0].add(decay * total0)
+        gammas = jnp.full((n_blk,), decay, jnp.float32)
+
+        def combine(a, b):
+            ga, xa = a
+            gb, xb = b
+            gb_x = gb.reshape(gb.shape + (1,) * (xa.ndim - gb.ndim))
+            return ga * gb, gb_x * xa + xb
+
+        moved = jnp.moveaxis(x, 1, 0)  # scan over blocks on the leading axis
+        _, inclusive = jax.lax.associative_scan(combine, (gammas, moved))
+        inclusive = jnp.moveaxis(inclusive, 0, 1)
+        before = jnp.concatenate([total0[:, None], inclusive[:, : n_blk - 1]], 1)
+        return before, inclusive[:, n_blk - 1]
 
     count0 = state.cache_count.astype(jnp.float32)
     sum0 = state.cache_mean.astype(jnp.float32) * count0[..., None]
@@ -147,11 +171,15 @@ def _summaries(code, value, valid, state: VQAttentionState, *, n_code, block_len
     dtype = value.dtype
     # What the blocks read is one rounding to the value dtype; what is carried
     # to the next call stays float32, so rounding never compounds over calls.
-    blk_mean = (blk_sum / jnp.maximum(blk_count, 1.0)[..., None]).astype(dtype)
-    new_mean = (new_sum / jnp.maximum(new_count, 1.0)[..., None]).astype(
-        cache_dtype(dtype)
-    )
+    blk_mean = (blk_sum / _nonzero(blk_count)[..., None]).astype(dtype)
+    new_mean = (new_sum / _nonzero(new_count)[..., None]).astype(cache_dtype(dtype))
     return blk_count, blk_mean, new_count, new_mean
+
+
+def _nonzero(count):
+    """`count` with its zeros replaced by 1 (an empty code's sum is 0, and so
+    is its mean); decayed counts may be below 1."""
+    return jnp.where(count > 0, count, 1.0)
 
 
 class Prologue(eqx.Module):
@@ -185,6 +213,7 @@ def prologue(
     mem_len: int | None,
     cache_grad: bool,
     state_keys: str,
+    cache_decay: float = 1.0,
 ) -> Prologue:
     """Quantize the keys, form the straight-through keys, prepend the state's
     window (an empty state for `state=None`, window `mem_len`, default
@@ -210,7 +239,13 @@ def prologue(
     # The cache is kept up to date even when it is not read (as the official
     # code does), so the carried state is the same in every mode.
     blk_count, blk_mean, new_count, new_mean = _summaries(
-        ext.code, ext.value, ext.valid, state, n_code=n_code, block_len=block_len
+        ext.code,
+        ext.value,
+        ext.valid,
+        state,
+        n_code=n_code,
+        block_len=block_len,
+        decay=cache_decay,
     )
     if not cache_grad:
         blk_mean = sg(blk_mean)
@@ -259,6 +294,7 @@ def vq_attention_xla(
     mem_len: int | None = None,
     sliding_window: bool | None = None,
     state_keys: str = "codewords",
+    cache_decay: float = 1.0,
 ) -> tuple[Float[Array, "batch seq heads d_v"], VQAttentionState]:
     """Linear-time VQ attention; returns the output and the state after `seq`.
 
@@ -270,6 +306,7 @@ def vq_attention_xla(
     `use_cache=False` drops the cache; with `sliding_window` (default: `not
     use_cache`) a query then sees only keys at distance <= M (official
     `agg_cache=False`), otherwise its whole window. `state_keys`: see `extend`.
+    `cache_decay` (gamma): see `_summaries`.
     """
     b, t, h, _ = query.shape
     d_v = value.shape[-1]
@@ -285,6 +322,7 @@ def vq_attention_xla(
         mem_len=mem_len,
         cache_grad=cache_grad,
         state_keys=state_keys,
+        cache_decay=cache_decay,
     )
     state, ext = pro.state, pro.ext
     M = state.window_code.shape[1]
