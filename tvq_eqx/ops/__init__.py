@@ -8,6 +8,10 @@ from ._common import MASK_VALUE as MASK_VALUE
 from ._common import VQAttentionState as VQAttentionState
 from ._common import quantize as quantize
 from ._common import relative_bias as relative_bias
+from ._context_parallel import (
+    vq_attention_context_parallel as vq_attention_context_parallel,
+)
+from ._context_parallel import vq_attention_sharded as vq_attention_sharded
 from ._dispatch import default_implementation as default_implementation
 from ._dispatch import vq_attention as vq_attention
 from ._dispatch import vq_attention_with_state as vq_attention_with_state

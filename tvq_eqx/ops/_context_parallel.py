@@ -1,0 +1,249 @@
+"""Context parallelism: VQ attention over a sequence sharded along a mesh axis.
+
+Device d of a mesh axis of size D holds the sequence chunk `[dC, (d+1)C)`.
+What it needs from the rest of the sequence is exactly a streaming state:
+the window (the last `mem_len` keys before its chunk) and the cache of every
+older key. So:
+
+1. each device sends the last `mem_len` keys of its chunk (codes, codewords,
+   values) to the next device (`ppermute`: one boundary block);
+2. each device sums the keys that leave the window inside its chunk into a
+   per-code count `[heads, codes]` and value sum `[heads, codes, d_v]` per
+   row (its *delta*), and the devices exchange these (`all_gather` over the
+   axis: `D` summaries, independent of the sequence length);
+3. device d's cache is the incoming state's cache plus the deltas of devices
+   `0..d-1` (an exclusive scan; with `cache_decay` each term decayed by the
+   blocks between), and it runs the ordinary streaming op on its chunk.
+
+No activation crosses devices except the boundary block. The state after the
+whole sequence is the last device's, handed to every device (a `psum` of
+that one state). Gradients follow by JAX's transposes of these collectives.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+from jaxtyping import Array, Float
+
+from ._common import (
+    HIGHEST,
+    VQAttentionState,
+    as_int,
+    cache_dtype,
+    check_cache_decay,
+    gather_codes,
+    quantize,
+    resolve_mem_len,
+    straight_through,
+)
+from ._dispatch import vq_attention_with_state
+
+
+def _empty_state(query, key, value, codebook, mem_len) -> VQAttentionState:
+    b, _, h, d_k = key.shape
+    return VQAttentionState.empty(
+        b,
+        mem_len=mem_len,
+        heads=h,
+        codes=codebook.shape[1],
+        d_k=d_k,
+        d_v=value.shape[-1],
+        dtype=value.dtype,
+        key_dtype=key.dtype,
+    )
+
+
+def _delta(code, value, valid, *, n_code, block_len, decay):
+    """Per-code count `[B, H, S]` and value sum `[B, H, S, V]` (float32) of
+    the first `C` entries of [incoming window, chunk]: the keys that leave
+    the window inside this chunk, each weighted by `decay ** (blocks left
+    until the chunk's end)`."""
+    b, c = valid.shape
+    onehot = jax.nn.one_hot(code, n_code, dtype=jnp.float32)  # [B, C, H, S]
+    weight = valid.astype(jnp.float32)
+    if decay != 1.0:
+        group = jnp.arange(c) // block_len
+        n_blk = c // block_len
+        age = (n_blk - 1 - group).astype(jnp.float32)
+        weight = weight * (jnp.float32(decay) ** age)[None, :]
+    onehot = onehot * weight[:, :, None, None]
+    count = jnp.sum(onehot, axis=1)
+    total = jnp.einsum(
+        "bchs,bchv->bhsv", onehot, value.astype(jnp.float32), precision=HIGHEST
+    )
+    return count, total
+
+
+def vq_attention_context_parallel(
+    query: Float[Array, "batch chunk heads d_k"],
+    key: Float[Array, "batch chunk heads d_k"],
+    value: Float[Array, "batch chunk heads d_v"],
+    codebook: Float[Array, "heads codes d_k"],
+    state: VQAttentionState | None,
+    *,
+    axis_name: str,
+    block_len: int,
+    mem_len: int | None = None,
+    scale=None,
+    rel_query=None,
+    rel_table=None,
+    cache_decay: float = 1.0,
+    implementation: str | None = None,
+    pallas=None,
+) -> tuple[Float[Array, "batch chunk heads d_v"], VQAttentionState]:
+    """`vq_attention_with_state` on a sequence sharded along mesh axis
+    `axis_name`; call it inside `jax.shard_map` (or use
+    `vq_attention_sharded`).
+
+    `query`, `key`, `value` (and `rel_query`) are this device's chunk of the
+    sequence (the chunks in device order make the sequence); `codebook`,
+    `state` and `rel_table` are the same on every device (`state` is the
+    history before the whole sequence). The chunk length must be a multiple
+    of `block_len` and at least `mem_len` (the window comes from the previous
+    device only). The cache is used (`use_cache=True`, `cache_grad=True`,
+    `state_keys="codewords"`: the defaults of the streaming op).
+
+    **Returns:** this chunk's output and the state after the whole sequence
+    (the same on every device).
+    """
+    block_len = as_int("block_len", block_len, 1)
+    mem_len = resolve_mem_len(mem_len, state, block_len)
+    cache_decay = check_cache_decay(cache_decay)
+    b, c, h, _ = key.shape
+    if c % block_len or c < mem_len:
+        raise ValueError(
+            f"each device's chunk ({c} tokens of key {tuple(key.shape)}) must be "
+            f"a multiple of block_len={block_len} and at least mem_len={mem_len}"
+        )
+    if state is None:
+        state = _empty_state(query, key, value, codebook, mem_len)
+    n_dev = jax.lax.axis_size(axis_name)
+    dev = jax.lax.axis_index(axis_name)
+    n_code = codebook.shape[1]
+    m = mem_len
+
+    # 1. The boundary block: this chunk's last M keys are the next chunk's window.
+    codes = quantize(key, codebook)
+    khat = straight_through(
+        key, gather_codes(jax.lax.stop_gradient(codebook).astype(key.dtype), codes)
+    )
+    to_next = [(i, i + 1) for i in range(n_dev - 1)]
+    sent = (codes[:, c - m :], khat[:, c - m :], value[:, c - m :])
+    got_code, got_key, got_value = (
+        jax.lax.ppermute(x, axis_name, to_next) for x in sent
+    )
+    first = dev == 0
+    win_code = jnp.where(first, state.window_code, got_code)
+    win_key = jnp.where(first, state.window_key.astype(khat.dtype), got_key)
+    win_value = jnp.where(first, state.window_value.astype(value.dtype), got_value)
+    # Chunks are at least M long, so every window after the first is whole.
+    length = jnp.where(first, state.length, jnp.full_like(state.length, m))
+
+    # 2. This chunk's delta: the first C entries of [window, chunk] leave the
+    # window within the chunk.
+    ext_code = jnp.concatenate([win_code, codes], axis=1)[:, :c]
+    ext_value = jnp.concatenate([win_value, value], axis=1)[:, :c]
+    win_valid = jnp.arange(m)[None, :] >= m - length[:, None]
+    ext_valid = jnp.concatenate([win_valid, jnp.ones((b, c), bool)], axis=1)[:, :c]
+    count, total = _delta(
+        ext_code, ext_value, ext_valid, n_code=n_code, block_len=block_len,
+        decay=cache_decay,
+    )  # fmt: skip
+
+    # 3. Exclusive scan over devices: device d sees the deltas of 0..d-1, each
+    # decayed by the blocks of the chunks after it, and the incoming cache.
+    counts = jax.lax.all_gather(count, axis_name)  # [D, B, H, S]
+    totals = jax.lax.all_gather(total, axis_name)  # [D, B, H, S, V]
+    src = jnp.arange(n_dev)
+    n_blk = c // block_len
+    gamma = jnp.float32(cache_decay)
+    age = (n_blk * (dev - 1 - src)).astype(jnp.float32)  # blocks since it left
+    weight = jnp.where(src < dev, gamma**age, 0.0)
+    carried = gamma ** (n_blk * dev).astype(jnp.float32)
+    count0 = state.cache_count.astype(jnp.float32)
+    sum0 = state.cache_mean.astype(jnp.float32) * count0[..., None]
+    cache_count = carried * count0 + jnp.einsum("d,dbhs->bhs", weight, counts)
+    cache_sum = carried * sum0 + jnp.einsum(
+        "d,dbhsv->bhsv", weight, totals, precision=HIGHEST
+    )
+    cache_mean = cache_sum / jnp.where(cache_count > 0, cache_count, 1.0)[..., None]
+    local = VQAttentionState(
+        window_code=win_code,
+        window_key=win_key.astype(state.window_key.dtype),
+        window_value=win_value.astype(state.window_value.dtype),
+        length=length.astype(jnp.int32),
+        cache_count=cache_count,
+        cache_mean=cache_mean.astype(cache_dtype(state.cache_mean.dtype)),
+    )
+
+    out, after = vq_attention_with_state(
+        query, key, value, codebook, local, block_len=block_len, mem_len=m,
+        scale=scale, rel_query=rel_query, rel_table=rel_table,
+        cache_decay=cache_decay, implementation=implementation, pallas=pallas,
+    )  # fmt: skip
+    # The state after the sequence is the last device's; hand it to all.
+    last = dev == n_dev - 1
+    final = jax.tree.map(
+        lambda x: jax.lax.psum(jnp.where(last, x, jnp.zeros_like(x)), axis_name),
+        after,
+    )
+    return out, final
+
+
+def vq_attention_sharded(
+    query: Array,
+    key: Array,
+    value: Array,
+    codebook: Array,
+    state: VQAttentionState | None,
+    *,
+    mesh: Mesh,
+    seq_axis: str,
+    batch_axis: str | None = None,
+    block_len: int,
+    mem_len: int | None = None,
+    scale=None,
+    cache_decay: float = 1.0,
+    implementation: str | None = None,
+    pallas=None,
+) -> tuple[Float[Array, "batch seq heads d_v"], VQAttentionState]:
+    """`vq_attention_with_state` with the sequence sharded over `mesh` axis
+    `seq_axis` (and the batch over `batch_axis`, if given): a `shard_map` of
+    `vq_attention_context_parallel`. `seq` must split into equal chunks, each
+    a multiple of `block_len` and at least `mem_len` long."""
+    if seq_axis not in mesh.shape:
+        raise ValueError(
+            f"seq_axis {seq_axis!r} is not an axis of the mesh {dict(mesh.shape)}"
+        )
+    n = mesh.shape[seq_axis]
+    if query.shape[1] % n:
+        raise ValueError(
+            f"seq ({query.shape[1]}) of query {tuple(query.shape)} must split "
+            f"into {n} equal chunks (mesh axis {seq_axis!r})"
+        )
+    if state is None:
+        state = _empty_state(
+            query, key, value, codebook,
+            resolve_mem_len(mem_len, None, as_int("block_len", block_len, 1)),
+        )  # fmt: skip
+    seq = P(batch_axis, seq_axis)
+    rows = P(batch_axis)
+    state_spec = jax.tree.map(lambda _: rows, state)
+
+    def body(q, k, v, cb, st):
+        return vq_attention_context_parallel(
+            q, k, v, cb, st, axis_name=seq_axis, block_len=block_len,
+            mem_len=mem_len, scale=scale, cache_decay=cache_decay,
+            implementation=implementation, pallas=pallas,
+        )  # fmt: skip
+
+    sharded = jax.shard_map(
+        body,
+        mesh=mesh,
+        in_specs=(seq, seq, seq, P(), state_spec),
+        out_specs=(seq, state_spec),
+    )
+    return sharded(query, key, value, codebook, state)
