@@ -361,12 +361,16 @@ def _bucket_values(rs, m: int) -> list[list[float]]:
     ]
 
 
-def _diff_cell(a_runs, b_runs, a_vals, b_vals) -> str:
+def _diff_cell(a_runs, b_runs, a_vals, b_vals, found: list[str], where: str) -> str:
+    """A table cell for mean(a) - mean(b); `found` collects `where` with the
+    difference when it exceeds the seed spread."""
     if not all(r["ok"] for r in a_runs + b_runs):
         return C.CHECK_FAILED
     d, thr, exceeds = spread_test(a_vals, b_vals)
     if exceeds is None:
         return f"{d:+.4f} (1 seed: no spread)"
+    if exceeds:
+        found.append(f"{where}: {d:+.4f} (threshold {thr:.4f})")
     return f"{d:+.4f} (2se {thr:.4f}) " + ("**yes**" if exceeds else "no")
 
 
@@ -426,9 +430,10 @@ def write_report(p, runs, *, md, png, command, corpus, n_bytes, n_heldout, wall,
         f"time: {wall / 60:.1f} min wall, {cpu / 60:.1f} min CPU (all threads) in total; "
         f"training {mean_train:.0f} s per run on average (compile included)",
     ]
-    lines = C.header_lines(f"Regime benchmark ({C.tag_of(md)})", command, notes)
+    header = C.header_lines(f"Regime benchmark ({C.tag_of(md)})", command, notes)
+    found: list[str] = []  # differences that exceed the seed spread
 
-    lines += ["## Runs", ""]
+    lines = ["## Runs", ""]
     rows = []
     for r in runs:
         rows.append(
@@ -484,22 +489,33 @@ def write_report(p, runs, *, md, png, command, corpus, n_bytes, n_heldout, wall,
             va, vb = _bucket_values(by[a], m), _bucket_values(by[b], m)
             rows.append(
                 [f"{a} − {b}"]
-                + [_diff_cell(by[a], by[b], x, y) for x, y in zip(va, vb, strict=True)]
+                + [_diff_cell(by[a], by[b], x, y, found,
+                              f"{a} − {b}, {m}x, blocks {_label(lo, hi)}")
+                   for x, y, (lo, hi) in zip(va, vb, bks, strict=True)]
                 + [_diff_cell(by[a], by[b], [r["positions"][m]["bpb"] for r in by[a]],
-                              [r["positions"][m]["bpb"] for r in by[b]])]
+                              [r["positions"][m]["bpb"] for r in by[b]], found,
+                              f"{a} − {b}, {m}x, whole sequence")]
             )  # fmt: skip
-        lines += C.markdown_table(cols[:1] + cols[1:], rows)
+        lines += C.markdown_table(["pair (a − b)"] + cols[1:], rows)
 
     lines += ["", "## Differences of validation bpb", ""]
     rows = [
         [f"{a} − {b}",
-         _diff_cell(by[a], by[b], [r["bpb"] for r in by[a]], [r["bpb"] for r in by[b]])]
+         _diff_cell(by[a], by[b], [r["bpb"] for r in by[a]], [r["bpb"] for r in by[b]],
+                    found, f"{a} − {b}, validation bpb")]
         for a, b in pairs
     ]  # fmt: skip
     lines += C.markdown_table(
         ["pair (a − b)", "val bpb difference (threshold) exceeds?"], rows
     )
     lines += ["", f"![bits per byte per bucket]({png.name})", ""]
+    summary = ["## Differences that exceed the seed spread", ""]
+    if len(p.seeds) < 2:
+        summary += ["None can be judged: one seed per variant (no spread).", ""]
+    else:
+        summary += [f"- {f}" for f in found] or ["None."]
+        summary += [""]
+    lines = header + summary + lines
     C.write_text(md, lines)
     return lines
 

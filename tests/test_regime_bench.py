@@ -5,6 +5,7 @@ full model's longer evaluation cache and the linux-doc corpus builder."""
 import dataclasses
 import gzip
 import hashlib
+import itertools
 import math
 import sys
 from pathlib import Path
@@ -54,6 +55,7 @@ def test_runner_end_to_end(tmp_path, monkeypatch, capsys):
         "per position bucket, 2x (256 bytes, 16 blocks)",
         "full evaluated with a KV cache of 256 tokens",
         "## Differences of validation bpb",
+        "## Differences that exceed the seed spread",
     ):
         assert heading in text
     assert "CHECK FAILED" not in text and "nan" not in text
@@ -91,6 +93,50 @@ def test_spread_rule():
     assert d == pytest.approx(-0.15) and not exceeds
     assert regime.spread_test([1.0], [2.0]) == (-1.0, None, None)  # one seed
     assert regime.mean_sd([1.0, 3.0]) == (2.0, pytest.approx(math.sqrt(2.0)))
+
+
+def _synthetic_runs(p, offsets: dict[str, float], ok: dict[str, bool]):
+    """Runs whose every bpb is `1 + offset + 0.01 * seed`."""
+    runs = []
+    for (name, _), seed in itertools.product(p.variants, p.seeds):
+        v = 1.0 + offsets[name] + 0.01 * seed
+        positions = {
+            m: dict(
+                buckets=[(lo, hi, v) for lo, hi in regime.buckets_for(
+                    m * p.sequence_len, p.quality.model.block_len, p.bucket_edges)],
+                bpb=v, sequences=1, finite=True, kv_cache_len=None,
+            )
+            for m in p.extrapolation
+        }  # fmt: skip
+        runs.append(
+            dict(name=name, seed=seed, bpb=v, ok=ok[name], stream_err=0.0,
+                 train_s=1.0, compile_s=1.0, eval_s=1.0, val_tokens=10,
+                 positions=positions)
+        )  # fmt: skip
+    return runs
+
+
+@pytest.mark.parametrize("full_ok", [True, False])
+def test_report_lists_differences_beyond_the_spread(tmp_path, full_ok):
+    p = dataclasses.replace(registry.REGIME["micro"], seeds=(0, 1, 2))
+    offsets = dict(vq=0.0, full=0.005, window=0.1)  # sd 0.01: 2se 0.0163
+    ok = dict(vq=True, full=full_ok, window=True)
+    kw = dict(command="c", corpus="x", n_bytes=1, n_heldout=1, wall=1.0, cpu=1.0)
+    text = "\n".join(
+        regime.write_report(
+            p, _synthetic_runs(p, offsets, ok),
+            md=tmp_path / "regime-t.md", png=tmp_path / "regime-t.png", **kw,
+        )
+    )  # fmt: skip
+    summary = text.split("## Differences that exceed")[1].split("## Runs")[0]
+    listed = [ln for ln in summary.splitlines() if ln.startswith("- ")]
+    # vq - window and full - window exceed, in 3 + 1 + 4 + 1 + 1 = 10 cells
+    # each (1x buckets and whole, 2x buckets and whole, validation); vq - full
+    # (0.005) does not; a failed full run removes its pairs.
+    assert all("window" in ln for ln in listed)
+    assert len(listed) == (20 if full_ok else 10)
+    assert "- vq − window, validation bpb: -0.1000 (threshold 0.0163)" in listed
+    assert ("CHECK FAILED" in text) != full_ok
 
 
 def test_per_token_nll_streams_padded_batches():
