@@ -259,8 +259,11 @@ def evaluate_positions(model, config, p: RegimePreset, heldout) -> dict:
         inputs, targets = heldout_sequences(heldout, length, p.eval_bytes)
         changes = eval_config(config, length)
         m_model = model.with_config(**changes) if changes else model
+        # Fewer rows than eval_batch: no padded rows (full's cost at 16x is
+        # its whole cache per segment, whatever it holds).
+        batch = min(p.eval_batch, inputs.shape[0])
         nll = per_token_nll(
-            m_model, inputs, targets, segment_len=p.quality.seq_len, batch=p.eval_batch
+            m_model, inputs, targets, segment_len=p.quality.seq_len, batch=batch
         )
         out[m] = dict(
             buckets=bucket_bpb(nll, config.block_len, p.bucket_edges),

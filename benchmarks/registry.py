@@ -281,7 +281,7 @@ class RegimePreset:
     Evaluation text: the `eval_splits` of `tvq_eqx.data.split_bytes`,
     concatenated (contiguous in the corpus), cut into non-overlapping
     sequences; at most `eval_bytes` of it per multiple (0 = all), run
-    `eval_batch` sequences at a time."""
+    `eval_batch` sequences at a time (fewer when fewer fit)."""
 
     quality: QualityPreset
     seeds: tuple[int, ...] = (0, 1, 2)
@@ -334,7 +334,7 @@ REGIME: dict[str, RegimePreset] = {
             QUALITY["quick"], context_len=1024, kv_cache_len=1024, eval_batches=0
         ),
         seeds=(0, 1),
-        eval_bytes=32768,
+        eval_bytes=16384,
     ),
     "micro": RegimePreset(
         quality=dataclasses.replace(
