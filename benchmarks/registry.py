@@ -349,6 +349,7 @@ REGIME: dict[str, RegimePreset] = {
 # One seed on a second corpus (Debian linux-doc-6.1 reST, 2 MiB).
 # The held-out text (validation + test) is 210 KB there: the first 64 KiB are
 # scored, about the bundled corpus's 51.8 KB.
+REGIME["gpu"] = REGIME["cpu"]  # so that `run all` finds a preset on a GPU
 REGIME["cpu-linuxdoc"] = dataclasses.replace(
     REGIME["cpu"], seeds=(0,), corpus="linux-doc", eval_bytes=65536
 )
