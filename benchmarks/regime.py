@@ -298,6 +298,20 @@ def spread_test(a, b) -> tuple[float, float | None, bool | None]:
     return ma - mb, thr, abs(ma - mb) > thr
 
 
+def paired_test(a, b) -> tuple[float, float | None, bool | None]:
+    """(mean of a_i - b_i, threshold, exceeds) for per-seed values in the
+    same seed order: exceeds = |mean| > 2 sd(a_i - b_i) / sqrt(n). Runs of
+    one seed share the initial parameters and the data order, so the seed's
+    own effect cancels; None with one seed."""
+    if len(a) != len(b):
+        raise ValueError(f"paired_test needs equal lengths; got {len(a)} and {len(b)}")
+    d, sd = mean_sd([x - y for x, y in zip(a, b, strict=True)])
+    if sd is None:
+        return d, None, None
+    thr = 2.0 * sd / math.sqrt(len(a))
+    return d, thr, abs(d) > thr
+
+
 def _pm(xs) -> str:
     m, s = mean_sd(xs)
     return f"{m:.4f}" if s is None else f"{m:.4f} ± {s:.4f}"
@@ -372,9 +386,18 @@ def _diff_cell(a_runs, b_runs, a_vals, b_vals, found: list[str], where: str) -> 
     d, thr, exceeds = spread_test(a_vals, b_vals)
     if exceeds is None:
         return f"{d:+.4f} (1 seed: no spread)"
+    _, pthr, pexceeds = paired_test(a_vals, b_vals)
     if exceeds:
         found.append(f"{where}: {d:+.4f} (threshold {thr:.4f})")
-    return f"{d:+.4f} (2se {thr:.4f}) " + ("**yes**" if exceeds else "no")
+    elif pexceeds:
+        found.append(f"{where}: {d:+.4f} (paired only: threshold {pthr:.4f})")
+    return (
+        f"{d:+.4f} (2se {thr:.4f}) {_yes(exceeds)}; paired {pthr:.4f} {_yes(pexceeds)}"
+    )
+
+
+def _yes(flag: bool | None) -> str:
+    return "**yes**" if flag else "no"
 
 
 def write_report(p, runs, *, md, png, command, corpus, n_bytes, n_heldout, wall, cpu):
@@ -426,7 +449,10 @@ def write_report(p, runs, *, md, png, command, corpus, n_bytes, n_heldout, wall,
         f"scored by content alone, as in training beyond {m0.mem_len})",
         "spread rule: a difference of means 'exceeds the seed spread' when "
         "|mean_a - mean_b| > 2 sqrt(sd_a^2/n_a + sd_b^2/n_b) (sample sd, n-1), i.e. "
-        "twice the standard error of the difference",
+        "twice the standard error of the difference; 'paired': the same test on the "
+        "per-seed differences, |mean(a_i - b_i)| > 2 sd(a_i - b_i)/sqrt(n) (runs of "
+        "one seed share initial parameters and data order, so the seed's own effect "
+        "cancels; listed when only it holds)",
         f"gate: one call == two streamed halves (max |dlogp| <= {quality.STREAM_TOL:g}), "
         "finite training losses and evaluation NLLs; differences need every run of "
         "both variants to pass",
@@ -485,8 +511,9 @@ def write_report(p, runs, *, md, png, command, corpus, n_bytes, n_heldout, wall,
         ]  # fmt: skip
         cols = ["variant"] + [f"blocks {_label(lo, hi)}" for lo, hi in bks] + ["all"]
         lines += C.markdown_table(cols, rows)
-        lines += ["", f"Differences (row: a − b), {m}x; cell: difference (threshold) "
-                  "exceeds the seed spread?", ""]  # fmt: skip
+        lines += ["", f"Differences (row: a − b), {m}x; cell: difference (2se "
+                  "threshold) exceeds the seed spread?; paired (threshold) exceeds?",
+                  ""]  # fmt: skip
         rows = []
         for a, b in pairs:
             va, vb = _bucket_values(by[a], m), _bucket_values(by[b], m)
@@ -509,7 +536,7 @@ def write_report(p, runs, *, md, png, command, corpus, n_bytes, n_heldout, wall,
         for a, b in pairs
     ]  # fmt: skip
     lines += C.markdown_table(
-        ["pair (a − b)", "val bpb difference (threshold) exceeds?"], rows
+        ["pair (a − b)", "val bpb difference (2se) exceeds?; paired exceeds?"], rows
     )
     lines += ["", f"![bits per byte per bucket]({png.name})", ""]
     summary = ["## Differences that exceed the seed spread", ""]

@@ -93,13 +93,17 @@ def test_spread_rule():
     assert d == pytest.approx(-0.15) and not exceeds
     assert regime.spread_test([1.0], [2.0]) == (-1.0, None, None)  # one seed
     assert regime.mean_sd([1.0, 3.0]) == (2.0, pytest.approx(math.sqrt(2.0)))
+    # Paired: a shared seed effect cancels (differences 0.1, 0.12, 0.08).
+    d, thr, exceeds = regime.paired_test(a, [1.1, 1.22, 0.98])
+    assert d == pytest.approx(-0.1) and thr == pytest.approx(2 * 0.02 / math.sqrt(3))
+    assert exceeds and regime.paired_test([1.0], [2.0]) == (-1.0, None, None)
 
 
-def _synthetic_runs(p, offsets: dict[str, float], ok: dict[str, bool]):
-    """Runs whose every bpb is `1 + offset + 0.01 * seed`."""
+def _synthetic_runs(p, offsets, jitter, ok):
+    """Runs whose every bpb is `1 + offset + 0.01 * seed + jitter[seed]`."""
     runs = []
     for (name, _), seed in itertools.product(p.variants, p.seeds):
-        v = 1.0 + offsets[name] + 0.01 * seed
+        v = 1.0 + offsets[name] + 0.01 * seed + jitter[name][seed]
         positions = {
             m: dict(
                 buckets=[(lo, hi, v) for lo, hi in regime.buckets_for(
@@ -119,12 +123,16 @@ def _synthetic_runs(p, offsets: dict[str, float], ok: dict[str, bool]):
 @pytest.mark.parametrize("full_ok", [True, False])
 def test_report_lists_differences_beyond_the_spread(tmp_path, full_ok):
     p = dataclasses.replace(registry.REGIME["micro"], seeds=(0, 1, 2))
-    offsets = dict(vq=0.0, full=0.005, window=0.1)  # sd 0.01: 2se 0.0163
+    # vq and window: sd 0.01, 2se of their difference 0.0163; full - vq:
+    # per-seed differences 0.005 + (0, 0.002, -0.002), within the unpaired
+    # spread but beyond the paired one (2 x 0.002 / sqrt 3 = 0.0023).
+    offsets = dict(vq=0.0, full=0.005, window=0.1)
+    jitter = dict(vq=(0, 0, 0), full=(0, 0.002, -0.002), window=(0, 0, 0))
     ok = dict(vq=True, full=full_ok, window=True)
     kw = dict(command="c", corpus="x", n_bytes=1, n_heldout=1, wall=1.0, cpu=1.0)
     text = "\n".join(
         regime.write_report(
-            p, _synthetic_runs(p, offsets, ok),
+            p, _synthetic_runs(p, offsets, jitter, ok),
             md=tmp_path / "regime-t.md", png=tmp_path / "regime-t.png", **kw,
         )
     )  # fmt: skip
@@ -132,10 +140,19 @@ def test_report_lists_differences_beyond_the_spread(tmp_path, full_ok):
     listed = [ln for ln in summary.splitlines() if ln.startswith("- ")]
     # vq - window and full - window exceed, in 3 + 1 + 4 + 1 + 1 = 10 cells
     # each (1x buckets and whole, 2x buckets and whole, validation); vq - full
-    # (0.005) does not; a failed full run removes its pairs.
-    assert all("window" in ln for ln in listed)
-    assert len(listed) == (20 if full_ok else 10)
+    # only paired; a failed full run removes its pairs.
+    paired = [ln for ln in listed if "paired only" in ln]
+    assert all("window" in ln for ln in listed if ln not in paired)
+    assert len(listed) - len(paired) == (20 if full_ok else 10)
+    assert len(paired) == (10 if full_ok else 0)
+    assert all(ln.startswith("- vq − full") for ln in paired)
     assert "- vq − window, validation bpb: -0.1000 (threshold 0.0163)" in listed
+    if full_ok:
+        thr = 2 * 0.002 / math.sqrt(3)
+        assert (
+            f"- vq − full, validation bpb: -0.0050 (paired only: threshold {thr:.4f})"
+            in listed
+        )
     assert ("CHECK FAILED" in text) != full_ok
 
 
