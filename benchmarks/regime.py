@@ -441,7 +441,9 @@ def write_report(p, runs, *, md, png, command, corpus, n_bytes, n_heldout, wall,
         f"{L:,} bytes (m = {', '.join(map(str, p.extrapolation))}); each sequence starts "
         f"from an empty state and is run {q.seq_len} bytes at a time with the state "
         "carried throughout; bits per byte = mean NLL over the bytes of a bucket of "
-        "block indices (position // block_len) / ln 2",
+        "block indices (position // block_len) / ln 2. Every variant and seed scores "
+        "the same bytes; the buckets of one multiple hold different bytes (and few "
+        "sequences at 16x), so compare variants within a bucket",
         "extrapolation: vq and window run unchanged (their state is bounded); full's "
         "KV cache is enlarged at evaluation to the whole sequence "
         "(`Transformer.with_config(kv_cache_len=...)`: no parameter depends on it; the "
