@@ -25,6 +25,7 @@ import hashlib
 import itertools
 import math
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -545,6 +546,17 @@ def write_report(p, runs, *, md, png, command, corpus, n_bytes, n_heldout, wall,
     if len(p.seeds) < 2:
         summary += ["None can be judged: one seed per variant (no spread).", ""]
     else:
+        cells = sum(len(re.findall(r"; paired \d", ln)) for ln in lines)
+        n = len(p.seeds)
+        summary += [
+            f"{len(found)} of {cells} differences (cells below) are listed. With "
+            f"{n} seeds either rule is a t-test at |t| > 2 on few degrees of freedom "
+            f"(about {2 * n - 2} unpaired, {n - 1} paired), so a few listings are "
+            "expected by chance alone when there is no difference; a difference "
+            "that holds across neighbouring buckets and multiples is the stronger "
+            "sign.",
+            "",
+        ]
         summary += [f"- {f}" for f in found] or ["None."]
         summary += [""]
     lines = header + summary + lines

@@ -145,6 +145,7 @@ def test_report_lists_differences_beyond_the_spread(tmp_path, full_ok):
     assert all("window" in ln for ln in listed if ln not in paired)
     assert len(listed) - len(paired) == (20 if full_ok else 10)
     assert len(paired) == (10 if full_ok else 0)
+    assert f"{len(listed)} of {30 if full_ok else 10} differences" in summary
     assert all(ln.startswith("- vq − full") for ln in paired)
     assert "- vq − window, validation bpb: -0.1000 (threshold 0.0163)" in listed
     if full_ok:
