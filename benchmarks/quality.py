@@ -222,6 +222,7 @@ def train_one(name, config, p: QualityPreset, splits, *, log=C.log) -> dict:
         compile_s=rec.t_compile,
         tokens_per_s=(tokens - p.batch_size * p.seq_len) / max(rec.t_train, 1e-9),
         val_tokens=sum(int(np.sum(b["loss_mask"])) for b in val_batches),
+        model=model,  # the trained model (the regime benchmark evaluates it)
     )
     log(
         f"  {name}: val {bpb:.4f} bpb ({bpb_reset:.4f} with reset windows), train "

@@ -9,6 +9,7 @@ name)` looks one up; `python -m benchmarks.run BENCH --preset NAME` runs it.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 from tvq_eqx import TransformerConfig
 
@@ -253,7 +254,112 @@ QUALITY["cpu-ctx1024"] = dataclasses.replace(
 )
 QUALITY["gpu"] = QUALITY["cpu"]
 
-BENCHMARKS = {"scaling": SCALING, "decode": DECODE, "quality": QUALITY}
+# The three models of the regime benchmark: name -> `TransformerConfig`
+# changes applied to the quality preset's model (whose `kv_cache_len` is the
+# preset's). Adding a variant is one more entry here.
+REGIME_VARIANTS: tuple[tuple[str, tuple[tuple[str, object], ...]], ...] = (
+    ("vq", ()),
+    ("full", (("attention", "full"),)),
+    ("window", (("attention", "window"),)),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class RegimePreset:
+    """Does the compressive cache pay off? Models trained in the paper's
+    regime, several seeds each, scored per position inside the sequence.
+
+    `quality`: the training budget of every run (model, optimizer, steps,
+    batch, update segment `seq_len`); its `context_len` is the training
+    sequence length (the state is emptied every `context_len` bytes).
+    `variants`: (name, `TransformerConfig` changes) of each model; `seeds`:
+    each variant is trained once per seed (`QualityPreset.seed`).
+    `extrapolation`: evaluation sequence lengths as multiples of the training
+    sequence; `bucket_edges`: position buckets in blocks (`[lo, hi)`).
+    `corpus`: `"bundled"` (`tvq_eqx.data.load_bytes()`) or `"linux-doc"`
+    (English reST of Debian's linux-doc-6.1, first `linux_doc_bytes`).
+    Evaluation text: the `eval_splits` of `tvq_eqx.data.split_bytes`,
+    concatenated (contiguous in the corpus), cut into non-overlapping
+    sequences; at most `eval_bytes` of it per multiple (0 = all), run
+    `eval_batch` sequences at a time (fewer when fewer fit)."""
+
+    quality: QualityPreset
+    seeds: tuple[int, ...] = (0, 1, 2)
+    variants: tuple[tuple[str, tuple[tuple[str, object], ...]], ...] = REGIME_VARIANTS
+    extrapolation: tuple[int, ...] = (1, 4, 16)
+    bucket_edges: tuple[int, ...] = (0, 2, 4, 8, 16, 32, 64, 256)
+    corpus: str = "bundled"
+    eval_splits: tuple[str, ...] = ("validation", "test")
+    eval_bytes: int = 0
+    eval_batch: int = 4
+    linux_doc_bytes: int = 2**21
+
+    def __post_init__(self):
+        q = self.quality
+        if q.context_len <= 0 or q.context_len % q.model.block_len:
+            raise ValueError(
+                f"RegimePreset.quality.context_len must be a positive multiple of "
+                f"block_len={q.model.block_len}; got {q.context_len}"
+            )
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"RegimePreset.seeds must be distinct; got {self.seeds}")
+        names = [n for n, _ in self.variants]
+        if not names or len(set(names)) != len(names):
+            raise ValueError(f"RegimePreset.variants need distinct names; got {names}")
+        if not self.extrapolation or any(m < 1 for m in self.extrapolation):
+            raise ValueError(
+                f"RegimePreset.extrapolation must be ints >= 1; got {self.extrapolation}"
+            )
+        e = self.bucket_edges
+        if len(e) < 2 or e[0] != 0 or any(a >= b for a, b in itertools.pairwise(e)):
+            raise ValueError(f"RegimePreset.bucket_edges must increase from 0; got {e}")
+        if self.corpus not in ("bundled", "linux-doc"):
+            raise ValueError(
+                f"RegimePreset.corpus must be 'bundled' or 'linux-doc'; got "
+                f"{self.corpus!r}"
+            )
+
+    @property
+    def sequence_len(self) -> int:
+        """Training sequence length (bytes between state resets)."""
+        return self.quality.context_len
+
+
+REGIME: dict[str, RegimePreset] = {
+    # 3 seeds x (vq, full, window) at the cpu-ctx1024 budget: 300 updates of
+    # 8 x 256 bytes, block 64, sequences of 1,024 bytes (16 blocks).
+    "cpu": RegimePreset(quality=QUALITY["cpu-ctx1024"]),
+    "quick": RegimePreset(
+        quality=dataclasses.replace(
+            QUALITY["quick"], context_len=1024, kv_cache_len=1024, eval_batches=0
+        ),
+        seeds=(0, 1),
+        eval_bytes=16384,
+    ),
+    "micro": RegimePreset(
+        quality=dataclasses.replace(
+            QUALITY["micro"], context_len=128, kv_cache_len=128
+        ),
+        seeds=(0, 1),
+        extrapolation=(1, 2),
+        eval_bytes=512,
+        eval_batch=2,
+    ),
+}
+# One seed on a second corpus (Debian linux-doc-6.1 reST, 2 MiB).
+# The held-out text (validation + test) is 210 KB there: the first 64 KiB are
+# scored, about the bundled corpus's 51.8 KB.
+REGIME["gpu"] = REGIME["cpu"]  # so that `run all` finds a preset on a GPU
+REGIME["cpu-linuxdoc"] = dataclasses.replace(
+    REGIME["cpu"], seeds=(0,), corpus="linux-doc", eval_bytes=65536
+)
+
+BENCHMARKS = {
+    "scaling": SCALING,
+    "decode": DECODE,
+    "quality": QUALITY,
+    "regime": REGIME,
+}
 
 
 def preset(bench: str, name: str):

@@ -1,7 +1,7 @@
 """Benchmark runner.
 
 ```
-python -m benchmarks.run scaling|decode|quality|all [--quick] [--preset NAME]
+python -m benchmarks.run scaling|decode|quality|regime|all [--quick] [--preset NAME]
                          [--out DIR] [--data PATH]
 python benchmarks/run.py ...            # same
 ```
@@ -26,7 +26,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
 from benchmarks import _common as C
 from benchmarks import registry
 
-BENCHES = ("scaling", "decode", "quality")
+BENCHES = ("scaling", "decode", "quality", "regime")
 
 
 def _module(bench: str):
@@ -34,6 +34,8 @@ def _module(bench: str):
         from benchmarks import scaling as m
     elif bench == "decode":
         from benchmarks import decode as m
+    elif bench == "regime":
+        from benchmarks import regime as m
     else:
         from benchmarks import quality as m
     return m
@@ -61,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--data",
         default=None,
-        help="quality: byte corpus (file or folder); default the bundled one",
+        help="quality, regime: byte corpus (file or folder); default the preset's",
     )
     args = ap.parse_args(argv)
     if args.quick and args.preset not in (None, "quick"):
@@ -90,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     for b in benches:
         C.log(f"== {b} (preset {name}) -> {out}")
         kw = dict(out_dir=out, tag=tag, command=command)
-        if b == "quality":
+        if b in ("quality", "regime"):
             kw["data_path"] = args.data
         res = _module(b).run(registry.preset(b, name), **kw)
         print("\n".join(res["lines"]))
