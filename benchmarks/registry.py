@@ -261,6 +261,8 @@ REGIME_VARIANTS: tuple[tuple[str, tuple[tuple[str, object], ...]], ...] = (
     ("vq", ()),
     ("full", (("attention", "full"),)),
     ("window", (("attention", "window"),)),
+    # The remedy (issue 12, item 5): the compressive cache decayed per block.
+    ("vq_decay", (("cache_decay", 0.9),)),
 )
 
 
