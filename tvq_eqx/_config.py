@@ -149,6 +149,13 @@ class TransformerConfig:
       times gamma), so each cached key weighs `gamma ** (blocks since it left
       the window)` and the log-count bias stays bounded on long streams (a
       remedy for long-context drift; see docs/benchmarks.md). `"vq"` only.
+    - `seq_axis`, `batch_axis`: context parallelism. With `seq_axis` set,
+      every attention unit splits the sequence over that mesh axis
+      (`ops.vq_attention_sharded`: only per-code summaries and one boundary
+      block cross devices) and the batch over `batch_axis`; the model must
+      then run under `jax.set_mesh(mesh)`. Run-time settings (the CLI's
+      `--mesh` sets them); `"vq"` attention with the default
+      `grad_thru_cache` and `state_keys` only (docs/parallelism.md).
     - `grad_thru_cache`: gradients pass through the state carried between
       blocks (window keys and values of earlier blocks, cached means); False
       makes it a constant, as the official `grad_thru_cache=False`.
@@ -262,6 +269,10 @@ class TransformerConfig:
     """Rematerialise the scanned layer body: none, full, dots, dots_no_batch."""
     cache_decay: float = 1.0
     """Per-block decay of the compressive cache (1 = none, official)."""
+    seq_axis: str | None = None
+    """Mesh axis each attention unit splits the sequence over (None: none)."""
+    batch_axis: str | None = None
+    """Mesh axis the batch is split over, kept split inside the attention."""
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -315,6 +326,18 @@ class TransformerConfig:
                 f"TransformerConfig.cache_decay={self.cache_decay!r} decays the "
                 f"compressive cache, which attention={self.attention!r} does not "
                 "have; use attention='vq' or cache_decay=1.0"
+            )
+        if self.seq_axis is not None and (
+            self.attention != "vq"
+            or not self.grad_thru_cache
+            or self.state_keys != "codewords"
+        ):
+            raise ValueError(
+                f"TransformerConfig.seq_axis={self.seq_axis!r} (context "
+                "parallelism) needs attention='vq', grad_thru_cache=True and "
+                f"state_keys='codewords'; got attention={self.attention!r}, "
+                f"grad_thru_cache={self.grad_thru_cache!r}, "
+                f"state_keys={self.state_keys!r}"
             )
         if self.implementation == "quadratic":
             raise ValueError(

@@ -12,6 +12,7 @@ from ..ops import (
     FullAttentionState,
     VQAttentionState,
     full_attention_with_state,
+    vq_attention_sharded,
     vq_attention_with_state,
 )
 from ._norm import RMSNorm, layer_norm, rms_norm
@@ -148,6 +149,26 @@ class VQAttention(eqx.Module):
                 scale=scale,
                 rel_query=rel_query,
                 rel_table=rel_table,
+            )
+        elif (
+            c.seq_axis is not None
+        ):  # context parallelism (the config checked the rest)
+            attn, new_state = vq_attention_sharded(
+                query,
+                k,
+                v,
+                self.quantizer.codebook,
+                state,
+                seq_axis=c.seq_axis,
+                batch_axis=c.batch_axis,
+                block_len=c.block_len,
+                mem_len=c.mem_len,
+                scale=scale,
+                rel_query=rel_query,
+                rel_table=rel_table,
+                cache_decay=c.cache_decay,
+                implementation=c.implementation,
+                pallas=c.pallas,
             )
         else:
             if isinstance(state, FullAttentionState):

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh
+from jax.sharding import AbstractMesh, Mesh
 from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Float
 
@@ -200,24 +200,36 @@ def vq_attention_sharded(
     codebook: Array,
     state: VQAttentionState | None,
     *,
-    mesh: Mesh,
+    mesh: Mesh | AbstractMesh | None = None,
     seq_axis: str,
     batch_axis: str | None = None,
     block_len: int,
     mem_len: int | None = None,
     scale=None,
+    rel_query: Array | None = None,
+    rel_table: Array | None = None,
     cache_decay: float = 1.0,
     implementation: str | None = None,
     pallas=None,
 ) -> tuple[Float[Array, "batch seq heads d_v"], VQAttentionState]:
     """`vq_attention_with_state` with the sequence sharded over `mesh` axis
     `seq_axis` (and the batch over `batch_axis`, if given): a `shard_map` of
-    `vq_attention_context_parallel`. `seq` must split into equal chunks, each
-    a multiple of `block_len` and at least `mem_len` long."""
-    if seq_axis not in mesh.shape:
-        raise ValueError(
-            f"seq_axis {seq_axis!r} is not an axis of the mesh {dict(mesh.shape)}"
-        )
+    `vq_attention_context_parallel`. `mesh` None: the mesh set by
+    `jax.set_mesh` (as inside the model). `seq` must split into equal chunks,
+    each a multiple of `block_len` and at least `mem_len` long. `rel_query`
+    is split like `query`, `rel_table` replicated."""
+    if mesh is None:
+        mesh = jax.sharding.get_abstract_mesh()
+        if not mesh.shape:
+            raise ValueError(
+                f"vq_attention_sharded needs a mesh with axis {seq_axis!r}: pass "
+                "mesh=, or call it under `with jax.set_mesh(mesh):`"
+            )
+    for name, axis in (("seq_axis", seq_axis), ("batch_axis", batch_axis)):
+        if axis is not None and axis not in mesh.shape:
+            raise ValueError(
+                f"{name} {axis!r} is not an axis of the mesh {dict(mesh.shape)}"
+            )
     n = mesh.shape[seq_axis]
     if query.shape[1] % n:
         raise ValueError(
@@ -233,17 +245,17 @@ def vq_attention_sharded(
     rows = P(batch_axis)
     state_spec = jax.tree.map(lambda _: rows, state)
 
-    def body(q, k, v, cb, st):
+    def body(q, k, v, cb, st, rq, rt):
         return vq_attention_context_parallel(
             q, k, v, cb, st, axis_name=seq_axis, block_len=block_len,
-            mem_len=mem_len, scale=scale, cache_decay=cache_decay,
-            implementation=implementation, pallas=pallas,
+            mem_len=mem_len, scale=scale, rel_query=rq, rel_table=rt,
+            cache_decay=cache_decay, implementation=implementation, pallas=pallas,
         )  # fmt: skip
 
     sharded = jax.shard_map(
         body,
         mesh=mesh,
-        in_specs=(seq, seq, seq, P(), state_spec),
+        in_specs=(seq, seq, seq, P(), state_spec, seq, P()),
         out_specs=(seq, state_spec),
     )
-    return sharded(query, key, value, codebook, state)
+    return sharded(query, key, value, codebook, state, rel_query, rel_table)

@@ -43,6 +43,7 @@ from ._runs import check_new_run_dir as check_new_run_dir
 from ._runs import check_resume as check_resume
 from ._runs import checkpoints_of as checkpoints_of
 from ._runs import default_run_dir as default_run_dir
+from ._runs import for_mesh as for_mesh
 from ._runs import is_finished as is_finished
 from ._runs import load_run as load_run
 from ._runs import new_train_state as new_train_state

@@ -14,6 +14,7 @@ from typing import Any
 
 import equinox as eqx
 import jax
+from jax.sharding import Mesh
 
 from ..nn import Transformer
 from ._checkpoint import (
@@ -30,7 +31,7 @@ from ._checkpoint import (
 )
 from ._optimizer import optimizer_from_config
 from ._run_config import RunConfig
-from ._steps import TrainState, init_train_state
+from ._steps import DATA_AXIS, SEQ_AXIS, TrainState, has_seq_axis, init_train_state
 
 
 class RunDirError(ValueError):
@@ -55,6 +56,32 @@ def new_train_state(run: RunConfig) -> TrainState:
         run.data.batch_size,
         key=jax.random.key(run.seed + 1),
     )
+
+
+def for_mesh(
+    run: RunConfig, train_state: TrainState | None, mesh: Mesh | None
+) -> tuple[RunConfig, TrainState | None]:
+    """`run` and `train_state` (None: none yet) with the model's context
+    parallelism set for `mesh`: attention split over its `"seq"` axis (batch
+    over `"data"`) when it has one of size > 1, else off. The axes are
+    run-time settings in the (static) model config, which every model-shaped
+    part of the state (the optimizer's moments too) carries: the state is
+    rebuilt around the same arrays."""
+    if has_seq_axis(mesh):
+        axes = dict(seq_axis=SEQ_AXIS, batch_axis=DATA_AXIS)
+    else:
+        axes = dict(seq_axis=None, batch_axis=None)
+    if all(getattr(run.model, k) == v for k, v in axes.items()):
+        return run, train_state
+    run = run.replace(model=run.model.replace(**axes))
+    if train_state is None:
+        return run, None
+    like = eqx.filter_eval_shape(new_train_state, run)
+    leaves = jax.tree.leaves(train_state)
+    shapes = [(x.shape, x.dtype) for x in jax.tree.leaves(like)]
+    if [(x.shape, x.dtype) for x in leaves] != shapes:
+        raise ValueError("the train state does not match its run config")
+    return run, jax.tree.unflatten(jax.tree.structure(like), leaves)
 
 
 def _check_not_a_file(run_dir: Path) -> None:

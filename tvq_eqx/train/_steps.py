@@ -3,6 +3,7 @@ state, data-parallel over a device mesh."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, cast
@@ -24,6 +25,8 @@ _BATCH_KEYS = ("inputs", "targets", "loss_mask")
 # Metrics that add up over update segments (everything else is averaged).
 _SUMMED = ("lm_loss_sum", "token_count")
 DATA_AXIS = "data"
+# The mesh axis that context parallelism splits each sequence over.
+SEQ_AXIS = "seq"
 
 
 class TrainState(eqx.Module):
@@ -238,11 +241,34 @@ def eval_step(
 
 
 # jax.Device aliases a class of the compiled jaxlib, which has no stubs.
-def make_mesh(devices: Iterable[jax.Device] | None = None) -> Mesh:  # pyright: ignore[reportInvalidTypeForm]
-    """A 1-D data-parallel mesh (axis `"data"`) over `devices` (default: all,
-    across hosts)."""
+def make_mesh(
+    devices: Iterable[jax.Device] | None = None,  # pyright: ignore[reportInvalidTypeForm]
+    *,
+    seq: int = 1,
+) -> Mesh:
+    """A mesh over `devices` (default: all, across hosts): 1-D data-parallel
+    (axis `"data"`), or with `seq > 1` a `("data", "seq")` mesh whose `"seq"`
+    axis of that size splits each sequence (context parallelism: the model's
+    config needs `seq_axis="seq"`, `batch_axis="data"`; `train.for_mesh`)."""
     devs = np.asarray(list(jax.devices() if devices is None else devices))
-    return Mesh(devs, (DATA_AXIS,))
+    if seq == 1:
+        return Mesh(devs, (DATA_AXIS,))
+    if isinstance(seq, bool) or not isinstance(seq, int) or seq < 1 or devs.size % seq:
+        raise ValueError(
+            f"seq={seq!r} must be a positive int dividing the {devs.size} devices"
+        )
+    return Mesh(devs.reshape(devs.size // seq, seq), (DATA_AXIS, SEQ_AXIS))
+
+
+def has_seq_axis(mesh: Mesh | None) -> bool:
+    """Whether `mesh` splits sequences (a `"seq"` axis of size > 1)."""
+    return mesh is not None and mesh.shape.get(SEQ_AXIS, 1) > 1
+
+
+def _mesh_context(mesh: Mesh | None):
+    """`jax.set_mesh(mesh)` when the model's attention needs the mesh (a
+    `"seq"` axis), else nothing."""
+    return jax.set_mesh(mesh) if has_seq_axis(mesh) else contextlib.nullcontext()
 
 
 def _replicated(mesh: Mesh) -> NamedSharding:
@@ -261,11 +287,11 @@ def _attn_shardings(attn_state: TransformerState, mesh: Mesh):
 
 
 def _check_divisible(batch_size: int, mesh: Mesh) -> None:
-    n = mesh.devices.size
+    n = mesh.shape.get(DATA_AXIS, 1)
     if batch_size % n != 0:
         raise ValueError(
             f"batch size {batch_size} must be a multiple of the number of devices "
-            f"{n} (the batch is split across them)"
+            f"{n} on the mesh's data axis (the batch is split across them)"
         )
 
 
@@ -352,7 +378,8 @@ def make_train_step(
     def step(train_state: TrainState, batch: Batch, *, reset: bool = False):
         placed = _place(batch, mesh)
         placed["reset"] = jnp.asarray(reset, dtype=bool)
-        return jitted(placed, train_state, optimizer, update_len, mesh)
+        with _mesh_context(mesh):
+            return jitted(placed, train_state, optimizer, update_len, mesh)
 
     return step
 
@@ -378,9 +405,15 @@ def make_eval_step(
 
     def step(model, attn_state, batch, *, reset: bool = False):
         placed = _place(batch, mesh)
-        return _eval_jitted(
-            model, attn_state, placed, jnp.asarray(reset, dtype=bool), segment_len, mesh
-        )
+        with _mesh_context(mesh):
+            return _eval_jitted(
+                model,
+                attn_state,
+                placed,
+                jnp.asarray(reset, dtype=bool),
+                segment_len,
+                mesh,
+            )
 
     return step
 
