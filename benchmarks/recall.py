@@ -252,7 +252,10 @@ def evaluate(model, batch: dict[str, np.ndarray], distances) -> dict[int, dict]:
         logp = _forward(model, jnp.asarray(batch["inputs"][sl]))
         parts.append(
             answer_scores(
-                logp, batch["targets"][sl], batch["loss_mask"][sl], batch["distance"][sl]
+                logp,
+                batch["targets"][sl],
+                batch["loss_mask"][sl],
+                batch["distance"][sl],
             )
         )
     dist, correct, nll = (np.concatenate(x) for x in zip(*parts, strict=True))
@@ -290,7 +293,9 @@ def train_one(
     key = jax.random.key(seed)
     model = Transformer(config, key=key)
     opt = make_optimizer(p) if optimizer is None else optimizer
-    ts = train.init_train_state(model, opt, p.batch_size, key=jax.random.fold_in(key, 1))
+    ts = train.init_train_state(
+        model, opt, p.batch_size, key=jax.random.fold_in(key, 1)
+    )
     step = train.make_train_step(opt, update_len=p.seq_len)
     rng = np.random.default_rng(seed)
     curve = []
@@ -347,7 +352,7 @@ def summarize(p: RecallPreset, runs: list[dict]) -> dict[str, dict[int, dict]]:
 
 
 def run(p: RecallPreset, *, out_dir: Path, tag: str, command: str) -> dict:
-    for name, cfg in variant_configs(p):  # fail early on a bad layout
+    for _name, cfg in variant_configs(p):  # fail early on a bad layout
         check_task(
             block_len=cfg.block_len,
             n_blocks=p.n_blocks,
@@ -367,7 +372,9 @@ def run(p: RecallPreset, *, out_dir: Path, tag: str, command: str) -> dict:
     summary = summarize(p, runs)
     md = Path(out_dir) / f"recall-{tag}.md"
     png = Path(out_dir) / f"recall-{tag}.png"
-    lines = write_report(p, runs, summary, ev, md=md, png=png, command=command, wall=wall)
+    lines = write_report(
+        p, runs, summary, ev, md=md, png=png, command=command, wall=wall
+    )
     plot(p, summary, png, command)
     return dict(runs=runs, summary=summary, markdown=md, plot=png, lines=lines)
 
@@ -425,20 +432,28 @@ def write_report(p, runs, summary, ev, *, md, png, command, wall):
         f"train time per run {min(train_s):.0f}-{max(train_s):.0f} s (+ compile); "
         f"total wall time {wall / 60:.1f} min",
     ]
-    lines = C.header_lines(f"Long-range recall benchmark ({C.tag_of(md)})", command, notes)
+    lines = C.header_lines(
+        f"Long-range recall benchmark ({C.tag_of(md)})", command, notes
+    )
     names = [n for n, _ in p.variants]
     lines += ["## Accuracy by distance (blocks)", ""]
     rows = []
     for d in p.distances:
         rows.append(
             [d, "in window" if not out_of_window(d, m.block_len, m.mem_len) else ""]
-            + [_cell(summary[n][d]["acc"], summary[n][d]["n_ok"], "{:.3f}") for n in names]
+            + [
+                _cell(summary[n][d]["acc"], summary[n][d]["n_ok"], "{:.3f}")
+                for n in names
+            ]
         )
     far = [d for d in p.distances if out_of_window(d, m.block_len, m.mem_len)]
     beyond = [d for d in far if d > reach]
     for label, ds in (
         (f"mean, {min(far)}-{max(far)}" if far else None, far),
-        (f"mean, {min(beyond)}-{max(beyond)} (beyond relay)" if beyond else None, beyond),
+        (
+            f"mean, {min(beyond)}-{max(beyond)} (beyond relay)" if beyond else None,
+            beyond,
+        ),
     ):
         if label is None:
             continue
@@ -451,7 +466,13 @@ def write_report(p, runs, summary, ev, *, md, png, command, wall):
     lines += C.markdown_table(["distance", "", *names], rows, "rl" + "r" * len(names))
     lines += ["", f"chance: {CHANCE:.4f}", "", "## Bits per answer by distance", ""]
     rows = [
-        [d, *(_cell(summary[n][d]["bits"], summary[n][d]["n_ok"], "{:.3f}") for n in names)]
+        [
+            d,
+            *(
+                _cell(summary[n][d]["bits"], summary[n][d]["n_ok"], "{:.3f}")
+                for n in names
+            ),
+        ]
         for d in p.distances
     ]
     lines += C.markdown_table(["distance", *names], rows)
@@ -500,8 +521,7 @@ def plot(p, summary, png, command):
     if reach < max(xs):
         ax.axvline(reach + 0.5, color="gray", ls=":", lw=1, label="window relay limit")
     ax.set(
-        xlabel="distance between pair and query (blocks of "
-        f"{m.block_len})",
+        xlabel=f"distance between pair and query (blocks of {m.block_len})",
         ylabel="answer accuracy",
         title=f"long-range recall: mean ± sd over seeds {list(p.seeds)}",
         ylim=(-0.02, 1.02),

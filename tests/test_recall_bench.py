@@ -51,7 +51,9 @@ def test_generator_places_answers_at_stated_distance(layout):
             assert p + 1 >= (a // L) * L - mem_len
         seen.add(int(d))
     assert seen <= set(distances)
-    filler = ~np.isin(b["inputs"], [*recall.KEYS, *recall.VALUES, recall.PAIR_MARK, recall.QUERY_MARK])
+    filler = ~np.isin(
+        b["inputs"], [*recall.KEYS, *recall.VALUES, recall.PAIR_MARK, recall.QUERY_MARK]
+    )
     assert np.all(np.isin(b["inputs"][filler], recall.FILLER))
 
 
