@@ -38,6 +38,18 @@ exactly once before its query; the earlier queries of the same sequence ask
 other keys, and values are drawn with replacement, so the already answered
 queries say nothing about the current answer.
 
+Pairs per sequence. With `n_pairs = 1` (the cpu and quick presets) the task
+is "recall the marked value" (a marked span of one byte): the query need not
+match the key, only find the one value-alphabet byte, so a single attention
+unit can solve it and it isolates the question whether the cache carries
+information across blocks. `n_pairs > 1` adds distractor pairs and needs key
+matching (associative recall, an induction-like composition of two units);
+in CPU-sized probes (4 pairs, block 16, 2 layers, 300 updates of 8
+sequences; 1 pair, block 16, 1 layer, 200 updates of 16) not even the full
+model rose above chance, while 1 pair at block 8 (136 positions) took full
+and vq well above it within 400 updates of 16 sequences, so the presets use
+that. Bigger budgets (a GPU) can raise `n_pairs`.
+
 Training. Every variant (a name and changes to the preset's
 `TransformerConfig`, `RecallPreset.variants`) is trained from seed `s` (model
 initialisation and data stream) with the library's pieces:
