@@ -409,7 +409,8 @@ def write_report(p, runs, summary, ev, *, md, png, command, wall):
     train_s = [r["train_s"] for r in runs]
     notes = [
         "task: filler `a-z`; "
-        f"{p.n_pairs} pairs `# key value` (keys `A-P` distinct, values `0-9Q-V` "
+        f"{p.n_pairs} pair{'s' * (p.n_pairs > 1)} `# key value` (keys `A-P` "
+        "distinct, values `0-9Q-V` "
         f"uniform) at distinct distances from {list(p.distances)} blocks before "
         "the last block, where the keys are queried as `? key value` in random "
         "order; loss and accuracy only on the answer positions (`? key` -> value); "
