@@ -138,7 +138,7 @@ class RecallPreset:
     warmup_steps: int
     distances: tuple[int, ...] = tuple(range(1, 17))
     seeds: tuple[int, ...] = (0, 1, 2)
-    eval_per_distance: int = 256
+    eval_per_distance: int = 192
     weight_decay: float = 2e-4
     grad_clip: float | None = 1.0
     variants: tuple[tuple[str, tuple[tuple[str, object], ...]], ...] = (
