@@ -213,18 +213,29 @@ def eval_set(p: RecallPreset) -> dict[str, np.ndarray]:
 # Scoring
 
 
+def token_scores(logp, targets):
+    """(correct, nll in nats) at every position [B, T]: correct = argmax of the
+    log-probabilities == target (jax arrays; jit-friendly)."""
+    logp = jnp.asarray(logp)
+    targets = jnp.asarray(targets)
+    correct = jnp.argmax(logp, axis=-1) == targets
+    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    return correct, nll
+
+
+def select_answers(correct, nll, loss_mask, distance):
+    """(distance, correct, nll) of every answer position (mask > 0), numpy."""
+    sel = np.asarray(loss_mask) > 0
+    return np.asarray(distance)[sel], np.asarray(correct)[sel], np.asarray(nll)[sel]
+
+
 def answer_scores(
     logp, targets, loss_mask, distance
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(distance, correct, nll in nats) of every answer position (mask > 0):
     correct = argmax of the log-probabilities == target."""
-    logp = np.asarray(logp)
-    sel = np.asarray(loss_mask) > 0
-    tgt = np.asarray(targets)[sel]
-    lp = logp[sel]  # [answers, vocab]
-    correct = np.argmax(lp, axis=-1) == tgt
-    nll = -np.take_along_axis(lp, tgt[:, None], axis=-1)[:, 0]
-    return np.asarray(distance)[sel], correct, nll
+    correct, nll = token_scores(logp, targets)
+    return select_answers(correct, nll, loss_mask, distance)
 
 
 def accuracy_by_distance(dist, correct, nll, distances) -> dict[int, dict]:
@@ -250,9 +261,9 @@ def mean_sd(xs) -> tuple[float, float]:
 
 
 @eqx.filter_jit
-def _forward(model, inputs):
+def _scores(model, inputs, targets):
     logp, _, _ = model(inputs, model.init_state(inputs.shape[0]))
-    return logp
+    return token_scores(logp, targets)
 
 
 def evaluate(model, batch: dict[str, np.ndarray], distances) -> dict[int, dict]:
@@ -261,14 +272,11 @@ def evaluate(model, batch: dict[str, np.ndarray], distances) -> dict[int, dict]:
     parts = []
     for i in range(0, batch["inputs"].shape[0], EVAL_BATCH):
         sl = slice(i, i + EVAL_BATCH)
-        logp = _forward(model, jnp.asarray(batch["inputs"][sl]))
+        correct, nll = _scores(
+            model, jnp.asarray(batch["inputs"][sl]), jnp.asarray(batch["targets"][sl])
+        )
         parts.append(
-            answer_scores(
-                logp,
-                batch["targets"][sl],
-                batch["loss_mask"][sl],
-                batch["distance"][sl],
-            )
+            select_answers(correct, nll, batch["loss_mask"][sl], batch["distance"][sl])
         )
     dist, correct, nll = (np.concatenate(x) for x in zip(*parts, strict=True))
     return accuracy_by_distance(dist, correct, nll, distances)
