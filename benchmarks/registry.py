@@ -119,6 +119,42 @@ class QualityPreset:
     context_len: int = 0
 
 
+@dataclasses.dataclass(frozen=True)
+class RecallPreset:
+    """Long-range recall (`benchmarks/recall.py`): key-value pairs written
+    `distances` blocks before the last block and queried there.
+
+    Sequences of `n_blocks * model.block_len` positions, `n_pairs` pairs each.
+    `variants`: (name, config changes) trained on the same batches, e.g.
+    `("vq_decay", (("cache_decay", 0.9),))`; each is trained from every seed
+    in `seeds` for `steps` updates of `batch_size` fresh sequences and scored
+    on `eval_per_distance` held-out queries per distance."""
+
+    model: TransformerConfig
+    n_blocks: int
+    n_pairs: int
+    batch_size: int
+    steps: int
+    learning_rate: float
+    warmup_steps: int
+    distances: tuple[int, ...] = tuple(range(1, 17))
+    seeds: tuple[int, ...] = (0, 1, 2)
+    eval_per_distance: int = 192
+    weight_decay: float = 2e-4
+    grad_clip: float | None = 1.0
+    variants: tuple[tuple[str, tuple[tuple[str, object], ...]], ...] = (
+        ("vq", (("attention", "vq"),)),
+        ("full", (("attention", "full"),)),
+        ("window", (("attention", "window"),)),
+        # The remedy (issue 12, item 5): the compressive cache decayed per block.
+        ("vq_decay", (("attention", "vq"), ("cache_decay", 0.9))),
+    )
+
+    @property
+    def seq_len(self) -> int:
+        return self.n_blocks * self.model.block_len
+
+
 def _with(config: TransformerConfig, **changes) -> TransformerConfig:
     """`config.replace(**changes)`; a new `block_len` moves `mem_len` with it."""
     if "block_len" in changes and "mem_len" not in changes:
@@ -362,6 +398,54 @@ BENCHMARKS = {
     "quality": QUALITY,
     "regime": REGIME,
 }
+
+# Recall: one layer (two gated attention units), d_model 64, blocks of 8 so
+# that 16-block distances fit in 136 positions; the loss is the mean over the
+# answers (the only masked-in positions). One pair per sequence: the settings
+# under which a probe learned at all within a CPU budget (see recall.py).
+RECALL_MODEL = _with(
+    QUALITY_MODEL,
+    d_model=64,
+    d_v=128,
+    n_layer=1,
+    block_len=8,
+    lm_loss_average="tokens",
+)
+RECALL: dict[str, RecallPreset] = {
+    "cpu": RecallPreset(
+        model=RECALL_MODEL,
+        n_blocks=17,
+        n_pairs=1,
+        batch_size=16,
+        steps=500,
+        learning_rate=3e-3,
+        warmup_steps=20,
+    ),
+    "quick": RecallPreset(
+        model=RECALL_MODEL,
+        n_blocks=17,
+        n_pairs=1,
+        batch_size=16,
+        steps=150,
+        learning_rate=3e-3,
+        warmup_steps=20,
+        seeds=(0,),
+        eval_per_distance=64,
+    ),
+    "micro": RecallPreset(
+        model=_with(RECALL_MODEL, d_model=32, d_k=16, d_v=32, n_code=16),
+        n_blocks=6,
+        n_pairs=2,
+        batch_size=2,
+        steps=2,
+        learning_rate=3e-3,
+        warmup_steps=1,
+        distances=(1, 2, 3, 4),
+        seeds=(0, 1),
+        eval_per_distance=4,
+    ),
+}
+BENCHMARKS["recall"] = RECALL
 
 
 def preset(bench: str, name: str):

@@ -1,7 +1,7 @@
 """Benchmark runner.
 
 ```
-python -m benchmarks.run scaling|decode|quality|regime|all [--quick] [--preset NAME]
+python -m benchmarks.run scaling|decode|quality|regime|recall|all [--quick] [--preset NAME]
                          [--out DIR] [--data PATH]
 python benchmarks/run.py ...            # same
 ```
@@ -26,7 +26,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
 from benchmarks import _common as C
 from benchmarks import registry
 
-BENCHES = ("scaling", "decode", "quality", "regime")
+BENCHES = ("scaling", "decode", "quality", "regime", "recall")
 
 
 def _module(bench: str):
@@ -36,6 +36,8 @@ def _module(bench: str):
         from benchmarks import decode as m
     elif bench == "regime":
         from benchmarks import regime as m
+    elif bench == "recall":
+        from benchmarks import recall as m
     else:
         from benchmarks import quality as m
     return m
