@@ -122,7 +122,10 @@ def _synthetic_runs(p, offsets, jitter, ok):
 
 @pytest.mark.parametrize("full_ok", [True, False])
 def test_report_lists_differences_beyond_the_spread(tmp_path, full_ok):
-    p = dataclasses.replace(registry.REGIME["micro"], seeds=(0, 1, 2))
+    # The three baseline variants (the counts below are for three).
+    p = dataclasses.replace(
+        registry.REGIME["micro"], seeds=(0, 1, 2), variants=registry.REGIME_VARIANTS[:3]
+    )
     # vq and window: sd 0.01, 2se of their difference 0.0163; full - vq:
     # per-seed differences 0.005 + (0, 0.002, -0.002), within the unpaired
     # spread but beyond the paired one (2 x 0.002 / sqrt 3 = 0.0023).
