@@ -111,6 +111,8 @@ class TrainCommand:
     """With --resume: continue from the checkpoint of this update instead of the newest intact one."""
     stop_at: int | None = None
     """Stop (and checkpoint) after this many updates; --resume continues."""
+    mesh: str | None = None
+    """Device mesh, e.g. data=2,seq=2: the batch split over 2 devices and each update segment over 2 (context parallelism; sizes multiply to the device count). None = the batch over all devices."""
     distributed: bool = False
     """Call jax.distributed.initialize() first (multi-host)."""
     progress: bool = True
@@ -387,6 +389,48 @@ def _init_distributed() -> None:
         ) from None
 
 
+def _mesh_from_flag(spec: str, run: RunConfig):
+    """The (data, seq) mesh of `--mesh data=D,seq=S`, checked against the
+    devices and the run's batch and update segments."""
+    import jax
+
+    sizes: dict[str, int] = {}
+    for part in spec.split(","):
+        name, _, value = part.partition("=")
+        name = name.strip()
+        if name not in ("data", "seq") or name in sizes or not value.strip().isdigit():
+            raise UsageError(
+                f"--mesh {spec!r}: expected data=N,seq=M (each axis once, "
+                "positive integers)"
+            )
+        sizes[name] = int(value)
+    data, seq = sizes.get("data", 1), sizes.get("seq", 1)
+    if data < 1 or seq < 1 or data * seq != jax.device_count():
+        raise UsageError(
+            f"--mesh {spec!r}: data x seq = {data * seq} must equal the "
+            f"{jax.device_count()} devices"
+        )
+    if run.data.batch_size % data:
+        raise UsageError(
+            f"--mesh {spec!r}: batch_size={run.data.batch_size} must be a "
+            f"multiple of data={data}"
+        )
+    chunk, rest = divmod(run.update_len, seq)
+    m = run.model
+    if rest or chunk % m.block_len or chunk < m.mem_len:
+        raise UsageError(
+            f"--mesh {spec!r}: each device's part of an update segment "
+            f"(update_len={run.update_len} / seq={seq}) must be whole, a "
+            f"multiple of block_len={m.block_len} and at least mem_len={m.mem_len}"
+        )
+    if seq > 1 and m.attention != "vq":
+        raise UsageError(
+            f"--mesh {spec!r}: seq > 1 (context parallelism) needs "
+            f"--model.attention vq; got {m.attention!r}"
+        )
+    return train.make_mesh(seq=seq)
+
+
 def _mesh_or_none(batch_size: int):
     import jax
 
@@ -541,7 +585,12 @@ def cmd_train(argv: list[str]) -> int:
     data = train.load_run_data(run)
     train_stream = train.make_stream(run, data.splits["train"], train=True)
     val_stream = train.make_stream(run, data.splits["validation"], train=False)
-    mesh = _mesh_or_none(run.data.batch_size)
+    if args.mesh is not None:
+        mesh = _mesh_from_flag(args.mesh, run)
+    else:
+        mesh = _mesh_or_none(run.data.batch_size)
+    # Context parallelism is a run-time setting of the model config.
+    run, ts = train.for_mesh(run, ts, mesh)
     if ts is None:
         ts = train.new_train_state(run)
     if mesh is not None:
@@ -604,7 +653,8 @@ def cmd_train(argv: list[str]) -> int:
         print("-" * 60)
         print(data.decode(prompt) + "\u2502", end="", flush=True)
         _print_sample(
-            result.train_state.model,
+            # Sampling runs on one device, whatever the training mesh.
+            result.train_state.model.with_config(seq_axis=None, batch_axis=None),
             prompt,
             _TokenPrinter(data.decode, byte_level=run.data.kind == "bytes"),
             steps=run.sample_len,
