@@ -72,9 +72,9 @@ PRESETS = {
         model=_MODEL.replace(
             d_model=16, d_k=8, d_v=16, n_code=8, block_len=8, mem_len=None
         ),
-        lengths=(64, 128),
-        devices=(1, 2, 4),
-        time_max_len=64,
+        lengths=(128,),
+        devices=(1, 4),
+        time_max_len=128,
         reps=1,
     ),
 }

@@ -112,3 +112,15 @@ def test_context_parallel_config_rules():
         CFG.replace(attention="window", **CP)
     with pytest.raises(ValueError, match="seq=3 must be a positive int dividing"):
         train.make_mesh(seq=3)
+
+
+def test_context_parallel_benchmark_micro(tmp_path):
+    from benchmarks import context_parallel as bench
+
+    out = bench.run(bench.PRESETS["micro"], out_dir=tmp_path, tag="micro", command="c")
+    by = {(r["t"], r["n"]): r for r in out["results"]}
+    one, four = by[(128, 1)], by[(128, 4)]
+    assert one["mem"] and four["mem"] and four["mem"] < one["mem"]
+    assert four["grad_err"] is not None and four["grad_err"] < 1e-5
+    text = out["markdown"].read_text()
+    assert "memory per device" in text and out["plot"].exists()

@@ -417,11 +417,12 @@ def _mesh_from_flag(spec: str, run: RunConfig):
         )
     chunk, rest = divmod(run.update_len, seq)
     m = run.model
-    if rest or chunk % m.block_len or chunk < m.mem_len:
+    mem_len = m.block_len if m.mem_len is None else m.mem_len
+    if rest or chunk % m.block_len or chunk < mem_len:
         raise UsageError(
             f"--mesh {spec!r}: each device's part of an update segment "
             f"(update_len={run.update_len} / seq={seq}) must be whole, a "
-            f"multiple of block_len={m.block_len} and at least mem_len={m.mem_len}"
+            f"multiple of block_len={m.block_len} and at least mem_len={mem_len}"
         )
     if seq > 1 and m.attention != "vq":
         raise UsageError(

@@ -150,9 +150,13 @@ class VQAttention(eqx.Module):
                 rel_query=rel_query,
                 rel_table=rel_table,
             )
-        elif (
-            c.seq_axis is not None
-        ):  # context parallelism (the config checked the rest)
+        elif c.seq_axis is not None:
+            # Context parallelism (the config checked the other options).
+            if isinstance(state, FullAttentionState):
+                raise TypeError(
+                    "seq_axis needs a VQAttentionState (init_state); got a "
+                    "FullAttentionState"
+                )
             attn, new_state = vq_attention_sharded(
                 query,
                 k,
