@@ -380,8 +380,25 @@ def _init_distributed() -> None:
     usage error (one line), a failure to connect keeps its traceback."""
     import jax
 
+    # Cross-process collectives on CPU (a local multi-process run) need gloo;
+    # the setting is ignored by GPU and TPU backends.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # Explicit settings from the environment (jax reads only the coordinator
+    # address there); unset, jax detects SLURM / Cloud TPU / MPI itself.
+    explicit: dict[str, Any] = {}
+    for var, name in (
+        ("JAX_NUM_PROCESSES", "num_processes"),
+        ("JAX_PROCESS_ID", "process_id"),
+    ):
+        value = os.environ.get(var)
+        if value is not None:
+            if not value.strip().isdigit():
+                raise UsageError(f"--distributed: {var}={value!r} is not an integer")
+            explicit[name] = int(value)
+    if os.environ.get("JAX_COORDINATOR_ADDRESS"):
+        explicit["coordinator_address"] = os.environ["JAX_COORDINATOR_ADDRESS"]
     try:
-        jax.distributed.initialize()
+        jax.distributed.initialize(**explicit)
     except ValueError as e:
         raise UsageError(
             f"--distributed: {e} (run under SLURM / Cloud TPU, or set "

@@ -11,9 +11,17 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import jax
+
 from ._fit import Callback, FitResult
 from ._run_config import RunConfig
 from ._runs import start_run_dir
+
+
+def writes_files() -> bool:
+    """Whether this process writes the run folder: the first one of a
+    multi-process (`--distributed`) run; every process sees the same records."""
+    return jax.process_index() == 0
 
 
 class JSONLLogger(Callback):
@@ -44,6 +52,8 @@ class JSONLLogger(Callback):
             self.path.unlink()
 
     def write(self, record: Mapping[str, Any]) -> None:
+        if not writes_files():
+            return
         if not self._prepared:
             self._prepare()
         with open(self.path, "a") as f:
@@ -69,7 +79,8 @@ class RunFolderWriter(Callback):
     def _write(self) -> None:
         if not self.written:
             self.written = True
-            start_run_dir(self.run_dir, self.run)
+            if writes_files():
+                start_run_dir(self.run_dir, self.run)
 
     def on_step(self, step, metrics, train_state) -> None:
         self._write()
@@ -134,7 +145,10 @@ def plot_curves(
     unit: str = "bits per byte",
 ) -> Path | None:
     """PNG of training and validation bits per token against optimizer
-    updates from a JSONL log; None when the log holds neither."""
+    updates from a JSONL log; None when the log holds neither (or in a
+    process that does not write the run folder)."""
+    if not writes_files():
+        return None
     import matplotlib
 
     matplotlib.use("Agg")
