@@ -125,6 +125,7 @@ def vq_attention(
     implementation: str | None = None,
     pallas: PallasConfig | None = None,
     cache_decay: float | int | np.number = 1.0,
+    doc_starts: Array | None = None,
 ) -> Float[Array, "batch seq heads d_v"]:
     """Causal softmax attention over vector-quantized keys, exact, in linear time.
 
@@ -154,6 +155,9 @@ def vq_attention(
     - `cache_decay` (gamma in (0, 1], default 1 = none, official): a decayed
       cache, each key weighted `gamma ** (blocks since it left the window)`
       (see `vq_attention_quadratic`); then the output depends on `block_len`.
+    - `doc_starts`: bool `[batch, seq]`, True where a packed document starts:
+      each query attends only to keys of its own document (the cache restarts
+      at each start; still linear time). xla and quadratic only for now.
 
     **Returns:** `[batch, seq, heads, d_v]` in `value.dtype`.
 
@@ -174,6 +178,7 @@ def vq_attention(
     validate_inputs(query, key, value, codebook, block_len=block_len)
     scale = check_scale(scale, query.shape[-1])
     cache_decay = check_cache_decay(cache_decay)
+    doc_starts = _check_doc_starts(doc_starts, query, impl)
     if impl == "quadratic":
         return _quadratic_jit(
             query,
@@ -183,6 +188,7 @@ def vq_attention(
             scale=scale,
             cache_decay=cache_decay,
             block_len=block_len,
+            doc_starts=doc_starts,
         )
     out, _ = vq_attention_with_state(
         query,
@@ -195,8 +201,33 @@ def vq_attention(
         implementation=impl,
         pallas=pallas,
         cache_decay=cache_decay,
+        doc_starts=doc_starts,
     )
     return out
+
+
+def _check_doc_starts(doc_starts, query, impl: str):
+    """`doc_starts` checked: None, or bool `[batch, seq]` like the query's."""
+    if doc_starts is None:
+        return None
+    if not hasattr(doc_starts, "shape") or not hasattr(doc_starts, "dtype"):
+        raise TypeError(
+            f"doc_starts must be a bool array [batch, seq]; got {type(doc_starts).__name__}"
+        )
+    want = tuple(query.shape[:2])
+    if tuple(doc_starts.shape) != want:
+        raise ValueError(
+            f"doc_starts must have shape {want} [batch, seq] (query "
+            f"{tuple(query.shape)}); got {tuple(doc_starts.shape)}"
+        )
+    if doc_starts.dtype != jnp.bool_:
+        raise TypeError(f"doc_starts must be a bool array; got {doc_starts.dtype}")
+    if impl == "pallas":
+        raise ValueError(
+            "doc_starts (document masking) runs on implementation='xla' or "
+            "'quadratic'; the Pallas kernels do not mask documents yet"
+        )
+    return jnp.asarray(doc_starts)
 
 
 def vq_attention_with_state(
@@ -218,6 +249,7 @@ def vq_attention_with_state(
     implementation: str | None = None,
     pallas: PallasConfig | None = None,
     cache_decay: float | int | np.number = 1.0,
+    doc_starts: Array | None = None,
 ) -> tuple[Float[Array, "batch seq heads d_v"], VQAttentionState]:
     """Streaming VQ attention: attend to `state`'s history, return the new state.
 
@@ -250,6 +282,9 @@ def vq_attention_with_state(
       `vq_attention`).
     - `cache_decay`: as in `vq_attention`; the carried cache is the decayed
       one, so streamed calls still equal one call.
+    - `doc_starts`: as in `vq_attention`; a call's first tokens continue the
+      history's document unless marked. The returned state holds only the
+      last document's keys (window and cache).
 
     Sizes and `scale` as in `vq_attention`; `seq = 0` returns the state
     unchanged (cache in float32). The returned state's cache is float32
@@ -267,6 +302,7 @@ def vq_attention_with_state(
     if not isinstance(cache_grad, bool):
         raise ValueError(f"cache_grad must be a bool; got {cache_grad!r}")
     cache_decay = check_cache_decay(cache_decay)
+    doc_starts = _check_doc_starts(doc_starts, query, impl)
     block_len = as_int("block_len", block_len, 1)
     mem_len = resolve_mem_len(mem_len, state, block_len)
     validate_inputs(
@@ -315,6 +351,7 @@ def vq_attention_with_state(
         sliding_window=sliding_window,
         state_keys=state_keys,
         cache_decay=cache_decay,
+        **({} if doc_starts is None else {"doc_starts": doc_starts}),
     )
 
 

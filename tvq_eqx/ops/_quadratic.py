@@ -102,6 +102,7 @@ def vq_attention_quadratic(
     cache_decay: float = 1.0,
     block_len: int | None = None,
     mem_len: int | None = None,
+    doc_starts: Bool[Array, "batch seq"] | None = None,
 ) -> Float[Array, "batch seq heads d_v"]:
     """Dense causal attention over straight-through quantized keys.
 
@@ -116,6 +117,10 @@ def vq_attention_quadratic(
     `mem_len` keys before its block of `block_len`, default `block_len`), gets
     the extra bias `age * log(gamma)` (`cache_age_bias`), i.e. weight
     `gamma ** age`. Then the output depends on `block_len` and `mem_len`.
+
+    `doc_starts` (bool `[batch, seq]`, packed documents): query i attends
+    only to keys of its own document, i.e. with no document start in
+    `(j, i]`.
     """
     scores = dense_scores(
         query,
@@ -138,8 +143,12 @@ def vq_attention_quadratic(
             cache_decay=cache_decay,
         )
         scores = scores + age_bias[None, None]
-    causal = causal_distance(query.shape[1]) >= 0
-    probs = jax.nn.softmax(jnp.where(causal, scores, MASK_VALUE), axis=-1)
+    keep = (causal_distance(query.shape[1]) >= 0)[None, None]
+    if doc_starts is not None:
+        doc = jnp.cumsum(doc_starts.astype(jnp.int32), axis=1)  # [B, T]
+        same = doc[:, :, None] == doc[:, None, :]
+        keep = keep & same[:, None]
+    probs = jax.nn.softmax(jnp.where(keep, scores, MASK_VALUE), axis=-1)
     out = jnp.einsum(
         "bhij,bjhv->bihv", probs, value.astype(jnp.float32), precision=HIGHEST
     )

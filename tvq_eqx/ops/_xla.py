@@ -77,10 +77,33 @@ class Extended(eqx.Module):
     khat: Float[Array, "batch ext heads d_k"]
     value: Float[Array, "batch ext heads d_v"]
     valid: Bool[Array, "batch ext"]
+    last_start: Int[Array, "batch ext"] | None = None
+
+
+def last_doc_start(
+    doc_starts: Bool[Array, "batch seq"] | None, mem_len: int
+) -> Int[Array, "batch ext"] | None:
+    """Per entry of [window, segment]: the index of the last document start
+    at or before it (-1: none in this call, the history's document goes on).
+    The window's keys predate the call: no start there."""
+    if doc_starts is None:
+        return None
+    b, t = doc_starts.shape
+    idx = mem_len + jnp.arange(t, dtype=jnp.int32)
+    marked = jnp.where(doc_starts, idx[None, :], -1)
+    seg = jax.lax.cummax(marked, axis=1)
+    return jnp.concatenate([jnp.full((b, mem_len), -1, jnp.int32), seg], axis=1)
 
 
 def extend(
-    state: VQAttentionState, codes, khat, value, codebook, *, state_keys: str
+    state: VQAttentionState,
+    codes,
+    khat,
+    value,
+    codebook,
+    *,
+    state_keys: str,
+    doc_starts: Bool[Array, "batch seq"] | None = None,
 ) -> Extended:
     """Prepend the state's window to the segment's codes, keys and values.
 
@@ -97,6 +120,7 @@ def extend(
         khat=jnp.concatenate([win_key, khat], axis=1),
         value=jnp.concatenate([state.window_value.astype(value.dtype), value], 1),
         valid=extend_valid(state, codes.shape[1]),
+        last_start=last_doc_start(doc_starts, state.window_code.shape[1]),
     )
 
 
@@ -108,7 +132,15 @@ def extend_valid(state: VQAttentionState, t: int) -> Bool[Array, "batch ext"]:
 
 
 def _summaries(
-    code, value, valid, state: VQAttentionState, *, n_code, block_len, decay=1.0
+    code,
+    value,
+    valid,
+    state: VQAttentionState,
+    *,
+    n_code,
+    block_len,
+    decay=1.0,
+    last_start=None,
 ):
     """Cache of every block and after the segment, from the first T entries of
     the extended codes, values and validity (T = their length minus M).
@@ -116,12 +148,27 @@ def _summaries(
     `decay` (gamma in (0, 1]): the cache of block n is `gamma * cache(n-1) +
     summary of the keys that left the window at block n`, counts and sums
     alike, so a key's weight is `gamma ** (blocks since it entered the
-    cache)`; 1 is the plain (official) sum."""
+    cache)`; 1 is the plain (official) sum.
+
+    `last_start` (documents, see `last_doc_start`): the cache restarts at
+    every document start, a segmented scan: a group of L entries holding a
+    start contributes only its keys from its last start on, and drops what
+    came before it."""
     t = code.shape[1] - state.window_code.shape[1]
     n_blk = t // block_len
     z = _blocks(code[:, :t], block_len)  # [B, N, L, H]
     v = _blocks(value[:, :t], block_len)
     valid = _blocks(valid[:, :t], block_len)  # [B, N, L]
+    reset = None
+    if last_start is not None:
+        # Keys from the last start of their group on (all, if it has none).
+        group_last = _blocks(last_start[:, :t], block_len)[:, :, -1]  # [B, N]
+        idx = _blocks(
+            jnp.broadcast_to(jnp.arange(t), last_start[:, :t].shape), block_len
+        )
+        valid = valid & (idx >= group_last[:, :, None])
+        first = (jnp.arange(n_blk) * block_len)[None, :]
+        reset = group_last >= first  # the group holds a start
     onehot = jax.nn.one_hot(z, n_code, dtype=jnp.float32)  # [B, N, L, H, S]
     onehot = onehot * valid[..., None, None].astype(onehot.dtype)
     counts = jnp.sum(onehot, axis=2)  # [B, N, H, S]
@@ -141,25 +188,30 @@ def _summaries(
         )
 
     def prefix(x, total0):
-        if decay == 1.0:
+        if decay == 1.0 and reset is None:
             inclusive = jnp.cumsum(x, axis=1)
             before = jnp.concatenate(
                 [jnp.zeros_like(x[:, :1]), inclusive[:, : n_blk - 1]], 1
             )
             return total0[:, None] + before, total0 + inclusive[:, n_blk - 1]
-        # y_n = gamma y_(n-1) + x_n with y_(-1) = total0: a linear recurrence,
-        # so an associative scan over (gamma^k, partial sum) pairs.
-        x = x.at[:, 0].add(decay * total0)
-        gammas = jnp.full((n_blk,), decay, jnp.float32)
+        # y_n = a_n y_(n-1) + x_n with y_(-1) = total0 (a_n = gamma, or 0 where
+        # group n starts a document): a linear recurrence, so an associative
+        # scan over (product of a, partial sum) pairs.
+        b_rows = x.shape[0]
+        a = jnp.full((b_rows, n_blk), decay, jnp.float32)
+        if reset is not None:
+            a = jnp.where(reset, 0.0, a)
+        a0 = a[:, 0].reshape((b_rows,) + (1,) * (total0.ndim - 1))
+        x = x.at[:, 0].add(a0 * total0)
 
-        def combine(a, b):
-            ga, xa = a
-            gb, xb = b
-            gb_x = gb.reshape(gb.shape + (1,) * (xa.ndim - gb.ndim))
-            return ga * gb, gb_x * xa + xb
+        def combine(left, right):
+            a_l, x_l = left
+            a_r, x_r = right
+            a_r_x = a_r.reshape(a_r.shape + (1,) * (x_l.ndim - a_r.ndim))
+            return a_l * a_r, a_r_x * x_l + x_r
 
         moved = jnp.moveaxis(x, 1, 0)  # scan over blocks on the leading axis
-        _, inclusive = jax.lax.associative_scan(combine, (gammas, moved))
+        _, inclusive = jax.lax.associative_scan(combine, (a.T, moved))
         inclusive = jnp.moveaxis(inclusive, 0, 1)
         before = jnp.concatenate([total0[:, None], inclusive[:, : n_blk - 1]], 1)
         return before, inclusive[:, n_blk - 1]
@@ -168,6 +220,12 @@ def _summaries(
     sum0 = state.cache_mean.astype(jnp.float32) * count0[..., None]
     blk_count, new_count = prefix(counts, count0)
     blk_sum, new_sum = prefix(sums, sum0)
+    if last_start is not None:
+        # A document that starts among the last M entries (the next window)
+        # has nothing in the carried cache.
+        fresh = last_start[:, -1] >= t  # [B]
+        new_count = jnp.where(fresh[:, None, None], 0.0, new_count)
+        new_sum = jnp.where(fresh[:, None, None, None], 0.0, new_sum)
     dtype = value.dtype
     # What the blocks read is one rounding to the value dtype; what is carried
     # to the next call stays float32, so rounding never compounds over calls.
@@ -214,6 +272,7 @@ def prologue(
     cache_grad: bool,
     state_keys: str,
     cache_decay: float = 1.0,
+    doc_starts: Bool[Array, "batch seq"] | None = None,
 ) -> Prologue:
     """Quantize the keys, form the straight-through keys, prepend the state's
     window (an empty state for `state=None`, window `mem_len`, default
@@ -235,7 +294,10 @@ def prologue(
     codes = quantize(key, codebook)  # [B, T, H]
     codebook = sg(codebook).astype(key.dtype)
     khat = straight_through(key, gather_codes(codebook, codes))
-    ext = extend(state, codes, khat, value, codebook, state_keys=state_keys)
+    ext = extend(
+        state, codes, khat, value, codebook, state_keys=state_keys,
+        doc_starts=doc_starts,
+    )  # fmt: skip
     # The cache is kept up to date even when it is not read (as the official
     # code does), so the carried state is the same in every mode.
     blk_count, blk_mean, new_count, new_mean = _summaries(
@@ -246,6 +308,7 @@ def prologue(
         n_code=n_code,
         block_len=block_len,
         decay=cache_decay,
+        last_start=ext.last_start,
     )
     if not cache_grad:
         blk_mean = sg(blk_mean)
@@ -261,11 +324,17 @@ def next_state(
     `cache_grad=False` it is a constant (official `grad_thru_cache=False`)."""
     m = state.window_code.shape[1]
     t = ext.code.shape[1] - m
+    length = jnp.minimum(state.length + t, m)
+    if ext.last_start is not None:
+        # The window holds only the last document's keys (ext indices t..t+m-1
+        # from its start on).
+        start = ext.last_start[:, -1]
+        length = jnp.where(start >= 0, t + m - jnp.maximum(start, t), length)
     new = VQAttentionState(
         window_code=ext.code[:, t:],
         window_key=ext.khat[:, t:].astype(state.window_key.dtype),
         window_value=ext.value[:, t:].astype(state.window_value.dtype),
-        length=jnp.minimum(state.length + t, m).astype(jnp.int32),
+        length=length.astype(jnp.int32),
         cache_count=cache_count,
         cache_mean=cache_mean.astype(
             max(cache_mean.dtype, state.cache_mean.dtype, key=cache_dtype_size)
@@ -295,6 +364,7 @@ def vq_attention_xla(
     sliding_window: bool | None = None,
     state_keys: str = "codewords",
     cache_decay: float = 1.0,
+    doc_starts: Bool[Array, "batch seq"] | None = None,
 ) -> tuple[Float[Array, "batch seq heads d_v"], VQAttentionState]:
     """Linear-time VQ attention; returns the output and the state after `seq`.
 
@@ -306,7 +376,9 @@ def vq_attention_xla(
     `use_cache=False` drops the cache; with `sliding_window` (default: `not
     use_cache`) a query then sees only keys at distance <= M (official
     `agg_cache=False`), otherwise its whole window. `state_keys`: see `extend`.
-    `cache_decay` (gamma): see `_summaries`.
+    `cache_decay` (gamma): see `_summaries`. `doc_starts` (bool `[B, T]`,
+    packed documents): a query sees only keys of its own document (from the
+    last start at or before it; none: the history's document goes on).
     """
     b, t, h, _ = query.shape
     d_v = value.shape[-1]
@@ -323,9 +395,13 @@ def vq_attention_xla(
         cache_grad=cache_grad,
         state_keys=state_keys,
         cache_decay=cache_decay,
+        doc_starts=doc_starts,
     )
     state, ext = pro.state, pro.ext
     M = state.window_code.shape[1]
+    q_start = None
+    if ext.last_start is not None:
+        q_start = _blocks(ext.last_start[:, M:], L)  # [B, N, L]
 
     q_blk = _blocks(query, L)  # [B, N, L, H, K]
     k_win = block_windows(ext.khat, mem_len=M, block_len=L)  # [B, N, W, H, K]
@@ -352,6 +428,10 @@ def vq_attention_xla(
     if not use_cache and sliding_window:
         keep = keep & (dist <= M)
     keep = keep[None, None] & valid_win[:, :, None, :]  # [B, N, L, W]
+    if q_start is not None:
+        # Keys of earlier documents: before the query's last start.
+        k_idx = block_windows(jnp.arange(M + t)[None], mem_len=M, block_len=L)
+        keep = keep & (k_idx[:, :, None, :] >= q_start[..., None])
     win_scores = jnp.where(keep[:, :, :, None, :], win_scores, MASK_VALUE)
     max_score = jnp.max(win_scores, axis=-1)  # [B, N, L, H]
 
@@ -364,6 +444,12 @@ def vq_attention_xla(
             preferred_element_type=jnp.float32,
         )
         cache_scores = cache_scores + log_count_bias(pro.block_count)[:, :, None]
+        if q_start is not None:
+            # The cache holds keys before the block's window (ext < nL): none
+            # of the query's document if its last start is at or after nL.
+            n_first = (jnp.arange(t // L) * L)[None, :, None]
+            sees = (q_start < n_first)[..., None, None]  # [B, N, L, 1, 1]
+            cache_scores = jnp.where(sees, cache_scores, MASK_VALUE)
         max_score = jnp.maximum(max_score, jnp.max(cache_scores, axis=-1))
 
     # One softmax over both parts; the max is a constant shift (no gradient needed).
