@@ -133,3 +133,40 @@ def test_bad_doc_starts_are_named(getkey):
             q, k, v, codebook, block_len=L, doc_starts=_doc_starts(),
             implementation="pallas",
         )  # fmt: skip
+
+
+# ---- the model and the loss ---------------------------------------------------
+
+
+def test_packed_documents_give_each_document_its_own_log_probs(getkey):
+    import tvq_eqx
+
+    cfg = tvq_eqx.TransformerConfig(
+        n_vocab=16, d_model=16, d_k=8, d_v=8, n_head=2, n_code=4, n_layer=2,
+        block_len=4,
+    )  # fmt: skip
+    model = tvq_eqx.Transformer(cfg, key=getkey())
+    forward = jax.jit(lambda m, x, d: m(x, None, doc_starts=d)[0])
+    row = jax.random.randint(getkey(), (1, 32), 0, 16)
+    starts = jnp.zeros((1, 32), bool).at[0, jnp.array([0, 13])].set(True)
+    packed = forward(model, row, starts)
+    for lo, hi in ((0, 13), (13, 32)):
+        n = -(-(hi - lo) // 4) * 4  # alone, padded to whole blocks at the end
+        alone_row = jnp.zeros((1, n), row.dtype).at[:, : hi - lo].set(row[:, lo:hi])
+        alone = jax.jit(lambda m, x: m(x, None)[0])(model, alone_row)
+        np.testing.assert_allclose(
+            packed[:, lo:hi], alone[:, : hi - lo], rtol=1e-5, atol=1e-5
+        )
+    # The loss reads batch["doc_starts"]; without it the documents mix.
+    batch = dict(
+        inputs=row,
+        targets=jnp.roll(row, -1, axis=1),
+        loss_mask=jnp.ones((1, 32), jnp.float32),
+    )
+    with_docs = tvq_eqx.loss_fn(model, dict(batch, doc_starts=starts), None)[0]
+    mixed = tvq_eqx.loss_fn(model, batch, None)[0]
+    assert abs(float(with_docs) - float(mixed)) > 1e-6
+    with pytest.raises(ValueError, match="doc_starts must have the tokens' shape"):
+        model(row, None, doc_starts=starts[:, :16])
+    with pytest.raises(ValueError, match="doc_starts .* needs attention"):
+        model.with_config(attention="full")(row, None, doc_starts=starts)

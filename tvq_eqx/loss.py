@@ -79,6 +79,8 @@ def loss_fn(
       (any integer dtype for the ids, uint8 included). `loss_mask` holds
       weights >= 0 (1 = count the position, 0 = ignore it); where it is 0 the
       target is not read, so an ignore index such as -1 may stand there.
+    - `batch["doc_starts"]` (optional): bool `[B, T]`, True where a packed
+      document starts; attention stays inside documents (see `vq_attention`).
     - `state`: the carried `TransformerState`, or None for no history (as
       `model.init_state(B)`).
     - `key`: dropout key; None disables dropout.
@@ -117,7 +119,12 @@ def loss_fn(
         jnp.asarray(batch["loss_mask"]).astype(jnp.float32), "batch['loss_mask']"
     )
     logprobs, new_state, aux = model(
-        batch["inputs"], state, key=key, mask=mask, sequence_key=sequence_key
+        batch["inputs"],
+        state,
+        key=key,
+        mask=mask,
+        sequence_key=sequence_key,
+        doc_starts=batch.get("doc_starts"),
     )
     n_vocab = model.config.n_vocab
     # Any integer dtype (uint8 included). Where the mask is 0 a target is

@@ -5,7 +5,7 @@ from __future__ import annotations
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, PRNGKeyArray
+from jaxtyping import Array, Bool, Float, PRNGKeyArray
 
 from .._config import TransformerConfig
 from ..ops import (
@@ -107,6 +107,7 @@ class VQAttention(eqx.Module):
         mask: Float[Array, "batch seq"],
         key: PRNGKeyArray | None = None,
         sequence_key: PRNGKeyArray | None = None,
+        doc_starts: Bool[Array, "batch seq"] | None = None,
     ) -> tuple[
         Float[Array, "batch seq d_model"],
         VQAttentionState | FullAttentionState,
@@ -200,6 +201,7 @@ class VQAttention(eqx.Module):
                 implementation=c.implementation,
                 pallas=c.pallas,
                 cache_decay=c.cache_decay,
+                doc_starts=doc_starts,
             )
         gated = attn.reshape(b, t, h * dv) * g
         out = jnp.einsum("bte,ed->btd", gated, self.w_o.astype(dt))

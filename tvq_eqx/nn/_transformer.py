@@ -6,7 +6,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Float, Int, Key, PRNGKeyArray
+from jaxtyping import Array, Bool, Float, Int, Key, PRNGKeyArray
 
 from .._checks import check_token_ids, check_weights, error_if_any
 from .._config import TransformerConfig
@@ -67,6 +67,7 @@ class TransformerLayer(eqx.Module):
         mask: Float[Array, "batch seq"],
         key: PRNGKeyArray | None = None,
         sequence_key: PRNGKeyArray | None = None,
+        doc_starts: Bool[Array, "batch seq"] | None = None,
     ) -> tuple[
         Float[Array, "batch seq d_model"], tuple[AttentionState, ...], list[dict]
     ]:
@@ -81,7 +82,12 @@ class TransformerLayer(eqx.Module):
         new_states, stats = [], []
         for i, (unit, state) in enumerate(zip(self.units, states, strict=True)):
             res, new_state, st = unit(
-                y, state, mask=mask, key=res_keys[i], sequence_key=sin_keys[i]
+                y,
+                state,
+                mask=mask,
+                key=res_keys[i],
+                sequence_key=sin_keys[i],
+                doc_starts=doc_starts,
             )
             if per_unit:
                 res = layer_drop(res, self.p_droplyr, drop_keys[i])
@@ -335,6 +341,7 @@ class Transformer(eqx.Module):
         key: PRNGKeyArray | None = None,
         mask: Array | None = None,
         sequence_key: PRNGKeyArray | None = None,
+        doc_starts: Array | None = None,
     ) -> tuple[Float[Array, "batch seq vocab"], TransformerState, dict]:
         if state is None:  # no history, as the op's state=None
             self._check_token_array(tokens)
@@ -362,7 +369,10 @@ class Transformer(eqx.Module):
             x = x + self.position_embedding(pos).astype(dt)[None]
         x = dropout(x, c.p_dropemb, keys[0])
 
-        x, new_units, stats = self._run_layers(x, state.units, mask, keys[1], seq_keys)
+        doc_starts = self._check_doc_starts(doc_starts, (b, t))
+        x, new_units, stats = self._run_layers(
+            x, state.units, mask, keys[1], seq_keys, doc_starts
+        )
 
         if self.out_norm is not None:
             x = self.out_norm(x)
@@ -391,7 +401,25 @@ class Transformer(eqx.Module):
             "training loop'",
         )
 
-    def _run_layers(self, x, units, mask, layer_keys, seq_keys):
+    def _check_doc_starts(self, doc_starts, shape):
+        """None, or a bool `[batch, seq]` array the attention can mask with."""
+        if doc_starts is None:
+            return None
+        c = self.config
+        if c.attention == "full" or c.seq_axis is not None:
+            raise ValueError(
+                "doc_starts (packed documents) needs attention 'vq', 'window' or "
+                f"'block_window' without seq_axis; got attention={c.attention!r}, "
+                f"seq_axis={c.seq_axis!r}"
+            )
+        if not hasattr(doc_starts, "shape") or tuple(doc_starts.shape) != shape:
+            raise ValueError(
+                f"doc_starts must have the tokens' shape {shape} [batch, seq]; got "
+                f"{tuple(getattr(doc_starts, 'shape', ()))}"
+            )
+        return jnp.asarray(doc_starts).astype(bool)
+
+    def _run_layers(self, x, units, mask, layer_keys, seq_keys, doc_starts=None):
         """`jax.lax.scan` of the layers over their stacked parameters, per-layer
         attention states (stacked for the scan) and per-layer dropout keys.
 
@@ -407,7 +435,12 @@ class Transformer(eqx.Module):
             params, states, key, sequence_key = per_layer
             layer = eqx.combine(params, static)
             y, new_states, stats = layer(
-                x, states, mask=mask, key=key, sequence_key=sequence_key
+                x,
+                states,
+                mask=mask,
+                key=key,
+                sequence_key=sequence_key,
+                doc_starts=doc_starts,
             )
             return y, (new_states, _stack_trees(stats))
 
