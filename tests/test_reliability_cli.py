@@ -253,9 +253,16 @@ def test_ctrl_c_during_a_huge_sample_exits_130_keeping_the_text(
         yield from chunks
 
     monkeypatch.setattr(sampling, "sample_iter", ctrl_c_after_one_chunk)
+    # Python's own Ctrl-C handler (KeyboardInterrupt), whatever an earlier test
+    # in this worker process left installed: with a handler that only sets a
+    # flag the 10^8 tokens would run to the end.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     capsys.readouterr()
-    code = main(["sample", "--run-dir", str(two_checkpoints), "--prompt", "x" * 16,
-                 "--sample-len", "100000000", "--temperature", "0"])  # fmt: skip
+    try:
+        code = main(["sample", "--run-dir", str(two_checkpoints), "--prompt", "x" * 16,
+                     "--sample-len", "100000000", "--temperature", "0"])  # fmt: skip
+    finally:
+        signal.signal(signal.SIGINT, previous)
     out, err = capsys.readouterr()
     assert code == 130 and asked == [100_000_000]
     assert "interrupted after 16 of 100000000 tokens" in err

@@ -380,9 +380,6 @@ def _init_distributed() -> None:
     usage error (one line), a failure to connect keeps its traceback."""
     import jax
 
-    # Cross-process collectives on CPU (a local multi-process run) need gloo;
-    # the setting is ignored by GPU and TPU backends.
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     # Explicit settings from the environment (jax reads only the coordinator
     # address there); unset, jax detects SLURM / Cloud TPU / MPI itself.
     explicit: dict[str, Any] = {}
@@ -397,9 +394,16 @@ def _init_distributed() -> None:
             explicit[name] = int(value)
     if os.environ.get("JAX_COORDINATOR_ADDRESS"):
         explicit["coordinator_address"] = os.environ["JAX_COORDINATOR_ADDRESS"]
+    # Cross-process collectives on CPU (a local multi-process run) need gloo
+    # (ignored by GPU and TPU backends). Set only for an explicit multi-process
+    # run, and undone if it does not start: it is process-wide.
+    previous = jax.config.jax_cpu_collectives_implementation
+    if explicit.get("num_processes", 1) > 1:
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
     try:
         jax.distributed.initialize(**explicit)
     except ValueError as e:
+        jax.config.update("jax_cpu_collectives_implementation", previous)
         raise UsageError(
             f"--distributed: {e} (run under SLURM / Cloud TPU, or set "
             "JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID)"
