@@ -131,6 +131,7 @@ def lower(
     use_cache: bool = True,
     cache_grad: bool = True,
     window_len: int | None = None,
+    documents: bool = False,
     block_sizes=None,
     device_kind: str = "NVIDIA H100 80GB HBM3",
 ):
@@ -140,7 +141,9 @@ def lower(
     Returns the `jax.stages.Lowered`. Tiles: the platform's rule of
     `pallas_kernels/vq_attention/config.py` (GPU: for sm_90) unless
     `block_sizes` is given. The loss reads the output and the new state's
-    cache, so every forward and backward kernel is in the program."""
+    cache, so every forward and backward kernel is in the program.
+    `documents`: with packed-document masking (`doc_starts`: the forward
+    and dq kernels read each query's document start)."""
     import jax
     import jax.numpy as jnp
     from jax.sharding import AbstractDevice, AbstractMesh, use_abstract_mesh
@@ -169,9 +172,10 @@ def lower(
         sds((h, s, k), jnp.float32),
         sds((b, t, h, k), dtype),
         sds((blk + 1, h, k), dtype),
+        sds((b, t), jnp.bool_) if documents else None,
     )
 
-    def loss(q, key, val, codebook, rq, rt):
+    def loss(q, key, val, codebook, rq, rt, doc_starts):
         extra = dict(rel_query=rq, rel_table=rt) if rel else {}
         out, state = vq_attention_pallas(
             q,
@@ -184,6 +188,7 @@ def lower(
             cache_grad=cache_grad,
             pallas=PallasConfig(block_sizes=block_sizes),
             window_len=window_len,
+            doc_starts=doc_starts,
             **extra,
         )
         return jnp.sum(out.astype(jnp.float32)) + jnp.sum(
@@ -546,12 +551,14 @@ def run_gate(
     timeout=600,
     block_sizes=None,
     jobs=None,
+    documents=False,
     log=print,
 ):
     """Reports for every (shape, dtype, arch, kernel), in that order.
 
     `archs` is a list of compute capabilities, or a function of the shape name
-    giving it. Lowering and verification run here; the compiles run as
+    giving it. `documents`: also the packed-document variant of each
+    (shape name suffixed "+docs"). Lowering and verification run here; the compiles run as
     subprocesses, `jobs` at a time (default: the CPU count)."""
     from concurrent.futures import ThreadPoolExecutor
 
@@ -565,8 +572,15 @@ def run_gate(
             for arch in archs(shape_name) if callable(archs) else archs:
                 # the rule tunes per architecture: lower once per arch
                 sizes = block_sizes or BlockSizes.for_platform("gpu", arch=arch)
-                lowered = lower(SHAPES[shape_name], jnp.dtype(dtype), block_sizes=sizes)
-                work += [(shape_name, dtype, arch, c) for c in triton_calls(lowered)]
+                for docs in (False, True) if documents else (False,):
+                    lowered = lower(
+                        SHAPES[shape_name],
+                        jnp.dtype(dtype),
+                        block_sizes=sizes,
+                        documents=docs,
+                    )
+                    name = shape_name + ("+docs" if docs else "")
+                    work += [(name, dtype, arch, c) for c in triton_calls(lowered)]
     jobs = jobs or os.cpu_count() or 1
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         futures = [
@@ -619,6 +633,11 @@ def main(argv=None):
     p.add_argument("--jobs", type=int, default=None, help="parallel compiles")
     p.add_argument("--markdown", default=None, help="also write the table here")
     p.add_argument(
+        "--documents",
+        action="store_true",
+        help="also the packed-document (doc_starts) variant of every kernel",
+    )
+    p.add_argument(
         "--roofline", action="store_true", help="print FLOPs/bytes/roofline only"
     )
     args = p.parse_args(argv)
@@ -635,6 +654,7 @@ def main(argv=None):
         archs,
         timeout=args.timeout,
         jobs=args.jobs,
+        documents=args.documents,
         log=lambda s: print(s, flush=True),
     )
     if args.markdown:

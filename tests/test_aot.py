@@ -59,6 +59,17 @@ def test_window_only_modules_verify(window_len):
         aot.verify_module(call)
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_document_masking_modules_verify(dtype):
+    """doc_starts adds a per-query document start to the forward and dq
+    kernels; every module still verifies."""
+    lowered = aot.lower(aot.SHAPES["official"], jnp.dtype(dtype), documents=True)
+    calls = aot.triton_calls(lowered)
+    assert {c.name for c in calls} == KERNELS
+    for call in calls:
+        aot.verify_module(call)
+
+
 def test_verifier_reports_invalid_module():
     """The check can fail: a module whose scf.for mixes i1 and i32 bounds (the
     bug the dk/dv kernels had) is rejected with the verifier's message."""

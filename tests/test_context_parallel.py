@@ -39,15 +39,28 @@ def _mesh(n):
     return Mesh(np.array(jax.devices()[:n]), ("seq",))
 
 
-def _check_equivalence(getkey, n, implementation, decay):
+def _doc_starts(n):
+    """Packed documents over n chunks of two blocks: starts early in a chunk
+    (its window whole, its cache restarted), in a chunk's last block (the
+    next device's window cut short), at a chunk boundary, and chunks with
+    none (the cache carried through them)."""
+    starts = np.zeros((B, 16 * n), bool)
+    for row, cols in ((0, (3, 27, 16 * n - 14)), (1, (16, 16 * n - 20))):
+        starts[row, list(cols)] = True
+    return jnp.asarray(starts)
+
+
+def _check_equivalence(getkey, n, implementation, decay, docs=False):
     """Forward, carried state and gradients (through the output and the
     returned state) of the sharded call against the unsharded one."""
-    q, k, v, codebook = _inputs(getkey, 8 * n)
+    q, k, v, codebook = _inputs(getkey, (16 if docs else 8) * n)
     # A history before the sequence: a state with a whole window and a cache.
     q0, k0, v0, _ = _inputs(getkey, 16)
     _, state = vq_attention_with_state(q0, k0, v0, codebook, None, block_len=L)
     mesh = _mesh(n)
     kw = dict(block_len=L, cache_decay=decay)
+    if docs:
+        kw["doc_starts"] = _doc_starts(n)
 
     def unsharded(q, k, v):
         return vq_attention_with_state(q, k, v, codebook, state, **kw)
@@ -59,6 +72,12 @@ def _check_equivalence(getkey, n, implementation, decay):
         )  # fmt: skip
 
     want, want_state = jax.jit(unsharded)(q, k, v)
+    if docs:  # the documents change the result
+        plain = dict(kw, doc_starts=None)
+        assert (
+            _rel(vq_attention_with_state(q, k, v, codebook, state, **plain)[0], want)
+            > 1e-2
+        )
     got, got_state = jax.jit(sharded)(q, k, v)
     assert _rel(got, want) < 1e-5
     for a, b in zip(
@@ -87,6 +106,13 @@ def test_four_devices_equal_one(getkey, implementation, decay):
     _check_equivalence(getkey, 4, implementation, decay)
 
 
+@pytest.mark.parametrize(
+    "implementation,decay", [("xla", 1.0), ("xla", 0.7), ("pallas", 1.0)]
+)
+def test_four_devices_equal_one_with_documents(getkey, implementation, decay):
+    _check_equivalence(getkey, 4, implementation, decay, docs=True)
+
+
 def test_eight_devices_equal_one():
     """Eight devices (the test process has four): in a subprocess."""
     code = textwrap.dedent(
@@ -98,6 +124,7 @@ def test_eight_devices_equal_one():
         keys = (jax.random.key(i) for i in itertools.count())
         t._check_equivalence(lambda: next(keys), 8, "xla", 1.0)
         t._check_equivalence(lambda: next(keys), 8, "xla", 0.8)
+        t._check_equivalence(lambda: next(keys), 8, "xla", 1.0, docs=True)
         print("eight devices ok")
         """
     )

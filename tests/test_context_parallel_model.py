@@ -60,6 +60,35 @@ def test_model_forward_state_and_gradients_equal_one_device(getkey):
         assert _rel(a, b) < 1e-5
 
 
+def test_packed_documents_on_a_seq_mesh_equal_one_device(getkey):
+    """doc_starts through the sharded model and loss: starts in each chunk,
+    one in a chunk's last block (the next device's window is cut short)."""
+    model = tvq_eqx.Transformer(CFG, key=getkey())
+    mesh = train.make_mesh(seq=2)
+    tokens = _tokens(getkey())
+    starts = np.zeros(tokens.shape, bool)
+    starts[0, [5, 14]] = starts[1, 16] = starts[3, [2, 30]] = True
+    batch = dict(
+        inputs=tokens,
+        targets=jnp.roll(tokens, -1, axis=1),
+        loss_mask=jnp.ones(tokens.shape, jnp.float32),
+        doc_starts=jnp.asarray(starts),
+    )
+    value_and_grad = eqx.filter_jit(
+        eqx.filter_value_and_grad(lambda m: tvq_eqx.loss_fn(m, batch, None)[0])
+    )
+    want, g_want = value_and_grad(model)
+    with jax.set_mesh(mesh):
+        got, g_got = value_and_grad(model.with_config(**CP))
+    assert _rel(got, want) < 1e-5
+    plain = tvq_eqx.loss_fn(
+        model, {k: batch[k] for k in batch if k != "doc_starts"}, None
+    )[0]
+    assert abs(float(plain) - float(want)) > 1e-4  # the documents matter
+    for a, b in zip(jax.tree.leaves(g_got), jax.tree.leaves(g_want), strict=True):
+        assert _rel(a, b) < 1e-5
+
+
 def test_train_steps_on_a_data_seq_mesh_equal_one_device():
     opt = train.make_optimizer(learning_rate=1e-2, warmup_steps=0, total_steps=10)
 

@@ -128,11 +128,6 @@ def test_bad_doc_starts_are_named(getkey):
         )
     with pytest.raises(TypeError, match="doc_starts must be a bool array"):
         vq_attention(q, k, v, codebook, block_len=L, doc_starts=jnp.zeros((2, 48)))
-    with pytest.raises(ValueError, match="Pallas kernels do not mask documents"):
-        vq_attention(
-            q, k, v, codebook, block_len=L, doc_starts=_doc_starts(),
-            implementation="pallas",
-        )  # fmt: skip
 
 
 # ---- the model and the loss ---------------------------------------------------

@@ -120,6 +120,13 @@ def window_mask(s, rows, cols, window_len: int):
     return jnp.where(rows - cols <= window_len, s, MASK_VALUE)
 
 
+def document_mask(s, window_cols, key_from):
+    """Packed documents: keep scores of window columns (0..2L, from the
+    previous block's start) at or after the query's document start
+    `key_from` [rows, 1]."""
+    return jnp.where(window_cols >= key_from, s, MASK_VALUE)
+
+
 def iota(shape, dim):
     return lax.broadcasted_iota(jnp.int32, shape, dim)
 

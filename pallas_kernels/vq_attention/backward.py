@@ -35,6 +35,7 @@ from jax.experimental import pallas as pl
 from ._common import (
     MASK_VALUE,
     Static,
+    document_mask,
     dot_nn,
     dot_nt,
     dot_tn,
@@ -81,6 +82,7 @@ def _ds_kernel(
     cache_bias_ref,
     cache_mean_ref,
     window_bias_ref,
+    key_from_ref,
     dout_ref,
     lse_ref,
     delta_ref,
@@ -108,6 +110,7 @@ def _ds_kernel(
     q = q_ref[...]
     lse = lse_ref[...]  # [bq, 1]
     delta = delta_ref[...]  # [bq, 1]
+    key_from = None if key_from_ref is None else key_from_ref[...]  # [bq, 1]
 
     def p_ds(s, v_ref, keys, n_keys):
         p = jnp.exp(s - lse)
@@ -126,6 +129,8 @@ def _ds_kernel(
             sl = tile(j, bc)
             c = codebook_ref[sl, :]
             s = st.scale * dot_nt(q, c, prec) + cache_bias_ref[:, sl]
+            if key_from is not None:
+                s = jnp.where(key_from < 0, s, MASK_VALUE)
             p, ds = p_ds(s, cache_mean_ref, sl, bc)
             if p_code_ref is not None:
                 p_code_ref[:, sl] = p.astype(p_code_ref.dtype)
@@ -143,8 +148,11 @@ def _ds_kernel(
         if window_bias_ref is not None:
             s = s + window_bias_ref[:, sl]
         s = jnp.where(prev_valid, s, MASK_VALUE)
+        cols = j * bk + iota((bq, bk), 1)
         if st.window_len is not None:
-            s = window_mask(s, rows, j * bk + iota((bq, bk), 1) - L, st.window_len)
+            s = window_mask(s, rows, cols - L, st.window_len)
+        if key_from is not None:
+            s = document_mask(s, cols, key_from)
         p, ds = p_ds(s, prev_value_ref, sl, bk)
         store_window(sl, p, ds)
         return dq + dot_nn(ds.astype(k.dtype), k, prec)
@@ -161,6 +169,8 @@ def _ds_kernel(
         s = jnp.where(cols <= rows, s, MASK_VALUE)
         if st.window_len is not None:
             s = window_mask(s, rows, cols, st.window_len)
+        if key_from is not None:
+            s = document_mask(s, cols + L, key_from)
         p, ds = p_ds(s, value_ref, sl, bk)
         store_window(tile(j, bk, L), p, ds)
         return dq + dot_nn(ds.astype(k.dtype), k, prec)
@@ -189,6 +199,7 @@ def ds_call(
     cache_bias,
     cache_mean,
     window_bias,
+    key_from,
     dout,
     lse,
     delta,
@@ -224,6 +235,7 @@ def ds_call(
             ),
         ),
         spec_if_present(window_bias, row_tile(2 * L)),
+        spec_if_present(key_from, row_tile(1)),
         row_tile(V),  # dO
         row_tile(1),  # lse
         row_tile(1),  # delta
@@ -239,6 +251,7 @@ def ds_call(
         cache_bias,
         cache_mean,
         window_bias,
+        key_from,
         dout,
         lse,
         delta,

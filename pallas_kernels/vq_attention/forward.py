@@ -14,6 +14,9 @@ Layout (BH = batch*heads flattened, head = bh % H):
   cache_mean  [BH, N, S, V]    cached mean value per code and block
   window_bias [BH, T, 2L] f32  bias of query row t to window column c
                                (c < L: previous block, else current block)
+  key_from    [BH, T, 1] i32   packed documents: the first window column
+                               query t may see (its document's start); the
+                               cache only where it is negative
 Absent inputs (no cache, no bias) are passed as None, and the kernel receives
 None for their refs. Grid: (BH, T / bq, V / bv).
 """
@@ -29,6 +32,7 @@ from jax.experimental import pallas as pl
 from ._common import (
     MASK_VALUE,
     Static,
+    document_mask,
     dot_nn,
     dot_nt,
     fori,
@@ -62,6 +66,7 @@ def _fwd_kernel(
     cache_bias_ref,
     cache_mean_ref,
     window_bias_ref,
+    key_from_ref,
     out_ref,
     lse_ref,
     *,
@@ -80,6 +85,7 @@ def _fwd_kernel(
     n = qi // q_per_blk
     r0 = (qi % q_per_blk) * bq
     q = q_ref[...]  # [bq, K]
+    key_from = None if key_from_ref is None else key_from_ref[...]  # [bq, 1]
 
     carry = (
         jnp.full((bq, 1), MASK_VALUE, jnp.float32),
@@ -93,6 +99,8 @@ def _fwd_kernel(
             sl = tile(j, bc)
             s = st.scale * dot_nt(q, codebook_ref[sl, :], prec)
             s = s + cache_bias_ref[:, sl]
+            if key_from is not None:
+                s = jnp.where(key_from < 0, s, MASK_VALUE)
             return _online_update(carry, s, cache_mean_ref[sl, :], prec)
 
         carry = fori(0, t.codes // bc, code_step, carry)
@@ -107,8 +115,11 @@ def _fwd_kernel(
         if window_bias_ref is not None:
             s = s + window_bias_ref[:, sl]
         s = jnp.where(prev_valid, s, MASK_VALUE)
+        cols = j * bk + iota((bq, bk), 1)
         if st.window_len is not None:
-            s = window_mask(s, rows, j * bk + iota((bq, bk), 1) - L, st.window_len)
+            s = window_mask(s, rows, cols - L, st.window_len)
+        if key_from is not None:
+            s = document_mask(s, cols, key_from)
         return _online_update(carry, s, prev_value_ref[sl, :], prec)
 
     carry = fori(0, L // bk, prev_step, carry)
@@ -122,6 +133,8 @@ def _fwd_kernel(
         s = jnp.where(cols <= rows, s, MASK_VALUE)
         if st.window_len is not None:
             s = window_mask(s, rows, cols, st.window_len)
+        if key_from is not None:
+            s = document_mask(s, cols + L, key_from)
         return _online_update(carry, s, value_ref[sl, :], prec)
 
     n_cur = (r0 + bq + bk - 1) // bk  # key tiles at or below the diagonal
@@ -144,9 +157,10 @@ def forward(
     cache_bias,
     cache_mean,
     window_bias,
+    key_from=None,
 ):
-    """Returns (out [BH, T, V], lse [BH, T, 1] float32); the cache operands
-    and `window_bias` may be None (module docstring)."""
+    """Returns (out [BH, T, V], lse [BH, T, 1] float32); the cache operands,
+    `window_bias` and `key_from` may be None (module docstring)."""
     t = st.tiles
     bh, seq, d_k = q.shape
     L, bq, bv = t.block_len, t.block_q, t.block_v
@@ -183,6 +197,9 @@ def forward(
             window_bias,
             pl.BlockSpec((None, bq, 2 * L), lambda b, i, v: (b, i, 0)),
         ),
+        spec_if_present(
+            key_from, pl.BlockSpec((None, bq, 1), lambda b, i, v: (b, i, 0))
+        ),
     ]
     args = (
         q,
@@ -195,6 +212,7 @@ def forward(
         cache_bias,
         cache_mean,
         window_bias,
+        key_from,
     )
     out_specs = [
         pl.BlockSpec((None, bq, bv), lambda b, i, v: (b, i, v)),

@@ -54,18 +54,46 @@ def _core(
     cache_bias,
     cache_mean,
     window_bias,
+    key_from,
 ):
     out, _ = _forward(
-        st, q, k_ext, v_ext, prev_valid, codebook, cache_bias, cache_mean, window_bias
+        st,
+        q,
+        k_ext,
+        v_ext,
+        prev_valid,
+        codebook,
+        cache_bias,
+        cache_mean,
+        window_bias,
+        key_from,
     )
     return out
 
 
 def _core_fwd(
-    st, q, k_ext, v_ext, prev_valid, codebook, cache_bias, cache_mean, window_bias
+    st,
+    q,
+    k_ext,
+    v_ext,
+    prev_valid,
+    codebook,
+    cache_bias,
+    cache_mean,
+    window_bias,
+    key_from,
 ):
     out, lse = _forward(
-        st, q, k_ext, v_ext, prev_valid, codebook, cache_bias, cache_mean, window_bias
+        st,
+        q,
+        k_ext,
+        v_ext,
+        prev_valid,
+        codebook,
+        cache_bias,
+        cache_mean,
+        window_bias,
+        key_from,
     )
     return out, (
         q,
@@ -76,6 +104,7 @@ def _core_fwd(
         cache_bias,
         cache_mean,
         window_bias,
+        key_from,
         out,
         lse,
     )
@@ -91,6 +120,7 @@ def _core_bwd(st, res, dout):
         cache_bias,
         cache_mean,
         window_bias,
+        key_from,
         out,
         lse,
     ) = res
@@ -110,6 +140,7 @@ def _core_bwd(st, res, dout):
             cache_bias,
             cache_mean,
             window_bias,
+            key_from,
             dout,
             lse,
             delta,
@@ -136,6 +167,7 @@ def _core_bwd(st, res, dout):
         dcache_bias,
         dcache_mean,
         dwindow_bias,
+        None,  # key_from: integer, no gradient
     )
 
 
@@ -182,6 +214,7 @@ def vq_attention_core(
     cache_bias=None,
     cache_mean=None,
     window_bias=None,
+    key_from=None,
     *,
     block_len: int,
     scale: float,
@@ -204,6 +237,11 @@ def vq_attention_core(
       each block; all None for window-only attention.
     - `window_bias` float32 `[BH, T, 2L]` or None: additive bias of query t to
       window column c (c < L: previous block, else current block).
+    - `key_from` int32 `[BH, T, 1]` or None (packed documents): query t sees
+      window columns `c >= key_from[t]` only (its document's start; columns
+      counted from the previous block's start), and the cache only where
+      `key_from[t] < 0` (its document began before the window). Must not
+      exceed the query's own column (`L + t mod L`): every query sees itself.
     - `cache_grad=False` (the official `grad_thru_cache=False`): the state
       carried between blocks is stop-gradiented: no gradient to `cache_mean`,
       and none from a block's queries to the previous block's keys and values
@@ -253,6 +291,10 @@ def vq_attention_core(
         n_code = 1
     if window_bias is not None:
         want["window_bias"] = (bh, seq, 2 * L)
+    if key_from is not None:
+        want["key_from"] = (bh, seq, 1)
+        if not jnp.issubdtype(key_from.dtype, jnp.integer):
+            raise ValueError(f"key_from must be an integer array; got {key_from.dtype}")
     given = dict(
         k_ext=k_ext,
         v_ext=v_ext,
@@ -261,6 +303,7 @@ def vq_attention_core(
         cache_bias=cache_bias,
         cache_mean=cache_mean,
         window_bias=window_bias,
+        key_from=key_from,
     )
     for name, shape in want.items():
         arr = given[name]
@@ -327,6 +370,8 @@ def vq_attention_core(
         )
     if window_bias is not None:
         window_bias = window_bias.astype(jnp.float32)
+    if key_from is not None:
+        key_from = key_from.astype(jnp.int32)
 
     # Batch and heads as separate dimensions (each may carry its own mesh
     # axes; see partition.py), and inside shard_map one varying type for all
@@ -339,7 +384,7 @@ def vq_attention_core(
     args = (
         *map(split, (q, k_ext, v_ext, prev_valid)),
         codebook,
-        *map(split, (cache_bias, cache_mean, window_bias)),
+        *map(split, (cache_bias, cache_mean, window_bias, key_from)),
     )
     out = _core(st, *match_varying(*args))
     return out.reshape(bh, *out.shape[2:])[..., :d_v]

@@ -174,6 +174,7 @@ class VQAttention(eqx.Module):
                 cache_decay=c.cache_decay,
                 implementation=c.implementation,
                 pallas=c.pallas,
+                doc_starts=doc_starts,
             )
         else:
             if isinstance(state, FullAttentionState):

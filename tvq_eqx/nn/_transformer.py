@@ -406,11 +406,10 @@ class Transformer(eqx.Module):
         if doc_starts is None:
             return None
         c = self.config
-        if c.attention == "full" or c.seq_axis is not None:
+        if c.attention == "full":
             raise ValueError(
                 "doc_starts (packed documents) needs attention 'vq', 'window' or "
-                f"'block_window' without seq_axis; got attention={c.attention!r}, "
-                f"seq_axis={c.seq_axis!r}"
+                f"'block_window'; got attention={c.attention!r}"
             )
         if not hasattr(doc_starts, "shape") or tuple(doc_starts.shape) != shape:
             raise ValueError(

@@ -9,11 +9,14 @@ older key. So:
    values) to the next device (`ppermute`: one boundary block);
 2. each device sums the keys that leave the window inside its chunk into a
    per-code count `[heads, codes]` and value sum `[heads, codes, d_v]` per
-   row (its *delta*), and the devices exchange these (`all_gather` over the
-   axis: `D` summaries, independent of the sequence length);
-3. device d's cache is the incoming state's cache plus the deltas of devices
-   `0..d-1` (an exclusive scan; with `cache_decay` each term decayed by the
-   blocks between), and it runs the ordinary streaming op on its chunk.
+   row (its *delta*); its chunk maps the cache before it to `a * cache +
+   delta`, with `a` per row 1, or `cache_decay ** blocks`, or 0 where a
+   packed document starts in the chunk (the cache restarts). The devices
+   exchange these (`all_gather` over the axis: `D` summaries, independent of
+   the sequence length);
+3. device d's cache is the incoming state's cache carried through the maps
+   of devices `0..d-1` (an exclusive scan), and it runs the ordinary
+   streaming op on its chunk (with its documents' starts, if any).
 
 No activation crosses devices except the boundary block. The state after the
 whole sequence is the last device's, handed to every device (a `psum` of
@@ -26,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import AbstractMesh, Mesh
 from jax.sharding import PartitionSpec as P
-from jaxtyping import Array, Float
+from jaxtyping import Array, Bool, Float
 
 from ._common import (
     HIGHEST,
@@ -40,6 +43,7 @@ from ._common import (
     straight_through,
 )
 from ._dispatch import vq_attention_with_state
+from ._xla import block_prefix, block_sums, fresh_cache, last_doc_start
 
 
 def _empty_state(query, key, value, codebook, mem_len) -> VQAttentionState:
@@ -56,25 +60,40 @@ def _empty_state(query, key, value, codebook, mem_len) -> VQAttentionState:
     )
 
 
-def _delta(code, value, valid, *, n_code, block_len, decay):
-    """Per-code count `[B, H, S]` and value sum `[B, H, S, V]` (float32) of
-    the first `C` entries of [incoming window, chunk]: the keys that leave
-    the window inside this chunk, each weighted by `decay ** (blocks left
-    until the chunk's end)`."""
-    b, c = valid.shape
-    onehot = jax.nn.one_hot(code, n_code, dtype=jnp.float32)  # [B, C, H, S]
-    weight = valid.astype(jnp.float32)
-    if decay != 1.0:
-        group = jnp.arange(c) // block_len
-        n_blk = c // block_len
-        age = (n_blk - 1 - group).astype(jnp.float32)
-        weight = weight * (jnp.float32(decay) ** age)[None, :]
-    onehot = onehot * weight[:, :, None, None]
-    count = jnp.sum(onehot, axis=1)
-    total = jnp.einsum(
-        "bchs,bchv->bhsv", onehot, value.astype(jnp.float32), precision=HIGHEST
+def _chunk_map(code, value, valid, last_start, *, c, n_code, block_len, decay):
+    """What a chunk does to the cache before it: `after = a * before + delta`.
+
+    From the first `c` entries of [incoming window, chunk] (the keys that
+    leave the window inside the chunk): `a` `[B]`, the delta's count
+    `[B, H, S]` and value sum `[B, H, S, V]` (float32), by the same block
+    sums and prefix as the streaming op, from an empty cache."""
+    counts, sums, reset = block_sums(
+        code, value, valid, t=c, n_code=n_code, block_len=block_len,
+        last_start=last_start,
+    )  # fmt: skip
+    _, count = block_prefix(
+        counts, jnp.zeros_like(counts[:, 0]), decay=decay, reset=reset
     )
-    return count, total
+    _, total = block_prefix(sums, jnp.zeros_like(sums[:, 0]), decay=decay, reset=reset)
+    a = jnp.full(code.shape[:1], jnp.float32(decay) ** (c // block_len))
+    if reset is not None:
+        a = jnp.where(jnp.any(reset, axis=1), 0.0, a)
+    fresh = fresh_cache(last_start, c)
+    if fresh is not None:
+        a = jnp.where(fresh, 0.0, a)
+        count = jnp.where(fresh[:, None, None], 0.0, count)
+        total = jnp.where(fresh[:, None, None, None], 0.0, total)
+    return a, count, total
+
+
+def _window_length_after(doc_starts, c: int, m: int):
+    """`[B]` filled slots of the window after a chunk of `c >= m` tokens: `m`,
+    or fewer where a document starts among its last `m` tokens."""
+    if doc_starts is None:
+        return None
+    idx = jnp.where(doc_starts, jnp.arange(c)[None, :], -1)
+    last = jnp.max(idx, axis=1)
+    return jnp.where(last >= c - m, c - last, m).astype(jnp.int32)
 
 
 def vq_attention_context_parallel(
@@ -93,6 +112,7 @@ def vq_attention_context_parallel(
     cache_decay: float = 1.0,
     implementation: str | None = None,
     pallas=None,
+    doc_starts: Bool[Array, "batch chunk"] | None = None,
 ) -> tuple[Float[Array, "batch chunk heads d_v"], VQAttentionState]:
     """`vq_attention_with_state` on a sequence sharded along mesh axis
     `axis_name`; call it inside `jax.shard_map` (or use
@@ -105,6 +125,8 @@ def vq_attention_context_parallel(
     of `block_len` and at least `mem_len` (the window comes from the previous
     device only). The cache is used (`use_cache=True`, `cache_grad=True`,
     `state_keys="codewords"`: the defaults of the streaming op).
+    `doc_starts` (bool, this chunk's part): packed documents, as in
+    `vq_attention_with_state`.
 
     **Returns:** this chunk's output and the state after the whole sequence
     (the same on every device).
@@ -135,39 +157,49 @@ def vq_attention_context_parallel(
     got_code, got_key, got_value = (
         jax.lax.ppermute(x, axis_name, to_next) for x in sent
     )
+    # Chunks are at least M long, so every window after the first is whole,
+    # unless a document starts in it (then the sender says how much is left).
+    length_after = _window_length_after(doc_starts, c, m)
+    got_length = (
+        jnp.full_like(state.length, m)
+        if length_after is None
+        else jax.lax.ppermute(length_after, axis_name, to_next)
+    )
     first = dev == 0
     win_code = jnp.where(first, state.window_code, got_code)
     win_key = jnp.where(first, state.window_key.astype(khat.dtype), got_key)
     win_value = jnp.where(first, state.window_value.astype(value.dtype), got_value)
-    # Chunks are at least M long, so every window after the first is whole.
-    length = jnp.where(first, state.length, jnp.full_like(state.length, m))
+    length = jnp.where(first, state.length, got_length)
 
-    # 2. This chunk's delta: the first C entries of [window, chunk] leave the
-    # window within the chunk.
-    ext_code = jnp.concatenate([win_code, codes], axis=1)[:, :c]
-    ext_value = jnp.concatenate([win_value, value], axis=1)[:, :c]
+    # 2. What this chunk does to the cache: the first C entries of [window,
+    # chunk] leave the window within the chunk.
+    ext_code = jnp.concatenate([win_code, codes], axis=1)
+    ext_value = jnp.concatenate([win_value, value], axis=1)
     win_valid = jnp.arange(m)[None, :] >= m - length[:, None]
-    ext_valid = jnp.concatenate([win_valid, jnp.ones((b, c), bool)], axis=1)[:, :c]
-    count, total = _delta(
-        ext_code, ext_value, ext_valid, n_code=n_code, block_len=block_len,
-        decay=cache_decay,
+    ext_valid = jnp.concatenate([win_valid, jnp.ones((b, c), bool)], axis=1)
+    a, count, total = _chunk_map(
+        ext_code, ext_value, ext_valid, last_doc_start(doc_starts, m), c=c,
+        n_code=n_code, block_len=block_len, decay=cache_decay,
     )  # fmt: skip
 
-    # 3. Exclusive scan over devices: device d sees the deltas of 0..d-1, each
-    # decayed by the blocks of the chunks after it, and the incoming cache.
+    # 3. Exclusive scan over devices: device d's cache is the incoming one
+    # carried through the maps of devices 0..d-1: the delta of device j < d
+    # weighted by the product of the factors `a` of devices j+1..d-1.
+    a_all = jax.lax.all_gather(a, axis_name)  # [D, B]
     counts = jax.lax.all_gather(count, axis_name)  # [D, B, H, S]
     totals = jax.lax.all_gather(total, axis_name)  # [D, B, H, S, V]
     src = jnp.arange(n_dev)
-    n_blk = c // block_len
-    gamma = jnp.float32(cache_decay)
-    age = (n_blk * (dev - 1 - src)).astype(jnp.float32)  # blocks since it left
-    weight = jnp.where(src < dev, gamma**age, 0.0)
-    carried = gamma ** (n_blk * dev).astype(jnp.float32)
+    between = (src[None, :] > src[:, None]) & (src[None, :] < dev)  # [j, i]
+    weight = jnp.prod(jnp.where(between[..., None], a_all[None], 1.0), axis=1)
+    weight = jnp.where((src < dev)[:, None], weight, 0.0)  # [D, B]
+    carried = jnp.prod(jnp.where((src < dev)[:, None], a_all, 1.0), axis=0)  # [B]
     count0 = state.cache_count.astype(jnp.float32)
     sum0 = state.cache_mean.astype(jnp.float32) * count0[..., None]
-    cache_count = carried * count0 + jnp.einsum("d,dbhs->bhs", weight, counts)
-    cache_sum = carried * sum0 + jnp.einsum(
-        "d,dbhsv->bhsv", weight, totals, precision=HIGHEST
+    cache_count = carried[:, None, None] * count0 + jnp.einsum(
+        "db,dbhs->bhs", weight, counts
+    )
+    cache_sum = carried[:, None, None, None] * sum0 + jnp.einsum(
+        "db,dbhsv->bhsv", weight, totals, precision=HIGHEST
     )
     cache_mean = cache_sum / jnp.where(cache_count > 0, cache_count, 1.0)[..., None]
     local = VQAttentionState(
@@ -183,6 +215,7 @@ def vq_attention_context_parallel(
         query, key, value, codebook, local, block_len=block_len, mem_len=m,
         scale=scale, rel_query=rel_query, rel_table=rel_table,
         cache_decay=cache_decay, implementation=implementation, pallas=pallas,
+        doc_starts=doc_starts,
     )  # fmt: skip
     # The state after the sequence is the last device's; hand it to all.
     last = dev == n_dev - 1
@@ -211,13 +244,14 @@ def vq_attention_sharded(
     cache_decay: float = 1.0,
     implementation: str | None = None,
     pallas=None,
+    doc_starts: Bool[Array, "batch seq"] | None = None,
 ) -> tuple[Float[Array, "batch seq heads d_v"], VQAttentionState]:
     """`vq_attention_with_state` with the sequence sharded over `mesh` axis
     `seq_axis` (and the batch over `batch_axis`, if given): a `shard_map` of
     `vq_attention_context_parallel`. `mesh` None: the mesh set by
     `jax.set_mesh` (as inside the model). `seq` must split into equal chunks,
     each a multiple of `block_len` and at least `mem_len` long. `rel_query`
-    is split like `query`, `rel_table` replicated."""
+    and `doc_starts` are split like `query`, `rel_table` replicated."""
     if mesh is None:
         mesh = jax.sharding.get_abstract_mesh()
         if not mesh.shape:
@@ -245,17 +279,18 @@ def vq_attention_sharded(
     rows = P(batch_axis)
     state_spec = jax.tree.map(lambda _: rows, state)
 
-    def body(q, k, v, cb, st, rq, rt):
+    def body(q, k, v, cb, st, rq, rt, docs):
         return vq_attention_context_parallel(
             q, k, v, cb, st, axis_name=seq_axis, block_len=block_len,
             mem_len=mem_len, scale=scale, rel_query=rq, rel_table=rt,
             cache_decay=cache_decay, implementation=implementation, pallas=pallas,
+            doc_starts=docs,
         )  # fmt: skip
 
     sharded = jax.shard_map(
         body,
         mesh=mesh,
-        in_specs=(seq, seq, seq, P(), state_spec, seq, P()),
+        in_specs=(seq, seq, seq, P(), state_spec, seq, P(), seq),
         out_specs=(seq, state_spec),
     )
-    return sharded(query, key, value, codebook, state, rel_query, rel_table)
+    return sharded(query, key, value, codebook, state, rel_query, rel_table, doc_starts)

@@ -49,7 +49,7 @@ _quadratic_jit = jax.jit(
 )
 # Keyword arguments of `vq_attention_pallas` that are arrays; every other
 # keyword-only argument is an option, static under jit.
-_PALLAS_ARRAY_KWARGS = ("state", "rel_query", "rel_table")
+_PALLAS_ARRAY_KWARGS = ("state", "rel_query", "rel_table", "doc_starts")
 
 
 @functools.cache
@@ -157,7 +157,7 @@ def vq_attention(
       (see `vq_attention_quadratic`); then the output depends on `block_len`.
     - `doc_starts`: bool `[batch, seq]`, True where a packed document starts:
       each query attends only to keys of its own document (the cache restarts
-      at each start; still linear time). xla and quadratic only for now.
+      at each start; still linear time). Every implementation.
 
     **Returns:** `[batch, seq, heads, d_v]` in `value.dtype`.
 
@@ -178,7 +178,7 @@ def vq_attention(
     validate_inputs(query, key, value, codebook, block_len=block_len)
     scale = check_scale(scale, query.shape[-1])
     cache_decay = check_cache_decay(cache_decay)
-    doc_starts = _check_doc_starts(doc_starts, query, impl)
+    doc_starts = _check_doc_starts(doc_starts, query)
     if impl == "quadratic":
         return _quadratic_jit(
             query,
@@ -206,7 +206,7 @@ def vq_attention(
     return out
 
 
-def _check_doc_starts(doc_starts, query, impl: str):
+def _check_doc_starts(doc_starts, query):
     """`doc_starts` checked: None, or bool `[batch, seq]` like the query's."""
     if doc_starts is None:
         return None
@@ -222,11 +222,6 @@ def _check_doc_starts(doc_starts, query, impl: str):
         )
     if doc_starts.dtype != jnp.bool_:
         raise TypeError(f"doc_starts must be a bool array; got {doc_starts.dtype}")
-    if impl == "pallas":
-        raise ValueError(
-            "doc_starts (document masking) runs on implementation='xla' or "
-            "'quadratic'; the Pallas kernels do not mask documents yet"
-        )
     return jnp.asarray(doc_starts)
 
 
@@ -302,7 +297,7 @@ def vq_attention_with_state(
     if not isinstance(cache_grad, bool):
         raise ValueError(f"cache_grad must be a bool; got {cache_grad!r}")
     cache_decay = check_cache_decay(cache_decay)
-    doc_starts = _check_doc_starts(doc_starts, query, impl)
+    doc_starts = _check_doc_starts(doc_starts, query)
     block_len = as_int("block_len", block_len, 1)
     mem_len = resolve_mem_len(mem_len, state, block_len)
     validate_inputs(

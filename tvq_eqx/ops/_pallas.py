@@ -32,7 +32,7 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float
+from jaxtyping import Array, Bool, Float
 
 from pallas_kernels.vq_attention import PallasConfig, vq_attention_core
 
@@ -71,6 +71,7 @@ def _forward(
     pallas: PallasConfig,
     window_len=None,
     cache_decay=1.0,
+    doc_starts=None,
 ):
     b, t, h, _ = query.shape
     n_code = codebook.shape[1]
@@ -86,6 +87,7 @@ def _forward(
         cache_grad=cache_grad,
         state_keys=state_keys,
         cache_decay=cache_decay,
+        doc_starts=doc_starts,
     )
     state, ext = pro.state, pro.ext
     # The window is whole or empty (checked by the caller): one flag per row.
@@ -108,6 +110,11 @@ def _forward(
         wb = relative_bias(_blocks(rel_query, L), rel_table, window_offsets(L, L))
         window_bias = jnp.transpose(wb, (0, 3, 1, 2, 4)).reshape(b * h, t, 2 * L)
 
+    key_from = None
+    if ext.last_start is not None:
+        key_from = _document_key_from(ext.last_start, state.length, L)
+        key_from = jnp.broadcast_to(key_from[:, None], (b, h, t)).reshape(b * h, t, 1)
+
     out = vq_attention_core(
         _heads_first(query),
         _heads_first(ext.khat),
@@ -117,6 +124,7 @@ def _forward(
         cache_bias,
         cache_mean,
         window_bias,
+        key_from,
         block_len=L,
         scale=scale,
         num_heads=h,
@@ -136,10 +144,42 @@ def _forward(
     )
 
 
+def _document_key_from(last_start, length, block_len: int):
+    """The kernels' `key_from` `[B, T]`: per query, the first window column
+    (from its block's previous block) of its document, negative where the
+    document began before the window (then the cache holds its older keys).
+
+    `last_start` `[B, L + T]` (ext indices, see `last_doc_start`); a partly
+    filled carried window (a document began in it) acts as a start at its
+    first filled slot for block 0."""
+    L = block_len
+    t = last_start.shape[1] - L
+    n_blk = t // L
+    q_start = _blocks(last_start[:, L:], L)  # [B, N, L]
+    key_from = q_start - (jnp.arange(n_blk, dtype=jnp.int32) * L)[None, :, None]
+    partial = (length < L)[:, None]
+    first = jnp.where(
+        partial, jnp.maximum(key_from[:, 0], (L - length)[:, None]), key_from[:, 0]
+    )
+    key_from = key_from.at[:, 0].set(first)
+    # Only the sign matters before the window: one value keeps the input small.
+    return jnp.maximum(key_from, -1).reshape(key_from.shape[0], t).astype(jnp.int32)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _xla_backward(static, query, key, value, codebook, state, rel_query, rel_table):
+def _xla_backward(
+    static, query, key, value, codebook, state, rel_query, rel_table, doc_starts
+):
     return _forward(
-        query, key, value, codebook, state, rel_query, rel_table, **dict(static)
+        query,
+        key,
+        value,
+        codebook,
+        state,
+        rel_query,
+        rel_table,
+        doc_starts=doc_starts,
+        **dict(static),
     )
 
 
@@ -160,6 +200,7 @@ _XLA_OPTIONS = (
 
 def _xla_backward_bwd(static, args, cotangent):
     options = {k: v for k, v in static if k in _XLA_OPTIONS}
+    *args, doc_starts = args
 
     def xla(query, key, value, codebook, state, rel_query, rel_table):
         return vq_attention_xla(
@@ -170,11 +211,12 @@ def _xla_backward_bwd(static, args, cotangent):
             state=state,
             rel_query=rel_query,
             rel_table=rel_table,
+            doc_starts=doc_starts,
             **options,
         )
 
     _, vjp = jax.vjp(xla, *args)
-    return vjp(cotangent)
+    return (*vjp(cotangent), None)  # doc_starts: bool, no gradient
 
 
 _xla_backward.defvjp(_xla_backward_fwd, _xla_backward_bwd)
@@ -199,6 +241,7 @@ def vq_attention_pallas(
     pallas: PallasConfig | None = None,
     window_len: int | None = None,
     cache_decay: float = 1.0,
+    doc_starts: Bool[Array, "batch seq"] | None = None,
 ) -> tuple[Float[Array, "batch seq heads d_v"], VQAttentionState]:
     """`vq_attention_xla` on the Pallas kernels; returns (output, new state).
 
@@ -229,15 +272,28 @@ def vq_attention_pallas(
             f"{mem_len}, block_len={block_len}. Use implementation='xla' for "
             f"other window lengths."
         )
-    if state is not None:
+    if state is not None and doc_starts is None:
         # The kernels take one validity flag per row for the previous block;
-        # states made by these ops are whole or empty when mem_len == block_len.
-        # (error_if_any: one scalar flag, so it also runs inside shard_map.)
+        # without documents, states made by these ops are whole or empty when
+        # mem_len == block_len. (error_if_any: one scalar flag, so it also
+        # runs inside shard_map.)
         length = error_if_any(
             state.length,
             (state.length > 0) & (state.length < block_len),
             f"implementation='pallas' needs the state's window whole or empty "
-            f"(length 0 or {block_len})",
+            f"(length 0 or {block_len}); a window cut by a document start "
+            f"needs doc_starts= (all False to continue its document)",
+        )
+        state = eqx.tree_at(lambda s: s.length, state, length)
+    elif state is not None:
+        # A partly filled window (a document began in it) is masked like a
+        # document start, and its cache is empty for states made by these ops.
+        partial = (state.length < block_len)[:, None, None]
+        length = error_if_any(
+            state.length,
+            partial & (state.cache_count != 0),
+            "implementation='pallas' needs an empty cache when the state's "
+            "window is partly filled (states made by these ops are)",
         )
         state = eqx.tree_at(lambda s: s.length, state, length)
     if window_len is not None and pallas.backward == "xla":
@@ -269,5 +325,16 @@ def vq_attention_pallas(
             state,
             rel_query,
             rel_table,
+            doc_starts,
         )
-    return _forward(query, key, value, codebook, state, rel_query, rel_table, **static)
+    return _forward(
+        query,
+        key,
+        value,
+        codebook,
+        state,
+        rel_query,
+        rel_table,
+        doc_starts=doc_starts,
+        **static,
+    )

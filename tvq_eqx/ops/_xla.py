@@ -155,6 +155,31 @@ def _summaries(
     start contributes only its keys from its last start on, and drops what
     came before it."""
     t = code.shape[1] - state.window_code.shape[1]
+    counts, sums, reset = block_sums(
+        code, value, valid, t=t, n_code=n_code, block_len=block_len,
+        last_start=last_start,
+    )  # fmt: skip
+    count0 = state.cache_count.astype(jnp.float32)
+    sum0 = state.cache_mean.astype(jnp.float32) * count0[..., None]
+    blk_count, new_count = block_prefix(counts, count0, decay=decay, reset=reset)
+    blk_sum, new_sum = block_prefix(sums, sum0, decay=decay, reset=reset)
+    fresh = fresh_cache(last_start, t)
+    if fresh is not None:
+        new_count = jnp.where(fresh[:, None, None], 0.0, new_count)
+        new_sum = jnp.where(fresh[:, None, None, None], 0.0, new_sum)
+    dtype = value.dtype
+    # What the blocks read is one rounding to the value dtype; what is carried
+    # to the next call stays float32, so rounding never compounds over calls.
+    blk_mean = (blk_sum / _nonzero(blk_count)[..., None]).astype(dtype)
+    new_mean = (new_sum / _nonzero(new_count)[..., None]).astype(cache_dtype(dtype))
+    return blk_count, blk_mean, new_count, new_mean
+
+
+def block_sums(code, value, valid, *, t, n_code, block_len, last_start=None):
+    """Per block of the first `t` extended entries: code counts `[B, N, H, S]`
+    and value sums `[B, N, H, S, V]` (float32) of its valid keys (with
+    documents, those from the block's last start on), and whether the block
+    holds a document start (`[B, N]`; None without documents)."""
     n_blk = t // block_len
     z = _blocks(code[:, :t], block_len)  # [B, N, L, H]
     v = _blocks(value[:, :t], block_len)
@@ -186,52 +211,48 @@ def _summaries(
         sums = jnp.einsum(
             "bnlhs,bnlhv->bnhsv", onehot, v.astype(jnp.float32), precision=HIGHEST
         )
+    return counts, sums, reset
 
-    def prefix(x, total0):
-        if decay == 1.0 and reset is None:
-            inclusive = jnp.cumsum(x, axis=1)
-            before = jnp.concatenate(
-                [jnp.zeros_like(x[:, :1]), inclusive[:, : n_blk - 1]], 1
-            )
-            return total0[:, None] + before, total0 + inclusive[:, n_blk - 1]
-        # y_n = a_n y_(n-1) + x_n with y_(-1) = total0 (a_n = gamma, or 0 where
-        # group n starts a document): a linear recurrence, so an associative
-        # scan over (product of a, partial sum) pairs.
-        b_rows = x.shape[0]
-        a = jnp.full((b_rows, n_blk), decay, jnp.float32)
-        if reset is not None:
-            a = jnp.where(reset, 0.0, a)
-        a0 = a[:, 0].reshape((b_rows,) + (1,) * (total0.ndim - 1))
-        x = x.at[:, 0].add(a0 * total0)
 
-        def combine(left, right):
-            a_l, x_l = left
-            a_r, x_r = right
-            a_r_x = a_r.reshape(a_r.shape + (1,) * (x_l.ndim - a_r.ndim))
-            return a_l * a_r, a_r_x * x_l + x_r
+def block_prefix(x, total0, *, decay=1.0, reset=None):
+    """`y_n = a_n y_(n-1) + x_n` over the blocks (axis 1 of `x`) from
+    `y_(-1) = total0`, with `a_n = decay`, or 0 where block n starts a
+    document (`reset`). Returns (`y_(n-1)` for every block n: what it reads,
+    the last `y`: what is carried)."""
+    n_blk = x.shape[1]
+    if decay == 1.0 and reset is None:
+        inclusive = jnp.cumsum(x, axis=1)
+        before = jnp.concatenate(
+            [jnp.zeros_like(x[:, :1]), inclusive[:, : n_blk - 1]], 1
+        )
+        return total0[:, None] + before, total0 + inclusive[:, n_blk - 1]
+    # A linear recurrence, so an associative scan over (product of a,
+    # partial sum) pairs.
+    b_rows = x.shape[0]
+    a = jnp.full((b_rows, n_blk), decay, jnp.float32)
+    if reset is not None:
+        a = jnp.where(reset, 0.0, a)
+    a0 = a[:, 0].reshape((b_rows,) + (1,) * (total0.ndim - 1))
+    x = x.at[:, 0].add(a0 * total0)
 
-        moved = jnp.moveaxis(x, 1, 0)  # scan over blocks on the leading axis
-        _, inclusive = jax.lax.associative_scan(combine, (a.T, moved))
-        inclusive = jnp.moveaxis(inclusive, 0, 1)
-        before = jnp.concatenate([total0[:, None], inclusive[:, : n_blk - 1]], 1)
-        return before, inclusive[:, n_blk - 1]
+    def combine(left, right):
+        a_l, x_l = left
+        a_r, x_r = right
+        a_r_x = a_r.reshape(a_r.shape + (1,) * (x_l.ndim - a_r.ndim))
+        return a_l * a_r, a_r_x * x_l + x_r
 
-    count0 = state.cache_count.astype(jnp.float32)
-    sum0 = state.cache_mean.astype(jnp.float32) * count0[..., None]
-    blk_count, new_count = prefix(counts, count0)
-    blk_sum, new_sum = prefix(sums, sum0)
-    if last_start is not None:
-        # A document that starts among the last M entries (the next window)
-        # has nothing in the carried cache.
-        fresh = last_start[:, -1] >= t  # [B]
-        new_count = jnp.where(fresh[:, None, None], 0.0, new_count)
-        new_sum = jnp.where(fresh[:, None, None, None], 0.0, new_sum)
-    dtype = value.dtype
-    # What the blocks read is one rounding to the value dtype; what is carried
-    # to the next call stays float32, so rounding never compounds over calls.
-    blk_mean = (blk_sum / _nonzero(blk_count)[..., None]).astype(dtype)
-    new_mean = (new_sum / _nonzero(new_count)[..., None]).astype(cache_dtype(dtype))
-    return blk_count, blk_mean, new_count, new_mean
+    moved = jnp.moveaxis(x, 1, 0)  # scan over blocks on the leading axis
+    _, inclusive = jax.lax.associative_scan(combine, (a.T, moved))
+    inclusive = jnp.moveaxis(inclusive, 0, 1)
+    before = jnp.concatenate([total0[:, None], inclusive[:, : n_blk - 1]], 1)
+    return before, inclusive[:, n_blk - 1]
+
+
+def fresh_cache(last_start, t: int):
+    """`[B]`: a document starts among the last M extended entries (the next
+    window), so nothing of the carried cache is its own; None without
+    documents."""
+    return None if last_start is None else last_start[:, -1] >= t
 
 
 def _nonzero(count):
