@@ -2,13 +2,19 @@
 # GPU check for the Pallas VQ-attention kernels, in one go (< 8 minutes):
 #   1. correctness of pallas vs the xla form ON THE GPU at a few shapes, the
 #      official one included (forward, dq, dk, dv, rel grads, returned state);
-#   2. the kernel benchmark (benchmarks/kernels.py) -> benchmarks/results/kernels-gpu.md;
-#   3. a short tile sweep at the official shape (benchmarks/tile_sweep.py)
-#      -> benchmarks/results/tiles-gpu.md.
+#      packed documents (doc_starts), a decayed cache and the sliding window
+#      included;
+#   2. what packed documents cost (benchmarks/documents.py: pallas and xla,
+#      with and without doc_starts) -> benchmarks/results/documents-gpu.md;
+#   3. the kernel benchmark (benchmarks/kernels.py), T up to 64k as time allows
+#      -> benchmarks/results/kernels-gpu-recheck.md;
+#   4. with TILE_SWEEP=1: a short tile sweep at the official shape
+#      (benchmarks/tile_sweep.py) -> benchmarks/results/tiles-gpu.md.
 # Needs a python with jax[cuda] preinstalled (no network); run from anywhere:
 #   bash benchmarks/gpu_check.sh            (PYTHON=... to pick the interpreter)
-# Output: benchmarks/results/kernels-gpu.md, kernels-gpu-check.md, tiles-gpu.md
-# Time limits: 180 + 250 + 45 s of steps (each cut by `timeout`).
+# Output: benchmarks/results/kernels-gpu-check.md, documents-gpu.md,
+# kernels-gpu-recheck.md (tiles-gpu.md), also copied to $OUT when set (the device tool).
+# Time limits: 200 + 90 + 150 (+ 45) s of steps (each cut by `timeout`).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if [[ -z "${PYTHON:-}" ]]; then
@@ -25,7 +31,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 "$PYTHON" -c "import jax; print('jax', jax.__version__, jax.devices())"
 
 echo "== 1. correctness on GPU (pallas vs xla)"
-timeout 180 "$PYTHON" - <<'EOF'
+timeout 200 "$PYTHON" - <<'EOF'
 import sys, time, warnings
 warnings.filterwarnings("ignore", message=".*Pallas Triton backend is deprecated.*")
 import jax, jax.numpy as jnp, numpy as np
@@ -38,13 +44,27 @@ def rel(ref, out):
     ref = np.asarray(ref, np.float64); out = np.asarray(out, np.float64)
     return float(np.linalg.norm(ref - out) / max(np.linalg.norm(ref), 1e-30))
 
-# (B, T, H, K, V, S, L, rel bias, dtype)
+def doc_starts(b, t, every):
+    # Documents of random lengths about `every`, different per row (some
+    # starts in a block's last positions: windows cut short).
+    rng = np.random.default_rng(t + every)
+    d = np.zeros((b, t), bool)
+    for row in range(b):
+        d[row, rng.integers(0, t, size=max(1, t // every))] = True
+    return jnp.asarray(d)
+
+# (B, T, H, K, V, S, L, rel bias, dtype, options); "docs": mean document length
 CASES = [
-    (1, 2048, 1, 128, 1536, 512, 512, True, "bfloat16"),   # official config
-    (1, 2048, 1, 128, 1536, 512, 512, False, "float32"),
-    (2, 1024, 4, 64, 128, 256, 256, True, "bfloat16"),
-    (2, 256, 2, 32, 64, 64, 64, True, "float32"),
-    (2, 64, 2, 8, 12, 5, 16, True, "float32"),             # padded d_v, codes
+    (1, 2048, 1, 128, 1536, 512, 512, True, "bfloat16", {}),   # official config
+    (1, 2048, 1, 128, 1536, 512, 512, False, "float32", {}),
+    (2, 1024, 4, 64, 128, 256, 256, True, "bfloat16", {}),
+    (2, 256, 2, 32, 64, 64, 64, True, "float32", {}),
+    (2, 64, 2, 8, 12, 5, 16, True, "float32", {}),             # padded d_v, codes
+    (1, 2048, 1, 128, 1536, 512, 512, True, "bfloat16", {"docs": 700}),
+    (2, 1024, 4, 64, 128, 256, 256, True, "float32", {"docs": 300}),
+    (2, 1024, 4, 64, 128, 256, 256, True, "bfloat16", {"cache_decay": 0.9}),
+    (2, 1024, 4, 64, 128, 256, 256, True, "bfloat16",
+     {"use_cache": False, "cache_grad": False}),               # sliding window
 ]
 TOL = {"float32": (1e-4, 1e-4), "bfloat16": (2e-2, 5e-2)}  # (forward, grads)
 lines = ["# GPU correctness check: pallas vs xla (on " + jax.devices()[0].device_kind + ")", "",
@@ -55,7 +75,11 @@ lines = ["# GPU correctness check: pallas vs xla (on " + jax.devices()[0].device
          "| shape | dtype | out | state.cache_mean | dq | dk | dv | d rel_query | d rel_table | time fwd+bwd (s, incl. compile) | pass |",
          "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
 ok_all = True
-for b, t, h, k, v, s, l, use_rel, dt in CASES:
+for b, t, h, k, v, s, l, use_rel, dt, options in CASES:
+    tag = "".join(f"-{n}" for n in options if n != "cache_grad")
+    options = dict(options)
+    if "docs" in options:
+        options["doc_starts"] = doc_starts(b, t, options.pop("docs"))
     dtype = jnp.dtype(dt)
     ks = jax.random.split(jax.random.key(t + k), 7)
     q = jax.random.normal(ks[0], (b, t, h, k), dtype)
@@ -69,7 +93,8 @@ for b, t, h, k, v, s, l, use_rel, dt in CASES:
     def run(fn, args, cot, opts):
         def f(q, kk, vv, rq, rt):
             extra = dict(rel_query=rq, rel_table=rt) if use_rel else {}
-            out, st = fn(q, kk, vv, cb, block_len=l, scale=k ** -0.5, **extra, **opts)
+            out, st = fn(q, kk, vv, cb, block_len=l, scale=k ** -0.5, **extra,
+                         **options, **opts)
             return out, st.cache_mean
         (out, mean), vjp = jax.vjp(f, *args)
         return (out, mean) + vjp((cot, jnp.zeros_like(mean)))
@@ -87,7 +112,7 @@ for b, t, h, k, v, s, l, use_rel, dt in CASES:
     tf, tg = TOL[dt]
     ok = all(e <= tf for e in errs[:2]) and all(e <= tg for e in errs[2:])
     ok_all &= ok
-    shape = f"B{b}-T{t}-H{h}-K{k}-V{v}-S{s}-L{l}" + ("-rel" if use_rel else "")
+    shape = f"B{b}-T{t}-H{h}-K{k}-V{v}-S{s}-L{l}" + ("-rel" if use_rel else "") + tag
     print(shape, dt, ["%.1e" % e for e in errs], "PASS" if ok else "FAIL", f"{sec:.1f}s", flush=True)
     lines.append(f"| {shape} | {dt} | " + " | ".join("%.1e" % e for e in errs)
                  + f" | {sec:.1f} | {'pass' if ok else 'FAIL'} |")
@@ -97,16 +122,26 @@ EOF
 check=$?
 echo "correctness exit code: $check"
 
-echo "== 2. benchmark"
-timeout 250 "$PYTHON" -W "ignore:The Pallas Triton backend is deprecated:DeprecationWarning" \
+echo "== 2. packed documents: cost"
+timeout 90 "$PYTHON" benchmarks/documents.py --device-tag gpu
+echo "documents exit code: $?"
+
+echo "== 3. benchmark"
+timeout 150 "$PYTHON" -W "ignore:The Pallas Triton backend is deprecated:DeprecationWarning" \
   benchmarks/kernels.py --device-tag gpu \
-  --seq-lens 1024,4096,16384,32768,65536,131072 --extra-seq-len 1048576 \
+  --seq-lens 1024,4096,16384,65536 --quadratic-max 16384 --out benchmarks/results/kernels-gpu-recheck.md \
   --reps 3 --min-time 0.2
 bench=$?
 echo "benchmark exit code: $bench (124 = timed out; the table holds the shapes finished)"
 
-echo "== 3. tile sweep (official shape, T 16384, bf16)"
-timeout 45 "$PYTHON" -W "ignore:The Pallas Triton backend is deprecated:DeprecationWarning" \
-  benchmarks/tile_sweep.py --seq-len 16384 --out benchmarks/results/tiles-gpu.md
-echo "tile sweep exit code: $? (informational)"
+if [[ "${TILE_SWEEP:-0}" == 1 ]]; then
+  echo "== 4. tile sweep (official shape, T 16384, bf16)"
+  timeout 45 "$PYTHON" -W "ignore:The Pallas Triton backend is deprecated:DeprecationWarning" \
+    benchmarks/tile_sweep.py --seq-len 16384 --out benchmarks/results/tiles-gpu.md
+  echo "tile sweep exit code: $? (informational)"
+fi
+if [[ -n "${OUT:-}" ]]; then
+  cp benchmarks/results/kernels-gpu*.md benchmarks/results/documents-gpu.md "$OUT"/ 2>/dev/null
+  cp benchmarks/results/tiles-gpu.md "$OUT"/ 2>/dev/null || true
+fi
 exit $(( check != 0 ? check : bench ))
