@@ -397,7 +397,7 @@ def _constrain(ts: TrainState, mesh: Mesh | None) -> TrainState:
 
 def _train_inner(batch, train_state, optimizer, update_len, mesh, doc_masking):
     reset = batch["reset"]
-    batch = {k: batch[k] for k in _batch_keys(doc_masking)}
+    batch = {k: v for k, v in batch.items() if k != "reset"}
     new, metrics = train_step(
         train_state,
         batch,
