@@ -24,6 +24,7 @@ CFG = tvq_eqx.TransformerConfig(
     n_vocab=256, d_model=32, d_k=8, d_v=16, n_head=2, n_code=8, n_layer=1, block_len=8
 )
 B, T, U = 2, 32, 16  # rows, window, update segment (two per window)
+PLAIN = ("inputs", "targets", "loss_mask")  # a batch without documents
 
 
 def _packed(rng, n_docs, max_len=9):
@@ -203,24 +204,51 @@ def test_masked_train_step_equals_loss_fn_with_the_batch_doc_starts(model, packe
         np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
 
 
-def test_unmasked_train_step_is_unchanged(model, packed):
+def test_unmasked_steps_are_unchanged(model, packed, monkeypatch):
+    """Masking off, the batch reaching loss_fn has no doc_starts and the
+    train and eval steps trace to the very program of a batch without them
+    (today's); on, doc_starts reach loss_fn. Traced only, nothing compiled."""
+    from tvq_eqx.train import _steps
+
     batch = _stream(*packed).batch(0)
-    plain = {k: batch[k] for k in ("inputs", "targets", "loss_mask")}
-    off = train.make_train_step(OPT, update_len=U, donate=False)
+    plain = {k: batch[k] for k in PLAIN}
+    seen = []
+
+    def spy(model, b, *args, **kwargs):
+        seen.append(tuple(sorted(b)))
+        return real(model, b, *args, **kwargs)
+
+    real = _steps.loss_fn
+    monkeypatch.setattr(_steps, "loss_fn", spy)
     ts = _fresh(model)
-    new, m = off(ts, batch, reset=True)
-    want, m_want = off(ts, plain, reset=True)
-    for a, b in zip(jax.tree.leaves(m), jax.tree.leaves(m_want), strict=True):
-        np.testing.assert_array_equal(a, b)
-    for a, b in zip(_params(new), _params(want), strict=True):
-        np.testing.assert_array_equal(a, b)
-    # ... while masking changes the step (documents are visible).
-    _, m_on = train.make_train_step(OPT, update_len=U, doc_masking=True)(
-        _fresh(model), batch, reset=True
-    )
-    assert float(m_on["lm_loss_sum"]) != pytest.approx(
-        float(m["lm_loss_sum"]), rel=1e-4
-    )
+
+    def program(step, extra, on):
+        """The traced step of `plain` plus the (closed-over) `extra` entries."""
+
+        def f(b):
+            b = {**b, **extra}
+            if step == "train":
+                return train.train_step(
+                    ts, b, optimizer=OPT, update_len=U, reset=True, doc_masking=on
+                )
+            return train.eval_step(
+                model, ts.attn_state, b, segment_len=U, reset=True, doc_masking=on
+            )
+
+        seen.clear()
+        jaxpr = str(jax.make_jaxpr(f)(plain))
+        return jaxpr, set(seen)
+
+    docs = {k: batch[k] for k in ("doc_ids", "doc_starts")}
+    for step in ("train", "eval"):
+        off, keys = program(step, docs, False)
+        assert keys == {tuple(sorted(PLAIN))}
+        assert (off, keys) == program(step, {}, False)
+        on, keys = program(step, docs, True)
+        assert keys == {tuple(sorted((*PLAIN, "doc_starts")))} and on != off
+    # The jitted steps get only what they use.
+    assert sorted(_steps._place(batch, None, False)) == sorted(PLAIN)
+    assert sorted(_steps._place(batch, None, True)) == sorted((*PLAIN, "doc_starts"))
 
 
 def test_a_document_ignores_the_one_before_it_only_when_masked(model, packed):
@@ -317,7 +345,7 @@ def test_cli_refuses_full_attention_with_doc_masking(tmp_path, capsys):
 
 def test_missing_or_misshapen_doc_starts_and_full_attention_are_named(model, packed):
     batch = _stream(*packed).batch(0)
-    plain = {k: batch[k] for k in ("inputs", "targets", "loss_mask")}
+    plain = {k: batch[k] for k in PLAIN}
     ts = _fresh(model)
     with pytest.raises(ValueError, match="train batch is missing 'doc_starts'"):
         train.train_step(ts, plain, optimizer=OPT, update_len=U, doc_masking=True)
