@@ -120,9 +120,10 @@ def _check_batch(
 def _segments(
     batch: Batch, segment_len: int, *, doc_masking: bool = False
 ) -> dict[str, Array]:
-    """[B, T] -> [T / segment_len, B, segment_len] for the scan (each
-    segment's `doc_starts` marks, the segments continuing the carried
-    state's document unless marked, are the whole batch's)."""
+    """[B, T] -> [T / segment_len, B, segment_len] for the scan. With
+    `doc_masking`, `doc_starts` is cut the same way: a segment's first tokens
+    continue the carried state's document unless marked, so the slices of
+    the batch's marks mean what the whole does."""
 
     def split(x):
         x = jnp.asarray(x)
