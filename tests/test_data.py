@@ -26,6 +26,7 @@ KEYS = {
     "targets": np.int32,
     "loss_mask": np.float32,
     "doc_ids": np.int32,
+    "doc_starts": np.bool_,
 }
 
 

@@ -51,7 +51,7 @@ except ImportError:  # pragma: no cover (the [cli] extra)
 from . import train
 from ._config import ImplementationName
 from .train import CheckpointError, DataError, RunConfig, RunDirError
-from .train._run_config import mem_len_follows
+from .train._run_config import check_doc_masking, mem_len_follows
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -466,6 +466,16 @@ def _mesh_or_none(batch_size: int):
     return train.make_mesh()
 
 
+def _check_doc_masking(doc_masking: bool, model_config) -> None:
+    """A run with `--doc-masking` needs a model that masks documents here
+    (the implementation resolved on this machine): else a usage error."""
+    if doc_masking:
+        try:
+            check_doc_masking(model_config, resolve=True)
+        except ValueError as e:
+            raise UsageError(f"--doc-masking: {e}") from None
+
+
 def _unit(run: RunConfig) -> str:
     return "bits per byte" if run.model.n_vocab == 256 else "bits per token"
 
@@ -613,6 +623,7 @@ def cmd_train(argv: list[str]) -> int:
         mesh = _mesh_or_none(run.data.batch_size)
     # Context parallelism is a run-time setting of the model config.
     run, ts = train.for_mesh(run, ts, mesh)
+    _check_doc_masking(run.doc_masking, run.model)
     if ts is None:
         ts = train.new_train_state(run)
     if mesh is not None:
@@ -724,6 +735,7 @@ def cmd_eval(argv: list[str]) -> int:
         model = ts.model.with_config(**changes) if changes else ts.model
     except ValueError as e:
         raise UsageError(str(e)) from None
+    _check_doc_masking(run.doc_masking, model.config)
     data = train.load_run_data(run, splits=("train", args.split))
     stream = train.make_stream(run, data.splits[args.split], train=False)
     mesh = _mesh_or_none(run.data.batch_size)
@@ -844,6 +856,7 @@ def cmd_bench(argv: list[str]) -> int:
     if args.distributed:
         _init_distributed()
     run = args.run
+    _check_doc_masking(run.doc_masking, run.model)
     b, t = run.data.batch_size, run.data.seq_len
     mesh = _mesh_or_none(b)
     optimizer = train.optimizer_from_config(run.optimizer, run.steps)
@@ -856,8 +869,12 @@ def cmd_bench(argv: list[str]) -> int:
         inputs=toks[:, :-1],
         targets=toks[:, 1:],
         loss_mask=np.ones((b, t), np.float32),
+        # With --doc-masking: a document every block_len tokens.
+        doc_starts=np.arange(t)[None, :].repeat(b, 0) % run.model.block_len == 0,
     )
-    step_fn = train.make_train_step(optimizer, update_len=run.update_len, mesh=mesh)
+    step_fn = train.make_train_step(
+        optimizer, update_len=run.update_len, mesh=mesh, doc_masking=run.doc_masking
+    )
     t0 = time.perf_counter()
     ts, m = step_fn(ts, batch, reset=True)
     jax.block_until_ready(m)

@@ -1,8 +1,9 @@
 """Datasets for Transformer-VQ: byte corpora, token streams, images as bytes.
 
 Numpy only; knows nothing of the model. Batches are dicts of numpy arrays
-(`inputs`, `targets`, `doc_ids`: int32 `[B, T]`; `loss_mask`: float32 `[B, T]`)
-laid out so that consecutive steps continue every row, for carried state.
+(`inputs`, `targets`, `doc_ids`: int32 `[B, T]`; `loss_mask`: float32 `[B, T]`;
+`doc_starts`: bool `[B, T]`, True where a packed document starts) laid out so
+that consecutive steps continue every row, for carried state.
 See docs/data.md.
 """
 

@@ -108,9 +108,10 @@ class ImageStream(AbstractStream):
 
     `doc_ids` numbers image slots in the epoch's order (`K * b + i` for the
     `i`-th image of row `b`), so they increase along each row and change
-    exactly at image boundaries. The first byte of each row's first image is
-    never a target; the first byte of every other image is predicted at the
-    last position of the image before it.
+    exactly at image boundaries (`doc_starts` marks every image's first
+    byte, and the first padding position). The first byte of each row's
+    first image is never a target; the first byte of every other image is
+    predicted at the last position of the image before it.
 
     **Arguments:**
 

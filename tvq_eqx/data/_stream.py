@@ -10,6 +10,10 @@ side by side, and batch `step + 1` continues every row of batch `step`:
 
 Batch `s` of an epoch is window `s` of every stream. Inputs and targets are the
 same stream shifted by one, so `targets[s][:, -1] == inputs[s + 1][:, 0]`.
+
+Rows hold packed documents: `doc_ids` names the document of every input token
+and `doc_starts` marks where one begins, so that a model masking documents
+(`loss_fn` with `batch["doc_starts"]`) keeps attention inside each.
 """
 
 import abc
@@ -24,7 +28,8 @@ _Lookup = tuple[
 ]
 
 Batch = dict[str, np.ndarray]
-"""`inputs`, `targets`, `doc_ids`: int32 `[B, T]`; `loss_mask`: float32 `[B, T]`."""
+"""`inputs`, `targets`, `doc_ids`: int32 `[B, T]`; `loss_mask`: float32 `[B, T]`;
+`doc_starts`: bool `[B, T]`."""
 
 
 def _check_int(name: str, value: int, *, minimum: int) -> int:
@@ -51,6 +56,12 @@ class AbstractStream(abc.ABC):
     - `doc_ids` (int32): id of the document each input token belongs to,
       increasing along a row (a change marks a document boundary, where a model
       carrying state may reset it); -1 on padding.
+    - `doc_starts` (bool): True where an input token's document differs from
+      that of the row's previous input token, the last one of the previous
+      window included (so the marks agree with `doc_ids` across window
+      borders and let `loss_fn` mask documents, `batch["doc_starts"]`).
+      Padding counts as one more document. Position 0 of window 0 is always
+      True: it starts fresh streams, whose carried state is emptied.
 
     **Epochs:** `num_batches` steps make one epoch; `step` maps to
     `divmod(step, num_batches) == (epoch, window)`. With `repeat=True` (train)
@@ -112,14 +123,25 @@ class AbstractStream(abc.ABC):
         """Batch number `step`, a pure function of `(seed, step)`."""
         epoch, window = self.epoch_and_window(step)
         t = self.seq_len
-        pos = window * t + np.arange(t + 1, dtype=np.int64)
+        # One position before the window too (the previous window's last
+        # input), so that doc_starts at position 0 sees across the border.
+        before = 1 if window > 0 else 0
+        pos = window * t - before + np.arange(t + 1 + before, dtype=np.int64)
         tokens, valid, doc = self._lookup(epoch, pos)
-        tokens = np.where(valid, tokens, self.pad_id).astype(np.int32)
+        tokens = np.where(valid, tokens, self.pad_id).astype(np.int32)[:, before:]
+        doc = np.where(valid, doc, -1)  # padding: a document of its own
+        valid = valid[:, before:]
+        doc_ids = doc[:, before:-1].astype(np.int32)
+        doc_starts = np.empty(doc_ids.shape, dtype=bool)
+        doc_starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+        # Window 0 starts fresh streams (the carried state is emptied).
+        doc_starts[:, 0] = (doc[:, 0] != doc[:, 1]) if before else True
         return {
             "inputs": np.ascontiguousarray(tokens[:, :-1]),
             "targets": np.ascontiguousarray(tokens[:, 1:]),
             "loss_mask": valid[:, 1:].astype(np.float32),
-            "doc_ids": np.where(valid[:, :-1], doc[:, :-1], -1).astype(np.int32),
+            "doc_ids": doc_ids,
+            "doc_starts": doc_starts,
         }
 
     def iterate(self, start_step: int = 0) -> Iterator[Batch]:

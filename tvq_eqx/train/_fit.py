@@ -102,7 +102,7 @@ def evaluate_stream(
 ) -> dict[str, float]:
     """`evaluate` over the first `max_batches` (default `run.eval_batches`;
     0 = all) windows of `stream`, the carried state emptied per
-    `run.resets_state`."""
+    `run.resets_state`, packed documents masked per `run.doc_masking`."""
     limit = run.eval_batches if max_batches is None else max_batches
     n = stream.num_batches if limit == 0 else min(limit, stream.num_batches)
     return evaluate(
@@ -112,6 +112,7 @@ def evaluate_stream(
         mesh=mesh,
         resets=[run.resets_state(i) for i in range(n)],
         progress=progress,
+        doc_masking=run.doc_masking,
     )
 
 
@@ -175,7 +176,9 @@ def fit(
     from batch `i - 1`; the state is emptied when `run.resets_state(window)`
     (window = index within the epoch) says so, or `train_resets(window)` when
     given. So a run stopped at update `s` and resumed from its checkpoint
-    computes exactly what the uninterrupted run computes.
+    computes exactly what the uninterrupted run computes. With
+    `run.doc_masking`, the batches' `doc_starts` reach `loss_fn` in training
+    and evaluation (attention stays inside each packed document).
 
     - Evaluation on `eval_stream` (`evaluate_stream`) every `run.eval_every`
       updates and at the end.
@@ -215,7 +218,9 @@ def fit(
         stop_batch = min(stop_batch, max(start_batch, stop_at // upb))
     resets = run.resets_state if train_resets is None else train_resets
     ckpt_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
-    step_fn = make_train_step(optimizer, update_len=run.update_len, mesh=mesh)
+    step_fn = make_train_step(
+        optimizer, update_len=run.update_len, mesh=mesh, doc_masking=run.doc_masking
+    )
     history: list[dict[str, Any]] = []
     ts = train_state
     state: dict[str, Any] = dict(validation=None, checkpoint=None)

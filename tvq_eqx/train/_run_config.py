@@ -92,6 +92,8 @@ class RunConfig:
     """Nucleus mass for sampling, in (0, 1]."""
     seed: int = 0
     """Seed of the parameters, dropout and data order."""
+    doc_masking: bool = False
+    """Mask packed documents: attention stays inside each document of a row (the batches' doc_starts reach loss_fn). Off by default, as the official code, which packs documents without masking them."""
 
     def __post_init__(self):
         for name, cls in (
@@ -146,6 +148,12 @@ class RunConfig:
             )
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"RunConfig.top_p must be in (0, 1]; got {self.top_p!r}")
+        if not isinstance(self.doc_masking, bool):
+            raise ValueError(
+                f"RunConfig.doc_masking must be a bool; got {self.doc_masking!r}"
+            )
+        if self.doc_masking:
+            check_doc_masking(self.model)
         if self.data.kind in ("bytes", "images") and self.model.n_vocab < 256:
             raise ValueError(
                 f"{self.data.kind} data needs n_vocab >= 256; got {self.model.n_vocab}"
@@ -191,6 +199,37 @@ class RunConfig:
         unknown keys raise a `ValueError` naming them; a TOML file's tables)."""
         _check_keys(type(self), changes, "")
         return self.replace(**changes)
+
+
+def check_doc_masking(model: TransformerConfig, *, resolve: bool = False) -> None:
+    """`ValueError` unless a model of config `model` can mask packed documents
+    (`doc_masking`): attention `"vq"`, `"window"` or `"block_window"`, on the
+    xla implementation (the Pallas kernels do not mask documents yet).
+    `resolve`: also resolve `implementation=None` to this machine's default
+    (pallas on GPU/TPU); left unresolved for a config that may be loaded
+    elsewhere."""
+    if model.attention == "full":
+        raise ValueError(
+            "doc_masking (packed documents) needs model.attention 'vq', "
+            "'window' or 'block_window'; attention='full' (the softmax "
+            "baseline) cannot mask documents"
+        )
+    impl = model.implementation
+    if impl is None and resolve:
+        from ..ops import default_implementation
+
+        impl = default_implementation()
+        if impl == "pallas":
+            raise ValueError(
+                "doc_masking (packed documents) runs on the xla implementation; "
+                "this machine's default is pallas: set model.implementation="
+                "'xla' (--model.implementation xla)"
+            )
+    if impl == "pallas":
+        raise ValueError(
+            "doc_masking (packed documents) runs on model.implementation 'xla'; "
+            "the Pallas kernels do not mask documents yet"
+        )
 
 
 def _nested_changes(obj: Any, changes: dict[str, Any]) -> dict[str, Any]:

@@ -19,9 +19,12 @@ from jaxtyping import Array, Bool, Int, PRNGKeyArray, UInt32
 from ..loss import loss_fn
 from ..nn import Transformer, TransformerState
 from ._optimizer import CODEBOOK, param_labels
+from ._run_config import check_doc_masking
 
 Batch = Mapping[str, Any]
 _BATCH_KEYS = ("inputs", "targets", "loss_mask")
+# With document masking on, also the streams' packed-document starts.
+_DOC_KEY = "doc_starts"
 # Metrics that add up over update segments (everything else is averaged).
 _SUMMED = ("lm_loss_sum", "token_count")
 DATA_AXIS = "data"
@@ -71,13 +74,36 @@ def init_train_state(
     )
 
 
-def _check_batch(batch: Batch, *, segment_len: int, block_len: int, what: str) -> None:
+def _batch_keys(doc_masking: bool) -> tuple[str, ...]:
+    """The batch entries the steps use (everything else is dropped)."""
+    return (*_BATCH_KEYS, _DOC_KEY) if doc_masking else _BATCH_KEYS
+
+
+def _check_batch(
+    batch: Batch,
+    *,
+    segment_len: int,
+    block_len: int,
+    what: str,
+    doc_masking: bool = False,
+) -> None:
     missing = [k for k in _BATCH_KEYS if k not in batch]
     if missing:
         raise ValueError(f"{what} batch is missing {missing}")
+    if doc_masking and _DOC_KEY not in batch:
+        raise ValueError(
+            f"{what} batch is missing 'doc_starts' (bool [batch, seq], True "
+            "where a packed document starts), which doc_masking=True needs; "
+            "the tvq_eqx.data streams give it"
+        )
     shape = tuple(batch["inputs"].shape)
     if len(shape) != 2:
         raise ValueError(f"{what} batch['inputs'] must be [batch, seq]; got {shape}")
+    if doc_masking and tuple(batch[_DOC_KEY].shape) != shape:
+        raise ValueError(
+            f"{what} batch['doc_starts'] must have the shape of batch['inputs'] "
+            f"{shape}; got {tuple(batch[_DOC_KEY].shape)}"
+        )
     if segment_len % block_len != 0:
         raise ValueError(
             f"{what}: segment length {segment_len} must be a multiple of "
@@ -91,15 +117,20 @@ def _check_batch(batch: Batch, *, segment_len: int, block_len: int, what: str) -
         )
 
 
-def _segments(batch: Batch, segment_len: int) -> dict[str, Array]:
-    """[B, T] -> [T / segment_len, B, segment_len] for the scan."""
+def _segments(
+    batch: Batch, segment_len: int, *, doc_masking: bool = False
+) -> dict[str, Array]:
+    """[B, T] -> [T / segment_len, B, segment_len] for the scan. With
+    `doc_masking`, `doc_starts` is cut the same way: a segment's first tokens
+    continue the carried state's document unless marked, so the slices of
+    the batch's marks mean what the whole does."""
 
     def split(x):
         x = jnp.asarray(x)
         b, t = x.shape
         return jnp.swapaxes(x.reshape(b, t // segment_len, segment_len), 0, 1)
 
-    return {k: split(batch[k]) for k in _BATCH_KEYS}
+    return {k: split(batch[k]) for k in _batch_keys(doc_masking)}
 
 
 def _select_state(reset: Bool[Array, ""], fresh, state):
@@ -125,6 +156,7 @@ def train_step(
     optimizer: optax.GradientTransformation,
     update_len: int,
     reset: Bool[Array, ""] | bool = False,
+    doc_masking: bool = False,
 ) -> tuple[TrainState, dict[str, Array]]:
     """One batch of training: `seq / update_len` optimizer updates.
 
@@ -137,7 +169,10 @@ def train_step(
     carries the attention state (with no gradient through it) to the next
     segment, as the official `update_len` does. `reset` (scalar bool) starts
     from an empty attention state instead of `train_state.attn_state` (a new
-    stream, e.g. a new epoch).
+    stream, e.g. a new epoch). `doc_masking` passes the batch's `doc_starts`
+    (bool `[B, seq]`, required then) to `loss_fn`, so attention stays inside
+    each packed document; off (default, official), the batch reaching
+    `loss_fn` has no `doc_starts`.
 
     Pure and un-jitted; `make_train_step` gives the jitted, donating,
     optionally sharded version.
@@ -150,7 +185,15 @@ def train_step(
     """
     model = train_state.model
     c = model.config
-    _check_batch(batch, segment_len=update_len, block_len=c.block_len, what="train")
+    _check_batch(
+        batch,
+        segment_len=update_len,
+        block_len=c.block_len,
+        what="train",
+        doc_masking=doc_masking,
+    )
+    if doc_masking:
+        check_doc_masking(c)
     params, static = eqx.partition(model, eqx.is_inexact_array)
     b = batch["inputs"].shape[0]
     attn = _select_state(
@@ -185,7 +228,7 @@ def train_step(
 
     init = (params, train_state.opt_state, attn, rng)
     (params, opt_state, attn, rng), metrics = jax.lax.scan(
-        body, init, _segments(batch, update_len)
+        body, init, _segments(batch, update_len, doc_masking=doc_masking)
     )
     n_update = batch["inputs"].shape[1] // update_len
     new_state = TrainState(
@@ -211,18 +254,29 @@ def eval_step(
     *,
     segment_len: int,
     reset: Bool[Array, ""] | bool = False,
+    doc_masking: bool = False,
 ) -> tuple[TransformerState, dict[str, Array]]:
     """Summed LM loss over a batch, scanning segments with the carried state.
 
     No dropout, no parameter change. `segment_len` (a multiple of `block_len`
     dividing `seq`) bounds memory: only `[B, segment_len, n_vocab]`
     log-probabilities exist at a time. `reset` starts from an empty state.
+    `doc_masking` passes the batch's `doc_starts` to `loss_fn`, as in
+    `train_step`.
 
     **Returns:** the new attention state and `{"lm_loss_sum": nats,
     "token_count": masked-in targets}` (float32 sums).
     """
     c = model.config
-    _check_batch(batch, segment_len=segment_len, block_len=c.block_len, what="eval")
+    _check_batch(
+        batch,
+        segment_len=segment_len,
+        block_len=c.block_len,
+        what="eval",
+        doc_masking=doc_masking,
+    )
+    if doc_masking:
+        check_doc_masking(c)
     b = batch["inputs"].shape[0]
     attn = _select_state(jnp.asarray(reset), model.init_state(b), attn_state)
 
@@ -232,7 +286,9 @@ def eval_step(
         out = dict(lm_loss_sum=m["lm_loss_sum"], token_count=m["token_count"])
         return aux["state"], out
 
-    attn, sums = jax.lax.scan(body, attn, _segments(batch, segment_len))
+    attn, sums = jax.lax.scan(
+        body, attn, _segments(batch, segment_len, doc_masking=doc_masking)
+    )
     return attn, jax.tree.map(lambda x: jnp.sum(x, axis=0), sums)
 
 
@@ -295,12 +351,18 @@ def _check_divisible(batch_size: int, mesh: Mesh) -> None:
         )
 
 
-def shard_batch(batch: Batch, mesh: Mesh) -> dict[str, Array]:
+def shard_batch(
+    batch: Batch, mesh: Mesh, *, doc_masking: bool = False
+) -> dict[str, Array]:
     """Put a host batch (numpy, identical on every host) on the mesh, split
-    along the batch axis. Works across hosts: each host supplies only its
-    addressable shards."""
+    along the batch axis: `inputs`, `targets`, `loss_mask`, and with
+    `doc_masking` `doc_starts` (other entries are dropped). Works across
+    hosts: each host supplies only its addressable shards."""
+    missing = [k for k in _batch_keys(doc_masking) if k not in batch]
+    if missing:
+        raise ValueError(f"batch is missing {missing} (doc_masking={doc_masking})")
     out = {}
-    for k in _BATCH_KEYS:
+    for k in _batch_keys(doc_masking):
         x = np.asarray(batch[k])
         _check_divisible(x.shape[0], mesh)
         out[k] = jax.make_array_from_callback(
@@ -334,11 +396,16 @@ def _constrain(ts: TrainState, mesh: Mesh | None) -> TrainState:
     return eqx.tree_at(lambda t: t.attn_state, ts, attn)
 
 
-def _train_inner(batch, train_state, optimizer, update_len, mesh):
+def _train_inner(batch, train_state, optimizer, update_len, mesh, doc_masking):
     reset = batch["reset"]
-    batch = {k: batch[k] for k in _BATCH_KEYS}
+    batch = {k: v for k, v in batch.items() if k != "reset"}
     new, metrics = train_step(
-        train_state, batch, optimizer=optimizer, update_len=update_len, reset=reset
+        train_state,
+        batch,
+        optimizer=optimizer,
+        update_len=update_len,
+        reset=reset,
+        doc_masking=doc_masking,
     )
     return _constrain(new, mesh), metrics
 
@@ -349,10 +416,13 @@ _train_donating = eqx.filter_jit(_train_inner, donate="all-except-first")
 _train_keeping = eqx.filter_jit(_train_inner)
 
 
-def _place(batch: Batch, mesh: Mesh | None) -> dict[str, Array]:
-    if mesh is not None:
-        return shard_batch(batch, mesh)
-    return {k: jnp.asarray(batch[k]) for k in _BATCH_KEYS}
+def _place(batch: Batch, mesh: Mesh | None, doc_masking: bool) -> dict[str, Array]:
+    """The batch entries the steps use, on the device(s); a missing one is
+    named by `_check_batch` in the step."""
+    keys = [k for k in _batch_keys(doc_masking) if k in batch]
+    if mesh is not None and len(keys) == len(_batch_keys(doc_masking)):
+        return shard_batch(batch, mesh, doc_masking=doc_masking)
+    return {k: jnp.asarray(batch[k]) for k in keys}
 
 
 def make_train_step(
@@ -361,6 +431,7 @@ def make_train_step(
     update_len: int,
     mesh: Mesh | None = None,
     donate: bool = True,
+    doc_masking: bool = False,
 ) -> Callable[..., tuple[TrainState, dict[str, Array]]]:
     """`train_step` compiled with `eqx.filter_jit`.
 
@@ -371,23 +442,31 @@ def make_train_step(
     (attention state split by batch): XLA inserts the cross-device sums, so
     gradients and the codebook statistics are global and every device holds
     the same parameters and codebook. Pass host (numpy) batches; they are
-    placed with `shard_batch`.
+    placed with `shard_batch`. `doc_masking`: the batch's `doc_starts` reach
+    `loss_fn` (see `train_step`); off, they are dropped.
     """
     jitted = _train_donating if donate else _train_keeping
 
     def step(train_state: TrainState, batch: Batch, *, reset: bool = False):
-        placed = _place(batch, mesh)
+        if doc_masking:
+            check_doc_masking(train_state.model.config, resolve=True)
+        placed = _place(batch, mesh, doc_masking)
         placed["reset"] = jnp.asarray(reset, dtype=bool)
         with _mesh_context(mesh):
-            return jitted(placed, train_state, optimizer, update_len, mesh)
+            return jitted(placed, train_state, optimizer, update_len, mesh, doc_masking)
 
     return step
 
 
 @eqx.filter_jit
-def _eval_jitted(model, attn_state, batch, reset, segment_len, mesh):
+def _eval_jitted(model, attn_state, batch, reset, segment_len, mesh, doc_masking):
     new, sums = eval_step(
-        model, attn_state, batch, segment_len=segment_len, reset=reset
+        model,
+        attn_state,
+        batch,
+        segment_len=segment_len,
+        reset=reset,
+        doc_masking=doc_masking,
     )
     if mesh is not None:
         new = jax.lax.with_sharding_constraint(new, _attn_shardings(new, mesh))
@@ -395,16 +474,19 @@ def _eval_jitted(model, attn_state, batch, reset, segment_len, mesh):
 
 
 def make_eval_step(
-    *, segment_len: int, mesh: Mesh | None = None
+    *, segment_len: int, mesh: Mesh | None = None, doc_masking: bool = False
 ) -> Callable[..., tuple[TransformerState, dict[str, Array]]]:
     """`eval_step` compiled with `eqx.filter_jit`; with `mesh`, the batch and
-    attention state are split over devices (sums are global).
+    attention state are split over devices (sums are global); `doc_masking`
+    as in `eval_step`.
 
     Returns `step(model, attn_state, batch, *, reset=False)`.
     """
 
     def step(model, attn_state, batch, *, reset: bool = False):
-        placed = _place(batch, mesh)
+        if doc_masking:
+            check_doc_masking(model.config, resolve=True)
+        placed = _place(batch, mesh, doc_masking)
         with _mesh_context(mesh):
             return _eval_jitted(
                 model,
@@ -413,6 +495,7 @@ def make_eval_step(
                 jnp.asarray(reset, dtype=bool),
                 segment_len,
                 mesh,
+                doc_masking,
             )
 
     return step
@@ -426,6 +509,7 @@ def evaluate(
     mesh: Mesh | None = None,
     resets: Iterable[bool] | None = None,
     progress: Callable[[Iterable], Iterable] | None = None,
+    doc_masking: bool = False,
 ) -> dict[str, float]:
     """Log-likelihood of a whole stream of batches with the carried state.
 
@@ -433,13 +517,15 @@ def evaluate(
     `repeat=False`): the attention state flows from each batch into the next,
     so every token sees its whole history, however long the stream. The state
     starts empty; `resets` (one bool per batch) may restart it.
+    `doc_masking`: attention stays inside the packed documents the batches'
+    `doc_starts` mark (see `train_step`).
 
     **Returns:** `{"lm_loss_sum", "token_count", "nats_per_token",
     "bits_per_token", "perplexity", "batches"}` (Python floats). For byte-level
     data `bits_per_token` is bits per byte: `lm_loss_sum / (tokens ln 2)`.
     """
     segment_len = model.config.block_len if segment_len is None else segment_len
-    step = make_eval_step(segment_len=segment_len, mesh=mesh)
+    step = make_eval_step(segment_len=segment_len, mesh=mesh, doc_masking=doc_masking)
     total, count, n = 0.0, 0.0, 0
     attn = None
     resets_it = iter(resets) if resets is not None else None
