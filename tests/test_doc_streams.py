@@ -322,7 +322,6 @@ def test_flag_is_parsed_and_saved_with_the_run(tmp_path, capsys):
     "changes, message",
     [
         (dict(model=dict(attention="full")), "attention='full'"),
-        (dict(model=dict(implementation="pallas")), "Pallas kernels"),
         (dict(doc_masking=1), "must be a bool"),
     ],
 )

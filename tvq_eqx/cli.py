@@ -471,7 +471,7 @@ def _check_doc_masking(doc_masking: bool, model_config) -> None:
     (the implementation resolved on this machine): else a usage error."""
     if doc_masking:
         try:
-            check_doc_masking(model_config, resolve=True)
+            check_doc_masking(model_config)
         except ValueError as e:
             raise UsageError(f"--doc-masking: {e}") from None
 

@@ -201,34 +201,15 @@ class RunConfig:
         return self.replace(**changes)
 
 
-def check_doc_masking(model: TransformerConfig, *, resolve: bool = False) -> None:
+def check_doc_masking(model: TransformerConfig) -> None:
     """`ValueError` unless a model of config `model` can mask packed documents
-    (`doc_masking`): attention `"vq"`, `"window"` or `"block_window"`, on the
-    xla implementation (the Pallas kernels do not mask documents yet).
-    `resolve`: also resolve `implementation=None` to this machine's default
-    (pallas on GPU/TPU); left unresolved for a config that may be loaded
-    elsewhere."""
+    (`doc_masking`): attention `"vq"`, `"window"` or `"block_window"` (every
+    implementation, context parallelism included)."""
     if model.attention == "full":
         raise ValueError(
             "doc_masking (packed documents) needs model.attention 'vq', "
             "'window' or 'block_window'; attention='full' (the softmax "
             "baseline) cannot mask documents"
-        )
-    impl = model.implementation
-    if impl is None and resolve:
-        from ..ops import default_implementation
-
-        impl = default_implementation()
-        if impl == "pallas":
-            raise ValueError(
-                "doc_masking (packed documents) runs on the xla implementation; "
-                "this machine's default is pallas: set model.implementation="
-                "'xla' (--model.implementation xla)"
-            )
-    if impl == "pallas":
-        raise ValueError(
-            "doc_masking (packed documents) runs on model.implementation 'xla'; "
-            "the Pallas kernels do not mask documents yet"
         )
 
 

@@ -449,7 +449,7 @@ def make_train_step(
 
     def step(train_state: TrainState, batch: Batch, *, reset: bool = False):
         if doc_masking:
-            check_doc_masking(train_state.model.config, resolve=True)
+            check_doc_masking(train_state.model.config)
         placed = _place(batch, mesh, doc_masking)
         placed["reset"] = jnp.asarray(reset, dtype=bool)
         with _mesh_context(mesh):
@@ -485,7 +485,7 @@ def make_eval_step(
 
     def step(model, attn_state, batch, *, reset: bool = False):
         if doc_masking:
-            check_doc_masking(model.config, resolve=True)
+            check_doc_masking(model.config)
         placed = _place(batch, mesh, doc_masking)
         with _mesh_context(mesh):
             return _eval_jitted(
