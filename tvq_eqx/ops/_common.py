@@ -99,6 +99,28 @@ class VQAttentionState(eqx.Module):
             cache_mean=jnp.zeros((batch_size, heads, codes, d_v), cache_dtype(dtype)),
         )
 
+    @classmethod
+    def empty_for(
+        cls,
+        key: Float[Array, "batch seq heads d_k"],
+        value: Float[Array, "batch seq heads d_v"],
+        codebook: Float[Array, "heads codes d_k"],
+        *,
+        mem_len: int,
+    ) -> VQAttentionState:
+        """`empty` sized and typed for the inputs of an attention call."""
+        b, _, h, d_k = key.shape
+        return cls.empty(
+            b,
+            mem_len=mem_len,
+            heads=h,
+            codes=codebook.shape[1],
+            d_k=d_k,
+            d_v=value.shape[-1],
+            dtype=value.dtype,
+            key_dtype=key.dtype,
+        )
+
 
 def cache_dtype(dtype):
     """dtype of the carried cache means: float32, or `dtype` if wider."""

@@ -46,20 +46,6 @@ from ._dispatch import vq_attention_with_state
 from ._xla import block_prefix, block_sums, fresh_cache, last_doc_start
 
 
-def _empty_state(query, key, value, codebook, mem_len) -> VQAttentionState:
-    b, _, h, d_k = key.shape
-    return VQAttentionState.empty(
-        b,
-        mem_len=mem_len,
-        heads=h,
-        codes=codebook.shape[1],
-        d_k=d_k,
-        d_v=value.shape[-1],
-        dtype=value.dtype,
-        key_dtype=key.dtype,
-    )
-
-
 def _chunk_map(code, value, valid, last_start, *, c, n_code, block_len, decay):
     """What a chunk does to the cache before it: `after = a * before + delta`.
 
@@ -141,7 +127,7 @@ def vq_attention_context_parallel(
             f"a multiple of block_len={block_len} and at least mem_len={mem_len}"
         )
     if state is None:
-        state = _empty_state(query, key, value, codebook, mem_len)
+        state = VQAttentionState.empty_for(key, value, codebook, mem_len=mem_len)
     n_dev = jax.lax.axis_size(axis_name)
     dev = jax.lax.axis_index(axis_name)
     n_code = codebook.shape[1]
@@ -271,9 +257,9 @@ def vq_attention_sharded(
             f"into {n} equal chunks (mesh axis {seq_axis!r})"
         )
     if state is None:
-        state = _empty_state(
-            query, key, value, codebook,
-            resolve_mem_len(mem_len, None, as_int("block_len", block_len, 1)),
+        state = VQAttentionState.empty_for(
+            key, value, codebook,
+            mem_len=resolve_mem_len(mem_len, None, as_int("block_len", block_len, 1)),
         )  # fmt: skip
     seq = P(batch_axis, seq_axis)
     rows = P(batch_axis)

@@ -353,20 +353,10 @@ def vq_attention_with_state(
 def _empty_segment(query, key, value, codebook, state, *, mem_len):
     """Output and state of a zero-length segment: `[batch, 0, heads, d_v]`
     and the incoming state (an empty one for None), cache in float32."""
-    b, _, h, d_k = query.shape
-    d_v = value.shape[-1]
-    out = jnp.zeros((b, 0, h, d_v), value.dtype)
+    b, _, h, _ = query.shape
+    out = jnp.zeros((b, 0, h, value.shape[-1]), value.dtype)
     if state is None:
-        state = VQAttentionState.empty(
-            b,
-            mem_len=mem_len,
-            heads=h,
-            codes=codebook.shape[1],
-            d_k=d_k,
-            d_v=d_v,
-            dtype=value.dtype,
-            key_dtype=key.dtype,
-        )
+        state = VQAttentionState.empty_for(key, value, codebook, mem_len=mem_len)
     mean = state.cache_mean
     state = eqx.tree_at(
         lambda s: (s.cache_count, s.cache_mean),

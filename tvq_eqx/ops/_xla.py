@@ -299,18 +299,10 @@ def prologue(
     window (an empty state for `state=None`, window `mem_len`, default
     `block_len`) and sum the cache of every block: the shared first step of
     the xla and pallas forms."""
-    b, _, h, d_k = key.shape
     n_code = codebook.shape[1]
     if state is None:
-        state = VQAttentionState.empty(
-            b,
-            mem_len=block_len if mem_len is None else mem_len,
-            heads=h,
-            codes=n_code,
-            d_k=d_k,
-            d_v=value.shape[-1],
-            dtype=value.dtype,
-            key_dtype=key.dtype,
+        state = VQAttentionState.empty_for(
+            key, value, codebook, mem_len=block_len if mem_len is None else mem_len
         )
     codes = quantize(key, codebook)  # [B, T, H]
     codebook = sg(codebook).astype(key.dtype)
