@@ -7,6 +7,7 @@ import functools
 import math
 import numbers
 import operator
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -43,109 +44,42 @@ def _dv(st, p_win, dout, v_ext):
     return _bwd.dkv_call(st, "dv", p_win, dout, v_ext)
 
 
+# The kernels' operands, in their order (`vq_attention_core`'s arguments): the
+# custom_vjp passes them as one tuple, the backward names them.
+class Operands(NamedTuple):
+    q: Any
+    k_ext: Any
+    v_ext: Any
+    prev_valid: Any
+    codebook: Any
+    cache_bias: Any
+    cache_mean: Any
+    window_bias: Any
+    key_from: Any
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _core(
-    st: Static,
-    q,
-    k_ext,
-    v_ext,
-    prev_valid,
-    codebook,
-    cache_bias,
-    cache_mean,
-    window_bias,
-    key_from,
-):
-    out, _ = _forward(
-        st,
-        q,
-        k_ext,
-        v_ext,
-        prev_valid,
-        codebook,
-        cache_bias,
-        cache_mean,
-        window_bias,
-        key_from,
-    )
+def _core(st: Static, *operands):
+    out, _ = _forward(st, *operands)
     return out
 
 
-def _core_fwd(
-    st,
-    q,
-    k_ext,
-    v_ext,
-    prev_valid,
-    codebook,
-    cache_bias,
-    cache_mean,
-    window_bias,
-    key_from,
-):
-    out, lse = _forward(
-        st,
-        q,
-        k_ext,
-        v_ext,
-        prev_valid,
-        codebook,
-        cache_bias,
-        cache_mean,
-        window_bias,
-        key_from,
-    )
-    return out, (
-        q,
-        k_ext,
-        v_ext,
-        prev_valid,
-        codebook,
-        cache_bias,
-        cache_mean,
-        window_bias,
-        key_from,
-        out,
-        lse,
-    )
+def _core_fwd(st, *operands):
+    out, lse = _forward(st, *operands)
+    return out, (operands, out, lse)
 
 
 def _core_bwd(st, res, dout):
-    (
-        q,
-        k_ext,
-        v_ext,
-        prev_valid,
-        codebook,
-        cache_bias,
-        cache_mean,
-        window_bias,
-        key_from,
-        out,
-        lse,
-    ) = res
+    operands, out, lse = res
+    q, k_ext, v_ext, prev_valid, codebook, cache_bias, cache_mean, _, _ = Operands(
+        *operands
+    )
     dout = dout.astype(v_ext.dtype)
     delta = jnp.sum(
         out.astype(jnp.float32) * dout.astype(jnp.float32), axis=-1, keepdims=True
     )  # [B, H, T, 1]
     dq, p_win, ds_win, p_code, dwindow_bias = batch_head_call(
-        _bwd.ds_call,
-        st,
-        (
-            q,
-            k_ext,
-            v_ext,
-            prev_valid,
-            codebook,
-            cache_bias,
-            cache_mean,
-            window_bias,
-            key_from,
-            dout,
-            lse,
-            delta,
-        ),
-        head_args=(4,),
+        _bwd.ds_call, st, (*operands, dout, lse, delta), head_args=(4,)
     )
     dk = batch_head_call(_dk, st, (ds_win, q, k_ext))
     dv = batch_head_call(_dv, st, (p_win, dout, v_ext))
