@@ -580,16 +580,22 @@ def test_fit_interrupt_checkpoints_and_resume_equals_uninterrupted(tmp_path):
 
 
 def test_fit_sigint_finishes_the_batch_saves_and_returns(tmp_path):
-    run = FIT_RUN
-    stream, val = _fit_streams(run)
-    res = train.fit(train.new_train_state(run), run, stream, eval_stream=val,
-                    checkpoint_dir=tmp_path, callbacks=[_Interrupt(2, how="signal")])  # fmt: skip
-    assert res.status == "interrupted" and res.step == 2
-    assert train.read_meta(tmp_path)["step"] == 2
-    # The handler is gone again: the default one raises KeyboardInterrupt.
     import signal
 
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    run = FIT_RUN
+    stream, val = _fit_streams(run)
+    # Python's own handler, whatever this process inherited (a process started
+    # in the background of a shell ignores SIGINT).
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        res = train.fit(train.new_train_state(run), run, stream, eval_stream=val,
+                        checkpoint_dir=tmp_path, callbacks=[_Interrupt(2, how="signal")])  # fmt: skip
+        # fit's handler is gone again: the one before it is back.
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, inherited)
+    assert res.status == "interrupted" and res.step == 2
+    assert train.read_meta(tmp_path)["step"] == 2
 
 
 def test_fit_stop_at_and_stop_training(tmp_path):
