@@ -10,16 +10,20 @@ in one run. Writes benchmarks/results/documents-<tag>.md.
 from __future__ import annotations
 
 import argparse
-import time
+import functools
+import sys
 import warnings
 from pathlib import Path
 
 warnings.filterwarnings("ignore", message=".*Pallas Triton backend is deprecated.*")
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from benchmarks import _common as C  # noqa: E402
 from tvq_eqx.ops import vq_attention_xla  # noqa: E402
 from tvq_eqx.ops._pallas import vq_attention_pallas  # noqa: E402
 
@@ -51,16 +55,6 @@ def _gradient_step(fn, codebook, block_len, scale, doc_starts):
     return jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))
 
 
-def _best_time(step, arrays, reps):
-    jax.block_until_ready(step(*arrays))  # compile
-    best = float("inf")
-    for _ in range(reps):
-        start = time.perf_counter()
-        jax.block_until_ready(step(*arrays))
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
 def main(argv=None):
     gpu = jax.default_backend() != "cpu"
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -90,31 +84,32 @@ def main(argv=None):
             forms[name], codebook, args.block_len, args.d_k**-0.5,
             starts if docs else None,
         )  # fmt: skip
-        times[name, docs] = _best_time(step, arrays, args.reps)
+        times[name, docs] = min(
+            C.time_calls(functools.partial(step, *arrays), reps=args.reps)
+        )
         print(f"{name:6s} documents={docs!s:5s} {1e3 * times[name, docs]:9.2f} ms")
     base = times["pallas", False]
-    device = jax.devices()[0].device_kind
-    lines = [
-        f"# Packed documents: cost ({device})",
-        "",
-        "Forward+backward (gradients of q, k, v and the relative-bias inputs) of "
-        f"B {args.batch}, T {args.seq_len}, heads {args.heads}, d_k {args.d_k}, "
-        f"d_v {args.d_v}, codes {args.codes}, block {args.block_len}, {args.dtype}, "
-        f"{int(starts.sum())} document starts; best of {args.reps} after compile, "
-        "all rows in one run."
-        + ("" if gpu else " CPU: pallas runs in interpret mode (not a speed figure)."),
-        "",
-        "| form | documents | time (ms) | vs pallas without documents |",
-        "|---|---|---:|---:|",
-    ]
-    for name, docs in rows:
-        t = times[name, docs]
-        lines.append(
-            f"| {name} | {'yes' if docs else 'no'} | {1e3 * t:.2f} | {t / base:.2f} |"
-        )
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"documents-{args.device_tag}.md"
-    out.write_text("\n".join(lines) + "\n")
+    lines = C.header_lines(
+        "Packed documents: cost",
+        C.command_line(),
+        [
+            "forward+backward (gradients of q, k, v and the relative-bias "
+            f"inputs) of B {args.batch}, T {args.seq_len}, heads {args.heads}, "
+            f"d_k {args.d_k}, d_v {args.d_v}, codes {args.codes}, block "
+            f"{args.block_len}, {args.dtype}, {int(starts.sum())} document "
+            f"starts; best of {args.reps} after compile, all rows in one run"
+            + ("" if gpu else "; CPU: pallas in interpret mode (not a speed figure)"),
+        ],
+    )
+    lines += C.markdown_table(
+        ["form", "documents", "time (ms)", "vs pallas without documents"],
+        [
+            (name, "yes" if docs else "no", f"{1e3 * t:.2f}", f"{t / base:.2f}")
+            for (name, docs), t in times.items()
+        ],
+        align="llrr",
+    )
+    out = C.write_text(RESULTS / f"documents-{args.device_tag}.md", lines)
     print(f"wrote {out}")
 
 

@@ -111,6 +111,8 @@ def _ds_kernel(
     lse = lse_ref[...]  # [bq, 1]
     delta = delta_ref[...]  # [bq, 1]
     key_from = None if key_from_ref is None else key_from_ref[...]  # [bq, 1]
+    # Packed documents: does the row's document reach back into the cache?
+    sees_cache = None if key_from is None else key_from < 0  # [bq, 1]
 
     def p_ds(s, v_ref, keys, n_keys):
         p = jnp.exp(s - lse)
@@ -129,8 +131,8 @@ def _ds_kernel(
             sl = tile(j, bc)
             c = codebook_ref[sl, :]
             s = st.scale * dot_nt(q, c, prec) + cache_bias_ref[:, sl]
-            if key_from is not None:
-                s = jnp.where(key_from < 0, s, MASK_VALUE)
+            if sees_cache is not None:
+                s = jnp.where(sees_cache, s, MASK_VALUE)
             p, ds = p_ds(s, cache_mean_ref, sl, bc)
             if p_code_ref is not None:
                 p_code_ref[:, sl] = p.astype(p_code_ref.dtype)

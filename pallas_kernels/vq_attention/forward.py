@@ -86,6 +86,8 @@ def _fwd_kernel(
     r0 = (qi % q_per_blk) * bq
     q = q_ref[...]  # [bq, K]
     key_from = None if key_from_ref is None else key_from_ref[...]  # [bq, 1]
+    # Packed documents: does the row's document reach back into the cache?
+    sees_cache = None if key_from is None else key_from < 0  # [bq, 1]
 
     carry = (
         jnp.full((bq, 1), MASK_VALUE, jnp.float32),
@@ -99,8 +101,8 @@ def _fwd_kernel(
             sl = tile(j, bc)
             s = st.scale * dot_nt(q, codebook_ref[sl, :], prec)
             s = s + cache_bias_ref[:, sl]
-            if key_from is not None:
-                s = jnp.where(key_from < 0, s, MASK_VALUE)
+            if sees_cache is not None:
+                s = jnp.where(sees_cache, s, MASK_VALUE)
             return _online_update(carry, s, cache_mean_ref[sl, :], prec)
 
         carry = fori(0, t.codes // bc, code_step, carry)

@@ -61,6 +61,7 @@ def _forward(
     state,
     rel_query,
     rel_table,
+    doc_starts,
     *,
     block_len,
     scale,
@@ -71,7 +72,6 @@ def _forward(
     pallas: PallasConfig,
     window_len=None,
     cache_decay=1.0,
-    doc_starts=None,
 ):
     b, t, h, _ = query.shape
     n_code = codebook.shape[1]
@@ -167,20 +167,9 @@ def _document_key_from(last_start, length, block_len: int):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _xla_backward(
-    static, query, key, value, codebook, state, rel_query, rel_table, doc_starts
-):
-    return _forward(
-        query,
-        key,
-        value,
-        codebook,
-        state,
-        rel_query,
-        rel_table,
-        doc_starts=doc_starts,
-        **dict(static),
-    )
+def _xla_backward(static, *args):
+    """`_forward` (args as its positional ones), differentiated as the xla form."""
+    return _forward(*args, **dict(static))
 
 
 def _xla_backward_fwd(static, *args):
@@ -315,26 +304,7 @@ def vq_attention_pallas(
     if cache_decay != 1.0:
         # The kernels read the decayed cache's counts and means unchanged.
         static["cache_decay"] = float(cache_decay)
+    args = (query, key, value, codebook, state, rel_query, rel_table, doc_starts)
     if pallas.backward == "xla":
-        return _xla_backward(
-            tuple(sorted(static.items())),
-            query,
-            key,
-            value,
-            codebook,
-            state,
-            rel_query,
-            rel_table,
-            doc_starts,
-        )
-    return _forward(
-        query,
-        key,
-        value,
-        codebook,
-        state,
-        rel_query,
-        rel_table,
-        doc_starts=doc_starts,
-        **static,
-    )
+        return _xla_backward(tuple(sorted(static.items())), *args)
+    return _forward(*args, **static)

@@ -192,8 +192,6 @@ def train_step(
         what="train",
         doc_masking=doc_masking,
     )
-    if doc_masking:
-        check_doc_masking(c)
     params, static = eqx.partition(model, eqx.is_inexact_array)
     b = batch["inputs"].shape[0]
     attn = _select_state(
@@ -275,8 +273,6 @@ def eval_step(
         what="eval",
         doc_masking=doc_masking,
     )
-    if doc_masking:
-        check_doc_masking(c)
     b = batch["inputs"].shape[0]
     attn = _select_state(jnp.asarray(reset), model.init_state(b), attn_state)
 
