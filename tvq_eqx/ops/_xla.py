@@ -31,6 +31,7 @@ from ._common import (
     require_rel_table,
     straight_through,
 )
+from ._prefix import linear_recurrence, prefix_sum, running_max
 
 sg = jax.lax.stop_gradient
 
@@ -91,7 +92,7 @@ def last_doc_start(
     b, t = doc_starts.shape
     idx = mem_len + jnp.arange(t, dtype=jnp.int32)
     marked = jnp.where(doc_starts, idx[None, :], -1)
-    seg = jax.lax.cummax(marked, axis=1)
+    seg = running_max(marked)
     return jnp.concatenate([jnp.full((b, mem_len), -1, jnp.int32), seg], axis=1)
 
 
@@ -218,32 +219,19 @@ def block_prefix(x, total0, *, decay=1.0, reset=None):
     """`y_n = a_n y_(n-1) + x_n` over the blocks (axis 1 of `x`) from
     `y_(-1) = total0`, with `a_n = decay`, or 0 where block n starts a
     document (`reset`). Returns (`y_(n-1)` for every block n: what it reads,
-    the last `y`: what is carried)."""
+    the last `y`: what is carried). Linear in the number of blocks, forward
+    and backward, on every platform (`_prefix`)."""
     n_blk = x.shape[1]
     if decay == 1.0 and reset is None:
-        inclusive = jnp.cumsum(x, axis=1)
+        inclusive = prefix_sum(x)
         before = jnp.concatenate(
             [jnp.zeros_like(x[:, :1]), inclusive[:, : n_blk - 1]], 1
         )
         return total0[:, None] + before, total0 + inclusive[:, n_blk - 1]
-    # A linear recurrence, so an associative scan over (product of a,
-    # partial sum) pairs.
-    b_rows = x.shape[0]
-    a = jnp.full((b_rows, n_blk), decay, jnp.float32)
+    a = jnp.full(x.shape[:2], decay, jnp.float32)
     if reset is not None:
         a = jnp.where(reset, 0.0, a)
-    a0 = a[:, 0].reshape((b_rows,) + (1,) * (total0.ndim - 1))
-    x = x.at[:, 0].add(a0 * total0)
-
-    def combine(left, right):
-        a_l, x_l = left
-        a_r, x_r = right
-        a_r_x = a_r.reshape(a_r.shape + (1,) * (x_l.ndim - a_r.ndim))
-        return a_l * a_r, a_r_x * x_l + x_r
-
-    moved = jnp.moveaxis(x, 1, 0)  # scan over blocks on the leading axis
-    _, inclusive = jax.lax.associative_scan(combine, (a.T, moved))
-    inclusive = jnp.moveaxis(inclusive, 0, 1)
+    inclusive = linear_recurrence(a, x, total0)
     before = jnp.concatenate([total0[:, None], inclusive[:, : n_blk - 1]], 1)
     return before, inclusive[:, n_blk - 1]
 
