@@ -4,17 +4,23 @@
 #      official one included (forward, dq, dk, dv, rel grads, returned state);
 #      packed documents (doc_starts), a decayed cache and the sliding window
 #      included;
-#   2. what packed documents cost (benchmarks/documents.py: pallas and xla,
-#      with and without doc_starts) -> benchmarks/results/documents-gpu.md;
-#   3. the kernel benchmark (benchmarks/kernels.py), T up to 64k as time allows
-#      -> benchmarks/results/kernels-gpu-recheck.md;
+#   2. every part timed alone at the official shape, 8k / 32k / 128k, bf16
+#      (benchmarks/kernel_parts.py: prologue, each kernel, epilogue, fwd+bwd;
+#      TFLOP/s and GB/s; beside the xla form, cuDNN in 12 calls and its
+#      FLOP-normalised line, one dense call, tokamax if installed; device ops
+#      from jax.profiler) -> benchmarks/results/kernel-parts-gpu.md;
+#   3. with FULL=1 (beyond the 8 minutes): what packed documents cost
+#      (benchmarks/documents.py) -> documents-gpu.md, and the kernel benchmark
+#      (benchmarks/kernels.py) -> kernels-gpu-recheck.md;
 #   4. with TILE_SWEEP=1: a short tile sweep at the official shape
 #      (benchmarks/tile_sweep.py) -> benchmarks/results/tiles-gpu.md.
 # Needs a python with jax[cuda] preinstalled (no network); run from anywhere:
 #   bash benchmarks/gpu_check.sh            (PYTHON=... to pick the interpreter)
-# Output: benchmarks/results/kernels-gpu-check.md, documents-gpu.md,
-# kernels-gpu-recheck.md (tiles-gpu.md), also copied to $OUT when set (the device tool).
-# Time limits: 200 + 90 + 150 (+ 45) s of steps (each cut by `timeout`).
+# Output: benchmarks/results/kernels-gpu-check.md, kernel-parts-gpu.md
+# (documents-gpu.md, kernels-gpu-recheck.md, tiles-gpu.md), also copied to
+# $OUT when set (the device tool).
+# Time limits: 150 + 290 s of steps (FULL=1: + 90 + 150; TILE_SWEEP=1: + 45),
+# each cut by `timeout`.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if [[ -z "${PYTHON:-}" ]]; then
@@ -31,7 +37,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 "$PYTHON" -c "import jax; print('jax', jax.__version__, jax.devices())"
 
 echo "== 1. correctness on GPU (pallas vs xla)"
-timeout 200 "$PYTHON" - <<'EOF'
+timeout 150 "$PYTHON" - <<'EOF'
 import sys, time, warnings
 warnings.filterwarnings("ignore", message=".*Pallas Triton backend is deprecated.*")
 import jax, jax.numpy as jnp, numpy as np
@@ -122,17 +128,23 @@ EOF
 check=$?
 echo "correctness exit code: $check"
 
-echo "== 2. packed documents: cost"
-timeout 90 "$PYTHON" benchmarks/documents.py --device-tag gpu
-echo "documents exit code: $?"
-
-echo "== 3. benchmark"
-timeout 150 "$PYTHON" -W "ignore:The Pallas Triton backend is deprecated:DeprecationWarning" \
-  benchmarks/kernels.py --device-tag gpu \
-  --seq-lens 1024,4096,16384,65536 --quadratic-max 16384 --out benchmarks/results/kernels-gpu-recheck.md \
-  --reps 3 --min-time 0.2
+echo "== 2. every part alone, beside the baselines"
+timeout 290 "$PYTHON" benchmarks/kernel_parts.py --seq-lens 8192,32768,131072 \
+  --profile --profile-seq-lens 8192,32768,131072 --budget-s 200
 bench=$?
-echo "benchmark exit code: $bench (124 = timed out; the table holds the shapes finished)"
+echo "kernel parts exit code: $bench (124 = timed out; the file holds the lengths finished)"
+
+if [[ "${FULL:-0}" == 1 ]]; then
+  echo "== 3a. packed documents: cost"
+  timeout 90 "$PYTHON" benchmarks/documents.py --device-tag gpu
+  echo "documents exit code: $?"
+  echo "== 3b. kernel benchmark"
+  timeout 150 "$PYTHON" -W "ignore:The Pallas Triton backend is deprecated:DeprecationWarning" \
+    benchmarks/kernels.py --device-tag gpu \
+    --seq-lens 1024,4096,16384,65536 --quadratic-max 16384 --out benchmarks/results/kernels-gpu-recheck.md \
+    --reps 3 --min-time 0.2
+  echo "kernel benchmark exit code: $?"
+fi
 
 if [[ "${TILE_SWEEP:-0}" == 1 ]]; then
   echo "== 4. tile sweep (official shape, T 16384, bf16)"
@@ -141,7 +153,8 @@ if [[ "${TILE_SWEEP:-0}" == 1 ]]; then
   echo "tile sweep exit code: $? (informational)"
 fi
 if [[ -n "${OUT:-}" ]]; then
-  cp benchmarks/results/kernels-gpu*.md benchmarks/results/documents-gpu.md "$OUT"/ 2>/dev/null
+  cp benchmarks/results/kernels-gpu*.md benchmarks/results/kernel-parts-gpu.md "$OUT"/ 2>/dev/null
+  cp benchmarks/results/documents-gpu.md "$OUT"/ 2>/dev/null || true
   cp benchmarks/results/tiles-gpu.md "$OUT"/ 2>/dev/null || true
 fi
 exit $(( check != 0 ? check : bench ))

@@ -193,3 +193,22 @@ def test_quality_gate_refuses_ratio(tmp_path):
     vq_win = next(ln for ln in lines if ln.startswith("| vq / window |"))
     assert C.CHECK_FAILED in vq_full and "0.8000" not in vq_full
     assert "0.5000" in vq_win
+
+
+def test_kernel_parts_smoke(tmp_path):
+    """Every part of the pallas path timed alone (interpret mode here), the
+    baselines beside it, and the check that the parts reproduce the op."""
+    from benchmarks import kernel_parts
+
+    out = tmp_path / "parts.md"
+    kernel_parts.main(
+        ["--micro", "--seq-lens", "32", "--reps", "1", "--min-time", "0",
+         "--out", str(out)]
+    )  # fmt: skip
+    text = out.read_text()
+    for part in ("prologue", "fwd", "dq", "dk", "dv", "dmean", "epilogue", "fwd+bwd"):
+        assert f"| {part} |" in text
+    assert "| xla form |" in text and "dense, one call (XLA)" in text
+    assert C.CHECK_FAILED not in text
+    errs = text.split("kernels' alone: ")[1].splitlines()[0]
+    assert all(float(e.split()[1]) < 1e-3 for e in errs.split(", ")), errs

@@ -237,8 +237,12 @@ def test_prefix_sum_matches_cumsum_forward_and_backward():
     w = jax.random.normal(keys[1], x.shape)
     for dtype in (jnp.float32, jnp.bfloat16):
         xd, wd = x.astype(dtype), w.astype(dtype)
-        got, got_grad = jax.value_and_grad(lambda a: jnp.sum(prefix_sum(a) * wd))(xd)
-        ref, ref_grad = jax.value_and_grad(lambda a: jnp.sum(jnp.cumsum(a, 1) * wd))(xd)
+        got, got_grad = jax.value_and_grad(lambda a, w: jnp.sum(prefix_sum(a) * w))(
+            xd, wd
+        )
+        ref, ref_grad = jax.value_and_grad(lambda a, w: jnp.sum(jnp.cumsum(a, 1) * w))(
+            xd, wd
+        )
         tol = 1e-6 if dtype == jnp.float32 else 2e-2
         assert jnp.allclose(got, ref, rtol=tol, atol=tol)
         assert jnp.allclose(

@@ -71,32 +71,29 @@ def _core_fwd(st, *operands):
 
 def _core_bwd(st, res, dout):
     operands, out, lse = res
-    q, k_ext, v_ext, prev_valid, codebook, cache_bias, cache_mean, _, _ = Operands(
-        *operands
-    )
-    dout = dout.astype(v_ext.dtype)
+    ops = Operands(*operands)
+    dout = dout.astype(ops.v_ext.dtype)
     delta = jnp.sum(
         out.astype(jnp.float32) * dout.astype(jnp.float32), axis=-1, keepdims=True
     )  # [B, H, T, 1]
-    dq, p_win, ds_win, p_code, dwindow_bias = batch_head_call(
-        _bwd.ds_call, st, (*operands, dout, lse, delta), head_args=(4,)
-    )
-    dk = batch_head_call(_dk, st, (ds_win, q, k_ext))
-    dv = batch_head_call(_dv, st, (p_win, dout, v_ext))
+    dq, p_win, ds_win, p_code, dwindow_bias = ds_kernel(st, ops, dout, lse, delta)
+    dk = dk_kernel(st, ops, ds_win)
+    dv = dv_kernel(st, ops, p_win, dout)
     if st.use_cache:
         dcache_mean = (
-            batch_head_call(_bwd.dmean_call, st, (p_code, cache_mean, dout))
+            dmean_kernel(st, ops, p_code, dout)
             if st.cache_grad
-            else jnp.zeros_like(cache_mean)
+            else jnp.zeros_like(ops.cache_mean)
         )
-        dcodebook, dcache_bias = jnp.zeros_like(codebook), jnp.zeros_like(cache_bias)
+        dcodebook = jnp.zeros_like(ops.codebook)
+        dcache_bias = jnp.zeros_like(ops.cache_bias)
     else:
         dcache_mean = dcodebook = dcache_bias = None
     return (
         dq,
         dk,
         dv,
-        jnp.zeros_like(prev_valid),
+        jnp.zeros_like(ops.prev_valid),
         dcodebook,
         dcache_bias,
         dcache_mean,
@@ -139,7 +136,7 @@ def _static_scale(scale) -> float:
     return scale
 
 
-def vq_attention_core(
+def prepare_operands(
     q,
     k_ext,
     v_ext,
@@ -159,7 +156,13 @@ def vq_attention_core(
     interpret: bool | None = None,
     debug: bool = False,
 ):
-    """VQ attention on kernel-layout arrays (see README.md for the math).
+    """Validate and pad `vq_attention_core`'s arguments; returns the kernels'
+    static settings and operands `(st, operands)` (an `Operands` of
+    `[B, H, ...]` arrays), or `(None, empty output)` when there is nothing
+    to compute. The kernel stages below take them: a benchmark times each
+    kernel alone on exactly what the op runs.
+
+    VQ attention on kernel-layout arrays (see README.md for the math).
 
     **Arguments** (BH = batch * heads, head index = bh % num_heads):
 
@@ -186,8 +189,6 @@ def vq_attention_core(
       window, the official `agg_cache=False` with mem_len = window_len).
       None: the whole previous block and the causal current block.
 
-    **Returns:** `[BH, T, V]` in `v_ext.dtype`. Differentiable in q, k_ext,
-    v_ext, cache_mean and window_bias (zero cotangents for the rest).
     """
     block_len = _as_int("block_len", block_len, 1)
     num_heads = _as_int("num_heads", num_heads, 1)
@@ -263,7 +264,7 @@ def vq_attention_core(
     if bh == 0 or seq == 0 or d_v == 0:
         # Nothing to compute (the shapes above are consistent): the kernels'
         # grids would be empty, and an empty output has no gradient.
-        return jnp.zeros((bh, seq, d_v), v_ext.dtype)
+        return None, jnp.zeros((bh, seq, d_v), v_ext.dtype)
     if block_sizes is None:
         block_sizes = BlockSizes.for_platform(jax.default_backend())
     dtype = v_ext.dtype
@@ -320,5 +321,45 @@ def vq_attention_core(
         codebook,
         *map(split, (cache_bias, cache_mean, window_bias, key_from)),
     )
-    out = _core(st, *match_varying(*args))
-    return out.reshape(bh, *out.shape[2:])[..., :d_v]
+    return st, Operands(*match_varying(*args))
+
+
+def vq_attention_core(q, k_ext, v_ext, *args, **kwargs) -> jax.Array:
+    """VQ attention on kernel-layout arrays: `prepare_operands`' arguments
+    (see its docstring), then the differentiable kernels.
+
+    **Returns:** `[BH, T, V]` in `v_ext.dtype`. Differentiable in q, k_ext,
+    v_ext, cache_mean and window_bias (zero cotangents for the rest)."""
+    st, operands = prepare_operands(q, k_ext, v_ext, *args, **kwargs)
+    if st is None:
+        assert isinstance(operands, jax.Array)
+        return operands  # the empty output
+    out = _core(st, *operands)
+    return out.reshape(q.shape[0], *out.shape[2:])[..., : v_ext.shape[-1]]
+
+
+# Each kernel alone, on `prepare_operands`' output (benchmarks/kernel_parts.py
+# times them one by one); `_core_fwd` / `_core_bwd` chain them.
+def forward_kernel(st: Static, operands: Operands):
+    """The forward kernel: (out `[B, H, T, V]`, lse `[B, H, T, 1]` f32)."""
+    return _forward(st, *operands)
+
+
+def ds_kernel(st: Static, operands: Operands, dout, lse, delta):
+    """The query-side backward kernel: (dq, P_win, dS_win, P_code, d window
+    bias), from the output's cotangent, lse and delta = rowsum(out * dout)."""
+    return batch_head_call(
+        _bwd.ds_call, st, (*operands, dout, lse, delta), head_args=(4,)
+    )
+
+
+def dk_kernel(st: Static, operands: Operands, ds_win):
+    return batch_head_call(_dk, st, (ds_win, operands.q, operands.k_ext))
+
+
+def dv_kernel(st: Static, operands: Operands, p_win, dout):
+    return batch_head_call(_dv, st, (p_win, dout, operands.v_ext))
+
+
+def dmean_kernel(st: Static, operands: Operands, p_code, dout):
+    return batch_head_call(_bwd.dmean_call, st, (p_code, operands.cache_mean, dout))

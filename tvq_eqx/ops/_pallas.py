@@ -53,7 +53,7 @@ def _heads_first(x):
     return jnp.transpose(x, (0, 2, 1, 3)).reshape(b * h, t, d)
 
 
-def _forward(
+def kernel_inputs(
     query,
     key,
     value,
@@ -73,6 +73,10 @@ def _forward(
     window_len=None,
     cache_decay=1.0,
 ):
+    """The XLA part before the kernels (the prologue: quantization, block
+    sums and their prefix, the bias gather, the kernel layout): returns
+    `(prologue, core_args, core_kwargs)` for `vq_attention_core`.
+    `benchmarks/kernel_parts.py` times it alone."""
     b, t, h, _ = query.shape
     n_code = codebook.shape[1]
     n_blk = t // block_len
@@ -115,7 +119,7 @@ def _forward(
         key_from = _document_key_from(ext.last_start, state.length, L)
         key_from = jnp.broadcast_to(key_from[:, None], (b, h, t)).reshape(b * h, t, 1)
 
-    out = vq_attention_core(
+    core_args = (
         _heads_first(query),
         _heads_first(ext.khat),
         _heads_first(ext.value),
@@ -125,6 +129,8 @@ def _forward(
         cache_mean,
         window_bias,
         key_from,
+    )
+    core_kwargs = dict(
         block_len=L,
         scale=scale,
         num_heads=h,
@@ -138,9 +144,17 @@ def _forward(
         block_sizes=pallas.block_sizes,
         interpret=pallas.interpret,
     )
+    return pro, core_args, core_kwargs
+
+
+def _forward(query, key, value, *args, **kwargs):
+    pro, core_args, core_kwargs = kernel_inputs(query, key, value, *args, **kwargs)
+    b, t, h, _ = query.shape
+    out = vq_attention_core(*core_args, **core_kwargs)
     out = jnp.transpose(out.reshape(b, h, t, -1), (0, 2, 1, 3)).astype(value.dtype)
+    cache_grad = kwargs["cache_grad"]
     return out, next_state(
-        state, ext, pro.new_count, pro.new_mean, cache_grad=cache_grad
+        pro.state, pro.ext, pro.new_count, pro.new_mean, cache_grad=cache_grad
     )
 
 

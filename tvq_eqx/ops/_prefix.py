@@ -31,8 +31,8 @@ from jaxtyping import Array, Float, Int
 
 
 def _scan_sum(
-    x: Float[Array, "batch blocks *rest"],
-) -> Float[Array, "batch blocks *rest"]:
+    x: Float[Array, "batch blocks ..."],
+) -> Float[Array, "batch blocks ..."]:
     """Inclusive sum over axis 1, one block at a time."""
 
     def step(total, x_n):
@@ -50,8 +50,8 @@ def _inclusive_sum(x):
 
 @jax.custom_vjp
 def prefix_sum(
-    x: Float[Array, "batch blocks *rest"],
-) -> Float[Array, "batch blocks *rest"]:
+    x: Float[Array, "batch blocks ..."],
+) -> Float[Array, "batch blocks ..."]:
     """Inclusive prefix sum over axis 1 (the blocks), linear in the number of
     blocks forward and backward on every platform (see the module doc).
     Reverse-mode only (forward-mode autodiff raises, as for the kernels)."""
@@ -73,9 +73,9 @@ prefix_sum.defvjp(_prefix_sum_fwd, _prefix_sum_bwd)
 
 def linear_recurrence(
     a: Float[Array, "batch blocks"],
-    x: Float[Array, "batch blocks *rest"],
-    y0: Float[Array, batch * rest],
-) -> Float[Array, "batch blocks *rest"]:
+    x: Float[Array, "batch blocks ..."],
+    y0: Float[Array, "batch ..."],
+) -> Float[Array, "batch blocks ..."]:
     """`y_n = a_n * y_(n-1) + x_n` from `y_(-1) = y0`, every `y_n` (axis 1):
     a sequential scan over blocks, O(N) forward and backward."""
 

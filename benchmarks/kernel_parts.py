@@ -1,0 +1,514 @@
+"""Every part of the pallas path timed alone, beside fair baselines, in one run.
+
+Parts (each jitted and timed on its own, on exactly the operands the op
+passes it; `pallas_kernels.vq_attention.ops.prepare_operands` and the kernel
+stage functions):
+
+- `prologue` the XLA work before the kernels (quantization, straight-through
+             keys, block sums and their prefix over blocks, the relative-bias
+             gather, the kernel layout): `tvq_eqx.ops._pallas.kernel_inputs`;
+- `fwd`      the forward kernel (out and log-sum-exp);
+- `dq`       the query-side backward kernel (recomputes P and dS; dq, P, dS);
+- `dk`, `dv` the key-side backward kernels (window keys and values);
+- `dmean`    d(cached mean) of every block (the cache path);
+- `epilogue` the output layout and the next state;
+- `fwd+bwd`  the whole op, forward and backward (dk included).
+
+Useful FLOPs (multiply-adds count 2; per batch row and head, T queries, each
+attending W = S + 1.5 L keys on average: S codes, the previous block, half
+its own): fwd 2 T W (K + V); dq 2 T W (2K + V) (scores recomputed, dP, dq);
+dk 2 T (1.5 L) K; dv 2 T (1.5 L) V; dmean 2 T S V; prologue 2 T S (K + V)
+(distances to the codes, block sums). Bytes: every operand read once and
+every result written once (a lower bound on HBM traffic). TFLOP/s and GB/s
+are against the card's dense bf16 peak and HBM bandwidth where known.
+
+Baselines, on the same card in the same run (fwd+bwd with gradients to q,
+k, v): `xla` the linear-time jnp form; `cudnn` `jax.nn.dot_product_attention`
+(implementation "cudnn", causal, on the quantized keys) in d_v / d_k calls
+of head width d_k, as benchmarks/kernels.py has always run it (each call
+recomputes Q K^T: (2 d_v) / (d_k + d_v) = 1.85x the FLOPs of one dense call
+at the official shape), with its FLOP-normalised line (time x
+(d_k + d_v) / (2 d_v)); `dense` one causal softmax attention call at the full
+d_v in XLA (materialises T x T; skipped where it would not fit); `tokamax`
+flash attention if the package is installed (skipped otherwise).
+
+With `--profile` the fwd+bwd of the pallas path runs under `jax.profiler` at
+each length in `--profile-seq-lens` and the device ops are summed by name
+(time per call).
+
+Usage (GPU: bash benchmarks/gpu_check.sh runs it; CPU: --micro, a smoke
+run in interpret mode):
+
+    python benchmarks/kernel_parts.py --seq-lens 8192,32768,131072 --profile
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import gzip
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+import warnings
+from collections import defaultdict
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+import jax
+import jax.numpy as jnp
+
+from benchmarks._common import (
+    CHECK_FAILED,
+    RESULTS_DIR,
+    command_line,
+    device_tag,
+    fmt_len,
+    header_lines,
+    log,
+    markdown_table,
+    median,
+    rel_err,
+    time_calls,
+    write_text,
+)
+
+warnings.filterwarnings("ignore", message=".*Pallas Triton backend is deprecated")
+
+# (B, H, d_k, d_v, codes, block_len)
+OFFICIAL = (1, 1, 128, 1536, 512, 512)
+MICRO = (1, 2, 16, 32, 16, 16)
+# Dense bf16 tensor-core peak (TFLOP/s, no sparsity) and HBM bandwidth (GB/s).
+PEAKS = {
+    "H100": (989.0, 3350.0),
+    "H200": (989.0, 4800.0),
+    "A100": (312.0, 2039.0),
+}
+
+
+def card_peaks(kind: str) -> tuple[float | None, float | None]:
+    for name, peaks in PEAKS.items():
+        if name in kind:
+            return peaks
+    return None, None
+
+
+def useful_flops(part: str, *, b, h, t, k, v, s, blk) -> float:
+    rows = b * h * t
+    w = s + 1.5 * blk
+    per_row = {
+        "prologue": 2 * s * (k + v),
+        "fwd": 2 * w * (k + v),
+        "dq": 2 * w * (2 * k + v),
+        "dk": 2 * 1.5 * blk * k,
+        "dv": 2 * 1.5 * blk * v,
+        "dmean": 2 * s * v,
+        "epilogue": 0.0,
+    }
+    if part == "fwd+bwd":
+        return rows * sum(per_row[p] for p in ("fwd", "dq", "dk", "dv", "dmean"))
+    return rows * per_row[part]
+
+
+def nbytes(*trees) -> int:
+    leaves = jax.tree.leaves(trees)
+    return sum(x.size * x.dtype.itemsize for x in leaves if hasattr(x, "dtype"))
+
+
+def _inputs(t, dims, dtype, key):
+    b, h, k, v, s, blk = dims
+    ks = jax.random.split(key, 7)
+    q = jax.random.normal(ks[0], (b, t, h, k), dtype)
+    kk = jax.random.normal(ks[1], (b, t, h, k), dtype)
+    vv = jax.random.normal(ks[2], (b, t, h, v), dtype)
+    cb = jax.random.normal(ks[3], (h, s, k), jnp.float32)
+    rq = (0.3 * jax.random.normal(ks[4], (b, t, h, k))).astype(dtype)
+    rt = jax.random.normal(ks[5], (blk + 1, h, k), dtype)
+    cot = jax.random.normal(ks[6], (b, t, h, v), dtype)
+    return q, kk, vv, cb, rq, rt, cot
+
+
+def _timed(fn, *args, reps, min_time):
+    """Median seconds per call; repeats until `min_time` is covered."""
+    first = time_calls(lambda: fn(*args), reps=1, warmup=1)[0]
+    n = max(reps, min(50, math.ceil(min_time / max(first, 1e-6))))
+    return median(time_calls(lambda: fn(*args), reps=n, warmup=0))
+
+
+def _static(blk, k):
+    return dict(
+        block_len=blk,
+        scale=k**-0.5,
+        use_cache=True,
+        cache_grad=True,
+        sliding_window=False,
+        state_keys="codewords",
+    )
+
+
+def measure_parts(t, dims, dtype, *, pallas_config, reps, min_time):
+    """Rows (part, seconds, flops, bytes) for one sequence length."""
+    from pallas_kernels.vq_attention import ops as kops
+    from tvq_eqx.ops._pallas import kernel_inputs, vq_attention_pallas
+    from tvq_eqx.ops._xla import next_state
+
+    b, h, k, v, s, blk = dims
+    q, kk, vv, cb, rq, rt, cot = _inputs(t, dims, dtype, jax.random.key(t))
+    static = _static(blk, k)
+
+    def prologue_fn(q, kk, vv, cb, rq, rt):
+        pro, core_args, _ = kernel_inputs(
+            q, kk, vv, cb, None, rq, rt, None, pallas=pallas_config, **static
+        )
+        return pro, core_args
+
+    prologue_jit = jax.jit(prologue_fn)
+    pro, core_args = prologue_jit(q, kk, vv, cb, rq, rt)
+    # The kernels' static settings (ints, flags, tiles): from one eager call.
+    _, _, core_kwargs = kernel_inputs(
+        q, kk, vv, cb, None, rq, rt, None, pallas=pallas_config, **static
+    )
+    st, ops = kops.prepare_operands(*core_args, **core_kwargs)
+    rows = []
+
+    def add(part, seconds, inputs, outputs):
+        flops = useful_flops(part, b=b, h=h, t=t, k=k, v=v, s=s, blk=blk)
+        rows.append((part, seconds, flops, nbytes(inputs) + nbytes(outputs)))
+
+    sec = _timed(prologue_jit, q, kk, vv, cb, rq, rt, reps=reps, min_time=min_time)
+    add("prologue", sec, (q, kk, vv, cb, rq, rt), (pro, core_args))
+
+    fwd = jax.jit(lambda o: kops.forward_kernel(st, o))
+    out, lse = fwd(ops)
+    add("fwd", _timed(fwd, ops, reps=reps, min_time=min_time), ops, (out, lse))
+
+    # The output's cotangent in kernel layout ([B, H, T, V], d_v padded): the
+    # same one the whole op's backward gets below, so the stages' dq can be
+    # checked against the op's.
+    dout = jnp.transpose(cot, (0, 2, 1, 3)).astype(out.dtype)
+    dout = jnp.pad(dout, [(0, 0)] * 3 + [(0, out.shape[-1] - v)])
+    delta = jnp.sum(
+        out.astype(jnp.float32) * dout.astype(jnp.float32), -1, keepdims=True
+    )
+    ds = jax.jit(lambda o, d, l, dl: kops.ds_kernel(st, o, d, l, dl))
+    ds_out = ds(ops, dout, lse, delta)
+    dq, p_win, ds_win, p_code, _ = ds_out
+    sec = _timed(ds, ops, dout, lse, delta, reps=reps, min_time=min_time)
+    add("dq", sec, (ops, dout, lse, delta), ds_out)
+
+    dk = jax.jit(lambda o, x: kops.dk_kernel(st, o, x))
+    sec = _timed(dk, ops, ds_win, reps=reps, min_time=min_time)
+    add("dk", sec, (ds_win, ops.q, ops.k_ext), dk(ops, ds_win))
+
+    dv = jax.jit(lambda o, p, d: kops.dv_kernel(st, o, p, d))
+    sec = _timed(dv, ops, p_win, dout, reps=reps, min_time=min_time)
+    add("dv", sec, (p_win, dout, ops.v_ext), dv(ops, p_win, dout))
+
+    dmean = jax.jit(lambda o, p, d: kops.dmean_kernel(st, o, p, d))
+    sec = _timed(dmean, ops, p_code, dout, reps=reps, min_time=min_time)
+    add("dmean", sec, (p_code, dout), dmean(ops, p_code, dout))
+
+    def epilogue_fn(out, pro):
+        o = jnp.transpose(out.reshape(b, h, t, -1)[..., :v], (0, 2, 1, 3))
+        new = next_state(
+            pro.state, pro.ext, pro.new_count, pro.new_mean, cache_grad=True
+        )
+        return o.astype(dtype), new
+
+    epi = jax.jit(epilogue_fn)
+    sec = _timed(epi, out, pro, reps=reps, min_time=min_time)
+    add("epilogue", sec, (out, pro.ext, pro.new_count, pro.new_mean), epi(out, pro))
+
+    def whole(q, kk, vv, rq, rt, cot):
+        def f(q, kk, vv, rq, rt):
+            o, _ = vq_attention_pallas(
+                q, kk, vv, cb, rel_query=rq, rel_table=rt, pallas=pallas_config,
+                **{n: static[n] for n in ("block_len", "scale")},
+            )  # fmt: skip
+            return o
+
+        o, vjp = jax.vjp(f, q, kk, vv, rq, rt)
+        return o, vjp(cot)
+
+    whole_jit = jax.jit(whole)
+    sec = _timed(whole_jit, q, kk, vv, rq, rt, cot, reps=reps, min_time=min_time)
+    o, grads = whole_jit(q, kk, vv, rq, rt, cot)
+    add("fwd+bwd", sec, (q, kk, vv, rq, rt, cot), (o, grads))
+    # The parts are the op: its output and dq come from these kernels.
+    check = dict(
+        out=rel_err(o, jnp.transpose(out[..., :v], (0, 2, 1, 3))),
+        dq=rel_err(grads[0], jnp.transpose(dq[..., :k], (0, 2, 1, 3))),
+    )
+    return rows, check, whole_jit, (q, kk, vv, rq, rt, cot)
+
+
+def _attention_grad(attend):
+    def f(q, kk, vv, cot):
+        o, vjp = jax.vjp(attend, q, kk, vv)
+        return o, vjp(cot)
+
+    return jax.jit(f)
+
+
+def measure_baselines(t, dims, dtype, *, reps, min_time, memory_bytes):
+    """Rows (name, seconds, flops) of the baselines at one length."""
+    from tvq_eqx.ops._common import gather_codes, quantize
+    from tvq_eqx.ops._xla import vq_attention_xla
+
+    b, h, k, v, s, blk = dims
+    q, kk, vv, cb, rq, rt, cot = _inputs(t, dims, dtype, jax.random.key(t))
+    rows = []
+
+    def xla(q, kk, vv):
+        o, _ = vq_attention_xla(
+            q, kk, vv, cb, block_len=blk, scale=k**-0.5, rel_query=rq, rel_table=rt
+        )
+        return o
+
+    fwd_bwd_useful = useful_flops("fwd+bwd", b=b, h=h, t=t, k=k, v=v, s=s, blk=blk)
+    try:
+        sec = _timed(_attention_grad(xla), q, kk, vv, cot, reps=reps, min_time=min_time)
+        rows.append(("xla form", sec, fwd_bwd_useful, ""))
+    except Exception as e:  # out of memory at long T is a result
+        rows.append(("xla form", None, fwd_bwd_useful, type(e).__name__))
+
+    khat = gather_codes(cb.astype(dtype), quantize(kk, cb))
+    # Causal dense attention, fwd + bwd = 3.5 x fwd (flash convention).
+    dense_flops = 3.5 * b * h * t * t * (k + v)  # 2 * T^2 / 2 * (K + V) * 3.5
+    chunks = max(1, v // k)
+    chunk_flops = 3.5 * b * h * t * t * 2 * k * chunks
+    on_gpu = jax.default_backend() == "gpu"
+    impls = ["cudnn"] if on_gpu else ["xla"]
+    for impl in impls:
+
+        def chunked(q, kk, vv, impl=impl):
+            outs = [
+                jax.nn.dot_product_attention(
+                    q,
+                    kk,
+                    vv[..., i * k : (i + 1) * k],
+                    is_causal=True,
+                    implementation=impl,
+                )  # fmt: skip
+                for i in range(chunks)
+            ]
+            return jnp.concatenate(outs, axis=-1)
+
+        name = f"dpa-{impl} ({chunks} calls)"
+        try:
+            sec = _timed(
+                _attention_grad(chunked), q, khat, vv, cot, reps=reps, min_time=min_time
+            )
+            rows.append((name, sec, chunk_flops, ""))
+            rows.append(
+                (f"{name}, FLOP-normalised", sec * dense_flops / chunk_flops,
+                 dense_flops, "time x one call's FLOPs / these calls' FLOPs")
+            )  # fmt: skip
+        except Exception as e:
+            rows.append((name, None, chunk_flops, type(e).__name__))
+
+    # One dense call at the full d_v (XLA materialises the T x T scores).
+    need = 4 * b * h * t * t * 4  # scores, probabilities and their grads, f32
+    if memory_bytes is None or need < 0.6 * memory_bytes:
+
+        def dense(q, kk, vv):
+            sc = jnp.einsum(
+                "bthk,bshk->bhts", q, kk, preferred_element_type=jnp.float32
+            )
+            causal = jnp.tril(jnp.ones((t, t), bool))
+            sc = jnp.where(causal, sc * k**-0.5, -1e30)
+            p = jax.nn.softmax(sc, axis=-1).astype(vv.dtype)
+            return jnp.einsum("bhts,bshv->bthv", p, vv)
+
+        try:
+            sec = _timed(
+                _attention_grad(dense), q, khat, vv, cot, reps=reps, min_time=min_time
+            )
+            rows.append(("dense, one call (XLA)", sec, dense_flops, ""))
+        except Exception as e:
+            rows.append(("dense, one call (XLA)", None, dense_flops, type(e).__name__))
+    else:
+        rows.append(("dense, one call (XLA)", None, dense_flops, "would not fit"))
+
+    try:
+        import tokamax  # type: ignore[import-not-found]
+    except ImportError:
+        tokamax = None
+    if tokamax is not None:
+
+        def flash(q, kk, vv):
+            outs = [
+                tokamax.dot_product_attention(
+                    q, kk, vv[..., i * k : (i + 1) * k], is_causal=True
+                )
+                for i in range(chunks)
+            ]
+            return jnp.concatenate(outs, axis=-1)
+
+        name = f"tokamax ({chunks} calls)"
+        try:
+            sec = _timed(
+                _attention_grad(flash), q, khat, vv, cot, reps=reps, min_time=min_time
+            )
+            rows.append((name, sec, chunk_flops, ""))
+        except Exception as e:
+            rows.append((name, None, chunk_flops, f"{type(e).__name__}: {e}"[:80]))
+    else:
+        rows.append(("tokamax", None, None, "not installed"))
+    return rows
+
+
+def profile_ops(fn, args, *, calls=3, top=12):
+    """Device time per call of each op name under jax.profiler (perfetto)."""
+    with tempfile.TemporaryDirectory() as d:
+        fn(*args)  # compiled before tracing
+        jax.block_until_ready(fn(*args))
+        with jax.profiler.trace(d, create_perfetto_trace=True):
+            for _ in range(calls):
+                jax.block_until_ready(fn(*args))
+        paths = glob.glob(
+            os.path.join(d, "**", "*perfetto_trace.json.gz"), recursive=True
+        )
+        if not paths:
+            return []
+        with gzip.open(paths[0]) as f:
+            trace = json.load(f)
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    names = {
+        e["pid"]: e.get("args", {}).get("name", "")
+        for e in events
+        if e.get("ph") == "M" and e.get("name") == "process_name"
+    }
+    device = {
+        pid for pid, n in names.items() if "device" in n.lower() or "gpu" in n.lower()
+    }
+    totals: dict[str, float] = defaultdict(float)
+    for e in events:
+        if e.get("ph") == "X" and e.get("pid") in device and "dur" in e:
+            totals[e["name"]] += e["dur"] / 1e3 / calls  # us -> ms per call
+    return sorted(totals.items(), key=lambda kv: -kv[1])[:top]
+
+
+def _rate(flops, seconds, peak):
+    if seconds is None or not flops:
+        return "n/a", "n/a"
+    tflops = flops / seconds / 1e12
+    return f"{tflops:.3g}", ("n/a" if peak is None else f"{100 * tflops / peak:.1f}%")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seq-lens", default="8192,32768,131072")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--micro", action="store_true", help="tiny shapes (CPU smoke)")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--min-time", type=float, default=0.1)
+    ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--profile-seq-lens", default="8192,32768,131072")
+    ap.add_argument("--budget-s", type=float, default=420.0,
+                    help="stop starting new lengths after this many seconds")  # fmt: skip
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+
+    from pallas_kernels.vq_attention import PallasConfig
+
+    dims = MICRO if args.micro else OFFICIAL
+    dtype = jnp.dtype(args.dtype)
+    seq_lens = [int(x) for x in args.seq_lens.split(",")]
+    profile_lens = {int(x) for x in args.profile_seq_lens.split(",")}
+    device = jax.devices()[0]
+    kind = device.device_kind
+    peak_tflops, peak_gbs = card_peaks(kind)
+    try:
+        memory = device.memory_stats().get("bytes_limit")
+    except Exception:  # CPU has no memory stats
+        memory = None
+    pallas_config = PallasConfig()
+    out_path = args.out or RESULTS_DIR / f"kernel-parts-{device_tag()}.md"
+    b, h, k, v, s, blk = dims
+    notes = [
+        f"card: {kind} (bf16 dense peak {peak_tflops} TFLOP/s, HBM {peak_gbs} GB/s)",
+        f"shape: B {b}, H {h}, d_k {k}, d_v {v}, codes {s}, block {blk}; {dtype.name}",
+        "TFLOP/s on useful FLOPs (module doc); GB/s on operands read once and "
+        "results written once (a lower bound on traffic)",
+    ]
+    lines = header_lines("VQ attention, part by part", command_line(argv), notes)
+    start = time.perf_counter()
+    summary = []
+    for t in seq_lens:
+        if time.perf_counter() - start > args.budget_s:
+            lines += [f"(T = {fmt_len(t)} skipped: time budget spent)", ""]
+            continue
+        log(f"kernel_parts: T = {t}")
+        parts, check, whole, whole_args = measure_parts(
+            t, dims, dtype, pallas_config=pallas_config, reps=args.reps,
+            min_time=args.min_time,
+        )  # fmt: skip
+        total = dict((p, sec) for p, sec, _, _ in parts)["fwd+bwd"]
+        table = []
+        for part, sec, flops, nb in parts:
+            tf, pct = _rate(flops, sec, peak_tflops)
+            gbs = nb / sec / 1e9
+            table.append((
+                part, f"{sec * 1e3:.3f}", f"{100 * sec / total:.0f}%", tf, pct,
+                f"{gbs:.0f}", f"{nb / (b * t) / 1e3:.1f}", kind,
+            ))  # fmt: skip
+        lines += [f"## T = {fmt_len(t)}: parts of the pallas path", ""]
+        lines += [
+            "The parts are the op: relative error of the op's output and dq "
+            "against the forward and dq kernels' alone: "
+            + ", ".join(f"{n} {e:.1e}" for n, e in check.items()),
+            "",
+        ]
+        if max(check.values()) > 1e-3:
+            lines += [f"**{CHECK_FAILED}: the parts do not reproduce the op**", ""]
+        lines += markdown_table(
+            ["part", "ms", "of fwd+bwd", "TFLOP/s", "of peak", "GB/s",
+             "KB per token", "card"],
+            table,
+        )  # fmt: skip
+        base = measure_baselines(
+            t, dims, dtype, reps=args.reps, min_time=args.min_time, memory_bytes=memory
+        )
+        rows = [("pallas fwd+bwd", f"{total * 1e3:.3f}", "1.00", *_rate(
+            useful_flops("fwd+bwd", b=b, h=h, t=t, k=k, v=v, s=s, blk=blk),
+            total, peak_tflops), "", kind)]  # fmt: skip
+        for name, sec, flops, note in base:
+            ratio = "n/a" if sec is None else f"{sec / total:.2f}"
+            ms = "n/a" if sec is None else f"{sec * 1e3:.3f}"
+            rows.append((name, ms, ratio, *_rate(flops, sec, peak_tflops), note, kind))
+            if name.startswith("dpa-cudnn") and "normalised" not in name:
+                summary.append((t, total, sec))
+        lines += ["", f"## T = {fmt_len(t)}: fwd+bwd beside the baselines", ""]
+        lines += markdown_table(
+            ["form", "ms", "time / pallas", "TFLOP/s", "of peak", "note", "card"], rows
+        )
+        if args.profile and t in profile_lens:
+            ops = profile_ops(whole, whole_args)
+            lines += ["", f"## T = {fmt_len(t)}: device ops of pallas fwd+bwd", ""]
+            if ops:
+                lines += markdown_table(
+                    ["op", "ms per call", "card"],
+                    [(n.replace("|", "/")[:80], f"{ms:.3f}", kind) for n, ms in ops],
+                )
+            else:
+                lines += ["(the profiler recorded no device ops on this backend)"]
+        lines += [""]
+        write_text(out_path, lines)  # each length as soon as it is done
+    if summary:
+        lines += ["## Per token and against cuDNN", ""]
+        lines += markdown_table(
+            ["T", "pallas ns per token", "cuDNN / pallas", "card"],
+            [(fmt_len(t), f"{1e9 * p / t:.0f}", f"{c / p:.2f}", kind)
+             for t, p, c in summary],
+        )  # fmt: skip
+    write_text(out_path, lines)
+    log(f"wrote {out_path}")
+    return out_path
+
+
+if __name__ == "__main__":
+    main()
