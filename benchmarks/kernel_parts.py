@@ -245,6 +245,101 @@ def measure_parts(t, dims, dtype, *, pallas_config, reps, min_time):
     return rows, check, whole_jit, (q, kk, vv, rq, rt, cot)
 
 
+def account_parts(t, dims, dtype, *, pallas_config):
+    """Rows (part, useful FLOPs, operand bytes, XLA bytes accessed or None)
+    at one length, from shapes alone (nothing runs): the kernels' operands
+    by `jax.eval_shape`, and for the XLA parts (prologue, epilogue) the
+    bytes XLA's compiled cost analysis counts on this machine's backend."""
+    from pallas_kernels.vq_attention import ops as kops
+    from tvq_eqx.ops._pallas import kernel_inputs
+    from tvq_eqx.ops._xla import next_state
+
+    b, h, k, v, s, blk = dims
+    sds = jax.ShapeDtypeStruct
+    q = kk = rq = sds((b, t, h, k), dtype)
+    vv = cot = sds((b, t, h, v), dtype)
+    cb, rt = sds((h, s, k), jnp.float32), sds((blk + 1, h, k), dtype)
+    static = _static(blk, k)
+
+    def prologue_fn(q, kk, vv, cb, rq, rt):
+        pro, core_args, _ = kernel_inputs(
+            q, kk, vv, cb, None, rq, rt, None, pallas=pallas_config, **static
+        )
+        return pro, core_args
+
+    kept = {}
+
+    def prepared(q, kk, vv, cb, rq, rt):
+        pro, core_args, core_kwargs = kernel_inputs(
+            q, kk, vv, cb, None, rq, rt, None, pallas=pallas_config, **static
+        )
+        kept["st"], ops = kops.prepare_operands(*core_args, **core_kwargs)
+        return pro, ops
+
+    pro, ops = jax.eval_shape(prepared, q, kk, vv, cb, rq, rt)
+    st = kept["st"]
+    out, lse = jax.eval_shape(lambda o: kops.forward_kernel(st, o), ops)
+    dout = sds(out.shape, out.dtype)
+    delta = sds(lse.shape, jnp.float32)
+    ds_out = jax.eval_shape(lambda *a: kops.ds_kernel(st, *a), ops, dout, lse, delta)
+    _, p_win, ds_win, p_code, _ = ds_out
+
+    def xla_bytes(fn, *args):
+        cost = jax.jit(fn).lower(*args).compile().cost_analysis()
+        cost = cost[0] if isinstance(cost, list) else cost
+        return cost.get("bytes accessed")
+
+    def epilogue_fn(out, pro):
+        o = jnp.transpose(out.reshape(b, h, t, -1)[..., :v], (0, 2, 1, 3))
+        new = next_state(
+            pro.state, pro.ext, pro.new_count, pro.new_mean, cache_grad=True
+        )
+        return o.astype(dtype), new
+
+    parts = [
+        ("prologue", (q, kk, vv, cb, rq, rt), jax.eval_shape(prologue_fn, q, kk, vv, cb, rq, rt),
+         xla_bytes(prologue_fn, q, kk, vv, cb, rq, rt)),
+        ("fwd", ops, (out, lse), None),
+        ("dq", (ops, dout, lse, delta), ds_out, None),
+        ("dk", (ds_win, ops.q, ops.k_ext),
+         jax.eval_shape(lambda o, x: kops.dk_kernel(st, o, x), ops, ds_win), None),
+        ("dv", (p_win, dout, ops.v_ext),
+         jax.eval_shape(lambda o, p, d: kops.dv_kernel(st, o, p, d), ops, p_win, dout), None),
+        ("dmean", (p_code, dout),
+         jax.eval_shape(lambda o, p, d: kops.dmean_kernel(st, o, p, d), ops, p_code, dout), None),
+        ("epilogue", (out, pro.ext, pro.new_count, pro.new_mean),
+         jax.eval_shape(epilogue_fn, out, pro), xla_bytes(epilogue_fn, out, pro)),
+    ]  # fmt: skip
+    del cot
+    return [
+        (name, useful_flops(name, b=b, h=h, t=t, k=k, v=v, s=s, blk=blk),
+         nbytes(ins) + nbytes(outs), xb)
+        for name, ins, outs, xb in parts
+    ]  # fmt: skip
+
+
+def accounting_lines(seq_lens, dims, dtype, *, pallas_config):
+    """The per-part FLOPs / bytes table (per token) at each length."""
+    b = dims[0]
+    rows = []
+    for t in seq_lens:
+        for name, flops, nb, xb in account_parts(
+            t, dims, dtype, pallas_config=pallas_config
+        ):
+            rows.append((
+                fmt_len(t), name, f"{flops / (b * t) / 1e6:.2f}",
+                f"{nb / (b * t) / 1e3:.1f}",
+                "n/a" if xb is None else f"{xb / (b * t) / 1e3:.1f}",
+                "n/a" if not nb else f"{flops / nb:.0f}",
+            ))  # fmt: skip
+    return markdown_table(
+        ["T", "part", "MFLOP per token", "operand KB per token",
+         f"XLA bytes accessed, KB per token ({jax.default_backend()} compile)",
+         "FLOP per operand byte"],
+        rows,
+    )  # fmt: skip
+
+
 def _attention_grad(attend):
     def f(q, kk, vv, cot):
         o, vjp = jax.vjp(attend, q, kk, vv)
@@ -411,6 +506,10 @@ def main(argv=None):
     ap.add_argument("--budget-s", type=float, default=420.0,
                     help="stop starting new lengths after this many seconds")  # fmt: skip
     ap.add_argument("--out", default=None)
+    ap.add_argument(
+        "--accounting", action="store_true",
+        help="only the FLOPs / bytes per part, from shapes (runs nothing)",
+    )  # fmt: skip
     args = ap.parse_args(argv)
 
     from pallas_kernels.vq_attention import PallasConfig
@@ -436,6 +535,17 @@ def main(argv=None):
         "results written once (a lower bound on traffic)",
     ]
     lines = header_lines("VQ attention, part by part", command_line(argv), notes)
+    if args.accounting:
+        from pallas_kernels.vq_attention import BlockSizes
+
+        # The GPU tiles (sm_90), whatever this machine is: they set the padding.
+        gpu = PallasConfig(block_sizes=BlockSizes.for_platform("gpu", arch=90))
+        lines += ["## FLOPs and bytes per part (GPU tiles, sm_90)", ""]
+        lines += accounting_lines(seq_lens, dims, dtype, pallas_config=gpu)
+        out_path = args.out or RESULTS_DIR / "kernel-parts-accounting.md"
+        write_text(out_path, lines)
+        log(f"wrote {out_path}")
+        return out_path
     start = time.perf_counter()
     summary = []
     for t in seq_lens:
