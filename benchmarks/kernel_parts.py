@@ -152,8 +152,8 @@ def _static(blk, k):
 def measure_parts(t, dims, dtype, *, pallas_config, reps, min_time):
     """Rows (part, seconds, flops, bytes) for one sequence length."""
     from pallas_kernels.vq_attention import ops as kops
+    from tvq_eqx.ops._blockwise import next_state
     from tvq_eqx.ops._pallas import kernel_inputs, vq_attention_pallas
-    from tvq_eqx.ops._xla import next_state
 
     b, h, k, v, s, blk = dims
     q, kk, vv, cb, rq, rt, cot = _inputs(t, dims, dtype, jax.random.key(t))
@@ -161,7 +161,7 @@ def measure_parts(t, dims, dtype, *, pallas_config, reps, min_time):
 
     def prologue_fn(q, kk, vv, cb, rq, rt):
         pro, core_args, _ = kernel_inputs(
-            q, kk, vv, cb, None, rq, rt, None, pallas=pallas_config, **static
+            q, kk, vv, cb, None, rq, rt, None, None, pallas=pallas_config, **static
         )
         return pro, core_args
 
@@ -169,7 +169,7 @@ def measure_parts(t, dims, dtype, *, pallas_config, reps, min_time):
     pro, core_args = prologue_jit(q, kk, vv, cb, rq, rt)
     # The kernels' static settings (ints, flags, tiles): from one eager call.
     _, _, core_kwargs = kernel_inputs(
-        q, kk, vv, cb, None, rq, rt, None, pallas=pallas_config, **static
+        q, kk, vv, cb, None, rq, rt, None, None, pallas=pallas_config, **static
     )
     st, ops = kops.prepare_operands(*core_args, **core_kwargs)
     rows = []
@@ -251,8 +251,8 @@ def account_parts(t, dims, dtype, *, pallas_config):
     by `jax.eval_shape`, and for the XLA parts (prologue, epilogue) the
     bytes XLA's compiled cost analysis counts on this machine's backend."""
     from pallas_kernels.vq_attention import ops as kops
+    from tvq_eqx.ops._blockwise import next_state
     from tvq_eqx.ops._pallas import kernel_inputs
-    from tvq_eqx.ops._xla import next_state
 
     b, h, k, v, s, blk = dims
     sds = jax.ShapeDtypeStruct
@@ -263,7 +263,7 @@ def account_parts(t, dims, dtype, *, pallas_config):
 
     def prologue_fn(q, kk, vv, cb, rq, rt):
         pro, core_args, _ = kernel_inputs(
-            q, kk, vv, cb, None, rq, rt, None, pallas=pallas_config, **static
+            q, kk, vv, cb, None, rq, rt, None, None, pallas=pallas_config, **static
         )
         return pro, core_args
 
@@ -271,7 +271,7 @@ def account_parts(t, dims, dtype, *, pallas_config):
 
     def prepared(q, kk, vv, cb, rq, rt):
         pro, core_args, core_kwargs = kernel_inputs(
-            q, kk, vv, cb, None, rq, rt, None, pallas=pallas_config, **static
+            q, kk, vv, cb, None, rq, rt, None, None, pallas=pallas_config, **static
         )
         kept["st"], ops = kops.prepare_operands(*core_args, **core_kwargs)
         return pro, ops

@@ -65,9 +65,9 @@ from tvq_eqx.ops import (
     vq_attention_quadratic,
     vq_attention_xla,
 )
+from tvq_eqx.ops._blockwise import prologue
 from tvq_eqx.ops._common import gather_codes
 from tvq_eqx.ops._pallas import vq_attention_pallas
-from tvq_eqx.ops._xla import prologue
 
 FORMS = ("pallas", "xla", "quadratic", "dpa", "dpa-cudnn", "summaries")
 

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import pytest
 from jax.sharding import AbstractDevice, AbstractMesh, use_abstract_mesh
 
-from tvq_eqx.ops import _xla
+from tvq_eqx.ops import _blockwise
 from tvq_eqx.ops._pallas import vq_attention_pallas
 from tvq_eqx.ops._xla import vq_attention_xla
 
@@ -133,7 +133,7 @@ def _old_prefix_sum(x):
 def test_check_catches_the_old_cumsum(platform, monkeypatch):
     """Positive control: with the old `jnp.cumsum` prefix the check sees a
     window of all 64 blocks (on cuda: the transpose's reverse cumsum)."""
-    monkeypatch.setattr(_xla, "prefix_sum", _old_prefix_sum)
+    monkeypatch.setattr(_blockwise, "prefix_sum", _old_prefix_sum)
     args = _args(32768, jnp.bfloat16, **OFFICIAL)
     fn = _grad_fn("xla", blk=OFFICIAL["blk"], k=OFFICIAL["k"])
     assert _widest(_lower(fn, args, platform)) == 64
@@ -142,7 +142,7 @@ def test_check_catches_the_old_cumsum(platform, monkeypatch):
 def test_check_catches_the_old_cummax(monkeypatch):
     """Positive control for documents: `lax.cummax` over the tokens is a
     reduce_window as long as the sequence."""
-    monkeypatch.setattr(_xla, "running_max", lambda x: jax.lax.cummax(x, axis=1))
+    monkeypatch.setattr(_blockwise, "running_max", lambda x: jax.lax.cummax(x, axis=1))
     args = _args(32768, jnp.bfloat16, documents=True, **OFFICIAL)
     fn = _grad_fn("xla", blk=OFFICIAL["blk"], k=OFFICIAL["k"])
     assert _widest(_lower(fn, args, "cuda")) == 32768
@@ -223,7 +223,7 @@ def test_cost_grows_linearly(mode, compiled):
 def test_cost_check_catches_the_old_cumsum(monkeypatch):
     """Positive control: the old cumsum's reduce_window makes the lowered
     program's FLOPs grow about 8x from T to 4T at these sizes."""
-    monkeypatch.setattr(_xla, "prefix_sum", _old_prefix_sum)
+    monkeypatch.setattr(_blockwise, "prefix_sum", _old_prefix_sum)
     assert _cost_growth("plain", compiled=False)["flops"] > 6.0
 
 

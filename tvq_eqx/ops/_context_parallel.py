@@ -31,19 +31,20 @@ from jax.sharding import AbstractMesh, Mesh
 from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, Bool, Float
 
+from ._blockwise import block_prefix, block_sums, fresh_cache, last_doc_start
 from ._common import (
     HIGHEST,
     VQAttentionState,
     as_int,
     cache_dtype,
-    check_cache_decay,
+    check_scale,
     gather_codes,
     quantize,
     resolve_mem_len,
     straight_through,
+    validate_inputs,
 )
-from ._dispatch import vq_attention_with_state
-from ._xla import block_prefix, block_sums, fresh_cache, last_doc_start
+from ._dispatch import AttentionOptions, check_doc_starts, run_resolved
 
 
 def _chunk_map(code, value, valid, last_start, *, c, n_code, block_len, decay):
@@ -117,15 +118,33 @@ def vq_attention_context_parallel(
     **Returns:** this chunk's output and the state after the whole sequence
     (the same on every device).
     """
-    block_len = as_int("block_len", block_len, 1)
-    mem_len = resolve_mem_len(mem_len, state, block_len)
-    cache_decay = check_cache_decay(cache_decay)
+    # The options resolved and the inputs validated once, here; the chunk's
+    # attention below trusts them (`run_resolved`).
+    opts = AttentionOptions.resolve(
+        implementation=implementation,
+        pallas=pallas,
+        block_len=block_len,
+        mem_len=mem_len,
+        state=state,
+        cache_decay=cache_decay,
+    )
+    if opts.implementation == "quadratic":
+        raise ValueError(
+            "implementation='quadratic' has no streaming state; use 'xla' or 'pallas'"
+        )
+    block_len, mem_len, cache_decay = opts.block_len, opts.mem_len, opts.cache_decay
     b, c, h, _ = key.shape
     if c % block_len or c < mem_len:
         raise ValueError(
             f"each device's chunk ({c} tokens of key {tuple(key.shape)}) must be "
             f"a multiple of block_len={block_len} and at least mem_len={mem_len}"
         )
+    validate_inputs(
+        query, key, value, codebook, block_len=block_len, rel_query=rel_query,
+        rel_table=rel_table, state=state, mem_len=mem_len,
+    )  # fmt: skip
+    scale = check_scale(scale, query.shape[-1])
+    doc_starts = check_doc_starts(doc_starts, query)
     if state is None:
         state = VQAttentionState.empty_for(key, value, codebook, mem_len=mem_len)
     n_dev = jax.lax.axis_size(axis_name)
@@ -197,11 +216,12 @@ def vq_attention_context_parallel(
         cache_mean=cache_mean.astype(cache_dtype(state.cache_mean.dtype)),
     )
 
-    out, after = vq_attention_with_state(
-        query, key, value, codebook, local, block_len=block_len, mem_len=m,
-        scale=scale, rel_query=rel_query, rel_table=rel_table,
-        cache_decay=cache_decay, implementation=implementation, pallas=pallas,
-        doc_starts=doc_starts,
+    # The chunk's keys are quantized once: the boundary block above and the
+    # attention share the codes.
+    out, after = run_resolved(
+        query, key, value, codebook, local, opts, scale=scale,
+        rel_query=rel_query, rel_table=rel_table, doc_starts=doc_starts,
+        codes=codes,
     )  # fmt: skip
     # The state after the sequence is the last device's; hand it to all.
     last = dev == n_dev - 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 from typing import Literal
@@ -49,7 +50,7 @@ _quadratic_jit = jax.jit(
 )
 # Keyword arguments of `vq_attention_pallas` that are arrays; every other
 # keyword-only argument is an option, static under jit.
-_PALLAS_ARRAY_KWARGS = ("state", "rel_query", "rel_table", "doc_starts")
+_PALLAS_ARRAY_KWARGS = ("state", "rel_query", "rel_table", "doc_starts", "codes")
 
 
 @functools.cache
@@ -114,6 +115,73 @@ def _check_pallas(pallas) -> PallasConfig:
     return pallas
 
 
+@dataclasses.dataclass(frozen=True)
+class AttentionOptions:
+    """The attention options of one call, validated and defaulted once at the
+    public boundary (`resolve`); everything below trusts them. Frozen and
+    hashable: static under jit."""
+
+    implementation: str
+    pallas: PallasConfig
+    block_len: int
+    mem_len: int
+    use_cache: bool = True
+    cache_grad: bool = True
+    sliding_window: bool = False
+    state_keys: str = "codewords"
+    cache_decay: float = 1.0
+
+    @classmethod
+    def resolve(
+        cls,
+        *,
+        implementation: str | None,
+        pallas: PallasConfig | None,
+        block_len: int | np.integer,
+        mem_len: int | np.integer | None = None,
+        state: VQAttentionState | None = None,
+        use_cache: bool = True,
+        cache_grad: bool = True,
+        sliding_window: bool | None = None,
+        state_keys: str = "codewords",
+        cache_decay: float | int | np.number = 1.0,
+    ) -> AttentionOptions:
+        """Check every option (errors name the argument) and fill the
+        defaults: the implementation for this backend, `mem_len` from the
+        state or `block_len`, `sliding_window` from `use_cache`."""
+        implementation = _check_implementation(implementation)
+        pallas = _check_pallas(pallas)
+        block_len = as_int("block_len", block_len, 1)
+        sliding_window = check_options(
+            use_cache=use_cache, sliding_window=sliding_window, state_keys=state_keys
+        )
+        if not isinstance(cache_grad, bool):
+            raise ValueError(f"cache_grad must be a bool; got {cache_grad!r}")
+        return cls(
+            implementation=implementation,
+            pallas=pallas,
+            block_len=block_len,
+            mem_len=resolve_mem_len(mem_len, state, block_len),
+            use_cache=use_cache,
+            cache_grad=cache_grad,
+            sliding_window=sliding_window,
+            state_keys=state_keys,
+            cache_decay=check_cache_decay(cache_decay),
+        )
+
+    def form_kwargs(self) -> dict:
+        """The keyword options of `vq_attention_xla` / `vq_attention_pallas`."""
+        return dict(
+            block_len=self.block_len,
+            mem_len=self.mem_len,
+            use_cache=self.use_cache,
+            cache_grad=self.cache_grad,
+            sliding_window=self.sliding_window,
+            state_keys=self.state_keys,
+            cache_decay=self.cache_decay,
+        )
+
+
 def vq_attention(
     query: Array,
     key: Array,
@@ -172,41 +240,33 @@ def vq_attention(
     queries in the same or the next block (the window, `mem_len = block_len`;
     the cache holds codewords, not keys), which is the paper's estimator.
     """
-    impl = _check_implementation(implementation)
-    pallas = _check_pallas(pallas)
-    block_len = as_int("block_len", block_len, 1)
-    validate_inputs(query, key, value, codebook, block_len=block_len)
+    opts = AttentionOptions.resolve(
+        implementation=implementation,
+        pallas=pallas,
+        block_len=block_len,
+        cache_decay=cache_decay,
+    )
+    validate_inputs(query, key, value, codebook, block_len=opts.block_len)
     scale = check_scale(scale, query.shape[-1])
-    cache_decay = check_cache_decay(cache_decay)
-    doc_starts = _check_doc_starts(doc_starts, query)
-    if impl == "quadratic":
+    doc_starts = check_doc_starts(doc_starts, query)
+    if opts.implementation == "quadratic":
         return _quadratic_jit(
             query,
             key,
             value,
             codebook,
             scale=scale,
-            cache_decay=cache_decay,
-            block_len=block_len,
+            cache_decay=opts.cache_decay,
+            block_len=opts.block_len,
             doc_starts=doc_starts,
         )
-    out, _ = vq_attention_with_state(
-        query,
-        key,
-        value,
-        codebook,
-        None,
-        block_len=block_len,
-        scale=scale,
-        implementation=impl,
-        pallas=pallas,
-        cache_decay=cache_decay,
-        doc_starts=doc_starts,
+    out, _ = run_resolved(
+        query, key, value, codebook, None, opts, scale=scale, doc_starts=doc_starts
     )
     return out
 
 
-def _check_doc_starts(doc_starts, query):
+def check_doc_starts(doc_starts, query):
     """`doc_starts` checked: None, or bool `[batch, seq]` like the query's."""
     if doc_starts is None:
         return None
@@ -285,37 +345,72 @@ def vq_attention_with_state(
     unchanged (cache in float32). The returned state's cache is float32
     whatever the activation dtype (see `VQAttentionState`).
     """
-    impl = _check_implementation(implementation)
-    pallas = _check_pallas(pallas)
-    if impl == "quadratic":
+    opts = AttentionOptions.resolve(
+        implementation=implementation,
+        pallas=pallas,
+        block_len=block_len,
+        mem_len=mem_len,
+        state=state,
+        use_cache=use_cache,
+        cache_grad=cache_grad,
+        sliding_window=sliding_window,
+        state_keys=state_keys,
+        cache_decay=cache_decay,
+    )
+    if opts.implementation == "quadratic":
         raise ValueError(
             "implementation='quadratic' has no streaming state; use 'xla' or 'pallas'"
         )
-    sliding_window = check_options(
-        use_cache=use_cache, sliding_window=sliding_window, state_keys=state_keys
-    )
-    if not isinstance(cache_grad, bool):
-        raise ValueError(f"cache_grad must be a bool; got {cache_grad!r}")
-    cache_decay = check_cache_decay(cache_decay)
-    doc_starts = _check_doc_starts(doc_starts, query)
-    block_len = as_int("block_len", block_len, 1)
-    mem_len = resolve_mem_len(mem_len, state, block_len)
+    doc_starts = check_doc_starts(doc_starts, query)
     validate_inputs(
         query,
         key,
         value,
         codebook,
-        block_len=block_len,
+        block_len=opts.block_len,
         rel_query=rel_query,
         rel_table=rel_table,
         state=state,
-        mem_len=mem_len,
+        mem_len=opts.mem_len,
     )
     scale = check_scale(scale, query.shape[-1])
+    return run_resolved(
+        query,
+        key,
+        value,
+        codebook,
+        state,
+        opts,
+        scale=scale,
+        rel_query=rel_query,
+        rel_table=rel_table,
+        doc_starts=doc_starts,
+    )
+
+
+def run_resolved(
+    query,
+    key,
+    value,
+    codebook,
+    state,
+    opts: AttentionOptions,
+    *,
+    scale,
+    rel_query=None,
+    rel_table=None,
+    doc_starts=None,
+    codes=None,
+):
+    """Route validated inputs and resolved options to the xla form or the
+    kernels (no checks repeated: the public entry points and context
+    parallelism made them). `codes`: the keys' codes when the caller has
+    quantized them already (context parallelism), else None."""
     b, t, h, _ = query.shape
     if t == 0:
         # Nothing to attend or to add to the history: the state is unchanged.
-        return _empty_segment(query, key, value, codebook, state, mem_len=mem_len)
+        return _empty_segment(query, key, value, codebook, state, mem_len=opts.mem_len)
+    impl = opts.implementation
     if impl == "pallas" and b * h * value.shape[-1] == 0:
         # Zero-size batch, heads or values: no kernel work; the xla form
         # gives the (empty) output and the state exactly.
@@ -327,26 +422,21 @@ def vq_attention_with_state(
             # either way).
             query = query * jnp.asarray(scale).astype(query.dtype)
             scale = 1.0
-        implementation_fn = functools.partial(_pallas_jit(), pallas=pallas)
+        implementation_fn = functools.partial(_pallas_jit(), pallas=opts.pallas)
     else:
         implementation_fn = _xla_jit
+    arrays = {"doc_starts": doc_starts, "codes": codes}
     return implementation_fn(
         query,
         key,
         value,
         codebook,
-        block_len=block_len,
         scale=scale,
         state=state,
         rel_query=rel_query,
         rel_table=rel_table,
-        use_cache=use_cache,
-        cache_grad=cache_grad,
-        mem_len=mem_len,
-        sliding_window=sliding_window,
-        state_keys=state_keys,
-        cache_decay=cache_decay,
-        **({} if doc_starts is None else {"doc_starts": doc_starts}),
+        **opts.form_kwargs(),
+        **{name: x for name, x in arrays.items() if x is not None},
     )
 
 

@@ -32,19 +32,14 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Bool, Float
+from jaxtyping import Array, Bool, Float, Int
 
 from pallas_kernels.vq_attention import PallasConfig, vq_attention_core
 
 from .._checks import error_if_any
+from ._blockwise import _blocks, next_state, prologue, window_offsets
 from ._common import VQAttentionState, log_count_bias, relative_bias
-from ._xla import (
-    _blocks,
-    next_state,
-    prologue,
-    vq_attention_xla,
-    window_offsets,
-)
+from ._xla import vq_attention_xla
 
 
 def _heads_first(x):
@@ -62,6 +57,7 @@ def kernel_inputs(
     rel_query,
     rel_table,
     doc_starts,
+    codes,
     *,
     block_len,
     scale,
@@ -92,6 +88,7 @@ def kernel_inputs(
         state_keys=state_keys,
         cache_decay=cache_decay,
         doc_starts=doc_starts,
+        codes=codes,
     )
     state, ext = pro.state, pro.ext
     # The window is whole or empty (checked by the caller): one flag per row.
@@ -203,7 +200,7 @@ _XLA_OPTIONS = (
 
 def _xla_backward_bwd(static, args, cotangent):
     options = {k: v for k, v in static if k in _XLA_OPTIONS}
-    *args, doc_starts = args
+    *args, doc_starts, codes = args
 
     def xla(query, key, value, codebook, state, rel_query, rel_table):
         return vq_attention_xla(
@@ -215,11 +212,12 @@ def _xla_backward_bwd(static, args, cotangent):
             rel_query=rel_query,
             rel_table=rel_table,
             doc_starts=doc_starts,
+            codes=codes,
             **options,
         )
 
     _, vjp = jax.vjp(xla, *args)
-    return (*vjp(cotangent), None)  # doc_starts: bool, no gradient
+    return (*vjp(cotangent), None, None)  # doc_starts, codes: no gradient
 
 
 _xla_backward.defvjp(_xla_backward_fwd, _xla_backward_bwd)
@@ -245,6 +243,7 @@ def vq_attention_pallas(
     window_len: int | None = None,
     cache_decay: float = 1.0,
     doc_starts: Bool[Array, "batch seq"] | None = None,
+    codes: Int[Array, "batch seq heads"] | None = None,
 ) -> tuple[Float[Array, "batch seq heads d_v"], VQAttentionState]:
     """`vq_attention_xla` on the Pallas kernels; returns (output, new state).
 
@@ -318,7 +317,9 @@ def vq_attention_pallas(
     if cache_decay != 1.0:
         # The kernels read the decayed cache's counts and means unchanged.
         static["cache_decay"] = float(cache_decay)
-    args = (query, key, value, codebook, state, rel_query, rel_table, doc_starts)
+    args = (
+        query, key, value, codebook, state, rel_query, rel_table, doc_starts, codes
+    )  # fmt: skip
     if pallas.backward == "xla":
         return _xla_backward(tuple(sorted(static.items())), *args)
     return _forward(*args, **static)

@@ -1,0 +1,349 @@
+"""The blockwise core shared by every linear-time form (the xla form, the
+pallas path, context parallelism and the benchmarks): quantize, prepend the
+carried window, sum the cache of every block, and form the next state.
+
+Let `k_ext` be the carried window (the last M keys before the segment) followed
+by the segment's T keys. Block n (length L) attends, under one softmax, to
+  [codebook rows, biased by log(count) and valued by the cached mean]
+      (every key of k_ext before index nL, plus the carried cache)
+  [its window k_ext[nL : nL + M + L]: the M keys before the block, then the
+      block itself, causal]
+The cache of block n is the carried cache plus an exclusive prefix sum, over
+groups of L, of the per-group code histograms and value sums of k_ext's first
+T entries, so all blocks run in parallel with no loop over blocks; memory is
+O(T * (codes + M + L)).
+"""
+
+from __future__ import annotations
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float, Int
+
+from ._common import (
+    HIGHEST,
+    VQAttentionState,
+    cache_dtype,
+    gather_codes,
+    quantize,
+    straight_through,
+)
+from ._prefix import linear_recurrence, prefix_sum, running_max
+
+sg = jax.lax.stop_gradient
+
+
+def _blocks(x, block_len):
+    """[B, T, ...] -> [B, N, L, ...]."""
+    b, t = x.shape[:2]
+    return x.reshape(b, t // block_len, block_len, *x.shape[2:])
+
+
+def block_windows(x_ext, *, mem_len: int, block_len: int):
+    """`[B, M + T, ...]` -> `[B, N, M + L, ...]`: block n's window
+    `x_ext[:, nL : nL + M + L]`, by static slices (no gather).
+
+    The front is padded to a whole number of blocks, so the window is `c + 1`
+    consecutive padded blocks (c = ceil(M / L)) minus the padding.
+    """
+    L = block_len
+    n_blk = (x_ext.shape[1] - mem_len) // L
+    c = -(-mem_len // L)
+    pad = c * L - mem_len
+    x = jnp.pad(x_ext, [(0, 0), (pad, 0)] + [(0, 0)] * (x_ext.ndim - 2))
+    blk = _blocks(x, L)  # [B, c + N, L, ...]
+    win = jnp.concatenate([blk[:, i : i + n_blk] for i in range(c + 1)], axis=2)
+    return win[:, :, pad:]
+
+
+def window_offsets(mem_len: int, block_len: int):
+    """`dist [L, M + L]`: query row r to window column j is at distance
+    `M + r - j` (columns j < M precede the block)."""
+    r = jnp.arange(block_len)[:, None]
+    j = jnp.arange(mem_len + block_len)[None, :]
+    return mem_len + r - j
+
+
+class Extended(eqx.Module):
+    """The carried window followed by the segment, every per-key array.
+
+    - `code` int32 `[B, M + T, H]`, `khat` `[B, M + T, H, K]` (straight-through
+      codewords), `value` `[B, M + T, H, V]`, `valid` bool `[B, M + T]`.
+    """
+
+    code: Int[Array, "batch ext heads"]
+    khat: Float[Array, "batch ext heads d_k"]
+    value: Float[Array, "batch ext heads d_v"]
+    valid: Bool[Array, "batch ext"]
+    last_start: Int[Array, "batch ext"] | None = None
+
+
+def last_doc_start(
+    doc_starts: Bool[Array, "batch seq"] | None, mem_len: int
+) -> Int[Array, "batch ext"] | None:
+    """Per entry of [window, segment]: the index of the last document start
+    at or before it (-1: none in this call, the history's document goes on).
+    The window's keys predate the call: no start there."""
+    if doc_starts is None:
+        return None
+    b, t = doc_starts.shape
+    idx = mem_len + jnp.arange(t, dtype=jnp.int32)
+    marked = jnp.where(doc_starts, idx[None, :], -1)
+    seg = running_max(marked)
+    return jnp.concatenate([jnp.full((b, mem_len), -1, jnp.int32), seg], axis=1)
+
+
+def extend(
+    state: VQAttentionState,
+    codes,
+    khat,
+    value,
+    codebook,
+    *,
+    state_keys: str,
+    doc_starts: Bool[Array, "batch seq"] | None = None,
+) -> Extended:
+    """Prepend the state's window to the segment's codes, keys and values.
+
+    `state_keys="codewords"` reads the window's stored codewords (quantized
+    with the codebook of their own step, as the official code);
+    `"codes"` re-reads the current `codebook` at the stored codes.
+    """
+    if state_keys == "codewords":
+        win_key = state.window_key.astype(khat.dtype)
+    else:
+        win_key = gather_codes(codebook, state.window_code).astype(khat.dtype)
+    return Extended(
+        code=jnp.concatenate([state.window_code, codes], axis=1),
+        khat=jnp.concatenate([win_key, khat], axis=1),
+        value=jnp.concatenate([state.window_value.astype(value.dtype), value], 1),
+        valid=extend_valid(state, codes.shape[1]),
+        last_start=last_doc_start(doc_starts, state.window_code.shape[1]),
+    )
+
+
+def extend_valid(state: VQAttentionState, t: int) -> Bool[Array, "batch ext"]:
+    """Validity of [window, segment]: the window's last `length` slots are real."""
+    b, m = state.window_code.shape[:2]
+    win_valid = jnp.arange(m)[None, :] >= m - state.length[:, None]  # [B, M]
+    return jnp.concatenate([win_valid, jnp.ones((b, t), bool)], axis=1)
+
+
+def _summaries(
+    code,
+    value,
+    valid,
+    state: VQAttentionState,
+    *,
+    n_code,
+    block_len,
+    decay=1.0,
+    last_start=None,
+):
+    """Cache of every block and after the segment, from the first T entries of
+    the extended codes, values and validity (T = their length minus M).
+
+    `decay` (gamma in (0, 1]): the cache of block n is `gamma * cache(n-1) +
+    summary of the keys that left the window at block n`, counts and sums
+    alike, so a key's weight is `gamma ** (blocks since it entered the
+    cache)`; 1 is the plain (official) sum.
+
+    `last_start` (documents, see `last_doc_start`): the cache restarts at
+    every document start, a segmented scan: a group of L entries holding a
+    start contributes only its keys from its last start on, and drops what
+    came before it."""
+    t = code.shape[1] - state.window_code.shape[1]
+    counts, sums, reset = block_sums(
+        code, value, valid, t=t, n_code=n_code, block_len=block_len,
+        last_start=last_start,
+    )  # fmt: skip
+    count0 = state.cache_count.astype(jnp.float32)
+    sum0 = state.cache_mean.astype(jnp.float32) * count0[..., None]
+    blk_count, new_count = block_prefix(counts, count0, decay=decay, reset=reset)
+    blk_sum, new_sum = block_prefix(sums, sum0, decay=decay, reset=reset)
+    fresh = fresh_cache(last_start, t)
+    if fresh is not None:
+        new_count = jnp.where(fresh[:, None, None], 0.0, new_count)
+        new_sum = jnp.where(fresh[:, None, None, None], 0.0, new_sum)
+    dtype = value.dtype
+    # What the blocks read is one rounding to the value dtype; what is carried
+    # to the next call stays float32, so rounding never compounds over calls.
+    blk_mean = (blk_sum / _nonzero(blk_count)[..., None]).astype(dtype)
+    new_mean = (new_sum / _nonzero(new_count)[..., None]).astype(cache_dtype(dtype))
+    return blk_count, blk_mean, new_count, new_mean
+
+
+def block_sums(code, value, valid, *, t, n_code, block_len, last_start=None):
+    """Per block of the first `t` extended entries: code counts `[B, N, H, S]`
+    and value sums `[B, N, H, S, V]` (float32) of its valid keys (with
+    documents, those from the block's last start on), and whether the block
+    holds a document start (`[B, N]`; None without documents)."""
+    n_blk = t // block_len
+    z = _blocks(code[:, :t], block_len)  # [B, N, L, H]
+    v = _blocks(value[:, :t], block_len)
+    valid = _blocks(valid[:, :t], block_len)  # [B, N, L]
+    reset = None
+    if last_start is not None:
+        # Keys from the last start of their group on (all, if it has none).
+        group_last = _blocks(last_start[:, :t], block_len)[:, :, -1]  # [B, N]
+        idx = _blocks(
+            jnp.broadcast_to(jnp.arange(t), last_start[:, :t].shape), block_len
+        )
+        valid = valid & (idx >= group_last[:, :, None])
+        first = (jnp.arange(n_blk) * block_len)[None, :]
+        reset = group_last >= first  # the group holds a start
+    onehot = jax.nn.one_hot(z, n_code, dtype=jnp.float32)  # [B, N, L, H, S]
+    onehot = onehot * valid[..., None, None].astype(onehot.dtype)
+    counts = jnp.sum(onehot, axis=2)  # [B, N, H, S]
+    if v.dtype in (jnp.bfloat16, jnp.float16):
+        # 0/1 and the values are exact in the value dtype and products are
+        # accumulated in float32: the same sums as a float32 einsum (up to
+        # summation order), on the fast low-precision matmul path.
+        sums = jnp.einsum(
+            "bnlhs,bnlhv->bnhsv",
+            onehot.astype(v.dtype),
+            v,
+            preferred_element_type=jnp.float32,
+        )
+    else:
+        sums = jnp.einsum(
+            "bnlhs,bnlhv->bnhsv", onehot, v.astype(jnp.float32), precision=HIGHEST
+        )
+    return counts, sums, reset
+
+
+def block_prefix(x, total0, *, decay=1.0, reset=None):
+    """`y_n = a_n y_(n-1) + x_n` over the blocks (axis 1 of `x`) from
+    `y_(-1) = total0`, with `a_n = decay`, or 0 where block n starts a
+    document (`reset`). Returns (`y_(n-1)` for every block n: what it reads,
+    the last `y`: what is carried). Linear in the number of blocks, forward
+    and backward, on every platform (`_prefix`)."""
+    n_blk = x.shape[1]
+    if decay == 1.0 and reset is None:
+        inclusive = prefix_sum(x)
+        before = jnp.concatenate(
+            [jnp.zeros_like(x[:, :1]), inclusive[:, : n_blk - 1]], 1
+        )
+        return total0[:, None] + before, total0 + inclusive[:, n_blk - 1]
+    a = jnp.full(x.shape[:2], decay, jnp.float32)
+    if reset is not None:
+        a = jnp.where(reset, 0.0, a)
+    inclusive = linear_recurrence(a, x, total0)
+    before = jnp.concatenate([total0[:, None], inclusive[:, : n_blk - 1]], 1)
+    return before, inclusive[:, n_blk - 1]
+
+
+def fresh_cache(last_start, t: int):
+    """`[B]`: a document starts among the last M extended entries (the next
+    window), so nothing of the carried cache is its own; None without
+    documents."""
+    return None if last_start is None else last_start[:, -1] >= t
+
+
+def _nonzero(count):
+    """`count` with its zeros replaced by 1 (an empty code's sum is 0, and so
+    is its mean); decayed counts may be below 1."""
+    return jnp.where(count > 0, count, 1.0)
+
+
+class Prologue(eqx.Module):
+    """Everything the linear-time forms compute before attending (`prologue`).
+
+    - `state`: the incoming state (an empty one for `state=None`).
+    - `codebook`: the codebook without gradient, in the key dtype.
+    - `ext`: the carried window followed by the segment (`Extended`).
+    - `block_count` f32 `[B, N, H, S]`, `block_mean` `[B, N, H, S, V]`: the
+      cache each block reads (stop-gradiented with `cache_grad=False`).
+    - `new_count` f32 `[B, H, S]`, `new_mean` f32 `[B, H, S, V]`: the cache
+      after the segment (for `next_state`).
+    """
+
+    state: VQAttentionState
+    codebook: Float[Array, "heads codes d_k"]
+    ext: Extended
+    block_count: Float[Array, "batch blocks heads codes"]
+    block_mean: Float[Array, "batch blocks heads codes d_v"]
+    new_count: Float[Array, "batch heads codes"]
+    new_mean: Float[Array, "batch heads codes d_v"]
+
+
+def prologue(
+    key: Float[Array, "batch seq heads d_k"],
+    value: Float[Array, "batch seq heads d_v"],
+    codebook: Float[Array, "heads codes d_k"],
+    state: VQAttentionState | None,
+    *,
+    block_len: int,
+    mem_len: int | None,
+    cache_grad: bool,
+    state_keys: str,
+    cache_decay: float = 1.0,
+    doc_starts: Bool[Array, "batch seq"] | None = None,
+    codes: Int[Array, "batch seq heads"] | None = None,
+) -> Prologue:
+    """Quantize the keys, form the straight-through keys, prepend the state's
+    window (an empty state for `state=None`, window `mem_len`, default
+    `block_len`) and sum the cache of every block: the shared first step of
+    the xla and pallas forms. `codes`: the keys' codes if the caller has
+    them already (`quantize(key, codebook)`), else computed here."""
+    n_code = codebook.shape[1]
+    if state is None:
+        state = VQAttentionState.empty_for(
+            key, value, codebook, mem_len=block_len if mem_len is None else mem_len
+        )
+    if codes is None:
+        codes = quantize(key, codebook)  # [B, T, H]
+    codebook = sg(codebook).astype(key.dtype)
+    khat = straight_through(key, gather_codes(codebook, codes))
+    ext = extend(
+        state, codes, khat, value, codebook, state_keys=state_keys,
+        doc_starts=doc_starts,
+    )  # fmt: skip
+    # The cache is kept up to date even when it is not read (as the official
+    # code does), so the carried state is the same in every mode.
+    blk_count, blk_mean, new_count, new_mean = _summaries(
+        ext.code,
+        ext.value,
+        ext.valid,
+        state,
+        n_code=n_code,
+        block_len=block_len,
+        decay=cache_decay,
+        last_start=ext.last_start,
+    )
+    if not cache_grad:
+        blk_mean = sg(blk_mean)
+    return Prologue(state, codebook, ext, blk_count, blk_mean, new_count, new_mean)
+
+
+def next_state(
+    state: VQAttentionState, ext: Extended, cache_count, cache_mean, *, cache_grad
+):
+    """The state after a segment: the last M entries of `ext` and the cache of
+    everything before them (window dtypes kept from the incoming state; the
+    cache float32 or wider, see `VQAttentionState`). With
+    `cache_grad=False` it is a constant (official `grad_thru_cache=False`)."""
+    m = state.window_code.shape[1]
+    t = ext.code.shape[1] - m
+    length = jnp.minimum(state.length + t, m)
+    if ext.last_start is not None:
+        # The window holds only the last document's keys (ext indices t..t+m-1
+        # from its start on).
+        start = ext.last_start[:, -1]
+        length = jnp.where(start >= 0, t + m - jnp.maximum(start, t), length)
+    new = VQAttentionState(
+        window_code=ext.code[:, t:],
+        window_key=ext.khat[:, t:].astype(state.window_key.dtype),
+        window_value=ext.value[:, t:].astype(state.window_value.dtype),
+        length=length.astype(jnp.int32),
+        cache_count=cache_count,
+        cache_mean=cache_mean.astype(
+            max(cache_mean.dtype, state.cache_mean.dtype, key=cache_dtype_size)
+        ),
+    )
+    return new if cache_grad else jax.tree.map(sg, new)
+
+
+def cache_dtype_size(dtype) -> int:
+    return cache_dtype(dtype).itemsize
