@@ -134,6 +134,7 @@ def lower(
     documents: bool = False,
     block_sizes=None,
     device_kind: str = "NVIDIA H100 80GB HBM3",
+    cache_prefix: str = "xla",
 ):
     """Lower value_and_grad of a loss over `vq_attention_pallas` for `platform`
     ("cuda": Triton, or "tpu": Mosaic) from any machine; nothing runs.
@@ -143,7 +144,8 @@ def lower(
     `block_sizes` is given. The loss reads the output and the new state's
     cache, so every forward and backward kernel is in the program.
     `documents`: with packed-document masking (`doc_starts`: the forward
-    and dq kernels read each query's document start)."""
+    and dq kernels read each query's document start). `cache_prefix`:
+    `PallasConfig.cache_prefix` ("kernel": the cache prefix kernel too)."""
     import jax
     import jax.numpy as jnp
     from jax.sharding import AbstractDevice, AbstractMesh, use_abstract_mesh
@@ -186,7 +188,7 @@ def lower(
             scale=k**-0.5,
             use_cache=use_cache,
             cache_grad=cache_grad,
-            pallas=PallasConfig(block_sizes=block_sizes),
+            pallas=PallasConfig(block_sizes=block_sizes, cache_prefix=cache_prefix),
             window_len=window_len,
             doc_starts=doc_starts,
             **extra,
@@ -573,11 +575,13 @@ def run_gate(
                 # the rule tunes per architecture: lower once per arch
                 sizes = block_sizes or BlockSizes.for_platform("gpu", arch=arch)
                 for docs in (False, True) if documents else (False,):
+                    # With the cache prefix kernel, so all six kernels compile.
                     lowered = lower(
                         SHAPES[shape_name],
                         jnp.dtype(dtype),
                         block_sizes=sizes,
                         documents=docs,
+                        cache_prefix="kernel",
                     )
                     name = shape_name + ("+docs" if docs else "")
                     work += [(name, dtype, arch, c) for c in triton_calls(lowered)]

@@ -44,6 +44,24 @@ def test_every_triton_module_verifies(shape_name, dtype):
         assert "tt.func" in text and call.num_warps in (4, 8)
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_cache_prefix_module_verifies(dtype):
+    """With PallasConfig(cache_prefix="kernel") the program has a sixth
+    kernel, the cache prefix; its module verifies (with documents too: the
+    per-block factors)."""
+    for documents in (False, True):
+        lowered = aot.lower(
+            aot.SHAPES["official"],
+            jnp.dtype(dtype),
+            cache_prefix="kernel",
+            documents=documents,
+        )
+        calls = aot.triton_calls(lowered)
+        assert {c.name for c in calls} == KERNELS | {"vq_attention_cache_prefix"}
+        for call in calls:
+            aot.verify_module(call)
+
+
 @pytest.mark.parametrize("window_len", [None, 200])
 def test_window_only_modules_verify(window_len):
     lowered = aot.lower(
@@ -125,8 +143,9 @@ def gate_rows():
 @pytest.mark.slow
 def test_gate_every_kernel_compiles_and_fits(gate_rows):
     table = "\n".join(aot.format_row(s, d, r) for s, d, r in gate_rows)
-    # official: 2 dtypes x 2 archs x 5 kernels; presets: 3 x 2 dtypes x 5
-    assert len(gate_rows) == 20 + 30, table
+    # official: 2 dtypes x 2 archs x 6 kernels; presets: 3 x 2 dtypes x 6
+    # (the five attention kernels and the cache prefix)
+    assert len(gate_rows) == 24 + 36, table
     for _, _, rep in gate_rows:
         limit = aot.ARCH_LIMITS[rep.arch]["smem_per_block"]
         assert rep.status == "ok", table

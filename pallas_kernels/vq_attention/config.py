@@ -189,6 +189,8 @@ class BlockSizes:
 
 Backward = Literal["kernels", "xla"]
 BACKWARDS: tuple[str, ...] = get_args(Backward)
+CachePrefix = Literal["xla", "kernel"]
+CACHE_PREFIXES: tuple[str, ...] = get_args(CachePrefix)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,6 +208,13 @@ class PallasConfig:
     interpret: bool | None = None
     """Pallas interpret mode: None = exactly when not lowered for cuda/rocm/tpu
     (so on CPU); True = everywhere (debugging on a GPU); False = never."""
+    cache_prefix: CachePrefix = "xla"
+    """How the cache every block reads is made: "xla" (block sums, their
+    prefix over blocks and the division to means as XLA passes over float32
+    `[N, S, V]` arrays) or "kernel" (one kernel keeps the running sums in
+    registers and writes only the means; `prefix.py`). The same numbers up to
+    summation order; "kernel" runs on GPU and in interpret mode, XLA on TPU.
+    "xla" stays the default until GPU timings favour the kernel."""
 
     def __post_init__(self):
         if isinstance(self.block_sizes, dict):  # from `dataclasses.asdict`
@@ -221,6 +230,11 @@ class PallasConfig:
             raise ValueError(
                 f"PallasConfig.backward must be one of {BACKWARDS}; got "
                 f"{self.backward!r}"
+            )
+        if self.cache_prefix not in CACHE_PREFIXES:
+            raise ValueError(
+                f"PallasConfig.cache_prefix must be one of {CACHE_PREFIXES}; got "
+                f"{self.cache_prefix!r}"
             )
         if self.interpret is not None and not isinstance(self.interpret, bool):
             raise ValueError(

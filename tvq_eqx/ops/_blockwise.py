@@ -130,9 +130,34 @@ def extend_valid(state: VQAttentionState, t: int) -> Bool[Array, "batch ext"]:
     return jnp.concatenate([win_valid, jnp.ones((b, t), bool)], axis=1)
 
 
-def _summaries(
+class CacheTerms(eqx.Module):
+    """What the cache of every block is made of (`cache_terms`), before the
+    value sums: enough for the XLA form (`xla_cache_means`) and the kernel
+    (`pallas_kernels.vq_attention.prefix`) to compute the same means.
+
+    - `entering` int32 `[B, T, H]`: code of each of the first T extended
+      entries, -1 where the key does not enter the cache (an invalid window
+      slot; with documents, a key before its group's last start). Group n
+      (entries nL..nL+L-1) enters after block n reads the cache.
+    - `factor` float32 `[B, N]` or None (all 1): `y_n = factor_n y_(n-1) +
+      group n` (the decay; 0 where a group holds a document start).
+    - `block_count` f32 `[B, N, H, S]`: the counts block n reads;
+      `new_count` f32 `[B, H, S]`: after the segment.
+    - `sum0` f32 `[B, H, S, V]`: the carried cache as sums.
+    - `fresh` bool `[B]` or None: the carried cache after the segment is
+      empty (a document starts in the next window).
+    """
+
+    entering: Int[Array, "batch seq heads"]
+    factor: Float[Array, "batch blocks"] | None
+    block_count: Float[Array, "batch blocks heads codes"]
+    new_count: Float[Array, "batch heads codes"]
+    sum0: Float[Array, "batch heads codes d_v"]
+    fresh: Bool[Array, " batch"] | None
+
+
+def cache_terms(
     code,
-    value,
     valid,
     state: VQAttentionState,
     *,
@@ -140,9 +165,9 @@ def _summaries(
     block_len,
     decay=1.0,
     last_start=None,
-):
-    """Cache of every block and after the segment, from the first T entries of
-    the extended codes, values and validity (T = their length minus M).
+) -> CacheTerms:
+    """The cache's codes, factors and counts, from the extended codes and
+    validity (the first T = length - M entries enter the cache).
 
     `decay` (gamma in (0, 1]): the cache of block n is `gamma * cache(n-1) +
     summary of the keys that left the window at block n`, counts and sums
@@ -154,24 +179,91 @@ def _summaries(
     start contributes only its keys from its last start on, and drops what
     came before it."""
     t = code.shape[1] - state.window_code.shape[1]
-    counts, sums, reset = block_sums(
-        code, value, valid, t=t, n_code=n_code, block_len=block_len,
-        last_start=last_start,
-    )  # fmt: skip
+    entering, reset = entering_codes(
+        code, valid, t=t, block_len=block_len, last_start=last_start
+    )
+    counts = jnp.sum(
+        jax.nn.one_hot(_blocks(entering, block_len), n_code, dtype=jnp.float32), axis=2
+    )  # [B, N, H, S]
+    factor = block_factors(entering.shape[0], t // block_len, decay, reset)
     count0 = state.cache_count.astype(jnp.float32)
-    sum0 = state.cache_mean.astype(jnp.float32) * count0[..., None]
-    blk_count, new_count = block_prefix(counts, count0, decay=decay, reset=reset)
-    blk_sum, new_sum = block_prefix(sums, sum0, decay=decay, reset=reset)
+    blk_count, new_count = block_prefix(counts, count0, factor=factor)
     fresh = fresh_cache(last_start, t)
     if fresh is not None:
         new_count = jnp.where(fresh[:, None, None], 0.0, new_count)
-        new_sum = jnp.where(fresh[:, None, None, None], 0.0, new_sum)
-    dtype = value.dtype
+    sum0 = state.cache_mean.astype(jnp.float32) * count0[..., None]
+    return CacheTerms(entering, factor, blk_count, new_count, sum0, fresh)
+
+
+def xla_cache_means(terms: CacheTerms, value, *, n_code, block_len):
+    """The cached mean every block reads `[B, N, H, S, V]` (value dtype) and
+    the sums after the segment `[B, H, S, V]` (float32), in XLA: per-group
+    one-hot sums, their prefix over blocks, the division by the counts."""
+    t = terms.entering.shape[1]
+    sums = _onehot_sums(
+        terms.entering, value[:, :t], n_code=n_code, block_len=block_len
+    )
+    blk_sum, new_sum = block_prefix(sums, terms.sum0, factor=terms.factor)
     # What the blocks read is one rounding to the value dtype; what is carried
     # to the next call stays float32, so rounding never compounds over calls.
-    blk_mean = (blk_sum / _nonzero(blk_count)[..., None]).astype(dtype)
-    new_mean = (new_sum / _nonzero(new_count)[..., None]).astype(cache_dtype(dtype))
-    return blk_count, blk_mean, new_count, new_mean
+    blk_mean = (blk_sum / _nonzero(terms.block_count)[..., None]).astype(value.dtype)
+    return blk_mean, new_sum
+
+
+def carried_mean(terms: CacheTerms, new_sum, dtype):
+    """The carried cache's mean after the segment (float32 or wider)."""
+    if terms.fresh is not None:
+        new_sum = jnp.where(terms.fresh[:, None, None, None], 0.0, new_sum)
+    return (new_sum / _nonzero(terms.new_count)[..., None]).astype(cache_dtype(dtype))
+
+
+def entering_codes(code, valid, *, t, block_len, last_start=None):
+    """The codes of the first `t` extended entries, -1 where the key does not
+    enter the cache (invalid; with documents, before its group's last
+    start), and whether each group holds a document start (`[B, N]`; None
+    without documents)."""
+    n_blk = t // block_len
+    valid = valid[:, :t]
+    reset = None
+    if last_start is not None:
+        # Keys from the last start of their group on (all, if it has none).
+        group_last = _blocks(last_start[:, :t], block_len)[:, :, -1]  # [B, N]
+        idx = jnp.arange(t)[None, :]
+        valid = valid & (idx >= jnp.repeat(group_last, block_len, axis=1))
+        first = (jnp.arange(n_blk) * block_len)[None, :]
+        reset = group_last >= first  # the group holds a start
+    return jnp.where(valid[:, :, None], code[:, :t], -1), reset
+
+
+def block_factors(b: int, n_blk: int, decay: float, reset):
+    """`[B, N]` factors of the cache recurrence (None: all 1)."""
+    if decay == 1.0 and reset is None:
+        return None
+    a = jnp.full((b, n_blk), decay, jnp.float32)
+    return a if reset is None else jnp.where(reset, 0.0, a)
+
+
+def _onehot_sums(entering, value, *, n_code, block_len):
+    """Per group of L entries, the value sum of each code `[B, N, H, S, V]`
+    (float32; entries with code -1 add nothing)."""
+    z = _blocks(entering, block_len)  # [B, N, L, H]
+    v = _blocks(value, block_len)
+    if v.dtype in (jnp.bfloat16, jnp.float16):
+        # 0/1 and the values are exact in the value dtype and products are
+        # accumulated in float32: the same sums as a float32 einsum (up to
+        # summation order), on the fast low-precision matmul path.
+        return jnp.einsum(
+            "bnlhs,bnlhv->bnhsv",
+            jax.nn.one_hot(z, n_code, dtype=v.dtype),
+            v,
+            preferred_element_type=jnp.float32,
+        )
+    return jnp.einsum(
+        "bnlhs,bnlhv->bnhsv",
+        jax.nn.one_hot(z, n_code, dtype=jnp.float32),
+        v.astype(jnp.float32),
+        precision=HIGHEST,
+    )
 
 
 def block_sums(code, value, valid, *, t, n_code, block_len, last_start=None):
@@ -179,57 +271,32 @@ def block_sums(code, value, valid, *, t, n_code, block_len, last_start=None):
     and value sums `[B, N, H, S, V]` (float32) of its valid keys (with
     documents, those from the block's last start on), and whether the block
     holds a document start (`[B, N]`; None without documents)."""
-    n_blk = t // block_len
-    z = _blocks(code[:, :t], block_len)  # [B, N, L, H]
-    v = _blocks(value[:, :t], block_len)
-    valid = _blocks(valid[:, :t], block_len)  # [B, N, L]
-    reset = None
-    if last_start is not None:
-        # Keys from the last start of their group on (all, if it has none).
-        group_last = _blocks(last_start[:, :t], block_len)[:, :, -1]  # [B, N]
-        idx = _blocks(
-            jnp.broadcast_to(jnp.arange(t), last_start[:, :t].shape), block_len
-        )
-        valid = valid & (idx >= group_last[:, :, None])
-        first = (jnp.arange(n_blk) * block_len)[None, :]
-        reset = group_last >= first  # the group holds a start
-    onehot = jax.nn.one_hot(z, n_code, dtype=jnp.float32)  # [B, N, L, H, S]
-    onehot = onehot * valid[..., None, None].astype(onehot.dtype)
-    counts = jnp.sum(onehot, axis=2)  # [B, N, H, S]
-    if v.dtype in (jnp.bfloat16, jnp.float16):
-        # 0/1 and the values are exact in the value dtype and products are
-        # accumulated in float32: the same sums as a float32 einsum (up to
-        # summation order), on the fast low-precision matmul path.
-        sums = jnp.einsum(
-            "bnlhs,bnlhv->bnhsv",
-            onehot.astype(v.dtype),
-            v,
-            preferred_element_type=jnp.float32,
-        )
-    else:
-        sums = jnp.einsum(
-            "bnlhs,bnlhv->bnhsv", onehot, v.astype(jnp.float32), precision=HIGHEST
-        )
+    entering, reset = entering_codes(
+        code, valid, t=t, block_len=block_len, last_start=last_start
+    )
+    counts = jnp.sum(
+        jax.nn.one_hot(_blocks(entering, block_len), n_code, dtype=jnp.float32), axis=2
+    )
+    sums = _onehot_sums(entering, value[:, :t], n_code=n_code, block_len=block_len)
     return counts, sums, reset
 
 
-def block_prefix(x, total0, *, decay=1.0, reset=None):
+def block_prefix(x, total0, *, decay=1.0, reset=None, factor=None):
     """`y_n = a_n y_(n-1) + x_n` over the blocks (axis 1 of `x`) from
-    `y_(-1) = total0`, with `a_n = decay`, or 0 where block n starts a
-    document (`reset`). Returns (`y_(n-1)` for every block n: what it reads,
-    the last `y`: what is carried). Linear in the number of blocks, forward
-    and backward, on every platform (`_prefix`)."""
+    `y_(-1) = total0`, with `a_n = factor[:, n]` if given, else `decay`, or
+    0 where block n starts a document (`reset`). Returns (`y_(n-1)` for every
+    block n: what it reads, the last `y`: what is carried). Linear in the
+    number of blocks, forward and backward, on every platform (`_prefix`)."""
     n_blk = x.shape[1]
-    if decay == 1.0 and reset is None:
+    if factor is None:
+        factor = block_factors(x.shape[0], n_blk, decay, reset)
+    if factor is None:
         inclusive = prefix_sum(x)
         before = jnp.concatenate(
             [jnp.zeros_like(x[:, :1]), inclusive[:, : n_blk - 1]], 1
         )
         return total0[:, None] + before, total0 + inclusive[:, n_blk - 1]
-    a = jnp.full(x.shape[:2], decay, jnp.float32)
-    if reset is not None:
-        a = jnp.where(reset, 0.0, a)
-    inclusive = linear_recurrence(a, x, total0)
+    inclusive = linear_recurrence(factor, x, total0)
     before = jnp.concatenate([total0[:, None], inclusive[:, : n_blk - 1]], 1)
     return before, inclusive[:, n_blk - 1]
 
@@ -253,19 +320,24 @@ class Prologue(eqx.Module):
     - `state`: the incoming state (an empty one for `state=None`).
     - `codebook`: the codebook without gradient, in the key dtype.
     - `ext`: the carried window followed by the segment (`Extended`).
+    - `terms`: what the cache is made of (`CacheTerms`).
     - `block_count` f32 `[B, N, H, S]`, `block_mean` `[B, N, H, S, V]`: the
       cache each block reads (stop-gradiented with `cache_grad=False`).
     - `new_count` f32 `[B, H, S]`, `new_mean` f32 `[B, H, S, V]`: the cache
       after the segment (for `next_state`).
+
+    `block_mean` and `new_mean` are None when the caller computes them
+    (`prologue(..., cache_means=False)`).
     """
 
     state: VQAttentionState
     codebook: Float[Array, "heads codes d_k"]
     ext: Extended
+    terms: CacheTerms
     block_count: Float[Array, "batch blocks heads codes"]
-    block_mean: Float[Array, "batch blocks heads codes d_v"]
+    block_mean: Float[Array, "batch blocks heads codes d_v"] | None
     new_count: Float[Array, "batch heads codes"]
-    new_mean: Float[Array, "batch heads codes d_v"]
+    new_mean: Float[Array, "batch heads codes d_v"] | None
 
 
 def prologue(
@@ -281,12 +353,15 @@ def prologue(
     cache_decay: float = 1.0,
     doc_starts: Bool[Array, "batch seq"] | None = None,
     codes: Int[Array, "batch seq heads"] | None = None,
+    cache_means: bool = True,
 ) -> Prologue:
     """Quantize the keys, form the straight-through keys, prepend the state's
     window (an empty state for `state=None`, window `mem_len`, default
     `block_len`) and sum the cache of every block: the shared first step of
     the xla and pallas forms. `codes`: the keys' codes if the caller has
-    them already (`quantize(key, codebook)`), else computed here."""
+    them already (`quantize(key, codebook)`), else computed here.
+    `cache_means=False`: stop at the cache's terms (`Prologue.terms`); the
+    caller computes the means (the pallas path's prefix kernel)."""
     n_code = codebook.shape[1]
     if state is None:
         state = VQAttentionState.empty_for(
@@ -302,9 +377,8 @@ def prologue(
     )  # fmt: skip
     # The cache is kept up to date even when it is not read (as the official
     # code does), so the carried state is the same in every mode.
-    blk_count, blk_mean, new_count, new_mean = _summaries(
+    terms = cache_terms(
         ext.code,
-        ext.value,
         ext.valid,
         state,
         n_code=n_code,
@@ -312,9 +386,24 @@ def prologue(
         decay=cache_decay,
         last_start=ext.last_start,
     )
-    if not cache_grad:
-        blk_mean = sg(blk_mean)
-    return Prologue(state, codebook, ext, blk_count, blk_mean, new_count, new_mean)
+    blk_mean = new_mean = None
+    if cache_means:
+        blk_mean, new_sum = xla_cache_means(
+            terms, ext.value, n_code=n_code, block_len=block_len
+        )
+        new_mean = carried_mean(terms, new_sum, value.dtype)
+        if not cache_grad:
+            blk_mean = sg(blk_mean)
+    return Prologue(
+        state,
+        codebook,
+        ext,
+        terms,
+        terms.block_count,
+        blk_mean,
+        terms.new_count,
+        new_mean,
+    )
 
 
 def next_state(

@@ -35,9 +35,18 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
 from pallas_kernels.vq_attention import PallasConfig, vq_attention_core
+from pallas_kernels.vq_attention.prefix import cache_prefix
 
 from .._checks import error_if_any
-from ._blockwise import _blocks, next_state, prologue, window_offsets
+from ._blockwise import (
+    _blocks,
+    _onehot_sums,
+    block_prefix,
+    carried_mean,
+    next_state,
+    prologue,
+    window_offsets,
+)
 from ._common import VQAttentionState, log_count_bias, relative_bias
 from ._xla import vq_attention_xla
 
@@ -77,6 +86,9 @@ def kernel_inputs(
     n_code = codebook.shape[1]
     n_blk = t // block_len
     L = block_len  # == mem_len (checked by the caller)
+    # The prefix kernel makes the cache every block reads (when it is read);
+    # otherwise XLA does, as in the xla form.
+    kernel_means = use_cache and pallas.cache_prefix == "kernel"
     pro = prologue(
         key,
         value,
@@ -89,8 +101,10 @@ def kernel_inputs(
         cache_decay=cache_decay,
         doc_starts=doc_starts,
         codes=codes,
+        cache_means=not kernel_means,
     )
     state, ext = pro.state, pro.ext
+    v_ext = _heads_first(ext.value)
     # The window is whole or empty (checked by the caller): one flag per row.
     prev_valid = jnp.broadcast_to(
         (state.length > 0).astype(jnp.float32)[:, None, None, None], (b, h, 1, 1)
@@ -99,9 +113,26 @@ def kernel_inputs(
     if use_cache:
         cache_bias = jnp.transpose(log_count_bias(pro.block_count), (0, 2, 1, 3))
         cache_bias = cache_bias.reshape(b * h, n_blk, 1, n_code)
-        cache_mean = jnp.transpose(pro.block_mean, (0, 2, 1, 3, 4)).reshape(
-            b * h, n_blk, n_code, pro.block_mean.shape[-1]
-        )
+        d_v = value.shape[-1]
+        if kernel_means:
+            cache_mean, new_sum = kernel_cache_means(
+                (n_code, L, pallas.block_sizes, pallas.interpret),
+                jnp.transpose(pro.terms.entering, (0, 2, 1))[..., None],
+                v_ext.reshape(b, h, -1, d_v),
+                pro.terms.factor,
+                jnp.transpose(pro.block_count, (0, 2, 1, 3)),
+                pro.terms.sum0,
+            )  # [B, H, N, S, V], [B, H, S, V]
+            if not cache_grad:
+                cache_mean = jax.lax.stop_gradient(cache_mean)
+            new_mean = carried_mean(pro.terms, new_sum, value.dtype)
+            pro = eqx.tree_at(lambda p: p.new_mean, pro, new_mean, is_leaf=_none)
+            cache_mean = cache_mean.reshape(b * h, n_blk, n_code, d_v)
+        else:
+            assert pro.block_mean is not None
+            cache_mean = jnp.transpose(pro.block_mean, (0, 2, 1, 3, 4)).reshape(
+                b * h, n_blk, n_code, d_v
+            )
         kernel_codebook = pro.codebook
     else:
         cache_bias = cache_mean = kernel_codebook = None
@@ -119,7 +150,7 @@ def kernel_inputs(
     core_args = (
         _heads_first(query),
         _heads_first(ext.khat),
-        _heads_first(ext.value),
+        v_ext,
         prev_valid,
         kernel_codebook,
         cache_bias,
@@ -153,6 +184,78 @@ def _forward(query, key, value, *args, **kwargs):
     return out, next_state(
         pro.state, pro.ext, pro.new_count, pro.new_mean, cache_grad=cache_grad
     )
+
+
+def _none(x):
+    return x is None
+
+
+def _reference_cache_means(static, codes, values, factor, count, sum0):
+    """`kernel_cache_means` in XLA (`xla_cache_means` in the kernels'
+    layout): the TPU's form and, differentiated, the kernel's backward."""
+    n_code, block_len, _, _ = static
+    n_blk = count.shape[2]
+    t = n_blk * block_len
+    entering = jnp.transpose(codes[..., :t, 0], (0, 2, 1))  # [B, T, H]
+    value = jnp.transpose(values[:, :, :t], (0, 2, 1, 3))  # [B, T, H, V]
+    sums = _onehot_sums(entering, value, n_code=n_code, block_len=block_len)
+    blk_sum, new_sum = block_prefix(sums, sum0, factor=factor)
+    count = jnp.transpose(count, (0, 2, 1, 3))  # [B, N, H, S]
+    mean = blk_sum / jnp.where(count > 0, count, 1.0)[..., None]
+    return jnp.transpose(mean, (0, 2, 1, 3, 4)).astype(values.dtype), new_sum
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def kernel_cache_means(static, codes, values, factor, count, sum0):
+    """The cache every block reads `[B, H, N, S, V]` (value dtype) and the
+    sums after the segment `[B, H, S, V]`, by the prefix kernel
+    (`pallas_kernels.vq_attention.prefix`; XLA on TPU, where its
+    whole-sequence tiles would not fit VMEM). `static` = (codes, block_len,
+    block sizes, interpret); `codes` int32 `[B, H, R, 1]` (-1: not
+    entering), `values` `[B, H, R, V]`, `factor` f32 `[B, N]` or None,
+    `count` f32 `[B, H, N, S]`, `sum0` f32 `[B, H, S, V]`."""
+    _, block_len, block_sizes, interpret = static
+
+    def kernel(codes, values, factor, count, sum0):
+        a = None
+        if factor is not None:
+            a = jnp.broadcast_to(
+                factor[:, None], (factor.shape[0], codes.shape[1], factor.shape[1])
+            )
+        return tuple(
+            cache_prefix(
+                codes, values, a, count, sum0, block_len=block_len,
+                block_sizes=block_sizes, interpret=interpret,
+            )
+        )  # fmt: skip
+
+    def reference(*args):
+        return _reference_cache_means(static, *args)
+
+    return jax.lax.platform_dependent(
+        codes, values, factor, count, sum0, tpu=reference, default=kernel
+    )
+
+
+def _kernel_cache_means_fwd(static, *args):
+    return kernel_cache_means(static, *args), args
+
+
+def _kernel_cache_means_bwd(static, args, cotangents):
+    # Linear in the values and the carried sums: the transpose of the XLA
+    # form (its forward is dead code here; no residual but codes and counts).
+    codes, values, factor, count, sum0 = args
+    _, vjp = jax.vjp(
+        lambda v, s0: _reference_cache_means(static, codes, v, factor, count, s0),
+        values,
+        sum0,
+    )
+    d_values, d_sum0 = vjp(cotangents)
+    zero = None if factor is None else jnp.zeros_like(factor)
+    return None, d_values, zero, jnp.zeros_like(count), d_sum0
+
+
+kernel_cache_means.defvjp(_kernel_cache_means_fwd, _kernel_cache_means_bwd)
 
 
 def _document_key_from(last_start, length, block_len: int):

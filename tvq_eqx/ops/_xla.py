@@ -143,10 +143,16 @@ def vq_attention_xla(
         out = out + jnp.einsum(
             "bnrhs,bnhsv->bnrhv",
             cache_p,
-            pro.block_mean.astype(jnp.float32),
+            _present(pro.block_mean).astype(jnp.float32),
             precision=HIGHEST,
         )
     out = (out / denom[..., None]).reshape(b, t, h, d_v).astype(value.dtype)
     return out, next_state(
-        state, ext, pro.new_count, pro.new_mean, cache_grad=cache_grad
+        state, ext, pro.new_count, _present(pro.new_mean), cache_grad=cache_grad
     )
+
+
+def _present(x):
+    """`x`, known not None (`prologue` computes the means by default)."""
+    assert x is not None
+    return x
