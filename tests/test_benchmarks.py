@@ -206,9 +206,10 @@ def test_kernel_parts_smoke(tmp_path):
          "--out", str(out)]
     )  # fmt: skip
     text = out.read_text()
-    for part in ("prologue", "fwd", "dq", "dk", "dv", "dmean", "epilogue", "fwd+bwd"):
+    parts = ("prologue", "fwd", "dq", "dk", "dv", "dmean", "epilogue", "fwd+bwd")
+    for part in (*parts, "prologue, prefix kernel", "fwd+bwd, prefix kernel"):
         assert f"| {part} |" in text
     assert "| xla form |" in text and "dense, one call (XLA)" in text
     assert C.CHECK_FAILED not in text
     errs = text.split("kernels' alone: ")[1].splitlines()[0]
-    assert all(float(e.split()[1]) < 1e-3 for e in errs.split(", ")), errs
+    assert all(float(e.split()[1]) < 2e-2 for e in errs.split(", ")), errs
