@@ -64,11 +64,12 @@ def _grad_fn(form, *, blk, k, cache_decay=1.0, platform=None):
             block_len=blk, scale=k**-0.5, rel_query=rq, rel_table=rt,
             cache_decay=cache_decay, doc_starts=doc_starts,
         )  # fmt: skip
-        if form == "pallas":
-            blocks = BlockSizes.for_platform(platform or "cpu")
-            out, state = vq_attention_pallas(
-                q, key, val, codebook, pallas=PallasConfig(block_sizes=blocks), **kw
+        if form.startswith("pallas"):
+            config = PallasConfig(
+                block_sizes=BlockSizes.for_platform(platform or "cpu"),
+                cache_prefix="kernel" if form == "pallas-prefix" else "xla",
             )
+            out, state = vq_attention_pallas(q, key, val, codebook, pallas=config, **kw)
         else:
             out, state = vq_attention_xla(q, key, val, codebook, **kw)
         # The new state's cache too: its gradient is the reverse prefix.
@@ -111,7 +112,7 @@ def _widest(lowered) -> int:
 
 
 @pytest.mark.parametrize("mode", list(MODES))
-@pytest.mark.parametrize("form", ["xla", "pallas"])
+@pytest.mark.parametrize("form", ["xla", "pallas", "pallas-prefix"])
 @pytest.mark.parametrize("platform", ["cuda", "tpu"])
 def test_no_long_reduce_window_at_32k(platform, form, mode):
     """Forward + backward of both forms, lowered for cuda and tpu at the
