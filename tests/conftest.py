@@ -54,6 +54,34 @@ if _cache_dir.strip().lower() != "off":
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
+# Every compiled CPU program keeps about six memory mappings (its JIT dylib)
+# while jax caches it; a worker that compiles ~10k programs reaches Linux's
+# vm.max_map_count (65530), and then XLA's compiler fails: "Failed to
+# materialize symbols" (a JaxRuntimeError) or a hard abort in
+# backend_compile_and_load -- the "compiler segfault" seen in earlier runs.
+# So a worker drops jax's caches once it holds many mappings.
+_MAP_LIMIT = 30_000
+
+
+def _mapping_count() -> int | None:
+    try:
+        with open("/proc/self/maps", "rb") as f:
+            return sum(1 for _ in f)
+    except OSError:  # not Linux
+        return None
+
+
+@pytest.fixture(autouse=True)
+def _bounded_jit_mappings():
+    yield
+    count = _mapping_count()
+    if count is not None and count > _MAP_LIMIT:
+        import gc
+
+        jax.clear_caches()
+        gc.collect()
+
+
 @pytest.fixture
 def no_compilation_cache():
     """Compile for real, bypassing the persistent cache: for tests that read
