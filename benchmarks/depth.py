@@ -68,7 +68,7 @@ def measure(n_layer: int, *, remat: str | None, reps: int, preset: str) -> dict:
     ts, batch, opt, run = _train_state_and_batch(n_layer, remat, preset)
     jitted = eqx.filter_jit(_steps._train_inner)  # a fresh cache per depth
     t0 = time.perf_counter()
-    lowered = jitted.lower(batch, ts, opt, run.update_len, None)
+    lowered = jitted.lower(batch, ts, opt, run.update_len, None, False, False)
     t1 = time.perf_counter()
     compiled = lowered.compile()
     t2 = time.perf_counter()

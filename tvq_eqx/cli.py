@@ -61,6 +61,19 @@ class UsageError(Exception):
     """Bad command-line input: reported as one line, exit code 2."""
 
 
+# Training stopped on a non-finite loss, gradient or parameter.
+EXIT_DIVERGED = 1
+
+
+def _signal_name(signum: int | None) -> str:
+    import signal
+
+    try:
+        return signal.Signals(signum).name if signum else "KeyboardInterrupt"
+    except ValueError:
+        return f"signal {signum}"
+
+
 # Expected errors: one line, exit 2. Everything else keeps its traceback.
 EXPECTED_ERRORS: tuple[type[BaseException], ...] = (
     UsageError,
@@ -552,6 +565,15 @@ def _print_sample(model, prompt, printer: _TokenPrinter, *, steps, temperature,
 
 
 def cmd_train(argv: list[str]) -> int:
+    locks: list = []  # the run folder's lock, held until the command returns
+    try:
+        return _cmd_train(argv, locks)
+    finally:
+        for lock in locks:
+            lock.release()
+
+
+def _cmd_train(argv: list[str], locks: list) -> int:
     import equinox as eqx
     import jax
 
@@ -572,11 +594,13 @@ def cmd_train(argv: list[str]) -> int:
     )
     ckpt_dir = train.checkpoints_of(run_dir)
     ts = meta = saved = None
+    seen: list = []
     if pre["resume"] and not help_requested:
         try:
             saved, ts, meta = _load_run(run_dir, pre["checkpoint"])
         except CheckpointError as e:
             raise CheckpointError(f"--resume: {e}") from None
+        seen = train.checkpoint_candidates(ckpt_dir)
         # The checkpoint's settings are the defaults; --config and flags may
         # only repeat them (or change --steps).
         base = _with_config_file(saved, pre["config"])
@@ -629,6 +653,17 @@ def cmd_train(argv: list[str]) -> int:
     if mesh is not None:
         ts = train.shard_train_state(ts, mesh)
 
+    if jax.process_index() == 0:
+        # One training process per run folder; then what was checked before
+        # taking the lock is checked again (another run may have written).
+        locks.append(train.RunLock(run_dir).acquire())
+        if meta is None:
+            train.check_new_run_dir(run_dir)
+        elif train.checkpoint_candidates(ckpt_dir) != seen:
+            raise train.RunDirError(
+                f"{ckpt_dir} changed while this run loaded {meta['path']} "
+                "(another process wrote to it); resume again"
+            )
     n_params = sum(x.size for x in jax.tree.leaves(eqx.filter(ts.model, eqx.is_array)))
     start = int(ts.step)
     unit = _unit(run)
@@ -656,11 +691,22 @@ def cmd_train(argv: list[str]) -> int:
     )
     if result.status == "interrupted":
         where = result.checkpoint or "no new checkpoint (no update completed)"
+        name = _signal_name(result.signal)
         sys.stderr.write(
-            f"tvq-eqx: interrupted at update {result.step}; checkpoint: {where}; "
-            "continue with --resume\n"
+            f"tvq-eqx: interrupted at update {result.step} ({name}); checkpoint: "
+            f"{where}; continue with --resume\n"
         )
-        return EXIT_INTERRUPTED
+        # The shell's convention: 128 + the signal's number (130 for Ctrl-C).
+        return 128 + result.signal if result.signal else EXIT_INTERRUPTED
+    if result.status == "diverged":
+        kept = train.latest_checkpoint(ckpt_dir) if ckpt_dir.is_dir() else None
+        sys.stderr.write(
+            f"tvq-eqx: training diverged: {result.message}; nothing non-finite "
+            f"was saved; last finite checkpoint: {kept or 'none'} (resume it with "
+            "--resume --on-nonfinite skip, or lower the learning rate in a new "
+            "--run-dir)\n"
+        )
+        return EXIT_DIVERGED
     if result.status == "stopped":
         print(
             f"stopped at update {result.step} (--stop-at); resume with --resume",

@@ -2,6 +2,7 @@
 
 from ._checkpoint import CheckpointError as CheckpointError
 from ._checkpoint import CheckpointWarning as CheckpointWarning
+from ._checkpoint import checkpoint_candidates as checkpoint_candidates
 from ._checkpoint import has_checkpoints as has_checkpoints
 from ._checkpoint import latest_checkpoint as latest_checkpoint
 from ._checkpoint import list_checkpoints as list_checkpoints
@@ -39,6 +40,7 @@ from ._run_config import DataConfig as DataConfig
 from ._run_config import DataKind as DataKind
 from ._run_config import RunConfig as RunConfig
 from ._runs import RunDirError as RunDirError
+from ._runs import RunLock as RunLock
 from ._runs import check_new_run_dir as check_new_run_dir
 from ._runs import check_resume as check_resume
 from ._runs import checkpoints_of as checkpoints_of

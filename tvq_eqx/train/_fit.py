@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 import equinox as eqx
 import jax
+import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
@@ -25,7 +26,7 @@ from ._optimizer import optimizer_from_config
 from ._run_config import RunConfig
 from ._steps import TrainState, evaluate, make_train_step
 
-FitStatus = Literal["completed", "stopped", "interrupted"]
+FitStatus = Literal["completed", "stopped", "interrupted", "diverged"]
 
 
 class StopTraining(Exception):
@@ -73,13 +74,19 @@ class FitResult:
     - `train_state`: the state after the last completed batch.
     - `status`: `"completed"` (all `run.steps`, final evaluation and
       checkpoint done), `"stopped"` (`stop_at` reached or `StopTraining`
-      raised) or `"interrupted"` (SIGINT; a checkpoint of the last completed
-      step was written when `checkpoint_dir` was given).
+      raised), `"interrupted"` (SIGINT, SIGTERM or SIGHUP; a checkpoint of
+      the last completed step was written when `checkpoint_dir` was given)
+      or `"diverged"` (a non-finite loss, gradient norm or parameter, or too
+      many skipped updates: nothing after the last finite state was saved;
+      `message` says where).
     - `step`: optimizer updates done.
     - `history`: every `on_log` / `on_eval` record, in order.
     - `validation`: the last validation result (None if none ran).
     - `checkpoint`: the last checkpoint written (None if none).
     - `wall_s`: seconds in the loop.
+    - `signal`: the signal number that interrupted the run (None otherwise).
+    - `message`: for `"diverged"`, which updates went non-finite.
+    - `skipped_updates`: updates not applied (`run.on_nonfinite="skip"`).
     """
 
     train_state: TrainState
@@ -89,6 +96,9 @@ class FitResult:
     validation: dict[str, float] | None
     checkpoint: Path | None
     wall_s: float
+    signal: int | None = None
+    message: str = ""
+    skipped_updates: int = 0
 
 
 def evaluate_stream(
@@ -116,34 +126,63 @@ def evaluate_stream(
     )
 
 
-class _SigintFlag:
-    """First SIGINT sets `raised` (the loop ends after the current batch and
-    checkpoints it); the previous handler is back for a second one."""
+# Signals that end a run gracefully: Ctrl-C, a scheduler's notice before it
+# kills (SIGTERM), a closed terminal (SIGHUP).
+STOP_SIGNALS = tuple(
+    getattr(signal, name)
+    for name in ("SIGINT", "SIGTERM", "SIGHUP")
+    if hasattr(signal, name)
+)
+
+
+class _StopSignals:
+    """The first SIGINT, SIGTERM or SIGHUP sets `raised` (the signal number):
+    the loop ends after the current batch and checkpoints it; the previous
+    handlers are back for a second signal."""
 
     def __init__(self, enabled: bool):
-        self.raised = False
-        self._previous = None
+        self.raised: int | None = None
+        self._previous: dict[int, Any] = {}
         self._enabled = (
             enabled and threading.current_thread() is threading.main_thread()
         )
 
     def __enter__(self):
         if self._enabled:
-            previous = signal.signal(signal.SIGINT, self._handle)
-            # None: a handler installed outside Python; restore the default.
-            self._previous = (
-                signal.default_int_handler if previous is None else previous
-            )
+            for sig in STOP_SIGNALS:
+                previous = signal.signal(sig, self._handle)
+                # None: a handler installed outside Python; restore the default.
+                if previous is None:
+                    previous = (
+                        signal.default_int_handler
+                        if sig == signal.SIGINT
+                        else signal.SIG_DFL
+                    )
+                self._previous[sig] = previous
         return self
 
     def _handle(self, signum, frame):
-        self.raised = True
-        signal.signal(signal.SIGINT, self._previous)
+        self.raised = signum
+        self._restore()
+
+    def _restore(self):
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
 
     def __exit__(self, *exc):
         if self._enabled:
-            signal.signal(signal.SIGINT, self._previous)
+            self._restore()
         return False
+
+
+def _all_finite(tree: Any) -> bool:
+    """Whether every floating-point array of `tree` is finite (one sync)."""
+    leaves = [
+        x for x in jax.tree.leaves(eqx.filter(tree, eqx.is_inexact_array)) if x.size
+    ]
+    if not leaves:
+        return True
+    return bool(jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])))
 
 
 def _is_alive(tree: Any) -> bool:
@@ -188,11 +227,19 @@ def fit(
       `batch_index`, and `checkpoint_meta`.
     - `stop_at`: end after this many updates (rounded down to a whole batch)
       with a checkpoint, status `"stopped"`.
-    - SIGINT (Ctrl-C, with `handle_sigint` in the main thread): the current
-      batch completes, a checkpoint of it is written, and `fit` returns with
-      status `"interrupted"`; a second Ctrl-C interrupts at once. A
-      `KeyboardInterrupt` raised inside the loop (e.g. by a callback) writes
-      the checkpoint of the last completed batch too, then propagates.
+    - SIGINT (Ctrl-C), SIGTERM (a scheduler's notice) or SIGHUP (with
+      `handle_sigint` in the main thread): the current batch completes, a
+      checkpoint of it is written, and `fit` returns with status
+      `"interrupted"` and the signal's number; a second signal acts at once.
+      A `KeyboardInterrupt` raised inside the loop (e.g. by a callback)
+      writes the checkpoint of the last completed batch too, then propagates.
+    - `run.save_every_minutes`: a checkpoint also once that much time passed
+      since the last one.
+    - Non-finite training (`run.on_nonfinite`): every batch's loss and
+      gradient norm are checked (one sync per batch), and the parameters
+      before every checkpoint; "stop" ends the run with status `"diverged"`
+      before anything non-finite is saved, "skip" leaves such updates out
+      (in the step) and ends the run once more than `run.max_skipped` were.
     - `callbacks`: `Callback` hooks for metrics, progress, plots.
 
     `optimizer` defaults to `optimizer_from_config(run.optimizer, run.steps)`
@@ -218,26 +265,40 @@ def fit(
         stop_batch = min(stop_batch, max(start_batch, stop_at // upb))
     resets = run.resets_state if train_resets is None else train_resets
     ckpt_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
+    skip = run.on_nonfinite == "skip"
     step_fn = make_train_step(
-        optimizer, update_len=run.update_len, mesh=mesh, doc_masking=run.doc_masking
+        optimizer,
+        update_len=run.update_len,
+        mesh=mesh,
+        doc_masking=run.doc_masking,
+        skip_nonfinite=skip,
     )
     history: list[dict[str, Any]] = []
     ts = train_state
-    state: dict[str, Any] = dict(validation=None, checkpoint=None)
+    state: dict[str, Any] = dict(
+        validation=None, checkpoint=None, saved_at=time.monotonic(), message=""
+    )
 
     def emit(name: str, *args: Any) -> None:
         for cb in callbacks:
             getattr(cb, name)(*args)
 
-    def save(step: int, extra: Mapping[str, Any] | None = None) -> None:
+    def save(step: int, extra: Mapping[str, Any] | None = None) -> bool:
+        """Checkpoint `ts` unless it holds a non-finite parameter (then the
+        run has diverged: False)."""
         if ckpt_dir is None:
-            return
+            return True
+        if not _all_finite(ts.model):
+            state["message"] = f"a non-finite parameter after update {step}; not saved"
+            return False
+        state["saved_at"] = time.monotonic()
         meta = dict(run=run.to_dict(), batch_index=step // upb)
         meta.update(checkpoint_meta or {})
         meta.update(extra or {})
         path = save_checkpoint(ckpt_dir, ts, step=step, meta=meta, keep=run.keep)
         state["checkpoint"] = path
         emit("on_checkpoint", step, path)
+        return True
 
     def validate(step: int) -> None:
         if eval_stream is None:
@@ -256,16 +317,39 @@ def fit(
     t_last, tok_last = t_start, 0
     step = start_step
     status: FitStatus = "completed"
-    with _SigintFlag(handle_sigint) as sigint:
+    skipped = 0
+    minutes = run.save_every_minutes
+    with _StopSignals(handle_sigint) as stop_signal:
         try:
             for batch_index in range(start_batch, stop_batch):
                 _, window = train_stream.epoch_and_window(batch_index)
                 ts, metrics = step_fn(
                     ts, train_stream.batch(batch_index), reset=resets(window)
                 )
-                step = (batch_index + 1) * upb
+                previous, step = step, (batch_index + 1) * upb
                 tok_last += tokens_per_batch
                 last = batch_index + 1 == stop_batch
+                if skip:
+                    skipped += int(metrics["skipped_updates"])
+                    if skipped > run.max_skipped:
+                        state["message"] = (
+                            f"{skipped} updates skipped for a non-finite loss or "
+                            f"gradient by update {step} (max_skipped="
+                            f"{run.max_skipped})"
+                        )
+                        status = "diverged"
+                        break
+                elif not bool(
+                    jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+                ):
+                    span = (
+                        f"update {step}"
+                        if step - previous == 1
+                        else f"updates {previous + 1}-{step}"
+                    )
+                    state["message"] = f"non-finite loss or gradient norm in {span}"
+                    status = "diverged"
+                    break
                 emit("on_step", step, metrics, ts)
                 if step % run.log_every < upb or last:
                     m = {k: float(v) for k, v in metrics.items()}
@@ -280,13 +364,16 @@ def fit(
                     t_last, tok_last = now, 0
                     history.append(record)
                     emit("on_log", record)
-                if sigint.raised:
+                if stop_signal.raised is not None:
                     status = "interrupted"
                     break
                 if run.eval_every and step % run.eval_every < upb and not last:
                     validate(step)
-                if run.save_every and step % run.save_every < upb and not last:
-                    save(step)
+                due = run.save_every and step % run.save_every < upb
+                late = minutes and time.monotonic() - state["saved_at"] >= 60 * minutes
+                if (due or late) and not last and not save(step):
+                    status = "diverged"
+                    break
         except StopTraining:
             status = "stopped"
         except KeyboardInterrupt:
@@ -296,11 +383,12 @@ def fit(
                 save(step, dict(interrupted=True))
             raise
     if status == "interrupted":
-        if step > start_step:
-            save(step, dict(interrupted=True))
+        if step > start_step and not save(step, dict(interrupted=True)):
+            status = "diverged"
     elif status == "completed" and stop_batch < run.total_batches:
         status = "stopped"
-        save(step)
+        if not save(step):
+            status = "diverged"
     elif status == "completed":
         validate(step)
         # `completed`: nothing is left to do; a resume of this checkpoint with
@@ -308,7 +396,8 @@ def fit(
         final: dict[str, Any] = dict(completed=True)
         if state["validation"] is not None:
             final["validation"] = state["validation"]
-        save(step, final)
+        if not save(step, final):
+            status = "diverged"
     result = FitResult(
         train_state=ts,
         status=status,
@@ -317,6 +406,9 @@ def fit(
         validation=state["validation"],
         checkpoint=state["checkpoint"],
         wall_s=time.perf_counter() - t_start,
+        signal=stop_signal.raised,
+        message=state["message"],
+        skipped_updates=skipped,
     )
     emit("on_end", result)
     return result

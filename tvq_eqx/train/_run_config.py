@@ -13,6 +13,7 @@ from .._config import TransformerConfig, check_literals
 from ._optimizer import OptimizerConfig
 
 DataKind = Literal["bytes", "sentencepiece", "images"]
+NonFinite = Literal["stop", "skip"]
 DATA_KINDS: tuple[str, ...] = get_args(DataKind)
 
 
@@ -94,6 +95,12 @@ class RunConfig:
     """Seed of the parameters, dropout and data order."""
     doc_masking: bool = False
     """Mask packed documents: attention stays inside each document of a row (the batches' doc_starts reach loss_fn). Off by default, as the official code, which packs documents without masking them."""
+    on_nonfinite: NonFinite = "stop"
+    """A non-finite loss or gradient norm: stop (training ends naming the update; nothing non-finite is saved, the last finite checkpoint stays; the command exits 1) or skip (that update is not applied, counted as skipped_updates; training stops once more than max_skipped were skipped)."""
+    max_skipped: int = 10
+    """With on_nonfinite=skip: how many skipped updates a run tolerates."""
+    save_every_minutes: float = 0.0
+    """Also checkpoint once this many minutes passed since the last checkpoint (0 = off): a preemption loses at most that much work."""
 
     def __post_init__(self):
         for name, cls in (
@@ -108,6 +115,7 @@ class RunConfig:
                 )
         for name in ("steps", "update_len", "log_every", "keep"):
             _check_int("RunConfig", name, getattr(self, name), minimum=1)
+        check_literals(self)
         for name in (
             "context_len",
             "eval_every",
@@ -115,6 +123,7 @@ class RunConfig:
             "save_every",
             "sample_len",
             "seed",
+            "max_skipped",
         ):
             _check_int("RunConfig", name, getattr(self, name), minimum=0)
         bl, seq = self.model.block_len, self.data.seq_len
@@ -145,6 +154,17 @@ class RunConfig:
             raise ValueError(
                 "RunConfig.temperature must be a finite float (<= 0 = greedy); "
                 f"got {self.temperature!r}"
+            )
+        minutes = self.save_every_minutes
+        if (
+            isinstance(minutes, bool)
+            or not isinstance(minutes, (int, float))
+            or not math.isfinite(minutes)
+            or minutes < 0
+        ):
+            raise ValueError(
+                "RunConfig.save_every_minutes must be a finite number >= 0 "
+                f"(0 = off); got {minutes!r}"
             )
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"RunConfig.top_p must be in (0, 1]; got {self.top_p!r}")

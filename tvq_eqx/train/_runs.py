@@ -207,18 +207,29 @@ def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
     return out
 
 
+# Settings a resume may change: the length, and the safety nets, which change
+# nothing while training stays finite and unpreempted.
+RESUME_MAY_CHANGE = ("steps", "on_nonfinite", "max_skipped", "save_every_minutes")
+
+
 def check_resume(saved: RunConfig, run: RunConfig, meta: dict[str, Any]) -> None:
     """`RunDirError` unless `run` may continue checkpoint `meta` of a run
-    with settings `saved`: every field equal except `steps`, which may move
-    (extend a finished run, shorten an unfinished one) but not below the
-    checkpoint's update. The new `steps` defines the learning-rate schedule
+    with settings `saved`: every field equal except `steps` (which may move:
+    extend a finished run, shorten an unfinished one, but not below the
+    checkpoint's update) and the safety nets `on_nonfinite`, `max_skipped`,
+    `save_every_minutes`. The new `steps` defines the learning-rate schedule
     from the checkpoint on (docs/training.md, "Resuming")."""
-    bad = [k for k in _differences(run.to_dict(), saved.to_dict()) if k != "steps"]
+    bad = [
+        k
+        for k in _differences(run.to_dict(), saved.to_dict())
+        if k not in RESUME_MAY_CHANGE
+    ]
     if bad:
         raise RunDirError(
             f"--resume: flags {bad} differ from the checkpoint's run config "
-            f"({meta['path']}); resume with the same settings (only --steps may "
-            "change) or use a new --run-dir"
+            f"({meta['path']}); resume with the same settings (only --steps and "
+            "the safety nets --on-nonfinite, --max-skipped, --save-every-minutes "
+            "may change) or use a new --run-dir"
         )
     done = int(meta["step"])
     if run.steps < done:
@@ -245,3 +256,60 @@ def start_run_dir(run_dir: str | os.PathLike, run: RunConfig) -> Path:
     tmp.write_text(json.dumps(run.to_dict(), indent=2, sort_keys=True))
     os.replace(tmp, path)
     return path
+
+
+LOCK_NAME = ".lock"
+
+
+class RunLock:
+    """The exclusive right of one process to train into a run folder.
+
+    An advisory `flock` on `RUN_DIR/.lock`, which holds the owner's pid: a
+    second `train` on the folder is refused naming that pid. The kernel drops
+    the lock when its process ends, however it ends (SIGKILL, a crash), so a
+    lock left by a killed run is never stale: the next run takes it over.
+    Use as a context manager; `acquire` creates the folder.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike):
+        self.run_dir = Path(run_dir)
+        self._fd: int | None = None
+
+    @property
+    def path(self) -> Path:
+        return self.run_dir / LOCK_NAME
+
+    def acquire(self) -> RunLock:
+        import fcntl
+
+        _check_not_a_file(self.run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise RunDirError(
+                f"{self.run_dir} is in use by another training process (pid "
+                f"{holder}); wait for it to end, or use another --run-dir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        os.fsync(fd)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            import fcntl
+
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()

@@ -26,7 +26,7 @@ _BATCH_KEYS = ("inputs", "targets", "loss_mask")
 # With document masking on, also the streams' packed-document starts.
 _DOC_KEY = "doc_starts"
 # Metrics that add up over update segments (everything else is averaged).
-_SUMMED = ("lm_loss_sum", "token_count")
+_SUMMED = ("lm_loss_sum", "token_count", "skipped_updates")
 DATA_AXIS = "data"
 # The mesh axis that context parallelism splits each sequence over.
 SEQ_AXIS = "seq"
@@ -157,6 +157,7 @@ def train_step(
     update_len: int,
     reset: Bool[Array, ""] | bool = False,
     doc_masking: bool = False,
+    skip_nonfinite: bool = False,
 ) -> tuple[TrainState, dict[str, Array]]:
     """One batch of training: `seq / update_len` optimizer updates.
 
@@ -172,7 +173,10 @@ def train_step(
     stream, e.g. a new epoch). `doc_masking` passes the batch's `doc_starts`
     (bool `[B, seq]`, required then) to `loss_fn`, so attention stays inside
     each packed document; off (default, official), the batch reaching
-    `loss_fn` has no `doc_starts`.
+    `loss_fn` has no `doc_starts`. `skip_nonfinite`: an update whose loss or
+    gradient norm is not finite is not applied (parameters, optimizer and
+    attention state stay as before it) and counts in `skipped_updates`; its
+    other metrics count as 0.
 
     Pure and un-jitted; `make_train_step` gives the jitted, donating,
     optionally sharded version.
@@ -217,12 +221,27 @@ def train_step(
             )
 
         (_, aux), grads = jax.value_and_grad(objective, has_aux=True)(params)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
+        updates, new_opt_state = optimizer.update(grads, opt_state, params)
+        new_params = optax.apply_updates(params, updates)
         main_grads = _without_codebook(grads)
         metrics = dict(aux["metrics"], grad_norm=optax.tree.norm(main_grads))
-        attn = jax.tree.map(jax.lax.stop_gradient, aux["state"])
-        return (params, opt_state, attn, rng), metrics
+        new_attn = jax.tree.map(jax.lax.stop_gradient, aux["state"])
+        if not skip_nonfinite:
+            return (new_params, new_opt_state, new_attn, rng), metrics
+        ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+
+        def keep(new, old):
+            return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+
+        metrics = {k: jnp.where(ok, v, 0.0) for k, v in metrics.items()}
+        metrics["skipped_updates"] = 1.0 - ok.astype(jnp.float32)
+        carry = (
+            keep(new_params, params),
+            keep(new_opt_state, opt_state),
+            keep(new_attn, attn),
+            rng,
+        )
+        return carry, metrics
 
     init = (params, train_state.opt_state, attn, rng)
     (params, opt_state, attn, rng), metrics = jax.lax.scan(
@@ -392,7 +411,9 @@ def _constrain(ts: TrainState, mesh: Mesh | None) -> TrainState:
     return eqx.tree_at(lambda t: t.attn_state, ts, attn)
 
 
-def _train_inner(batch, train_state, optimizer, update_len, mesh, doc_masking):
+def _train_inner(
+    batch, train_state, optimizer, update_len, mesh, doc_masking, skip_nonfinite
+):
     reset = batch["reset"]
     batch = {k: v for k, v in batch.items() if k != "reset"}
     new, metrics = train_step(
@@ -402,6 +423,7 @@ def _train_inner(batch, train_state, optimizer, update_len, mesh, doc_masking):
         update_len=update_len,
         reset=reset,
         doc_masking=doc_masking,
+        skip_nonfinite=skip_nonfinite,
     )
     return _constrain(new, mesh), metrics
 
@@ -428,6 +450,7 @@ def make_train_step(
     mesh: Mesh | None = None,
     donate: bool = True,
     doc_masking: bool = False,
+    skip_nonfinite: bool = False,
 ) -> Callable[..., tuple[TrainState, dict[str, Array]]]:
     """`train_step` compiled with `eqx.filter_jit`.
 
@@ -439,7 +462,8 @@ def make_train_step(
     gradients and the codebook statistics are global and every device holds
     the same parameters and codebook. Pass host (numpy) batches; they are
     placed with `shard_batch`. `doc_masking`: the batch's `doc_starts` reach
-    `loss_fn` (see `train_step`); off, they are dropped.
+    `loss_fn` (see `train_step`); off, they are dropped. `skip_nonfinite`:
+    as in `train_step`.
     """
     jitted = _train_donating if donate else _train_keeping
 
@@ -449,7 +473,15 @@ def make_train_step(
         placed = _place(batch, mesh, doc_masking)
         placed["reset"] = jnp.asarray(reset, dtype=bool)
         with _mesh_context(mesh):
-            return jitted(placed, train_state, optimizer, update_len, mesh, doc_masking)
+            return jitted(
+                placed,
+                train_state,
+                optimizer,
+                update_len,
+                mesh,
+                doc_masking,
+                skip_nonfinite,
+            )
 
     return step
 

@@ -1,0 +1,264 @@
+"""Nothing lost when training goes wrong: a non-finite loss stops the run
+before anything non-finite is saved (or the update is skipped), SIGTERM and
+SIGHUP checkpoint like Ctrl-C, and a time-based checkpoint schedule bounds
+what a preemption loses."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import tvq_eqx
+from tvq_eqx import train
+from tvq_eqx.train._checkpoint import checkpoint_step
+
+RUN = train.RunConfig(
+    model=tvq_eqx.TransformerConfig(
+        n_vocab=256, d_model=16, d_k=8, d_v=16, n_code=4, n_layer=1, block_len=8
+    ),
+    data=train.DataConfig(batch_size=2, seq_len=16),
+    optimizer=train.OptimizerConfig(learning_rate=1e-2, warmup_steps=1),
+    update_len=8, steps=16, context_len=32, eval_every=0, eval_batches=2,
+    log_every=2, save_every=2, keep=2, sample_len=0,
+)  # fmt: skip
+
+
+def _stream(run):
+    toks = (np.arange(4000) * 7 % 251).astype(np.int32)
+    return train.make_stream(run, toks[:3000], train=True)
+
+
+def _finite(tree) -> bool:
+    leaves = jax.tree.leaves(eqx.filter(tree, eqx.is_inexact_array))
+    return all(bool(jnp.all(jnp.isfinite(x))) for x in leaves)
+
+
+def test_nonfinite_loss_stops_and_keeps_the_last_finite_checkpoint(tmp_path):
+    """A learning rate of 1e6 makes the loss NaN within a few updates: the run
+    ends 'diverged' naming them, every checkpoint kept is finite, and the
+    rotation (keep=2) never pushed the finite ones out for NaN ones."""
+    run = RUN.replace(optimizer=dict(learning_rate=1e6))
+    res = train.fit(train.new_train_state(run), run, _stream(run),
+                    checkpoint_dir=tmp_path, handle_sigint=False)  # fmt: skip
+    assert res.status == "diverged", res.status
+    assert "non-finite loss or gradient norm in update" in res.message
+    assert res.step < run.steps
+    kept = train.list_checkpoints(tmp_path)
+    assert kept and all(checkpoint_step(p) < res.step for p in kept)
+    like = eqx.filter_eval_shape(train.new_train_state, run)
+    for path in kept:
+        ts, meta = train.load_checkpoint(path, like)
+        assert _finite(ts), path
+        assert not meta.get("completed", False)
+
+
+def test_a_nonfinite_parameter_is_never_saved(tmp_path, monkeypatch):
+    """Fault injection: an update that leaves a non-finite parameter behind
+    while its loss and gradient norm were finite (they are computed before
+    the update) is caught before the checkpoint."""
+    from tvq_eqx.train import _fit
+
+    real = _fit.make_train_step
+
+    def poisoning(*args, **kwargs):
+        step_fn = real(*args, **kwargs)
+
+        def step(ts, batch, *, reset=False):
+            ts, metrics = step_fn(ts, batch, reset=reset)
+            bias = ts.model.head.bias
+            ts = eqx.tree_at(lambda t: t.model.head.bias, ts, bias.at[0].set(jnp.nan))
+            return ts, metrics
+
+        return step
+
+    monkeypatch.setattr(_fit, "make_train_step", poisoning)
+    res = train.fit(train.new_train_state(RUN), RUN, _stream(RUN),
+                    checkpoint_dir=tmp_path, handle_sigint=False)  # fmt: skip
+    assert res.status == "diverged" and res.step == RUN.save_every
+    assert "non-finite parameter after update 2" in res.message
+    assert train.list_checkpoints(tmp_path) == []
+
+
+def test_skip_mode_leaves_the_update_out_and_counts_it():
+    """`skip_nonfinite`: an update with a NaN loss changes nothing (bitwise)
+    and counts one skipped update; a clean batch then trains."""
+    run = RUN
+    ts = train.new_train_state(run)
+    step = train.make_train_step(
+        train.optimizer_from_config(run.optimizer, run.steps),
+        update_len=16,
+        donate=False,
+        skip_nonfinite=True,
+    )
+    batch = dict(_stream(run).batch(0))
+    # Finite weights whose sum overflows float32: the loss is not finite.
+    bad = dict(batch, loss_mask=np.full_like(batch["loss_mask"], 3e38))
+    after, metrics = step(ts, bad, reset=True)
+    assert float(metrics["skipped_updates"]) == 1.0
+    same = jax.tree.leaves(eqx.filter(after.model, eqx.is_array))
+    before = jax.tree.leaves(eqx.filter(ts.model, eqx.is_array))
+    assert all(np.array_equal(a, b) for a, b in zip(same, before, strict=True))
+    assert int(after.step) == int(ts.step) + 1  # the update was consumed
+    trained, metrics = step(after, batch, reset=False)
+    assert float(metrics["skipped_updates"]) == 0.0
+    moved = jax.tree.leaves(eqx.filter(trained.model, eqx.is_array))
+    assert not all(np.array_equal(a, b) for a, b in zip(moved, before, strict=True))
+
+
+def test_skip_mode_gives_up_after_max_skipped(tmp_path):
+    run = RUN.replace(
+        optimizer=dict(learning_rate=1e6), on_nonfinite="skip", max_skipped=3
+    )
+    res = train.fit(train.new_train_state(run), run, _stream(run),
+                    checkpoint_dir=tmp_path, handle_sigint=False)  # fmt: skip
+    assert res.status == "diverged" and res.skipped_updates > 3
+    assert "max_skipped=3" in res.message
+    assert _finite(res.train_state.model)  # skipped updates were never applied
+
+
+class _Signal(train.Callback):
+    def __init__(self, at, signum):
+        self.at, self.signum = at, signum
+
+    def on_step(self, step, metrics, train_state):
+        if step == self.at:
+            os.kill(os.getpid(), self.signum)
+
+
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGHUP"])
+def test_sigterm_and_sighup_checkpoint_like_ctrl_c(name, tmp_path):
+    signum = getattr(signal, name)
+    # The default handler first (a background shell may have set SIG_IGN).
+    inherited = signal.signal(signum, signal.SIG_DFL)
+    try:
+        res = train.fit(train.new_train_state(RUN), RUN, _stream(RUN),
+                        checkpoint_dir=tmp_path, callbacks=[_Signal(4, signum)])  # fmt: skip
+        assert signal.getsignal(signum) == signal.SIG_DFL  # restored
+    finally:
+        signal.signal(signum, inherited)
+    assert (res.status, res.step, res.signal) == ("interrupted", 4, signum)
+    meta = train.read_meta(tmp_path)
+    assert meta["step"] == 4 and meta["interrupted"] is True
+
+
+def test_save_every_minutes(tmp_path):
+    """With no update-based schedule, a time-based one still checkpoints."""
+    run = RUN.replace(steps=8, save_every=0, keep=10, save_every_minutes=1e-9)
+    res = train.fit(train.new_train_state(run), run, _stream(run),
+                    checkpoint_dir=tmp_path, handle_sigint=False)  # fmt: skip
+    assert res.status == "completed"
+    steps = [checkpoint_step(p) for p in train.list_checkpoints(tmp_path)]
+    assert steps == [2, 4, 6, 8]
+    with pytest.raises(ValueError, match="save_every_minutes"):
+        RUN.replace(save_every_minutes=-1.0)
+    # (ValueError from the config; under the tests' type-check hook, its
+    # TypeError first.)
+    with pytest.raises((ValueError, TypeError), match="on_nonfinite"):
+        RUN.replace(on_nonfinite="ignore")  # type: ignore[arg-type]
+
+
+def test_resume_may_change_the_safety_nets_only():
+    saved = RUN
+    meta = dict(step=2, path="x")
+    train.check_resume(saved, RUN.replace(on_nonfinite="skip", max_skipped=5,
+                                          save_every_minutes=3.0), meta)  # fmt: skip
+    with pytest.raises(train.RunDirError, match="safety nets"):
+        train.check_resume(saved, RUN.replace(log_every=4), meta)
+
+
+# The command line: a diverged run exits 1 with one line naming the last
+# finite checkpoint; SIGTERM exits 143 after checkpointing.
+CLI_FLAGS = [
+    "--model.d-model", "16", "--model.d-k", "8", "--model.d-v", "16",
+    "--model.n-code", "4", "--model.n-layer", "1", "--model.block-len", "16",
+    "--data.seq-len", "32", "--update-len", "16", "--data.batch-size", "4",
+    "--steps", "16", "--optimizer.warmup-steps", "1", "--eval-every", "0",
+    "--eval-batches", "1", "--log-every", "2", "--save-every", "2",
+    "--sample-len", "0", "--no-progress",
+]  # fmt: skip
+
+
+def test_cli_diverged_run_exits_1_naming_the_last_finite_checkpoint(tmp_path, capsys):
+    from tvq_eqx.cli import main
+
+    run_dir = tmp_path / "run"
+    argv = ["train", "--run-dir", str(run_dir), *CLI_FLAGS]
+    assert main([*argv, "--optimizer.learning-rate", "1e6"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "training diverged: non-finite loss" in err[0], err
+    kept = train.list_checkpoints(run_dir / "checkpoints")
+    assert kept and str(kept[-1]) in err[0]
+    # Resuming it with the skip safety net is allowed (only the nets changed).
+    code = main([*argv, "--optimizer.learning-rate", "1e6", "--resume",
+                 "--on-nonfinite", "skip", "--max-skipped", "1"])  # fmt: skip
+    assert code == 1 and "max_skipped=1" in capsys.readouterr().err
+
+
+def test_cli_sigterm_checkpoints_and_exits_143(tmp_path, monkeypatch, capsys):
+    from tvq_eqx.cli import main
+    from tvq_eqx.train import _callbacks
+
+    real = _callbacks.ProgressBar.on_step
+
+    def on_step(self, step, metrics, train_state):
+        real(self, step, metrics, train_state)
+        if step == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(_callbacks.ProgressBar, "on_step", on_step)
+    inherited = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        run_dir = tmp_path / "run"
+        assert main(["train", "--run-dir", str(run_dir), *CLI_FLAGS]) == 143
+    finally:
+        signal.signal(signal.SIGTERM, inherited)
+    assert "interrupted at update 4 (SIGTERM)" in capsys.readouterr().err
+    latest = (run_dir / "checkpoints" / "LATEST").read_text().strip()
+    assert latest == "step_00000004"
+
+
+def _short(flags):
+    i = flags.index("--steps")
+    return [*flags[:i], "--steps", "2", *flags[i + 2 :]]
+
+
+def test_run_folder_lock_refuses_a_second_trainer_and_takes_over_a_dead_ones(
+    tmp_path, capsys
+):
+    import subprocess
+    import sys
+
+    from tvq_eqx.cli import main
+
+    run_dir = tmp_path / "run"
+    argv = ["train", "--run-dir", str(run_dir), *_short(CLI_FLAGS)]
+    with train.RunLock(run_dir):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert (
+            len(err) == 1
+            and f"in use by another training process (pid {os.getpid()})" in err[0]
+        )
+        assert not (run_dir / "checkpoints").exists()  # nothing written
+    # A trainer killed with SIGKILL leaves its pid in the lock file but no
+    # lock (the kernel dropped it): the next run takes the folder over.
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys, time; from tvq_eqx.train import RunLock; "
+         "RunLock(sys.argv[1]).acquire(); print('locked', flush=True); time.sleep(120)",
+         str(run_dir)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+    holder.kill()
+    holder.wait()
+    holder.stdout.close()
+    assert (run_dir / ".lock").read_text().strip() == str(holder.pid)
+    assert main(argv) == 0
+    assert train.list_checkpoints(run_dir / "checkpoints")
