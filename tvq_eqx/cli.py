@@ -653,9 +653,13 @@ def _cmd_train(argv: list[str], locks: list) -> int:
     if mesh is not None:
         ts = train.shard_train_state(ts, mesh)
 
-    if jax.process_index() == 0:
-        # One training process per run folder; then what was checked before
-        # taking the lock is checked again (another run may have written).
+    # One training process per run folder (process 0 writes it). A new
+    # folder is locked when the first update creates it (nothing is written
+    # before); an existing one now. Under the lock, what was checked before it
+    # is checked again: another run may have written in between.
+    def lock_and_recheck() -> None:
+        if locks or jax.process_index() != 0:
+            return
         locks.append(train.RunLock(run_dir).acquire())
         if meta is None:
             train.check_new_run_dir(run_dir)
@@ -664,6 +668,14 @@ def _cmd_train(argv: list[str], locks: list) -> int:
                 f"{ckpt_dir} changed while this run loaded {meta['path']} "
                 "(another process wrote to it); resume again"
             )
+
+    if run_dir.is_dir():
+        lock_and_recheck()
+
+    class LockOnFirstStep(train.Callback):
+        def on_step(self, step, metrics, train_state):
+            lock_and_recheck()
+
     n_params = sum(x.size for x in jax.tree.leaves(eqx.filter(ts.model, eqx.is_array)))
     start = int(ts.step)
     unit = _unit(run)
@@ -684,6 +696,7 @@ def _cmd_train(argv: list[str], locks: list) -> int:
         checkpoint_meta=dict(preset=args.preset),
         stop_at=args.stop_at,
         callbacks=[
+            LockOnFirstStep(),
             RunFolderWriter(run_dir, run),  # run.json once the first update ran
             JSONLLogger(metrics_path, resume_step=start if args.resume else None),
             ProgressBar(unit_name=unit, disable=not args.progress),
