@@ -86,3 +86,21 @@ def test_context_parallel_quantizes_once(monkeypatch):
         )
     ).trace(q, k, v, c)  # tracing runs the Python once
     assert len(quantized) + len(quantized_core) == 1, (quantized, quantized_core)
+
+
+def test_import_leaves_the_kernels_for_first_use():
+    """`import tvq_eqx` does not load the Pallas kernels or the Mosaic TPU
+    lowering (they are optional and built on first use)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, tvq_eqx; "
+        "loaded = [m for m in ('pallas_kernels.vq_attention.ops', "
+        "'jax.experimental.pallas.tpu') if m in sys.modules]; "
+        "print(loaded)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert out.stdout.strip() == "[]", out.stdout

@@ -34,7 +34,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int
 
-from pallas_kernels.vq_attention import PallasConfig, vq_attention_core
+from pallas_kernels.vq_attention import PallasConfig
+from pallas_kernels.vq_attention.ops import vq_attention_core
 from pallas_kernels.vq_attention.prefix import cache_prefix
 
 from .._checks import error_if_any
