@@ -262,3 +262,117 @@ def test_run_folder_lock_refuses_a_second_trainer_and_takes_over_a_dead_ones(
     assert (run_dir / ".lock").read_text().strip() == str(holder.pid)
     assert main(argv) == 0
     assert train.list_checkpoints(run_dir / "checkpoints")
+
+
+def _guide_code() -> str:
+    from pathlib import Path
+
+    text = (Path(__file__).parents[1] / "docs" / "training.md").read_text()
+    section = text.split("## VQAttention in your own model", 1)[1]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_user_module_guide_runs_as_written():
+    """The guide's user module trains its codebook: three EMA steps, the
+    codebook moved, the loss finite."""
+    scope: dict = {}
+    exec(_guide_code(), scope)
+    q = scope["model"].attn.quantizer
+    assert float(q.ema_tally) == 4.0
+    assert np.isfinite(float(scope["loss"]))
+    fresh = scope["Tagger"](jax.random.key(0)).attn.quantizer
+    assert not np.allclose(q.codebook_sum, fresh.codebook_sum)
+
+
+def test_user_module_with_plain_adamw_on_the_codebook_is_loud():
+    """The issue's case: a VQAttention in a user's module trained with a
+    plain optax.adamw: the tally moves off a whole number and the unit's
+    next call raises (it used to train on, its codebook never learning)."""
+    import optax
+
+    attn = tvq_eqx.nn.VQAttention(
+        d_model=16, d_k=8, d_v=8, n_code=4, block_len=8, key=jax.random.key(0)
+    )
+    x = jax.random.normal(jax.random.key(1), (2, 8, 16))
+    opt = optax.adamw(1e-2, weight_decay=0.1)
+    params = eqx.filter(attn, eqx.is_inexact_array)
+    state = opt.init(params)
+
+    def loss(a):
+        y, _, stats = a(x)
+        return jnp.mean(y**2) + a.auxiliary_loss(stats, n_positions=16)
+
+    grads = eqx.filter_grad(loss)(attn)
+    with jax.numpy_dtype_promotion("standard"):  # optax mixes dtypes inside
+        updates, state = opt.update(grads, state, params)
+    attn = eqx.apply_updates(attn, updates)
+    with pytest.raises(Exception, match="ema_tally is not a whole number"):
+        attn(x)
+
+
+def test_vqattention_settings_and_defaults():
+    cfg = tvq_eqx.TransformerConfig(d_model=16, d_k=8, d_v=8, n_code=4, block_len=8)
+    from_config = tvq_eqx.nn.VQAttention(cfg, key=jax.random.key(0))
+    from_sizes = tvq_eqx.nn.VQAttention(
+        d_model=16, d_k=8, d_v=8, n_code=4, block_len=8, key=jax.random.key(0)
+    )
+    assert from_sizes.config == from_config.config
+    x = jax.random.normal(jax.random.key(1), (2, 16, 16))
+    out, state, _ = from_sizes(x)  # no state, no mask: an empty history, all real
+    want, want_state, _ = from_config(
+        x, from_config.init_state(2), mask=jnp.ones((2, 16), jnp.float32)
+    )
+    np.testing.assert_array_equal(out, want)
+    with pytest.raises(TypeError, match="not both"):
+        tvq_eqx.nn.VQAttention(cfg, d_model=16, key=jax.random.key(0))
+
+
+def test_old_style_keys_and_int64_tokens():
+    import warnings
+
+    cfg = tvq_eqx.TransformerConfig(
+        d_model=16, d_k=8, d_v=8, n_code=4, n_layer=2, block_len=8
+    )
+    old = tvq_eqx.Transformer(cfg, key=jax.random.PRNGKey(0))
+    new = tvq_eqx.Transformer(cfg, key=jax.random.key(0))
+    for a, b in zip(
+        jax.tree.leaves(eqx.filter(old, eqx.is_array)),
+        jax.tree.leaves(eqx.filter(new, eqx.is_array)),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(a, b)
+    tokens = np.zeros((2, 16), dtype=np.int64)  # numpy's default
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lp, _, _ = new(tokens, new.init_state(2))
+    assert lp.shape == (2, 16, 256)
+    with pytest.raises(ValueError, match="must be in"):
+        new(np.full((2, 16), 2**40, dtype=np.int64), new.init_state(2))
+
+
+def test_multisteps_is_explained_and_works_the_other_way_round():
+    import optax
+
+    with pytest.raises(TypeError, match=r"optax.MultiSteps\(with_ema_codebook"):
+        train.with_ema_codebook(optax.MultiSteps(optax.adamw(1e-3), 2))
+    attn = tvq_eqx.nn.VQAttention(
+        d_model=16, d_k=8, d_v=8, n_code=4, block_len=8, key=jax.random.key(0)
+    )
+    opt = optax.MultiSteps(train.with_ema_codebook(optax.adamw(1e-2)), 2)
+    params = eqx.filter(attn, eqx.is_inexact_array)
+    state = opt.init(params)
+    x = jax.random.normal(jax.random.key(1), (2, 8, 16))
+
+    def loss(a):
+        y, _, stats = a(x)
+        return jnp.mean(y**2) + a.auxiliary_loss(stats, n_positions=16)
+
+    for _ in range(4):  # two real updates
+        grads = eqx.filter_grad(loss)(attn)
+        with jax.numpy_dtype_promotion("standard"):
+            updates, state = opt.update(
+                grads, state, eqx.filter(attn, eqx.is_inexact_array)
+            )
+        attn = eqx.apply_updates(attn, updates)
+    assert float(attn.quantizer.ema_tally) == 3.0  # 1 + one EMA step per update
+    attn(x)  # the tally is whole: no error

@@ -210,12 +210,24 @@ def test_commit_sum_hand_computed_in_prescaled_space(getkey):
     np.testing.assert_allclose(g[1, 0, 1], [0.5, 0.5, -0.5, 0.5], rtol=1e-6)
 
 
+def test_defaults_no_state_and_all_ones_mask(getkey):
+    """`loss_fn(model, batch)`: no history, every position counted."""
+    model = tvq_eqx.Transformer(tvq_eqx.TransformerConfig(**CFG), key=getkey())
+    batch = make_batch(getkey)
+    ones = dict(batch, loss_mask=jnp.ones(batch["inputs"].shape, jnp.float32))
+    want, _ = tvq_eqx.loss_fn(model, ones, model.init_state(2))
+    bare = {k: batch[k] for k in ("inputs", "targets")}
+    got, aux = tvq_eqx.loss_fn(model, bare)
+    assert float(got) == float(want)
+    assert float(aux["metrics"]["mask_fraction"]) == 1.0
+
+
 def test_rejects_bad_batch(getkey):
     model = tvq_eqx.Transformer(tvq_eqx.TransformerConfig(**CFG), key=getkey())
     batch = make_batch(getkey)
     state = model.init_state(2)
-    with pytest.raises(ValueError, match=r"batch is missing \['loss_mask'\]"):
-        tvq_eqx.loss_fn(model, {k: batch[k] for k in ("inputs", "targets")}, state)
+    with pytest.raises(ValueError, match=r"batch is missing \['targets'\]"):
+        tvq_eqx.loss_fn(model, {"inputs": batch["inputs"]}, state)
     with pytest.raises(ValueError, match=r"batch\['targets'\] has shape \(2, 31\)"):
         tvq_eqx.loss_fn(model, dict(batch, targets=batch["targets"][:, 1:]), state)
     with pytest.raises(Exception, match=r"targets'\] ids must be in"):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Bool
 
 
@@ -60,14 +61,28 @@ def out_of_range(ids: Array, n_vocab: int) -> Bool[Array, "*dims"] | None:
     return bad
 
 
+def _host_ids_as_int32(ids, n_vocab: int, name: str):
+    """numpy ids as a jax array; numpy's default int64 checked on the host
+    and cast to int32 first (jax without x64 would truncate them, warning at
+    every call)."""
+    if not isinstance(ids, np.ndarray):
+        return ids
+    if ids.dtype.itemsize <= 4 or jax.config.jax_enable_x64:
+        return jnp.asarray(ids)
+    if ids.size and (ids.min() < 0 or ids.max() >= n_vocab):
+        raise ValueError(f"{name} ids must be in [0, n_vocab={n_vocab})")
+    return jnp.asarray(ids.astype(np.int32))
+
+
 def check_token_ids(
-    ids: Array, n_vocab: int, name: str, *, ignore: Array | None = None
+    ids: Array | np.ndarray, n_vocab: int, name: str, *, ignore: Array | None = None
 ) -> Array:
     """`ids` with a run-time check that every entry is in `[0, n_vocab)`
     (positions where `ignore` is true are exempt); the error names `name`.
     Works for every integer dtype (uint8 byte tokens included)."""
     if not jnp.issubdtype(ids.dtype, jnp.integer):
         raise TypeError(f"{name} must be an integer array; got {ids.dtype}")
+    ids = _host_ids_as_int32(ids, n_vocab, name)
     bad = out_of_range(ids, n_vocab)
     if bad is None:
         return ids

@@ -17,17 +17,19 @@ def _check_batch(batch, model) -> None:
         raise TypeError(
             f"batch must be a dict with inputs/targets/loss_mask; got {type(batch).__name__}"
         )
-    missing = [k for k in ("inputs", "targets", "loss_mask") if k not in batch]
+    missing = [k for k in ("inputs", "targets") if k not in batch]
     if missing:
         raise ValueError(f"batch is missing {missing}; it has {sorted(batch)}")
     for name in ("inputs", "targets", "loss_mask"):
+        if name not in batch:  # only loss_mask may be missing: all ones
+            continue
         if not hasattr(batch[name], "shape") or not hasattr(batch[name], "dtype"):
             raise TypeError(
                 f"batch[{name!r}] must be an array; got {type(batch[name]).__name__}"
             )
     shape = tuple(batch["inputs"].shape)
     for name in ("targets", "loss_mask"):
-        if tuple(batch[name].shape) != shape:
+        if name in batch and tuple(batch[name].shape) != shape:
             raise ValueError(
                 f"batch[{name!r}] has shape {tuple(batch[name].shape)}; batch['inputs'] has {shape}"
             )
@@ -35,6 +37,8 @@ def _check_batch(batch, model) -> None:
         raise TypeError(
             f"batch['targets'] must be integer; got {batch['targets'].dtype}"
         )
+    if "loss_mask" not in batch:
+        return
     mask_dtype = batch["loss_mask"].dtype
     if not (
         jnp.issubdtype(mask_dtype, jnp.floating)
@@ -65,7 +69,7 @@ def codebook_metrics(vq: dict[str, Array]) -> dict[str, Array]:
 def loss_fn(
     model: Transformer,
     batch: dict[str, Array],
-    state: TransformerState | None,
+    state: TransformerState | None = None,
     *,
     key: PRNGKeyArray | None = None,
     sequence_key: PRNGKeyArray | None = None,
@@ -79,10 +83,11 @@ def loss_fn(
       (any integer dtype for the ids, uint8 included). `loss_mask` holds
       weights >= 0 (1 = count the position, 0 = ignore it); where it is 0 the
       target is not read, so an ignore index such as -1 may stand there.
+      Without `loss_mask` every position counts (all ones).
     - `batch["doc_starts"]` (optional): bool `[B, T]`, True where a packed
       document starts; attention stays inside documents (see `vq_attention`).
-    - `state`: the carried `TransformerState`, or None for no history (as
-      `model.init_state(B)`).
+    - `state`: the carried `TransformerState`, or None (the default) for no
+      history (as `model.init_state(B)`).
     - `key`: dropout key; None disables dropout.
     - `sequence_key`: the per-sequence key of the LayerDrop and sinusoid
       dropout masks (see `Transformer`); pass the same one for every update
@@ -115,9 +120,12 @@ def loss_fn(
     """
     _check_batch(batch, model)
     # Negative weights would make the loss negative, NaN would poison it.
-    mask = check_weights(
-        jnp.asarray(batch["loss_mask"]).astype(jnp.float32), "batch['loss_mask']"
-    )
+    if "loss_mask" in batch:
+        mask = check_weights(
+            jnp.asarray(batch["loss_mask"]).astype(jnp.float32), "batch['loss_mask']"
+        )
+    else:
+        mask = jnp.ones(batch["inputs"].shape, jnp.float32)
     logprobs, new_state, aux = model(
         batch["inputs"],
         state,

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, PRNGKeyArray
 
+from .._checks import error_if_any
 from .._config import TransformerConfig
 from ..ops import (
     FullAttentionState,
@@ -18,6 +21,17 @@ from ..ops import (
 from ._norm import RMSNorm, layer_norm, rms_norm
 from ._positional import XLRelativeBias, dropout
 from ._quantizer import VectorQuantizer
+
+TALLY_MESSAGE = (
+    "a VectorQuantizer's ema_tally is not a whole number: an optimizer "
+    "other than the codebook's EMA rule (SGD, learning rate 1) updated "
+    "the codebook (e.g. optax.adamw over the whole model, or weight "
+    "decay, clipping or a schedule on the codebook). Wrap your "
+    "optimizer in tvq_eqx.train.with_ema_codebook(...), use "
+    "tvq_eqx.train.make_optimizer, or apply the codebook part yourself "
+    "(tvq_eqx.train.split_codebook); see the README's 'Your own "
+    "training loop'"
+)
 
 
 class VQAttention(eqx.Module):
@@ -48,7 +62,24 @@ class VQAttention(eqx.Module):
     quantizer: VectorQuantizer
     config: TransformerConfig = eqx.field(static=True)
 
-    def __init__(self, config: TransformerConfig, *, key: PRNGKeyArray):
+    def __init__(
+        self,
+        config: TransformerConfig | None = None,
+        *,
+        key: PRNGKeyArray,
+        **sizes: Any,
+    ):
+        """From a model's `config`, or from the unit's own settings as
+        keywords (`VQAttention(d_model=64, n_head=2, d_k=16, d_v=32,
+        n_code=32, block_len=64, key=k)`), every other one the
+        `TransformerConfig` default; not both."""
+        if config is None:
+            config = TransformerConfig(**sizes)
+        elif sizes:
+            raise TypeError(
+                f"VQAttention takes a config or its settings as keywords, not "
+                f"both; got config and {sorted(sizes)}"
+            )
         c = config
         kq, kkvg, ko, kr, kc = jax.random.split(key, 5)
         pdt = c.jnp_param_dtype
@@ -102,9 +133,9 @@ class VQAttention(eqx.Module):
     def __call__(
         self,
         x: Float[Array, "batch seq d_model"],
-        state: VQAttentionState | FullAttentionState,
+        state: VQAttentionState | FullAttentionState | None = None,
         *,
-        mask: Float[Array, "batch seq"],
+        mask: Float[Array, "batch seq"] | None = None,
         key: PRNGKeyArray | None = None,
         sequence_key: PRNGKeyArray | None = None,
         doc_starts: Bool[Array, "batch seq"] | None = None,
@@ -113,11 +144,25 @@ class VQAttention(eqx.Module):
         VQAttentionState | FullAttentionState,
         dict[str, Array],
     ]:
-        """`key` draws the residual dropout; `sequence_key` the sinusoid
-        dropout mask (the official "timeless" mask, fixed for a sequence).
-        Either None: that dropout is off."""
+        """`state` None: no history (`init_state`). `mask` (1 = a real
+        token; default all ones) weighs the codebook statistics and the
+        commit term. `key` draws the residual dropout; `sequence_key` the
+        sinusoid dropout mask (the official "timeless" mask, fixed for a
+        sequence). Either None: that dropout is off.
+
+        Returns `(out, new_state, stats)`; add `self.auxiliary_loss(stats,
+        ...)` to your loss and train with `tvq_eqx.train.with_ema_codebook`
+        so that the codebook learns (docs/training.md, "VQAttention in your
+        own model")."""
         c = self.config
         b, t, _ = x.shape
+        if state is None:
+            state = self.init_state(b)
+        if mask is None:
+            mask = jnp.ones((b, t), jnp.float32)
+        # Loud, in the unit itself: an optimizer other than the EMA rule moved
+        # the codebook (the Transformer checks too; a user's module may not).
+        x = error_if_any(x, ~self.quantizer.tally_is_whole(), TALLY_MESSAGE)
         h, dk, dv = c.n_head, c.d_k, c.d_v
         dt = c.jnp_dtype
         sin_key, res_key = sequence_key, key
@@ -212,3 +257,22 @@ class VQAttention(eqx.Module):
             # Keys are not quantized here: the commit term must not pull them.
             stats["commit_sum"] = jax.lax.stop_gradient(stats["commit_sum"])
         return out.astype(x.dtype), new_state, stats
+
+    def auxiliary_loss(
+        self, stats: dict[str, Array], *, n_positions: int
+    ) -> Float[Array, ""]:
+        """The unit's terms of the official objective, to add to a loss of
+        your own: `c_beta * commit` (the commit term averaged over
+        `n_positions`, the batch's `B * T` as the official loss) plus the
+        codebook's EMA surrogate
+        and tally surrogate with value 0 (`s - stop_gradient(s)`: only their
+        gradients act). With `tvq_eqx.train.with_ema_codebook(opt)` the
+        surrogate's gradient makes the optimizer step the codebook's exact
+        EMA update; without it the codebook never moves."""
+        q = self.quantizer
+        surrogate = q.codebook_loss(stats["code_count"], stats["code_key_sum"])
+        surrogate = surrogate + q.tally_loss()
+        commit = stats["commit_sum"] / n_positions
+        return self.config.c_beta * commit + (
+            surrogate - jax.lax.stop_gradient(surrogate)
+        )

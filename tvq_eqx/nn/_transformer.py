@@ -6,12 +6,12 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Bool, Float, Int, Key, PRNGKeyArray
+from jaxtyping import Array, Bool, Float, Int, Key, PRNGKeyArray, UInt32
 
 from .._checks import check_token_ids, check_weights, error_if_any
 from .._config import TransformerConfig
 from ..ops import FullAttentionState, VQAttentionState
-from ._attention import VQAttention
+from ._attention import TALLY_MESSAGE, VQAttention
 from ._embedding import Embedding, OutputHead
 from ._norm import RMSNorm
 from ._positional import ScaledSinusoids, dropout
@@ -122,10 +122,16 @@ class LayerStack(eqx.Module):
 
     @classmethod
     def init(
-        cls, config: TransformerConfig, *, keys: Key[Array, " n_layer"]
+        cls,
+        config: TransformerConfig,
+        *,
+        keys: Key[Array, " n_layer"] | UInt32[Array, "n_layer 2"],
     ) -> LayerStack:
         """`config.n_layer` fresh layers, layer `i` initialised from `keys[i]`
-        (the same values as `TransformerLayer(config, key=keys[i])`)."""
+        (the same values as `TransformerLayer(config, key=keys[i])`).
+        Old-style `uint32 [n_layer, 2]` keys are accepted."""
+        if keys.dtype == jnp.uint32 and keys.shape == (config.n_layer, 2):
+            keys = jax.random.wrap_key_data(keys)
         if keys.shape != (config.n_layer,):
             raise ValueError(
                 f"keys must have shape ({config.n_layer},) (one per layer); got "
@@ -335,7 +341,7 @@ class Transformer(eqx.Module):
 
     def __call__(
         self,
-        tokens: Array,
+        tokens: Array | np.ndarray,
         state: TransformerState | None = None,
         *,
         key: PRNGKeyArray | None = None,
@@ -388,18 +394,7 @@ class Transformer(eqx.Module):
         """`x` unchanged, raising at run time if an optimizer other than the
         EMA rule has moved a codebook (see `VectorQuantizer.ema_tally`)."""
         whole = [u.quantizer.tally_is_whole() for u in self.layers.stacked.units]
-        return error_if_any(
-            x,
-            ~jnp.stack(whole),
-            "a VectorQuantizer's ema_tally is not a whole number: an optimizer "
-            "other than the codebook's EMA rule (SGD, learning rate 1) updated "
-            "the codebook (e.g. optax.adamw over the whole model, or weight "
-            "decay, clipping or a schedule on the codebook). Wrap your "
-            "optimizer in tvq_eqx.train.with_ema_codebook(...), use "
-            "tvq_eqx.train.make_optimizer, or apply the codebook part yourself "
-            "(tvq_eqx.train.split_codebook); see the README's 'Your own "
-            "training loop'",
-        )
+        return error_if_any(x, ~jnp.stack(whole), TALLY_MESSAGE)
 
     def _check_doc_starts(self, doc_starts, shape):
         """None, or a bool `[batch, seq]` array the attention can mask with."""

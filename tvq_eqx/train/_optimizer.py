@@ -382,7 +382,7 @@ def make_optimizer(
 
 
 def with_ema_codebook(
-    optimizer: optax.GradientTransformation,
+    optimizer: optax.GradientTransformation | optax.MultiSteps,
 ) -> optax.GradientTransformation:
     """`optimizer` for every array of the model except the codebooks, and the
     codebooks' exact EMA step (`optax.sgd(1.0)` on their `loss_fn`
@@ -400,6 +400,13 @@ def with_ema_codebook(
     eqx.is_inexact_array)`-shaped gradients and parameters, as
     `make_optimizer`'s, which is this with the official recipe.
     """
+    if isinstance(optimizer, optax.MultiSteps):
+        raise TypeError(
+            "with_ema_codebook takes the optimizer, not an optax.MultiSteps: wrap "
+            "the other way round, optax.MultiSteps(with_ema_codebook(opt), k), "
+            "so that the codebook takes one EMA step per real update (on the "
+            "micro-batches' averaged statistics)"
+        )
     if not isinstance(optimizer, optax.GradientTransformation):
         raise TypeError(
             f"optimizer must be an optax.GradientTransformation; got "
