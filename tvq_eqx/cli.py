@@ -676,6 +676,9 @@ def _cmd_train(argv: list[str], locks: list) -> int:
         def on_step(self, step, metrics, train_state):
             lock_and_recheck()
 
+    # The run's id: kept by a resume (a fresh one for checkpoints older than
+    # run ids), in run.json and every checkpoint (loading refuses others).
+    run_id = (meta or {}).get("run_id") or train.new_run_id()
     n_params = sum(x.size for x in jax.tree.leaves(eqx.filter(ts.model, eqx.is_array)))
     start = int(ts.step)
     unit = _unit(run)
@@ -693,11 +696,11 @@ def _cmd_train(argv: list[str], locks: list) -> int:
         eval_stream=val_stream,
         mesh=mesh,
         checkpoint_dir=ckpt_dir,
-        checkpoint_meta=dict(preset=args.preset),
+        checkpoint_meta=dict(preset=args.preset, run_id=run_id),
         stop_at=args.stop_at,
         callbacks=[
             LockOnFirstStep(),
-            RunFolderWriter(run_dir, run),  # run.json once the first update ran
+            RunFolderWriter(run_dir, run, run_id),  # run.json after update 1
             JSONLLogger(metrics_path, resume_step=start if args.resume else None),
             ProgressBar(unit_name=unit, disable=not args.progress),
         ],

@@ -48,7 +48,9 @@ from ._runs import default_run_dir as default_run_dir
 from ._runs import for_mesh as for_mesh
 from ._runs import is_finished as is_finished
 from ._runs import load_run as load_run
+from ._runs import new_run_id as new_run_id
 from ._runs import new_train_state as new_train_state
+from ._runs import read_run_json as read_run_json
 from ._runs import start_run_dir as start_run_dir
 from ._steps import TrainState as TrainState
 from ._steps import eval_step as eval_step

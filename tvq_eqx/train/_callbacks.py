@@ -65,6 +65,13 @@ class JSONLLogger(Callback):
     def on_eval(self, record: dict[str, Any]) -> None:
         self.write(record)
 
+    def on_checkpoint(self, step: int, path: Path) -> None:
+        # The log is durable whenever a checkpoint is (power loss included):
+        # what a resume keeps of it is on disk.
+        if writes_files() and self.path.is_file():
+            with open(self.path, "a") as f:
+                os.fsync(f.fileno())
+
 
 class RunFolderWriter(Callback):
     """Creates the run folder and writes its `run.json` after the first
@@ -72,15 +79,17 @@ class RunFolderWriter(Callback):
     that fails at its first step (a setting that fails only when the model
     runs, out of memory) writes nothing. Put it first in the callbacks."""
 
-    def __init__(self, run_dir: str | os.PathLike, run: RunConfig):
-        self.run_dir, self.run = Path(run_dir), run
+    def __init__(
+        self, run_dir: str | os.PathLike, run: RunConfig, run_id: str | None = None
+    ):
+        self.run_dir, self.run, self.run_id = Path(run_dir), run, run_id
         self.written = False
 
     def _write(self) -> None:
         if not self.written:
             self.written = True
             if writes_files():
-                start_run_dir(self.run_dir, self.run)
+                start_run_dir(self.run_dir, self.run, run_id=self.run_id)
 
     def on_step(self, step, metrics, train_state) -> None:
         self._write()

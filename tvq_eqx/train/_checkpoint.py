@@ -170,6 +170,16 @@ def _to_host(tree: Any) -> Any:
     return jax.device_get(tree)
 
 
+def _read_pointer(pointer: Path) -> str | None:
+    """The checkpoint name `LATEST` holds; None when it is missing or
+    unreadable (bytes that are not UTF-8, a folder in its place): then the
+    checkpoints are found by scanning."""
+    try:
+        return pointer.read_bytes().decode("utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
 def checkpoint_name(step: int) -> str:
     return f"step_{step:08d}"
 
@@ -204,10 +214,10 @@ def latest_checkpoint(directory: str | os.PathLike) -> Path | None:
     """
     d = Path(directory)
     pointer = d / LATEST
-    if not pointer.is_file():
+    name = _read_pointer(pointer) if pointer.is_file() else None
+    if name is None:
         complete = list_checkpoints(d)
         return complete[-1] if complete else None
-    name = pointer.read_text().strip()
     path = d / name
     if (
         not _NAME.match(name)
@@ -241,9 +251,9 @@ def checkpoint_candidates(directory: str | os.PathLike) -> list[Path]:
         key=checkpoint_step,
         reverse=True,
     )
-    pointer = d / LATEST
-    if pointer.is_file():
-        named = d / pointer.read_text().strip()
+    name = _read_pointer(d / LATEST)
+    if name:
+        named = d / name
         if named in found:
             found.remove(named)
             found.insert(0, named)
@@ -325,6 +335,7 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
         meta = json.loads((p / _META).read_text())
     except (OSError, ValueError) as e:
         raise CheckpointError(f"cannot read {p / _META}: {e}") from None
+    _check_meta_types(meta, p / _META)
     if meta.get("format_version") == 1:
         raise CheckpointError(
             f"{p} was written by an earlier tvq-eqx (checkpoint format 1), whose "
@@ -341,6 +352,49 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
         )
     meta["path"] = str(p)
     return meta
+
+
+def _check_meta_types(meta: Any, where: Path) -> None:
+    """`CheckpointError` (so loading falls back to an older checkpoint)
+    unless `meta` is an object whose known fields have their types: `step` a
+    non-negative int, `format_version` an int, `sha256` a string,
+    `signature` a list of strings, `run` an object, `completed` /
+    `interrupted` booleans, `batch_index` a non-negative int, `run_id` a
+    string."""
+
+    def bad(field: str, want: str) -> CheckpointError:
+        return CheckpointError(
+            f"{where}: field {field!r} must be {want}; got {meta.get(field)!r}"
+        )
+
+    if not isinstance(meta, dict):
+        raise CheckpointError(
+            f"{where} must hold a JSON object; got {type(meta).__name__}"
+        )
+
+    def is_count(x: Any) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 2**63
+
+    if not is_count(meta.get("step")):
+        raise bad("step", "an int >= 0")
+    version = meta.get("format_version")
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise bad("format_version", "an int")
+    optional = dict(
+        sha256=(lambda x: isinstance(x, str), "a string"),
+        signature=(
+            lambda x: isinstance(x, list) and all(isinstance(y, str) for y in x),
+            "a list of strings",
+        ),
+        run=(lambda x: isinstance(x, dict), "an object"),
+        completed=(lambda x: isinstance(x, bool), "true or false"),
+        interrupted=(lambda x: isinstance(x, bool), "true or false"),
+        batch_index=(is_count, "an int >= 0"),
+        run_id=(lambda x: isinstance(x, str), "a string"),
+    )
+    for field, (ok, want) in optional.items():
+        if field in meta and not ok(meta[field]):
+            raise bad(field, want)
 
 
 def load_checkpoint(path: str | os.PathLike, like: Any) -> tuple[Any, dict[str, Any]]:

@@ -21,6 +21,8 @@ from ._checkpoint import (
     LATEST,
     CheckpointError,
     CheckpointWarning,
+    _fsync_dir,
+    _read_pointer,
     checkpoint_candidates,
     checkpoint_name,
     checkpoint_step,
@@ -126,6 +128,7 @@ def load_run(
     ckpt = checkpoints_of(run_dir)
     if not ckpt.is_dir():
         raise CheckpointError(f"no checkpoints in {run_dir} (expected {ckpt})")
+    folder_run, folder_id = read_run_json(run_dir)
     if step is not None:
         path = ckpt / checkpoint_name(step)
         if not path.is_dir():
@@ -134,21 +137,28 @@ def load_run(
                 f"no checkpoint of update {step} in {ckpt} (complete ones: "
                 f"{', '.join(map(str, have)) or 'none'})"
             )
+        reason = foreign_reason(read_meta(path), folder_run, folder_id)
+        if reason is not None:
+            raise CheckpointError(f"{path} is not this run's checkpoint: {reason}")
         return _load_one(path)
     candidates = checkpoint_candidates(ckpt)
     if not candidates:
         raise CheckpointError(f"no checkpoint found in {ckpt}")
     notes: list[str] = []
     pointer = ckpt / LATEST
+    name = _read_pointer(pointer) if pointer.is_file() else None
     if not pointer.is_file():
         notes.append(f"{pointer} is missing; checkpoints found by scanning")
-    elif (ckpt / pointer.read_text().strip()) not in candidates:
-        notes.append(
-            f"{pointer} names {pointer.read_text().strip()!r}, which does not exist"
-        )
+    elif name is None:
+        notes.append(f"{pointer} is unreadable; checkpoints found by scanning")
+    elif (ckpt / name) not in candidates:
+        notes.append(f"{pointer} names {name!r}, which does not exist")
     skipped: list[str] = []
     for path in candidates:
         try:
+            reason = foreign_reason(read_meta(path), folder_run, folder_id)
+            if reason is not None:
+                raise CheckpointError(f"not this run's checkpoint: {reason}")
             out = _load_one(path)
         except CheckpointError as e:
             skipped.append(f"{path.name} ({e})")
@@ -246,16 +256,72 @@ def is_finished(run: RunConfig, meta: dict[str, Any]) -> bool:
     return int(meta["step"]) >= run.steps and bool(completed)
 
 
-def start_run_dir(run_dir: str | os.PathLike, run: RunConfig) -> Path:
-    """Create `run_dir` and write its `run.json` (the run's settings); the
-    caller has checked the folder (`check_new_run_dir` or a resume)."""
+def start_run_dir(
+    run_dir: str | os.PathLike, run: RunConfig, *, run_id: str | None = None
+) -> Path:
+    """Create `run_dir` and write its `run.json` (the run's settings, and
+    its `run_id` when given: `RunConfig.from_dict` takes the file without
+    it), durably (fsynced); the caller has checked the folder
+    (`check_new_run_dir` or a resume)."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / "run.json"
     tmp = path.with_name(".run.json.tmp")
-    tmp.write_text(json.dumps(run.to_dict(), indent=2, sort_keys=True))
+    content = run.to_dict()
+    if run_id is not None:
+        content["run_id"] = run_id
+    with open(tmp, "w") as f:
+        f.write(json.dumps(content, indent=2, sort_keys=True))
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    _fsync_dir(run_dir)
     return path
+
+
+def new_run_id() -> str:
+    """A fresh run id (12 hex digits), stored in `run.json` and every
+    checkpoint's meta: loading refuses another run's checkpoint by it."""
+    import uuid
+
+    return uuid.uuid4().hex[:12]
+
+
+def read_run_json(run_dir: str | os.PathLike) -> tuple[dict | None, str | None]:
+    """`(run settings, run id)` from `RUN_DIR/run.json`; None for what it
+    does not hold (a missing or unreadable file: nothing to compare with)."""
+    try:
+        content = json.loads((Path(run_dir) / "run.json").read_text())
+    except (OSError, ValueError):
+        return None, None
+    if not isinstance(content, dict):
+        return None, None
+    run_id = content.pop("run_id", None)
+    return content, run_id if isinstance(run_id, str) else None
+
+
+def foreign_reason(
+    meta: dict[str, Any], folder_run: dict | None, folder_id: str | None
+) -> str | None:
+    """Why checkpoint `meta` does not belong to the run folder whose
+    `run.json` holds `folder_run` / `folder_id` (None: it belongs): another
+    run id, or another configuration (any setting but those a resume may
+    change)."""
+    theirs = meta.get("run_id")
+    if folder_id is not None and theirs is not None and theirs != folder_id:
+        return (
+            f"it belongs to another run (run_id {theirs}; this folder's is {folder_id})"
+        )
+    if folder_run is not None and isinstance(meta.get("run"), dict):
+        try:  # both in today's layout (older files may hold the flat one)
+            mine = RunConfig.from_dict(folder_run).to_dict()
+            ckpt = RunConfig.from_dict(meta["run"]).to_dict()
+        except (KeyError, TypeError, ValueError):
+            return None  # unreadable settings: _load_one names the problem
+        differ = [k for k in _differences(ckpt, mine) if k not in RESUME_MAY_CHANGE]
+        if differ:
+            return f"its settings differ from run.json's: {differ}"
+    return None
 
 
 LOCK_NAME = ".lock"
