@@ -140,3 +140,57 @@ def test_metrics_log_is_fsynced_at_each_checkpoint(tmp_path, monkeypatch):
     log.on_log(dict(split="train", step=1, loss=1.0))
     log.on_checkpoint(2, tmp_path)
     assert len(synced) == 1
+
+
+def test_disk_full_is_one_line_and_removes_the_partial_folder(
+    run_dir, tmp_path, monkeypatch
+):
+    """ENOSPC while writing: a CheckpointError naming the folder and "No
+    space left on device" (was: a 60-line traceback ending in equinox's
+    TreePathError), no .tmp-* folder left, LATEST and earlier checkpoints
+    untouched; the next save succeeds."""
+    import errno
+    import os
+
+    import equinox as eqx
+
+    from tvq_eqx.train import _checkpoint
+
+    d = _copy(run_dir, tmp_path) / "checkpoints"
+    before = sorted(p.name for p in d.iterdir())
+    like = eqx.filter_eval_shape(train.new_train_state, RUN)
+    ts, _ = train.load_checkpoint(d, like)
+    real = eqx.tree_serialise_leaves
+
+    def full(f, tree):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(_checkpoint.eqx, "tree_serialise_leaves", full)
+    with pytest.raises(CheckpointError, match="No space left on device") as info:
+        train.save_checkpoint(d, ts, step=6)
+    assert "step_00000006" in str(info.value) and "\n" not in str(info.value)
+    assert sorted(p.name for p in d.iterdir()) == before
+    monkeypatch.setattr(_checkpoint.eqx, "tree_serialise_leaves", real)
+    train.save_checkpoint(d, ts, step=6)
+    assert (d / "LATEST").read_text().strip() == "step_00000006"
+
+
+def test_resume_of_a_complete_run_writes_its_missing_plot(tmp_path, capsys):
+    """A kill after the final checkpoint but before the plot: `--resume`
+    has nothing to train, and writes curves.png."""
+    from tvq_eqx.cli import main
+
+    flags = [
+        "--model.d-model", "16", "--model.d-k", "8", "--model.d-v", "16",
+        "--model.n-code", "4", "--model.n-layer", "1", "--model.block-len", "16",
+        "--data.seq-len", "32", "--update-len", "16", "--data.batch-size", "4",
+        "--steps", "2", "--optimizer.warmup-steps", "1", "--eval-every", "0",
+        "--eval-batches", "1", "--log-every", "1", "--sample-len", "0",
+        "--no-progress",
+    ]  # fmt: skip
+    run_dir = tmp_path / "run"
+    assert main(["train", "--run-dir", str(run_dir), *flags]) == 0
+    (run_dir / "curves.png").unlink()
+    assert main(["train", "--run-dir", str(run_dir), "--resume", *flags]) == 0
+    assert "wrote the missing" in capsys.readouterr().out
+    assert (run_dir / "curves.png").is_file()

@@ -564,6 +564,17 @@ def _print_sample(model, prompt, printer: _TokenPrinter, *, steps, temperature,
         printer.close()
 
 
+def _finish_outputs(run_dir: Path, run) -> None:
+    """What a complete run writes after its last checkpoint (the curves
+    plot), written now if a kill cut it short."""
+    from .train._callbacks import plot_curves
+
+    metrics, png = run_dir / "metrics.jsonl", run_dir / "curves.png"
+    if metrics.is_file() and not png.exists():
+        plot_curves(metrics, png, unit=_unit(run))
+        print(f"wrote the missing {png}", flush=True)
+
+
 def cmd_train(argv: list[str]) -> int:
     locks: list = []  # the run folder's lock, held until the command returns
     try:
@@ -622,10 +633,11 @@ def _cmd_train(argv: list[str], locks: list) -> int:
         if train.is_finished(run, meta):
             print(
                 f"{run_dir}: the run is complete ({meta['step']} of {run.steps} "
-                f"updates, final validation done; {meta['path']}); nothing to do "
-                "(a larger --steps extends it)",
+                f"updates, final validation done; {meta['path']}); nothing to "
+                "train (a larger --steps extends it)",
                 flush=True,
             )
+            _finish_outputs(run_dir, run)
             return 0
         if args.stop_at is not None and args.stop_at <= int(ts.step):
             raise UsageError(

@@ -286,23 +286,19 @@ def save_checkpoint(
         shutil.rmtree(stale, ignore_errors=True)
     name = checkpoint_name(step)
     tmp = d / f".tmp-{name}-{os.getpid()}"
-    tmp.mkdir()
-    state_path = tmp / _STATE
-    with open(state_path, "wb") as f:
-        eqx.tree_serialise_leaves(f, host)
-        f.flush()
-        os.fsync(f.fileno())
-    full_meta = dict(
-        format_version=FORMAT_VERSION,
-        step=int(step),
-        sha256=_sha256(state_path),
-        signature=_signature(host),
-        **(meta or {}),
-    )
-    with open(tmp / _META, "w") as f:
-        json.dump(full_meta, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        _write_checkpoint_files(tmp, host, step, meta)
+    except Exception as e:
+        # Disk full, no permission, ...: one line naming the folder and the
+        # cause; the partial folder goes, nothing earlier is touched.
+        shutil.rmtree(tmp, ignore_errors=True)
+        cause = _os_error_in(e)
+        if cause is None:
+            raise
+        raise CheckpointError(
+            f"cannot write checkpoint {d / name}: {cause.strerror or cause} "
+            f"(errno {cause.errno}); earlier checkpoints are unchanged"
+        ) from None
     _fsync_dir(tmp)
     final = d / name
     if final.exists():  # re-saving the same step: swap the old one out first
@@ -352,6 +348,40 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
         )
     meta["path"] = str(p)
     return meta
+
+
+def _os_error_in(e: BaseException) -> OSError | None:
+    """The OSError behind `e` (itself, or in its cause/context chain:
+    equinox wraps the writer's error in a TreePathError), else None."""
+    seen = 0
+    while e is not None and seen < 20:
+        if isinstance(e, OSError):
+            return e
+        e = e.__cause__ or e.__context__  # type: ignore[assignment]
+        seen += 1
+    return None
+
+
+def _write_checkpoint_files(tmp: Path, host: Any, step: int, meta) -> None:
+    """The arrays and meta.json of one checkpoint into the fresh folder
+    `tmp`, each fsynced, then the folder."""
+    tmp.mkdir()
+    state_path = tmp / _STATE
+    with open(state_path, "wb") as f:
+        eqx.tree_serialise_leaves(f, host)
+        f.flush()
+        os.fsync(f.fileno())
+    full_meta = dict(
+        format_version=FORMAT_VERSION,
+        step=int(step),
+        sha256=_sha256(state_path),
+        signature=_signature(host),
+        **(meta or {}),
+    )
+    with open(tmp / _META, "w") as f:
+        json.dump(full_meta, f, indent=2, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def _check_meta_types(meta: Any, where: Path) -> None:
