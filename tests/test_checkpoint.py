@@ -81,8 +81,10 @@ def test_crash_mid_save_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(_checkpoint.eqx, "tree_serialise_leaves", crash)
-    with pytest.raises(OSError, match="disk full"):
+    # One line naming the checkpoint and the cause (the partial folder gone).
+    with pytest.raises(train.CheckpointError, match="step_00000002: disk full"):
         train.save_checkpoint(tmp_path, ts, step=2)
+    assert not list(tmp_path.glob(".tmp-*"))
     monkeypatch.undo()
 
     assert train.latest_checkpoint(tmp_path) == good

@@ -633,8 +633,8 @@ def _cmd_train(argv: list[str], locks: list) -> int:
         if train.is_finished(run, meta):
             print(
                 f"{run_dir}: the run is complete ({meta['step']} of {run.steps} "
-                f"updates, final validation done; {meta['path']}); nothing to "
-                "train (a larger --steps extends it)",
+                f"updates, final validation done; {meta['path']}); nothing to do "
+                "(a larger --steps extends it)",
                 flush=True,
             )
             _finish_outputs(run_dir, run)

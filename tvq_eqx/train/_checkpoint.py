@@ -295,9 +295,10 @@ def save_checkpoint(
         cause = _os_error_in(e)
         if cause is None:
             raise
+        errno = f" (errno {cause.errno})" if cause.errno else ""
         raise CheckpointError(
-            f"cannot write checkpoint {d / name}: {cause.strerror or cause} "
-            f"(errno {cause.errno}); earlier checkpoints are unchanged"
+            f"cannot write checkpoint {d / name}: {cause.strerror or cause}"
+            f"{errno}; earlier checkpoints are unchanged"
         ) from None
     _fsync_dir(tmp)
     final = d / name

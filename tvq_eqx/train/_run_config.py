@@ -211,8 +211,11 @@ class RunConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunConfig:
         """The inverse of `to_dict`; unknown keys are a `ValueError` naming
-        them. A flat dict of the earlier (tvq-eqx 0.1) layout is accepted."""
-        return cls().updated(_from_legacy(d))
+        them. A flat dict of the earlier (tvq-eqx 0.1) layout is accepted, and
+        a `run.json` as is (its `run_id` is the run's name, not a setting)."""
+        return cls().updated(
+            _from_legacy({k: v for k, v in d.items() if k != "run_id"})
+        )
 
     def updated(self, changes: dict[str, Any]) -> RunConfig:
         """A copy with a nested dict of changes applied (as `replace`, but
