@@ -59,6 +59,7 @@ def load_documents(
     resolved = bundled_corpus_path() if path is None else Path(path)
     if not resolved.exists():
         raise FileNotFoundError(f"data path {str(resolved)!r} does not exist")
+    check_regular(resolved, "data path")
     if resolved.is_dir():
         files = find_files(resolved, suffixes)
         docs = [np.fromfile(f, dtype=np.uint8) for f in files]
@@ -73,6 +74,27 @@ def load_documents(
     if data.size == 0:
         raise ValueError(f"data file {str(resolved)!r} is empty")
     return [data]
+
+
+def check_regular(path: Path, what: str) -> None:
+    """`ValueError` naming `path` unless it is a regular file or a folder: a
+    FIFO would block the reader forever, a device (`/dev/zero`) never ends,
+    a socket cannot be read."""
+    import stat
+
+    mode = path.stat().st_mode
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return
+    kind = (
+        "a FIFO (named pipe)"
+        if stat.S_ISFIFO(mode)
+        else "a device"
+        if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+        else "a socket"
+        if stat.S_ISSOCK(mode)
+        else "not a regular file"
+    )
+    raise ValueError(f"{what} {str(path)!r} is {kind}; give a file or a folder")
 
 
 def load_bytes(

@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 from jaxtyping import Int, UInt8
 
+from ._bytes import check_regular
 from ._files import find_files
 from ._stream import AbstractStream, _check_int, _Lookup
 
@@ -66,6 +67,7 @@ def load_images(
     root = Path(path)
     if not root.exists():
         raise FileNotFoundError(f"image path {str(root)!r} does not exist")
+    check_regular(root, "image path")
     files = find_files(root, suffixes) if root.is_dir() else [root]
     if not files:
         raise ValueError(
@@ -81,7 +83,9 @@ def load_images(
                     method=Image.Resampling.BOX,
                     centering=(0.5, 0.5),
                 )
-        except (UnidentifiedImageError, OSError) as e:
+        except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
+            # DecompressionBombError: more pixels than Pillow's safety limit
+            # (Image.MAX_IMAGE_PIXELS; raise it to read such files).
             raise ValueError(f"cannot read image {str(f)!r}: {e}") from None
         out[i] = np.asarray(rgb, dtype=np.uint8).reshape(-1)
     return out

@@ -52,9 +52,23 @@ class SentencePieceTokenizer:
         """Load a `.model` file."""
         _import_sentencepiece()
         path = Path(model_file)
-        if not path.is_file():
+        if path.is_dir():
+            raise ValueError(
+                f"sentencepiece model {str(path)!r} is a folder; give the .model file"
+            )
+        if not path.exists():
             raise FileNotFoundError(f"sentencepiece model {str(path)!r} does not exist")
-        return cls(path.read_bytes())
+        if not path.is_file():
+            raise ValueError(f"sentencepiece model {str(path)!r} is not a regular file")
+        try:
+            return cls(path.read_bytes())
+        except (RuntimeError, OSError, ValueError) as e:
+            first = (
+                str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            )
+            raise ValueError(
+                f"sentencepiece model {str(path)!r} cannot be loaded ({first})"
+            ) from None
 
     @classmethod
     def train(

@@ -70,14 +70,29 @@ def _load(run: RunConfig, wanted: tuple[str, ...]) -> RunData:
             )
         parts = _data.split_items(_data.load_documents(d.path), what="documents")
         out = {}
+        invalid = 0  # documents with bytes that are not UTF-8 (replaced)
         for name, docs in parts.items():
             if name not in wanted:
                 continue
-            enc = [
-                np.asarray(tok.encode(x.tobytes().decode("utf-8", "replace")), np.int32)
-                for x in docs
-            ]
+            enc = []
+            for x in docs:
+                raw = x.tobytes()
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    invalid += 1
+                    text = raw.decode("utf-8", "replace")
+                enc.append(np.asarray(tok.encode(text), np.int32))
             out[name] = _data.pack_documents(enc)[0]
+        if invalid:
+            import warnings
+
+            warnings.warn(
+                f"{invalid} document(s) under {d.path!r} hold bytes that are not "
+                "UTF-8; they were replaced by U+FFFD before tokenizing",
+                UserWarning,
+                stacklevel=2,
+            )
         return RunData(
             out,
             lambda s: np.asarray(tok.encode(s), np.int32),
