@@ -213,3 +213,17 @@ def test_kernel_parts_smoke(tmp_path):
     assert C.CHECK_FAILED not in text
     errs = text.split("kernels' alone: ")[1].splitlines()[0]
     assert all(float(e.split()[1]) < 2e-2 for e in errs.split(", ")), errs
+
+
+def test_checkpoint_stall_smoke(tmp_path):
+    """The stall benchmark runs (the tiny preset: seconds) and reports the
+    asynchronous save's stall below the synchronous save's."""
+    from benchmarks import checkpoint_stall
+
+    out = tmp_path / "stall.md"
+    checkpoint_stall.main(
+        ["--preset", "tiny", "--layers", "1", "--reps", "1", "--out", str(out)]
+    )
+    text = out.read_text()
+    assert "| synchronous save (before) |" in text
+    assert "| asynchronous save (fit now) |" in text

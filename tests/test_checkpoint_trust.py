@@ -194,3 +194,42 @@ def test_resume_of_a_complete_run_writes_its_missing_plot(tmp_path, capsys):
     assert main(["train", "--run-dir", str(run_dir), "--resume", *flags]) == 0
     assert "wrote the missing" in capsys.readouterr().out
     assert (run_dir / "curves.png").is_file()
+
+
+def test_async_checkpoints_write_off_the_training_thread(tmp_path, monkeypatch):
+    """`AsyncCheckpointer` (what `fit` uses): `save` copies to the host and
+    returns; the files are written by a background thread; `wait` returns
+    the finished checkpoint, or raises the writer's error in the caller."""
+    import errno
+    import os
+    import threading
+
+    import equinox as eqx
+
+    from tvq_eqx.train import _checkpoint
+
+    writers = []
+    real_write = _checkpoint.write_checkpoint
+
+    def spy(*args, **kwargs):
+        writers.append(threading.current_thread().name)
+        return real_write(*args, **kwargs)
+
+    monkeypatch.setattr(_checkpoint, "write_checkpoint", spy)
+    saver = _checkpoint.AsyncCheckpointer()
+    ts = train.new_train_state(RUN)
+    assert saver.save(tmp_path, ts, step=1) is None
+    assert saver.wait() == (1, tmp_path / "step_00000001")
+    assert writers == ["tvq-eqx-checkpoint-1"]
+    like = eqx.filter_eval_shape(train.new_train_state, RUN)
+    loaded, _ = train.load_checkpoint(tmp_path, like)
+    assert int(loaded.step) == int(ts.step)
+
+    def full(f, tree):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(_checkpoint.eqx, "tree_serialise_leaves", full)
+    saver.save(tmp_path, ts, step=2)  # returns: the failure is in the thread
+    with pytest.raises(CheckpointError, match="No space left on device"):
+        saver.wait()
+    assert (tmp_path / "LATEST").read_text().strip() == "step_00000001"

@@ -1,5 +1,6 @@
 """Training, evaluation and checkpoints for Transformer-VQ."""
 
+from ._checkpoint import AsyncCheckpointer as AsyncCheckpointer
 from ._checkpoint import CheckpointError as CheckpointError
 from ._checkpoint import CheckpointWarning as CheckpointWarning
 from ._checkpoint import checkpoint_candidates as checkpoint_candidates

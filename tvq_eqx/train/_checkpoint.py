@@ -277,10 +277,23 @@ def save_checkpoint(
     """
     if keep < 1:
         raise ValueError(f"keep must be >= 1; got {keep}")
-    d = Path(directory)
     host = _to_host(train_state)
     if jax.process_index() != 0:
-        return d / checkpoint_name(step)
+        return Path(directory) / checkpoint_name(step)
+    return write_checkpoint(directory, host, step=step, meta=meta, keep=keep)
+
+
+def write_checkpoint(
+    directory: str | os.PathLike,
+    host: Any,
+    *,
+    step: int,
+    meta: dict[str, Any] | None = None,
+    keep: int = 3,
+) -> Path:
+    """The file part of `save_checkpoint`, on a train state already copied
+    to the host (numpy arrays): safe to run in another thread."""
+    d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     for stale in d.glob(".tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)
@@ -315,6 +328,75 @@ def save_checkpoint(
         if old.name != name:
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+class AsyncCheckpointer:
+    """Checkpoints whose files are written in a background thread: `save`
+    copies the train state to the host (the only stall: the next step may
+    reuse, donate, the device buffers) and returns; the files, the fsyncs,
+    `LATEST` and the rotation happen while training goes on. One write at a
+    time: a new `save` first waits for the previous one.
+
+    `wait()` blocks until the write in flight is done and returns its
+    `(step, path)` (None if none was in flight); a write's error (disk
+    full, ...) is raised there, in the training thread.
+    """
+
+    def __init__(self) -> None:
+        import threading
+
+        self._threading = threading
+        self._thread: Any = None
+        self._pending: tuple[int, Path] | None = None
+        self._error: BaseException | None = None
+
+    def save(
+        self,
+        directory: str | os.PathLike,
+        train_state: Any,
+        *,
+        step: int,
+        meta: dict[str, Any] | None = None,
+        keep: int = 3,
+    ) -> tuple[int, Path] | None:
+        """Start checkpoint `step`; returns what `wait()` returned for the
+        previous one."""
+        if keep < 1:
+            raise ValueError(f"keep must be >= 1; got {keep}")
+        done = self.wait()
+        # Own copies: on CPU a host array may alias the device buffer, which
+        # the next (donating) step overwrites while the thread still writes.
+        host = jax.tree.map(
+            lambda x: np.array(x, copy=True) if isinstance(x, np.ndarray) else x,
+            _to_host(train_state),
+        )
+        path = Path(directory) / checkpoint_name(step)
+        if jax.process_index() != 0:
+            self._pending = (step, path)
+            return done
+
+        def run() -> None:
+            try:
+                write_checkpoint(directory, host, step=step, meta=meta, keep=keep)
+            except BaseException as e:  # surfaced by wait()
+                self._error = e
+
+        self._pending = (step, path)
+        self._thread = self._threading.Thread(
+            target=run, name=f"tvq-eqx-checkpoint-{step}", daemon=False
+        )
+        self._thread.start()
+        return done
+
+    def wait(self) -> tuple[int, Path] | None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        done, self._pending = self._pending, None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+        return done
 
 
 def read_meta(path: str | os.PathLike) -> dict[str, Any]:

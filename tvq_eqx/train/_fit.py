@@ -21,7 +21,7 @@ from jax.sharding import Mesh
 
 from ..data import AbstractStream
 from ..nn import Transformer
-from ._checkpoint import save_checkpoint
+from ._checkpoint import AsyncCheckpointer
 from ._optimizer import optimizer_from_config
 from ._run_config import RunConfig
 from ._steps import TrainState, evaluate, make_train_step
@@ -283,6 +283,16 @@ def fit(
         for cb in callbacks:
             getattr(cb, name)(*args)
 
+    # Checkpoint files are written in a background thread; the loop stalls
+    # only for the device-to-host copy. `on_checkpoint` fires once a write
+    # is complete (at the next checkpoint or the end of `fit`).
+    saver = AsyncCheckpointer()
+
+    def finished(done: tuple[int, Path] | None) -> None:
+        if done is not None:
+            state["checkpoint"] = done[1]
+            emit("on_checkpoint", *done)
+
     def save(step: int, extra: Mapping[str, Any] | None = None) -> bool:
         """Checkpoint `ts` unless it holds a non-finite parameter (then the
         run has diverged: False)."""
@@ -295,9 +305,7 @@ def fit(
         meta = dict(run=run.to_dict(), batch_index=step // upb)
         meta.update(checkpoint_meta or {})
         meta.update(extra or {})
-        path = save_checkpoint(ckpt_dir, ts, step=step, meta=meta, keep=run.keep)
-        state["checkpoint"] = path
-        emit("on_checkpoint", step, path)
+        finished(saver.save(ckpt_dir, ts, step=step, meta=meta, keep=run.keep))
         return True
 
     def validate(step: int) -> None:
@@ -381,6 +389,10 @@ def fit(
             # donated to a step that did not finish.
             if ckpt_dir is not None and step > start_step and _is_alive(ts):
                 save(step, dict(interrupted=True))
+            finished(saver.wait())
+            raise
+        except BaseException:
+            finished(saver.wait())  # the write in flight completes first
             raise
     if status == "interrupted":
         if step > start_step and not save(step, dict(interrupted=True)):
@@ -398,6 +410,7 @@ def fit(
             final["validation"] = state["validation"]
         if not save(step, final):
             status = "diverged"
+    finished(saver.wait())
     result = FitResult(
         train_state=ts,
         status=status,
