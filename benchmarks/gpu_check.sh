@@ -71,6 +71,13 @@ CASES = [
     (2, 1024, 4, 64, 128, 256, 256, True, "bfloat16", {"cache_decay": 0.9}),
     (2, 1024, 4, 64, 128, 256, 256, True, "bfloat16",
      {"use_cache": False, "cache_grad": False}),               # sliding window
+    # The cache prefix kernel (PallasConfig(cache_prefix="kernel")): never run
+    # on a GPU before 2026-12-07; official shape, multi-head with documents
+    # and with a decayed cache, float32.
+    (1, 2048, 1, 128, 1536, 512, 512, True, "bfloat16", {"prefix": True}),
+    (2, 1024, 4, 64, 128, 256, 256, True, "bfloat16", {"prefix": True, "docs": 300}),
+    (2, 1024, 4, 64, 128, 256, 256, True, "float32",
+     {"prefix": True, "cache_decay": 0.9}),
 ]
 TOL = {"float32": (1e-4, 1e-4), "bfloat16": (2e-2, 5e-2)}  # (forward, grads)
 lines = ["# GPU correctness check: pallas vs xla (on " + jax.devices()[0].device_kind + ")", "",
@@ -84,6 +91,10 @@ ok_all = True
 for b, t, h, k, v, s, l, use_rel, dt, options in CASES:
     tag = "".join(f"-{n}" for n in options if n != "cache_grad")
     options = dict(options)
+    pallas_opts = {}
+    if options.pop("prefix", False):
+        from pallas_kernels.vq_attention import PallasConfig
+        pallas_opts = {"pallas": PallasConfig(cache_prefix="kernel")}
     if "docs" in options:
         options["doc_starts"] = doc_starts(b, t, options.pop("docs"))
     dtype = jnp.dtype(dt)
@@ -107,7 +118,7 @@ for b, t, h, k, v, s, l, use_rel, dt, options in CASES:
 
     args = (q, kk, vv, rq, rt)
     t0 = time.time()
-    got = jax.block_until_ready(jax.jit(lambda *a: run(vq_attention_pallas, a[:5], a[5], {}))(*args, cot))
+    got = jax.block_until_ready(jax.jit(lambda *a: run(vq_attention_pallas, a[:5], a[5], pallas_opts))(*args, cot))
     sec = time.time() - t0
     f32 = tuple(x.astype(jnp.float32) for x in args)
     with jax.default_matmul_precision("highest"):
