@@ -151,7 +151,7 @@ def lower(
     from jax.sharding import AbstractDevice, AbstractMesh, use_abstract_mesh
 
     from pallas_kernels.vq_attention import BlockSizes, PallasConfig
-    from tvq_eqx.ops._pallas import vq_attention_pallas
+    from tvq_eqx.ops import vq_attention_pallas
 
     if platform == "cuda":
         device = AbstractDevice(device_kind, 132, "cuda")

@@ -24,8 +24,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks import _common as C  # noqa: E402
-from tvq_eqx.ops import vq_attention_xla  # noqa: E402
-from tvq_eqx.ops._pallas import vq_attention_pallas  # noqa: E402
+from tvq_eqx.ops import vq_attention_pallas, vq_attention_xla  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -35,8 +35,7 @@ from pallas_kernels.vq_attention import _common
 from pallas_kernels.vq_attention import backward as _bwd
 from pallas_kernels.vq_attention import forward as _fwd
 from pallas_kernels.vq_attention.config import BlockSizes, PallasConfig
-from tvq_eqx.ops import vq_attention_xla
-from tvq_eqx.ops._pallas import vq_attention_pallas
+from tvq_eqx.ops import vq_attention_pallas, vq_attention_xla
 
 
 def _bf16_terms(x, n):

@@ -159,8 +159,9 @@ def _static(blk, k):
 def measure_parts(t, dims, dtype, *, pallas_config, reps, min_time):
     """Rows (part, seconds, flops, bytes) for one sequence length."""
     from pallas_kernels.vq_attention import ops as kops
+    from tvq_eqx.ops import vq_attention_pallas
     from tvq_eqx.ops._blockwise import next_state
-    from tvq_eqx.ops._pallas import kernel_inputs, vq_attention_pallas
+    from tvq_eqx.ops._pallas import kernel_inputs
 
     b, h, k, v, s, blk = dims
     q, kk, vv, cb, rq, rt, cot = _inputs(t, dims, dtype, jax.random.key(t))

@@ -62,12 +62,12 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from tvq_eqx.ops import (
     quantize,
+    vq_attention_pallas,
     vq_attention_quadratic,
     vq_attention_xla,
 )
 from tvq_eqx.ops._blockwise import prologue
 from tvq_eqx.ops._common import gather_codes
-from tvq_eqx.ops._pallas import vq_attention_pallas
 
 FORMS = ("pallas", "xla", "quadratic", "dpa", "dpa-cudnn", "summaries")
 

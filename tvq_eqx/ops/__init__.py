@@ -19,3 +19,13 @@ from ._full import FullAttentionState as FullAttentionState
 from ._full import full_attention_with_state as full_attention_with_state
 from ._quadratic import vq_attention_quadratic as vq_attention_quadratic
 from ._xla import vq_attention_xla as vq_attention_xla
+
+
+def __getattr__(name: str):
+    # The kernel form is public but loaded on first use: it imports the
+    # Pallas kernels (optional, and heavy to import).
+    if name == "vq_attention_pallas":
+        from ._pallas import vq_attention_pallas
+
+        return vq_attention_pallas
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
