@@ -156,24 +156,47 @@ def _static(blk, k):
     )
 
 
+def _prologue(config, blk: int, k: int):
+    """The pallas path's XLA prologue alone, for kernel settings `config`:
+    `(q, k, v, codebook, rel_query, rel_table) -> (prologue, kernel args)`."""
+    from tvq_eqx.ops._pallas import kernel_inputs
+
+    static = _static(blk, k)
+
+    def prologue(q, kk, vv, cb, rq, rt):
+        pro, core_args, _ = kernel_inputs(
+            q, kk, vv, cb, None, rq, rt, None, None, pallas=config, **static
+        )
+        return pro, core_args
+
+    return prologue
+
+
+def _epilogue(b: int, h: int, t: int, v: int, dtype):
+    """The output layout and the next state, from the kernel output."""
+    from tvq_eqx.ops._blockwise import next_state
+
+    def epilogue(out, pro):
+        o = jnp.transpose(out.reshape(b, h, t, -1)[..., :v], (0, 2, 1, 3))
+        new = next_state(
+            pro.state, pro.ext, pro.new_count, pro.new_mean, cache_grad=True
+        )
+        return o.astype(dtype), new
+
+    return epilogue
+
+
 def measure_parts(t, dims, dtype, *, pallas_config, reps, min_time):
     """Rows (part, seconds, flops, bytes) for one sequence length."""
     from pallas_kernels.vq_attention import ops as kops
     from tvq_eqx.ops import vq_attention_pallas
-    from tvq_eqx.ops._blockwise import next_state
     from tvq_eqx.ops._pallas import kernel_inputs
 
     b, h, k, v, s, blk = dims
     q, kk, vv, cb, rq, rt, cot = _inputs(t, dims, dtype, jax.random.key(t))
     static = _static(blk, k)
 
-    def prologue_fn(q, kk, vv, cb, rq, rt):
-        pro, core_args, _ = kernel_inputs(
-            q, kk, vv, cb, None, rq, rt, None, None, pallas=pallas_config, **static
-        )
-        return pro, core_args
-
-    prologue_jit = jax.jit(prologue_fn)
+    prologue_jit = jax.jit(_prologue(pallas_config, blk, k))
     pro, core_args = prologue_jit(q, kk, vv, cb, rq, rt)
     # The kernels' static settings (ints, flags, tiles): from one eager call.
     _, _, core_kwargs = kernel_inputs(
@@ -190,13 +213,7 @@ def measure_parts(t, dims, dtype, *, pallas_config, reps, min_time):
     add("prologue", sec, (q, kk, vv, cb, rq, rt), (pro, core_args))
     kernel_config = dataclasses.replace(pallas_config, cache_prefix="kernel")
 
-    def prologue_kernel_fn(q, kk, vv, cb, rq, rt):
-        pro, core_args, _ = kernel_inputs(
-            q, kk, vv, cb, None, rq, rt, None, None, pallas=kernel_config, **static
-        )
-        return pro, core_args
-
-    prologue_kernel = jax.jit(prologue_kernel_fn)
+    prologue_kernel = jax.jit(_prologue(kernel_config, blk, k))
     sec = _timed(prologue_kernel, q, kk, vv, cb, rq, rt, reps=reps, min_time=min_time)
     add(
         "prologue, prefix kernel", sec, (q, kk, vv, cb, rq, rt),
@@ -233,12 +250,7 @@ def measure_parts(t, dims, dtype, *, pallas_config, reps, min_time):
     sec = _timed(dmean, ops, p_code, dout, reps=reps, min_time=min_time)
     add("dmean", sec, (p_code, dout), dmean(ops, p_code, dout))
 
-    def epilogue_fn(out, pro):
-        o = jnp.transpose(out.reshape(b, h, t, -1)[..., :v], (0, 2, 1, 3))
-        new = next_state(
-            pro.state, pro.ext, pro.new_count, pro.new_mean, cache_grad=True
-        )
-        return o.astype(dtype), new
+    epilogue_fn = _epilogue(b, h, t, v, dtype)
 
     epi = jax.jit(epilogue_fn)
     sec = _timed(epi, out, pro, reps=reps, min_time=min_time)
@@ -279,7 +291,6 @@ def account_parts(t, dims, dtype, *, pallas_config):
     by `jax.eval_shape`, and for the XLA parts (prologue, epilogue) the
     bytes XLA's compiled cost analysis counts on this machine's backend."""
     from pallas_kernels.vq_attention import ops as kops
-    from tvq_eqx.ops._blockwise import next_state
     from tvq_eqx.ops._pallas import kernel_inputs
 
     b, h, k, v, s, blk = dims
@@ -289,12 +300,7 @@ def account_parts(t, dims, dtype, *, pallas_config):
     cb, rt = sds((h, s, k), jnp.float32), sds((blk + 1, h, k), dtype)
     static = _static(blk, k)
 
-    def prologue_fn(q, kk, vv, cb, rq, rt):
-        pro, core_args, _ = kernel_inputs(
-            q, kk, vv, cb, None, rq, rt, None, None, pallas=pallas_config, **static
-        )
-        return pro, core_args
-
+    prologue_fn = _prologue(pallas_config, blk, k)
     kept = {}
 
     def prepared(q, kk, vv, cb, rq, rt):
@@ -317,12 +323,7 @@ def account_parts(t, dims, dtype, *, pallas_config):
         cost = cost[0] if isinstance(cost, list) else cost
         return cost.get("bytes accessed")
 
-    def epilogue_fn(out, pro):
-        o = jnp.transpose(out.reshape(b, h, t, -1)[..., :v], (0, 2, 1, 3))
-        new = next_state(
-            pro.state, pro.ext, pro.new_count, pro.new_mean, cache_grad=True
-        )
-        return o.astype(dtype), new
+    epilogue_fn = _epilogue(b, h, t, v, dtype)
 
     # The prologue split: everything but the cache means (XLA), and the
     # cache means made by XLA's passes or by the prefix kernel.
@@ -330,11 +331,12 @@ def account_parts(t, dims, dtype, *, pallas_config):
     from tvq_eqx.ops._blockwise import prologue as core_prologue
     from tvq_eqx.ops._blockwise import xla_cache_means
 
+    without_means = _prologue(
+        dataclasses.replace(pallas_config, cache_prefix="kernel"), blk, k
+    )
+
     def rest_fn(q, kk, vv, cb, rq, rt):
-        no_means = dataclasses.replace(pallas_config, cache_prefix="kernel")
-        pro, core_args, _ = kernel_inputs(
-            q, kk, vv, cb, None, rq, rt, None, None, pallas=no_means, **static
-        )
+        pro, core_args = without_means(q, kk, vv, cb, rq, rt)
         return pro.terms, core_args[:6], core_args[7:]  # all but the means
 
     terms_fn = lambda kk, vv, cb: core_prologue(

@@ -182,9 +182,7 @@ def cache_terms(
     entering, reset = entering_codes(
         code, valid, t=t, block_len=block_len, last_start=last_start
     )
-    counts = jnp.sum(
-        jax.nn.one_hot(_blocks(entering, block_len), n_code, dtype=jnp.float32), axis=2
-    )  # [B, N, H, S]
+    counts = _group_counts(entering, n_code=n_code, block_len=block_len)
     factor = block_factors(entering.shape[0], t // block_len, decay, reset)
     count0 = state.cache_count.astype(jnp.float32)
     blk_count, new_count = block_prefix(counts, count0, factor=factor)
@@ -243,6 +241,13 @@ def block_factors(b: int, n_blk: int, decay: float, reset):
     return a if reset is None else jnp.where(reset, 0.0, a)
 
 
+def _group_counts(entering, *, n_code, block_len):
+    """Per group of L entries, the count of each code `[B, N, H, S]`
+    (float32; code -1 counts nowhere)."""
+    onehot = jax.nn.one_hot(_blocks(entering, block_len), n_code, dtype=jnp.float32)
+    return jnp.sum(onehot, axis=2)
+
+
 def _onehot_sums(entering, value, *, n_code, block_len):
     """Per group of L entries, the value sum of each code `[B, N, H, S, V]`
     (float32; entries with code -1 add nothing)."""
@@ -274,9 +279,7 @@ def block_sums(code, value, valid, *, t, n_code, block_len, last_start=None):
     entering, reset = entering_codes(
         code, valid, t=t, block_len=block_len, last_start=last_start
     )
-    counts = jnp.sum(
-        jax.nn.one_hot(_blocks(entering, block_len), n_code, dtype=jnp.float32), axis=2
-    )
+    counts = _group_counts(entering, n_code=n_code, block_len=block_len)
     sums = _onehot_sums(entering, value[:, :t], n_code=n_code, block_len=block_len)
     return counts, sums, reset
 

@@ -37,14 +37,12 @@ from ._common import (
     VQAttentionState,
     as_int,
     cache_dtype,
-    check_scale,
     gather_codes,
     quantize,
     resolve_mem_len,
     straight_through,
-    validate_inputs,
 )
-from ._dispatch import AttentionOptions, check_doc_starts, run_resolved
+from ._dispatch import AttentionOptions, check_streaming_inputs, run_resolved
 
 
 def _chunk_map(code, value, valid, last_start, *, c, n_code, block_len, decay):
@@ -128,10 +126,6 @@ def vq_attention_context_parallel(
         state=state,
         cache_decay=cache_decay,
     )
-    if opts.implementation == "quadratic":
-        raise ValueError(
-            "implementation='quadratic' has no streaming state; use 'xla' or 'pallas'"
-        )
     block_len, mem_len, cache_decay = opts.block_len, opts.mem_len, opts.cache_decay
     b, c, h, _ = key.shape
     if c % block_len or c < mem_len:
@@ -139,12 +133,10 @@ def vq_attention_context_parallel(
             f"each device's chunk ({c} tokens of key {tuple(key.shape)}) must be "
             f"a multiple of block_len={block_len} and at least mem_len={mem_len}"
         )
-    validate_inputs(
-        query, key, value, codebook, block_len=block_len, rel_query=rel_query,
-        rel_table=rel_table, state=state, mem_len=mem_len,
+    scale, doc_starts = check_streaming_inputs(
+        query, key, value, codebook, state, opts, scale=scale,
+        rel_query=rel_query, rel_table=rel_table, doc_starts=doc_starts,
     )  # fmt: skip
-    scale = check_scale(scale, query.shape[-1])
-    doc_starts = check_doc_starts(doc_starts, query)
     if state is None:
         state = VQAttentionState.empty_for(key, value, codebook, mem_len=mem_len)
     n_dev = jax.lax.axis_size(axis_name)

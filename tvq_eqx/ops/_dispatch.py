@@ -357,6 +357,31 @@ def vq_attention_with_state(
         state_keys=state_keys,
         cache_decay=cache_decay,
     )
+    scale, doc_starts = check_streaming_inputs(
+        query, key, value, codebook, state, opts, scale=scale,
+        rel_query=rel_query, rel_table=rel_table, doc_starts=doc_starts,
+    )  # fmt: skip
+    return run_resolved(
+        query,
+        key,
+        value,
+        codebook,
+        state,
+        opts,
+        scale=scale,
+        rel_query=rel_query,
+        rel_table=rel_table,
+        doc_starts=doc_starts,
+    )
+
+
+def check_streaming_inputs(
+    query, key, value, codebook, state, opts: AttentionOptions, *, scale,
+    rel_query=None, rel_table=None, doc_starts=None,
+):  # fmt: skip
+    """The array checks of a streaming call with resolved `opts` (shared by
+    `vq_attention_with_state` and context parallelism): returns the checked
+    `(scale, doc_starts)`."""
     if opts.implementation == "quadratic":
         raise ValueError(
             "implementation='quadratic' has no streaming state; use 'xla' or 'pallas'"
@@ -373,19 +398,7 @@ def vq_attention_with_state(
         state=state,
         mem_len=opts.mem_len,
     )
-    scale = check_scale(scale, query.shape[-1])
-    return run_resolved(
-        query,
-        key,
-        value,
-        codebook,
-        state,
-        opts,
-        scale=scale,
-        rel_query=rel_query,
-        rel_table=rel_table,
-        doc_starts=doc_starts,
-    )
+    return check_scale(scale, query.shape[-1]), doc_starts
 
 
 def run_resolved(
