@@ -135,6 +135,8 @@ def lower(
     block_sizes=None,
     device_kind: str = "NVIDIA H100 80GB HBM3",
     cache_prefix: str = "xla",
+    cache_decay: float = 1.0,
+    tpu_device=None,
 ):
     """Lower value_and_grad of a loss over `vq_attention_pallas` for `platform`
     ("cuda": Triton, or "tpu": Mosaic) from any machine; nothing runs.
@@ -145,7 +147,11 @@ def lower(
     cache, so every forward and backward kernel is in the program.
     `documents`: with packed-document masking (`doc_starts`: the forward
     and dq kernels read each query's document start). `cache_prefix`:
-    `PallasConfig.cache_prefix` ("kernel": the cache prefix kernel too)."""
+    `PallasConfig.cache_prefix` ("kernel": the cache prefix kernel too).
+    `cache_decay` < 1: the decayed cache. `tpu_device`: a device of a libtpu
+    topology (`benchmarks/_libtpu.py`): the arguments are placed on it so
+    `.compile()` runs libtpu's compiler, and the tiles are the rule of its
+    generation (resolved by the op for the target; `block_sizes` None)."""
     import jax
     import jax.numpy as jnp
     from jax.sharding import AbstractDevice, AbstractMesh, use_abstract_mesh
@@ -158,15 +164,20 @@ def lower(
         if block_sizes is None:
             block_sizes = BlockSizes.for_platform("gpu", arch=90)
     elif platform == "tpu":
-        device = AbstractDevice(*TPU_DEVICE, "tpu")
-        if block_sizes is None:
-            block_sizes = BlockSizes.for_platform("tpu")
+        kind = TPU_DEVICE[0] if tpu_device is None else tpu_device.device_kind
+        device = AbstractDevice(kind, 1, "tpu")
     else:
         raise ValueError(f"platform must be 'cuda' or 'tpu'; got {platform!r}")
 
     b, t, h, k, v, s, blk = shape
     dtype = jnp.dtype(dtype)
-    sds = jax.ShapeDtypeStruct
+    placed = {}
+    if tpu_device is not None:
+        placed["sharding"] = jax.sharding.SingleDeviceSharding(tpu_device)
+
+    def sds(shape, dt):
+        return jax.ShapeDtypeStruct(shape, dt, **placed)
+
     args = (
         sds((b, t, h, k), dtype),
         sds((b, t, h, k), dtype),
@@ -191,6 +202,7 @@ def lower(
             pallas=PallasConfig(block_sizes=block_sizes, cache_prefix=cache_prefix),
             window_len=window_len,
             doc_starts=doc_starts,
+            cache_decay=cache_decay,
             **extra,
         )
         return jnp.sum(out.astype(jnp.float32)) + jnp.sum(

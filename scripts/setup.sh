@@ -20,3 +20,19 @@ if [ ! -x .venv/bin/python ]; then
   .venv/bin/pip install -q --upgrade pip
 fi
 .venv/bin/pip install -q -e ".[test,aot,docs,dev]"
+# libtpu (the TPU compile gate's compiler; pyproject's aot-tpu extra) goes to
+# .venv/libtpu, outside site-packages: see benchmarks/_libtpu.py.
+libtpu_req=$(.venv/bin/python - <<'PY'
+import tomllib
+extra = tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["aot-tpu"]
+print(extra[0])
+PY
+)
+if [ "$(uname -s)-$(uname -m)" = "Linux-x86_64" ]; then
+  want=$(echo ${libtpu_req%%;*})
+  have=$(ls -d .venv/libtpu/libtpu-*.dist-info 2>/dev/null | sed 's/.*libtpu-\(.*\)\.dist-info/libtpu==\1/')
+  if [ "$have" != "$want" ]; then
+    rm -rf .venv/libtpu
+    .venv/bin/pip install -q --no-deps --target .venv/libtpu "$want"
+  fi
+fi

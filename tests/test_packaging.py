@@ -23,7 +23,16 @@ def test_core_dependencies_are_only_the_four():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     names = sorted(d.split(">")[0].split("=")[0] for d in project["dependencies"])
     assert names == ["equinox", "jax", "jaxtyping", "optax"]
-    for extra in ("cli", "images", "sentencepiece", "test", "docs", "dev", "aot"):
+    for extra in (
+        "cli",
+        "images",
+        "sentencepiece",
+        "test",
+        "docs",
+        "dev",
+        "aot",
+        "aot-tpu",
+    ):
         assert extra in project["optional-dependencies"], extra
 
 

@@ -39,6 +39,10 @@ BF16_GRAD_TOL = 1.5e-2
 # (codes, d_v) run with several steps even at tiny shapes.
 TINY = BlockSizes(block_q=4, block_k=2, block_code=4, block_v=8)
 TINY_Q2 = BlockSizes(block_q=2, block_k=4, block_code=8, block_v=4)
+# bwd_dq streaming value columns (the TPU rule's choice for small VMEM).
+TINY_STREAMED = BlockSizes(
+    block_q=4, block_k=2, block_code=4, block_v=8, dq_block_dv=4, dq_stream_v=True
+)
 
 
 @functools.partial(jax.jit, static_argnames=("impl", "opts"))
@@ -479,13 +483,19 @@ CORE_CASES = [
     (False, True, 8, False, TINY_Q2),  # window_len == block_len
     (False, True, 1, True, None),
     (False, False, 5, True, TINY),
+    (True, True, None, True, TINY_STREAMED),
+    (False, True, 3, True, TINY_STREAMED),
 ]
 
 
 @pytest.mark.parametrize(
     "use_cache,cache_grad,window_len,bias,sizes",
     CORE_CASES,
-    ids=[f"cache{c[0]:d}-grad{c[1]:d}-win{c[2]}-bias{c[3]:d}" for c in CORE_CASES],
+    ids=[
+        f"cache{c[0]:d}-grad{c[1]:d}-win{c[2]}-bias{c[3]:d}"
+        + ("-streamed" if c[4] is TINY_STREAMED else "")
+        for c in CORE_CASES
+    ],
 )
 def test_core_semantics_f32(use_cache, cache_grad, window_len, bias, sizes):
     """vq_attention_core (interpret mode) against core_reference: output and

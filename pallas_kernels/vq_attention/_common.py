@@ -38,6 +38,9 @@ class Static:
     # 0..window_len only; None = the whole previous block and the causal
     # current block.
     window_len: int | None = None
+    # The platform this variant is traced for ("gpu", "tpu", "cpu"; see
+    # `vq_attention_core`), or None: each kernel decides at lowering.
+    target: str | None = None
 
     @property
     def precision(self):
@@ -101,6 +104,13 @@ def tile(j, size: int, offset: int = 0):
     if isinstance(j, int):
         return pl.ds(offset + j * size, size)
     return pl.ds(pl.multiple_of(offset + j * size, size), size)
+
+
+def shift(sl, offset: int):
+    """The slice `sl` (a `pl.ds`) moved by a static multiple of its size."""
+    if isinstance(sl.start, int):
+        return pl.ds(sl.start + offset, sl.size)
+    return pl.ds(pl.multiple_of(sl.start + offset, sl.size), sl.size)
 
 
 def fori(lower, upper, body, carry):

@@ -7,9 +7,10 @@ import functools
 
 import jax
 from jax.experimental import pallas as pl
+from jax.extend.core import Primitive
+from jax.interpreters import ad, batching, mlir
 
 from . import partition
-from .config import BlockSizes
 
 # Imported up front, not only inside `_compiler_params`: this module defines
 # config flags that are part of jit's cache key, so a first import during the
@@ -21,7 +22,11 @@ except ImportError:  # pragma: no cover - jax without the Mosaic TPU backend
 
 
 def _compiler_params(
-    platform: str, sizes: BlockSizes, n_grid: int, num_warps: int, num_stages: int
+    platform: str,
+    vmem_limit_bytes: int | None,
+    semantics: tuple[str, ...],
+    num_warps: int,
+    num_stages: int,
 ):
     if platform == "gpu":
         from jax.experimental.pallas import triton as pltriton
@@ -36,8 +41,8 @@ def _compiler_params(
 
         return dict(
             compiler_params=pltpu.CompilerParams(
-                dimension_semantics=("parallel",) * n_grid,
-                vmem_limit_bytes=sizes.vmem_limit_bytes,
+                dimension_semantics=semantics,
+                vmem_limit_bytes=vmem_limit_bytes,
             )
         )
     return dict(interpret=True)
@@ -51,21 +56,42 @@ def pallas_call(
     in_specs,
     out_specs,
     out_shape,
-    sizes: BlockSizes,
+    vmem_limit_bytes: int | None = None,
     num_warps: int = 4,
     num_stages: int = 2,
     interpret: bool | None = None,
     debug: bool = False,
+    target: str | None = None,
+    sequential_last: bool = False,
+    scratch_shapes=(),
 ):
     """`pl.pallas_call` whose platform settings are picked at lowering time.
 
     `interpret=None` (default): interpret mode exactly when lowering for a
     platform other than cuda/rocm/tpu (so on CPU, automatically). `True` forces
     interpret mode everywhere (debugging on a GPU); `False` never uses it.
+    `target` ("gpu", "tpu", "cpu"): the platform is already known (the
+    caller is one branch of a `platform_dependent`); None = decide here.
+    `sequential_last`: the last grid axis accumulates (Mosaic "arbitrary";
+    TPU and interpret mode only, which run the grid in order).
     """
+    semantics = ("parallel",) * (len(grid) - 1) + (
+        ("arbitrary",) if sequential_last else ("parallel",)
+    )
 
     def call(platform, *args):
-        kwargs = _compiler_params(platform, sizes, len(grid), num_warps, num_stages)
+        if sequential_last and platform == "gpu" and interpret is not True:
+            message = (
+                f"{name}: a sequential grid axis (BlockSizes.dq_stream_v) runs "
+                "on TPU and in interpret mode only; Triton programs run in "
+                "parallel"
+            )
+            return jax.tree.map(
+                lambda o: unavailable(o.shape, o.dtype, message), out_shape
+            )
+        kwargs = _compiler_params(
+            platform, vmem_limit_bytes, semantics, num_warps, num_stages
+        )
         if interpret is not None:
             kwargs.pop("interpret", None)
             if interpret:
@@ -79,12 +105,15 @@ def pallas_call(
             grid=grid,
             in_specs=in_specs,
             out_specs=out_specs,
+            scratch_shapes=scratch_shapes,
             name=name,
             debug=debug,
             **kwargs,
         )(*args)
 
     def run(*args):
+        if target is not None:
+            return call(target, *args)
         return jax.lax.platform_dependent(
             *args,
             cuda=functools.partial(call, "gpu"),
@@ -94,3 +123,43 @@ def pallas_call(
         )
 
     return run
+
+
+# A variant that cannot be built for its platform (e.g. a block shorter than
+# Triton's 16-row dots) must not stop the others: it is traced as this
+# operand-free primitive, which has the output's shape and raises the
+# variant's error only if that platform's program is actually lowered.
+def _unavailable_abstract_eval(*, shape, dtype, message):
+    del message
+    return jax.core.ShapedArray(shape, dtype)
+
+
+def _unavailable_lowering(ctx, *, shape, dtype, message):
+    del ctx, shape, dtype
+    raise ValueError(message)
+
+
+def _unavailable_jvp(primals, tangents, **params):
+    del primals, tangents
+    out = _unavailable_p.bind(**params)
+    return out, ad.Zero(jax.core.ShapedArray(params["shape"], params["dtype"]))
+
+
+def _unavailable_batch(args, dims, *, shape, dtype, message):
+    del args, dims  # no operands: nothing is batched
+    return _unavailable_p.bind(shape=shape, dtype=dtype, message=message), None
+
+
+_unavailable_p = Primitive("vq_attention_unavailable")
+_unavailable_p.def_abstract_eval(_unavailable_abstract_eval)
+mlir.register_lowering(_unavailable_p, _unavailable_lowering)
+ad.primitive_jvps[_unavailable_p] = _unavailable_jvp
+batching.primitive_batchers[_unavailable_p] = _unavailable_batch
+
+
+def unavailable(shape, dtype, message: str):
+    """An array of `shape` and `dtype` whose lowering raises
+    `ValueError(message)` (see above)."""
+    return _unavailable_p.bind(
+        shape=tuple(shape), dtype=jax.numpy.dtype(dtype), message=message
+    )

@@ -41,6 +41,7 @@ from ._common import (
     dot_tn,
     fori,
     iota,
+    shift,
     spec_if_present,
     tile,
     window_mask,
@@ -91,19 +92,77 @@ def _ds_kernel(
     ds_window_ref,
     p_code_ref,
     dwindow_bias_ref,
+    dp_ref=None,
     *,
     st: Static,
 ):
     """One (row, query tile) program; inputs as the forward kernel's (absent
     ones None). Outputs: dq, P and dS of the window, P of the codes (None
     unless the cache passes gradient) and the float32 d(window bias) (None
-    unless separate from dS, `_separate_dwb`)."""
+    unless separate from dS, `_separate_dwb`).
+
+    Streamed value columns (`dp_ref` given: `tiles.dq_stream_v`, TPU): a
+    third grid axis walks the value chunks in order; the value, cache and dO
+    refs hold one chunk, whose dP = dO . value^T adds into the float32
+    scratch `dp_ref` `[bq, codes + 2L]` (codes, previous block, current
+    block) in the same chunk order as `_dp`, and the last chunk's program
+    does the rest from it."""
     t = st.tiles
-    kt = t.dq
-    bq, bk, bc, bv, L = kt.block_q, kt.block_k, kt.block_code, kt.block_v, t.block_len
+    bv, L = t.dq.block_v, t.block_len
     n_v = t.d_v // bv
     prec = st.precision
+    # dP columns in the scratch: codes, then the previous and current block.
+    offsets = {"code": 0, "prev": t.codes, "cur": t.codes + L}
+
+    if dp_ref is not None:
+
+        @pl.when(pl.program_id(2) == 0)
+        def _():
+            dp_ref[...] = jnp.zeros(dp_ref.shape, jnp.float32)
+
+        dout = dout_ref[...]
+        if st.use_cache:
+            codes = pl.ds(0, t.codes)
+            dp_ref[:, codes] += dot_nt(dout, cache_mean_ref[...], prec)
+        for part, v_ref in (("prev", prev_value_ref), ("cur", value_ref)):
+            cols = pl.ds(offsets[part], L)
+            dp_ref[:, cols] += dot_nt(dout, v_ref[...], prec)
+
+    def dp_of(part, v_ref, keys, n_keys):
+        if dp_ref is None:
+            return _dp(dout_ref, v_ref, keys, n_keys, n_v, bv, prec)
+        return dp_ref[:, shift(keys, offsets[part])]
+
+    # Read outside `pl.when`: the interpreter substitutes grid indices in the
+    # kernel's top level only.
     qi = pl.program_id(1)
+
+    def finish():
+        _ds_finish(
+            st, qi, q_ref, prev_key_ref, key_ref, prev_value_ref, value_ref,
+            prev_valid_ref, codebook_ref, cache_bias_ref, cache_mean_ref,
+            window_bias_ref, key_from_ref, lse_ref, delta_ref, dq_ref,
+            p_window_ref, ds_window_ref, p_code_ref, dwindow_bias_ref, dp_of,
+        )  # fmt: skip
+
+    if dp_ref is None:
+        finish()
+    else:
+        pl.when(pl.program_id(2) == pl.num_programs(2) - 1)(finish)
+
+
+def _ds_finish(
+    st, qi, q_ref, prev_key_ref, key_ref, prev_value_ref, value_ref,
+    prev_valid_ref, codebook_ref, cache_bias_ref, cache_mean_ref,
+    window_bias_ref, key_from_ref, lse_ref, delta_ref, dq_ref, p_window_ref,
+    ds_window_ref, p_code_ref, dwindow_bias_ref, dp_of,
+):  # fmt: skip
+    """`_ds_kernel` once dP is at hand (`dp_of(part, v_ref, keys, n_keys)`):
+    P, dS and dq over codes, previous and current block."""
+    t = st.tiles
+    kt = t.dq
+    bq, bk, bc, L = kt.block_q, kt.block_k, kt.block_code, t.block_len
+    prec = st.precision
     q_per_blk = L // bq
     n = qi // q_per_blk
     r0 = (qi % q_per_blk) * bq
@@ -114,9 +173,9 @@ def _ds_kernel(
     # Packed documents: does the row's document reach back into the cache?
     sees_cache = None if key_from is None else key_from < 0  # [bq, 1]
 
-    def p_ds(s, v_ref, keys, n_keys):
+    def p_ds(s, part, v_ref, keys, n_keys):
         p = jnp.exp(s - lse)
-        return p, p * (_dp(dout_ref, v_ref, keys, n_keys, n_v, bv, prec) - delta)
+        return p, p * (dp_of(part, v_ref, keys, n_keys) - delta)
 
     def store_window(cols, p, ds):
         p_window_ref[:, cols] = p.astype(p_window_ref.dtype)
@@ -133,7 +192,7 @@ def _ds_kernel(
             s = st.scale * dot_nt(q, c, prec) + cache_bias_ref[:, sl]
             if sees_cache is not None:
                 s = jnp.where(sees_cache, s, MASK_VALUE)
-            p, ds = p_ds(s, cache_mean_ref, sl, bc)
+            p, ds = p_ds(s, "code", cache_mean_ref, sl, bc)
             if p_code_ref is not None:
                 p_code_ref[:, sl] = p.astype(p_code_ref.dtype)
             return dq + dot_nn(ds.astype(c.dtype), c, prec)
@@ -155,7 +214,7 @@ def _ds_kernel(
             s = window_mask(s, rows, cols - L, st.window_len)
         if key_from is not None:
             s = document_mask(s, cols, key_from)
-        p, ds = p_ds(s, prev_value_ref, sl, bk)
+        p, ds = p_ds(s, "prev", prev_value_ref, sl, bk)
         store_window(sl, p, ds)
         return dq + dot_nn(ds.astype(k.dtype), k, prec)
 
@@ -173,7 +232,7 @@ def _ds_kernel(
             s = window_mask(s, rows, cols, st.window_len)
         if key_from is not None:
             s = document_mask(s, cols + L, key_from)
-        p, ds = p_ds(s, value_ref, sl, bk)
+        p, ds = p_ds(s, "cur", value_ref, sl, bk)
         store_window(tile(j, bk, L), p, ds)
         return dq + dot_nn(ds.astype(k.dtype), k, prec)
 
@@ -212,33 +271,43 @@ def ds_call(
     L, bq = t.block_len, t.dq.block_q
     q_per_blk = L // bq
     H = st.num_heads
-    V = t.d_v
-    row_tile = lambda width: pl.BlockSpec((None, bq, width), lambda b, i: (b, i, 0))
+    # Whole value rows per program, or (streamed) one value chunk per step
+    # of a third grid axis: index maps take `(b, i, *v)`, v = () or (chunk,).
+    stream = t.dq_stream_v
+    V = t.dq.block_v if stream else t.d_v
+    grid = (bh, seq // bq, t.d_v // V) if stream else (bh, seq // bq)
+
+    def chunk(v):
+        return v[0] if v else 0
+
+    row_tile = lambda width: pl.BlockSpec((None, bq, width), lambda b, i, *v: (b, i, 0))
     in_specs = [
         row_tile(d_k),
-        pl.BlockSpec((None, L, d_k), lambda b, i: (b, i // q_per_blk, 0)),
-        pl.BlockSpec((None, L, d_k), lambda b, i: (b, i // q_per_blk + 1, 0)),
-        pl.BlockSpec((None, L, V), lambda b, i: (b, i // q_per_blk, 0)),
-        pl.BlockSpec((None, L, V), lambda b, i: (b, i // q_per_blk + 1, 0)),
-        pl.BlockSpec((None, 1, 1), lambda b, i: (b, 0, 0)),
+        pl.BlockSpec((None, L, d_k), lambda b, i, *v: (b, i // q_per_blk, 0)),
+        pl.BlockSpec((None, L, d_k), lambda b, i, *v: (b, i // q_per_blk + 1, 0)),
+        pl.BlockSpec((None, L, V), lambda b, i, *v: (b, i // q_per_blk, chunk(v))),
+        pl.BlockSpec((None, L, V), lambda b, i, *v: (b, i // q_per_blk + 1, chunk(v))),
+        pl.BlockSpec((None, 1, 1), lambda b, i, *v: (b, 0, 0)),
         spec_if_present(
-            codebook, pl.BlockSpec((None, t.codes, d_k), lambda b, i: (b % H, 0, 0))
+            codebook,
+            pl.BlockSpec((None, t.codes, d_k), lambda b, i, *v: (b % H, 0, 0)),
         ),
         spec_if_present(
             cache_bias,
             pl.BlockSpec(
-                (None, None, 1, t.codes), lambda b, i: (b, i // q_per_blk, 0, 0)
+                (None, None, 1, t.codes), lambda b, i, *v: (b, i // q_per_blk, 0, 0)
             ),
         ),
         spec_if_present(
             cache_mean,
             pl.BlockSpec(
-                (None, None, t.codes, V), lambda b, i: (b, i // q_per_blk, 0, 0)
+                (None, None, t.codes, V),
+                lambda b, i, *v: (b, i // q_per_blk, 0, chunk(v)),
             ),
         ),
         spec_if_present(window_bias, row_tile(2 * L)),
         spec_if_present(key_from, row_tile(1)),
-        row_tile(V),  # dO
+        pl.BlockSpec((None, bq, V), lambda b, i, *v: (b, i, chunk(v))),  # dO
         row_tile(1),  # lse
         row_tile(1),  # delta
     ]
@@ -277,11 +346,14 @@ def ds_call(
     dq, p_win, ds_win, p_code, dwbias = pallas_call(
         functools.partial(_ds_kernel, st=st),
         name="vq_attention_bwd_dq",
-        grid=(bh, seq // bq),
+        grid=grid,
         in_specs=in_specs,
         out_specs=out_specs,
         out_shape=out_shape,
-        sizes=st.sizes,
+        sequential_last=stream,
+        scratch_shapes=_dp_scratch(bq, t.codes + 2 * L) if stream else (),
+        vmem_limit_bytes=st.tiles.vmem_limit_bytes,
+        target=st.target,
         num_warps=t.dq.num_warps,
         num_stages=t.num_stages,
         interpret=st.interpret,
@@ -290,6 +362,13 @@ def ds_call(
     if window_bias is not None and not separate_dwb:
         dwbias = ds_win  # float32 already
     return dq, p_win, ds_win, p_code, dwbias
+
+
+def _dp_scratch(rows: int, cols: int):
+    """The streamed dq kernel's float32 dP accumulator, in VMEM."""
+    from jax.experimental.pallas import tpu as pltpu
+
+    return [pltpu.VMEM((rows, cols), jnp.float32)]
 
 
 # ------------------------------------------------------------ dk and dv (window)
@@ -391,7 +470,8 @@ def dkv_call(st: Static, want: str, window, operand, like):
         in_specs=in_specs,
         out_specs=out_specs,
         out_shape=jax.ShapeDtypeStruct(like.shape, like.dtype),
-        sizes=st.sizes,
+        vmem_limit_bytes=st.tiles.vmem_limit_bytes,
+        target=st.target,
         num_warps=t.kv.num_warps,
         num_stages=t.num_stages,
         interpret=st.interpret,
@@ -430,7 +510,8 @@ def dmean_call(st: Static, p_code, cmean, do):
         in_specs=in_specs,
         out_specs=pl.BlockSpec((None, None, bc, bv), lambda b, n, c, v: (b, n, c, v)),
         out_shape=jax.ShapeDtypeStruct(cmean.shape, cmean.dtype),
-        sizes=st.sizes,
+        vmem_limit_bytes=st.tiles.vmem_limit_bytes,
+        target=st.target,
         num_warps=t.kv.num_warps,
         num_stages=t.num_stages,
         interpret=st.interpret,

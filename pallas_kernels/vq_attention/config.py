@@ -36,7 +36,35 @@ docs/kernels.md):
 
 Measured at d_k 32-128, d_v 256-1536, 64-512 codes, block 64-512 (the
 official shape and the benchmarks' GPU presets); check other shapes with the
-gate. Interpret mode (CPU) and TPU keep one set of tiles for all kernels.
+gate.
+
+The TPU rule (Mosaic; every figure from the TPU gate, `benchmarks/aot_tpu.py`,
+which runs libtpu's compiler on a CPU machine; table in docs/kernels.md):
+
+- VMEM is the binding limit, and it differs by generation (`TPU_CHIPS`):
+  16 MiB per core on v4, 64 MiB on v5p, 128 MiB on v5e and v6e. Mosaic keeps
+  two buffers of every block (the next one is copied in while the current one
+  is used), and `bwd_dq` reads whole `[block_len, d_v]` value blocks and the
+  `[codes, d_v]` cache of its block: at the official shape in float32 that
+  alone is 18 MiB. Where the estimate (`_dq_vmem_bytes`) exceeds the chip's
+  budget, `bwd_dq` streams the value columns instead (`dq_stream_v`: a third,
+  sequential grid axis over `dq_block_dv`-wide value chunks accumulating dP
+  in VMEM scratch; only a `[rows, dq_block_dv]` slice of each value block is
+  resident).
+- Query, key and code tiles are the MXU's width (128 x 128 before v6, 256 x
+  256 on v6e); value tiles 512 lanes. `vmem_limit_bytes` defaults to 3/4 of
+  the chip's VMEM (Mosaic's own default is 16-32 MiB, below what the
+  official shape's blocks need on v5e/v6e).
+- The chip is the one being compiled for: the abstract mesh's device kind
+  (ahead-of-time compiles, `use_abstract_mesh`), else the local TPU, else
+  `BlockSizes.tpu` or v5e's rule.
+
+Interpret mode (CPU) keeps one set of tiles for all kernels.
+
+Which rule applies is decided when the program is lowered, not where it is
+traced: `vq_attention_core` traces one variant per platform inside
+`lax.platform_dependent`, so `jax.export` or an ahead-of-time compile for a
+TPU from a CPU host gets the TPU's tiles.
 """
 
 from __future__ import annotations
@@ -48,6 +76,69 @@ from jax.experimental import pallas as pl
 
 FLOAT32_DOTS = ("highest", "bf16x3", "bf16x6")
 PLATFORMS = ("interpret", "gpu", "tpu")
+
+
+@dataclasses.dataclass(frozen=True)
+class TpuChip:
+    """What the TPU rule needs of a generation (per TensorCore)."""
+
+    name: str
+    vmem_bytes: int
+    mxu: int  # systolic array width: the natural matmul tile
+
+
+_MIB = 1024 * 1024
+TPU_CHIPS = {
+    "v2": TpuChip("v2", 16 * _MIB, 128),
+    "v3": TpuChip("v3", 16 * _MIB, 128),
+    "v4": TpuChip("v4", 16 * _MIB, 128),
+    "v4i": TpuChip("v4i", 16 * _MIB, 128),
+    "v5e": TpuChip("v5e", 128 * _MIB, 128),
+    "v5p": TpuChip("v5p", 64 * _MIB, 128),
+    "v6e": TpuChip("v6e", 128 * _MIB, 256),
+    "v7x": TpuChip("v7x", 64 * _MIB, 256),
+}
+DEFAULT_TPU = "v5e"
+
+
+def tpu_chip_of_kind(device_kind: str) -> str | None:
+    """`TPU_CHIPS` key of a jax device kind ("TPU v5 lite" -> "v5e"), or None."""
+    kind = device_kind.lower().replace("tpu", "").strip()
+    table = {
+        "v2": "v2",
+        "v3": "v3",
+        "v4": "v4",
+        "v4 lite": "v4i",
+        "v5 lite": "v5e",
+        "v5e": "v5e",
+        "v5": "v5p",
+        "v5p": "v5p",
+        "v6 lite": "v6e",
+        "v6e": "v6e",
+        "7x": "v7x",
+        "v7x": "v7x",
+        "v7": "v7x",
+    }
+    return table.get(kind)
+
+
+def target_tpu_chip() -> str | None:
+    """The TPU generation being compiled for: the abstract mesh's device
+    (ahead-of-time compiles set one with `use_abstract_mesh`), else the
+    local TPU's; None when neither is a TPU."""
+    import jax
+
+    get_mesh = getattr(jax.sharding, "get_abstract_mesh", None)
+    device = getattr(get_mesh(), "abstract_device", None) if get_mesh else None
+    if device is not None and getattr(device, "platform", None) == "tpu":
+        return tpu_chip_of_kind(device.device_kind)
+    try:
+        if jax.default_backend() == "tpu":
+            return tpu_chip_of_kind(jax.devices()[0].device_kind)
+    except RuntimeError:
+        pass
+    return None
+
 
 _TILE_FIELDS = (
     "block_q",
@@ -102,7 +193,12 @@ class BlockSizes:
       parameters (GPU only) of the forward, `bwd_dq` and the key-side kernels.
     - `float32_dots`: how float32 operands are multiplied ("highest": IEEE
       float32; "bf16x3" / "bf16x6": 3 / 6 bfloat16 tensor-core products).
-    - `vmem_limit_bytes`: Mosaic VMEM limit (TPU only; None = compiler default).
+    - `vmem_limit_bytes`: Mosaic VMEM limit (TPU only; None = 3/4 of the
+      chip's VMEM).
+    - `dq_stream_v`: `bwd_dq` streams value columns through a sequential grid
+      axis (TPU only; None = where whole value blocks would not fit VMEM).
+    - `tpu`: TPU generation the rule tunes for (a `TPU_CHIPS` key, e.g.
+      "v5e"); None = the chip being compiled for, else v5e.
     - `min_tile`: smallest tile along any matmul dimension (16 on GPU, where
       Triton's `tl.dot` needs M, N, K >= 16): d_k, codes and d_v are padded up
       to it, and a block length below it is rejected.
@@ -132,15 +228,21 @@ class BlockSizes:
     num_stages: int | None = None
     float32_dots: str | None = None
     vmem_limit_bytes: int | None = None
+    dq_stream_v: bool | None = None
     min_tile: int = 1
     platform: str = "interpret"
     arch: int | None = None
+    tpu: str | None = None
 
     def __post_init__(self):
         if self.arch is not None and (
             isinstance(self.arch, bool) or not isinstance(self.arch, int)
         ):
             raise ValueError(f"BlockSizes.arch must be an int; got {self.arch!r}")
+        if self.tpu is not None and self.tpu not in TPU_CHIPS:
+            raise ValueError(
+                f"BlockSizes.tpu must be one of {tuple(TPU_CHIPS)}; got {self.tpu!r}"
+            )
         if self.platform not in PLATFORMS:
             raise ValueError(
                 f"BlockSizes.platform must be one of {PLATFORMS}; got {self.platform!r}"
@@ -169,6 +271,11 @@ class BlockSizes:
                 raise ValueError(
                     f"BlockSizes.{field} must be a positive int; got {value!r}"
                 )
+        if self.dq_stream_v is not None and not isinstance(self.dq_stream_v, bool):
+            raise ValueError(
+                f"BlockSizes.dq_stream_v must be a bool or None; got "
+                f"{self.dq_stream_v!r}"
+            )
         if self.float32_dots is not None and self.float32_dots not in FLOAT32_DOTS:
             raise ValueError(
                 f"BlockSizes.float32_dots must be one of {FLOAT32_DOTS}; "
@@ -182,7 +289,6 @@ class BlockSizes:
         if platform in ("gpu", "cuda", "rocm"):
             return cls(min_tile=16, platform="gpu", **fixed)
         if platform == "tpu":
-            fixed.setdefault("vmem_limit_bytes", 64 * 1024 * 1024)
             return cls(platform="tpu", **fixed)
         return cls(**fixed)
 
@@ -266,6 +372,8 @@ class Tiles:
     kv: KernelTiles  # block_k = key rows (dk, dv) / block_code = code rows (dmean)
     num_stages: int
     float32_dots: str
+    vmem_limit_bytes: int | None = None  # TPU only
+    dq_stream_v: bool = False  # bwd_dq's value columns on a grid axis (TPU)
 
     # The forward's tiles under their historical names.
     @property
@@ -309,6 +417,7 @@ def rule(
     d_k: int,
     d_v: int,
     arch: int = 90,
+    chip: str = DEFAULT_TPU,
 ) -> dict:
     """Default tiles and launch parameters of a platform (module docstring).
 
@@ -316,7 +425,8 @@ def rule(
     to the problem afterwards."""
     del codes  # clipping handles small codebooks
     if platform == "tpu":
-        tiles: dict[str, int] = dict.fromkeys(("block_q", "block_k", "block_code"), 128)
+        mxu = TPU_CHIPS[chip].mxu
+        tiles: dict[str, int] = dict.fromkeys(("block_q", "block_k", "block_code"), mxu)
         tiles["block_v"] = 512
         base = dict(num_warps=4, num_stages=2, float32_dots="highest")
     elif platform == "gpu":
@@ -395,6 +505,10 @@ def resolve_tiles(
     arch = sizes.arch
     if arch is None:
         arch = local_arch() if sizes.platform == "gpu" else 90
+    chip = sizes.tpu
+    if chip is None and sizes.platform == "tpu":
+        chip = target_tpu_chip()
+    chip = chip or DEFAULT_TPU
     defaults = rule(
         sizes.platform,
         float32=float32,
@@ -403,6 +517,7 @@ def resolve_tiles(
         d_k=d_k,
         d_v=d_v,
         arch=arch,
+        chip=chip,
     )
 
     def pick(field):
@@ -460,6 +575,13 @@ def resolve_tiles(
         capped("kv_block_v", v_cap),
         pick("kv_num_warps"),
     )
+    vmem_limit, stream = None, bool(sizes.dq_stream_v)  # as asked, off TPU
+    if sizes.platform == "tpu":
+        vmem_limit = sizes.vmem_limit_bytes or _default_vmem_limit(chip)
+        dq, stream = _fit_dq_to_vmem(
+            dq, sizes, vmem_limit, block_len=block_len, codes=code_cap, d_k=d_k,
+            d_v=v_cap, itemsize=4 if float32 else 2,
+        )  # fmt: skip
     code_tile = max(fwd.block_code, dq.block_code, kv.block_code)
     v_tile = max(fwd.block_v, dq.block_v, kv.block_v)  # powers of two: the lcm
     s_pad = pl.cdiv(codes, code_tile) * code_tile
@@ -475,4 +597,69 @@ def resolve_tiles(
         kv=kv,
         num_stages=pick("num_stages"),
         float32_dots=pick("float32_dots"),
+        vmem_limit_bytes=vmem_limit,
+        dq_stream_v=bool(stream),
     )
+
+
+def _default_vmem_limit(chip: str) -> int:
+    """Scoped VMEM for every kernel: the chip's VMEM less headroom for
+    Mosaic's own scratch (an eighth, at least 2 MiB)."""
+    vmem = TPU_CHIPS[chip].vmem_bytes
+    return vmem - max(vmem // 8, 2 * _MIB)
+
+
+def dq_vmem_bytes(
+    kt: KernelTiles, *, stream: bool, block_len: int, codes: int, d_k: int,
+    d_v: int, itemsize: int,
+) -> int:  # fmt: skip
+    """Estimated VMEM of `bwd_dq` on TPU: two buffers of every block (the
+    pipeline copies the next in while the current is used), plus the dP
+    scratch when streaming value columns. Rows of a per-row vector occupy
+    a whole 128-lane line; float32 side inputs/outputs are 4 bytes."""
+    L, bq, S = block_len, kt.block_q, codes
+    width = kt.block_v if stream else d_v  # value columns resident
+    blocks = (
+        bq * d_k * itemsize  # q
+        + 2 * L * d_k * itemsize  # previous and current keys
+        + 2 * L * width * itemsize  # previous and current values
+        + S * d_k * itemsize  # codebook
+        + S * width * itemsize  # the block's cache means
+        + 8 * S * 4  # cache bias (one row, 8 sublanes)
+        + bq * 2 * L * 4  # window bias
+        + bq * width * itemsize  # dO
+        + 3 * bq * 128 * 4  # lse, delta, document start
+        + bq * d_k * itemsize  # dq
+        + 2 * bq * 2 * L * itemsize  # P and dS of the window
+        + bq * S * itemsize  # P of the codes
+        + bq * 2 * L * 4  # float32 d(window bias)
+    )
+    scratch = bq * (S + 2 * L) * 4 if stream else 0
+    return 2 * blocks + scratch + bq * d_k * 4
+
+
+def _fit_dq_to_vmem(
+    dq: KernelTiles, sizes: BlockSizes, limit: int, **dims
+) -> tuple[KernelTiles, bool]:
+    """`bwd_dq`'s tiles within the VMEM `limit` (with a tenth spare): whole
+    value blocks if they fit (or `sizes.dq_stream_v` is False), else value
+    columns streamed in the widest chunk that fits, halving the query tile
+    if none does. The caller's explicit tiles are kept as given."""
+
+    def fits(kt, stream):
+        return dq_vmem_bytes(kt, stream=stream, **dims) <= 0.9 * limit
+
+    if sizes.dq_stream_v is False or (sizes.dq_stream_v is None and fits(dq, False)):
+        return dq, False
+    if sizes.dq_block_dv is not None:
+        return dq, True
+    fixed_q = sizes.dq_block_q is not None or sizes.block_q is not None
+    kt = dq
+    while True:
+        for bv in (512, 256, 128):
+            cand = dataclasses.replace(kt, block_v=min(bv, dims["d_v"]))
+            if fits(cand, True):
+                return cand, True
+        if fixed_q or kt.block_q <= 8:
+            return dataclasses.replace(kt, block_v=min(128, dims["d_v"])), True
+        kt = dataclasses.replace(kt, block_q=kt.block_q // 2)

@@ -16,6 +16,7 @@ import numpy as np
 from . import backward as _bwd
 from . import forward as _fwd
 from ._common import MASK_VALUE, Static
+from ._platform import unavailable
 from .config import BlockSizes, resolve_tiles
 from .partition import batch_head_call, match_varying
 
@@ -155,6 +156,7 @@ def prepare_operands(
     block_sizes: BlockSizes | None = None,
     interpret: bool | None = None,
     debug: bool = False,
+    target: str | None = None,
 ):
     """Validate and pad `vq_attention_core`'s arguments; returns the kernels'
     static settings and operands `(st, operands)` (an `Operands` of
@@ -188,6 +190,11 @@ def prepare_operands(
       query attends only to window keys at distance 0..window_len (sliding
       window, the official `agg_cache=False` with mem_len = window_len).
       None: the whole previous block and the causal current block.
+    - `target` ("gpu", "tpu" or "cpu"): the platform the program is lowered
+      for, when the caller knows it (`vq_attention_core` traces one variant
+      per platform); it picks the tile rule when `block_sizes` is None and
+      each kernel's compiler settings. None: the rule of the local backend,
+      the settings at lowering.
 
     """
     block_len = _as_int("block_len", block_len, 1)
@@ -266,7 +273,7 @@ def prepare_operands(
         # grids would be empty, and an empty output has no gradient.
         return None, jnp.zeros((bh, seq, d_v), v_ext.dtype)
     if block_sizes is None:
-        block_sizes = BlockSizes.for_platform(jax.default_backend())
+        block_sizes = BlockSizes.for_platform(target or jax.default_backend())
     dtype = v_ext.dtype
     f32_inputs = q.dtype == jnp.float32 and dtype == jnp.float32
     tiles = resolve_tiles(
@@ -286,6 +293,7 @@ def prepare_operands(
         debug=debug,
         window_grad=cache_grad,
         window_len=window_len,
+        target=target,
     )
     q = _pad_axis(q, 2, tiles.d_k)
     k_ext = _pad_axis(k_ext.astype(q.dtype), 2, tiles.d_k)
@@ -324,18 +332,64 @@ def prepare_operands(
     return st, Operands(*match_varying(*args))
 
 
-def vq_attention_core(q, k_ext, v_ext, *args, **kwargs) -> jax.Array:
+_ARRAY_ARGS = (
+    "q", "k_ext", "v_ext", "prev_valid", "codebook", "cache_bias", "cache_mean",
+    "window_bias", "key_from",
+)  # fmt: skip
+# Lowering platform -> the `target` of its variant.
+_TARGETS = dict(cuda="gpu", rocm="gpu", tpu="tpu")
+
+
+def vq_attention_core(*args, **kwargs) -> jax.Array:
     """VQ attention on kernel-layout arrays: `prepare_operands`' arguments
     (see its docstring), then the differentiable kernels.
 
+    One variant per platform is traced and the one for the platform being
+    lowered for is compiled: its tiles (when `block_sizes` is None) and its
+    padding follow the target, not the machine that traces, so `jax.export`
+    and ahead-of-time compiles for another platform get the target's rule.
+
     **Returns:** `[BH, T, V]` in `v_ext.dtype`. Differentiable in q, k_ext,
     v_ext, cache_mean and window_bias (zero cotangents for the rest)."""
-    st, operands = prepare_operands(q, k_ext, v_ext, *args, **kwargs)
-    if st is None:
-        assert isinstance(operands, jax.Array)
-        return operands  # the empty output
-    out = _core(st, *operands)
-    return out.reshape(q.shape[0], *out.shape[2:])[..., : v_ext.shape[-1]]
+    if "target" in kwargs:
+        raise TypeError("vq_attention_core picks `target` itself")
+    n_pos = min(len(args), len(_ARRAY_ARGS))
+    arrays = dict(zip(_ARRAY_ARGS[:n_pos], args[:n_pos], strict=True))
+    if len(args) > n_pos:
+        raise TypeError(
+            f"vq_attention_core takes at most {len(_ARRAY_ARGS)} positional "
+            f"arguments; got {len(args)}"
+        )
+    for name in _ARRAY_ARGS:
+        if name in kwargs:
+            arrays[name] = kwargs.pop(name)
+
+    local = _TARGETS.get(jax.default_backend(), "cpu")
+
+    def variant(target):
+        def run(arrays):
+            try:
+                st, operands = prepare_operands(**arrays, **kwargs, target=target)
+            except ValueError as e:
+                if target == local:
+                    raise
+                # Not the machine's own platform: fail only if compiled for it.
+                q, v_ext = arrays["q"], arrays["v_ext"]
+                shape = (q.shape[0], q.shape[1], v_ext.shape[-1])
+                return unavailable(shape, v_ext.dtype, f"for {target}: {e}")
+            if st is None:
+                return operands  # the empty output
+            out = _core(st, *operands)
+            q, v_ext = arrays["q"], arrays["v_ext"]
+            return out.reshape(q.shape[0], *out.shape[2:])[..., : v_ext.shape[-1]]
+
+        return run
+
+    return jax.lax.platform_dependent(
+        arrays,
+        **{platform: variant(t) for platform, t in _TARGETS.items()},
+        default=variant("cpu"),
+    )
 
 
 # Each kernel alone, on `prepare_operands`' output (benchmarks/kernel_parts.py

@@ -76,6 +76,7 @@ class PrefixStatic:
     sizes: BlockSizes
     num_warps: int
     interpret: bool | None
+    target: str | None = None  # as `Static.target`
 
 
 def _prefix_kernel(*refs, st: PrefixStatic):
@@ -136,7 +137,7 @@ def _prefix_call(st: PrefixStatic, codes, values, a, count, sum0):
             jax.ShapeDtypeStruct((bh, st.n_blocks, n_code, d_v), values.dtype),
             jax.ShapeDtypeStruct((bh, n_code, d_v), jnp.float32),
         ],
-        sizes=st.sizes,
+        target=st.target,
         num_warps=st.num_warps,
         num_stages=1,
         interpret=st.interpret,
@@ -154,6 +155,7 @@ def cache_prefix(
     block_sizes: BlockSizes | None = None,
     interpret: bool | None = None,
     tiles: tuple[int, int, int, int] | None = None,
+    target: str | None = None,
 ):
     """Every block's cached means and the cache after the last block.
 
@@ -171,6 +173,8 @@ def cache_prefix(
 
     `tiles`: (code rows, value columns, key rows per step, warps) caps, for
     tile sweeps; None = `PREFIX_TILES` of the platform and dtype.
+    `target`: as `prepare_operands`' (the platform being lowered for, when
+    the caller knows it).
 
     **Returns:** (means `[B, H, N, S, V]` in `values.dtype`, sums after the
     last group `[B, H, S, V]` float32). Forward only: the caller wires the
@@ -179,7 +183,7 @@ def cache_prefix(
     b, h, n_blk, n_code = count.shape
     d_v = values.shape[-1]
     if block_sizes is None:
-        block_sizes = BlockSizes.for_platform(jax.default_backend())
+        block_sizes = BlockSizes.for_platform(target or jax.default_backend())
     gpu = block_sizes.platform == "gpu"
     min_tile = block_sizes.min_tile
     # Pad codes and value columns to whole tiles (and Triton's minimum 16).
@@ -202,6 +206,7 @@ def cache_prefix(
         sizes=block_sizes,
         num_warps=num_warps,
         interpret=interpret,
+        target=target,
     )
     if gpu and st.block_rows < 16:
         raise ValueError(

@@ -217,7 +217,7 @@ def kernel_cache_means(static, codes, values, factor, count, sum0):
     `count` f32 `[B, H, N, S]`, `sum0` f32 `[B, H, S, V]`."""
     _, block_len, block_sizes, interpret = static
 
-    def kernel(codes, values, factor, count, sum0):
+    def kernel(target, codes, values, factor, count, sum0):
         a = None
         if factor is not None:
             a = jnp.broadcast_to(
@@ -226,7 +226,7 @@ def kernel_cache_means(static, codes, values, factor, count, sum0):
         return tuple(
             cache_prefix(
                 codes, values, a, count, sum0, block_len=block_len,
-                block_sizes=block_sizes, interpret=interpret,
+                block_sizes=block_sizes, interpret=interpret, target=target,
             )
         )  # fmt: skip
 
@@ -234,8 +234,10 @@ def kernel_cache_means(static, codes, values, factor, count, sum0):
         return _reference_cache_means(static, *args)
 
     return jax.lax.platform_dependent(
-        codes, values, factor, count, sum0, tpu=reference, default=kernel
-    )
+        codes, values, factor, count, sum0, tpu=reference,
+        cuda=functools.partial(kernel, "gpu"), rocm=functools.partial(kernel, "gpu"),
+        default=functools.partial(kernel, "cpu"),
+    )  # fmt: skip
 
 
 def _kernel_cache_means_fwd(static, *args):
