@@ -87,7 +87,7 @@ def pallas_call(
                 "parallel"
             )
             return jax.tree.map(
-                lambda o: unavailable(o.shape, o.dtype, message), out_shape
+                lambda o: unavailable(o.shape, o.dtype, message, args), out_shape
             )
         kwargs = _compiler_params(
             platform, vmem_limit_bytes, semantics, num_warps, num_stages
@@ -157,9 +157,11 @@ ad.primitive_jvps[_unavailable_p] = _unavailable_jvp
 batching.primitive_batchers[_unavailable_p] = _unavailable_batch
 
 
-def unavailable(shape, dtype, message: str):
+def unavailable(shape, dtype, message: str, like=()):
     """An array of `shape` and `dtype` whose lowering raises
-    `ValueError(message)` (see above)."""
-    return _unavailable_p.bind(
+    `ValueError(message)` (see above); inside `shard_map` typed as varying
+    like the arrays `like` (the branches of a switch must agree)."""
+    x = _unavailable_p.bind(
         shape=tuple(shape), dtype=jax.numpy.dtype(dtype), message=message
     )
+    return partition.varying_like(x, like)

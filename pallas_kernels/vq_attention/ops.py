@@ -376,7 +376,8 @@ def vq_attention_core(*args, **kwargs) -> jax.Array:
                 # Not the machine's own platform: fail only if compiled for it.
                 q, v_ext = arrays["q"], arrays["v_ext"]
                 shape = (q.shape[0], q.shape[1], v_ext.shape[-1])
-                return unavailable(shape, v_ext.dtype, f"for {target}: {e}")
+                message = f"for {target}: {e}"
+                return unavailable(shape, v_ext.dtype, message, arrays)
             if st is None:
                 return operands  # the empty output
             out = _core(st, *operands)

@@ -62,6 +62,11 @@ def _make_varying(x, axes: frozenset):
     return jax.lax.pvary(x, missing)  # pyright: ignore[reportAttributeAccessIssue]
 
 
+def varying_like(x, *args):
+    """`x` typed as varying along every manual axis `args` vary along."""
+    return _make_varying(x, varying_axes(*args))
+
+
 def match_varying(*args):
     """`args` (None allowed) all typed as varying along the union of their
     varying axes. Inside `shard_map` a `pallas_call` gives every output one
