@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 
 import jax
+from jax.core import ShapedArray
 from jax.experimental import pallas as pl
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
@@ -41,7 +42,7 @@ def _compiler_params(
 
         return dict(
             compiler_params=pltpu.CompilerParams(
-                dimension_semantics=semantics,
+                dimension_semantics=semantics,  # pyright: ignore[reportArgumentType]
                 vmem_limit_bytes=vmem_limit_bytes,
             )
         )
@@ -131,7 +132,7 @@ def pallas_call(
 # variant's error only if that platform's program is actually lowered.
 def _unavailable_abstract_eval(*, shape, dtype, message):
     del message
-    return jax.core.ShapedArray(shape, dtype)
+    return ShapedArray(shape, dtype)
 
 
 def _unavailable_lowering(ctx, *, shape, dtype, message):
@@ -142,7 +143,7 @@ def _unavailable_lowering(ctx, *, shape, dtype, message):
 def _unavailable_jvp(primals, tangents, **params):
     del primals, tangents
     out = _unavailable_p.bind(**params)
-    return out, ad.Zero(jax.core.ShapedArray(params["shape"], params["dtype"]))
+    return out, ad.Zero(ShapedArray(params["shape"], params["dtype"]))
 
 
 def _unavailable_batch(args, dims, *, shape, dtype, message):

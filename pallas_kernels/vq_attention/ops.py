@@ -379,6 +379,7 @@ def vq_attention_core(*args, **kwargs) -> jax.Array:
                 message = f"for {target}: {e}"
                 return unavailable(shape, v_ext.dtype, message, arrays)
             if st is None:
+                assert isinstance(operands, jax.Array)
                 return operands  # the empty output
             out = _core(st, *operands)
             q, v_ext = arrays["q"], arrays["v_ext"]
