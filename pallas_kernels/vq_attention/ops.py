@@ -364,7 +364,8 @@ def vq_attention_core(*args, **kwargs) -> jax.Array:
         if name in kwargs:
             arrays[name] = kwargs.pop(name)
 
-    local = _TARGETS.get(jax.default_backend(), "cpu")
+    # jax.default_backend() says "gpu" where lowering says "cuda" / "rocm".
+    local = dict(_TARGETS, gpu="gpu").get(jax.default_backend(), "cpu")
 
     def variant(target):
         def run(arrays):
