@@ -30,7 +30,12 @@ PY
 )
 if [ "$(uname -s)-$(uname -m)" = "Linux-x86_64" ]; then
   want=$(echo ${libtpu_req%%;*})
-  have=$(ls -d .venv/libtpu/libtpu-*.dist-info 2>/dev/null | sed 's/.*libtpu-\(.*\)\.dist-info/libtpu==\1/')
+  have=""
+  for info in .venv/libtpu/libtpu-*.dist-info; do
+    if [ -d "$info" ]; then
+      have="libtpu==$(basename "$info" .dist-info | sed 's/^libtpu-//')"
+    fi
+  done
   if [ "$have" != "$want" ]; then
     rm -rf .venv/libtpu
     .venv/bin/pip install -q --no-deps --target .venv/libtpu "$want"
