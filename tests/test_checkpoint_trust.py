@@ -129,7 +129,7 @@ def test_run_json_holds_the_run_id_and_settings(run_dir):
 def test_metrics_log_is_fsynced_at_each_checkpoint(tmp_path, monkeypatch):
     import os
 
-    from tvq_eqx.train import _callbacks
+    from tvq_eqx.train import callbacks as _callbacks
 
     synced = []
     real = os.fsync

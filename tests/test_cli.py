@@ -318,7 +318,7 @@ def test_ctrl_c_checkpoints_exits_130_and_resumes(
     import os
     import signal
 
-    from tvq_eqx.train import _callbacks
+    from tvq_eqx.train import callbacks as _callbacks
 
     real = _callbacks.ProgressBar.on_step
 

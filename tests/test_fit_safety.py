@@ -202,7 +202,7 @@ def test_cli_diverged_run_exits_1_naming_the_last_finite_checkpoint(tmp_path, ca
 
 def test_cli_sigterm_checkpoints_and_exits_143(tmp_path, monkeypatch, capsys):
     from tvq_eqx.cli import main
-    from tvq_eqx.train import _callbacks
+    from tvq_eqx.train import callbacks as _callbacks
 
     real = _callbacks.ProgressBar.on_step
 

@@ -15,7 +15,7 @@ TOML file of `--config`, then the flags.
 
 This module is glue: the loop is `tvq_eqx.train.fit`, the data
 `tvq_eqx.train.load_run_data`, the checkpoints `tvq_eqx.train.load_run`, the
-log / progress bar / curves `tvq_eqx.train._callbacks`.
+log / progress bar / curves `tvq_eqx.train.callbacks`.
 
 Errors: bad input (usage, config values, data, checkpoints, missing files)
 ends with one `tvq-eqx: error: ...` line on stderr and exit code 2, before
@@ -567,7 +567,7 @@ def _print_sample(model, prompt, printer: _TokenPrinter, *, steps, temperature,
 def _finish_outputs(run_dir: Path, run) -> None:
     """What a complete run writes after its last checkpoint (the curves
     plot), written now if a kill cut it short."""
-    from .train._callbacks import plot_curves
+    from .train.callbacks import plot_curves
 
     metrics, png = run_dir / "metrics.jsonl", run_dir / "curves.png"
     if metrics.is_file() and not png.exists():
@@ -588,7 +588,7 @@ def _cmd_train(argv: list[str], locks: list) -> int:
     import equinox as eqx
     import jax
 
-    from .train._callbacks import (
+    from .train.callbacks import (
         JSONLLogger,
         ProgressBar,
         RunFolderWriter,

@@ -1,6 +1,14 @@
-"""`fit` callbacks of the command line: the JSONL metrics log, the tqdm
-progress bar and the PNG learning curves. tqdm and matplotlib (the `[cli]`
-extra) are imported only when these are used."""
+"""`fit` callbacks (public: the command line uses them, and so can a user's
+own loop): the JSONL metrics log, the run-folder writer, the tqdm progress
+bar and the PNG learning curves. tqdm and matplotlib (the `[cli]` extra) are
+imported only when these are used.
+
+    from tvq_eqx import train
+    from tvq_eqx.train.callbacks import JSONLLogger, ProgressBar
+
+    log = JSONLLogger(run_dir / "metrics.jsonl")
+    train.fit(..., callbacks=[log, ProgressBar(unit_name="bits per byte")])
+"""
 
 from __future__ import annotations
 
