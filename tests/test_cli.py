@@ -85,6 +85,8 @@ def test_train_writes_log_curves_checkpoint(trained):
 
 def test_eval_and_sample_commands(trained, capsys):
     capsys.readouterr()
+    log = trained / "metrics.jsonl"
+    before = log.read_text().splitlines()
     assert (
         main(
             ["eval", "--run-dir", str(trained), "--eval-batches", "2", "--no-progress"]
@@ -93,6 +95,11 @@ def test_eval_and_sample_commands(trained, capsys):
     )
     out = capsys.readouterr().out
     assert "validation bits per byte:" in out
+    # The result is appended to the run's log, which keeps what it had.
+    after = log.read_text().splitlines()
+    assert after[: len(before)] == before and len(after) == len(before) + 1
+    record = json.loads(after[-1])
+    assert record["split"] == "eval_validation" and record["step"] == 4
     assert (
         main(
             [

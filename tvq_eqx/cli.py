@@ -834,10 +834,10 @@ def cmd_eval(argv: list[str]) -> int:
         f"(perplexity {res['perplexity']:.3f}, {int(res['token_count']):,} tokens, "
         f"{res['wall_s']:.1f} s)"
     )
-    with open(Path(args.run_dir) / "metrics.jsonl", "a") as f:
-        f.write(
-            json.dumps(dict(res, split=f"eval_{args.split}"), sort_keys=True) + "\n"
-        )
+    from .train.callbacks import JSONLLogger
+
+    log = JSONLLogger(Path(args.run_dir) / "metrics.jsonl", append=True)
+    log.on_eval(dict(res, split=f"eval_{args.split}"))
     return 0
 
 

@@ -35,13 +35,21 @@ def writes_files() -> bool:
 class JSONLLogger(Callback):
     """Appends every train / validation record to `path`, one JSON object per
     line. On resume (`resume_step`), entries after that step are dropped first;
+    with `append=True` (an evaluation adding to a run's log) nothing is;
     otherwise an existing file is replaced. The file is touched only at the
-    first record (a run that fails before it leaves the old log as it was)."""
+    first record (a run that fails before it leaves the old log as it was).
+    Only the first process of a multi-process run writes."""
 
-    def __init__(self, path: str | os.PathLike, *, resume_step: int | None = None):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        resume_step: int | None = None,
+        append: bool = False,
+    ):
         self.path = Path(path)
         self.resume_step = resume_step
-        self._prepared = False
+        self._prepared = append
 
     def _prepare(self) -> None:
         self._prepared = True
