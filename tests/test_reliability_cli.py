@@ -301,11 +301,11 @@ def test_streamed_text_equals_one_whole_decode(capsys):
     # space.
     import numpy as np
 
-    from tvq_eqx.cli import _TokenPrinter
     from tvq_eqx.data import decode_bytes, encode_bytes
+    from tvq_eqx.sampling import TokenPrinter
 
     toks = encode_bytes("héllo wörld ✓")
-    printer = _TokenPrinter(decode_bytes, byte_level=True)
+    printer = TokenPrinter(decode_bytes, byte_level=True)
     for i in range(0, len(toks), 3):
         printer.write(toks[i : i + 3])
     printer.close()
@@ -316,7 +316,7 @@ def test_streamed_text_equals_one_whole_decode(capsys):
     def decode(ids):
         return "".join(pieces[int(t)] for t in ids).lstrip(" ")
 
-    printer = _TokenPrinter(decode, byte_level=False)
+    printer = TokenPrinter(decode, byte_level=False)
     for t in [0, 1, 2, 3]:
         printer.write(np.asarray([t]))
     printer.close()

@@ -28,7 +28,6 @@ a fresh `train` never writes into a folder with checkpoints. The run-folder
 policy lives in `tvq_eqx.train._runs`. See docs/training.md.
 """
 
-import codecs
 import contextlib
 import dataclasses
 import io
@@ -493,50 +492,14 @@ def _unit(run: RunConfig) -> str:
     return "bits per byte" if run.model.n_vocab == 256 else "bits per token"
 
 
-class _TokenPrinter:
-    """Prints generated tokens to stdout as they come, chunk by chunk: byte
-    tokens through an incremental UTF-8 decoder (a character split between
-    two chunks prints whole; invalid bytes as U+FFFD, as `decode_bytes`),
-    other text with the run's decoder per chunk, non-text as ids."""
+def _printer(decode, run: RunConfig):
+    """Generated text to stdout as it comes (`sampling.TokenPrinter`)."""
+    from .sampling import TokenPrinter
 
-    def __init__(self, decode, *, byte_level: bool):
-        import numpy as np
-
-        self.decode = decode
-        self.count = 0
-        self._tail = np.zeros(0, np.int32)
-        self._utf8 = (
-            codecs.getincrementaldecoder("utf-8")("replace") if byte_level else None
-        )
-
-    def write(self, tokens) -> None:
-        import numpy as np
-
-        toks = np.asarray(tokens).reshape(-1)
-        if self._utf8 is not None:
-            raw = np.where(toks < 256, toks, 0xFF).astype(np.uint8).tobytes()
-            text = self._utf8.decode(raw)
-        elif self.decode is not None:
-            # Decoded with the tokens before it, so that a piece whose text
-            # depends on what precedes it (sentencepiece drops the space of
-            # a text's first word) prints as in one whole decode.
-            before = self.decode(self._tail)
-            text = self.decode(np.concatenate([self._tail, toks]))
-            text = text[len(before) :] if text.startswith(before) else text
-            self._tail = np.concatenate([self._tail, toks])[-8:]
-        else:
-            text = "".join(f"{int(t)} " for t in toks)
-        self.count += toks.size
-        sys.stdout.write(text)
-        sys.stdout.flush()
-
-    def close(self) -> None:
-        tail = self._utf8.decode(b"", final=True) if self._utf8 is not None else ""
-        sys.stdout.write(tail + "\n")
-        sys.stdout.flush()
+    return TokenPrinter(decode, byte_level=run.data.kind == "bytes")
 
 
-def _print_sample(model, prompt, printer: _TokenPrinter, *, steps, temperature,
+def _print_sample(model, prompt, printer, *, steps, temperature,
                   top_p, seed) -> None:  # fmt: skip
     """Generate `steps` tokens after `prompt` and print them as they come
     (`sampling.sample_iter`: memory bounded by one chunk, Ctrl-C stops
@@ -763,7 +726,7 @@ def _cmd_train(argv: list[str], locks: list) -> int:
             # Sampling runs on one device, whatever the training mesh.
             result.train_state.model.with_config(seq_axis=None, batch_axis=None),
             prompt,
-            _TokenPrinter(data.decode, byte_level=run.data.kind == "bytes"),
+            _printer(data.decode, run),
             steps=run.sample_len,
             temperature=run.temperature,
             top_p=run.top_p,
@@ -888,7 +851,7 @@ def cmd_sample(argv: list[str]) -> int:
     else:
         prompt = np.zeros(1, np.int32)
     t0 = time.perf_counter()
-    printer = _TokenPrinter(decode, byte_level=run.data.kind == "bytes")
+    printer = _printer(decode, run)
     sys.stdout.write(decode(prompt) if decode else "")
     try:
         _print_sample(

@@ -28,8 +28,10 @@ on the bucket or the chunking.
 
 from __future__ import annotations
 
+import codecs
 import math
-from collections.abc import Iterator
+import sys
+from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 import equinox as eqx
@@ -431,3 +433,57 @@ def _decode_chunk(
 
     out = jnp.zeros((b, size), jnp.int32)
     return jax.lax.fori_loop(0, count, body, (carry, out))
+
+
+class TokenPrinter:
+    """Writes generated tokens to a text stream as they come, chunk by chunk
+    (`sample_iter`'s chunks): byte tokens through an incremental UTF-8
+    decoder (a character split between two chunks prints whole; invalid
+    bytes as U+FFFD, as `tvq_eqx.data.decode_bytes`), other text with
+    `decode` (token ids -> str) per chunk, and without a decoder the ids.
+
+        printer = TokenPrinter(decode_bytes, byte_level=True)
+        for chunk in sample_iter(model, prompt, steps=200, key=key):
+            printer.write(chunk)
+        printer.close()
+    """
+
+    def __init__(
+        self,
+        decode: Callable[[np.ndarray], str] | None,
+        *,
+        byte_level: bool,
+        stream=None,
+    ):
+        self.decode = decode
+        self.stream = sys.stdout if stream is None else stream
+        self.count = 0  # tokens written so far
+        self._tail = np.zeros(0, np.int32)
+        self._utf8 = (
+            codecs.getincrementaldecoder("utf-8")("replace") if byte_level else None
+        )
+
+    def write(self, tokens) -> None:
+        toks = np.asarray(tokens).reshape(-1)
+        if self._utf8 is not None:
+            raw = np.where(toks < 256, toks, 0xFF).astype(np.uint8).tobytes()
+            text = self._utf8.decode(raw)
+        elif self.decode is not None:
+            # Decoded with the tokens before it, so that a piece whose text
+            # depends on what precedes it (sentencepiece drops the space of
+            # a text's first word) prints as in one whole decode.
+            before = self.decode(self._tail)
+            text = self.decode(np.concatenate([self._tail, toks]))
+            text = text[len(before) :] if text.startswith(before) else text
+            self._tail = np.concatenate([self._tail, toks])[-8:]
+        else:
+            text = "".join(f"{int(t)} " for t in toks)
+        self.count += toks.size
+        self.stream.write(text)
+        self.stream.flush()
+
+    def close(self) -> None:
+        """Flush a character the decoder still holds, and end the line."""
+        tail = self._utf8.decode(b"", final=True) if self._utf8 is not None else ""
+        self.stream.write(tail + "\n")
+        self.stream.flush()
