@@ -43,6 +43,20 @@ def use_libtpu() -> bool:
     return importlib.util.find_spec("libtpu") is not None
 
 
+MISSING = (
+    "libtpu is not importable: run scripts/setup.sh (it installs the pinned "
+    "libtpu into .venv/libtpu)"
+)
+
+
+def require_libtpu() -> bool:
+    """`use_libtpu()`, saying on stderr what to do when libtpu is missing."""
+    if use_libtpu():
+        return True
+    print(MISSING, file=sys.stderr)
+    return False
+
+
 def topology_devices(generation: str):
     """The TPU devices of `generation`'s topology (no hardware)."""
     from jax.experimental import topologies

@@ -116,10 +116,10 @@ _KERNELS = (
 
 
 def _worker_init():
-    from benchmarks._libtpu import use_libtpu
+    from benchmarks._libtpu import MISSING, use_libtpu
 
     if not use_libtpu():
-        raise RuntimeError("libtpu is not installed: run scripts/setup.sh")
+        raise RuntimeError(MISSING)
     import warnings
 
     warnings.filterwarnings("ignore", category=DeprecationWarning)

@@ -43,7 +43,7 @@ import warnings
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from benchmarks._libtpu import TOPOLOGIES, use_libtpu
+from benchmarks._libtpu import TOPOLOGIES, require_libtpu
 
 COLLECTIVES = (
     "all-reduce",
@@ -703,12 +703,7 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = ap.parse_args(argv)
-    if not use_libtpu():
-        print(
-            "libtpu is not importable: run scripts/setup.sh (it installs the "
-            "pinned libtpu into .venv/libtpu)",
-            file=sys.stderr,
-        )
+    if not require_libtpu():
         return 3
     res = compile_train_step(args)
     res["summary"] = summarize(res)

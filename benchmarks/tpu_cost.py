@@ -38,7 +38,7 @@ import warnings
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from benchmarks._libtpu import TOPOLOGIES, use_libtpu
+from benchmarks._libtpu import TOPOLOGIES, require_libtpu
 
 FORMS = ("pallas", "xla", "dpa")
 
@@ -459,12 +459,7 @@ def main(argv=None) -> int:
     )
     ap.add_argument("--out", default="benchmarks/results/tpu-cost.md")
     args = ap.parse_args(argv)
-    if not use_libtpu():
-        print(
-            "libtpu is not importable: run scripts/setup.sh (it installs the "
-            "pinned libtpu into .venv/libtpu)",
-            file=sys.stderr,
-        )
+    if not require_libtpu():
         return 3
     forms = [f for f in FORMS if not (args.no_dpa and f == "dpa")]
     rows, meta = run(

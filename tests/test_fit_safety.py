@@ -13,20 +13,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _runs import TINY_RUN
 
 import tvq_eqx
 from tvq_eqx import train
 from tvq_eqx.train._checkpoint import checkpoint_step
 
-RUN = train.RunConfig(
-    model=tvq_eqx.TransformerConfig(
-        n_vocab=256, d_model=16, d_k=8, d_v=16, n_code=4, n_layer=1, block_len=8
-    ),
-    data=train.DataConfig(batch_size=2, seq_len=16),
-    optimizer=train.OptimizerConfig(learning_rate=1e-2, warmup_steps=1),
-    update_len=8, steps=16, context_len=32, eval_every=0, eval_batches=2,
-    log_every=2, save_every=2, keep=2, sample_len=0,
-)  # fmt: skip
+RUN = TINY_RUN.replace(steps=16, keep=2)
 
 
 def _stream(run):

@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _runs import TINY_RUN
 
 import tvq_eqx
 from tvq_eqx import data, train
@@ -507,15 +508,7 @@ def test_run_config_nested_replace_and_dict_round_trip():
 # ----------------------------------------------------------------------------
 # fit: the training loop
 
-FIT_RUN = train.RunConfig(
-    model=tvq_eqx.TransformerConfig(
-        n_vocab=256, d_model=16, d_k=8, d_v=16, n_code=4, n_layer=1, block_len=8
-    ),
-    data=train.DataConfig(batch_size=2, seq_len=16),
-    optimizer=train.OptimizerConfig(learning_rate=1e-2, warmup_steps=1),
-    update_len=8, steps=8, context_len=32, eval_every=4, eval_batches=2,
-    log_every=2, save_every=4, keep=5, sample_len=0,
-)  # fmt: skip
+FIT_RUN = TINY_RUN.replace(steps=8, eval_every=4, save_every=4)
 
 
 def _fit_streams(run):

@@ -4,6 +4,7 @@ wires the forward kernel to the backward kernels."""
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 import numbers
 import operator
@@ -353,16 +354,10 @@ def vq_attention_core(*args, **kwargs) -> jax.Array:
     v_ext, cache_mean and window_bias (zero cotangents for the rest)."""
     if "target" in kwargs:
         raise TypeError("vq_attention_core picks `target` itself")
-    n_pos = min(len(args), len(_ARRAY_ARGS))
-    arrays = dict(zip(_ARRAY_ARGS[:n_pos], args[:n_pos], strict=True))
-    if len(args) > n_pos:
-        raise TypeError(
-            f"vq_attention_core takes at most {len(_ARRAY_ARGS)} positional "
-            f"arguments; got {len(args)}"
-        )
-    for name in _ARRAY_ARGS:
-        if name in kwargs:
-            arrays[name] = kwargs.pop(name)
+    # The arrays pass through `platform_dependent`; the settings are static.
+    given = inspect.signature(prepare_operands).bind(*args, **kwargs).arguments
+    arrays = {k: v for k, v in given.items() if k in _ARRAY_ARGS}
+    kwargs = {k: v for k, v in given.items() if k not in _ARRAY_ARGS}
 
     # jax.default_backend() says "gpu" where lowering says "cuda" / "rocm".
     local = dict(_TARGETS, gpu="gpu").get(jax.default_backend(), "cpu")
