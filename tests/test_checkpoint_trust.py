@@ -22,10 +22,10 @@ RUN = TINY_RUN
 def _train(run_dir, run, run_id):
     toks = (np.arange(4000) * 7 % 251).astype(np.int32)
     stream = train.make_stream(run, toks[:3000], train=True)
-    train.start_run_dir(run_dir, run, run_id=run_id)
+    train.runs.start_run_dir(run_dir, run, run_id=run_id)
     res = train.fit(
         train.new_train_state(run), run, stream,
-        checkpoint_dir=train.checkpoints_of(run_dir),
+        checkpoint_dir=train.runs.checkpoints_of(run_dir),
         checkpoint_meta=dict(run_id=run_id), handle_sigint=False,
     )  # fmt: skip
     assert res.status == "completed"
@@ -109,7 +109,7 @@ def test_same_settings_other_run_id_is_refused(run_dir, tmp_path):
 
 
 def test_run_json_holds_the_run_id_and_settings(run_dir):
-    settings, run_id = train.read_run_json(run_dir)
+    settings, run_id = train.runs.read_run_json(run_dir)
     assert run_id == "aaaaaaaaaaaa"
     assert train.RunConfig.from_dict(settings) == RUN
     metas = [

@@ -49,3 +49,28 @@ def test_bad_mesh_is_one_line_and_writes_nothing(mesh, message, tmp_path, capsys
     assert main(["train", "--run-dir", str(run_dir), "--mesh", mesh, *MICRO]) == 2
     assert message in _one_error_line(capsys)
     assert not run_dir.exists()
+
+
+def test_mesh_for_run_refuses_each_bad_mesh_before_tracing():
+    # The library call behind --mesh (4 test devices): each refusal names the
+    # rule's numbers; a good mesh is returned, one device needs none.
+    run = train.PRESETS["tiny"].replace(
+        data=dict(batch_size=4, seq_len=64), update_len=64,
+        model=dict(block_len=16),
+    )  # fmt: skip
+    mesh = train.mesh_for_run(run, data=2, seq=2)
+    assert mesh is not None and dict(mesh.shape) == dict(data=2, seq=2)
+    assert dict(train.mesh_for_run(run).shape) == dict(data=4)
+    with pytest.raises(ValueError, match=r"data x seq = 3 x 2 must equal the 4"):
+        train.mesh_for_run(run, data=3, seq=2)
+    with pytest.raises(ValueError, match="batch size 6 must be a multiple"):
+        train.mesh_for_run(run.replace(data=dict(batch_size=6)), data=4)
+    with pytest.raises(ValueError, match=r"update_len=64 / seq=4.*at least mem_len=32"):
+        train.mesh_for_run(run.replace(model=dict(mem_len=32)), data=1, seq=4)
+    with pytest.raises(ValueError, match="context parallelism"):
+        train.mesh_for_run(run.replace(model=dict(attention="window")), seq=2)
+
+
+def test_init_distributed_names_a_bad_setting():
+    with pytest.raises(ValueError, match="JAX_NUM_PROCESSES='two' is not an integer"):
+        train.init_distributed(dict(JAX_NUM_PROCESSES="two"))

@@ -311,9 +311,9 @@ def test_flag_is_parsed_and_saved_with_the_run(tmp_path, capsys):
     assert train.RunConfig.from_dict(on.to_dict()) == on
     assert train.RunConfig.from_dict({"doc_masking": True}).doc_masking is True
     # A resume keeps the saved setting: a different one is refused.
-    with pytest.raises(train.RunDirError, match="doc_masking"):
-        train.check_resume(on, parse(), dict(path="ckpt", step=0))
-    train.check_resume(on, parse("--doc-masking"), dict(path="ckpt", step=0))
+    with pytest.raises(train.runs.RunDirError, match="doc_masking"):
+        train.runs.check_resume(on, parse(), dict(path="ckpt", step=0))
+    train.runs.check_resume(on, parse("--doc-masking"), dict(path="ckpt", step=0))
     assert cli.main(["train", "--help"]) == 0
     assert "--doc-masking" in capsys.readouterr().out
 

@@ -168,3 +168,6 @@ def test_packed_documents_give_each_document_its_own_log_probs(getkey):
         model(row, None, doc_starts=starts[:, :16])
     with pytest.raises(ValueError, match="doc_starts .* needs attention"):
         model.with_config(attention="full")(row, None, doc_starts=starts)
+    # Bool only, as the op: ints (document ids, say) are not read as starts.
+    with pytest.raises(TypeError, match="doc_starts must be a bool array"):
+        model(row, None, doc_starts=starts.astype(jnp.int32))

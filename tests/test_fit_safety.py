@@ -159,10 +159,10 @@ def test_save_every_minutes(tmp_path):
 def test_resume_may_change_the_safety_nets_only():
     saved = RUN
     meta = dict(step=2, path="x")
-    train.check_resume(saved, RUN.replace(on_nonfinite="skip", max_skipped=5,
+    train.runs.check_resume(saved, RUN.replace(on_nonfinite="skip", max_skipped=5,
                                           save_every_minutes=3.0), meta)  # fmt: skip
-    with pytest.raises(train.RunDirError, match="safety nets"):
-        train.check_resume(saved, RUN.replace(log_every=4), meta)
+    with pytest.raises(train.runs.RunDirError, match="safety nets"):
+        train.runs.check_resume(saved, RUN.replace(log_every=4), meta)
 
 
 # The command line: a diverged run exits 1 with one line naming the last
@@ -231,7 +231,7 @@ def test_run_folder_lock_refuses_a_second_trainer_and_takes_over_a_dead_ones(
 
     run_dir = tmp_path / "run"
     argv = ["train", "--run-dir", str(run_dir), *_short(CLI_FLAGS)]
-    with train.RunLock(run_dir):
+    with train.runs.RunLock(run_dir):
         assert main(argv) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert (
@@ -243,7 +243,7 @@ def test_run_folder_lock_refuses_a_second_trainer_and_takes_over_a_dead_ones(
     # lock (the kernel dropped it): the next run takes the folder over.
     holder = subprocess.Popen(
         [sys.executable, "-c",
-         "import sys, time; from tvq_eqx.train import RunLock; "
+         "import sys, time; from tvq_eqx.train.runs import RunLock; "
          "RunLock(sys.argv[1]).acquire(); print('locked', flush=True); time.sleep(120)",
          str(run_dir)],
         stdout=subprocess.PIPE, text=True,

@@ -371,6 +371,18 @@ class TransformerConfig:
                 f"TransformerConfig.e_scale must be a float > 0; got {self.e_scale!r}"
             )
 
+    def check_masks_documents(self, what: str = "doc_starts") -> None:
+        """`ValueError` unless this model can mask packed documents: attention
+        `"vq"`, `"window"` or `"block_window"` (the one home of this rule; the
+        run config, the train steps and the model call it). `what` names the
+        setting that asked (`doc_starts`, `doc_masking`)."""
+        if self.attention == "full":
+            raise ValueError(
+                f"{what} (packed documents) needs attention 'vq', 'window' or "
+                "'block_window'; attention='full' (the softmax baseline) "
+                "cannot mask documents"
+            )
+
     @property
     def jnp_dtype(self):
         return jnp.dtype(self.dtype)

@@ -25,7 +25,7 @@ Ctrl-C during training checkpoints the last completed step and exits 130;
 `--resume` continues from it. Loading a run falls back from a corrupt newest
 checkpoint to the newest intact one (a warning line names the skipped one);
 a fresh `train` never writes into a folder with checkpoints. The run-folder
-policy lives in `tvq_eqx.train._runs`. See docs/training.md.
+policy lives in `tvq_eqx.train.runs`. See docs/training.md.
 """
 
 import contextlib
@@ -49,8 +49,8 @@ except ImportError:  # pragma: no cover (the [cli] extra)
 
 from . import train
 from ._config import ImplementationName
-from .train import CheckpointError, DataError, RunConfig, RunDirError
-from .train._run_config import check_doc_masking, mem_len_follows
+from .train import CheckpointError, DataError, RunConfig, runs
+from .train.runs import RunDirError
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -363,14 +363,14 @@ def _base_run(pre: dict[str, Any]) -> RunConfig:
 
 
 def _follow_mem_len(run: RunConfig, base: RunConfig, argv: list[str]) -> RunConfig:
-    """`mem_len` moved with a new `--model.block-len` (the rule:
-    `train._run_config.mem_len_follows`); tyro built the model config field
-    by field, so the rule is applied here."""
+    """`mem_len` moved with a new `--model.block-len` as `RunConfig.updated`
+    moves it (the rule's one home); tyro built the model config field by
+    field, past that rule."""
     given = any(a.split("=")[0] == "--model.mem-len" for a in argv)
-    changed = run.model.block_len != base.model.block_len
-    if mem_len_follows(base.model, block_len_changed=changed, mem_len_given=given):
-        return run.replace(model=dict(mem_len=run.model.block_len))
-    return run
+    if given or run.model.block_len == base.model.block_len:
+        return run
+    moved = base.updated(dict(model=dict(block_len=run.model.block_len)))
+    return run.replace(model=dict(mem_len=moved.model.mem_len))
 
 
 def _parse_run_command(cls, argv: list[str], *, prog: str, base: RunConfig, **fields):
@@ -388,47 +388,18 @@ def _parse_run_command(cls, argv: list[str], *, prog: str, base: RunConfig, **fi
 
 
 def _init_distributed() -> None:
-    """`jax.distributed.initialize()`; a missing coordinator setting is a
-    usage error (one line), a failure to connect keeps its traceback."""
-    import jax
-
-    # Explicit settings from the environment (jax reads only the coordinator
-    # address there); unset, jax detects SLURM / Cloud TPU / MPI itself.
-    explicit: dict[str, Any] = {}
-    for var, name in (
-        ("JAX_NUM_PROCESSES", "num_processes"),
-        ("JAX_PROCESS_ID", "process_id"),
-    ):
-        value = os.environ.get(var)
-        if value is not None:
-            if not value.strip().isdigit():
-                raise UsageError(f"--distributed: {var}={value!r} is not an integer")
-            explicit[name] = int(value)
-    if os.environ.get("JAX_COORDINATOR_ADDRESS"):
-        explicit["coordinator_address"] = os.environ["JAX_COORDINATOR_ADDRESS"]
-    # Cross-process collectives on CPU (a local multi-process run) need gloo
-    # (ignored by GPU and TPU backends). Set only for an explicit multi-process
-    # run, and undone if it does not start: it is process-wide.
-    previous = jax.config.jax_cpu_collectives_implementation
-    if explicit.get("num_processes", 1) > 1:
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    """`train.init_distributed`, its bad settings a usage error."""
     try:
-        jax.distributed.initialize(**explicit)
+        train.init_distributed()
     except ValueError as e:
-        jax.config.update("jax_cpu_collectives_implementation", previous)
-        raise UsageError(
-            f"--distributed: {e} (run under SLURM / Cloud TPU, or set "
-            "JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID)"
-        ) from None
+        raise UsageError(f"--distributed: {e}") from None
 
 
-def _mesh_from_flag(spec: str, run: RunConfig):
-    """The (data, seq) mesh of `--mesh data=D,seq=S`, checked against the
-    devices and the run's batch and update segments."""
-    import jax
-
+def _mesh(spec: str | None, run: RunConfig):
+    """`train.mesh_for_run` for `--mesh data=D,seq=S` (None: the batch over
+    every device), its refusals usage errors naming the flag."""
     sizes: dict[str, int] = {}
-    for part in spec.split(","):
+    for part in [] if spec is None else spec.split(","):
         name, _, value = part.partition("=")
         name = name.strip()
         if name not in ("data", "seq") or name in sizes or not value.strip().isdigit():
@@ -437,55 +408,11 @@ def _mesh_from_flag(spec: str, run: RunConfig):
                 "positive integers)"
             )
         sizes[name] = int(value)
-    data, seq = sizes.get("data", 1), sizes.get("seq", 1)
-    if data < 1 or seq < 1 or data * seq != jax.device_count():
-        raise UsageError(
-            f"--mesh {spec!r}: data x seq = {data * seq} must equal the "
-            f"{jax.device_count()} devices"
-        )
-    if run.data.batch_size % data:
-        raise UsageError(
-            f"--mesh {spec!r}: batch_size={run.data.batch_size} must be a "
-            f"multiple of data={data}"
-        )
-    chunk, rest = divmod(run.update_len, seq)
-    m = run.model
-    mem_len = m.block_len if m.mem_len is None else m.mem_len
-    if rest or chunk % m.block_len or chunk < mem_len:
-        raise UsageError(
-            f"--mesh {spec!r}: each device's part of an update segment "
-            f"(update_len={run.update_len} / seq={seq}) must be whole, a "
-            f"multiple of block_len={m.block_len} and at least mem_len={mem_len}"
-        )
-    if seq > 1 and m.attention != "vq":
-        raise UsageError(
-            f"--mesh {spec!r}: seq > 1 (context parallelism) needs "
-            f"--model.attention vq; got {m.attention!r}"
-        )
-    return train.make_mesh(seq=seq)
-
-
-def _mesh_or_none(batch_size: int):
-    import jax
-
-    if jax.device_count() <= 1:
-        return None
-    if batch_size % jax.device_count() != 0:
-        raise UsageError(
-            f"batch_size={batch_size} must be a multiple of the "
-            f"{jax.device_count()} devices"
-        )
-    return train.make_mesh()
-
-
-def _check_doc_masking(doc_masking: bool, model_config) -> None:
-    """A run with `--doc-masking` needs a model that masks documents here
-    (the implementation resolved on this machine): else a usage error."""
-    if doc_masking:
-        try:
-            check_doc_masking(model_config)
-        except ValueError as e:
-            raise UsageError(f"--doc-masking: {e}") from None
+    try:
+        return train.mesh_for_run(run, **sizes)
+    except ValueError as e:
+        flag = "--batch-size" if spec is None else f"--mesh {spec!r}"
+        raise UsageError(f"{flag}: {e}") from None
 
 
 def _unit(run: RunConfig) -> str:
@@ -538,43 +465,39 @@ def _finish_outputs(run_dir: Path, run) -> None:
         print(f"wrote the missing {png}", flush=True)
 
 
-def cmd_train(argv: list[str]) -> int:
-    locks: list = []  # the run folder's lock, held until the command returns
-    try:
-        return _cmd_train(argv, locks)
-    finally:
-        for lock in locks:
-            lock.release()
+@dataclasses.dataclass
+class _TrainSetup:
+    """What `train` resolved before anything runs: the parsed command, the
+    run's settings, its folder, and with `--resume` the loaded checkpoint
+    (`ts`, `meta`) and the checkpoints seen when it was loaded."""
+
+    args: TrainCommand
+    run: RunConfig
+    run_dir: Path
+    ts: Any = None
+    meta: dict[str, Any] | None = None
+    seen: list = dataclasses.field(default_factory=list)
 
 
-def _cmd_train(argv: list[str], locks: list) -> int:
-    import equinox as eqx
-    import jax
-
-    from .train.callbacks import (
-        JSONLLogger,
-        ProgressBar,
-        RunFolderWriter,
-        plot_curves,
-    )
-
-    prog = "tvq-eqx train"
+def _train_setup(argv: list[str]) -> _TrainSetup:
+    """Settings layered (preset or checkpoint, --config, flags) and checked
+    against the run folder: a fresh run's folder must hold no checkpoints, a
+    resumed run may change only --steps."""
     pre = _pre_parse(argv)
     help_requested = any(a in ("-h", "--help") for a in argv)
     run_dir = (
         Path(pre["run_dir"])
         if pre["run_dir"]
-        else train.default_run_dir(pre["preset"], resume=pre["resume"])
+        else runs.default_run_dir(pre["preset"], resume=pre["resume"])
     )
-    ckpt_dir = train.checkpoints_of(run_dir)
-    ts = meta = saved = None
+    saved = ts = meta = None
     seen: list = []
     if pre["resume"] and not help_requested:
         try:
             saved, ts, meta = _load_run(run_dir, pre["checkpoint"])
         except CheckpointError as e:
             raise CheckpointError(f"--resume: {e}") from None
-        seen = train.checkpoint_candidates(ckpt_dir)
+        seen = runs.checkpoints_seen(run_dir)
         # The checkpoint's settings are the defaults; --config and flags may
         # only repeat them (or change --steps).
         base = _with_config_file(saved, pre["config"])
@@ -585,107 +508,110 @@ def _cmd_train(argv: list[str], locks: list) -> int:
             )
         base = _base_run(pre)
     args = _parse_run_command(
-        TrainCommand, argv, prog=prog, base=base, preset=pre["preset"]
+        TrainCommand, argv, prog="tvq-eqx train", base=base, preset=pre["preset"]
     )
-    run = args.run
     if args.stop_at is not None:
         _check_at_least("--stop-at", args.stop_at, 1)
-    if saved is not None:
-        assert meta is not None and ts is not None  # loaded together with saved
-        train.check_resume(saved, run, meta)
-        if train.is_finished(run, meta):
-            print(
-                f"{run_dir}: the run is complete ({meta['step']} of {run.steps} "
-                f"updates, final validation done; {meta['path']}); nothing to do "
-                "(a larger --steps extends it)",
-                flush=True,
-            )
-            _finish_outputs(run_dir, run)
-            return 0
-        if args.stop_at is not None and args.stop_at <= int(ts.step):
-            raise UsageError(
-                f"--stop-at {args.stop_at} is not after the checkpoint's update "
-                f"{int(ts.step)}"
-            )
+    if saved is None:
+        runs.check_new_run_dir(run_dir)
     else:
-        train.check_new_run_dir(run_dir)
+        assert meta is not None and ts is not None  # loaded together with saved
+        runs.check_resume(saved, args.run, meta)
+    return _TrainSetup(args, args.run, run_dir, ts, meta, seen)
+
+
+def _nothing_to_do(setup: _TrainSetup) -> bool:
+    """A resumed run that is already complete says so (and writes its curves
+    if a kill cut them short); a --stop-at before the checkpoint is refused."""
+    if setup.meta is None:
+        return False
+    meta, stop_at, step = setup.meta, setup.args.stop_at, int(setup.ts.step)
+    if runs.is_finished(setup.run, meta):
+        print(
+            f"{setup.run_dir}: the run is complete ({meta['step']} of "
+            f"{setup.run.steps} updates, final validation done; {meta['path']}); "
+            "nothing to do (a larger --steps extends it)",
+            flush=True,
+        )
+        _finish_outputs(setup.run_dir, setup.run)
+        return True
+    if stop_at is not None and stop_at <= step:
+        raise UsageError(
+            f"--stop-at {stop_at} is not after the checkpoint's update {step}"
+        )
+    return False
+
+
+def cmd_train(argv: list[str]) -> int:
+    import equinox as eqx
+    import jax
+
+    from .train.callbacks import JSONLLogger, ProgressBar, RunFolderWriter
+
+    setup = _train_setup(argv)
+    if _nothing_to_do(setup):
+        return 0
+    args, run, run_dir, ts = setup.args, setup.run, setup.run_dir, setup.ts
     if args.distributed:
         _init_distributed()
-
     # Everything that can fail on bad input happens before anything is written.
     data = train.load_run_data(run)
     train_stream = train.make_stream(run, data.splits["train"], train=True)
     val_stream = train.make_stream(run, data.splits["validation"], train=False)
-    if args.mesh is not None:
-        mesh = _mesh_from_flag(args.mesh, run)
-    else:
-        mesh = _mesh_or_none(run.data.batch_size)
+    mesh = _mesh(args.mesh, run)
     # Context parallelism is a run-time setting of the model config.
     run, ts = train.for_mesh(run, ts, mesh)
-    _check_doc_masking(run.doc_masking, run.model)
     if ts is None:
         ts = train.new_train_state(run)
     if mesh is not None:
         ts = train.shard_train_state(ts, mesh)
-
-    # One training process per run folder (process 0 writes it). A new
-    # folder is locked when the first update creates it (nothing is written
-    # before); an existing one now. Under the lock, what was checked before it
-    # is checked again: another run may have written in between.
-    def lock_and_recheck() -> None:
-        if locks or jax.process_index() != 0:
-            return
-        locks.append(train.RunLock(run_dir).acquire())
-        if meta is None:
-            train.check_new_run_dir(run_dir)
-        elif train.checkpoint_candidates(ckpt_dir) != seen:
-            raise train.RunDirError(
-                f"{ckpt_dir} changed while this run loaded {meta['path']} "
-                "(another process wrote to it); resume again"
-            )
-
-    if run_dir.is_dir():
-        lock_and_recheck()
-
-    class LockOnFirstStep(train.Callback):
-        def on_step(self, step, metrics, train_state):
-            lock_and_recheck()
-
     # The run's id: kept by a resume (a fresh one for checkpoints older than
     # run ids), in run.json and every checkpoint (loading refuses others).
-    run_id = (meta or {}).get("run_id") or train.new_run_id()
+    run_id = (setup.meta or {}).get("run_id") or runs.new_run_id()
     n_params = sum(x.size for x in jax.tree.leaves(eqx.filter(ts.model, eqx.is_array)))
     start = int(ts.step)
-    unit = _unit(run)
     print(
         f"tvq-eqx train: preset={args.preset} params={n_params:,} "
         f"devices={jax.device_count()} batch={run.data.batch_size}x{run.data.seq_len} "
         f"updates={run.steps} (from {start}) run_dir={run_dir}",
         flush=True,
     )
-    metrics_path = run_dir / "metrics.jsonl"
-    result = train.fit(
-        ts,
-        run,
-        train_stream,
-        eval_stream=val_stream,
-        mesh=mesh,
-        checkpoint_dir=ckpt_dir,
-        checkpoint_meta=dict(preset=args.preset, run_id=run_id),
-        stop_at=args.stop_at,
-        callbacks=[
-            LockOnFirstStep(),
-            RunFolderWriter(run_dir, run, run_id),  # run.json after update 1
-            JSONLLogger(metrics_path, resume_step=start if args.resume else None),
-            ProgressBar(unit_name=unit, disable=not args.progress),
-        ],
-    )
+    ckpt_dir = runs.checkpoints_of(run_dir)
+    guard = runs.RunFolderGuard(run_dir, resumed_from=setup.meta, seen=setup.seen)
+    with guard:
+        result = train.fit(
+            ts,
+            run,
+            train_stream,
+            eval_stream=val_stream,
+            mesh=mesh,
+            checkpoint_dir=ckpt_dir,
+            checkpoint_meta=dict(preset=args.preset, run_id=run_id),
+            stop_at=args.stop_at,
+            callbacks=[
+                guard,  # locks a fresh folder at its first update
+                RunFolderWriter(run_dir, run, run_id),  # run.json after update 1
+                JSONLLogger(
+                    run_dir / "metrics.jsonl",
+                    resume_step=start if args.resume else None,
+                ),
+                ProgressBar(unit_name=_unit(run), disable=not args.progress),
+            ],
+        )
+    if result.status != "completed":
+        return _report_stop(result, ckpt_dir)
+    _report_completed(result, run, run_dir, data)
+    return 0
+
+
+def _report_stop(result, ckpt_dir: Path) -> int:
+    """The line and exit code of a run that did not complete."""
     if result.status == "interrupted":
         where = result.checkpoint or "no new checkpoint (no update completed)"
-        name = _signal_name(result.signal)
         sys.stderr.write(
-            f"tvq-eqx: interrupted at update {result.step} ({name}); checkpoint: "
-            f"{where}; continue with --resume\n"
+            f"tvq-eqx: interrupted at update {result.step} "
+            f"({_signal_name(result.signal)}); checkpoint: {where}; continue "
+            "with --resume\n"
         )
         # The shell's convention: 128 + the signal's number (130 for Ctrl-C).
         return 128 + result.signal if result.signal else EXIT_INTERRUPTED
@@ -698,42 +624,49 @@ def _cmd_train(argv: list[str], locks: list) -> int:
             "--run-dir)\n"
         )
         return EXIT_DIVERGED
-    if result.status == "stopped":
-        print(
-            f"stopped at update {result.step} (--stop-at); resume with --resume",
-            flush=True,
-        )
-        return 0
+    assert result.status == "stopped", result.status
+    print(
+        f"stopped at update {result.step} (--stop-at); resume with --resume", flush=True
+    )
+    return 0
+
+
+def _report_completed(result, run: RunConfig, run_dir: Path, data) -> None:
+    """Validation, wall time, the curves plot and (for text) a sample."""
+    import numpy as np
+
+    from .train.callbacks import plot_curves
+
     val = result.validation
-    assert val is not None  # "completed" ran the final evaluation on val_stream
-    png = plot_curves(metrics_path, run_dir / "curves.png", unit=unit)
+    assert val is not None  # "completed" ran the final evaluation
+    unit = _unit(run)
+    png = plot_curves(run_dir / "metrics.jsonl", run_dir / "curves.png", unit=unit)
     print(
         f"validation {unit}: {val['bits_per_token']:.4f} "
         f"(perplexity {val['perplexity']:.3f} over {int(val['token_count']):,} tokens)"
     )
     print(
-        f"train wall time: {result.wall_s:.1f} s; checkpoint: {ckpt_dir}; curves: {png}"
+        f"train wall time: {result.wall_s:.1f} s; checkpoint: "
+        f"{runs.checkpoints_of(run_dir)}; curves: {png}"
     )
-    if run.sample_len > 0 and data.encode is not None and data.decode is not None:
-        import numpy as np
-
-        valid = data.splits["validation"]
-        prompt = np.asarray(valid[: min(len(valid), run.model.block_len)], np.int32)
-        print("sample (prompt from validation text, then generated):")
-        print("-" * 60)
-        print(data.decode(prompt) + "\u2502", end="", flush=True)
-        _print_sample(
-            # Sampling runs on one device, whatever the training mesh.
-            result.train_state.model.with_config(seq_axis=None, batch_axis=None),
-            prompt,
-            _printer(data.decode, run),
-            steps=run.sample_len,
-            temperature=run.temperature,
-            top_p=run.top_p,
-            seed=run.seed,
-        )
-        print("-" * 60)
-    return 0
+    if run.sample_len == 0 or data.encode is None or data.decode is None:
+        return
+    valid = data.splits["validation"]
+    prompt = np.asarray(valid[: min(len(valid), run.model.block_len)], np.int32)
+    print("sample (prompt from validation text, then generated):")
+    print("-" * 60)
+    print(data.decode(prompt) + "\u2502", end="", flush=True)
+    _print_sample(
+        # Sampling runs on one device, whatever the training mesh.
+        result.train_state.model.with_config(seq_axis=None, batch_axis=None),
+        prompt,
+        _printer(data.decode, run),
+        steps=run.sample_len,
+        temperature=run.temperature,
+        top_p=run.top_p,
+        seed=run.seed,
+    )
+    print("-" * 60)
 
 
 def cmd_eval(argv: list[str]) -> int:
@@ -772,10 +705,9 @@ def cmd_eval(argv: list[str]) -> int:
         model = ts.model.with_config(**changes) if changes else ts.model
     except ValueError as e:
         raise UsageError(str(e)) from None
-    _check_doc_masking(run.doc_masking, model.config)
     data = train.load_run_data(run, splits=("train", args.split))
     stream = train.make_stream(run, data.splits[args.split], train=False)
-    mesh = _mesh_or_none(run.data.batch_size)
+    mesh = _mesh(None, run)
     t0 = time.perf_counter()
     progress = None
     if args.progress:
@@ -878,11 +810,6 @@ def cmd_sample(argv: list[str]) -> int:
 
 
 def cmd_bench(argv: list[str]) -> int:
-    import jax
-    import numpy as np
-
-    from .sampling import sample
-
     pre = _pre_parse(argv)
     args = _parse_run_command(
         BenchCommand, argv, prog="tvq-eqx bench", base=_base_run(pre),
@@ -892,54 +819,13 @@ def cmd_bench(argv: list[str]) -> int:
     _check_at_least("--sample-tokens", args.sample_tokens, 0)
     if args.distributed:
         _init_distributed()
-    run = args.run
-    _check_doc_masking(run.doc_masking, run.model)
-    b, t = run.data.batch_size, run.data.seq_len
-    mesh = _mesh_or_none(b)
-    optimizer = train.optimizer_from_config(run.optimizer, run.steps)
-    ts = train.new_train_state(run)
-    if mesh is not None:
-        ts = train.shard_train_state(ts, mesh)
-    rng = np.random.default_rng(0)
-    toks = rng.integers(0, run.model.n_vocab, (b, t + 1), dtype=np.int32)
-    batch = dict(
-        inputs=toks[:, :-1],
-        targets=toks[:, 1:],
-        loss_mask=np.ones((b, t), np.float32),
-        # With --doc-masking: a document every block_len tokens.
-        doc_starts=np.arange(t)[None, :].repeat(b, 0) % run.model.block_len == 0,
+    res = train.measure_throughput(
+        args.run,
+        steps=args.bench_steps,
+        sample_tokens=args.sample_tokens,
+        mesh=_mesh(None, args.run),
     )
-    step_fn = train.make_train_step(
-        optimizer, update_len=run.update_len, mesh=mesh, doc_masking=run.doc_masking
-    )
-    t0 = time.perf_counter()
-    ts, m = step_fn(ts, batch, reset=True)
-    jax.block_until_ready(m)
-    compile_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    for _ in range(args.bench_steps):
-        ts, m = step_fn(ts, batch)
-    jax.block_until_ready(m)
-    dt = (time.perf_counter() - t0) / args.bench_steps
-    res: dict[str, Any] = dict(
-        preset=args.preset,
-        device=str(jax.devices()[0].platform),
-        devices=jax.device_count(),
-        compile_s=compile_s,
-        step_s=dt,
-        train_tokens_per_s=b * t / dt,
-    )
-    if args.sample_tokens > 0:
-        prompt = toks[:1, :1]
-        out = sample(ts.model, prompt, steps=args.sample_tokens, key=jax.random.key(0))
-        jax.block_until_ready(out)
-        t0 = time.perf_counter()
-        out = sample(ts.model, prompt, steps=args.sample_tokens, key=jax.random.key(1))
-        jax.block_until_ready(out)
-        res["sample_ms_per_token"] = (
-            1e3 * (time.perf_counter() - t0) / args.sample_tokens
-        )
-    print(json.dumps(res, indent=2))
+    print(json.dumps(dict(preset=args.preset, **res), indent=2))
     return 0
 
 

@@ -397,21 +397,20 @@ class Transformer(eqx.Module):
         return error_if_any(x, ~jnp.stack(whole), TALLY_MESSAGE)
 
     def _check_doc_starts(self, doc_starts, shape):
-        """None, or a bool `[batch, seq]` array the attention can mask with."""
+        """None, or a bool `[batch, seq]` array the attention can mask with.
+        Bool only, as the op (`ops.check_doc_starts`): a cast would read an
+        int array of document ids as starts, a silent wrong answer."""
         if doc_starts is None:
             return None
-        c = self.config
-        if c.attention == "full":
-            raise ValueError(
-                "doc_starts (packed documents) needs attention 'vq', 'window' or "
-                f"'block_window'; got attention={c.attention!r}"
-            )
+        self.config.check_masks_documents("doc_starts")
         if not hasattr(doc_starts, "shape") or tuple(doc_starts.shape) != shape:
             raise ValueError(
                 f"doc_starts must have the tokens' shape {shape} [batch, seq]; got "
                 f"{tuple(getattr(doc_starts, 'shape', ()))}"
             )
-        return jnp.asarray(doc_starts).astype(bool)
+        if doc_starts.dtype != jnp.bool_:
+            raise TypeError(f"doc_starts must be a bool array; got {doc_starts.dtype}")
+        return doc_starts
 
     def _run_layers(self, x, units, mask, layer_keys, seq_keys, doc_starts=None):
         """`jax.lax.scan` of the layers over their stacked parameters, per-layer

@@ -45,6 +45,18 @@ from ._common import (
 from ._dispatch import AttentionOptions, check_streaming_inputs, run_resolved
 
 
+def check_chunk_len(chunk_len: int, *, block_len: int, mem_len: int, what: str) -> None:
+    """The context-parallel rule for one device's part of a sequence: whole
+    blocks, and at least the window (each device's window comes from its left
+    neighbour's last `mem_len` tokens only). The op checks it at trace time;
+    `train.mesh_for_run` before a run starts."""
+    if chunk_len % block_len or chunk_len < mem_len:
+        raise ValueError(
+            f"{what} must be a multiple of block_len={block_len} and at least "
+            f"mem_len={mem_len}"
+        )
+
+
 def _chunk_map(code, value, valid, last_start, *, c, n_code, block_len, decay):
     """What a chunk does to the cache before it: `after = a * before + delta`.
 
@@ -128,11 +140,10 @@ def vq_attention_context_parallel(
     )
     block_len, mem_len, cache_decay = opts.block_len, opts.mem_len, opts.cache_decay
     b, c, h, _ = key.shape
-    if c % block_len or c < mem_len:
-        raise ValueError(
-            f"each device's chunk ({c} tokens of key {tuple(key.shape)}) must be "
-            f"a multiple of block_len={block_len} and at least mem_len={mem_len}"
-        )
+    check_chunk_len(
+        c, block_len=block_len, mem_len=mem_len,
+        what=f"each device's chunk ({c} tokens of key {tuple(key.shape)})",
+    )  # fmt: skip
     scale, doc_starts = check_streaming_inputs(
         query, key, value, codebook, state, opts, scale=scale,
         rel_query=rel_query, rel_table=rel_table, doc_starts=doc_starts,

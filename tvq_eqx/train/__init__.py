@@ -1,10 +1,14 @@
-"""Training, evaluation and checkpoints for Transformer-VQ."""
+"""Training, evaluation and checkpoints for Transformer-VQ: what a user's own
+loop needs (the steps, the optimizer helpers, checkpoints, `fit` and its
+callbacks, the mesh). Two public modules hold the rest: `callbacks` (the JSONL
+log, progress bar, curves) and `runs` (the command line's run-folder policy:
+locks, resume rules, folder names)."""
 
+from . import callbacks as callbacks
+from . import runs as runs
 from ._checkpoint import AsyncCheckpointer as AsyncCheckpointer
 from ._checkpoint import CheckpointError as CheckpointError
 from ._checkpoint import CheckpointWarning as CheckpointWarning
-from ._checkpoint import checkpoint_candidates as checkpoint_candidates
-from ._checkpoint import has_checkpoints as has_checkpoints
 from ._checkpoint import latest_checkpoint as latest_checkpoint
 from ._checkpoint import list_checkpoints as list_checkpoints
 from ._checkpoint import load_checkpoint as load_checkpoint
@@ -14,6 +18,8 @@ from ._data import DataError as DataError
 from ._data import RunData as RunData
 from ._data import load_run_data as load_run_data
 from ._data import make_stream as make_stream
+from ._distributed import init_distributed as init_distributed
+from ._distributed import mesh_for_run as mesh_for_run
 from ._fit import Callback as Callback
 from ._fit import FitResult as FitResult
 from ._fit import FitStatus as FitStatus
@@ -40,19 +46,6 @@ from ._run_config import DATA_KINDS as DATA_KINDS
 from ._run_config import DataConfig as DataConfig
 from ._run_config import DataKind as DataKind
 from ._run_config import RunConfig as RunConfig
-from ._runs import RunDirError as RunDirError
-from ._runs import RunLock as RunLock
-from ._runs import check_new_run_dir as check_new_run_dir
-from ._runs import check_resume as check_resume
-from ._runs import checkpoints_of as checkpoints_of
-from ._runs import default_run_dir as default_run_dir
-from ._runs import for_mesh as for_mesh
-from ._runs import is_finished as is_finished
-from ._runs import load_run as load_run
-from ._runs import new_run_id as new_run_id
-from ._runs import new_train_state as new_train_state
-from ._runs import read_run_json as read_run_json
-from ._runs import start_run_dir as start_run_dir
 from ._steps import TrainState as TrainState
 from ._steps import eval_step as eval_step
 from ._steps import evaluate as evaluate
@@ -63,3 +56,7 @@ from ._steps import make_train_step as make_train_step
 from ._steps import shard_batch as shard_batch
 from ._steps import shard_train_state as shard_train_state
 from ._steps import train_step as train_step
+from ._throughput import measure_throughput as measure_throughput
+from .runs import for_mesh as for_mesh
+from .runs import load_run as load_run
+from .runs import new_train_state as new_train_state

@@ -173,7 +173,7 @@ class RunConfig:
                 f"RunConfig.doc_masking must be a bool; got {self.doc_masking!r}"
             )
         if self.doc_masking:
-            check_doc_masking(self.model)
+            self.model.check_masks_documents("doc_masking")
         if self.data.kind in ("bytes", "images") and self.model.n_vocab < 256:
             raise ValueError(
                 f"{self.data.kind} data needs n_vocab >= 256; got {self.model.n_vocab}"
@@ -222,18 +222,6 @@ class RunConfig:
         unknown keys raise a `ValueError` naming them; a TOML file's tables)."""
         _check_keys(type(self), changes, "")
         return self.replace(**changes)
-
-
-def check_doc_masking(model: TransformerConfig) -> None:
-    """`ValueError` unless a model of config `model` can mask packed documents
-    (`doc_masking`): attention `"vq"`, `"window"` or `"block_window"` (every
-    implementation, context parallelism included)."""
-    if model.attention == "full":
-        raise ValueError(
-            "doc_masking (packed documents) needs model.attention 'vq', "
-            "'window' or 'block_window'; attention='full' (the softmax "
-            "baseline) cannot mask documents"
-        )
 
 
 def _nested_changes(obj: Any, changes: dict[str, Any]) -> dict[str, Any]:

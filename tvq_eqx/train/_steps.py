@@ -19,7 +19,6 @@ from jaxtyping import Array, Bool, Int, PRNGKeyArray, UInt32
 from ..loss import loss_fn
 from ..nn import Transformer, TransformerState
 from ._optimizer import CODEBOOK, param_labels
-from ._run_config import check_doc_masking
 
 Batch = Mapping[str, Any]
 _BATCH_KEYS = ("inputs", "targets", "loss_mask")
@@ -315,20 +314,28 @@ def eval_step(
 def make_mesh(
     devices: Iterable[jax.Device] | None = None,  # pyright: ignore[reportInvalidTypeForm]
     *,
+    data: int | None = None,
     seq: int = 1,
 ) -> Mesh:
     """A mesh over `devices` (default: all, across hosts): 1-D data-parallel
     (axis `"data"`), or with `seq > 1` a `("data", "seq")` mesh whose `"seq"`
     axis of that size splits each sequence (context parallelism: the model's
-    config needs `seq_axis="seq"`, `batch_axis="data"`; `train.for_mesh`)."""
+    config needs `seq_axis="seq"`, `batch_axis="data"`; `train.for_mesh`).
+    `data` (default: the devices left once `seq` is taken) times `seq` must
+    be the number of devices."""
     devs = np.asarray(list(jax.devices() if devices is None else devices))
-    if seq == 1:
-        return Mesh(devs, (DATA_AXIS,))
     if isinstance(seq, bool) or not isinstance(seq, int) or seq < 1 or devs.size % seq:
         raise ValueError(
             f"seq={seq!r} must be a positive int dividing the {devs.size} devices"
         )
-    return Mesh(devs.reshape(devs.size // seq, seq), (DATA_AXIS, SEQ_AXIS))
+    data = devs.size // seq if data is None else data
+    if isinstance(data, bool) or not isinstance(data, int) or data * seq != devs.size:
+        raise ValueError(
+            f"data x seq = {data!r} x {seq} must equal the {devs.size} devices"
+        )
+    if seq == 1:
+        return Mesh(devs, (DATA_AXIS,))
+    return Mesh(devs.reshape(data, seq), (DATA_AXIS, SEQ_AXIS))
 
 
 def has_seq_axis(mesh: Mesh | None) -> bool:
@@ -357,7 +364,9 @@ def _attn_shardings(attn_state: TransformerState, mesh: Mesh):
     )
 
 
-def _check_divisible(batch_size: int, mesh: Mesh) -> None:
+def check_batch_splits(batch_size: int, mesh: Mesh) -> None:
+    """The batch splits evenly over the mesh's data axis (a `ValueError`
+    otherwise)."""
     n = mesh.shape.get(DATA_AXIS, 1)
     if batch_size % n != 0:
         raise ValueError(
@@ -379,7 +388,7 @@ def shard_batch(
     out = {}
     for k in _batch_keys(doc_masking):
         x = np.asarray(batch[k])
-        _check_divisible(x.shape[0], mesh)
+        check_batch_splits(x.shape[0], mesh)
         out[k] = jax.make_array_from_callback(
             x.shape, _batch_sharded(mesh), lambda idx, x=x: x[idx]
         )
@@ -389,7 +398,7 @@ def shard_batch(
 def shard_train_state(train_state: TrainState, mesh: Mesh) -> TrainState:
     """Replicate model, optimizer state, step and rng; split the attention
     state along its batch axis."""
-    _check_divisible(train_state.attn_state.units[0].length.shape[0], mesh)
+    check_batch_splits(train_state.attn_state.units[0].length.shape[0], mesh)
     rep = _replicated(mesh)
     dyn, static = eqx.partition(train_state, eqx.is_array)
     dyn = jax.tree.map(lambda x: jax.device_put(x, rep), dyn)
@@ -469,7 +478,7 @@ def make_train_step(
 
     def step(train_state: TrainState, batch: Batch, *, reset: bool = False):
         if doc_masking:
-            check_doc_masking(train_state.model.config)
+            train_state.model.config.check_masks_documents("doc_masking")
         placed = _place(batch, mesh, doc_masking)
         placed["reset"] = jnp.asarray(reset, dtype=bool)
         with _mesh_context(mesh):
@@ -513,7 +522,7 @@ def make_eval_step(
 
     def step(model, attn_state, batch, *, reset: bool = False):
         if doc_masking:
-            check_doc_masking(model.config)
+            model.config.check_masks_documents("doc_masking")
         placed = _place(batch, mesh, doc_masking)
         with _mesh_context(mesh):
             return _eval_jitted(
@@ -563,7 +572,7 @@ def evaluate(
         if attn is None:
             attn = model.init_state(b)
             if mesh is not None:
-                _check_divisible(b, mesh)
+                check_batch_splits(b, mesh)
                 attn = jax.device_put(attn, _attn_shardings(attn, mesh))
         reset = bool(next(resets_it)) if resets_it is not None else False
         attn, sums = step(model, attn, batch, reset=reset)

@@ -23,7 +23,7 @@ import jax
 
 from ._fit import Callback, FitResult
 from ._run_config import RunConfig
-from ._runs import start_run_dir
+from .runs import start_run_dir
 
 
 def writes_files() -> bool:

@@ -2,7 +2,12 @@
 state for a `RunConfig`, loading a run's newest intact (or a chosen)
 checkpoint, and the policy of when a folder may be trained into: a fresh run
 never writes into a folder that holds checkpoints, a resumed one may change
-only `steps` (to extend the run)."""
+only `steps` (to extend the run), and one training process per folder
+(`RunLock`, `RunFolderGuard`).
+
+Public as a module: this is the command line's policy for run folders,
+reusable by a user's own script; `tvq_eqx.train` itself re-exports only what
+any loop needs (`load_run`, `new_train_state`, `for_mesh`)."""
 
 from __future__ import annotations
 
@@ -31,6 +36,7 @@ from ._checkpoint import (
     load_checkpoint,
     read_meta,
 )
+from ._fit import Callback
 from ._optimizer import optimizer_from_config
 from ._run_config import RunConfig
 from ._steps import DATA_AXIS, SEQ_AXIS, TrainState, has_seq_axis, init_train_state
@@ -376,6 +382,66 @@ class RunLock:
 
     def __enter__(self) -> RunLock:
         return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def checkpoints_seen(run_dir: str | os.PathLike) -> list:
+    """The checkpoints of `run_dir` as a resume sees them when it loads one
+    (`RunFolderGuard` compares them again under the lock)."""
+    return checkpoint_candidates(checkpoints_of(run_dir))
+
+
+class RunFolderGuard(Callback):
+    """One training process per run folder, as a `fit` callback.
+
+    The folder is locked (`RunLock`, by the first process only) now if it
+    exists, else at the first completed update (a fresh run writes nothing
+    before it). Under the lock, what was checked before it is checked again,
+    since another run may have written in between: a fresh run's folder must
+    still hold no checkpoints, a resumed run's checkpoints must be those it
+    saw when it loaded (`seen`, from `checkpoints_seen`). Release with
+    `release()` or as a context manager."""
+
+    def __init__(
+        self,
+        run_dir: str | os.PathLike,
+        *,
+        resumed_from: dict[str, Any] | None = None,
+        seen: list | None = None,
+    ):
+        self.run_dir = Path(run_dir)
+        self.resumed_from = resumed_from
+        self.seen = [] if seen is None else seen
+        self._lock: RunLock | None = None
+        if self.run_dir.is_dir():
+            self.acquire()
+
+    def acquire(self) -> None:
+        if self._lock is not None or jax.process_index() != 0:
+            return
+        self._lock = RunLock(self.run_dir).acquire()
+        ckpt_dir = checkpoints_of(self.run_dir)
+        if self.resumed_from is None:
+            check_new_run_dir(self.run_dir)
+        elif checkpoints_seen(self.run_dir) != self.seen:
+            raise RunDirError(
+                f"{ckpt_dir} changed while this run loaded "
+                f"{self.resumed_from['path']} (another process wrote to it); "
+                "resume again"
+            )
+
+    def on_step(self, step, metrics, train_state) -> None:
+        self.acquire()
+
+    def release(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def __enter__(self) -> RunFolderGuard:
+        return self
 
     def __exit__(self, *exc) -> None:
         self.release()
