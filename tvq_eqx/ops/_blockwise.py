@@ -350,7 +350,7 @@ def prologue(
     state: VQAttentionState | None,
     *,
     block_len: int,
-    mem_len: int | None,
+    mem_len: int,
     cache_grad: bool,
     state_keys: str,
     cache_decay: float = 1.0,
@@ -359,17 +359,15 @@ def prologue(
     cache_means: bool = True,
 ) -> Prologue:
     """Quantize the keys, form the straight-through keys, prepend the state's
-    window (an empty state for `state=None`, window `mem_len`, default
-    `block_len`) and sum the cache of every block: the shared first step of
-    the xla and pallas forms. `codes`: the keys' codes if the caller has
+    window (an empty state for `state=None` with window `mem_len`, resolved
+    by the caller: `resolve_mem_len`) and sum the cache of every block: the
+    shared first step of the xla and pallas forms. `codes`: the keys' codes if the caller has
     them already (`quantize(key, codebook)`), else computed here.
     `cache_means=False`: stop at the cache's terms (`Prologue.terms`); the
     caller computes the means (the pallas path's prefix kernel)."""
     n_code = codebook.shape[1]
     if state is None:
-        state = VQAttentionState.empty_for(
-            key, value, codebook, mem_len=block_len if mem_len is None else mem_len
-        )
+        state = VQAttentionState.empty_for(key, value, codebook, mem_len=mem_len)
     if codes is None:
         codes = quantize(key, codebook)  # [B, T, H]
     codebook = sg(codebook).astype(key.dtype)

@@ -48,7 +48,7 @@ from ._blockwise import (
     prologue,
     window_offsets,
 )
-from ._common import VQAttentionState, log_count_bias, relative_bias
+from ._common import VQAttentionState, log_count_bias, relative_bias, resolve_mem_len
 from ._xla import vq_attention_xla
 
 
@@ -366,11 +366,7 @@ def vq_attention_pallas(
         raise ValueError(f"pallas must be a PallasConfig or None; got {pallas!r}")
     if sliding_window is None:
         sliding_window = not use_cache
-    mem_len = (
-        (block_len if state is None else state.window_code.shape[1])
-        if mem_len is None
-        else mem_len
-    )
+    mem_len = resolve_mem_len(mem_len, state, block_len)
     if mem_len != block_len or (
         state is not None and state.window_code.shape[1] != block_len
     ):

@@ -18,6 +18,7 @@ from ._common import (
     quantize,
     relative_bias,
     require_rel_table,
+    resolve_mem_len,
 )
 
 
@@ -139,7 +140,7 @@ def vq_attention_quadratic(
         age_bias = cache_age_bias(
             query.shape[1],
             block_len=block_len,
-            mem_len=block_len if mem_len is None else mem_len,
+            mem_len=resolve_mem_len(mem_len, None, block_len),
             cache_decay=cache_decay,
         )
         scores = scores + age_bias[None, None]

@@ -17,6 +17,7 @@ from ._common import (
     log_count_bias,
     relative_bias,
     require_rel_table,
+    resolve_mem_len,
 )
 
 sg = jax.lax.stop_gradient
@@ -68,7 +69,7 @@ def vq_attention_xla(
         codebook,
         state,
         block_len=L,
-        mem_len=mem_len,
+        mem_len=resolve_mem_len(mem_len, state, L),
         cache_grad=cache_grad,
         state_keys=state_keys,
         cache_decay=cache_decay,
