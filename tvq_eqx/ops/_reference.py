@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from ._common import HIGHEST, MASK_VALUE
+from ._common import HIGHEST, MASK_VALUE, resolve_mem_len
 from ._quadratic import causal_distance, dense_scores
 
 
@@ -67,10 +67,9 @@ def vq_attention_reference(
             "key_grad_window, cache_grad=False and the block window "
             "(use_cache=False, sliding_window=False) need block_len"
         )
-    if mem_len is None:
-        if block_len is None and not use_cache:
-            raise ValueError("use_cache=False needs mem_len (or block_len)")
-        mem_len = block_len
+    if mem_len is None and block_len is None and not use_cache:
+        raise ValueError("use_cache=False needs mem_len (or block_len)")
+    mem_len = resolve_mem_len(mem_len, None, block_len)
     t = query.shape[1]
     pos = jnp.arange(t)
     i, j = pos[:, None], pos[None, :]
