@@ -11,6 +11,7 @@ from jaxtyping import Array, Bool, Float, Int, Key, PRNGKeyArray, UInt32
 from .._checks import check_token_ids, check_weights, error_if_any
 from .._config import TransformerConfig
 from ..ops import FullAttentionState, VQAttentionState
+from ..ops._dispatch import check_doc_starts
 from ._attention import TALLY_MESSAGE, VQAttention
 from ._embedding import Embedding, OutputHead
 from ._norm import RMSNorm
@@ -397,20 +398,14 @@ class Transformer(eqx.Module):
         return error_if_any(x, ~jnp.stack(whole), TALLY_MESSAGE)
 
     def _check_doc_starts(self, doc_starts, shape):
-        """None, or a bool `[batch, seq]` array the attention can mask with.
-        Bool only, as the op (`ops.check_doc_starts`): a cast would read an
-        int array of document ids as starts, a silent wrong answer."""
+        """None, or a bool `[batch, seq]` array the attention can mask with
+        (the op's policy: `check_doc_starts`)."""
         if doc_starts is None:
             return None
         self.config.check_masks_documents("doc_starts")
-        if not hasattr(doc_starts, "shape") or tuple(doc_starts.shape) != shape:
-            raise ValueError(
-                f"doc_starts must have the tokens' shape {shape} [batch, seq]; got "
-                f"{tuple(getattr(doc_starts, 'shape', ()))}"
-            )
-        if doc_starts.dtype != jnp.bool_:
-            raise TypeError(f"doc_starts must be a bool array; got {doc_starts.dtype}")
-        return doc_starts
+        return check_doc_starts(
+            doc_starts, shape=shape, where=f"the tokens' shape {shape} [batch, seq]"
+        )
 
     def _run_layers(self, x, units, mask, layer_keys, seq_keys, doc_starts=None):
         """`jax.lax.scan` of the layers over their stacked parameters, per-layer

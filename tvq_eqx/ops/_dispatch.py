@@ -266,20 +266,23 @@ def vq_attention(
     return out
 
 
-def check_doc_starts(doc_starts, query):
-    """`doc_starts` checked: None, or bool `[batch, seq]` like the query's."""
+def check_doc_starts(doc_starts, query=None, *, shape=None, where=None):
+    """`doc_starts` checked: None, or a bool `[batch, seq]` array shaped as
+    `query`'s first two axes (or `shape`; `where` says whose shape, for the
+    message). The one policy for packed documents, used by the op and the
+    model: bool only, since a cast would read an int array of document ids
+    as starts (a silent wrong answer)."""
     if doc_starts is None:
         return None
     if not hasattr(doc_starts, "shape") or not hasattr(doc_starts, "dtype"):
         raise TypeError(
             f"doc_starts must be a bool array [batch, seq]; got {type(doc_starts).__name__}"
         )
-    want = tuple(query.shape[:2])
-    if tuple(doc_starts.shape) != want:
-        raise ValueError(
-            f"doc_starts must have shape {want} [batch, seq] (query "
-            f"{tuple(query.shape)}); got {tuple(doc_starts.shape)}"
-        )
+    if shape is None:
+        shape, where = tuple(query.shape[:2]), f"shape {tuple(query.shape[:2])}"
+        where += f" [batch, seq] (query {tuple(query.shape)})"
+    if tuple(doc_starts.shape) != tuple(shape):
+        raise ValueError(f"doc_starts must have {where}; got {tuple(doc_starts.shape)}")
     if doc_starts.dtype != jnp.bool_:
         raise TypeError(f"doc_starts must be a bool array; got {doc_starts.dtype}")
     return jnp.asarray(doc_starts)
