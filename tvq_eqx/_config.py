@@ -280,7 +280,26 @@ class TransformerConfig:
             canonical = _normalised(f.name, value)
             if canonical is not value:
                 object.__setattr__(self, f.name, canonical)
-        # Every int field but mem_len (0 = no window is valid; None = follow).
+        self._check_sizes()
+        self._check_rates()
+        self._check_combinations()
+        self._check_kinds()
+
+    def _check_number(self, name: str, ok, want: str) -> None:
+        """`ValueError` unless field `name` is an int or float (not a bool)
+        for which `ok(value)` holds; `want` says what is expected."""
+        value = getattr(self, name)
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not ok(value)
+        ):
+            raise ValueError(f"TransformerConfig.{name} must be {want}; got {value!r}")
+
+    def _check_sizes(self) -> None:
+        """Every int field positive, but `mem_len` (0 = no window is valid;
+        None = follow `block_len`, resolved here: the model's one home of
+        that default)."""
         for name in (n for n in _INT_FIELDS if n != "mem_len"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -294,33 +313,19 @@ class TransformerConfig:
             raise ValueError(
                 f"TransformerConfig.mem_len must be a non-negative int; got {m!r}"
             )
+
+    def _check_rates(self) -> None:
+        """Probabilities, loss weights, the cache decay and the scales."""
         for name in ("p_dropemb", "p_dropsin", "p_dropres", "p_droplyr"):
-            p = getattr(self, name)
-            if (
-                not isinstance(p, (int, float))
-                or isinstance(p, bool)
-                or not 0.0 <= p < 1.0
-            ):
-                raise ValueError(
-                    f"TransformerConfig.{name} must be in [0, 1); got {p!r}"
-                )
-        if not isinstance(self.c_beta, (int, float)) or self.c_beta < 0:
-            raise ValueError(
-                f"TransformerConfig.c_beta must be >= 0; got {self.c_beta!r}"
-            )
-        if not isinstance(self.c_gamma, (int, float)) or not 0.0 <= self.c_gamma < 1.0:
-            raise ValueError(
-                f"TransformerConfig.c_gamma must be in [0, 1); got {self.c_gamma!r}"
-            )
-        if (
-            isinstance(self.cache_decay, bool)
-            or not isinstance(self.cache_decay, (int, float))
-            or not 0.0 < self.cache_decay <= 1.0
-        ):
-            raise ValueError(
-                f"TransformerConfig.cache_decay must be in (0, 1]; got "
-                f"{self.cache_decay!r}"
-            )
+            self._check_number(name, lambda p: 0.0 <= p < 1.0, "in [0, 1)")
+        self._check_number("c_beta", lambda c: c >= 0, ">= 0")
+        self._check_number("c_gamma", lambda c: 0.0 <= c < 1.0, "in [0, 1)")
+        self._check_number("cache_decay", lambda g: 0.0 < g <= 1.0, "in (0, 1]")
+        self._check_number("pe_lam", lambda lam: lam > 1, "> 1")
+        self._check_number("e_scale", lambda e: e > 0, "a float > 0")
+
+    def _check_combinations(self) -> None:
+        """Settings that only make sense together."""
         if self.cache_decay != 1.0 and self.attention != "vq":
             raise ValueError(
                 f"TransformerConfig.cache_decay={self.cache_decay!r} decays the "
@@ -345,6 +350,9 @@ class TransformerConfig:
                 "None; got 'quadratic' (the op's dense reference has no streaming "
                 "state, which the model carries between blocks and calls)"
             )
+
+    def _check_kinds(self) -> None:
+        """`Literal` fields, the pallas settings and the bool switches."""
         check_literals(self)
         if self.pallas is None:  # accepted (earlier run.json files): the defaults
             object.__setattr__(self, "pallas", PallasConfig())
@@ -358,18 +366,6 @@ class TransformerConfig:
                 raise ValueError(
                     f"TransformerConfig.{name} must be a bool; got {getattr(self, name)!r}"
                 )
-        if not isinstance(self.pe_lam, (int, float)) or self.pe_lam <= 1:
-            raise ValueError(
-                f"TransformerConfig.pe_lam must be > 1; got {self.pe_lam!r}"
-            )
-        if (
-            isinstance(self.e_scale, bool)
-            or not isinstance(self.e_scale, (int, float))
-            or not self.e_scale > 0
-        ):
-            raise ValueError(
-                f"TransformerConfig.e_scale must be a float > 0; got {self.e_scale!r}"
-            )
 
     def check_masks_documents(self, what: str = "doc_starts") -> None:
         """`ValueError` unless this model can mask packed documents: attention
