@@ -135,6 +135,7 @@ def from_official(args: dict[str, Any]) -> RunConfig:
     `cosine`) raise a `ValueError` naming them. `vocab_path` becomes
     `tokenizer`; `n_vocab` defaults to the dataset's (32,000 for PG-19).
     """
+    # Each step pops the flags it reads; anything left over is unknown.
     a = dict(args)
     for name in _IGNORED:
         a.pop(name, None)
@@ -142,16 +143,26 @@ def from_official(args: dict[str, Any]) -> RunConfig:
     if dataset not in _DATASETS:
         raise ValueError(f"dataset must be one of {sorted(_DATASETS)}; got {dataset!r}")
     data_kind, n_vocab = _DATASETS[dataset]
-    n_vocab = a.pop("n_vocab", n_vocab)
+    _refuse_unsupported(a)
+    run = _official_run(a, _official_model(a, a.pop("n_vocab", n_vocab)), data_kind)
+    if a:
+        raise ValueError(f"unknown official launch flags: {sorted(a)}")
+    return run
+
+
+def _refuse_unsupported(a: dict[str, Any]) -> None:
+    """The official flags whose settings tvq-eqx cannot honour."""
     if a.pop("d_ff") != 0:
         raise ValueError("d_ff > 0 (feed-forward layers) is not supported")
     if a.pop("n_extra_step") != 0:
         raise ValueError("n_extra_step > 0 (constant-lr extra steps) is not supported")
     if a.pop("lr_schedule") != "cosine":
         raise ValueError("only lr_schedule='cosine' is supported")
-    seq_len = a.pop("sequence_len")
-    n_save_step = a.pop("n_save_step")
-    model = TransformerConfig(
+
+
+def _official_model(a: dict[str, Any], n_vocab: int) -> TransformerConfig:
+    """The model flags, popped from `a`, as a `TransformerConfig`."""
+    return TransformerConfig(
         n_vocab=n_vocab,
         d_model=a.pop("d_model"),
         d_k=a.pop("d_k"),
@@ -177,8 +188,16 @@ def from_official(args: dict[str, Any]) -> RunConfig:
         pe_lam=float(a.pop("pe_lam")),
         e_scale=float(a.pop("e_scale")),
     )
+
+
+def _official_run(
+    a: dict[str, Any], model: TransformerConfig, data_kind: DataKind
+) -> RunConfig:
+    """The data, optimizer and loop flags, popped from `a`, around `model`."""
+    seq_len = a.pop("sequence_len")
+    n_save_step = a.pop("n_save_step")
     grad_clip = a.pop("grad_clip")
-    run = RunConfig(
+    return RunConfig(
         model=model,
         data=DataConfig(
             kind=data_kind,
@@ -209,9 +228,6 @@ def from_official(args: dict[str, Any]) -> RunConfig:
         seed=a.pop("prng_seed"),
         context_len=seq_len,  # independent sequences, as the official loop
     )
-    if a:
-        raise ValueError(f"unknown official launch flags: {sorted(a)}")
-    return run
 
 
 PRESETS: dict[str, RunConfig] = {
