@@ -81,3 +81,71 @@ def test_missing_sentencepiece_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "sentencepiece", None)
     with pytest.raises(ImportError, match=r"tvq-eqx\[sentencepiece\]"):
         data.SentencePieceTokenizer.train(vocab_size=100)
+
+
+# The floors of the import drawing (docs/architecture.md): a module imports
+# only from its own room or a lower floor. The package root re-exports the
+# public names of every floor and is imported by no library module below it
+# except for its metadata.
+FLOORS = {
+    "pallas_kernels": 0,
+    "tvq_eqx._checks": 1,
+    "tvq_eqx._config": 1,
+    "tvq_eqx.ops": 2,
+    "tvq_eqx.data": 2,
+    "tvq_eqx.nn": 3,
+    "tvq_eqx.loss": 4,
+    "tvq_eqx.sampling": 4,
+    "tvq_eqx.train": 5,
+    "tvq_eqx.cli": 6,
+    "tvq_eqx.__main__": 7,
+}
+
+
+def _room(module: str) -> str:
+    parts = module.split(".")
+    if parts[0] == "pallas_kernels":
+        return "pallas_kernels"
+    return ".".join(parts[:2])
+
+
+def _imports(path: Path, module: str):
+    """The library modules `path` imports (at any depth, from any function),
+    relative imports resolved, `from pkg import submodule` as the submodule."""
+    import ast
+
+    package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            yield from (a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                source = ".".join(base + ([node.module] if node.module else []))
+            else:
+                source = node.module or ""
+            for a in node.names:
+                name = f"{source}.{a.name}"
+                as_file = ROOT / Path(*name.split("."))
+                is_module = as_file.with_suffix(".py").exists() or as_file.is_dir()
+                yield name if is_module else source
+
+
+def test_imports_only_run_downward():
+    upward = []
+    files = [*ROOT.glob("tvq_eqx/**/*.py"), *ROOT.glob("pallas_kernels/**/*.py")]
+    for path in files:
+        parts = list(path.relative_to(ROOT).with_suffix("").parts)
+        module = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        if module == "tvq_eqx":
+            continue  # the root re-exports every floor's public names
+        here = _room(module)
+        for target in _imports(path, module):
+            if target.split(".")[0] not in ("tvq_eqx", "pallas_kernels"):
+                continue
+            there = _room(target)
+            if there == "tvq_eqx" and target == "tvq_eqx":
+                upward.append(f"{module} imports the package root")
+            elif there != here and FLOORS[there] >= FLOORS[here]:
+                upward.append(f"{module} -> {target}")
+    assert len(files) > 40 and not upward, upward
