@@ -72,8 +72,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal, get_args
 
-from jax.experimental import pallas as pl
-
 FLOAT32_DOTS = ("highest", "bf16x3", "bf16x6")
 PLATFORMS = ("interpret", "gpu", "tpu")
 
@@ -171,6 +169,16 @@ _FOLLOWS = {
 
 def _is_pow2(x: int) -> bool:
     return x > 0 and (x & (x - 1)) == 0
+
+
+# `pl.next_power_of_2` and `pl.cdiv` on Python ints: the library imports this
+# module for its config classes, and leaves importing Pallas to the kernels.
+def _next_pow2(x: int) -> int:
+    return 1 if x == 0 else 2 ** (x - 1).bit_length()
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -538,8 +546,8 @@ def resolve_tiles(
             f"of BlockSizes {sizes} (Triton dots need >= 16 rows)"
         )
     floor = sizes.min_tile
-    code_cap = max(pl.next_power_of_2(codes), floor)
-    v_cap = max(pl.next_power_of_2(d_v), floor)
+    code_cap = max(_next_pow2(codes), floor)
+    v_cap = max(_next_pow2(d_v), floor)
 
     def rows(field):  # tiles along the block: must divide block_len
         value = min(pick(field), block_len)
@@ -584,9 +592,9 @@ def resolve_tiles(
         )  # fmt: skip
     code_tile = max(fwd.block_code, dq.block_code, kv.block_code)
     v_tile = max(fwd.block_v, dq.block_v, kv.block_v)  # powers of two: the lcm
-    s_pad = pl.cdiv(codes, code_tile) * code_tile
-    v_pad = pl.cdiv(d_v, v_tile) * v_tile
-    k_pad = max(pl.next_power_of_2(d_k), floor)
+    s_pad = _cdiv(codes, code_tile) * code_tile
+    v_pad = _cdiv(d_v, v_tile) * v_tile
+    k_pad = max(_next_pow2(d_k), floor)
     return Tiles(
         block_len=block_len,
         codes=s_pad,
