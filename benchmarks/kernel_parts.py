@@ -6,7 +6,7 @@ stage functions):
 
 - `prologue` the XLA work before the kernels (quantization, straight-through
              keys, block sums and their prefix over blocks, the relative-bias
-             gather, the kernel layout): `tvq_eqx.ops._pallas.kernel_inputs`;
+             gather, the kernel layout): `tvq_eqx.ops.pallas_kernel_inputs`;
 - `fwd`      the forward kernel (out and log-sum-exp);
 - `dq`       the query-side backward kernel (recomputes P and dS; dq, P, dS);
 - `dk`, `dv` the key-side backward kernels (window keys and values);
@@ -73,6 +73,7 @@ from benchmarks._common import (
     log,
     markdown_table,
     median,
+    quantized_keys,
     rel_err,
     time_calls,
     write_text,
@@ -159,13 +160,13 @@ def _static(blk, k):
 def _prologue(config, blk: int, k: int):
     """The pallas path's XLA prologue alone, for kernel settings `config`:
     `(q, k, v, codebook, rel_query, rel_table) -> (prologue, kernel args)`."""
-    from tvq_eqx.ops._pallas import kernel_inputs
+    from tvq_eqx.ops import pallas_kernel_inputs
 
     static = _static(blk, k)
 
     def prologue(q, kk, vv, cb, rq, rt):
-        pro, core_args, _ = kernel_inputs(
-            q, kk, vv, cb, None, rq, rt, None, None, pallas=config, **static
+        pro, core_args, _ = pallas_kernel_inputs(
+            q, kk, vv, cb, rel_query=rq, rel_table=rt, pallas=config, **static
         )
         return pro, core_args
 
@@ -174,14 +175,14 @@ def _prologue(config, blk: int, k: int):
 
 def _epilogue(b: int, h: int, t: int, v: int, dtype):
     """The output layout and the next state, from the kernel output."""
-    from tvq_eqx.ops._blockwise import next_state
+    from tvq_eqx.ops import pallas_kernel_outputs
 
     def epilogue(out, pro):
-        o = jnp.transpose(out.reshape(b, h, t, -1)[..., :v], (0, 2, 1, 3))
-        new = next_state(
-            pro.state, pro.ext, pro.new_count, pro.new_mean, cache_grad=True
+        # The forward kernel's [B, H, T, V padded] as the op's [B*H, T, ...].
+        out = out.reshape(b * h, t, -1)
+        return pallas_kernel_outputs(
+            out, pro, num_heads=h, d_v=v, dtype=dtype, cache_grad=True
         )
-        return o.astype(dtype), new
 
     return epilogue
 
@@ -189,8 +190,7 @@ def _epilogue(b: int, h: int, t: int, v: int, dtype):
 def measure_parts(t, dims, dtype, *, pallas_config, reps, min_time):
     """Rows (part, seconds, flops, bytes) for one sequence length."""
     from pallas_kernels.vq_attention import ops as kops
-    from tvq_eqx.ops import vq_attention_pallas
-    from tvq_eqx.ops._pallas import kernel_inputs
+    from tvq_eqx.ops import pallas_kernel_inputs, vq_attention_pallas
 
     b, h, k, v, s, blk = dims
     q, kk, vv, cb, rq, rt, cot = _inputs(t, dims, dtype, jax.random.key(t))
@@ -199,8 +199,8 @@ def measure_parts(t, dims, dtype, *, pallas_config, reps, min_time):
     prologue_jit = jax.jit(_prologue(pallas_config, blk, k))
     pro, core_args = prologue_jit(q, kk, vv, cb, rq, rt)
     # The kernels' static settings (ints, flags, tiles): from one eager call.
-    _, _, core_kwargs = kernel_inputs(
-        q, kk, vv, cb, None, rq, rt, None, None, pallas=pallas_config, **static
+    _, _, core_kwargs = pallas_kernel_inputs(
+        q, kk, vv, cb, rel_query=rq, rel_table=rt, pallas=pallas_config, **static
     )
     st, ops = kops.prepare_operands(*core_args, **core_kwargs)
     rows = []
@@ -291,7 +291,7 @@ def account_parts(t, dims, dtype, *, pallas_config):
     by `jax.eval_shape`, and for the XLA parts (prologue, epilogue) the
     bytes XLA's compiled cost analysis counts on this machine's backend."""
     from pallas_kernels.vq_attention import ops as kops
-    from tvq_eqx.ops._pallas import kernel_inputs
+    from tvq_eqx.ops import pallas_cache_means_xla, pallas_kernel_inputs
 
     b, h, k, v, s, blk = dims
     sds = jax.ShapeDtypeStruct
@@ -304,8 +304,8 @@ def account_parts(t, dims, dtype, *, pallas_config):
     kept = {}
 
     def prepared(q, kk, vv, cb, rq, rt):
-        pro, core_args, core_kwargs = kernel_inputs(
-            q, kk, vv, cb, None, rq, rt, None, None, pallas=pallas_config, **static
+        pro, core_args, core_kwargs = pallas_kernel_inputs(
+            q, kk, vv, cb, rel_query=rq, rel_table=rt, pallas=pallas_config, **static
         )
         kept["st"], ops = kops.prepare_operands(*core_args, **core_kwargs)
         return pro, ops
@@ -328,8 +328,6 @@ def account_parts(t, dims, dtype, *, pallas_config):
     # The prologue split: everything but the cache means (XLA), and the
     # cache means made by XLA's passes or by the prefix kernel.
     from pallas_kernels.vq_attention import prefix
-    from tvq_eqx.ops._blockwise import prologue as core_prologue
-    from tvq_eqx.ops._blockwise import xla_cache_means
 
     without_means = _prologue(
         dataclasses.replace(pallas_config, cache_prefix="kernel"), blk, k
@@ -339,14 +337,11 @@ def account_parts(t, dims, dtype, *, pallas_config):
         pro, core_args = without_means(q, kk, vv, cb, rq, rt)
         return pro.terms, core_args[:6], core_args[7:]  # all but the means
 
-    terms_fn = lambda kk, vv, cb: core_prologue(
-        kk, vv, cb, None, block_len=blk, mem_len=blk, cache_grad=True,
-        state_keys="codewords", cache_means=False,
-    )  # fmt: skip
-    pro_shapes = jax.eval_shape(terms_fn, kk, vv, cb)
+    # The prologue made without the means (what the prefix kernel reads).
+    pro_shapes, _ = jax.eval_shape(without_means, q, kk, vv, cb, rq, rt)
 
     def means_fn(pro):
-        return xla_cache_means(pro.terms, pro.ext.value, n_code=s, block_len=blk)
+        return pallas_cache_means_xla(pro, n_code=s, block_len=blk)
 
     means_out = jax.eval_shape(means_fn, pro_shapes)
     tiles = prefix.PREFIX_TILES[("gpu", dtype == jnp.float32)]
@@ -427,8 +422,7 @@ def _attention_grad(attend):
 
 def measure_baselines(t, dims, dtype, *, reps, min_time, memory_bytes):
     """Rows (name, seconds, flops) of the baselines at one length."""
-    from tvq_eqx.ops._common import gather_codes, quantize
-    from tvq_eqx.ops._xla import vq_attention_xla
+    from tvq_eqx.ops import vq_attention_xla
 
     b, h, k, v, s, blk = dims
     q, kk, vv, cb, rq, rt, cot = _inputs(t, dims, dtype, jax.random.key(t))
@@ -447,7 +441,7 @@ def measure_baselines(t, dims, dtype, *, reps, min_time, memory_bytes):
     except Exception as e:  # out of memory at long T is a result
         rows.append(("xla form", None, fwd_bwd_useful, type(e).__name__))
 
-    khat = gather_codes(cb.astype(dtype), quantize(kk, cb))
+    khat = quantized_keys(kk, cb)
     # Causal dense attention, fwd + bwd = 3.5 x fwd (flash convention).
     dense_flops = 3.5 * b * h * t * t * (k + v)  # 2 * T^2 / 2 * (K + V) * 3.5
     chunks = max(1, v // k)

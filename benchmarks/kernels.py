@@ -2,15 +2,16 @@
 
 Forms (all on the same inputs, one run, one device):
 
-- `pallas`     the fused kernels (`tvq_eqx.ops._pallas`); on CPU they run in
+- `pallas`     the fused kernels (`vq_attention_pallas`); on CPU they run in
                interpret mode, which measures the interpreter, not a kernel, so
                CPU runs include pallas only at small T (`--pallas-max`).
 - `xla`        the linear-time chunked jnp form (`vq_attention_xla`).
 - `quadratic`  the O(T^2) definition (`vq_attention_quadratic`).
 - `summaries`  not a form: the XLA block-summary step that the pallas path
                runs before its kernels (quantize, per-block code histograms and
-               value sums, exclusive prefix over blocks), timed alone to show
-               it is not the bottleneck; FLOPs 2 * B * H * T * S * V.
+               value sums, exclusive prefix over blocks: the cache of
+               `pallas_kernel_inputs`), timed alone to show it is not the
+               bottleneck; FLOPs 2 * B * H * T * S * V.
 - `dpa`        `jax.nn.dot_product_attention(q, C[z], v, is_causal=True)` on the
                already-quantized keys: the same forward function computed by
                dense causal attention, implementation "xla" and, on GPU, also
@@ -60,14 +61,13 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from benchmarks._common import quantized_keys
 from tvq_eqx.ops import (
-    quantize,
+    pallas_kernel_inputs,
     vq_attention_pallas,
     vq_attention_quadratic,
     vq_attention_xla,
 )
-from tvq_eqx.ops._blockwise import prologue
-from tvq_eqx.ops._common import gather_codes
 
 FORMS = ("pallas", "xla", "quadratic", "dpa", "dpa-cudnn", "summaries")
 
@@ -99,17 +99,12 @@ def make_fn(form, *, block_len, scale, codebook, mode):
     elif form == "summaries":
 
         def attn(q, k, v):
-            # Quantization, straight-through keys and every block's cache.
-            return prologue(
-                k,
-                v,
-                codebook,
-                None,
-                block_len=block_len,
-                mem_len=block_len,
-                cache_grad=True,
-                state_keys="codewords",
-            ).block_mean
+            # Quantization, straight-through keys and every block's cache (the
+            # kernels' `cache_mean`; XLA drops the rest of the prologue).
+            _, core_args, _ = pallas_kernel_inputs(
+                q, k, v, codebook, block_len=block_len, scale=scale
+            )
+            return core_args[6]
     elif form == "quadratic":
 
         def attn(q, k, v):
@@ -118,7 +113,7 @@ def make_fn(form, *, block_len, scale, codebook, mode):
         impl = "cudnn" if form == "dpa-cudnn" else "xla"
 
         def attn(q, k, v):
-            khat = gather_codes(codebook.astype(k.dtype), quantize(k, codebook))
+            khat = quantized_keys(k, codebook)
             width = q.shape[-1]
             if v.shape[-1] % width:
                 raise ValueError(

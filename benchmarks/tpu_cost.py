@@ -136,8 +136,8 @@ def attention_program(form: str, shape, dtype, device, *, rel: bool = True):
     import jax
     import jax.numpy as jnp
 
+    from benchmarks._common import quantized_keys
     from tvq_eqx.ops import BlockSizes, PallasConfig, vq_attention_with_state
-    from tvq_eqx.ops._common import gather_codes, quantize
 
     b, t, h, k, v, s, blk = shape
     dt = jnp.dtype(dtype)
@@ -151,7 +151,7 @@ def attention_program(form: str, shape, dtype, device, *, rel: bool = True):
     if form == "dpa":
 
         def loss(q, key, val, codebook):
-            khat = gather_codes(codebook.astype(key.dtype), quantize(key, codebook))
+            khat = quantized_keys(key, codebook)
             outs = [
                 jax.nn.dot_product_attention(
                     q, khat, val[..., i : i + k], scale=k**-0.5, is_causal=True,
@@ -201,7 +201,7 @@ def kernel_totals(shape, dtype: str, *, rel: bool = True) -> dict:
     recomputes Q K^T once per value tile; forward and bwd_dq compute the
     current block's key tiles at or below the diagonal) with the same
     formulas at the TPU tiles (`BlockSizes.for_platform("tpu")`, v5e)."""
-    from benchmarks.aot_compile import _avg_current_keys, kernel_costs
+    from benchmarks.aot_compile import avg_current_keys, kernel_costs
     from pallas_kernels.vq_attention import BlockSizes
     from pallas_kernels.vq_attention.config import resolve_tiles
 
@@ -213,9 +213,9 @@ def kernel_totals(shape, dtype: str, *, rel: bool = True) -> dict:
     )  # fmt: skip
     K, V, S = tiles.d_k, tiles.d_v, tiles.codes
     tpu = {}
-    fwd_keys = S + blk + _avg_current_keys(blk, tiles.fwd.block_q, tiles.fwd.block_k)
+    fwd_keys = S + blk + avg_current_keys(blk, tiles.fwd.block_q, tiles.fwd.block_k)
     tpu["vq_attention_fwd"] = 2 * fwd_keys * ((V // tiles.fwd.block_v) * K + V)
-    dq_keys = S + blk + _avg_current_keys(blk, tiles.dq.block_q, tiles.dq.block_k)
+    dq_keys = S + blk + avg_current_keys(blk, tiles.dq.block_q, tiles.dq.block_k)
     tpu["vq_attention_bwd_dq"] = 2 * dq_keys * (2 * K + V)
     n = b * h * t
     return dict(
@@ -406,7 +406,7 @@ def markdown(all_rows, meta) -> str:
             "",
             "## Diagnostic: the relative bias's share of XLA's count",
             "",
-            "Both forms build the window bias with `ops._common.relative_bias` "
+            "Both forms build the window bias with `tvq_eqx.ops.relative_bias` "
             "(`jnp.take_along_axis`: a TPU gather over `[blocks, L, 2L, 3]` "
             "int32 indices, and a scatter-add in the backward). The same programs "
             "without the relative bias:",
