@@ -105,12 +105,7 @@ def pallas_kernel_inputs(
     if (rel_query is None) != (rel_table is None):
         raise ValueError("rel_query and rel_table are given together or not at all")
     b, t, h, _ = query.shape
-    n_code = codebook.shape[1]
-    n_blk = t // block_len
     L = block_len  # == mem_len (checked by the caller)
-    # The prefix kernel makes the cache every block reads (when it is read);
-    # otherwise XLA does, as in the xla form.
-    kernel_means = use_cache and pallas.cache_prefix == "kernel"
     pro = prologue(
         key,
         value,
@@ -123,7 +118,9 @@ def pallas_kernel_inputs(
         cache_decay=cache_decay,
         doc_starts=doc_starts,
         codes=codes,
-        cache_means=not kernel_means,
+        # The prefix kernel makes the cache every block reads (when it is
+        # read, `_cache_operands`); otherwise XLA does, as in the xla form.
+        cache_means=not (use_cache and pallas.cache_prefix == "kernel"),
     )
     state, ext = pro.state, pro.ext
     v_ext = _heads_first(ext.value)
@@ -133,29 +130,10 @@ def pallas_kernel_inputs(
     ).reshape(b * h, 1, 1)
 
     if use_cache:
-        cache_bias = jnp.transpose(log_count_bias(pro.block_count), (0, 2, 1, 3))
-        cache_bias = cache_bias.reshape(b * h, n_blk, 1, n_code)
-        d_v = value.shape[-1]
-        if kernel_means:
-            cache_mean, new_sum = kernel_cache_means(
-                (n_code, L, pallas.block_sizes, pallas.interpret),
-                jnp.transpose(pro.terms.entering, (0, 2, 1))[..., None],
-                v_ext.reshape(b, h, -1, d_v),
-                pro.terms.factor,
-                jnp.transpose(pro.block_count, (0, 2, 1, 3)),
-                pro.terms.sum0,
-            )  # [B, H, N, S, V], [B, H, S, V]
-            if not cache_grad:
-                cache_mean = jax.lax.stop_gradient(cache_mean)
-            new_mean = carried_mean(pro.terms, new_sum, value.dtype)
-            pro = eqx.tree_at(lambda p: p.new_mean, pro, new_mean, is_leaf=_none)
-            cache_mean = cache_mean.reshape(b * h, n_blk, n_code, d_v)
-        else:
-            assert pro.block_mean is not None
-            cache_mean = jnp.transpose(pro.block_mean, (0, 2, 1, 3, 4)).reshape(
-                b * h, n_blk, n_code, d_v
-            )
-        kernel_codebook = pro.codebook
+        pro, kernel_codebook, cache_bias, cache_mean = _cache_operands(
+            pro, v_ext, block_len=L, dtype=value.dtype, pallas=pallas,
+            cache_grad=cache_grad,
+        )  # fmt: skip
     else:
         cache_bias = cache_mean = kernel_codebook = None
 
@@ -195,6 +173,39 @@ def pallas_kernel_inputs(
         interpret=pallas.interpret,
     )
     return pro, core_args, core_kwargs
+
+
+def _cache_operands(
+    pro, v_ext, *, block_len: int, dtype, pallas: PallasConfig, cache_grad: bool
+):
+    """The kernels' cache operands `(prologue, codebook, cache_bias
+    [B*H, N, 1, S], cache_mean [B*H, N, S, V])`: the means from the prologue
+    (XLA), or made here by the prefix kernel (`pallas.cache_prefix ==
+    "kernel"`, which also gives the prologue its carried mean)."""
+    b, n_blk, h, n_code = pro.block_count.shape
+    d_v = v_ext.shape[-1]
+    cache_bias = jnp.transpose(log_count_bias(pro.block_count), (0, 2, 1, 3))
+    cache_bias = cache_bias.reshape(b * h, n_blk, 1, n_code)
+    if pallas.cache_prefix == "kernel":
+        cache_mean, new_sum = kernel_cache_means(
+            (n_code, block_len, pallas.block_sizes, pallas.interpret),
+            jnp.transpose(pro.terms.entering, (0, 2, 1))[..., None],
+            v_ext.reshape(b, h, -1, d_v),
+            pro.terms.factor,
+            jnp.transpose(pro.block_count, (0, 2, 1, 3)),
+            pro.terms.sum0,
+        )  # [B, H, N, S, V], [B, H, S, V]
+        if not cache_grad:
+            cache_mean = jax.lax.stop_gradient(cache_mean)
+        new_mean = carried_mean(pro.terms, new_sum, dtype)
+        pro = eqx.tree_at(lambda p: p.new_mean, pro, new_mean, is_leaf=_none)
+        cache_mean = cache_mean.reshape(b * h, n_blk, n_code, d_v)
+    else:
+        assert pro.block_mean is not None
+        cache_mean = jnp.transpose(pro.block_mean, (0, 2, 1, 3, 4)).reshape(
+            b * h, n_blk, n_code, d_v
+        )
+    return pro, pro.codebook, cache_bias, cache_mean
 
 
 def pallas_kernel_outputs(
