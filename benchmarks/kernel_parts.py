@@ -565,7 +565,7 @@ def _rate(flops, seconds, peak):
     return f"{tflops:.3g}", ("n/a" if peak is None else f"{100 * tflops / peak:.1f}%")
 
 
-def main(argv=None):
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seq-lens", default="8192,32768,131072")
     ap.add_argument("--dtype", default="bfloat16")
@@ -581,7 +581,113 @@ def main(argv=None):
         "--accounting", action="store_true",
         help="only the FLOPs / bytes per part, from shapes (runs nothing)",
     )  # fmt: skip
-    args = ap.parse_args(argv)
+    return ap
+
+
+@dataclasses.dataclass(frozen=True)
+class Card:
+    """The device the parts run on: its kind, dense bf16 peak and memory."""
+
+    kind: str
+    peak_tflops: float | None
+    peak_gbs: float | None
+    memory_bytes: int | None
+
+    @classmethod
+    def local(cls) -> Card:
+        device = jax.devices()[0]
+        try:
+            memory = device.memory_stats().get("bytes_limit")
+        except Exception:  # CPU has no memory stats
+            memory = None
+        return cls(device.device_kind, *card_peaks(device.device_kind), memory)
+
+
+def _parts_section(t, parts, check, dims, dtype, card: Card) -> list[str]:
+    """The table of the parts at length `t` and the check that they are the
+    op; `parts` and `check` from `measure_parts`."""
+    b = dims[0]
+    total = dict((p, sec) for p, sec, _, _ in parts)["fwd+bwd"]
+    table = []
+    for part, sec, flops, nb in parts:
+        tf, pct = _rate(flops, sec, card.peak_tflops)
+        gbs = nb / sec / 1e9
+        table.append((
+            part, f"{sec * 1e3:.3f}", f"{100 * sec / total:.0f}%", tf, pct,
+            f"{gbs:.0f}", f"{nb / (b * t) / 1e3:.1f}", card.kind,
+        ))  # fmt: skip
+    lines = [f"## T = {fmt_len(t)}: parts of the pallas path", ""]
+    lines += [
+        "The parts are the op: relative error of the op's output and dq "
+        "against the forward and dq kernels' alone: "
+        + ", ".join(f"{n} {e:.1e}" for n, e in check.items()),
+        "",
+    ]
+    # The parts are the same kernels: to rounding. The prefix kernel sums
+    # in another order: one rounding of the means to the value dtype.
+    prefix_tol = 2e-2 if dtype == jnp.bfloat16 else 1e-4
+    limits = dict(out=1e-3, dq=1e-3)
+    if any(e > limits.get(n, prefix_tol) for n, e in check.items()):
+        lines += [f"**{CHECK_FAILED}: the parts do not reproduce the op**", ""]
+    lines += markdown_table(
+        ["part", "ms", "of fwd+bwd", "TFLOP/s", "of peak", "GB/s",
+         "KB per token", "card"],
+        table,
+    )  # fmt: skip
+    return lines
+
+
+def _baselines_section(t, total, base, dims, card: Card):
+    """The whole op's fwd+bwd (`total` seconds) beside the baselines
+    (`measure_baselines`) at length `t`: (lines, the cuDNN rows' seconds)."""
+    b, h, k, v, s, blk = dims
+    rows = [("pallas fwd+bwd", f"{total * 1e3:.3f}", "1.00", *_rate(
+        useful_flops("fwd+bwd", b=b, h=h, t=t, k=k, v=v, s=s, blk=blk),
+        total, card.peak_tflops), "", card.kind)]  # fmt: skip
+    cudnn = []
+    for name, sec, flops, note in base:
+        ratio = "n/a" if sec is None else f"{sec / total:.2f}"
+        ms = "n/a" if sec is None else f"{sec * 1e3:.3f}"
+        rows.append(
+            (name, ms, ratio, *_rate(flops, sec, card.peak_tflops), note, card.kind)
+        )
+        if name.startswith("dpa-cudnn") and "normalised" not in name:
+            cudnn.append(sec)
+    lines = ["", f"## T = {fmt_len(t)}: fwd+bwd beside the baselines", ""]
+    lines += markdown_table(
+        ["form", "ms", "time / pallas", "TFLOP/s", "of peak", "note", "card"], rows
+    )
+    return lines, cudnn
+
+
+def _profile_section(t, whole, whole_args, card: Card) -> list[str]:
+    """The device ops of the whole op's fwd+bwd at length `t`, by name."""
+    ops = profile_ops(whole, whole_args)
+    lines = ["", f"## T = {fmt_len(t)}: device ops of pallas fwd+bwd", ""]
+    if not ops:
+        return lines + ["(the profiler recorded no device ops on this backend)"]
+    return lines + markdown_table(
+        ["op", "ms per call", "card"],
+        [(n.replace("|", "/")[:80], f"{ms:.3f}", card.kind) for n, ms in ops],
+    )
+
+
+def _accounting(args, lines, seq_lens, dims, dtype):
+    """`--accounting`: the FLOPs / bytes table alone (runs nothing)."""
+    from pallas_kernels.vq_attention import BlockSizes, PallasConfig
+
+    # The GPU tiles (sm_90), whatever this machine is: they set the padding.
+    gpu = PallasConfig(block_sizes=BlockSizes.for_platform("gpu", arch=90))
+    lines += ["## FLOPs and bytes per part (GPU tiles, sm_90)", ""]
+    lines += accounting_lines(seq_lens, dims, dtype, pallas_config=gpu)
+    out_path = args.out or RESULTS_DIR / "kernel-parts-accounting.md"
+    write_text(out_path, lines)
+    log(f"wrote {out_path}")
+    return out_path
+
+
+def main(argv=None):
+    args = _parser().parse_args(argv)
 
     from pallas_kernels.vq_attention import PallasConfig
 
@@ -589,36 +695,22 @@ def main(argv=None):
     dtype = jnp.dtype(args.dtype)
     seq_lens = [int(x) for x in args.seq_lens.split(",")]
     profile_lens = {int(x) for x in args.profile_seq_lens.split(",")}
-    device = jax.devices()[0]
-    kind = device.device_kind
-    peak_tflops, peak_gbs = card_peaks(kind)
-    try:
-        memory = device.memory_stats().get("bytes_limit")
-    except Exception:  # CPU has no memory stats
-        memory = None
+    card = Card.local()
     pallas_config = PallasConfig()
     out_path = args.out or RESULTS_DIR / f"kernel-parts-{device_tag()}.md"
     b, h, k, v, s, blk = dims
     notes = [
-        f"card: {kind} (bf16 dense peak {peak_tflops} TFLOP/s, HBM {peak_gbs} GB/s)",
+        f"card: {card.kind} (bf16 dense peak {card.peak_tflops} TFLOP/s, HBM "
+        f"{card.peak_gbs} GB/s)",
         f"shape: B {b}, H {h}, d_k {k}, d_v {v}, codes {s}, block {blk}; {dtype.name}",
         "TFLOP/s on useful FLOPs (module doc); GB/s on operands read once and "
         "results written once (a lower bound on traffic)",
     ]
     lines = header_lines("VQ attention, part by part", command_line(argv), notes)
     if args.accounting:
-        from pallas_kernels.vq_attention import BlockSizes
-
-        # The GPU tiles (sm_90), whatever this machine is: they set the padding.
-        gpu = PallasConfig(block_sizes=BlockSizes.for_platform("gpu", arch=90))
-        lines += ["## FLOPs and bytes per part (GPU tiles, sm_90)", ""]
-        lines += accounting_lines(seq_lens, dims, dtype, pallas_config=gpu)
-        out_path = args.out or RESULTS_DIR / "kernel-parts-accounting.md"
-        write_text(out_path, lines)
-        log(f"wrote {out_path}")
-        return out_path
+        return _accounting(args, lines, seq_lens, dims, dtype)
     start = time.perf_counter()
-    summary = []
+    summary = []  # (T, pallas seconds, cuDNN seconds)
     for t in seq_lens:
         if time.perf_counter() - start > args.budget_s:
             lines += [f"(T = {fmt_len(t)} skipped: time budget spent)", ""]
@@ -628,66 +720,24 @@ def main(argv=None):
             t, dims, dtype, pallas_config=pallas_config, reps=args.reps,
             min_time=args.min_time,
         )  # fmt: skip
+        lines += _parts_section(t, parts, check, dims, dtype, card)
         total = dict((p, sec) for p, sec, _, _ in parts)["fwd+bwd"]
-        table = []
-        for part, sec, flops, nb in parts:
-            tf, pct = _rate(flops, sec, peak_tflops)
-            gbs = nb / sec / 1e9
-            table.append((
-                part, f"{sec * 1e3:.3f}", f"{100 * sec / total:.0f}%", tf, pct,
-                f"{gbs:.0f}", f"{nb / (b * t) / 1e3:.1f}", kind,
-            ))  # fmt: skip
-        lines += [f"## T = {fmt_len(t)}: parts of the pallas path", ""]
-        lines += [
-            "The parts are the op: relative error of the op's output and dq "
-            "against the forward and dq kernels' alone: "
-            + ", ".join(f"{n} {e:.1e}" for n, e in check.items()),
-            "",
-        ]
-        # The parts are the same kernels: to rounding. The prefix kernel sums
-        # in another order: one rounding of the means to the value dtype.
-        prefix_tol = 2e-2 if dtype == jnp.bfloat16 else 1e-4
-        limits = dict(out=1e-3, dq=1e-3)
-        if any(e > limits.get(n, prefix_tol) for n, e in check.items()):
-            lines += [f"**{CHECK_FAILED}: the parts do not reproduce the op**", ""]
-        lines += markdown_table(
-            ["part", "ms", "of fwd+bwd", "TFLOP/s", "of peak", "GB/s",
-             "KB per token", "card"],
-            table,
-        )  # fmt: skip
         base = measure_baselines(
-            t, dims, dtype, reps=args.reps, min_time=args.min_time, memory_bytes=memory
-        )
-        rows = [("pallas fwd+bwd", f"{total * 1e3:.3f}", "1.00", *_rate(
-            useful_flops("fwd+bwd", b=b, h=h, t=t, k=k, v=v, s=s, blk=blk),
-            total, peak_tflops), "", kind)]  # fmt: skip
-        for name, sec, flops, note in base:
-            ratio = "n/a" if sec is None else f"{sec / total:.2f}"
-            ms = "n/a" if sec is None else f"{sec * 1e3:.3f}"
-            rows.append((name, ms, ratio, *_rate(flops, sec, peak_tflops), note, kind))
-            if name.startswith("dpa-cudnn") and "normalised" not in name:
-                summary.append((t, total, sec))
-        lines += ["", f"## T = {fmt_len(t)}: fwd+bwd beside the baselines", ""]
-        lines += markdown_table(
-            ["form", "ms", "time / pallas", "TFLOP/s", "of peak", "note", "card"], rows
-        )
+            t, dims, dtype, reps=args.reps, min_time=args.min_time,
+            memory_bytes=card.memory_bytes,
+        )  # fmt: skip
+        section, cudnn = _baselines_section(t, total, base, dims, card)
+        lines += section
+        summary += [(t, total, sec) for sec in cudnn]
         if args.profile and t in profile_lens:
-            ops = profile_ops(whole, whole_args)
-            lines += ["", f"## T = {fmt_len(t)}: device ops of pallas fwd+bwd", ""]
-            if ops:
-                lines += markdown_table(
-                    ["op", "ms per call", "card"],
-                    [(n.replace("|", "/")[:80], f"{ms:.3f}", kind) for n, ms in ops],
-                )
-            else:
-                lines += ["(the profiler recorded no device ops on this backend)"]
+            lines += _profile_section(t, whole, whole_args, card)
         lines += [""]
         write_text(out_path, lines)  # each length as soon as it is done
     if summary:
         lines += ["## Per token and against cuDNN", ""]
         lines += markdown_table(
             ["T", "pallas ns per token", "cuDNN / pallas", "card"],
-            [(fmt_len(t), f"{1e9 * p / t:.0f}", f"{c / p:.2f}", kind)
+            [(fmt_len(t), f"{1e9 * p / t:.0f}", f"{c / p:.2f}", card.kind)
              for t, p, c in summary],
         )  # fmt: skip
     write_text(out_path, lines)
