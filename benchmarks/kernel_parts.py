@@ -291,16 +291,15 @@ def account_parts(t, dims, dtype, *, pallas_config):
     by `jax.eval_shape`, and for the XLA parts (prologue, epilogue) the
     bytes XLA's compiled cost analysis counts on this machine's backend."""
     from pallas_kernels.vq_attention import ops as kops
-    from tvq_eqx.ops import pallas_cache_means_xla, pallas_kernel_inputs
+    from tvq_eqx.ops import pallas_kernel_inputs
 
     b, h, k, v, s, blk = dims
     sds = jax.ShapeDtypeStruct
     q = kk = rq = sds((b, t, h, k), dtype)
-    vv = cot = sds((b, t, h, v), dtype)
+    vv = sds((b, t, h, v), dtype)
     cb, rt = sds((h, s, k), jnp.float32), sds((blk + 1, h, k), dtype)
+    inputs = (q, kk, vv, cb, rq, rt)
     static = _static(blk, k)
-
-    prologue_fn = _prologue(pallas_config, blk, k)
     kept = {}
 
     def prepared(q, kk, vv, cb, rq, rt):
@@ -310,25 +309,51 @@ def account_parts(t, dims, dtype, *, pallas_config):
         kept["st"], ops = kops.prepare_operands(*core_args, **core_kwargs)
         return pro, ops
 
-    pro, ops = jax.eval_shape(prepared, q, kk, vv, cb, rq, rt)
+    pro, ops = jax.eval_shape(prepared, *inputs)
     st = kept["st"]
     out, lse = jax.eval_shape(lambda o: kops.forward_kernel(st, o), ops)
     dout = sds(out.shape, out.dtype)
     delta = sds(lse.shape, jnp.float32)
     ds_out = jax.eval_shape(lambda *a: kops.ds_kernel(st, *a), ops, dout, lse, delta)
     _, p_win, ds_win, p_code, _ = ds_out
-
-    def xla_bytes(fn, *args):
-        cost = jax.jit(fn).lower(*args).compile().cost_analysis()
-        cost = cost[0] if isinstance(cost, list) else cost
-        return cost.get("bytes accessed")
-
     epilogue_fn = _epilogue(b, h, t, v, dtype)
+    kernel_bytes, compulsory_bytes = _prefix_kernel_bytes(t, dims, dtype)
+    parts = _prologue_parts(inputs, dims, pallas_config) + [
+        ("cache means, prefix kernel", (), (), kernel_bytes),
+        ("fwd", ops, (out, lse), None),
+        ("dq", (ops, dout, lse, delta), ds_out, None),
+        ("dk", (ds_win, ops.q, ops.k_ext),
+         jax.eval_shape(lambda o, x: kops.dk_kernel(st, o, x), ops, ds_win), None),
+        ("dv", (p_win, dout, ops.v_ext),
+         jax.eval_shape(lambda o, p, d: kops.dv_kernel(st, o, p, d), ops, p_win, dout), None),
+        ("dmean", (p_code, dout),
+         jax.eval_shape(lambda o, p, d: kops.dmean_kernel(st, o, p, d), ops, p_code, dout), None),
+        ("epilogue", (out, pro.ext, pro.new_count, pro.new_mean),
+         jax.eval_shape(epilogue_fn, out, pro), _xla_bytes(epilogue_fn, out, pro)),
+    ]  # fmt: skip
+    compulsory = {"cache means, prefix kernel": compulsory_bytes}
+    return [
+        (name, useful_flops(name, b=b, h=h, t=t, k=k, v=v, s=s, blk=blk),
+         compulsory.get(name, nbytes(ins) + nbytes(outs)), xb)
+        for name, ins, outs, xb in parts
+    ]  # fmt: skip
 
-    # The prologue split: everything but the cache means (XLA), and the
-    # cache means made by XLA's passes or by the prefix kernel.
-    from pallas_kernels.vq_attention import prefix
 
+def _xla_bytes(fn, *args):
+    """The bytes accessed XLA's cost analysis counts for `jit(fn)(*args)`."""
+    cost = jax.jit(fn).lower(*args).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    return cost.get("bytes accessed")
+
+
+def _prologue_parts(inputs, dims, pallas_config):
+    """Rows (part, operands, results, XLA bytes) of the prologue, whole and
+    split: everything but the cache means (XLA), and the cache means made by
+    XLA's passes (the prefix kernel's row is `_prefix_kernel_bytes`)."""
+    from tvq_eqx.ops import pallas_cache_means_xla
+
+    k, s, blk = dims[2], dims[4], dims[5]
+    prologue_fn = _prologue(pallas_config, blk, k)
     without_means = _prologue(
         dataclasses.replace(pallas_config, cache_prefix="kernel"), blk, k
     )
@@ -338,12 +363,27 @@ def account_parts(t, dims, dtype, *, pallas_config):
         return pro.terms, core_args[:6], core_args[7:]  # all but the means
 
     # The prologue made without the means (what the prefix kernel reads).
-    pro_shapes, _ = jax.eval_shape(without_means, q, kk, vv, cb, rq, rt)
+    pro_shapes, _ = jax.eval_shape(without_means, *inputs)
 
     def means_fn(pro):
         return pallas_cache_means_xla(pro, n_code=s, block_len=blk)
 
-    means_out = jax.eval_shape(means_fn, pro_shapes)
+    return [
+        ("prologue", inputs, jax.eval_shape(prologue_fn, *inputs),
+         _xla_bytes(prologue_fn, *inputs)),
+        ("prologue without cache means", inputs, jax.eval_shape(rest_fn, *inputs),
+         _xla_bytes(rest_fn, *inputs)),
+        ("cache means, XLA passes", (pro_shapes.terms, pro_shapes.ext.value),
+         jax.eval_shape(means_fn, pro_shapes), _xla_bytes(means_fn, pro_shapes)),
+    ]  # fmt: skip
+
+
+def _prefix_kernel_bytes(t, dims, dtype):
+    """The prefix kernel's bytes at the GPU tiles, (read and written, the
+    compulsory part: each value read once)."""
+    from pallas_kernels.vq_attention import prefix
+
+    b, h, k, v, s, blk = dims
     tiles = prefix.PREFIX_TILES[("gpu", dtype == jnp.float32)]
     bs = min(tiles[0], s)
     n_blk = t // blk
@@ -357,36 +397,7 @@ def account_parts(t, dims, dtype, *, pallas_config):
         + 2 * b * h * s * v * 4
         + b * h * n_blk * s * v * dtype.itemsize
     )
-    parts = [
-        ("prologue", (q, kk, vv, cb, rq, rt), jax.eval_shape(prologue_fn, q, kk, vv, cb, rq, rt),
-         xla_bytes(prologue_fn, q, kk, vv, cb, rq, rt)),
-        ("prologue without cache means", (q, kk, vv, cb, rq, rt),
-         jax.eval_shape(rest_fn, q, kk, vv, cb, rq, rt),
-         xla_bytes(rest_fn, q, kk, vv, cb, rq, rt)),
-        ("cache means, XLA passes", (pro_shapes.terms, pro_shapes.ext.value), means_out,
-         xla_bytes(means_fn, pro_shapes)),
-        ("cache means, prefix kernel", (), (), kernel_bytes),
-        ("fwd", ops, (out, lse), None),
-        ("dq", (ops, dout, lse, delta), ds_out, None),
-        ("dk", (ds_win, ops.q, ops.k_ext),
-         jax.eval_shape(lambda o, x: kops.dk_kernel(st, o, x), ops, ds_win), None),
-        ("dv", (p_win, dout, ops.v_ext),
-         jax.eval_shape(lambda o, p, d: kops.dv_kernel(st, o, p, d), ops, p_win, dout), None),
-        ("dmean", (p_code, dout),
-         jax.eval_shape(lambda o, p, d: kops.dmean_kernel(st, o, p, d), ops, p_code, dout), None),
-        ("epilogue", (out, pro.ext, pro.new_count, pro.new_mean),
-         jax.eval_shape(epilogue_fn, out, pro), xla_bytes(epilogue_fn, out, pro)),
-    ]  # fmt: skip
-    del cot
-    compulsory = {
-        "cache means, prefix kernel": kernel_bytes
-        - (s // bs - 1) * b * h * t * v * dtype.itemsize
-    }
-    return [
-        (name, useful_flops(name, b=b, h=h, t=t, k=k, v=v, s=s, blk=blk),
-         compulsory.get(name, nbytes(ins) + nbytes(outs)), xb)
-        for name, ins, outs, xb in parts
-    ]  # fmt: skip
+    return kernel_bytes, kernel_bytes - (s // bs - 1) * b * h * t * v * dtype.itemsize
 
 
 def accounting_lines(seq_lens, dims, dtype, *, pallas_config):
@@ -421,12 +432,35 @@ def _attention_grad(attend):
 
 
 def measure_baselines(t, dims, dtype, *, reps, min_time, memory_bytes):
-    """Rows (name, seconds, flops) of the baselines at one length."""
-    from tvq_eqx.ops import vq_attention_xla
-
+    """Rows (name, seconds, flops, note) of the baselines at one length."""
     b, h, k, v, s, blk = dims
     q, kk, vv, cb, rq, rt, cot = _inputs(t, dims, dtype, jax.random.key(t))
-    rows = []
+
+    def grad_seconds(attend, keys):
+        """Seconds of `attend(q, keys, vv)` forward and backward."""
+        f = _attention_grad(attend)
+        return _timed(f, q, keys, vv, cot, reps=reps, min_time=min_time)
+
+    fwd_bwd_useful = useful_flops("fwd+bwd", b=b, h=h, t=t, k=k, v=v, s=s, blk=blk)
+    rows = [_xla_row(grad_seconds, kk, cb, rq, rt, dims, fwd_bwd_useful)]
+    khat = quantized_keys(kk, cb)
+    # Causal dense attention, fwd + bwd = 3.5 x fwd (flash convention).
+    dense_flops = 3.5 * b * h * t * t * (k + v)  # 2 * T^2 / 2 * (K + V) * 3.5
+    chunks = max(1, v // k)
+    chunk_flops = 3.5 * b * h * t * t * 2 * k * chunks
+    impls = ["cudnn"] if jax.default_backend() == "gpu" else ["xla"]
+    for impl in impls:
+        rows += _dpa_rows(grad_seconds, khat, impl, k, chunks, chunk_flops, dense_flops)
+    rows.append(_dense_row(grad_seconds, khat, t, dims, dense_flops, memory_bytes))
+    rows.append(_tokamax_row(grad_seconds, khat, k, chunks, chunk_flops))
+    return rows
+
+
+def _xla_row(grad_seconds, kk, cb, rq, rt, dims, flops):
+    """The linear-time jnp form (out of memory at long T is a result)."""
+    from tvq_eqx.ops import vq_attention_xla
+
+    k, blk = dims[2], dims[5]
 
     def xla(q, kk, vv):
         o, _ = vq_attention_xla(
@@ -434,97 +468,83 @@ def measure_baselines(t, dims, dtype, *, reps, min_time, memory_bytes):
         )
         return o
 
-    fwd_bwd_useful = useful_flops("fwd+bwd", b=b, h=h, t=t, k=k, v=v, s=s, blk=blk)
     try:
-        sec = _timed(_attention_grad(xla), q, kk, vv, cot, reps=reps, min_time=min_time)
-        rows.append(("xla form", sec, fwd_bwd_useful, ""))
-    except Exception as e:  # out of memory at long T is a result
-        rows.append(("xla form", None, fwd_bwd_useful, type(e).__name__))
+        return ("xla form", grad_seconds(xla, kk), flops, "")
+    except Exception as e:
+        return ("xla form", None, flops, type(e).__name__)
 
-    khat = quantized_keys(kk, cb)
-    # Causal dense attention, fwd + bwd = 3.5 x fwd (flash convention).
-    dense_flops = 3.5 * b * h * t * t * (k + v)  # 2 * T^2 / 2 * (K + V) * 3.5
-    chunks = max(1, v // k)
-    chunk_flops = 3.5 * b * h * t * t * 2 * k * chunks
-    on_gpu = jax.default_backend() == "gpu"
-    impls = ["cudnn"] if on_gpu else ["xla"]
-    for impl in impls:
 
-        def chunked(q, kk, vv, impl=impl):
-            outs = [
-                jax.nn.dot_product_attention(
-                    q,
-                    kk,
-                    vv[..., i * k : (i + 1) * k],
-                    is_causal=True,
-                    implementation=impl,
-                )  # fmt: skip
-                for i in range(chunks)
-            ]
-            return jnp.concatenate(outs, axis=-1)
+def _dpa_rows(grad_seconds, khat, impl, k, chunks, chunk_flops, dense_flops):
+    """`jax.nn.dot_product_attention` (`impl`) in `chunks` calls of value
+    width d_k, and its FLOP-normalised line."""
 
-        name = f"dpa-{impl} ({chunks} calls)"
-        try:
-            sec = _timed(
-                _attention_grad(chunked), q, khat, vv, cot, reps=reps, min_time=min_time
-            )
-            rows.append((name, sec, chunk_flops, ""))
-            rows.append(
-                (f"{name}, FLOP-normalised", sec * dense_flops / chunk_flops,
-                 dense_flops, "time x one call's FLOPs / these calls' FLOPs")
+    def chunked(q, kk, vv):
+        outs = [
+            jax.nn.dot_product_attention(
+                q,
+                kk,
+                vv[..., i * k : (i + 1) * k],
+                is_causal=True,
+                implementation=impl,
             )  # fmt: skip
-        except Exception as e:
-            rows.append((name, None, chunk_flops, type(e).__name__))
+            for i in range(chunks)
+        ]
+        return jnp.concatenate(outs, axis=-1)
 
-    # One dense call at the full d_v (XLA materialises the T x T scores).
+    name = f"dpa-{impl} ({chunks} calls)"
+    try:
+        sec = grad_seconds(chunked, khat)
+    except Exception as e:
+        return [(name, None, chunk_flops, type(e).__name__)]
+    return [
+        (name, sec, chunk_flops, ""),
+        (f"{name}, FLOP-normalised", sec * dense_flops / chunk_flops,
+         dense_flops, "time x one call's FLOPs / these calls' FLOPs"),
+    ]  # fmt: skip
+
+
+def _dense_row(grad_seconds, khat, t, dims, dense_flops, memory_bytes):
+    """One dense call at the full d_v (XLA materialises the T x T scores),
+    where it fits in memory."""
+    b, h, k = dims[:3]
     need = 4 * b * h * t * t * 4  # scores, probabilities and their grads, f32
-    if memory_bytes is None or need < 0.6 * memory_bytes:
+    if memory_bytes is not None and need >= 0.6 * memory_bytes:
+        return ("dense, one call (XLA)", None, dense_flops, "would not fit")
 
-        def dense(q, kk, vv):
-            sc = jnp.einsum(
-                "bthk,bshk->bhts", q, kk, preferred_element_type=jnp.float32
-            )
-            causal = jnp.tril(jnp.ones((t, t), bool))
-            sc = jnp.where(causal, sc * k**-0.5, -1e30)
-            p = jax.nn.softmax(sc, axis=-1).astype(vv.dtype)
-            return jnp.einsum("bhts,bshv->bthv", p, vv)
+    def dense(q, kk, vv):
+        sc = jnp.einsum("bthk,bshk->bhts", q, kk, preferred_element_type=jnp.float32)
+        causal = jnp.tril(jnp.ones((t, t), bool))
+        sc = jnp.where(causal, sc * k**-0.5, -1e30)
+        p = jax.nn.softmax(sc, axis=-1).astype(vv.dtype)
+        return jnp.einsum("bhts,bshv->bthv", p, vv)
 
-        try:
-            sec = _timed(
-                _attention_grad(dense), q, khat, vv, cot, reps=reps, min_time=min_time
-            )
-            rows.append(("dense, one call (XLA)", sec, dense_flops, ""))
-        except Exception as e:
-            rows.append(("dense, one call (XLA)", None, dense_flops, type(e).__name__))
-    else:
-        rows.append(("dense, one call (XLA)", None, dense_flops, "would not fit"))
+    try:
+        return ("dense, one call (XLA)", grad_seconds(dense, khat), dense_flops, "")
+    except Exception as e:
+        return ("dense, one call (XLA)", None, dense_flops, type(e).__name__)
 
+
+def _tokamax_row(grad_seconds, khat, k, chunks, chunk_flops):
+    """tokamax's flash attention in `chunks` calls, if it is installed."""
     try:
         import tokamax  # type: ignore[import-not-found]
     except ImportError:
-        tokamax = None
-    if tokamax is not None:
+        return ("tokamax", None, None, "not installed")
 
-        def flash(q, kk, vv):
-            outs = [
-                tokamax.dot_product_attention(
-                    q, kk, vv[..., i * k : (i + 1) * k], is_causal=True
-                )
-                for i in range(chunks)
-            ]
-            return jnp.concatenate(outs, axis=-1)
-
-        name = f"tokamax ({chunks} calls)"
-        try:
-            sec = _timed(
-                _attention_grad(flash), q, khat, vv, cot, reps=reps, min_time=min_time
+    def flash(q, kk, vv):
+        outs = [
+            tokamax.dot_product_attention(
+                q, kk, vv[..., i * k : (i + 1) * k], is_causal=True
             )
-            rows.append((name, sec, chunk_flops, ""))
-        except Exception as e:
-            rows.append((name, None, chunk_flops, f"{type(e).__name__}: {e}"[:80]))
-    else:
-        rows.append(("tokamax", None, None, "not installed"))
-    return rows
+            for i in range(chunks)
+        ]
+        return jnp.concatenate(outs, axis=-1)
+
+    name = f"tokamax ({chunks} calls)"
+    try:
+        return (name, grad_seconds(flash, khat), chunk_flops, "")
+    except Exception as e:
+        return (name, None, chunk_flops, f"{type(e).__name__}: {e}"[:80])
 
 
 def profile_ops(fn, args, *, calls=3, top=12):
