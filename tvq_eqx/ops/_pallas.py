@@ -137,16 +137,9 @@ def pallas_kernel_inputs(
     else:
         cache_bias = cache_mean = kernel_codebook = None
 
-    window_bias = None
-    if rel_query is not None and rel_table is not None:
-        wb = relative_bias(_blocks(rel_query, L), rel_table, window_offsets(L, L))
-        window_bias = jnp.transpose(wb, (0, 3, 1, 2, 4)).reshape(b * h, t, 2 * L)
-
-    key_from = None
-    if ext.last_start is not None:
-        key_from = _document_key_from(ext.last_start, state.length, L)
-        key_from = jnp.broadcast_to(key_from[:, None], (b, h, t)).reshape(b * h, t, 1)
-
+    window_bias, key_from = _window_operands(
+        pro, rel_query, rel_table, b=b, h=h, t=t, L=L
+    )
     core_args = (
         _heads_first(query),
         _heads_first(ext.khat),
@@ -206,6 +199,21 @@ def _cache_operands(
             b * h, n_blk, n_code, d_v
         )
     return pro, pro.codebook, cache_bias, cache_mean
+
+
+def _window_operands(pro, rel_query, rel_table, *, b: int, h: int, t: int, L: int):
+    """The kernels' window operands `[B*H, T, .]`: the relative bias of each
+    query to its window's `2L` columns (None without `rel_query`), and its
+    document's first window column (None without documents)."""
+    window_bias = None
+    if rel_query is not None and rel_table is not None:
+        wb = relative_bias(_blocks(rel_query, L), rel_table, window_offsets(L, L))
+        window_bias = jnp.transpose(wb, (0, 3, 1, 2, 4)).reshape(b * h, t, 2 * L)
+    key_from = None
+    if pro.ext.last_start is not None:
+        key_from = _document_key_from(pro.ext.last_start, pro.state.length, L)
+        key_from = jnp.broadcast_to(key_from[:, None], (b, h, t)).reshape(b * h, t, 1)
+    return window_bias, key_from
 
 
 def pallas_kernel_outputs(
