@@ -151,6 +151,17 @@ def rel_err(ref, out) -> float:
     return float(np.linalg.norm(ref - out) / max(np.linalg.norm(ref), 1e-30))
 
 
+def quantized_keys(key, codebook):
+    """Each key replaced by its nearest codeword `[..., heads, d_k]` (the keys
+    VQ attention attends to), in the key dtype: what the dense baselines
+    attend over."""
+    from tvq_eqx.ops import quantize
+
+    codes = quantize(key, codebook)  # [..., heads]
+    heads = np.arange(codebook.shape[0])
+    return jax.lax.stop_gradient(codebook.astype(key.dtype))[heads, codes]
+
+
 def gated_ratio(
     num: float | None, den: float | None, ok: bool, fmt: str = "{:.3f}"
 ) -> str:

@@ -428,7 +428,7 @@ H100 = dict(bf16_flops=989e12, hbm_bytes=3.35e12)
 CUDNN_FWD_FLOPS = 550e12  # cuDNN flash attention forward, head dim 128, H100
 
 
-def _avg_current_keys(L: int, bq: int, bk: int) -> float:
+def avg_current_keys(L: int, bq: int, bk: int) -> float:
     """Current-block keys a query row computes on average: the key tiles at
     or below the diagonal of its query tile."""
     if L // bk == 1:
@@ -458,7 +458,7 @@ def kernel_costs(shape, dtype: str, *, rel: bool = True) -> list[dict]:
     useful_keys = s + 1.5 * L
     rows = []
     # forward: Q K^T is recomputed for every value tile of the grid
-    fwd_keys = S + L + _avg_current_keys(L, t.fwd.block_q, t.fwd.block_k)
+    fwd_keys = S + L + avg_current_keys(L, t.fwd.block_q, t.fwd.block_k)
     n_v = V // t.fwd.block_v
     rows.append(
         dict(
@@ -468,7 +468,7 @@ def kernel_costs(shape, dtype: str, *, rel: bool = True) -> list[dict]:
             bytes=e * (2 * K + 2 * V + S * V / L) + S * 4 / L + wb + 4,
         )
     )
-    dq_keys = S + L + _avg_current_keys(L, t.dq.block_q, t.dq.block_k)
+    dq_keys = S + L + avg_current_keys(L, t.dq.block_q, t.dq.block_k)
     stored = 2 * (2 * L) * e + S * e  # P_win, dS_win, P_code written
     rows.append(
         dict(

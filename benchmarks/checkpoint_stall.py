@@ -38,10 +38,8 @@ def main(argv=None) -> Path:
     args = ap.parse_args(argv)
 
     from tvq_eqx import train
-    from tvq_eqx.train import _checkpoint
-    from tvq_eqx.train._presets import PRESETS
 
-    run = PRESETS[args.preset]
+    run = train.PRESETS[args.preset]
     run = run.replace(model=dict(n_layer=args.layers), data=dict(batch_size=1))
     ts = train.new_train_state(run)
     state_bytes = sum(
@@ -52,9 +50,9 @@ def main(argv=None) -> Path:
     with tempfile.TemporaryDirectory() as d:
         for i in range(args.reps):
             t0 = time.perf_counter()
-            _checkpoint.save_checkpoint(Path(d) / "sync", ts, step=i + 1, keep=1)
+            train.save_checkpoint(Path(d) / "sync", ts, step=i + 1, keep=1)
             sync_s.append(time.perf_counter() - t0)
-        saver = _checkpoint.AsyncCheckpointer()
+        saver = train.AsyncCheckpointer()
         for i in range(args.reps):
             t0 = time.perf_counter()
             saver.save(Path(d) / "async", ts, step=i + 1, keep=1)
@@ -76,7 +74,7 @@ def main(argv=None) -> Path:
         C.command_line(argv),
         [
             f"train state: the {args.preset} preset's shapes with {args.layers} of "
-            f"{PRESETS[args.preset].model.n_layer} layers, "
+            f"{train.PRESETS[args.preset].model.n_layer} layers, "
             f"{state_bytes / 2**30:.2f} GiB (parameters and optimizer state); "
             f"medians of {args.reps}",
             "stall: how long the loop waits; write: until the files are durable",

@@ -3,8 +3,8 @@ the number of layers.
 
 Builds the `tiny` preset's model (d_model 128, one head, 64 codes, block 64)
 at each depth in `--depths`, with the `tiny` optimizer, batch and update
-length, and measures on the jitted train step that `make_train_step` runs
-(`tvq_eqx.train._steps._train_inner` under `eqx.filter_jit`):
+length, and measures the jitted train step (`tvq_eqx.train.train_step` under
+`eqx.filter_jit`, the program `make_train_step` runs without a mesh):
 
 - trace: `jitted.lower(...)` (Python tracing of loss, gradient, optimizer
   and the scan over update segments, then lowering to StableHLO);
@@ -40,7 +40,6 @@ import numpy as np
 import tvq_eqx
 from benchmarks import _common as C
 from tvq_eqx import train
-from tvq_eqx.train import _steps
 
 
 def _train_state_and_batch(n_layer: int, remat: str | None, preset: str):
@@ -59,23 +58,22 @@ def _train_state_and_batch(n_layer: int, remat: str | None, preset: str):
         inputs=toks[:, :-1],
         targets=toks[:, 1:],
         loss_mask=jnp.ones((run.data.batch_size, run.data.seq_len), jnp.float32),
-        reset=jnp.asarray(False),
     )
     return ts, batch, opt, run
 
 
 def measure(n_layer: int, *, remat: str | None, reps: int, preset: str) -> dict:
     ts, batch, opt, run = _train_state_and_batch(n_layer, remat, preset)
-    jitted = eqx.filter_jit(_steps._train_inner)  # a fresh cache per depth
+    jitted = eqx.filter_jit(train.train_step)  # a fresh cache per depth
+    # `reset` traced, as the step function passes it.
+    options = dict(optimizer=opt, update_len=run.update_len, reset=jnp.asarray(False))
     t0 = time.perf_counter()
-    lowered = jitted.lower(batch, ts, opt, run.update_len, None, False, False)
+    lowered = jitted.lower(ts, batch, **options)
     t1 = time.perf_counter()
     compiled = lowered.compile()
     t2 = time.perf_counter()
-    times = C.time_calls(
-        lambda: compiled(batch, ts, opt, run.update_len, None), reps=reps, warmup=1
-    )
-    _, metrics = compiled(batch, ts, opt, run.update_len, None)
+    times = C.time_calls(lambda: compiled(ts, batch, **options), reps=reps, warmup=1)
+    _, metrics = compiled(ts, batch, **options)
     loss = float(metrics["loss"])
     if not np.isfinite(loss):
         raise RuntimeError(f"n_layer={n_layer}: non-finite loss {loss}")

@@ -12,7 +12,8 @@ On a GPU, float32 kernel dots run as one of (config.py `float32_dots`):
 Interpret mode computes every dot in float32, so this script emulates each
 algorithm exactly (bf16 x bf16 products are exact in float32; the split and
 the sum of the partial products are what the lowering does) by swapping the
-kernels' dot helpers, runs the kernels' forward and backward in interpret mode
+dot helpers (`dot_nt`, `dot_nn`, `dot_tn`) the forward and backward kernel
+modules call, runs the kernels' forward and backward in interpret mode
 and reports the relative error against the xla form at Precision.HIGHEST.
 
     python benchmarks/float32_dots.py [--markdown out.md]
@@ -31,10 +32,9 @@ from jax import lax
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from pallas_kernels.vq_attention import _common
-from pallas_kernels.vq_attention import backward as _bwd
-from pallas_kernels.vq_attention import forward as _fwd
-from pallas_kernels.vq_attention.config import BlockSizes, PallasConfig
+from pallas_kernels.vq_attention import BlockSizes, PallasConfig
+from pallas_kernels.vq_attention import backward as backward_kernels
+from pallas_kernels.vq_attention import forward as forward_kernels
 from tvq_eqx.ops import vq_attention_pallas, vq_attention_xla
 
 
@@ -89,7 +89,8 @@ def patch_dots(algorithm):
     nt = lambda a, b, precision: dot(a, b, (((1,), (1,)), ((), ())))
     nn = lambda a, b, precision: dot(a, b, (((1,), (0,)), ((), ())))
     tn = lambda a, b, precision: dot(a, b, (((0,), (0,)), ((), ())))
-    for mod in (_common, _fwd, _bwd):
+    # The kernels look these names up in their own modules when traced.
+    for mod in (forward_kernels, backward_kernels):
         for name, fn in (("dot_nt", nt), ("dot_nn", nn), ("dot_tn", tn)):
             if hasattr(mod, name):
                 setattr(mod, name, fn)

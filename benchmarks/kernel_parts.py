@@ -6,7 +6,7 @@ stage functions):
 
 - `prologue` the XLA work before the kernels (quantization, straight-through
              keys, block sums and their prefix over blocks, the relative-bias
-             gather, the kernel layout): `tvq_eqx.ops._pallas.kernel_inputs`;
+             gather, the kernel layout): `tvq_eqx.ops.pallas_kernel_inputs`;
 - `fwd`      the forward kernel (out and log-sum-exp);
 - `dq`       the query-side backward kernel (recomputes P and dS; dq, P, dS);
 - `dk`, `dv` the key-side backward kernels (window keys and values);
@@ -73,6 +73,7 @@ from benchmarks._common import (
     log,
     markdown_table,
     median,
+    quantized_keys,
     rel_err,
     time_calls,
     write_text,
@@ -159,13 +160,13 @@ def _static(blk, k):
 def _prologue(config, blk: int, k: int):
     """The pallas path's XLA prologue alone, for kernel settings `config`:
     `(q, k, v, codebook, rel_query, rel_table) -> (prologue, kernel args)`."""
-    from tvq_eqx.ops._pallas import kernel_inputs
+    from tvq_eqx.ops import pallas_kernel_inputs
 
     static = _static(blk, k)
 
     def prologue(q, kk, vv, cb, rq, rt):
-        pro, core_args, _ = kernel_inputs(
-            q, kk, vv, cb, None, rq, rt, None, None, pallas=config, **static
+        pro, core_args, _ = pallas_kernel_inputs(
+            q, kk, vv, cb, rel_query=rq, rel_table=rt, pallas=config, **static
         )
         return pro, core_args
 
@@ -174,14 +175,14 @@ def _prologue(config, blk: int, k: int):
 
 def _epilogue(b: int, h: int, t: int, v: int, dtype):
     """The output layout and the next state, from the kernel output."""
-    from tvq_eqx.ops._blockwise import next_state
+    from tvq_eqx.ops import pallas_kernel_outputs
 
     def epilogue(out, pro):
-        o = jnp.transpose(out.reshape(b, h, t, -1)[..., :v], (0, 2, 1, 3))
-        new = next_state(
-            pro.state, pro.ext, pro.new_count, pro.new_mean, cache_grad=True
+        # The forward kernel's [B, H, T, V padded] as the op's [B*H, T, ...].
+        out = out.reshape(b * h, t, -1)
+        return pallas_kernel_outputs(
+            out, pro, num_heads=h, d_v=v, dtype=dtype, cache_grad=True
         )
-        return o.astype(dtype), new
 
     return epilogue
 
@@ -189,8 +190,7 @@ def _epilogue(b: int, h: int, t: int, v: int, dtype):
 def measure_parts(t, dims, dtype, *, pallas_config, reps, min_time):
     """Rows (part, seconds, flops, bytes) for one sequence length."""
     from pallas_kernels.vq_attention import ops as kops
-    from tvq_eqx.ops import vq_attention_pallas
-    from tvq_eqx.ops._pallas import kernel_inputs
+    from tvq_eqx.ops import pallas_kernel_inputs, vq_attention_pallas
 
     b, h, k, v, s, blk = dims
     q, kk, vv, cb, rq, rt, cot = _inputs(t, dims, dtype, jax.random.key(t))
@@ -199,8 +199,8 @@ def measure_parts(t, dims, dtype, *, pallas_config, reps, min_time):
     prologue_jit = jax.jit(_prologue(pallas_config, blk, k))
     pro, core_args = prologue_jit(q, kk, vv, cb, rq, rt)
     # The kernels' static settings (ints, flags, tiles): from one eager call.
-    _, _, core_kwargs = kernel_inputs(
-        q, kk, vv, cb, None, rq, rt, None, None, pallas=pallas_config, **static
+    _, _, core_kwargs = pallas_kernel_inputs(
+        q, kk, vv, cb, rel_query=rq, rel_table=rt, pallas=pallas_config, **static
     )
     st, ops = kops.prepare_operands(*core_args, **core_kwargs)
     rows = []
@@ -291,46 +291,69 @@ def account_parts(t, dims, dtype, *, pallas_config):
     by `jax.eval_shape`, and for the XLA parts (prologue, epilogue) the
     bytes XLA's compiled cost analysis counts on this machine's backend."""
     from pallas_kernels.vq_attention import ops as kops
-    from tvq_eqx.ops._pallas import kernel_inputs
+    from tvq_eqx.ops import pallas_kernel_inputs
 
     b, h, k, v, s, blk = dims
     sds = jax.ShapeDtypeStruct
     q = kk = rq = sds((b, t, h, k), dtype)
-    vv = cot = sds((b, t, h, v), dtype)
+    vv = sds((b, t, h, v), dtype)
     cb, rt = sds((h, s, k), jnp.float32), sds((blk + 1, h, k), dtype)
+    inputs = (q, kk, vv, cb, rq, rt)
     static = _static(blk, k)
-
-    prologue_fn = _prologue(pallas_config, blk, k)
     kept = {}
 
     def prepared(q, kk, vv, cb, rq, rt):
-        pro, core_args, core_kwargs = kernel_inputs(
-            q, kk, vv, cb, None, rq, rt, None, None, pallas=pallas_config, **static
+        pro, core_args, core_kwargs = pallas_kernel_inputs(
+            q, kk, vv, cb, rel_query=rq, rel_table=rt, pallas=pallas_config, **static
         )
         kept["st"], ops = kops.prepare_operands(*core_args, **core_kwargs)
         return pro, ops
 
-    pro, ops = jax.eval_shape(prepared, q, kk, vv, cb, rq, rt)
+    pro, ops = jax.eval_shape(prepared, *inputs)
     st = kept["st"]
     out, lse = jax.eval_shape(lambda o: kops.forward_kernel(st, o), ops)
     dout = sds(out.shape, out.dtype)
     delta = sds(lse.shape, jnp.float32)
     ds_out = jax.eval_shape(lambda *a: kops.ds_kernel(st, *a), ops, dout, lse, delta)
     _, p_win, ds_win, p_code, _ = ds_out
-
-    def xla_bytes(fn, *args):
-        cost = jax.jit(fn).lower(*args).compile().cost_analysis()
-        cost = cost[0] if isinstance(cost, list) else cost
-        return cost.get("bytes accessed")
-
     epilogue_fn = _epilogue(b, h, t, v, dtype)
+    kernel_bytes, compulsory_bytes = _prefix_kernel_bytes(t, dims, dtype)
+    parts = _prologue_parts(inputs, dims, pallas_config) + [
+        ("cache means, prefix kernel", (), (), kernel_bytes),
+        ("fwd", ops, (out, lse), None),
+        ("dq", (ops, dout, lse, delta), ds_out, None),
+        ("dk", (ds_win, ops.q, ops.k_ext),
+         jax.eval_shape(lambda o, x: kops.dk_kernel(st, o, x), ops, ds_win), None),
+        ("dv", (p_win, dout, ops.v_ext),
+         jax.eval_shape(lambda o, p, d: kops.dv_kernel(st, o, p, d), ops, p_win, dout), None),
+        ("dmean", (p_code, dout),
+         jax.eval_shape(lambda o, p, d: kops.dmean_kernel(st, o, p, d), ops, p_code, dout), None),
+        ("epilogue", (out, pro.ext, pro.new_count, pro.new_mean),
+         jax.eval_shape(epilogue_fn, out, pro), _xla_bytes(epilogue_fn, out, pro)),
+    ]  # fmt: skip
+    compulsory = {"cache means, prefix kernel": compulsory_bytes}
+    return [
+        (name, useful_flops(name, b=b, h=h, t=t, k=k, v=v, s=s, blk=blk),
+         compulsory.get(name, nbytes(ins) + nbytes(outs)), xb)
+        for name, ins, outs, xb in parts
+    ]  # fmt: skip
 
-    # The prologue split: everything but the cache means (XLA), and the
-    # cache means made by XLA's passes or by the prefix kernel.
-    from pallas_kernels.vq_attention import prefix
-    from tvq_eqx.ops._blockwise import prologue as core_prologue
-    from tvq_eqx.ops._blockwise import xla_cache_means
 
+def _xla_bytes(fn, *args):
+    """The bytes accessed XLA's cost analysis counts for `jit(fn)(*args)`."""
+    cost = jax.jit(fn).lower(*args).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    return cost.get("bytes accessed")
+
+
+def _prologue_parts(inputs, dims, pallas_config):
+    """Rows (part, operands, results, XLA bytes) of the prologue, whole and
+    split: everything but the cache means (XLA), and the cache means made by
+    XLA's passes (the prefix kernel's row is `_prefix_kernel_bytes`)."""
+    from tvq_eqx.ops import pallas_cache_means_xla
+
+    k, s, blk = dims[2], dims[4], dims[5]
+    prologue_fn = _prologue(pallas_config, blk, k)
     without_means = _prologue(
         dataclasses.replace(pallas_config, cache_prefix="kernel"), blk, k
     )
@@ -339,16 +362,28 @@ def account_parts(t, dims, dtype, *, pallas_config):
         pro, core_args = without_means(q, kk, vv, cb, rq, rt)
         return pro.terms, core_args[:6], core_args[7:]  # all but the means
 
-    terms_fn = lambda kk, vv, cb: core_prologue(
-        kk, vv, cb, None, block_len=blk, mem_len=blk, cache_grad=True,
-        state_keys="codewords", cache_means=False,
-    )  # fmt: skip
-    pro_shapes = jax.eval_shape(terms_fn, kk, vv, cb)
+    # The prologue made without the means (what the prefix kernel reads).
+    pro_shapes, _ = jax.eval_shape(without_means, *inputs)
 
     def means_fn(pro):
-        return xla_cache_means(pro.terms, pro.ext.value, n_code=s, block_len=blk)
+        return pallas_cache_means_xla(pro, n_code=s, block_len=blk)
 
-    means_out = jax.eval_shape(means_fn, pro_shapes)
+    return [
+        ("prologue", inputs, jax.eval_shape(prologue_fn, *inputs),
+         _xla_bytes(prologue_fn, *inputs)),
+        ("prologue without cache means", inputs, jax.eval_shape(rest_fn, *inputs),
+         _xla_bytes(rest_fn, *inputs)),
+        ("cache means, XLA passes", (pro_shapes.terms, pro_shapes.ext.value),
+         jax.eval_shape(means_fn, pro_shapes), _xla_bytes(means_fn, pro_shapes)),
+    ]  # fmt: skip
+
+
+def _prefix_kernel_bytes(t, dims, dtype):
+    """The prefix kernel's bytes at the GPU tiles, (read and written, the
+    compulsory part: each value read once)."""
+    from pallas_kernels.vq_attention import prefix
+
+    b, h, k, v, s, blk = dims
     tiles = prefix.PREFIX_TILES[("gpu", dtype == jnp.float32)]
     bs = min(tiles[0], s)
     n_blk = t // blk
@@ -362,36 +397,7 @@ def account_parts(t, dims, dtype, *, pallas_config):
         + 2 * b * h * s * v * 4
         + b * h * n_blk * s * v * dtype.itemsize
     )
-    parts = [
-        ("prologue", (q, kk, vv, cb, rq, rt), jax.eval_shape(prologue_fn, q, kk, vv, cb, rq, rt),
-         xla_bytes(prologue_fn, q, kk, vv, cb, rq, rt)),
-        ("prologue without cache means", (q, kk, vv, cb, rq, rt),
-         jax.eval_shape(rest_fn, q, kk, vv, cb, rq, rt),
-         xla_bytes(rest_fn, q, kk, vv, cb, rq, rt)),
-        ("cache means, XLA passes", (pro_shapes.terms, pro_shapes.ext.value), means_out,
-         xla_bytes(means_fn, pro_shapes)),
-        ("cache means, prefix kernel", (), (), kernel_bytes),
-        ("fwd", ops, (out, lse), None),
-        ("dq", (ops, dout, lse, delta), ds_out, None),
-        ("dk", (ds_win, ops.q, ops.k_ext),
-         jax.eval_shape(lambda o, x: kops.dk_kernel(st, o, x), ops, ds_win), None),
-        ("dv", (p_win, dout, ops.v_ext),
-         jax.eval_shape(lambda o, p, d: kops.dv_kernel(st, o, p, d), ops, p_win, dout), None),
-        ("dmean", (p_code, dout),
-         jax.eval_shape(lambda o, p, d: kops.dmean_kernel(st, o, p, d), ops, p_code, dout), None),
-        ("epilogue", (out, pro.ext, pro.new_count, pro.new_mean),
-         jax.eval_shape(epilogue_fn, out, pro), xla_bytes(epilogue_fn, out, pro)),
-    ]  # fmt: skip
-    del cot
-    compulsory = {
-        "cache means, prefix kernel": kernel_bytes
-        - (s // bs - 1) * b * h * t * v * dtype.itemsize
-    }
-    return [
-        (name, useful_flops(name, b=b, h=h, t=t, k=k, v=v, s=s, blk=blk),
-         compulsory.get(name, nbytes(ins) + nbytes(outs)), xb)
-        for name, ins, outs, xb in parts
-    ]  # fmt: skip
+    return kernel_bytes, kernel_bytes - (s // bs - 1) * b * h * t * v * dtype.itemsize
 
 
 def accounting_lines(seq_lens, dims, dtype, *, pallas_config):
@@ -426,13 +432,35 @@ def _attention_grad(attend):
 
 
 def measure_baselines(t, dims, dtype, *, reps, min_time, memory_bytes):
-    """Rows (name, seconds, flops) of the baselines at one length."""
-    from tvq_eqx.ops._common import gather_codes, quantize
-    from tvq_eqx.ops._xla import vq_attention_xla
-
+    """Rows (name, seconds, flops, note) of the baselines at one length."""
     b, h, k, v, s, blk = dims
     q, kk, vv, cb, rq, rt, cot = _inputs(t, dims, dtype, jax.random.key(t))
-    rows = []
+
+    def grad_seconds(attend, keys):
+        """Seconds of `attend(q, keys, vv)` forward and backward."""
+        f = _attention_grad(attend)
+        return _timed(f, q, keys, vv, cot, reps=reps, min_time=min_time)
+
+    fwd_bwd_useful = useful_flops("fwd+bwd", b=b, h=h, t=t, k=k, v=v, s=s, blk=blk)
+    rows = [_xla_row(grad_seconds, kk, cb, rq, rt, dims, fwd_bwd_useful)]
+    khat = quantized_keys(kk, cb)
+    # Causal dense attention, fwd + bwd = 3.5 x fwd (flash convention).
+    dense_flops = 3.5 * b * h * t * t * (k + v)  # 2 * T^2 / 2 * (K + V) * 3.5
+    chunks = max(1, v // k)
+    chunk_flops = 3.5 * b * h * t * t * 2 * k * chunks
+    impls = ["cudnn"] if jax.default_backend() == "gpu" else ["xla"]
+    for impl in impls:
+        rows += _dpa_rows(grad_seconds, khat, impl, k, chunks, chunk_flops, dense_flops)
+    rows.append(_dense_row(grad_seconds, khat, t, dims, dense_flops, memory_bytes))
+    rows.append(_tokamax_row(grad_seconds, khat, k, chunks, chunk_flops))
+    return rows
+
+
+def _xla_row(grad_seconds, kk, cb, rq, rt, dims, flops):
+    """The linear-time jnp form (out of memory at long T is a result)."""
+    from tvq_eqx.ops import vq_attention_xla
+
+    k, blk = dims[2], dims[5]
 
     def xla(q, kk, vv):
         o, _ = vq_attention_xla(
@@ -440,97 +468,83 @@ def measure_baselines(t, dims, dtype, *, reps, min_time, memory_bytes):
         )
         return o
 
-    fwd_bwd_useful = useful_flops("fwd+bwd", b=b, h=h, t=t, k=k, v=v, s=s, blk=blk)
     try:
-        sec = _timed(_attention_grad(xla), q, kk, vv, cot, reps=reps, min_time=min_time)
-        rows.append(("xla form", sec, fwd_bwd_useful, ""))
-    except Exception as e:  # out of memory at long T is a result
-        rows.append(("xla form", None, fwd_bwd_useful, type(e).__name__))
+        return ("xla form", grad_seconds(xla, kk), flops, "")
+    except Exception as e:
+        return ("xla form", None, flops, type(e).__name__)
 
-    khat = gather_codes(cb.astype(dtype), quantize(kk, cb))
-    # Causal dense attention, fwd + bwd = 3.5 x fwd (flash convention).
-    dense_flops = 3.5 * b * h * t * t * (k + v)  # 2 * T^2 / 2 * (K + V) * 3.5
-    chunks = max(1, v // k)
-    chunk_flops = 3.5 * b * h * t * t * 2 * k * chunks
-    on_gpu = jax.default_backend() == "gpu"
-    impls = ["cudnn"] if on_gpu else ["xla"]
-    for impl in impls:
 
-        def chunked(q, kk, vv, impl=impl):
-            outs = [
-                jax.nn.dot_product_attention(
-                    q,
-                    kk,
-                    vv[..., i * k : (i + 1) * k],
-                    is_causal=True,
-                    implementation=impl,
-                )  # fmt: skip
-                for i in range(chunks)
-            ]
-            return jnp.concatenate(outs, axis=-1)
+def _dpa_rows(grad_seconds, khat, impl, k, chunks, chunk_flops, dense_flops):
+    """`jax.nn.dot_product_attention` (`impl`) in `chunks` calls of value
+    width d_k, and its FLOP-normalised line."""
 
-        name = f"dpa-{impl} ({chunks} calls)"
-        try:
-            sec = _timed(
-                _attention_grad(chunked), q, khat, vv, cot, reps=reps, min_time=min_time
-            )
-            rows.append((name, sec, chunk_flops, ""))
-            rows.append(
-                (f"{name}, FLOP-normalised", sec * dense_flops / chunk_flops,
-                 dense_flops, "time x one call's FLOPs / these calls' FLOPs")
+    def chunked(q, kk, vv):
+        outs = [
+            jax.nn.dot_product_attention(
+                q,
+                kk,
+                vv[..., i * k : (i + 1) * k],
+                is_causal=True,
+                implementation=impl,
             )  # fmt: skip
-        except Exception as e:
-            rows.append((name, None, chunk_flops, type(e).__name__))
+            for i in range(chunks)
+        ]
+        return jnp.concatenate(outs, axis=-1)
 
-    # One dense call at the full d_v (XLA materialises the T x T scores).
+    name = f"dpa-{impl} ({chunks} calls)"
+    try:
+        sec = grad_seconds(chunked, khat)
+    except Exception as e:
+        return [(name, None, chunk_flops, type(e).__name__)]
+    return [
+        (name, sec, chunk_flops, ""),
+        (f"{name}, FLOP-normalised", sec * dense_flops / chunk_flops,
+         dense_flops, "time x one call's FLOPs / these calls' FLOPs"),
+    ]  # fmt: skip
+
+
+def _dense_row(grad_seconds, khat, t, dims, dense_flops, memory_bytes):
+    """One dense call at the full d_v (XLA materialises the T x T scores),
+    where it fits in memory."""
+    b, h, k = dims[:3]
     need = 4 * b * h * t * t * 4  # scores, probabilities and their grads, f32
-    if memory_bytes is None or need < 0.6 * memory_bytes:
+    if memory_bytes is not None and need >= 0.6 * memory_bytes:
+        return ("dense, one call (XLA)", None, dense_flops, "would not fit")
 
-        def dense(q, kk, vv):
-            sc = jnp.einsum(
-                "bthk,bshk->bhts", q, kk, preferred_element_type=jnp.float32
-            )
-            causal = jnp.tril(jnp.ones((t, t), bool))
-            sc = jnp.where(causal, sc * k**-0.5, -1e30)
-            p = jax.nn.softmax(sc, axis=-1).astype(vv.dtype)
-            return jnp.einsum("bhts,bshv->bthv", p, vv)
+    def dense(q, kk, vv):
+        sc = jnp.einsum("bthk,bshk->bhts", q, kk, preferred_element_type=jnp.float32)
+        causal = jnp.tril(jnp.ones((t, t), bool))
+        sc = jnp.where(causal, sc * k**-0.5, -1e30)
+        p = jax.nn.softmax(sc, axis=-1).astype(vv.dtype)
+        return jnp.einsum("bhts,bshv->bthv", p, vv)
 
-        try:
-            sec = _timed(
-                _attention_grad(dense), q, khat, vv, cot, reps=reps, min_time=min_time
-            )
-            rows.append(("dense, one call (XLA)", sec, dense_flops, ""))
-        except Exception as e:
-            rows.append(("dense, one call (XLA)", None, dense_flops, type(e).__name__))
-    else:
-        rows.append(("dense, one call (XLA)", None, dense_flops, "would not fit"))
+    try:
+        return ("dense, one call (XLA)", grad_seconds(dense, khat), dense_flops, "")
+    except Exception as e:
+        return ("dense, one call (XLA)", None, dense_flops, type(e).__name__)
 
+
+def _tokamax_row(grad_seconds, khat, k, chunks, chunk_flops):
+    """tokamax's flash attention in `chunks` calls, if it is installed."""
     try:
         import tokamax  # type: ignore[import-not-found]
     except ImportError:
-        tokamax = None
-    if tokamax is not None:
+        return ("tokamax", None, None, "not installed")
 
-        def flash(q, kk, vv):
-            outs = [
-                tokamax.dot_product_attention(
-                    q, kk, vv[..., i * k : (i + 1) * k], is_causal=True
-                )
-                for i in range(chunks)
-            ]
-            return jnp.concatenate(outs, axis=-1)
-
-        name = f"tokamax ({chunks} calls)"
-        try:
-            sec = _timed(
-                _attention_grad(flash), q, khat, vv, cot, reps=reps, min_time=min_time
+    def flash(q, kk, vv):
+        outs = [
+            tokamax.dot_product_attention(
+                q, kk, vv[..., i * k : (i + 1) * k], is_causal=True
             )
-            rows.append((name, sec, chunk_flops, ""))
-        except Exception as e:
-            rows.append((name, None, chunk_flops, f"{type(e).__name__}: {e}"[:80]))
-    else:
-        rows.append(("tokamax", None, None, "not installed"))
-    return rows
+            for i in range(chunks)
+        ]
+        return jnp.concatenate(outs, axis=-1)
+
+    name = f"tokamax ({chunks} calls)"
+    try:
+        return (name, grad_seconds(flash, khat), chunk_flops, "")
+    except Exception as e:
+        return (name, None, chunk_flops, f"{type(e).__name__}: {e}"[:80])
 
 
 def profile_ops(fn, args, *, calls=3, top=12):
@@ -571,7 +585,7 @@ def _rate(flops, seconds, peak):
     return f"{tflops:.3g}", ("n/a" if peak is None else f"{100 * tflops / peak:.1f}%")
 
 
-def main(argv=None):
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seq-lens", default="8192,32768,131072")
     ap.add_argument("--dtype", default="bfloat16")
@@ -587,7 +601,113 @@ def main(argv=None):
         "--accounting", action="store_true",
         help="only the FLOPs / bytes per part, from shapes (runs nothing)",
     )  # fmt: skip
-    args = ap.parse_args(argv)
+    return ap
+
+
+@dataclasses.dataclass(frozen=True)
+class Card:
+    """The device the parts run on: its kind, dense bf16 peak and memory."""
+
+    kind: str
+    peak_tflops: float | None
+    peak_gbs: float | None
+    memory_bytes: int | None
+
+    @classmethod
+    def local(cls) -> Card:
+        device = jax.devices()[0]
+        try:
+            memory = device.memory_stats().get("bytes_limit")
+        except Exception:  # CPU has no memory stats
+            memory = None
+        return cls(device.device_kind, *card_peaks(device.device_kind), memory)
+
+
+def _parts_section(t, parts, check, dims, dtype, card: Card) -> list[str]:
+    """The table of the parts at length `t` and the check that they are the
+    op; `parts` and `check` from `measure_parts`."""
+    b = dims[0]
+    total = dict((p, sec) for p, sec, _, _ in parts)["fwd+bwd"]
+    table = []
+    for part, sec, flops, nb in parts:
+        tf, pct = _rate(flops, sec, card.peak_tflops)
+        gbs = nb / sec / 1e9
+        table.append((
+            part, f"{sec * 1e3:.3f}", f"{100 * sec / total:.0f}%", tf, pct,
+            f"{gbs:.0f}", f"{nb / (b * t) / 1e3:.1f}", card.kind,
+        ))  # fmt: skip
+    lines = [f"## T = {fmt_len(t)}: parts of the pallas path", ""]
+    lines += [
+        "The parts are the op: relative error of the op's output and dq "
+        "against the forward and dq kernels' alone: "
+        + ", ".join(f"{n} {e:.1e}" for n, e in check.items()),
+        "",
+    ]
+    # The parts are the same kernels: to rounding. The prefix kernel sums
+    # in another order: one rounding of the means to the value dtype.
+    prefix_tol = 2e-2 if dtype == jnp.bfloat16 else 1e-4
+    limits = dict(out=1e-3, dq=1e-3)
+    if any(e > limits.get(n, prefix_tol) for n, e in check.items()):
+        lines += [f"**{CHECK_FAILED}: the parts do not reproduce the op**", ""]
+    lines += markdown_table(
+        ["part", "ms", "of fwd+bwd", "TFLOP/s", "of peak", "GB/s",
+         "KB per token", "card"],
+        table,
+    )  # fmt: skip
+    return lines
+
+
+def _baselines_section(t, total, base, dims, card: Card):
+    """The whole op's fwd+bwd (`total` seconds) beside the baselines
+    (`measure_baselines`) at length `t`: (lines, the cuDNN rows' seconds)."""
+    b, h, k, v, s, blk = dims
+    rows = [("pallas fwd+bwd", f"{total * 1e3:.3f}", "1.00", *_rate(
+        useful_flops("fwd+bwd", b=b, h=h, t=t, k=k, v=v, s=s, blk=blk),
+        total, card.peak_tflops), "", card.kind)]  # fmt: skip
+    cudnn = []
+    for name, sec, flops, note in base:
+        ratio = "n/a" if sec is None else f"{sec / total:.2f}"
+        ms = "n/a" if sec is None else f"{sec * 1e3:.3f}"
+        rows.append(
+            (name, ms, ratio, *_rate(flops, sec, card.peak_tflops), note, card.kind)
+        )
+        if name.startswith("dpa-cudnn") and "normalised" not in name:
+            cudnn.append(sec)
+    lines = ["", f"## T = {fmt_len(t)}: fwd+bwd beside the baselines", ""]
+    lines += markdown_table(
+        ["form", "ms", "time / pallas", "TFLOP/s", "of peak", "note", "card"], rows
+    )
+    return lines, cudnn
+
+
+def _profile_section(t, whole, whole_args, card: Card) -> list[str]:
+    """The device ops of the whole op's fwd+bwd at length `t`, by name."""
+    ops = profile_ops(whole, whole_args)
+    lines = ["", f"## T = {fmt_len(t)}: device ops of pallas fwd+bwd", ""]
+    if not ops:
+        return lines + ["(the profiler recorded no device ops on this backend)"]
+    return lines + markdown_table(
+        ["op", "ms per call", "card"],
+        [(n.replace("|", "/")[:80], f"{ms:.3f}", card.kind) for n, ms in ops],
+    )
+
+
+def _accounting(args, lines, seq_lens, dims, dtype):
+    """`--accounting`: the FLOPs / bytes table alone (runs nothing)."""
+    from pallas_kernels.vq_attention import BlockSizes, PallasConfig
+
+    # The GPU tiles (sm_90), whatever this machine is: they set the padding.
+    gpu = PallasConfig(block_sizes=BlockSizes.for_platform("gpu", arch=90))
+    lines += ["## FLOPs and bytes per part (GPU tiles, sm_90)", ""]
+    lines += accounting_lines(seq_lens, dims, dtype, pallas_config=gpu)
+    out_path = args.out or RESULTS_DIR / "kernel-parts-accounting.md"
+    write_text(out_path, lines)
+    log(f"wrote {out_path}")
+    return out_path
+
+
+def main(argv=None):
+    args = _parser().parse_args(argv)
 
     from pallas_kernels.vq_attention import PallasConfig
 
@@ -595,36 +715,22 @@ def main(argv=None):
     dtype = jnp.dtype(args.dtype)
     seq_lens = [int(x) for x in args.seq_lens.split(",")]
     profile_lens = {int(x) for x in args.profile_seq_lens.split(",")}
-    device = jax.devices()[0]
-    kind = device.device_kind
-    peak_tflops, peak_gbs = card_peaks(kind)
-    try:
-        memory = device.memory_stats().get("bytes_limit")
-    except Exception:  # CPU has no memory stats
-        memory = None
+    card = Card.local()
     pallas_config = PallasConfig()
     out_path = args.out or RESULTS_DIR / f"kernel-parts-{device_tag()}.md"
     b, h, k, v, s, blk = dims
     notes = [
-        f"card: {kind} (bf16 dense peak {peak_tflops} TFLOP/s, HBM {peak_gbs} GB/s)",
+        f"card: {card.kind} (bf16 dense peak {card.peak_tflops} TFLOP/s, HBM "
+        f"{card.peak_gbs} GB/s)",
         f"shape: B {b}, H {h}, d_k {k}, d_v {v}, codes {s}, block {blk}; {dtype.name}",
         "TFLOP/s on useful FLOPs (module doc); GB/s on operands read once and "
         "results written once (a lower bound on traffic)",
     ]
     lines = header_lines("VQ attention, part by part", command_line(argv), notes)
     if args.accounting:
-        from pallas_kernels.vq_attention import BlockSizes
-
-        # The GPU tiles (sm_90), whatever this machine is: they set the padding.
-        gpu = PallasConfig(block_sizes=BlockSizes.for_platform("gpu", arch=90))
-        lines += ["## FLOPs and bytes per part (GPU tiles, sm_90)", ""]
-        lines += accounting_lines(seq_lens, dims, dtype, pallas_config=gpu)
-        out_path = args.out or RESULTS_DIR / "kernel-parts-accounting.md"
-        write_text(out_path, lines)
-        log(f"wrote {out_path}")
-        return out_path
+        return _accounting(args, lines, seq_lens, dims, dtype)
     start = time.perf_counter()
-    summary = []
+    summary = []  # (T, pallas seconds, cuDNN seconds)
     for t in seq_lens:
         if time.perf_counter() - start > args.budget_s:
             lines += [f"(T = {fmt_len(t)} skipped: time budget spent)", ""]
@@ -634,66 +740,24 @@ def main(argv=None):
             t, dims, dtype, pallas_config=pallas_config, reps=args.reps,
             min_time=args.min_time,
         )  # fmt: skip
+        lines += _parts_section(t, parts, check, dims, dtype, card)
         total = dict((p, sec) for p, sec, _, _ in parts)["fwd+bwd"]
-        table = []
-        for part, sec, flops, nb in parts:
-            tf, pct = _rate(flops, sec, peak_tflops)
-            gbs = nb / sec / 1e9
-            table.append((
-                part, f"{sec * 1e3:.3f}", f"{100 * sec / total:.0f}%", tf, pct,
-                f"{gbs:.0f}", f"{nb / (b * t) / 1e3:.1f}", kind,
-            ))  # fmt: skip
-        lines += [f"## T = {fmt_len(t)}: parts of the pallas path", ""]
-        lines += [
-            "The parts are the op: relative error of the op's output and dq "
-            "against the forward and dq kernels' alone: "
-            + ", ".join(f"{n} {e:.1e}" for n, e in check.items()),
-            "",
-        ]
-        # The parts are the same kernels: to rounding. The prefix kernel sums
-        # in another order: one rounding of the means to the value dtype.
-        prefix_tol = 2e-2 if dtype == jnp.bfloat16 else 1e-4
-        limits = dict(out=1e-3, dq=1e-3)
-        if any(e > limits.get(n, prefix_tol) for n, e in check.items()):
-            lines += [f"**{CHECK_FAILED}: the parts do not reproduce the op**", ""]
-        lines += markdown_table(
-            ["part", "ms", "of fwd+bwd", "TFLOP/s", "of peak", "GB/s",
-             "KB per token", "card"],
-            table,
-        )  # fmt: skip
         base = measure_baselines(
-            t, dims, dtype, reps=args.reps, min_time=args.min_time, memory_bytes=memory
-        )
-        rows = [("pallas fwd+bwd", f"{total * 1e3:.3f}", "1.00", *_rate(
-            useful_flops("fwd+bwd", b=b, h=h, t=t, k=k, v=v, s=s, blk=blk),
-            total, peak_tflops), "", kind)]  # fmt: skip
-        for name, sec, flops, note in base:
-            ratio = "n/a" if sec is None else f"{sec / total:.2f}"
-            ms = "n/a" if sec is None else f"{sec * 1e3:.3f}"
-            rows.append((name, ms, ratio, *_rate(flops, sec, peak_tflops), note, kind))
-            if name.startswith("dpa-cudnn") and "normalised" not in name:
-                summary.append((t, total, sec))
-        lines += ["", f"## T = {fmt_len(t)}: fwd+bwd beside the baselines", ""]
-        lines += markdown_table(
-            ["form", "ms", "time / pallas", "TFLOP/s", "of peak", "note", "card"], rows
-        )
+            t, dims, dtype, reps=args.reps, min_time=args.min_time,
+            memory_bytes=card.memory_bytes,
+        )  # fmt: skip
+        section, cudnn = _baselines_section(t, total, base, dims, card)
+        lines += section
+        summary += [(t, total, sec) for sec in cudnn]
         if args.profile and t in profile_lens:
-            ops = profile_ops(whole, whole_args)
-            lines += ["", f"## T = {fmt_len(t)}: device ops of pallas fwd+bwd", ""]
-            if ops:
-                lines += markdown_table(
-                    ["op", "ms per call", "card"],
-                    [(n.replace("|", "/")[:80], f"{ms:.3f}", kind) for n, ms in ops],
-                )
-            else:
-                lines += ["(the profiler recorded no device ops on this backend)"]
+            lines += _profile_section(t, whole, whole_args, card)
         lines += [""]
         write_text(out_path, lines)  # each length as soon as it is done
     if summary:
         lines += ["## Per token and against cuDNN", ""]
         lines += markdown_table(
             ["T", "pallas ns per token", "cuDNN / pallas", "card"],
-            [(fmt_len(t), f"{1e9 * p / t:.0f}", f"{c / p:.2f}", kind)
+            [(fmt_len(t), f"{1e9 * p / t:.0f}", f"{c / p:.2f}", card.kind)
              for t, p, c in summary],
         )  # fmt: skip
     write_text(out_path, lines)

@@ -2,15 +2,16 @@
 
 Forms (all on the same inputs, one run, one device):
 
-- `pallas`     the fused kernels (`tvq_eqx.ops._pallas`); on CPU they run in
+- `pallas`     the fused kernels (`vq_attention_pallas`); on CPU they run in
                interpret mode, which measures the interpreter, not a kernel, so
                CPU runs include pallas only at small T (`--pallas-max`).
 - `xla`        the linear-time chunked jnp form (`vq_attention_xla`).
 - `quadratic`  the O(T^2) definition (`vq_attention_quadratic`).
 - `summaries`  not a form: the XLA block-summary step that the pallas path
                runs before its kernels (quantize, per-block code histograms and
-               value sums, exclusive prefix over blocks), timed alone to show
-               it is not the bottleneck; FLOPs 2 * B * H * T * S * V.
+               value sums, exclusive prefix over blocks: the cache of
+               `pallas_kernel_inputs`), timed alone to show it is not the
+               bottleneck; FLOPs 2 * B * H * T * S * V.
 - `dpa`        `jax.nn.dot_product_attention(q, C[z], v, is_causal=True)` on the
                already-quantized keys: the same forward function computed by
                dense causal attention, implementation "xla" and, on GPU, also
@@ -47,6 +48,7 @@ Writes `benchmarks/results/kernels-<device-tag>.md`.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import math
 import os
@@ -60,14 +62,13 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from benchmarks._common import quantized_keys
 from tvq_eqx.ops import (
-    quantize,
+    pallas_kernel_inputs,
     vq_attention_pallas,
     vq_attention_quadratic,
     vq_attention_xla,
 )
-from tvq_eqx.ops._blockwise import prologue
-from tvq_eqx.ops._common import gather_codes
 
 FORMS = ("pallas", "xla", "quadratic", "dpa", "dpa-cudnn", "summaries")
 
@@ -99,17 +100,12 @@ def make_fn(form, *, block_len, scale, codebook, mode):
     elif form == "summaries":
 
         def attn(q, k, v):
-            # Quantization, straight-through keys and every block's cache.
-            return prologue(
-                k,
-                v,
-                codebook,
-                None,
-                block_len=block_len,
-                mem_len=block_len,
-                cache_grad=True,
-                state_keys="codewords",
-            ).block_mean
+            # Quantization, straight-through keys and every block's cache (the
+            # kernels' `cache_mean`; XLA drops the rest of the prologue).
+            _, core_args, _ = pallas_kernel_inputs(
+                q, k, v, codebook, block_len=block_len, scale=scale
+            )
+            return core_args[6]
     elif form == "quadratic":
 
         def attn(q, k, v):
@@ -118,7 +114,7 @@ def make_fn(form, *, block_len, scale, codebook, mode):
         impl = "cudnn" if form == "dpa-cudnn" else "xla"
 
         def attn(q, k, v):
-            khat = gather_codes(codebook.astype(k.dtype), quantize(k, codebook))
+            khat = quantized_keys(k, codebook)
             width = q.shape[-1]
             if v.shape[-1] % width:
                 raise ValueError(
@@ -170,7 +166,7 @@ def rel_err(ref, out):
     return float(np.linalg.norm(ref - out) / max(np.linalg.norm(ref), 1e-30))
 
 
-def main(argv=None):
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument(
         "--device-tag",
@@ -216,128 +212,158 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--min-time", type=float, default=1.0)
     p.add_argument("--out", default=None)
-    args = p.parse_args(argv)
+    return p
 
-    backend = jax.default_backend()
-    on_cpu = backend == "cpu"
-    tag = args.device_tag or backend
-    dtype = jnp.dtype(args.dtype or ("float32" if on_cpu else "bfloat16"))
-    d_v = args.d_v or (256 if on_cpu else 1536)
-    if args.seq_lens:
-        seq_lens = [int(x) for x in args.seq_lens.split(",")]
-    elif args.quick:
-        seq_lens = [1024, 2048]
-    elif on_cpu:
-        seq_lens = [1024, 2048, 4096, 8192, 16384]
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """The run's settings: the flags with the backend's defaults filled in."""
+
+    tag: str
+    dtype: np.dtype
+    d_v: int
+    seq_lens: list[int]
+    reps: int
+    min_time: float
+    pallas_max: int
+    quad_max: int
+    forms: list[str]
+    tol: float  # the correctness gate's relative error
+
+    @classmethod
+    def from_args(cls, args) -> Settings:
+        backend = jax.default_backend()
+        on_cpu = backend == "cpu"
+        dtype = jnp.dtype(args.dtype or ("float32" if on_cpu else "bfloat16"))
+        if args.seq_lens:
+            seq_lens = [int(x) for x in args.seq_lens.split(",")]
+        elif args.quick:
+            seq_lens = [1024, 2048]
+        elif on_cpu:
+            seq_lens = [1024, 2048, 4096, 8192, 16384]
+        else:
+            seq_lens = [1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072]
+        forms = [f for f in args.forms.split(",") if f]
+        if "dpa-cudnn" in forms and backend != "gpu":
+            forms.remove("dpa-cudnn")
+        if on_cpu and dtype == jnp.float32:
+            tol = 1e-4
+        else:
+            tol = 5e-3 if dtype == jnp.float32 else 2e-2
+        return cls(
+            tag=args.device_tag or backend,
+            dtype=dtype,
+            d_v=args.d_v or (256 if on_cpu else 1536),
+            seq_lens=seq_lens,
+            reps=1 if args.quick else args.reps,
+            min_time=0.0 if args.quick else args.min_time,
+            pallas_max=args.pallas_max or (2048 if on_cpu else 1 << 40),
+            quad_max=args.quadratic_max or (16384 if on_cpu else 32768),
+            forms=forms,
+            tol=tol,
+        )
+
+
+def _forms_at(t: int, extra: bool, cfg: Settings) -> list[str]:
+    """The forms measured at length `t`, xla first (every other form's
+    reference)."""
+    forms = []
+    for form in ["xla"] + [f for f in cfg.forms if f != "xla"]:
+        if form not in cfg.forms:
+            continue
+        if form == "pallas" and t > cfg.pallas_max:
+            continue
+        if form in ("quadratic", "dpa") and t > cfg.quad_max:
+            continue
+        if extra and form not in ("pallas", "xla", "summaries"):
+            continue
+        forms.append(form)
+    return forms
+
+
+def _random_inputs(t: int, args, cfg: Settings):
+    """(q, k, v, cot) `[B, T, H, .]` and the codebook, from the key of `t`."""
+    b, h, k, s = args.batch, args.heads, args.d_k, args.codes
+    ks = jax.random.split(jax.random.key(t), 5)
+    q = jax.random.normal(ks[0], (b, t, h, k), cfg.dtype)
+    kk = jax.random.normal(ks[1], (b, t, h, k), cfg.dtype)
+    v = jax.random.normal(ks[2], (b, t, h, cfg.d_v), cfg.dtype)
+    codebook = jax.random.normal(ks[3], (h, s, k), jnp.float32)
+    cot = jax.random.normal(ks[4], (b, t, h, cfg.d_v), cfg.dtype)
+    return (q, kk, v, cot), codebook
+
+
+def _measure(form, mode, t, inputs, codebook, ref, args, cfg: Settings) -> dict:
+    """One row: the median time of `form` in `mode` at length `t` and its
+    error against the xla form's outputs (kept in `ref[mode]`)."""
+    blk = args.block_len
+    scale = 1.0 / math.sqrt(args.d_k)
+    fn = make_fn(form, block_len=blk, scale=scale, codebook=codebook, mode=mode)
+    try:
+        sec, out = time_fn(fn, inputs, reps=cfg.reps, min_time=cfg.min_time)
+    except Exception as e:  # OOM, unsupported cudnn config, ...
+        msg = str(e).splitlines()[0][:100]
+        print(f"T={t} {form} {mode}: failed: {msg}", flush=True)
+        return dict(
+            t=t, form=form, mode=mode, sec=None, err=None, ok=False,
+            note=f"failed: {msg}",
+        )  # fmt: skip
+    outs = out if isinstance(out, tuple) else (out,)
+    if form == "summaries":
+        err = None
+    elif form == "xla":
+        ref[mode] = outs
+        err = 0.0
+    elif mode in ref:
+        err = max(rel_err(r, o) for r, o in zip(ref[mode], outs, strict=True))
     else:
-        seq_lens = [1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072]
-    reps = 1 if args.quick else args.reps
-    min_time = 0.0 if args.quick else args.min_time
-    pallas_max = args.pallas_max or (2048 if on_cpu else 1 << 40)
-    quad_max = args.quadratic_max or (16384 if on_cpu else 32768)
-    forms = [f for f in args.forms.split(",") if f]
-    if "dpa-cudnn" in forms and backend != "gpu":
-        forms.remove("dpa-cudnn")
-    tol = (
-        1e-4
-        if (on_cpu and dtype == jnp.float32)
-        else (5e-3 if dtype == jnp.float32 else 2e-2)
+        err = None
+    ok = (err is not None and err <= cfg.tol) or form == "summaries"
+    fl = flops_fwd(
+        form, b=args.batch, t=t, h=args.heads, k=args.d_k, v=cfg.d_v, s=args.codes,
+        blk=blk,
+    )  # fmt: skip
+    fl = fl * (3.5 if mode == "fwdbwd" else 1.0)
+    print(
+        f"T={t:>7} {mode:>6} {form:>10}: {sec * 1e3:10.2f} ms  "
+        f"{fl / sec / 1e12:7.3f} TFLOP/s  err={err}",
+        flush=True,
     )
-    b, h, k, s, blk = args.batch, args.heads, args.d_k, args.codes, args.block_len
-    scale = 1.0 / math.sqrt(k)
+    return dict(
+        t=t, form=form, mode=mode, sec=sec, err=err, ok=ok, tflops=fl / sec / 1e12,
+        note="",
+    )  # fmt: skip
 
+
+def main(argv=None):
+    args = _parser().parse_args(argv)
+    cfg = Settings.from_args(args)
     rows = []
-    todo = [(t, False) for t in seq_lens]
+    todo = [(t, False) for t in cfg.seq_lens]
     if args.extra_seq_len:
         todo.append((args.extra_seq_len, True))
     for t, extra in todo:
-        if t % blk:
-            print(f"skip T={t}: not a multiple of block_len {blk}", flush=True)
+        if t % args.block_len:
+            print(
+                f"skip T={t}: not a multiple of block_len {args.block_len}", flush=True
+            )
             continue
-        key = jax.random.key(t)
-        ks = jax.random.split(key, 5)
-        q = jax.random.normal(ks[0], (b, t, h, k), dtype)
-        kk = jax.random.normal(ks[1], (b, t, h, k), dtype)
-        v = jax.random.normal(ks[2], (b, t, h, d_v), dtype)
-        codebook = jax.random.normal(ks[3], (h, s, k), jnp.float32)
-        cot = jax.random.normal(ks[4], (b, t, h, d_v), dtype)
-        ref = {}
+        inputs, codebook = _random_inputs(t, args, cfg)
+        ref = {}  # the xla form's outputs per mode, measured first
         for mode in ("fwd", "fwdbwd"):
-            for form in ["xla"] + [f for f in forms if f != "xla"]:
-                if form not in forms:
-                    continue
-                if form == "pallas" and t > pallas_max:
-                    continue
-                if form in ("quadratic", "dpa") and t > quad_max:
-                    continue
-                if extra and form not in ("pallas", "xla", "summaries"):
-                    continue
-                fn = make_fn(
-                    form, block_len=blk, scale=scale, codebook=codebook, mode=mode
-                )
-                try:
-                    sec, out = time_fn(
-                        fn, (q, kk, v, cot), reps=reps, min_time=min_time
-                    )
-                except Exception as e:  # OOM, unsupported cudnn config, ...
-                    msg = str(e).splitlines()[0][:100]
-                    print(f"T={t} {form} {mode}: failed: {msg}", flush=True)
-                    rows.append(
-                        dict(
-                            t=t,
-                            form=form,
-                            mode=mode,
-                            sec=None,
-                            err=None,
-                            ok=False,
-                            note=f"failed: {msg}",
-                        )
-                    )
-                    continue
-                outs = out if isinstance(out, tuple) else (out,)
-                if form == "summaries":
-                    err = None
-                elif form == "xla":
-                    ref[mode] = outs
-                    err = 0.0
-                elif mode in ref:
-                    err = max(
-                        rel_err(r, o) for r, o in zip(ref[mode], outs, strict=True)
-                    )
-                else:
-                    err = None
-                ok = (err is not None and err <= tol) or form == "summaries"
-                fl = flops_fwd(form, b=b, t=t, h=h, k=k, v=d_v, s=s, blk=blk)
-                fl = fl * (3.5 if mode == "fwdbwd" else 1.0)
-                rows.append(
-                    dict(
-                        t=t,
-                        form=form,
-                        mode=mode,
-                        sec=sec,
-                        err=err,
-                        ok=ok,
-                        tflops=fl / sec / 1e12,
-                        note="",
-                    )
-                )
-                print(
-                    f"T={t:>7} {mode:>6} {form:>10}: {sec * 1e3:10.2f} ms  "
-                    f"{fl / sec / 1e12:7.3f} TFLOP/s  err={err}",
-                    flush=True,
-                )
-                del out, outs
+            for form in _forms_at(t, extra, cfg):
+                rows.append(_measure(form, mode, t, inputs, codebook, ref, args, cfg))
         # Rewrite the table after every shape, so a run cut short keeps its results.
         write_table(
             rows,
             args=args,
-            tag=tag,
-            dtype=dtype,
-            d_v=d_v,
-            tol=tol,
-            pallas_max=pallas_max,
-            quad_max=quad_max,
-            forms=forms,
+            tag=cfg.tag,
+            dtype=cfg.dtype,
+            d_v=cfg.d_v,
+            tol=cfg.tol,
+            pallas_max=cfg.pallas_max,
+            quad_max=cfg.quad_max,
+            forms=cfg.forms,
         )
 
 

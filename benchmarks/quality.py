@@ -274,6 +274,17 @@ def _ratio(by, a, b) -> str:
 
 
 def write_report(p, results, by, *, md, png, command, corpus, n_bytes, wall):
+    notes = _report_notes(p, results, corpus=corpus, n_bytes=n_bytes, wall=wall)
+    lines = C.header_lines(f"Quality benchmark ({C.tag_of(md)})", command, notes)
+    lines += _bpb_section(p, results)
+    lines += _ratio_section(p, results, by)
+    lines += ["", f"![learning curves]({png.name})", ""]
+    C.write_text(md, lines)
+    return lines
+
+
+def _report_notes(p, results, *, corpus, n_bytes, wall) -> list[str]:
+    """The report's setup notes: corpus, models, budget, evaluation, gate."""
     m = p.model
     notes = [
         f"corpus: {corpus}, {n_bytes:,} bytes, split 90/5/5 (`tvq_eqx.data.split_bytes`)",
@@ -310,8 +321,12 @@ def write_report(p, results, by, *, md, png, command, corpus, n_bytes, wall):
         f"{STREAM_TOL:g}) and finite losses; ratios need both models to pass",
         f"total wall time {wall / 60:.1f} min (compile included)",
     ]
-    lines = C.header_lines(f"Quality benchmark ({C.tag_of(md)})", command, notes)
-    lines += ["## Validation bits per byte", ""]
+    return notes
+
+
+def _bpb_section(p, results) -> list[str]:
+    """The validation bits per byte of every model, with its codebook usage."""
+    lines = ["## Validation bits per byte", ""]
     rows = []
     for r in results:
         u = r["usage"]
@@ -349,7 +364,13 @@ def write_report(p, results, by, *, md, png, command, corpus, n_bytes, wall):
         rows,
         "llrrrrrrrrl",
     )
-    lines += ["", "## Ratios (bits per byte)", ""]
+    return lines
+
+
+def _ratio_section(p, results, by) -> list[str]:
+    """The bits-per-byte ratios against the targets (gated on the checks)."""
+    m = p.model
+    lines = ["", "## Ratios (bits per byte)", ""]
     vq_full = _ratio(by, "vq", "full")
     vq_win = _ratio(by, "vq", "window")
     rows = [
@@ -377,8 +398,6 @@ def write_report(p, results, by, *, md, png, command, corpus, n_bytes, wall):
                 ]
             )
     lines += C.markdown_table(["ratio", "value", "target", "met"], rows, "lrll")
-    lines += ["", f"![learning curves]({png.name})", ""]
-    C.write_text(md, lines)
     return lines
 
 

@@ -411,6 +411,20 @@ def _cell(ms: tuple[float, float], n_ok: int, fmt: str) -> str:
 
 
 def write_report(p, runs, summary, ev, *, md, png, command, wall):
+    notes = _report_notes(p, runs, ev, wall=wall)
+    lines = C.header_lines(
+        f"Long-range recall benchmark ({C.tag_of(md)})", command, notes
+    )
+    lines += _accuracy_section(p, runs, summary)
+    lines += _bits_section(p, summary)
+    lines += _runs_section(runs)
+    lines += ["", f"![accuracy vs distance]({png.name})", ""]
+    C.write_text(md, lines)
+    return lines
+
+
+def _report_notes(p, runs, ev, *, wall) -> list[str]:
+    """The report's setup notes: task, sequence, model, budget, evaluation."""
     m = p.model
     reach = window_reach(m)
     n_q = {d: int(np.sum(ev["distance"] == d)) for d in p.distances}
@@ -453,11 +467,16 @@ def write_report(p, runs, summary, ev, *, md, png, command, wall):
         f"train time per run {min(train_s):.0f}-{max(train_s):.0f} s (+ compile); "
         f"total wall time {wall / 60:.1f} min",
     ]
-    lines = C.header_lines(
-        f"Long-range recall benchmark ({C.tag_of(md)})", command, notes
-    )
+    return notes
+
+
+def _accuracy_section(p, runs, summary) -> list[str]:
+    """Answer accuracy per distance and variant, and its means beyond the
+    window and beyond what the stacked windows could relay."""
+    m = p.model
+    reach = window_reach(m)
     names = [n for n, _ in p.variants]
-    lines += ["## Accuracy by distance (blocks)", ""]
+    lines = ["## Accuracy by distance (blocks)", ""]
     rows = []
     for d in p.distances:
         rows.append(
@@ -485,7 +504,13 @@ def write_report(p, runs, summary, ev, *, md, png, command, wall):
             row.append(_cell(mean_sd(per_seed), len(good), "{:.3f}"))
         rows.append(row)
     lines += C.markdown_table(["distance", "", *names], rows, "rl" + "r" * len(names))
-    lines += ["", f"chance: {CHANCE:.4f}", "", "## Bits per answer by distance", ""]
+    return lines
+
+
+def _bits_section(p, summary) -> list[str]:
+    """Bits per answer per distance and variant."""
+    names = [n for n, _ in p.variants]
+    lines = ["", f"chance: {CHANCE:.4f}", "", "## Bits per answer by distance", ""]
     rows = [
         [
             d,
@@ -501,9 +526,12 @@ def write_report(p, runs, summary, ev, *, md, png, command, wall):
         "",
         f"chance: {math.log2(len(VALUES)):.3f} bits (uniform over the values)",
         "",
-        "## Runs",
-        "",
     ]
+    return lines
+
+
+def _runs_section(runs) -> list[str]:
+    """Every run: its last training loss, times and check."""
     rows = [
         [
             r["name"],
@@ -515,14 +543,11 @@ def write_report(p, runs, summary, ev, *, md, png, command, wall):
         ]
         for r in runs
     ]
-    lines += C.markdown_table(
+    return ["## Runs", ""] + C.markdown_table(
         ["variant", "seed", "last train bits/answer", "train s", "compile s", "check"],
         rows,
         "lrrrrl",
     )
-    lines += ["", f"![accuracy vs distance]({png.name})", ""]
-    C.write_text(md, lines)
-    return lines
 
 
 def plot(p, summary, png, command):

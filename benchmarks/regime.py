@@ -402,9 +402,29 @@ def _yes(flag: bool | None) -> str:
 
 
 def write_report(p, runs, *, md, png, command, corpus, n_bytes, n_heldout, wall, cpu):
+    notes = _report_notes(
+        p, runs, corpus=corpus, n_bytes=n_bytes, n_heldout=n_heldout, wall=wall, cpu=cpu
+    )
+    header = C.header_lines(f"Regime benchmark ({C.tag_of(md)})", command, notes)
+    by = _by_variant(p, runs)
+    found: list[str] = []  # differences that exceed the seed spread
+    lines = _runs_section(p, runs)
+    lines += _mean_section(p, by)
+    pairs = list(itertools.combinations(by, 2))
+    for m in p.extrapolation:
+        lines += _bucket_section(p, runs, by, pairs, m, found)
+    lines += _validation_differences(by, pairs, found)
+    lines += ["", f"![bits per byte per bucket]({png.name})", ""]
+    lines = header + _summary(p, lines, found) + lines
+    C.write_text(md, lines)
+    return lines
+
+
+def _report_notes(p, runs, *, corpus, n_bytes, n_heldout, wall, cpu) -> list[str]:
+    """The report's setup notes: corpus, model, regime, budget, evaluation,
+    the spread rule, the gate and the time."""
     q, m0 = p.quality, p.quality.model
     L = p.sequence_len
-    by = _by_variant(p, runs)
     budget = (
         f"{q.steps} AdamW updates of {q.batch_size} x {q.seq_len} bytes "
         f"({q.steps * q.batch_size * q.seq_len:,} training tokens), peak lr "
@@ -462,9 +482,11 @@ def write_report(p, runs, *, md, png, command, corpus, n_bytes, n_heldout, wall,
         f"time: {wall / 60:.1f} min wall, {cpu / 60:.1f} min CPU (all threads) in total; "
         f"training {mean_train:.0f} s per run on average (compile included)",
     ]
-    header = C.header_lines(f"Regime benchmark ({C.tag_of(md)})", command, notes)
-    found: list[str] = []  # differences that exceed the seed spread
+    return notes
 
+
+def _runs_section(p, runs) -> list[str]:
+    """Every run: its validation bpb and bpb at each multiple of the length."""
     lines = ["## Runs", ""]
     rows = []
     for r in runs:
@@ -483,7 +505,12 @@ def write_report(p, runs, *, md, png, command, corpus, n_bytes, n_heldout, wall,
         "lr" + "r" * (1 + len(p.extrapolation)) + "rrl",
     )  # fmt: skip
 
-    lines += ["", "## Mean ± sd over seeds", ""]
+    return lines
+
+
+def _mean_section(p, by) -> list[str]:
+    """Per variant: mean ± sd over seeds."""
+    lines = ["", "## Mean ± sd over seeds", ""]
     rows = [
         [n, len(rs), _pm([r["bpb"] for r in rs])]
         + [_pm([r["positions"][m]["bpb"] for r in rs]) for m in p.extrapolation]
@@ -493,45 +520,58 @@ def write_report(p, runs, *, md, png, command, corpus, n_bytes, n_heldout, wall,
         ["variant", "seeds", "val bpb"] + [f"{m}x bpb" for m in p.extrapolation], rows
     )
 
-    pairs = list(itertools.combinations(by, 2))
-    for m in p.extrapolation:
-        length = m * L
-        bks = buckets_for(length, m0.block_len, p.bucket_edges)
-        kv = next((r["positions"][m]["kv_cache_len"] for r in runs
-                   if r["positions"][m]["kv_cache_len"]), None)  # fmt: skip
-        lines += [
-            "",
-            f"## Bits per byte per position bucket, {m}x ({length:,} bytes, "
-            f"{length // m0.block_len} blocks)",
-            "",
-        ]
-        if kv:
-            lines += [f"full evaluated with a KV cache of {kv:,} tokens.", ""]
-        rows = [
-            [n] + [_pm(v) for v in _bucket_values(rs, m)]
-            + [_pm([r["positions"][m]["bpb"] for r in rs])]
-            for n, rs in by.items()
-        ]  # fmt: skip
-        cols = ["variant"] + [f"blocks {_label(lo, hi)}" for lo, hi in bks] + ["all"]
-        lines += C.markdown_table(cols, rows)
-        lines += ["", f"Differences (row: a − b), {m}x; cell: difference (2se "
-                  "threshold) exceeds the seed spread?; paired (threshold) exceeds?",
-                  ""]  # fmt: skip
-        rows = []
-        for a, b in pairs:
-            va, vb = _bucket_values(by[a], m), _bucket_values(by[b], m)
-            rows.append(
-                [f"{a} − {b}"]
-                + [_diff_cell(by[a], by[b], x, y, found,
-                              f"{a} − {b}, {m}x, blocks {_label(lo, hi)}")
-                   for x, y, (lo, hi) in zip(va, vb, bks, strict=True)]
-                + [_diff_cell(by[a], by[b], [r["positions"][m]["bpb"] for r in by[a]],
-                              [r["positions"][m]["bpb"] for r in by[b]], found,
-                              f"{a} − {b}, {m}x, whole sequence")]
-            )  # fmt: skip
-        lines += C.markdown_table(["pair (a − b)"] + cols[1:], rows)
+    return lines
 
-    lines += ["", "## Differences of validation bpb", ""]
+
+def _bucket_section(p, runs, by, pairs, m: int, found: list[str]) -> list[str]:
+    """Multiple `m` of the sequence length: bpb per position bucket and the
+    differences of every pair of variants (those exceeding the seed spread
+    are added to `found`)."""
+    m0 = p.quality.model
+    L = p.sequence_len
+    lines: list[str] = []
+    length = m * L
+    bks = buckets_for(length, m0.block_len, p.bucket_edges)
+    kv = next((r["positions"][m]["kv_cache_len"] for r in runs
+               if r["positions"][m]["kv_cache_len"]), None)  # fmt: skip
+    lines += [
+        "",
+        f"## Bits per byte per position bucket, {m}x ({length:,} bytes, "
+        f"{length // m0.block_len} blocks)",
+        "",
+    ]
+    if kv:
+        lines += [f"full evaluated with a KV cache of {kv:,} tokens.", ""]
+    rows = [
+        [n] + [_pm(v) for v in _bucket_values(rs, m)]
+        + [_pm([r["positions"][m]["bpb"] for r in rs])]
+        for n, rs in by.items()
+    ]  # fmt: skip
+    cols = ["variant"] + [f"blocks {_label(lo, hi)}" for lo, hi in bks] + ["all"]
+    lines += C.markdown_table(cols, rows)
+    lines += ["", f"Differences (row: a − b), {m}x; cell: difference (2se "
+              "threshold) exceeds the seed spread?; paired (threshold) exceeds?",
+              ""]  # fmt: skip
+    rows = []
+    for a, b in pairs:
+        va, vb = _bucket_values(by[a], m), _bucket_values(by[b], m)
+        rows.append(
+            [f"{a} − {b}"]
+            + [_diff_cell(by[a], by[b], x, y, found,
+                          f"{a} − {b}, {m}x, blocks {_label(lo, hi)}")
+               for x, y, (lo, hi) in zip(va, vb, bks, strict=True)]
+            + [_diff_cell(by[a], by[b], [r["positions"][m]["bpb"] for r in by[a]],
+                          [r["positions"][m]["bpb"] for r in by[b]], found,
+                          f"{a} − {b}, {m}x, whole sequence")]
+        )  # fmt: skip
+    lines += C.markdown_table(["pair (a − b)"] + cols[1:], rows)
+
+    return lines
+
+
+def _validation_differences(by, pairs, found: list[str]) -> list[str]:
+    """The difference of validation bpb of every pair of variants."""
+    lines = ["", "## Differences of validation bpb", ""]
     rows = [
         [f"{a} − {b}",
          _diff_cell(by[a], by[b], [r["bpb"] for r in by[a]], [r["bpb"] for r in by[b]],
@@ -541,7 +581,12 @@ def write_report(p, runs, *, md, png, command, corpus, n_bytes, n_heldout, wall,
     lines += C.markdown_table(
         ["pair (a − b)", "val bpb difference (2se) exceeds?; paired exceeds?"], rows
     )
-    lines += ["", f"![bits per byte per bucket]({png.name})", ""]
+    return lines
+
+
+def _summary(p, lines, found: list[str]) -> list[str]:
+    """The differences that exceed the seed spread, counted against the
+    difference cells of `lines`."""
     summary = ["## Differences that exceed the seed spread", ""]
     if len(p.seeds) < 2:
         summary += ["None can be judged: one seed per variant (no spread).", ""]
@@ -559,9 +604,7 @@ def write_report(p, runs, *, md, png, command, corpus, n_bytes, n_heldout, wall,
         ]
         summary += [f"- {f}" for f in found] or ["None."]
         summary += [""]
-    lines = header + summary + lines
-    C.write_text(md, lines)
-    return lines
+    return summary
 
 
 def plot(p: RegimePreset, runs, png, command):

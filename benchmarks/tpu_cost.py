@@ -136,8 +136,8 @@ def attention_program(form: str, shape, dtype, device, *, rel: bool = True):
     import jax
     import jax.numpy as jnp
 
+    from benchmarks._common import quantized_keys
     from tvq_eqx.ops import BlockSizes, PallasConfig, vq_attention_with_state
-    from tvq_eqx.ops._common import gather_codes, quantize
 
     b, t, h, k, v, s, blk = shape
     dt = jnp.dtype(dtype)
@@ -151,7 +151,7 @@ def attention_program(form: str, shape, dtype, device, *, rel: bool = True):
     if form == "dpa":
 
         def loss(q, key, val, codebook):
-            khat = gather_codes(codebook.astype(key.dtype), quantize(key, codebook))
+            khat = quantized_keys(key, codebook)
             outs = [
                 jax.nn.dot_product_attention(
                     q, khat, val[..., i : i + k], scale=k**-0.5, is_causal=True,
@@ -201,7 +201,7 @@ def kernel_totals(shape, dtype: str, *, rel: bool = True) -> dict:
     recomputes Q K^T once per value tile; forward and bwd_dq compute the
     current block's key tiles at or below the diagonal) with the same
     formulas at the TPU tiles (`BlockSizes.for_platform("tpu")`, v5e)."""
-    from benchmarks.aot_compile import _avg_current_keys, kernel_costs
+    from benchmarks.aot_compile import avg_current_keys, kernel_costs
     from pallas_kernels.vq_attention import BlockSizes
     from pallas_kernels.vq_attention.config import resolve_tiles
 
@@ -213,9 +213,9 @@ def kernel_totals(shape, dtype: str, *, rel: bool = True) -> dict:
     )  # fmt: skip
     K, V, S = tiles.d_k, tiles.d_v, tiles.codes
     tpu = {}
-    fwd_keys = S + blk + _avg_current_keys(blk, tiles.fwd.block_q, tiles.fwd.block_k)
+    fwd_keys = S + blk + avg_current_keys(blk, tiles.fwd.block_q, tiles.fwd.block_k)
     tpu["vq_attention_fwd"] = 2 * fwd_keys * ((V // tiles.fwd.block_v) * K + V)
-    dq_keys = S + blk + _avg_current_keys(blk, tiles.dq.block_q, tiles.dq.block_k)
+    dq_keys = S + blk + avg_current_keys(blk, tiles.dq.block_q, tiles.dq.block_k)
     tpu["vq_attention_bwd_dq"] = 2 * dq_keys * (2 * K + V)
     n = b * h * t
     return dict(
@@ -288,9 +288,32 @@ def _mib(x) -> str:
 
 
 def markdown(all_rows, meta) -> str:
-    p = meta["probe"]
     rows = [r for r in all_rows if r.get("rel", True)]
     plain = [r for r in all_rows if not r.get("rel", True)]
+    by = {(r["t"], r["dtype"], r["form"]): r for r in rows if not r.get("error")}
+    lines = _probe_section(meta)
+    lines += _cost_section(rows)
+    lines += _ratio_section(rows, plain, by)
+    if plain:
+        lines += _bias_section(plain, by)
+    lines += [
+        "",
+        "Useful FLOPs (`benchmarks/kernels.py`'s count): pallas and xla 3.5 x "
+        "2 B H T (S + 1.5 L)(d_k + d_v); dpa 3.5 x B H T^2 2 d_v (dense causal in "
+        "d_v / d_k calls of width d_k). XLA's bytes accessed sum every HLO "
+        "op's operands and results as if nothing stayed on chip; the analytic "
+        "kernel bytes assume each kernel reads its inputs and writes its outputs "
+        "once: the two are not the same kind of estimate, so the bytes ratio is "
+        "indicative only.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _probe_section(meta) -> list[str]:
+    """Whether XLA's cost analysis counts a Mosaic call (the lone-matmul
+    probe), and so what the XLA columns below hold."""
+    p = meta["probe"]
     lines = [
         "# Offline TPU cost: pallas path vs xla form (XLA cost analysis, no TPU)",
         "",
@@ -343,6 +366,13 @@ def markdown(all_rows, meta) -> str:
         "table). **total** = XLA + kernels. For xla and dpa the total is XLA's "
         "own figure.",
         "",
+    ]
+    return lines
+
+
+def _cost_section(rows) -> list[str]:
+    """XLA's and the kernels' FLOPs and bytes of every form."""
+    lines = [
         "## Cost per form",
         "",
         "| T | dtype | form | Mosaic calls | XLA FLOPs | kernels FLOPs (analytic) "
@@ -365,7 +395,12 @@ def markdown(all_rows, meta) -> str:
             f"| {_g(r['bytes'], 'B')} | {kb} | {_g(r['total_bytes'], 'B')} "
             f"| {_mib(r['temp'])} | {r['seconds']:.0f} s |"
         )
-    lines += [
+    return lines
+
+
+def _ratio_section(rows, plain, by) -> list[str]:
+    """pallas / xla (and dpa / xla) per length and dtype."""
+    lines = [
         "",
         "## Ratios pallas / xla (the key figure)",
         "",
@@ -381,7 +416,6 @@ def markdown(all_rows, meta) -> str:
         "| dpa / xla bytes | total FLOPs, GPU-tile kernel count |",
         "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    by = {(r["t"], r["dtype"], r["form"]): r for r in rows if not r.get("error")}
     by_plain = {(r["t"], r["dtype"], r["form"]): r for r in plain if not r.get("error")}
 
     def ratio(a, b, key, key_b=None):
@@ -401,49 +435,42 @@ def markdown(all_rows, meta) -> str:
             f"| {ratio(dp, xl, 'total_flops')} | {ratio(dp, xl, 'total_bytes')} "
             f"| {ratio(pa, xl, 'total_flops_gpu_tiles', 'total_flops')} |"
         )
-    if plain:
-        lines += [
-            "",
-            "## Diagnostic: the relative bias's share of XLA's count",
-            "",
-            "Both forms build the window bias with `ops._common.relative_bias` "
-            "(`jnp.take_along_axis`: a TPU gather over `[blocks, L, 2L, 3]` "
-            "int32 indices, and a scatter-add in the backward). The same programs "
-            "without the relative bias:",
-            "",
-            "| T | dtype | form | XLA FLOPs with / without bias | XLA bytes with "
-            "/ without bias | temporaries with / without | bias's share of XLA "
-            "bytes | total FLOPs / bytes without bias |",
-            "|---:|---|---|---:|---:|---:|---:|---:|",
-        ]
-        for r in plain:
-            w = by.get((r["t"], r["dtype"], r["form"]))
-            if w is None or r.get("error"):
-                lines.append(
-                    f"| {r['t']} | {r['dtype']} | {r['form']} | | | | | "
-                    f"{r.get('error') or 'n/a'} |"
-                )
-                continue
-            share = 1 - r["bytes"] / w["bytes"] if w["bytes"] else float("nan")
-            lines.append(
-                f"| {r['t']} | {r['dtype']} | {r['form']} "
-                f"| {_g(w['flops'])} / {_g(r['flops'])} "
-                f"| {_g(w['bytes'], 'B')} / {_g(r['bytes'], 'B')} "
-                f"| {_mib(w['temp'])} / {_mib(r['temp'])} | {share:.0%} "
-                f"| {_g(r['total_flops'])} / {_g(r['total_bytes'], 'B')} |"
-            )
-    lines += [
+    return lines
+
+
+def _bias_section(plain, by) -> list[str]:
+    """The same programs without the relative bias: its share of the count."""
+    lines = [
         "",
-        "Useful FLOPs (`benchmarks/kernels.py`'s count): pallas and xla 3.5 x "
-        "2 B H T (S + 1.5 L)(d_k + d_v); dpa 3.5 x B H T^2 2 d_v (dense causal in "
-        "d_v / d_k calls of width d_k). XLA's bytes accessed sum every HLO "
-        "op's operands and results as if nothing stayed on chip; the analytic "
-        "kernel bytes assume each kernel reads its inputs and writes its outputs "
-        "once: the two are not the same kind of estimate, so the bytes ratio is "
-        "indicative only.",
+        "## Diagnostic: the relative bias's share of XLA's count",
         "",
+        "Both forms build the window bias with `tvq_eqx.ops.relative_bias` "
+        "(`jnp.take_along_axis`: a TPU gather over `[blocks, L, 2L, 3]` "
+        "int32 indices, and a scatter-add in the backward). The same programs "
+        "without the relative bias:",
+        "",
+        "| T | dtype | form | XLA FLOPs with / without bias | XLA bytes with "
+        "/ without bias | temporaries with / without | bias's share of XLA "
+        "bytes | total FLOPs / bytes without bias |",
+        "|---:|---|---|---:|---:|---:|---:|---:|",
     ]
-    return "\n".join(lines)
+    for r in plain:
+        w = by.get((r["t"], r["dtype"], r["form"]))
+        if w is None or r.get("error"):
+            lines.append(
+                f"| {r['t']} | {r['dtype']} | {r['form']} | | | | | "
+                f"{r.get('error') or 'n/a'} |"
+            )
+            continue
+        share = 1 - r["bytes"] / w["bytes"] if w["bytes"] else float("nan")
+        lines.append(
+            f"| {r['t']} | {r['dtype']} | {r['form']} "
+            f"| {_g(w['flops'])} / {_g(r['flops'])} "
+            f"| {_g(w['bytes'], 'B')} / {_g(r['bytes'], 'B')} "
+            f"| {_mib(w['temp'])} / {_mib(r['temp'])} | {share:.0%} "
+            f"| {_g(r['total_flops'])} / {_g(r['total_bytes'], 'B')} |"
+        )
+    return lines
 
 
 def main(argv=None) -> int:

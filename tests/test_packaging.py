@@ -54,6 +54,47 @@ def test_import_pulls_in_no_optional_dependency():
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == []
 
 
+# What `import tvq_eqx` may load of the kernels' package: the configuration
+# classes (`PallasConfig` is a field of `TransformerConfig`), nothing of the
+# kernels or of the Pallas lowering they import.
+KERNEL_CONFIG_MODULES = [
+    "pallas_kernels",
+    "pallas_kernels.vq_attention",
+    "pallas_kernels.vq_attention.config",
+]
+
+
+def test_kernels_load_on_first_use():
+    code = """
+import json, sys
+import jax.numpy as jnp
+import tvq_eqx, tvq_eqx.data, tvq_eqx.nn, tvq_eqx.ops, tvq_eqx.sampling, tvq_eqx.train
+
+def loaded():
+    return sorted(m for m in sys.modules if m.startswith("pallas_kernels"))
+
+tvq_eqx.TransformerConfig(n_vocab=8, d_model=8, d_k=4, d_v=8, n_head=1, n_code=4,
+                          n_layer=1, block_len=4)
+x = jnp.ones((1, 8, 1, 4))
+tvq_eqx.vq_attention(x, x, jnp.ones((1, 8, 1, 8)), jnp.ones((1, 4, 4)), block_len=4)
+before = dict(kernels=loaded(), pallas="jax.experimental.pallas" in sys.modules)
+tvq_eqx.ops.vq_attention_pallas
+print(json.dumps(dict(before=before, after=loaded())))
+"""
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["before"] == dict(kernels=KERNEL_CONFIG_MODULES, pallas=False)
+    assert "pallas_kernels.vq_attention.ops" in got["after"]
+
+
 def test_version_comes_from_the_metadata():
     try:
         expected = importlib.metadata.version("tvq-eqx")

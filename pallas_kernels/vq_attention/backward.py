@@ -267,21 +267,55 @@ def ds_call(
 ):
     """Returns dq, P_win, dS_win, P_code (or None), dwbias f32 (or None)."""
     t = st.tiles
-    bh, seq, d_k = q.shape
-    L, bq = t.block_len, t.dq.block_q
-    q_per_blk = L // bq
-    H = st.num_heads
+    bh, seq, _ = q.shape
+    stream = t.dq_stream_v
     # Whole value rows per program, or (streamed) one value chunk per step
     # of a third grid axis: index maps take `(b, i, *v)`, v = () or (chunk,).
-    stream = t.dq_stream_v
-    V = t.dq.block_v if stream else t.d_v
-    grid = (bh, seq // bq, t.d_v // V) if stream else (bh, seq // bq)
+    grid = (bh, seq // t.dq.block_q)
+    if stream:
+        grid = (*grid, t.d_v // t.dq.block_v)
+    args = (
+        q, k_ext, k_ext, v_ext, v_ext, prev_valid, codebook, cache_bias, cache_mean,
+        window_bias, key_from, dout, lse, delta,
+    )  # fmt: skip
+    out_specs, out_shape = _ds_outputs(st, q, v_ext)
+    dq, p_win, ds_win, p_code, dwbias = pallas_call(
+        functools.partial(_ds_kernel, st=st),
+        name="vq_attention_bwd_dq",
+        grid=grid,
+        in_specs=_ds_in_specs(st, d_k=q.shape[-1], present=args),
+        out_specs=out_specs,
+        out_shape=out_shape,
+        sequential_last=stream,
+        scratch_shapes=(
+            _dp_scratch(t.dq.block_q, t.codes + 2 * t.block_len) if stream else ()
+        ),
+        vmem_limit_bytes=st.tiles.vmem_limit_bytes,
+        target=st.target,
+        num_warps=t.dq.num_warps,
+        num_stages=t.num_stages,
+        interpret=st.interpret,
+        debug=st.debug,
+    )(*args)
+    if window_bias is not None and not _separate_dwb(st):
+        dwbias = ds_win  # float32 already
+    return dq, p_win, ds_win, p_code, dwbias
+
+
+def _ds_in_specs(st: Static, *, d_k: int, present):
+    """The query-side backward kernel's input blocks, in `ds_call`'s argument
+    order (`present`: those arguments, None where absent)."""
+    t = st.tiles
+    L, bq, H = t.block_len, t.dq.block_q, st.num_heads
+    q_per_blk = L // bq
+    V = t.dq.block_v if t.dq_stream_v else t.d_v
+    codebook, cache_bias, cache_mean, window_bias, key_from = present[6:11]
 
     def chunk(v):
         return v[0] if v else 0
 
     row_tile = lambda width: pl.BlockSpec((None, bq, width), lambda b, i, *v: (b, i, 0))
-    in_specs = [
+    return [
         row_tile(d_k),
         pl.BlockSpec((None, L, d_k), lambda b, i, *v: (b, i // q_per_blk, 0)),
         pl.BlockSpec((None, L, d_k), lambda b, i, *v: (b, i // q_per_blk + 1, 0)),
@@ -311,23 +345,17 @@ def ds_call(
         row_tile(1),  # lse
         row_tile(1),  # delta
     ]
-    args = (
-        q,
-        k_ext,
-        k_ext,
-        v_ext,
-        v_ext,
-        prev_valid,
-        codebook,
-        cache_bias,
-        cache_mean,
-        window_bias,
-        key_from,
-        dout,
-        lse,
-        delta,
-    )
+
+
+def _ds_outputs(st: Static, q, v_ext):
+    """The query-side backward kernel's output blocks and shapes: dq, P and dS
+    of the window, P of the codes (or None), float32 d(window bias) (or
+    None)."""
+    t = st.tiles
+    bh, seq, d_k = q.shape
+    L, bq = t.block_len, t.dq.block_q
     want_p_code, separate_dwb = _want_pcode(st), _separate_dwb(st)
+    row_tile = lambda width: pl.BlockSpec((None, bq, width), lambda b, i, *v: (b, i, 0))
     out_specs = [
         row_tile(d_k),
         row_tile(2 * L),
@@ -343,25 +371,7 @@ def ds_call(
         jax.ShapeDtypeStruct((bh, seq, t.codes), v_ext.dtype) if want_p_code else None,
         jax.ShapeDtypeStruct((bh, seq, 2 * L), jnp.float32) if separate_dwb else None,
     ]
-    dq, p_win, ds_win, p_code, dwbias = pallas_call(
-        functools.partial(_ds_kernel, st=st),
-        name="vq_attention_bwd_dq",
-        grid=grid,
-        in_specs=in_specs,
-        out_specs=out_specs,
-        out_shape=out_shape,
-        sequential_last=stream,
-        scratch_shapes=_dp_scratch(bq, t.codes + 2 * L) if stream else (),
-        vmem_limit_bytes=st.tiles.vmem_limit_bytes,
-        target=st.target,
-        num_warps=t.dq.num_warps,
-        num_stages=t.num_stages,
-        interpret=st.interpret,
-        debug=st.debug,
-    )(*args)
-    if window_bias is not None and not separate_dwb:
-        dwbias = ds_win  # float32 already
-    return dq, p_win, ds_win, p_code, dwbias
+    return out_specs, out_shape
 
 
 def _dp_scratch(rows: int, cols: int):

@@ -72,8 +72,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal, get_args
 
-from jax.experimental import pallas as pl
-
 FLOAT32_DOTS = ("highest", "bf16x3", "bf16x6")
 PLATFORMS = ("interpret", "gpu", "tpu")
 
@@ -171,6 +169,16 @@ _FOLLOWS = {
 
 def _is_pow2(x: int) -> bool:
     return x > 0 and (x & (x - 1)) == 0
+
+
+# `pl.next_power_of_2` and `pl.cdiv` on Python ints: the library imports this
+# module for its config classes, and leaves importing Pallas to the kernels.
+def _next_pow2(x: int) -> int:
+    return 1 if x == 0 else 2 ** (x - 1).bit_length()
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -502,13 +510,7 @@ def resolve_tiles(
 ) -> Tiles:
     """Fill `None` fields by the rule, clip tiles to the problem, and compute
     the padded dimensions."""
-    arch = sizes.arch
-    if arch is None:
-        arch = local_arch() if sizes.platform == "gpu" else 90
-    chip = sizes.tpu
-    if chip is None and sizes.platform == "tpu":
-        chip = target_tpu_chip()
-    chip = chip or DEFAULT_TPU
+    arch, chip = _target(sizes)
     defaults = rule(
         sizes.platform,
         float32=float32,
@@ -519,8 +521,67 @@ def resolve_tiles(
         arch=arch,
         chip=chip,
     )
+    if block_len < sizes.min_tile:
+        raise ValueError(
+            f"block_len={block_len} is below the smallest tile {sizes.min_tile} "
+            f"of BlockSizes {sizes} (Triton dots need >= 16 rows)"
+        )
+    floor = sizes.min_tile
+    code_cap = max(_next_pow2(codes), floor)
+    v_cap = max(_next_pow2(d_v), floor)
+    pick = _Picker(sizes, defaults, block_len=block_len, code_cap=code_cap, v_cap=v_cap)
+    fwd = pick.kernel("block_q", "block_k", "block_code", "block_v", "num_warps")
+    dq = pick.kernel(
+        "dq_block_q", "dq_block_k", "dq_block_code", "dq_block_dv", "dq_num_warps"
+    )
+    # dmean: kv_block_k code rows per program.
+    kv = pick.kernel("kv_block_q", "kv_block_k", "kv_block_k", "kv_block_v",
+                     "kv_num_warps")  # fmt: skip
+    vmem_limit, stream = None, bool(sizes.dq_stream_v)  # as asked, off TPU
+    if sizes.platform == "tpu":
+        vmem_limit = sizes.vmem_limit_bytes or _default_vmem_limit(chip)
+        dq, stream = _fit_dq_to_vmem(
+            dq, sizes, vmem_limit, block_len=block_len, codes=code_cap, d_k=d_k,
+            d_v=v_cap, itemsize=4 if float32 else 2,
+        )  # fmt: skip
+    code_tile = max(fwd.block_code, dq.block_code, kv.block_code)
+    v_tile = max(fwd.block_v, dq.block_v, kv.block_v)  # powers of two: the lcm
+    return Tiles(
+        block_len=block_len,
+        codes=_cdiv(codes, code_tile) * code_tile,
+        d_k=max(_next_pow2(d_k), floor),
+        d_v=_cdiv(d_v, v_tile) * v_tile,
+        fwd=fwd,
+        dq=dq,
+        kv=kv,
+        num_stages=pick("num_stages"),
+        float32_dots=pick("float32_dots"),
+        vmem_limit_bytes=vmem_limit,
+        dq_stream_v=bool(stream),
+    )
 
-    def pick(field):
+
+def _target(sizes: BlockSizes) -> tuple[int, str]:
+    """The GPU arch and TPU chip whose rule fills `sizes`' None fields."""
+    arch = sizes.arch
+    if arch is None:
+        arch = local_arch() if sizes.platform == "gpu" else 90
+    chip = sizes.tpu
+    if chip is None and sizes.platform == "tpu":
+        chip = target_tpu_chip()
+    return arch, chip or DEFAULT_TPU
+
+
+class _Picker:
+    """One field of `BlockSizes` resolved: the caller's value, else the one of
+    the field it follows (`_FOLLOWS`), else the rule's."""
+
+    def __init__(self, sizes, defaults, *, block_len: int, code_cap, v_cap):
+        self.sizes, self.defaults, self.block_len = sizes, defaults, block_len
+        self.code_cap, self.v_cap = code_cap, v_cap
+
+    def __call__(self, field: str):
+        sizes, defaults = self.sizes, self.defaults
         value = getattr(sizes, field)
         if value is None and field in _FOLLOWS:
             value = getattr(sizes, _FOLLOWS[field])
@@ -532,74 +593,30 @@ def resolve_tiles(
         assert value is not None, f"no default for {field} on {sizes.platform}"
         return value
 
-    if block_len < sizes.min_tile:
-        raise ValueError(
-            f"block_len={block_len} is below the smallest tile {sizes.min_tile} "
-            f"of BlockSizes {sizes} (Triton dots need >= 16 rows)"
-        )
-    floor = sizes.min_tile
-    code_cap = max(pl.next_power_of_2(codes), floor)
-    v_cap = max(pl.next_power_of_2(d_v), floor)
-
-    def rows(field):  # tiles along the block: must divide block_len
-        value = min(pick(field), block_len)
-        if block_len % value:
+    def rows(self, field: str) -> int:
+        """A tile along the block: at most `block_len`, and must divide it."""
+        value = min(self(field), self.block_len)
+        if self.block_len % value:
             raise ValueError(
-                f"block_len={block_len} must be a multiple of the query tile and "
-                f"the key tile ({field}={value}, BlockSizes {sizes}); use a "
-                "power-of-two block_len"
+                f"block_len={self.block_len} must be a multiple of the query tile "
+                f"and the key tile ({field}={value}, BlockSizes {self.sizes}); use "
+                "a power-of-two block_len"
             )
         return value
 
-    def capped(field, cap):
-        return max(min(pick(field), cap), floor)
+    def capped(self, field: str, cap: int) -> int:
+        return max(min(self(field), cap), self.sizes.min_tile)
 
-    fwd = KernelTiles(
-        rows("block_q"),
-        rows("block_k"),
-        capped("block_code", code_cap),
-        capped("block_v", v_cap),
-        pick("num_warps"),
-    )
-    dq = KernelTiles(
-        rows("dq_block_q"),
-        rows("dq_block_k"),
-        capped("dq_block_code", code_cap),
-        capped("dq_block_dv", v_cap),
-        pick("dq_num_warps"),
-    )
-    kv = KernelTiles(
-        rows("kv_block_q"),
-        rows("kv_block_k"),
-        capped("kv_block_k", code_cap),  # dmean: code rows per program
-        capped("kv_block_v", v_cap),
-        pick("kv_num_warps"),
-    )
-    vmem_limit, stream = None, bool(sizes.dq_stream_v)  # as asked, off TPU
-    if sizes.platform == "tpu":
-        vmem_limit = sizes.vmem_limit_bytes or _default_vmem_limit(chip)
-        dq, stream = _fit_dq_to_vmem(
-            dq, sizes, vmem_limit, block_len=block_len, codes=code_cap, d_k=d_k,
-            d_v=v_cap, itemsize=4 if float32 else 2,
-        )  # fmt: skip
-    code_tile = max(fwd.block_code, dq.block_code, kv.block_code)
-    v_tile = max(fwd.block_v, dq.block_v, kv.block_v)  # powers of two: the lcm
-    s_pad = pl.cdiv(codes, code_tile) * code_tile
-    v_pad = pl.cdiv(d_v, v_tile) * v_tile
-    k_pad = max(pl.next_power_of_2(d_k), floor)
-    return Tiles(
-        block_len=block_len,
-        codes=s_pad,
-        d_k=k_pad,
-        d_v=v_pad,
-        fwd=fwd,
-        dq=dq,
-        kv=kv,
-        num_stages=pick("num_stages"),
-        float32_dots=pick("float32_dots"),
-        vmem_limit_bytes=vmem_limit,
-        dq_stream_v=bool(stream),
-    )
+    def kernel(self, q: str, k: str, code: str, v: str, warps: str) -> KernelTiles:
+        """One kernel's tiles from these fields (codes and values capped at
+        the problem's, rounded up to powers of two)."""
+        return KernelTiles(
+            self.rows(q),
+            self.rows(k),
+            self.capped(code, self.code_cap),
+            self.capped(v, self.v_cap),
+            self(warps),
+        )
 
 
 def _default_vmem_limit(chip: str) -> int:

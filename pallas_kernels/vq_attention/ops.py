@@ -18,7 +18,7 @@ from . import backward as _bwd
 from . import forward as _fwd
 from ._common import MASK_VALUE, Static
 from ._platform import unavailable
-from .config import BlockSizes, resolve_tiles
+from .config import BlockSizes, Tiles, resolve_tiles
 from .partition import batch_head_call, match_varying
 
 
@@ -201,6 +201,54 @@ def prepare_operands(
     block_len = _as_int("block_len", block_len, 1)
     num_heads = _as_int("num_heads", num_heads, 1)
     scale = _static_scale(scale)
+    operands = Operands(
+        q, k_ext, v_ext, prev_valid, codebook, cache_bias, cache_mean, window_bias,
+        key_from,
+    )  # fmt: skip
+    n_code = _check_shapes(operands, block_len=block_len, num_heads=num_heads)
+    use_cache = codebook is not None
+    window_len = _check_window_len(window_len, use_cache=use_cache, block_len=block_len)
+    bh, seq, d_k = q.shape
+    d_v = v_ext.shape[-1]
+    if bh == 0 or seq == 0 or d_v == 0:
+        # Nothing to compute (the shapes are consistent): the kernels' grids
+        # would be empty, and an empty output has no gradient.
+        return None, jnp.zeros((bh, seq, d_v), v_ext.dtype)
+    if block_sizes is None:
+        block_sizes = BlockSizes.for_platform(target or jax.default_backend())
+    f32_inputs = q.dtype == jnp.float32 and v_ext.dtype == jnp.float32
+    tiles = resolve_tiles(
+        block_sizes, block_len=block_len, codes=n_code, d_k=d_k, d_v=d_v,
+        float32=f32_inputs,
+    )  # fmt: skip
+    st = Static(
+        tiles=tiles,
+        sizes=block_sizes,
+        scale=float(scale),
+        num_heads=num_heads,
+        n_blocks=seq // block_len,
+        use_cache=use_cache,
+        has_bias=window_bias is not None,
+        cache_grad=cache_grad,
+        f32_inputs=f32_inputs,
+        interpret=interpret,
+        debug=debug,
+        window_grad=cache_grad,
+        window_len=window_len,
+        target=target,
+    )
+    padded = _pad_to_tiles(operands, tiles)
+    # Batch and heads as separate dimensions (each may carry its own mesh
+    # axes; see partition.py), and inside shard_map one varying type for all
+    # operands (see match_varying).
+    return st, Operands(*match_varying(*_split_batch_heads(padded, num_heads)))
+
+
+def _check_shapes(ops: Operands, *, block_len: int, num_heads: int) -> int:
+    """Raise `ValueError` naming the argument unless every operand has the
+    shape `q`, `v_ext` and `block_len` imply; returns the number of codes
+    (1 without the cache)."""
+    q, v_ext, codebook = ops.q, ops.v_ext, ops.codebook
     if not hasattr(q, "ndim") or q.ndim != 3 or not hasattr(v_ext, "ndim"):
         got = tuple(q.shape) if hasattr(q, "shape") else type(q).__name__
         raise ValueError(f"q must be [batch*heads, seq, d_k]; got {got}")
@@ -223,6 +271,7 @@ def prepare_operands(
     want: dict[str, tuple[int, ...]] = dict(
         k_ext=(bh, seq + L, d_k), v_ext=(bh, seq + L, d_v), prev_valid=(bh, 1, 1)
     )
+    n_code = 1
     if use_cache:
         n_code = codebook.shape[1]
         want.update(
@@ -230,78 +279,51 @@ def prepare_operands(
             cache_bias=(bh, n_blk, 1, n_code),
             cache_mean=(bh, n_blk, n_code, d_v),
         )
-    else:
-        n_code = 1
-    if window_bias is not None:
+    if ops.window_bias is not None:
         want["window_bias"] = (bh, seq, 2 * L)
-    if key_from is not None:
+    if ops.key_from is not None:
         want["key_from"] = (bh, seq, 1)
-        if not jnp.issubdtype(key_from.dtype, jnp.integer):
-            raise ValueError(f"key_from must be an integer array; got {key_from.dtype}")
-    given = dict(
-        k_ext=k_ext,
-        v_ext=v_ext,
-        prev_valid=prev_valid,
-        codebook=codebook,
-        cache_bias=cache_bias,
-        cache_mean=cache_mean,
-        window_bias=window_bias,
-        key_from=key_from,
-    )
+        if not jnp.issubdtype(ops.key_from.dtype, jnp.integer):
+            raise ValueError(
+                f"key_from must be an integer array; got {ops.key_from.dtype}"
+            )
     for name, shape in want.items():
-        arr = given[name]
+        arr = getattr(ops, name)
         if arr is None or tuple(arr.shape) != shape:
             got = None if arr is None else tuple(arr.shape)
             raise ValueError(
                 f"{name} must have shape {shape} for q {tuple(q.shape)}, "
                 f"v_ext {tuple(v_ext.shape)}, block_len={L}; got {got}"
             )
-    if window_len is not None:
-        if use_cache:
-            raise ValueError(
-                f"window_len={window_len} needs the cache off (codebook=None)"
-            )
-        ok = isinstance(window_len, numbers.Integral | np.integer) and not (
-            isinstance(window_len, bool | np.bool_)
-        )
-        if not ok or not 1 <= operator.index(window_len) <= L:
-            raise ValueError(
-                f"window_len must be an int in [1, block_len={L}]; got {window_len!r}"
-            )
-        window_len = operator.index(window_len)
-    if bh == 0 or seq == 0 or d_v == 0:
-        # Nothing to compute (the shapes above are consistent): the kernels'
-        # grids would be empty, and an empty output has no gradient.
-        return None, jnp.zeros((bh, seq, d_v), v_ext.dtype)
-    if block_sizes is None:
-        block_sizes = BlockSizes.for_platform(target or jax.default_backend())
-    dtype = v_ext.dtype
-    f32_inputs = q.dtype == jnp.float32 and dtype == jnp.float32
-    tiles = resolve_tiles(
-        block_sizes, block_len=L, codes=n_code, d_k=d_k, d_v=d_v, float32=f32_inputs
-    )
-    st = Static(
-        tiles=tiles,
-        sizes=block_sizes,
-        scale=float(scale),
-        num_heads=num_heads,
-        n_blocks=n_blk,
-        use_cache=use_cache,
-        has_bias=window_bias is not None,
-        cache_grad=cache_grad,
-        f32_inputs=f32_inputs,
-        interpret=interpret,
-        debug=debug,
-        window_grad=cache_grad,
-        window_len=window_len,
-        target=target,
-    )
-    q = _pad_axis(q, 2, tiles.d_k)
-    k_ext = _pad_axis(k_ext.astype(q.dtype), 2, tiles.d_k)
-    v_ext = _pad_axis(v_ext, 2, tiles.d_v)
-    prev_valid = prev_valid.astype(jnp.float32)
+    return n_code
+
+
+def _check_window_len(window_len, *, use_cache: bool, block_len: int) -> int | None:
+    """`window_len` as a Python int in [1, block_len], or None; only without
+    the cache."""
+    if window_len is None:
+        return None
     if use_cache:
-        # The shape check above rejected a missing cache_bias / cache_mean.
+        raise ValueError(f"window_len={window_len} needs the cache off (codebook=None)")
+    ok = isinstance(window_len, numbers.Integral | np.integer) and not (
+        isinstance(window_len, bool | np.bool_)
+    )
+    if not ok or not 1 <= operator.index(window_len) <= block_len:
+        raise ValueError(
+            f"window_len must be an int in [1, block_len={block_len}]; got "
+            f"{window_len!r}"
+        )
+    return operator.index(window_len)
+
+
+def _pad_to_tiles(ops: Operands, tiles: Tiles) -> Operands:
+    """The operands in the kernels' dtypes, padded to whole tiles: d_k, d_v
+    and the codes (padded codes get MASK_VALUE bias, so no query picks them)."""
+    q = _pad_axis(ops.q, 2, tiles.d_k)
+    dtype = ops.v_ext.dtype
+    codebook, cache_bias, cache_mean = ops.codebook, ops.cache_bias, ops.cache_mean
+    if codebook is not None:
+        # The shape check rejected a missing cache_bias / cache_mean.
         assert cache_bias is not None and cache_mean is not None
         codebook = _pad_axis(
             _pad_axis(codebook.astype(q.dtype), 2, tiles.d_k), 1, tiles.codes
@@ -312,25 +334,31 @@ def prepare_operands(
         cache_mean = _pad_axis(
             _pad_axis(cache_mean.astype(dtype), 3, tiles.d_v), 2, tiles.codes
         )
-    if window_bias is not None:
-        window_bias = window_bias.astype(jnp.float32)
-    if key_from is not None:
-        key_from = key_from.astype(jnp.int32)
-
-    # Batch and heads as separate dimensions (each may carry its own mesh
-    # axes; see partition.py), and inside shard_map one varying type for all
-    # operands (see match_varying).
-    def split(x):
-        return (
-            None if x is None else x.reshape(bh // num_heads, num_heads, *x.shape[1:])
-        )
-
-    args = (
-        *map(split, (q, k_ext, v_ext, prev_valid)),
-        codebook,
-        *map(split, (cache_bias, cache_mean, window_bias, key_from)),
+    window_bias, key_from = ops.window_bias, ops.key_from
+    return Operands(
+        q=q,
+        k_ext=_pad_axis(ops.k_ext.astype(q.dtype), 2, tiles.d_k),
+        v_ext=_pad_axis(ops.v_ext, 2, tiles.d_v),
+        prev_valid=ops.prev_valid.astype(jnp.float32),
+        codebook=codebook,
+        cache_bias=cache_bias,
+        cache_mean=cache_mean,
+        window_bias=None if window_bias is None else window_bias.astype(jnp.float32),
+        key_from=None if key_from is None else key_from.astype(jnp.int32),
     )
-    return st, Operands(*match_varying(*args))
+
+
+def _split_batch_heads(ops: Operands, num_heads: int) -> Operands:
+    """`[B*H, ...]` operands as `[B, H, ...]` (the codebook is per head)."""
+
+    def split(x):
+        if x is None:
+            return None
+        return x.reshape(x.shape[0] // num_heads, num_heads, *x.shape[1:])
+
+    return Operands(
+        **{n: x if n == "codebook" else split(x) for n, x in ops._asdict().items()}
+    )
 
 
 _ARRAY_ARGS = (

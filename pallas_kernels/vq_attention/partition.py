@@ -176,36 +176,64 @@ def batch_head_call(fn, st, args, *, head_args=()):
     (all-gather) as soon as both are split. They are merged only inside a
     shard, on local arrays.
     """
-    present = [i for i, a in enumerate(args) if a is not None]
-    batch_args = [i for i in present if i not in head_args]
+    call = _BatchHeadCall(fn, st, args, tuple(head_args))
+    dyn = [args[i] for i in call.present]
+    if _in_manual_context():  # shard_map: operands are already local
+        tree, outs = call.run_local(dyn)
+        return jax.tree.unflatten(tree, outs)
+    wrapped = custom_partitioning(call.whole)
+    wrapped.def_partition(partition=call.partition, sharding_rule=call.sharding_rule)
+    # custom_partitioning has no batching rule; under vmap the mapped axis
+    # folds into the batch dimension (the kernels are independent per row).
+    batched = jax.custom_batching.custom_vmap(lambda *xs: tuple(wrapped(*xs)))
+    batched.def_vmap(call.vmap_rule)
+    outs = batched(*dyn)
+    return jax.tree.unflatten(call.traced["tree"], outs)
 
-    def run_local(local_args):
+
+class _BatchHeadCall:
+    """One `batch_head_call`: the kernel call on local operands, and the
+    partitioning, Shardy and vmap rules around it. `present`: the indices of
+    the arguments given (not None); `batch_args`: those of them that are
+    `[B, H, ...]` (the rest are per head)."""
+
+    def __init__(self, fn, st, args, head_args: tuple):
+        self.fn, self.st, self.args, self.head_args = fn, st, args, head_args
+        self.present = [i for i, a in enumerate(args) if a is not None]
+        self.batch_args = [i for i in self.present if i not in head_args]
+        self.traced: dict = {}  # the output tree and ranks, filled by `whole`
+
+    def run_local(self, local_args):
         """`fn` on (local) [b, h, ...] operands; outputs flattened, [b, h, ...]."""
-        full: list[jax.Array | None] = [None] * len(args)
-        b, h = local_args[present.index(batch_args[0])].shape[:2]
+        present, head_args = self.present, self.head_args
+        full: list[jax.Array | None] = [None] * len(self.args)
+        b, h = local_args[present.index(self.batch_args[0])].shape[:2]
         for i, a in zip(present, local_args, strict=True):
             full[i] = a if i in head_args else a.reshape(b * h, *a.shape[2:])
-        st_local = dataclasses.replace(st, num_heads=h)
-        leaves, tree = jax.tree.flatten(fn(st_local, *full))
+        st_local = dataclasses.replace(self.st, num_heads=h)
+        leaves, tree = jax.tree.flatten(self.fn(st_local, *full))
         for leaf in leaves:
             if leaf.shape[0] != b * h:
                 raise ValueError(
                     f"batch_head_call: output {tuple(leaf.shape)} of "
-                    f"{getattr(fn, '__name__', fn)} does not lead with "
+                    f"{getattr(self.fn, '__name__', self.fn)} does not lead with "
                     f"batch*heads={b * h}"
                 )
         return tree, tuple(x.reshape(b, h, *x.shape[1:]) for x in leaves)
 
-    dyn = [args[i] for i in present]
-    if _in_manual_context():  # shard_map: operands are already local
-        tree, outs = run_local(dyn)
-        return jax.tree.unflatten(tree, outs)
+    def whole(self, *all_args):
+        """The call as `custom_partitioning` traces it (unpartitioned)."""
+        tree, outs = self.run_local(all_args)
+        self.traced.update(tree=tree, ranks=[o.ndim for o in outs])
+        return outs
 
-    n_batch, n_head = args[batch_args[0]].shape[:2]
-
-    def partition(mesh, arg_shapes, result_shape):
+    def partition(self, mesh, arg_shapes, result_shape):
+        """Split over the batch and head axes of the first batch operand's
+        sharding; every other dimension replicated."""
+        present, head_args = self.present, self.head_args
+        n_batch, n_head = self.args[self.batch_args[0]].shape[:2]
         shapes = dict(zip(present, arg_shapes, strict=True))
-        sharding = shapes[batch_args[0]].sharding
+        sharding = shapes[self.batch_args[0]].sharding
         if isinstance(sharding, NamedSharding):
             mesh = sharding.mesh
             spec = (*sharding.spec, None, None)
@@ -233,22 +261,15 @@ def batch_head_call(fn, st, args, *, head_args=()):
         result_shardings = tuple(named(len(r.shape), lead) for r in results)
 
         def lower_fn(*local_args):
-            return run_local(local_args)[1]
+            return self.run_local(local_args)[1]
 
         return mesh, lower_fn, result_shardings, arg_shardings
 
-    traced = {}  # the output tree and ranks, filled while tracing `whole`
-
-    def whole(*all_args):
-        tree, outs = run_local(all_args)
-        traced.update(tree=tree, ranks=[o.ndim for o in outs])
-        return outs
-
-    # Shardy rule: "b h" shared by every [B, H, ...] operand and result, "h" by
-    # the head operands; every other dimension is its own factor that must stay
-    # replicated (the kernels need whole sequences, codebooks and features).
-    # Built at lowering time, once tracing has told the result ranks.
-    def sharding_rule(mesh, value_types, result_types):
+    def sharding_rule(self, mesh, value_types, result_types):
+        """Shardy rule: "b h" shared by every [B, H, ...] operand and result,
+        "h" by the head operands; every other dimension is its own factor that
+        must stay replicated (the kernels need whole sequences, codebooks and
+        features). Built at lowering time, once tracing told the result ranks."""
         del mesh, value_types, result_types
         names = iter(f"r{n}" for n in range(10_000))
         free = []
@@ -259,37 +280,31 @@ def batch_head_call(fn, st, args, *, head_args=()):
             return " ".join((*head, *rest))
 
         operands = [
-            factors(args[i].ndim, ("h",) if i in head_args else ("b", "h"))
-            for i in present
+            factors(self.args[i].ndim, ("h",) if i in self.head_args else ("b", "h"))
+            for i in self.present
         ]
-        results = [factors(r, ("b", "h")) for r in traced["ranks"]]
+        results = [factors(r, ("b", "h")) for r in self.traced["ranks"]]
         rule = ", ".join(operands) + " -> " + ", ".join(results)
         return rule, dict(need_replication_factors=tuple(free))
 
-    wrapped = custom_partitioning(whole)
-    wrapped.def_partition(partition=partition, sharding_rule=sharding_rule)
-
-    # custom_partitioning has no batching rule; under vmap the mapped axis
-    # folds into the batch dimension (the kernels are independent per row).
-    batched = jax.custom_batching.custom_vmap(lambda *xs: tuple(wrapped(*xs)))
-
-    @batched.def_vmap
-    def _vmap_rule(axis_size, in_batched, *xs):
+    def vmap_rule(self, axis_size, in_batched, *xs):
+        """The mapped axis folded into the batch (or, for a codebook per
+        example, the plain kernels under vmap)."""
+        present, head_args = self.present, self.head_args
         if any(b for i, b in zip(present, in_batched, strict=True) if i in head_args):
             # A codebook per example cannot fold into the batch: the plain
             # kernels under vmap (pallas_call batches over a new grid axis).
             axes = [0 if b else None for b in in_batched]
-            outs = jax.vmap(lambda *ys: run_local(ys)[1], in_axes=axes)(*xs)
+            outs = jax.vmap(lambda *ys: self.run_local(ys)[1], in_axes=axes)(*xs)
             return outs, (True,) * len(outs)
-        full: list[jax.Array | None] = [None] * len(args)
+        full: list[jax.Array | None] = [None] * len(self.args)
         for i, x, b in zip(present, xs, in_batched, strict=True):
             if i not in head_args:
                 x = x if b else jnp.broadcast_to(x, (axis_size, *x.shape))
                 x = x.reshape(axis_size * x.shape[1], *x.shape[2:])
             full[i] = x
-        leaves = jax.tree.leaves(batch_head_call(fn, st, full, head_args=head_args))
+        leaves = jax.tree.leaves(
+            batch_head_call(self.fn, self.st, full, head_args=head_args)
+        )
         outs = tuple(o.reshape(axis_size, -1, *o.shape[1:]) for o in leaves)
         return outs, (True,) * len(outs)
-
-    outs = batched(*dyn)
-    return jax.tree.unflatten(traced["tree"], outs)

@@ -1,5 +1,14 @@
 """Functional VQ attention: the dispatcher, the quadratic definition and the
-linear-time XLA form (the reference every kernel is tested against)."""
+linear-time XLA form (the reference every kernel is tested against), and the
+form on the Pallas kernels with its XLA stages before and after them.
+
+The kernel form (`vq_attention_pallas`, `pallas_kernel_inputs`,
+`pallas_kernel_outputs`, `pallas_cache_means_xla`) is loaded on first use:
+importing it imports the kernels (`pallas_kernels.vq_attention.ops` and the
+Pallas lowering), which a program on the xla form never needs.
+"""
+
+from typing import TYPE_CHECKING
 
 from pallas_kernels.vq_attention.config import BlockSizes as BlockSizes
 from pallas_kernels.vq_attention.config import PallasConfig as PallasConfig
@@ -20,12 +29,23 @@ from ._full import full_attention_with_state as full_attention_with_state
 from ._quadratic import vq_attention_quadratic as vq_attention_quadratic
 from ._xla import vq_attention_xla as vq_attention_xla
 
+if TYPE_CHECKING:  # for type checkers and the API docs; loaded by __getattr__
+    from ._pallas import pallas_cache_means_xla as pallas_cache_means_xla
+    from ._pallas import pallas_kernel_inputs as pallas_kernel_inputs
+    from ._pallas import pallas_kernel_outputs as pallas_kernel_outputs
+    from ._pallas import vq_attention_pallas as vq_attention_pallas
+
+_KERNEL_FORM = (
+    "vq_attention_pallas",
+    "pallas_kernel_inputs",
+    "pallas_kernel_outputs",
+    "pallas_cache_means_xla",
+)
+
 
 def __getattr__(name: str):
-    # The kernel form is public but loaded on first use: it imports the
-    # Pallas kernels (optional, and heavy to import).
-    if name == "vq_attention_pallas":
-        from ._pallas import vq_attention_pallas
+    if name in _KERNEL_FORM:
+        from . import _pallas
 
-        return vq_attention_pallas
+        return getattr(_pallas, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

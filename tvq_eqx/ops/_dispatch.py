@@ -56,7 +56,7 @@ _PALLAS_ARRAY_KWARGS = ("state", "rel_query", "rel_table", "doc_starts", "codes"
 @functools.cache
 def _pallas_jit():
     """`vq_attention_pallas` jitted like `_xla_jit` (built on first use: the
-    kernels package is optional). Eager calls otherwise re-trace and re-lower
+    kernels load only when they run). Eager calls otherwise re-trace and re-lower
     every kernel on each call. `scale` is static here (the kernels take a
     Python float); `_run_pallas` folds a traced scale into the query."""
     from ._pallas import vq_attention_pallas

@@ -47,6 +47,7 @@ from ._blockwise import (
     next_state,
     prologue,
     window_offsets,
+    xla_cache_means,
 )
 from ._common import VQAttentionState, log_count_bias, relative_bias, resolve_mem_len
 from ._xla import vq_attention_xla
@@ -58,38 +59,53 @@ def _heads_first(x):
     return jnp.transpose(x, (0, 2, 1, 3)).reshape(b * h, t, d)
 
 
-def kernel_inputs(
-    query,
-    key,
-    value,
-    codebook,
-    state,
-    rel_query,
-    rel_table,
-    doc_starts,
-    codes,
+def pallas_kernel_inputs(
+    query: Float[Array, "batch seq heads d_k"],
+    key: Float[Array, "batch seq heads d_k"],
+    value: Float[Array, "batch seq heads d_v"],
+    codebook: Float[Array, "heads codes d_k"],
+    state: VQAttentionState | None = None,
+    rel_query: Float[Array, "batch seq heads d_k"] | None = None,
+    rel_table: Float[Array, "dist heads d_k"] | None = None,
+    doc_starts: Bool[Array, "batch seq"] | None = None,
+    codes: Int[Array, "batch seq heads"] | None = None,
     *,
-    block_len,
-    scale,
-    use_cache,
-    cache_grad,
-    sliding_window,
-    state_keys,
-    pallas: PallasConfig,
-    window_len=None,
-    cache_decay=1.0,
-):
-    """The XLA part before the kernels (the prologue: quantization, block
-    sums and their prefix, the bias gather, the kernel layout): returns
-    `(prologue, core_args, core_kwargs)` for `vq_attention_core`.
-    `benchmarks/kernel_parts.py` times it alone."""
+    block_len: int,
+    scale: float,
+    use_cache: bool = True,
+    cache_grad: bool = True,
+    sliding_window: bool = False,
+    state_keys: str = "codewords",
+    pallas: PallasConfig | None = None,
+    window_len: int | None = None,
+    cache_decay: float = 1.0,
+) -> tuple[Any, tuple, dict[str, Any]]:
+    """The XLA work `vq_attention_pallas` does before its kernels, alone: for
+    timing and inspecting the kernels on exactly the operands the op gives
+    them (`benchmarks/kernel_parts.py`).
+
+    The prologue: quantization, the straight-through keys, the per-block code
+    counts and value sums and their prefix over blocks (the cache every block
+    reads; by the prefix kernel when `pallas.cache_prefix == "kernel"`), the
+    window bias gathered per block, and the kernel layout.
+
+    **Arguments:** as `vq_attention_pallas` (trusted here: `mem_len` is
+    `block_len`, a state's window whole or empty); `sliding_window` is taken
+    as given (no default from `use_cache`).
+
+    **Returns:** `(prologue, core_args, core_kwargs)`: `vq_attention_core(
+    *core_args, **core_kwargs)` (`pallas_kernels.vq_attention`) is the
+    kernels' output, and `pallas_kernel_outputs(that, prologue, ...)` the
+    op's. `prologue` is an opaque pytree (its fields follow the op's
+    internals); `core_args` are `vq_attention_core`'s positional arrays in
+    its order (`q, k_ext, v_ext, prev_valid, codebook, cache_bias,
+    cache_mean, window_bias, key_from`)."""
+    if pallas is None:
+        pallas = PallasConfig()
+    if (rel_query is None) != (rel_table is None):
+        raise ValueError("rel_query and rel_table are given together or not at all")
     b, t, h, _ = query.shape
-    n_code = codebook.shape[1]
-    n_blk = t // block_len
     L = block_len  # == mem_len (checked by the caller)
-    # The prefix kernel makes the cache every block reads (when it is read);
-    # otherwise XLA does, as in the xla form.
-    kernel_means = use_cache and pallas.cache_prefix == "kernel"
     pro = prologue(
         key,
         value,
@@ -102,7 +118,9 @@ def kernel_inputs(
         cache_decay=cache_decay,
         doc_starts=doc_starts,
         codes=codes,
-        cache_means=not kernel_means,
+        # The prefix kernel makes the cache every block reads (when it is
+        # read, `_cache_operands`); otherwise XLA does, as in the xla form.
+        cache_means=not (use_cache and pallas.cache_prefix == "kernel"),
     )
     state, ext = pro.state, pro.ext
     v_ext = _heads_first(ext.value)
@@ -112,42 +130,16 @@ def kernel_inputs(
     ).reshape(b * h, 1, 1)
 
     if use_cache:
-        cache_bias = jnp.transpose(log_count_bias(pro.block_count), (0, 2, 1, 3))
-        cache_bias = cache_bias.reshape(b * h, n_blk, 1, n_code)
-        d_v = value.shape[-1]
-        if kernel_means:
-            cache_mean, new_sum = kernel_cache_means(
-                (n_code, L, pallas.block_sizes, pallas.interpret),
-                jnp.transpose(pro.terms.entering, (0, 2, 1))[..., None],
-                v_ext.reshape(b, h, -1, d_v),
-                pro.terms.factor,
-                jnp.transpose(pro.block_count, (0, 2, 1, 3)),
-                pro.terms.sum0,
-            )  # [B, H, N, S, V], [B, H, S, V]
-            if not cache_grad:
-                cache_mean = jax.lax.stop_gradient(cache_mean)
-            new_mean = carried_mean(pro.terms, new_sum, value.dtype)
-            pro = eqx.tree_at(lambda p: p.new_mean, pro, new_mean, is_leaf=_none)
-            cache_mean = cache_mean.reshape(b * h, n_blk, n_code, d_v)
-        else:
-            assert pro.block_mean is not None
-            cache_mean = jnp.transpose(pro.block_mean, (0, 2, 1, 3, 4)).reshape(
-                b * h, n_blk, n_code, d_v
-            )
-        kernel_codebook = pro.codebook
+        pro, kernel_codebook, cache_bias, cache_mean = _cache_operands(
+            pro, v_ext, block_len=L, dtype=value.dtype, pallas=pallas,
+            cache_grad=cache_grad,
+        )  # fmt: skip
     else:
         cache_bias = cache_mean = kernel_codebook = None
 
-    window_bias = None
-    if rel_query is not None:
-        wb = relative_bias(_blocks(rel_query, L), rel_table, window_offsets(L, L))
-        window_bias = jnp.transpose(wb, (0, 3, 1, 2, 4)).reshape(b * h, t, 2 * L)
-
-    key_from = None
-    if ext.last_start is not None:
-        key_from = _document_key_from(ext.last_start, state.length, L)
-        key_from = jnp.broadcast_to(key_from[:, None], (b, h, t)).reshape(b * h, t, 1)
-
+    window_bias, key_from = _window_operands(
+        pro, rel_query, rel_table, b=b, h=h, t=t, L=L
+    )
     core_args = (
         _heads_first(query),
         _heads_first(ext.khat),
@@ -176,14 +168,105 @@ def kernel_inputs(
     return pro, core_args, core_kwargs
 
 
+def _cache_operands(
+    pro, v_ext, *, block_len: int, dtype, pallas: PallasConfig, cache_grad: bool
+):
+    """The kernels' cache operands `(prologue, codebook, cache_bias
+    [B*H, N, 1, S], cache_mean [B*H, N, S, V])`: the means from the prologue
+    (XLA), or made here by the prefix kernel (`pallas.cache_prefix ==
+    "kernel"`, which also gives the prologue its carried mean)."""
+    b, n_blk, h, n_code = pro.block_count.shape
+    d_v = v_ext.shape[-1]
+    cache_bias = jnp.transpose(log_count_bias(pro.block_count), (0, 2, 1, 3))
+    cache_bias = cache_bias.reshape(b * h, n_blk, 1, n_code)
+    if pallas.cache_prefix == "kernel":
+        cache_mean, new_sum = kernel_cache_means(
+            (n_code, block_len, pallas.block_sizes, pallas.interpret),
+            jnp.transpose(pro.terms.entering, (0, 2, 1))[..., None],
+            v_ext.reshape(b, h, -1, d_v),
+            pro.terms.factor,
+            jnp.transpose(pro.block_count, (0, 2, 1, 3)),
+            pro.terms.sum0,
+        )  # [B, H, N, S, V], [B, H, S, V]
+        if not cache_grad:
+            cache_mean = jax.lax.stop_gradient(cache_mean)
+        new_mean = carried_mean(pro.terms, new_sum, dtype)
+        pro = eqx.tree_at(lambda p: p.new_mean, pro, new_mean, is_leaf=_none)
+        cache_mean = cache_mean.reshape(b * h, n_blk, n_code, d_v)
+    else:
+        assert pro.block_mean is not None
+        cache_mean = jnp.transpose(pro.block_mean, (0, 2, 1, 3, 4)).reshape(
+            b * h, n_blk, n_code, d_v
+        )
+    return pro, pro.codebook, cache_bias, cache_mean
+
+
+def _window_operands(pro, rel_query, rel_table, *, b: int, h: int, t: int, L: int):
+    """The kernels' window operands `[B*H, T, .]`: the relative bias of each
+    query to its window's `2L` columns (None without `rel_query`), and its
+    document's first window column (None without documents)."""
+    window_bias = None
+    if rel_query is not None and rel_table is not None:
+        wb = relative_bias(_blocks(rel_query, L), rel_table, window_offsets(L, L))
+        window_bias = jnp.transpose(wb, (0, 3, 1, 2, 4)).reshape(b * h, t, 2 * L)
+    key_from = None
+    if pro.ext.last_start is not None:
+        key_from = _document_key_from(pro.ext.last_start, pro.state.length, L)
+        key_from = jnp.broadcast_to(key_from[:, None], (b, h, t)).reshape(b * h, t, 1)
+    return window_bias, key_from
+
+
+def pallas_kernel_outputs(
+    kernel_out: Float[Array, "batch_heads seq d_v_padded"],
+    prologue: Any,
+    *,
+    num_heads: int,
+    d_v: int,
+    dtype: Any,
+    cache_grad: bool = True,
+) -> tuple[Float[Array, "batch seq heads d_v"], VQAttentionState]:
+    """The XLA work `vq_attention_pallas` does after its kernels, alone (the
+    epilogue): the kernels' output `[B*H, T, >= d_v]` (`vq_attention_core`'s,
+    or the forward kernel's with its value padding) in the op's layout
+    `[B, T, H, d_v]` and `dtype`, and the next state from `prologue`
+    (`pallas_kernel_inputs`' first result).
+
+    **Returns:** `(output, new state)`, as `vq_attention_pallas`."""
+    bh, t = kernel_out.shape[:2]
+    out = kernel_out[..., :d_v].reshape(bh // num_heads, num_heads, t, d_v)
+    out = jnp.transpose(out, (0, 2, 1, 3)).astype(dtype)
+    new_state = next_state(
+        prologue.state,
+        prologue.ext,
+        prologue.new_count,
+        prologue.new_mean,
+        cache_grad=cache_grad,
+    )
+    return out, new_state
+
+
+def pallas_cache_means_xla(prologue: Any, *, n_code: int, block_len: int):
+    """The cache every block reads `[B, N, H, S, V]`, made by XLA's passes
+    (block sums, their prefix over blocks, the division by the counts) from
+    a prologue made without it (`pallas_kernel_inputs` with
+    `PallasConfig(cache_prefix="kernel")`): that step alone, to compare with
+    the prefix kernel. Returns `(means, sums after the segment)`."""
+    return xla_cache_means(
+        prologue.terms, prologue.ext.value, n_code=n_code, block_len=block_len
+    )
+
+
 def _forward(query, key, value, *args, **kwargs):
-    pro, core_args, core_kwargs = kernel_inputs(query, key, value, *args, **kwargs)
-    b, t, h, _ = query.shape
-    out = vq_attention_core(*core_args, **core_kwargs)
-    out = jnp.transpose(out.reshape(b, h, t, -1), (0, 2, 1, 3)).astype(value.dtype)
-    cache_grad = kwargs["cache_grad"]
-    return out, next_state(
-        pro.state, pro.ext, pro.new_count, pro.new_mean, cache_grad=cache_grad
+    pro, core_args, core_kwargs = pallas_kernel_inputs(
+        query, key, value, *args, **kwargs
+    )
+    return pallas_kernel_outputs(
+        vq_attention_core(*core_args, **core_kwargs),
+        pro,
+        num_heads=query.shape[2],
+        d_v=value.shape[-1],
+        dtype=value.dtype,
+        cache_grad=kwargs["cache_grad"],
     )
 
 

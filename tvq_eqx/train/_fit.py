@@ -249,6 +249,78 @@ def fit(
         optimizer = optimizer_from_config(run.optimizer, run.steps)
     upb = run.updates_per_batch
     start_step = int(train_state.step)
+    start_batch, stop_batch = _batch_span(start_step, run, stop_at)
+    resets = run.resets_state if train_resets is None else train_resets
+    skip = run.on_nonfinite == "skip"
+    step_fn = make_train_step(
+        optimizer,
+        update_len=run.update_len,
+        mesh=mesh,
+        doc_masking=run.doc_masking,
+        skip_nonfinite=skip,
+    )
+    loop = _Loop(
+        train_state,
+        run,
+        eval_stream=eval_stream,
+        mesh=mesh,
+        checkpoint_dir=checkpoint_dir,
+        checkpoint_meta=checkpoint_meta,
+        callbacks=callbacks,
+    )
+    loop.start(start_step, stop_batch * upb)
+    step = start_step
+    status: FitStatus = "completed"
+    with _StopSignals(handle_sigint) as stop_signal:
+        try:
+            for batch_index in range(start_batch, stop_batch):
+                _, window = train_stream.epoch_and_window(batch_index)
+                loop.ts, metrics = step_fn(
+                    loop.ts, train_stream.batch(batch_index), reset=resets(window)
+                )
+                previous, step = step, (batch_index + 1) * upb
+                ended = loop.after_batch(
+                    metrics, previous, step, batch_index + 1 == stop_batch, stop_signal
+                )
+                if ended is not None:
+                    status = ended
+                    break
+        except StopTraining:
+            status = "stopped"
+        except KeyboardInterrupt:
+            # The last completed batch is saved unless its buffers were
+            # donated to a step that did not finish.
+            if loop.ckpt_dir is not None and step > start_step and _is_alive(loop.ts):
+                loop.save(step, dict(interrupted=True))
+            loop.finished(loop.saver.wait())
+            raise
+        except BaseException:
+            loop.finished(loop.saver.wait())  # the write in flight completes first
+            raise
+    status = loop.wrap_up(
+        status, step, resumed_at=start_step, cut_short=stop_batch < run.total_batches
+    )
+    loop.finished(loop.saver.wait())
+    result = FitResult(
+        train_state=loop.ts,
+        status=status,
+        step=step,
+        history=loop.history,
+        validation=loop.validation,
+        checkpoint=loop.checkpoint,
+        wall_s=time.perf_counter() - loop.t_start,
+        signal=stop_signal.raised,
+        message=loop.message,
+        skipped_updates=loop.skipped,
+    )
+    loop.emit("on_end", result)
+    return result
+
+
+def _batch_span(start_step: int, run: RunConfig, stop_at: int | None):
+    """The batches `fit` runs, `(first, end)`, resuming at `start_step`
+    updates and ending at `stop_at` (rounded down to a whole batch)."""
+    upb = run.updates_per_batch
     if start_step % upb != 0:
         raise ValueError(
             f"train_state.step={start_step} is not a whole number of batches "
@@ -263,165 +335,181 @@ def fit(
     stop_batch = run.total_batches
     if stop_at is not None:
         stop_batch = min(stop_batch, max(start_batch, stop_at // upb))
-    resets = run.resets_state if train_resets is None else train_resets
-    ckpt_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
-    skip = run.on_nonfinite == "skip"
-    step_fn = make_train_step(
-        optimizer,
-        update_len=run.update_len,
-        mesh=mesh,
-        doc_masking=run.doc_masking,
-        skip_nonfinite=skip,
-    )
-    history: list[dict[str, Any]] = []
-    ts = train_state
-    state: dict[str, Any] = dict(
-        validation=None, checkpoint=None, saved_at=time.monotonic(), message=""
-    )
+    return start_batch, stop_batch
 
-    def emit(name: str, *args: Any) -> None:
-        for cb in callbacks:
+
+def _divergence(
+    metrics: Mapping[str, Any], run: RunConfig, skipped: int, previous: int, step: int
+) -> tuple[int, str | None]:
+    """`run.on_nonfinite` after the batch of updates `previous + 1 .. step`:
+    the updates skipped so far, and why the run diverged (None: it did not).
+    One sync per batch."""
+    if run.on_nonfinite == "skip":
+        skipped += int(metrics["skipped_updates"])
+        if skipped > run.max_skipped:
+            return skipped, (
+                f"{skipped} updates skipped for a non-finite loss or gradient by "
+                f"update {step} (max_skipped={run.max_skipped})"
+            )
+        return skipped, None
+    if not bool(jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])):
+        span = (
+            f"update {step}"
+            if step - previous == 1
+            else f"updates {previous + 1}-{step}"
+        )
+        return skipped, f"non-finite loss or gradient norm in {span}"
+    return skipped, None
+
+
+class _Loop:
+    """What `fit`'s steps share: the train state, the records so far, the
+    callbacks and the checkpoints (written in a background thread; the loop
+    stalls only for the device-to-host copy)."""
+
+    def __init__(
+        self,
+        train_state: TrainState,
+        run: RunConfig,
+        *,
+        eval_stream: AbstractStream | None,
+        mesh: Mesh | None,
+        checkpoint_dir: str | os.PathLike | None,
+        checkpoint_meta: Mapping[str, Any] | None,
+        callbacks: Sequence[Callback],
+    ):
+        self.ts = train_state
+        self.run = run
+        self.eval_stream = eval_stream
+        self.mesh = mesh
+        self.ckpt_dir = None if checkpoint_dir is None else Path(checkpoint_dir)
+        self.checkpoint_meta = checkpoint_meta
+        self.callbacks = callbacks
+        self.history: list[dict[str, Any]] = []
+        self.validation: dict[str, float] | None = None
+        self.checkpoint: Path | None = None  # the last one written
+        self.saved_at = time.monotonic()
+        self.message = ""
+        self.saver = AsyncCheckpointer()
+        self.skipped = 0  # updates left out for a non-finite loss or gradient
+        self.tokens_since_log = 0
+
+    def start(self, start_step: int, stop_step: int) -> None:
+        """`on_start`, then the clock of `wall_s` and the tokens per second."""
+        for cb in self.callbacks:
+            cb.on_start(run=self.run, start_step=start_step, stop_step=stop_step)
+        self.t_start = self.logged_at = time.perf_counter()
+
+    def emit(self, name: str, *args: Any) -> None:
+        for cb in self.callbacks:
             getattr(cb, name)(*args)
 
-    # Checkpoint files are written in a background thread; the loop stalls
-    # only for the device-to-host copy. `on_checkpoint` fires once a write
-    # is complete (at the next checkpoint or the end of `fit`).
-    saver = AsyncCheckpointer()
-
-    def finished(done: tuple[int, Path] | None) -> None:
+    def finished(self, done: tuple[int, Path] | None) -> None:
+        """`on_checkpoint` once a write is complete (at the next checkpoint
+        or the end of `fit`)."""
         if done is not None:
-            state["checkpoint"] = done[1]
-            emit("on_checkpoint", *done)
+            self.checkpoint = done[1]
+            self.emit("on_checkpoint", *done)
 
-    def save(step: int, extra: Mapping[str, Any] | None = None) -> bool:
-        """Checkpoint `ts` unless it holds a non-finite parameter (then the
-        run has diverged: False)."""
-        if ckpt_dir is None:
+    def checkpoint_due(self, step: int) -> bool:
+        """Every `run.save_every` updates, or `run.save_every_minutes` after
+        the last checkpoint."""
+        run, minutes = self.run, self.run.save_every_minutes
+        due = run.save_every and step % run.save_every < run.updates_per_batch
+        late = minutes and time.monotonic() - self.saved_at >= 60 * minutes
+        return bool(due or late)
+
+    def save(self, step: int, extra: Mapping[str, Any] | None = None) -> bool:
+        """Checkpoint the train state unless it holds a non-finite parameter
+        (then the run has diverged: False)."""
+        if self.ckpt_dir is None:
             return True
-        if not _all_finite(ts.model):
-            state["message"] = f"a non-finite parameter after update {step}; not saved"
+        if not _all_finite(self.ts.model):
+            self.message = f"a non-finite parameter after update {step}; not saved"
             return False
-        state["saved_at"] = time.monotonic()
-        meta = dict(run=run.to_dict(), batch_index=step // upb)
-        meta.update(checkpoint_meta or {})
+        self.saved_at = time.monotonic()
+        meta = dict(
+            run=self.run.to_dict(), batch_index=step // self.run.updates_per_batch
+        )
+        meta.update(self.checkpoint_meta or {})
         meta.update(extra or {})
-        finished(saver.save(ckpt_dir, ts, step=step, meta=meta, keep=run.keep))
+        done = self.saver.save(
+            self.ckpt_dir, self.ts, step=step, meta=meta, keep=self.run.keep
+        )
+        self.finished(done)
         return True
 
-    def validate(step: int) -> None:
-        if eval_stream is None:
+    def validate(self, step: int) -> None:
+        if self.eval_stream is None:
             return
-        emit("on_eval_start", step)
-        val = evaluate_stream(ts.model, eval_stream, run, mesh=mesh)
-        state["validation"] = val
+        self.emit("on_eval_start", step)
+        val = evaluate_stream(self.ts.model, self.eval_stream, self.run, mesh=self.mesh)
+        self.validation = val
         record = dict(split="validation", step=step, **val)
-        history.append(record)
-        emit("on_eval", record)
+        self.history.append(record)
+        self.emit("on_eval", record)
 
-    for cb in callbacks:
-        cb.on_start(run=run, start_step=start_step, stop_step=stop_batch * upb)
-    tokens_per_batch = run.data.batch_size * run.data.seq_len
-    t_start = time.perf_counter()
-    t_last, tok_last = t_start, 0
-    step = start_step
-    status: FitStatus = "completed"
-    skipped = 0
-    minutes = run.save_every_minutes
-    with _StopSignals(handle_sigint) as stop_signal:
-        try:
-            for batch_index in range(start_batch, stop_batch):
-                _, window = train_stream.epoch_and_window(batch_index)
-                ts, metrics = step_fn(
-                    ts, train_stream.batch(batch_index), reset=resets(window)
-                )
-                previous, step = step, (batch_index + 1) * upb
-                tok_last += tokens_per_batch
-                last = batch_index + 1 == stop_batch
-                if skip:
-                    skipped += int(metrics["skipped_updates"])
-                    if skipped > run.max_skipped:
-                        state["message"] = (
-                            f"{skipped} updates skipped for a non-finite loss or "
-                            f"gradient by update {step} (max_skipped="
-                            f"{run.max_skipped})"
-                        )
-                        status = "diverged"
-                        break
-                elif not bool(
-                    jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
-                ):
-                    span = (
-                        f"update {step}"
-                        if step - previous == 1
-                        else f"updates {previous + 1}-{step}"
-                    )
-                    state["message"] = f"non-finite loss or gradient norm in {span}"
-                    status = "diverged"
-                    break
-                emit("on_step", step, metrics, ts)
-                if step % run.log_every < upb or last:
-                    m = {k: float(v) for k, v in metrics.items()}
-                    now = time.perf_counter()
-                    record = dict(
-                        split="train",
-                        step=step,
-                        tokens_per_s=tok_last / max(now - t_last, 1e-9),
-                        elapsed_s=now - t_start,
-                        **m,
-                    )
-                    t_last, tok_last = now, 0
-                    history.append(record)
-                    emit("on_log", record)
-                if stop_signal.raised is not None:
-                    status = "interrupted"
-                    break
-                if run.eval_every and step % run.eval_every < upb and not last:
-                    validate(step)
-                due = run.save_every and step % run.save_every < upb
-                late = minutes and time.monotonic() - state["saved_at"] >= 60 * minutes
-                if (due or late) and not last and not save(step):
-                    status = "diverged"
-                    break
-        except StopTraining:
-            status = "stopped"
-        except KeyboardInterrupt:
-            # The last completed batch is saved unless its buffers were
-            # donated to a step that did not finish.
-            if ckpt_dir is not None and step > start_step and _is_alive(ts):
-                save(step, dict(interrupted=True))
-            finished(saver.wait())
-            raise
-        except BaseException:
-            finished(saver.wait())  # the write in flight completes first
-            raise
-    if status == "interrupted":
-        if step > start_step and not save(step, dict(interrupted=True)):
-            status = "diverged"
-    elif status == "completed" and stop_batch < run.total_batches:
-        status = "stopped"
-        if not save(step):
-            status = "diverged"
-    elif status == "completed":
-        validate(step)
-        # `completed`: nothing is left to do; a resume of this checkpoint with
-        # the same `steps` has no work (the CLI says so and writes nothing).
-        final: dict[str, Any] = dict(completed=True)
-        if state["validation"] is not None:
-            final["validation"] = state["validation"]
-        if not save(step, final):
-            status = "diverged"
-    finished(saver.wait())
-    result = FitResult(
-        train_state=ts,
-        status=status,
-        step=step,
-        history=history,
-        validation=state["validation"],
-        checkpoint=state["checkpoint"],
-        wall_s=time.perf_counter() - t_start,
-        signal=stop_signal.raised,
-        message=state["message"],
-        skipped_updates=skipped,
-    )
-    emit("on_end", result)
-    return result
+    def after_batch(
+        self,
+        metrics: Mapping[str, Any],
+        previous: int,
+        step: int,
+        last: bool,
+        stop_signal: _StopSignals,
+    ) -> FitStatus | None:
+        """After the batch of updates `previous + 1 .. step`: the divergence
+        check, `on_step`, the training log, the validation and checkpoint
+        when due; the status the loop ends with (None: it goes on)."""
+        run, upb = self.run, self.run.updates_per_batch
+        self.tokens_since_log += run.data.batch_size * run.data.seq_len
+        self.skipped, why = _divergence(metrics, run, self.skipped, previous, step)
+        if why is not None:
+            self.message = why
+            return "diverged"
+        self.emit("on_step", step, metrics, self.ts)
+        if step % run.log_every < upb or last:
+            self.log_train(step, metrics)
+        if stop_signal.raised is not None:
+            return "interrupted"
+        if run.eval_every and step % run.eval_every < upb and not last:
+            self.validate(step)
+        if self.checkpoint_due(step) and not last and not self.save(step):
+            return "diverged"
+        return None
+
+    def log_train(self, step: int, metrics: Mapping[str, Any]) -> None:
+        """The `on_log` record: the metrics as floats (this waits for the
+        step) and the tokens per second since the last record."""
+        m = {k: float(v) for k, v in metrics.items()}
+        now = time.perf_counter()
+        record = dict(
+            split="train",
+            step=step,
+            tokens_per_s=self.tokens_since_log / max(now - self.logged_at, 1e-9),
+            elapsed_s=now - self.t_start,
+            **m,
+        )
+        self.logged_at, self.tokens_since_log = now, 0
+        self.history.append(record)
+        self.emit("on_log", record)
+
+    def wrap_up(
+        self, status: FitStatus, step: int, *, resumed_at: int, cut_short: bool
+    ) -> FitStatus:
+        """The checkpoint (and, for a completed run, the final validation)
+        after the loop ended with `status`; the final status."""
+        if status == "interrupted":
+            if step > resumed_at and not self.save(step, dict(interrupted=True)):
+                return "diverged"
+        elif status == "completed" and cut_short:  # at stop_at
+            return "stopped" if self.save(step) else "diverged"
+        elif status == "completed":
+            self.validate(step)
+            # `completed`: nothing is left to do; a resume of this checkpoint
+            # with the same `steps` has no work (the CLI says so, writes nothing).
+            final: dict[str, Any] = dict(completed=True)
+            if self.validation is not None:
+                final["validation"] = self.validation
+            if not self.save(step, final):
+                return "diverged"
+        return status
