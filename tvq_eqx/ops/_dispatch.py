@@ -279,6 +279,7 @@ def check_doc_starts(doc_starts, query=None, *, shape=None, where=None):
             f"doc_starts must be a bool array [batch, seq]; got {type(doc_starts).__name__}"
         )
     if shape is None:
+        assert query is not None, "check_doc_starts needs query or shape"
         shape, where = tuple(query.shape[:2]), f"shape {tuple(query.shape[:2])}"
         where += f" [batch, seq] (query {tuple(query.shape)})"
     if tuple(doc_starts.shape) != tuple(shape):
