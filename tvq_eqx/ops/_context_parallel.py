@@ -150,16 +150,51 @@ def vq_attention_context_parallel(
     )  # fmt: skip
     if state is None:
         state = VQAttentionState.empty_for(key, value, codebook, mem_len=mem_len)
-    n_dev = jax.lax.axis_size(axis_name)
-    dev = jax.lax.axis_index(axis_name)
-    n_code = codebook.shape[1]
-    m = mem_len
-
     # 1. The boundary block: this chunk's last M keys are the next chunk's window.
     codes = quantize(key, codebook)
     khat = straight_through(
         key, gather_codes(jax.lax.stop_gradient(codebook).astype(key.dtype), codes)
     )
+    window = _incoming_window(
+        codes, khat, value, state, doc_starts, axis_name=axis_name, mem_len=mem_len
+    )
+    # 2.-3. The cache before this chunk, from every earlier chunk's summary.
+    cache_count, cache_mean = _cache_before_chunk(
+        codes, value, state, window, doc_starts, axis_name=axis_name,
+        n_code=codebook.shape[1], block_len=block_len, cache_decay=cache_decay,
+    )  # fmt: skip
+    win_code, win_key, win_value, length = window
+    local = VQAttentionState(
+        window_code=win_code,
+        window_key=win_key.astype(state.window_key.dtype),
+        window_value=win_value.astype(state.window_value.dtype),
+        length=length.astype(jnp.int32),
+        cache_count=cache_count,
+        cache_mean=cache_mean.astype(cache_dtype(state.cache_mean.dtype)),
+    )
+
+    # The chunk's keys are quantized once: the boundary block above and the
+    # attention share the codes.
+    out, after = run_resolved(
+        query, key, value, codebook, local, opts, scale=scale,
+        rel_query=rel_query, rel_table=rel_table, doc_starts=doc_starts,
+        codes=codes,
+    )  # fmt: skip
+    # The state after the sequence is the last device's; hand it to all.
+    last = jax.lax.axis_index(axis_name) == jax.lax.axis_size(axis_name) - 1
+    final = jax.tree.map(
+        lambda x: jax.lax.psum(jnp.where(last, x, jnp.zeros_like(x)), axis_name),
+        after,
+    )
+    return out, final
+
+
+def _incoming_window(codes, khat, value, state, doc_starts, *, axis_name, mem_len):
+    """This device's window: the previous device's last `mem_len` codes,
+    codewords and values (`ppermute`), or the incoming state's on device 0;
+    with its valid length (whole, unless a document starts in it)."""
+    m, c = mem_len, codes.shape[1]
+    n_dev = jax.lax.axis_size(axis_name)
     to_next = [(i, i + 1) for i in range(n_dev - 1)]
     sent = (codes[:, c - m :], khat[:, c - m :], value[:, c - m :])
     got_code, got_key, got_value = (
@@ -173,12 +208,26 @@ def vq_attention_context_parallel(
         if length_after is None
         else jax.lax.ppermute(length_after, axis_name, to_next)
     )
-    first = dev == 0
+    first = jax.lax.axis_index(axis_name) == 0
     win_code = jnp.where(first, state.window_code, got_code)
     win_key = jnp.where(first, state.window_key.astype(khat.dtype), got_key)
     win_value = jnp.where(first, state.window_value.astype(value.dtype), got_value)
     length = jnp.where(first, state.length, got_length)
+    return win_code, win_key, win_value, length
 
+
+def _cache_before_chunk(
+    codes, value, state, window, doc_starts, *, axis_name, n_code, block_len,
+    cache_decay,
+):  # fmt: skip
+    """The cache this device's chunk starts from (count `[B, H, S]`, mean
+    `[B, H, S, V]`, float32): the incoming state's carried through the maps
+    of the devices before it."""
+    win_code, _, win_value, length = window
+    b, c = codes.shape[:2]
+    m = win_code.shape[1]
+    dev = jax.lax.axis_index(axis_name)
+    n_dev = jax.lax.axis_size(axis_name)
     # 2. What this chunk does to the cache: the first C entries of [window,
     # chunk] leave the window within the chunk.
     ext_code = jnp.concatenate([win_code, codes], axis=1)
@@ -210,29 +259,7 @@ def vq_attention_context_parallel(
         "db,dbhsv->bhsv", weight, totals, precision=HIGHEST
     )
     cache_mean = cache_sum / jnp.where(cache_count > 0, cache_count, 1.0)[..., None]
-    local = VQAttentionState(
-        window_code=win_code,
-        window_key=win_key.astype(state.window_key.dtype),
-        window_value=win_value.astype(state.window_value.dtype),
-        length=length.astype(jnp.int32),
-        cache_count=cache_count,
-        cache_mean=cache_mean.astype(cache_dtype(state.cache_mean.dtype)),
-    )
-
-    # The chunk's keys are quantized once: the boundary block above and the
-    # attention share the codes.
-    out, after = run_resolved(
-        query, key, value, codebook, local, opts, scale=scale,
-        rel_query=rel_query, rel_table=rel_table, doc_starts=doc_starts,
-        codes=codes,
-    )  # fmt: skip
-    # The state after the sequence is the last device's; hand it to all.
-    last = dev == n_dev - 1
-    final = jax.tree.map(
-        lambda x: jax.lax.psum(jnp.where(last, x, jnp.zeros_like(x)), axis_name),
-        after,
-    )
-    return out, final
+    return cache_count, cache_mean
 
 
 def vq_attention_sharded(

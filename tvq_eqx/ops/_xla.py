@@ -81,8 +81,34 @@ def vq_attention_xla(
     q_start = None
     if ext.last_start is not None:
         q_start = _blocks(ext.last_start[:, M:], L)  # [B, N, L]
-
     q_blk = _blocks(query, L)  # [B, N, L, H, K]
+    win_scores, v_win = _window_scores(
+        q_blk, ext, q_start, scale=scale, rel_query=rel_query, rel_table=rel_table,
+        mem_len=M, block_len=L, cache_grad=cache_grad,
+        sliding=not use_cache and sliding_window,
+    )  # fmt: skip
+    cache_scores = None
+    if use_cache:
+        cache_scores = _cache_scores(q_blk, pro, q_start, scale=scale, block_len=L)
+    out = _softmax_combine(
+        win_scores, v_win, cache_scores, None if not use_cache else pro.block_mean
+    )
+    out = out.reshape(b, t, h, d_v).astype(value.dtype)
+    return out, next_state(
+        state, ext, pro.new_count, _present(pro.new_mean), cache_grad=cache_grad
+    )
+
+
+def _window_scores(
+    q_blk, ext, q_start, *, scale, rel_query, rel_table, mem_len: int,
+    block_len: int, cache_grad: bool, sliding: bool,
+):  # fmt: skip
+    """Each block's queries against its window (the `mem_len` keys before it
+    and its own block), masked (causal, padding, `sliding`: distance <=
+    `mem_len`, other documents): scores `[B, N, L, H, W]` and the window's
+    values `[B, N, W, H, V]`."""
+    M, L = mem_len, block_len
+    t = q_blk.shape[1] * L
     k_win = block_windows(ext.khat, mem_len=M, block_len=L)  # [B, N, W, H, K]
     v_win = block_windows(ext.value, mem_len=M, block_len=L)  # [B, N, W, H, V]
     valid_win = block_windows(ext.valid, mem_len=M, block_len=L)  # [B, N, W]
@@ -90,7 +116,6 @@ def vq_attention_xla(
         # Columns before the block come from the state between blocks: constant.
         k_win = jnp.concatenate([sg(k_win[:, :, :M]), k_win[:, :, M:]], axis=2)
         v_win = jnp.concatenate([sg(v_win[:, :, :M]), v_win[:, :, M:]], axis=2)
-
     win_scores = scale * jnp.einsum(
         "bnrhk,bnchk->bnrhc",
         q_blk,
@@ -104,53 +129,62 @@ def vq_attention_xla(
             _blocks(rel_query, L), require_rel_table(rel_table), dist
         )
     keep = dist >= 0
-    if not use_cache and sliding_window:
+    if sliding:
         keep = keep & (dist <= M)
     keep = keep[None, None] & valid_win[:, :, None, :]  # [B, N, L, W]
     if q_start is not None:
         # Keys of earlier documents: before the query's last start.
         k_idx = block_windows(jnp.arange(M + t)[None], mem_len=M, block_len=L)
         keep = keep & (k_idx[:, :, None, :] >= q_start[..., None])
-    win_scores = jnp.where(keep[:, :, :, None, :], win_scores, MASK_VALUE)
+    return jnp.where(keep[:, :, :, None, :], win_scores, MASK_VALUE), v_win
+
+
+def _cache_scores(q_blk, pro, q_start, *, scale, block_len: int):
+    """Each block's queries against every codeword of the cache before its
+    window, with the log-count bias (`[B, N, L, H, S]`); masked for queries
+    whose document starts after the cache's keys."""
+    L = block_len
+    cache_scores = scale * jnp.einsum(
+        "bnrhk,hsk->bnrhs",
+        q_blk,
+        pro.codebook,
+        precision=HIGHEST,
+        preferred_element_type=jnp.float32,
+    )
+    cache_scores = cache_scores + log_count_bias(pro.block_count)[:, :, None]
+    if q_start is not None:
+        # The cache holds keys before the block's window (ext < nL): none
+        # of the query's document if its last start is at or after nL.
+        n_first = (jnp.arange(q_blk.shape[1]) * L)[None, :, None]
+        sees = (q_start < n_first)[..., None, None]  # [B, N, L, 1, 1]
+        cache_scores = jnp.where(sees, cache_scores, MASK_VALUE)
+    return cache_scores
+
+
+def _softmax_combine(win_scores, v_win, cache_scores, cache_means):
+    """One softmax over the window's and the cache's scores (`cache_scores`
+    None: the window alone), applied to the window's values and the cache's
+    means: float32 `[B, N, L, H, V]`."""
     max_score = jnp.max(win_scores, axis=-1)  # [B, N, L, H]
-
-    if use_cache:
-        cache_scores = scale * jnp.einsum(
-            "bnrhk,hsk->bnrhs",
-            q_blk,
-            pro.codebook,
-            precision=HIGHEST,
-            preferred_element_type=jnp.float32,
-        )
-        cache_scores = cache_scores + log_count_bias(pro.block_count)[:, :, None]
-        if q_start is not None:
-            # The cache holds keys before the block's window (ext < nL): none
-            # of the query's document if its last start is at or after nL.
-            n_first = (jnp.arange(t // L) * L)[None, :, None]
-            sees = (q_start < n_first)[..., None, None]  # [B, N, L, 1, 1]
-            cache_scores = jnp.where(sees, cache_scores, MASK_VALUE)
+    if cache_scores is not None:
         max_score = jnp.maximum(max_score, jnp.max(cache_scores, axis=-1))
-
-    # One softmax over both parts; the max is a constant shift (no gradient needed).
+    # The max is a constant shift (no gradient needed).
     max_score = sg(max_score)[..., None]
     win_p = jnp.exp(win_scores - max_score)
     denom = jnp.sum(win_p, axis=-1)
     out = jnp.einsum(
         "bnrhc,bnchv->bnrhv", win_p, v_win.astype(jnp.float32), precision=HIGHEST
     )
-    if use_cache:
+    if cache_scores is not None:
         cache_p = jnp.exp(cache_scores - max_score)
         denom = denom + jnp.sum(cache_p, axis=-1)
         out = out + jnp.einsum(
             "bnrhs,bnhsv->bnrhv",
             cache_p,
-            _present(pro.block_mean).astype(jnp.float32),
+            _present(cache_means).astype(jnp.float32),
             precision=HIGHEST,
         )
-    out = (out / denom[..., None]).reshape(b, t, h, d_v).astype(value.dtype)
-    return out, next_state(
-        state, ext, pro.new_count, _present(pro.new_mean), cache_grad=cache_grad
-    )
+    return out / denom[..., None]
 
 
 def _present(x):
