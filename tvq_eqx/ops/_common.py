@@ -170,6 +170,16 @@ def validate_inputs(
     `mem_len` is the resolved window length (`resolve_mem_len`); None skips
     the checks that need it.
     """
+    _check_ranks_and_dtypes(query, key, value, codebook)
+    _check_shapes_agree(query, key, value, codebook)
+    _check_blocks(query, key, codebook, block_len)
+    _check_relative_bias(query, rel_query, rel_table, mem_len)
+    if state is not None:
+        _check_state_shapes(state, query, value, codebook, mem_len)
+
+
+def _check_ranks_and_dtypes(query, key, value, codebook) -> None:
+    """Arrays of the right rank and a floating dtype."""
     names = dict(query=query, key=key, value=value)
     for name, x in names.items():
         if not hasattr(x, "shape") or x.ndim != 4:
@@ -186,6 +196,11 @@ def validate_inputs(
                 f"{name} must be a floating-point array; got dtype {x.dtype} "
                 f"(shape {tuple(x.shape)})"
             )
+
+
+def _check_shapes_agree(query, key, value, codebook) -> None:
+    """The shared axes agree: key as query, value's [batch, seq, heads], the
+    codebook's heads and d_k."""
     b, t, h, d_k = query.shape
     if key.shape != query.shape:
         raise ValueError(
@@ -202,6 +217,11 @@ def validate_inputs(
             f"codebook must be [heads={h}, codes, d_k={d_k}] to match query "
             f"{tuple(query.shape)}; got {tuple(codebook.shape)}"
         )
+
+
+def _check_blocks(query, key, codebook, block_len) -> None:
+    """Whole blocks (the op's home of that rule), a key space, a code."""
+    t, d_k = query.shape[1], query.shape[3]
     block_len = as_int("block_len", block_len, 1)
     if d_k == 0:
         # No key space: every key would tie on code 0 and the default scale
@@ -220,6 +240,12 @@ def validate_inputs(
             f"seq length {t} (query {tuple(query.shape)}) must be a multiple "
             f"of block_len={block_len}"
         )
+
+
+def _check_relative_bias(query, rel_query, rel_table, mem_len) -> None:
+    """Both or neither of `rel_query` / `rel_table`, shaped for the query,
+    the table's range within the window."""
+    h, d_k = query.shape[2], query.shape[3]
     if (rel_query is None) != (rel_table is None):
         raise ValueError("rel_query and rel_table must be given together")
     if rel_query is not None and rel_table is not None:
@@ -239,27 +265,31 @@ def validate_inputs(
                 f"0..{rel_table.shape[0] - 1}, but the bias range must be <= "
                 f"mem_len={mem_len} (the window of directly attended keys)"
             )
-    if state is not None:
-        check_state(state)
-        s = codebook.shape[1]
-        d_v = value.shape[3]
-        m = state.window_code.shape[1] if mem_len is None else mem_len
-        want = dict(
-            window_code=(b, m, h),
-            window_key=(b, m, h, d_k),
-            window_value=(b, m, h, d_v),
-            length=(b,),
-            cache_count=(b, h, s),
-            cache_mean=(b, h, s, d_v),
-        )
-        for field, shape in want.items():
-            got = getattr(state, field).shape
-            if tuple(got) != shape:
-                raise ValueError(
-                    f"state.{field} must have shape {shape} for query "
-                    f"{tuple(query.shape)}, value {tuple(value.shape)}, codebook "
-                    f"{tuple(codebook.shape)}, mem_len={m}; got {tuple(got)}"
-                )
+
+
+def _check_state_shapes(state, query, value, codebook, mem_len) -> None:
+    """A state whose every field is shaped for these inputs and window."""
+    b, _, h, d_k = query.shape
+    check_state(state)
+    s = codebook.shape[1]
+    d_v = value.shape[3]
+    m = state.window_code.shape[1] if mem_len is None else mem_len
+    want = dict(
+        window_code=(b, m, h),
+        window_key=(b, m, h, d_k),
+        window_value=(b, m, h, d_v),
+        length=(b,),
+        cache_count=(b, h, s),
+        cache_mean=(b, h, s, d_v),
+    )
+    for field, shape in want.items():
+        got = getattr(state, field).shape
+        if tuple(got) != shape:
+            raise ValueError(
+                f"state.{field} must have shape {shape} for query "
+                f"{tuple(query.shape)}, value {tuple(value.shape)}, codebook "
+                f"{tuple(codebook.shape)}, mem_len={m}; got {tuple(got)}"
+            )
 
 
 _STATE_DTYPES = dict(
