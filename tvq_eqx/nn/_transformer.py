@@ -21,11 +21,74 @@ AttentionState = VQAttentionState | FullAttentionState
 
 
 class TransformerState(eqx.Module):
-    """Streaming state of the whole model: one `VQAttentionState` per attention
-    unit (two per layer, in order) and the absolute position of the next token."""
+    """Streaming state of the whole model: the state of every attention unit
+    and the absolute position of the next token.
 
-    units: tuple[AttentionState, ...]
+    Stored like the layer stack (`LayerStack`): `stacked[j]` is one
+    `VQAttentionState` (or `FullAttentionState`) holding unit `j` of every
+    layer (`j = 0` the first unit of a layer, `1` the second), each array with
+    a leading `[n_layer]` axis, as `model.layers.stacked.units[j]` holds their
+    parameters. The layer scan reads and writes this pair as it is, so no
+    call copies the carried caches to stack or unstack them.
+
+    `state.unit(i)` is attention unit `i` in call order (layer `i // 2`,
+    position `i % 2`, as `model.attention_units()`), a per-unit view with the
+    layer axis sliced off; `state.units()` all of them;
+    `TransformerState.from_units` builds the state from per-unit states.
+    """
+
+    # A pair, not one state with a `[n_layer, 2]` axis: each layer calls its
+    # two units one after the other, so the scan body wants them apart.
+    stacked: tuple[AttentionState, AttentionState]
     position: Int[Array, ""]
+
+    @property
+    def n_layer(self) -> int:
+        """Layers the state is for (the leading axis of every array)."""
+        return self.stacked[0].length.shape[0]
+
+    @property
+    def batch_size(self) -> int:
+        return self.stacked[0].length.shape[1]
+
+    def unit(self, i: int) -> AttentionState:
+        """Attention unit `i`'s state (call order, `0 <= i < 2 * n_layer`);
+        array leaves sliced (a copy), ShapeDtypeStructs too."""
+        n = 2 * self.n_layer
+        if isinstance(i, bool) or not isinstance(i, (int, np.integer)):
+            raise TypeError(f"unit index must be an int; got {type(i).__name__}")
+        if not -n <= i < n:
+            raise IndexError(f"unit {i} out of range for {n} units")
+        layer, j = divmod(int(i) % n, 2)
+        return jax.tree.map(lambda x: _slice_leaf(x, layer), self.stacked[j])
+
+    def units(self) -> tuple[AttentionState, ...]:
+        """Every unit's state in call order (two per layer): `unit(i)` for
+        each `i`, the per-unit layout of checkpoint formats 2 to 4."""
+        return tuple(self.unit(i) for i in range(2 * self.n_layer))
+
+    @classmethod
+    def from_units(
+        cls, units: tuple[AttentionState, ...] | list, position: Int[Array, ""]
+    ) -> TransformerState:
+        """The state from per-unit states in call order (two per layer),
+        e.g. `state.units()` or the layout of checkpoint formats 2 to 4."""
+        if not units or len(units) % 2:
+            raise ValueError(
+                f"units must hold two states per layer; got {len(units)} states"
+            )
+        stacked = tuple(_stack_trees(units[j::2]) for j in range(2))
+        return cls(stacked=stacked, position=position)  # type: ignore[arg-type]
+
+    def _unit_shapes(self) -> AttentionState:
+        """Unit 0's state as ShapeDtypeStructs (for checks: no slicing)."""
+
+        def shape(x):
+            if not hasattr(x, "shape"):
+                return x
+            return jax.ShapeDtypeStruct(tuple(x.shape[1:]), x.dtype)
+
+        return jax.tree.map(shape, self.stacked[0])
 
 
 def layer_drop(
@@ -211,9 +274,9 @@ class Transformer(eqx.Module):
     layer `i`).
 
     The layers run as one `jax.lax.scan` over the stacked parameters;
-    `config.remat` wraps its body in `jax.checkpoint`. The state stays one
-    entry per attention unit (`state.units`, two per layer, in order);
-    stacked along the layer axis for the scan and split again after it.
+    `config.remat` wraps its body in `jax.checkpoint`. The state is stored
+    stacked the same way (`TransformerState.stacked`, one state per unit
+    position with a leading layer axis) and scanned over as it is.
 
     **Returns:** float32 log-probabilities `[batch, seq, n_vocab]`, the new
     state, and `aux = {"vq": stats}` where each entry of `stats` has a leading
@@ -271,8 +334,18 @@ class Transformer(eqx.Module):
             or batch_size <= 0
         ):
             raise ValueError(f"batch_size must be a positive int; got {batch_size!r}")
+        # One empty unit state (it depends on the config only), repeated
+        # along a leading layer axis for each unit position.
+        n = self.config.n_layer
+        stacked = tuple(
+            jax.tree.map(
+                lambda x: jnp.broadcast_to(x[None], (n, *x.shape)),
+                unit.init_state(batch_size),
+            )
+            for unit in self.layers.stacked.units
+        )
         return TransformerState(
-            units=tuple(u.init_state(batch_size) for u in self.attention_units()),
+            stacked=stacked,  # type: ignore[arg-type]
             position=jnp.zeros((), jnp.int32),
         )
 
@@ -317,11 +390,11 @@ class Transformer(eqx.Module):
             raise TypeError(
                 f"state must be a TransformerState (model.init_state); got {type(state).__name__}"
             )
-        if len(state.units) != 2 * c.n_layer:
+        if len(state.stacked) != 2 or state.n_layer != c.n_layer:
             raise ValueError(
-                f"state has {len(state.units)} units; the model has {2 * c.n_layer}"
+                f"state has {2 * state.n_layer} units; the model has {2 * c.n_layer}"
             )
-        first = state.units[0]
+        first = state._unit_shapes()
         want_b = first.length.shape[0]
         if tokens.shape[0] != want_b:
             raise ValueError(
@@ -377,8 +450,8 @@ class Transformer(eqx.Module):
         x = dropout(x, c.p_dropemb, keys[0])
 
         doc_starts = self._check_doc_starts(doc_starts, (b, t))
-        x, new_units, stats = self._run_layers(
-            x, state.units, mask, keys[1], seq_keys, doc_starts
+        x, new_stacked, stats = self._run_layers(
+            x, state.stacked, mask, keys[1], seq_keys, doc_starts
         )
 
         if self.out_norm is not None:
@@ -386,9 +459,7 @@ class Transformer(eqx.Module):
         tied = self.embedding.weight if self.head.weight is None else None
         logits = self.head(x, tied)
         logprobs = jax.nn.log_softmax(logits, axis=-1)
-        new_state = TransformerState(
-            units=tuple(new_units), position=state.position + t
-        )
+        new_state = TransformerState(stacked=new_stacked, position=state.position + t)
         return logprobs, new_state, {"vq": stats}
 
     def _check_codebook_tally(self, x: Array) -> Array:
@@ -407,16 +478,15 @@ class Transformer(eqx.Module):
             doc_starts, shape=shape, where=f"the tokens' shape {shape} [batch, seq]"
         )
 
-    def _run_layers(self, x, units, mask, layer_keys, seq_keys, doc_starts=None):
-        """`jax.lax.scan` of the layers over their stacked parameters, per-layer
-        attention states (stacked for the scan) and per-layer dropout keys.
+    def _run_layers(self, x, states, mask, layer_keys, seq_keys, doc_starts=None):
+        """`jax.lax.scan` of the layers over their stacked parameters, their
+        stacked attention states (`TransformerState.stacked`) and per-layer
+        dropout keys.
 
-        **Returns:** the output, the new per-unit states (a tuple, two per
-        layer) and the quantizer statistics with a leading `2 * n_layer` axis.
+        **Returns:** the output, the new stacked states (the same layout) and
+        the quantizer statistics with a leading `2 * n_layer` axis.
         """
         n = self.config.n_layer
-        # [n_layer] states for the first and for the second unit of each layer.
-        states = tuple(_stack_trees(units[j::2]) for j in range(2))
         params, static = eqx.partition(self.layers.stacked, eqx.is_array)
 
         def body(x, per_layer):
@@ -439,14 +509,9 @@ class Transformer(eqx.Module):
         x, (new_states, stats) = jax.lax.scan(
             body, x, (params, states, layer_keys, seq_keys)
         )
-        new_units = tuple(
-            jax.tree.map(lambda a, i=i: a[i], new_states[j])
-            for i in range(n)
-            for j in range(2)
-        )
         # [n_layer, 2, ...] -> [2 * n_layer, ...] in unit order.
         stats = jax.tree.map(lambda a: a.reshape(2 * n, *a.shape[2:]), stats)
-        return x, new_units, stats
+        return x, tuple(new_states), stats
 
     def _dropout_keys(self, key, sequence_key):
         """Per-call keys (embedding dropout, then `[n_layer]` keys for the

@@ -355,8 +355,11 @@ def _batch_sharded(mesh: Mesh) -> NamedSharding:
 
 
 def _attn_shardings(attn_state: TransformerState, mesh: Mesh):
+    # The unit states are stacked `[n_layer, batch, ...]`: split axis 1; the
+    # position (a scalar) is replicated.
+    layers_batch = NamedSharding(mesh, PartitionSpec(None, DATA_AXIS))
     return jax.tree.map(
-        lambda x: _batch_sharded(mesh) if jnp.ndim(x) >= 1 else _replicated(mesh),
+        lambda x: layers_batch if jnp.ndim(x) >= 1 else _replicated(mesh),
         attn_state,
     )
 
@@ -395,7 +398,7 @@ def shard_batch(
 def shard_train_state(train_state: TrainState, mesh: Mesh) -> TrainState:
     """Replicate model, optimizer state, step and rng; split the attention
     state along its batch axis."""
-    check_batch_splits(train_state.attn_state.units[0].length.shape[0], mesh)
+    check_batch_splits(train_state.attn_state.batch_size, mesh)
     rep = _replicated(mesh)
     dyn, static = eqx.partition(train_state, eqx.is_array)
     dyn = jax.tree.map(lambda x: jax.device_put(x, rep), dyn)
