@@ -392,12 +392,14 @@ def compile_train_step(args) -> dict:
     dyn, static = eqx.partition(like, is_sds)
     rep = NamedSharding(mesh, P())
     rows = NamedSharding(mesh, P("data"))
+    # The attention state's arrays are stacked [n_layer, batch, ...].
+    state_rows = NamedSharding(mesh, P(None, "data"))
 
     def sharding_of(path, x):
         # The attention state is split by batch row, everything else
         # replicated (train.shard_train_state's layout).
         in_attn = any(getattr(k, "name", None) == "attn_state" for k in path)
-        return rows if in_attn and x.ndim >= 1 else rep
+        return state_rows if in_attn and x.ndim >= 1 else rep
 
     dyn_shardings = jax.tree_util.tree_map_with_path(sharding_of, dyn)
     dyn_args = jax.tree.map(

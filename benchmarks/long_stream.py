@@ -195,7 +195,7 @@ def stream_model(tokens: int, segment: int) -> list[dict]:
         row["finite"] = all(bool(np.isfinite(o).all()) for o in outs.values())
         rows.append(row)
     dtypes = {
-        n: str(s.units[0].cache_mean.dtype)  # type: ignore[attr-defined]
+        n: str(s.stacked[0].cache_mean.dtype)  # type: ignore[attr-defined]
         for n, s in states.items()
     }
     return rows, dtypes

@@ -149,7 +149,7 @@ def test_old_unrolled_checkpoint_loads_into_stacked_layers(tmp_path):
     stream = _stream()
     # Format 2 predates the codebook tally: it loads as 1 (a whole number).
     ts = _run(build(), step, stream, 0, 1)
-    old = _checkpoint.without_tally(_checkpoint.unstack_layers(ts))
+    old = _old_layout(_checkpoint.without_tally(_checkpoint.unstack_layers(ts)))
     assert isinstance(old.model.layers, tuple) and len(old.model.layers) == 3
     path = train.save_checkpoint(tmp_path, old, step=1)
     _as_format(path, 2)
@@ -164,6 +164,11 @@ def test_old_unrolled_checkpoint_loads_into_stacked_layers(tmp_path):
     cont = _host_leaves(_run(ts, step, stream, 1, 2))
     for x, y in zip(cont, _host_leaves(_run(loaded, step, stream, 1, 2)), strict=True):
         assert np.array_equal(x, y)
+
+
+def _old_layout(ts):
+    """`ts` with the attention state one entry per unit (formats 2 to 4)."""
+    return _checkpoint.per_unit_state(ts)
 
 
 def _unit_tallies(ts):
@@ -189,11 +194,13 @@ def test_checkpoint_from_before_the_codebook_tally_loads(tmp_path):
         for u in ts.model.layers.stacked.units
     )
     # A format-4 file (with the tally) marked as format 3 does not match.
-    path = train.save_checkpoint(tmp_path / "new", ts, step=2)
+    path = train.save_checkpoint(tmp_path / "new", _old_layout(ts), step=2)
     _as_format(path, 3)
     with pytest.raises(train.CheckpointError, match="does not match.*format 3"):
         train.load_checkpoint(path, eqx.filter_eval_shape(build))
-    path = train.save_checkpoint(tmp_path, _checkpoint.without_tally(ts), step=1)
+    path = train.save_checkpoint(
+        tmp_path, _old_layout(_checkpoint.without_tally(ts)), step=1
+    )
     _as_format(path, 3)
     loaded, _ = train.load_checkpoint(tmp_path, eqx.filter_eval_shape(build))
     want = _unit_tallies(ts)
@@ -206,7 +213,7 @@ def test_checkpoint_from_before_the_codebook_tally_loads(tmp_path):
 
 def test_old_checkpoint_of_another_model_or_unknown_format_is_a_clear_error(tmp_path):
     _, build = _setup(CFG.replace(n_layer=2))
-    old = _checkpoint.without_tally(_checkpoint.unstack_layers(build()))
+    old = _old_layout(_checkpoint.without_tally(_checkpoint.unstack_layers(build())))
     path = train.save_checkpoint(tmp_path, old, step=1)
     _as_format(path, 2)
     _, other = _setup(CFG.replace(n_layer=2, d_model=48))
@@ -221,7 +228,7 @@ def test_old_checkpoint_of_another_model_or_unknown_format_is_a_clear_error(tmp_
         train.load_checkpoint(tmp_path, eqx.filter_eval_shape(build))
     _as_format(path, 99)
     with pytest.raises(
-        train.CheckpointError, match="format 99.*reads formats 2 .*, 3 .* and 4"
+        train.CheckpointError, match="format 99.*reads formats 2 .*, 3 .*, 4 .* and 5"
     ):
         train.load_checkpoint(tmp_path, eqx.filter_eval_shape(build))
 
@@ -243,8 +250,76 @@ def test_adafactor_state_without_per_layer_statistics_is_a_clear_error(
     new = train.make_optimizer("adafactor", warmup_steps=2, total_steps=4)
     monkeypatch.setattr(_optimizer, "per_layer", lambda inner: inner)
     old = build(train.make_optimizer("adafactor", warmup_steps=2, total_steps=4))
+    old = _old_layout(old)
     for version, tree in ((2, _checkpoint.unstack_layers(old)), (3, old)):
         path = train.save_checkpoint(tmp_path, tree, step=version)
         _as_format(path, version)
         with pytest.raises(train.CheckpointError, match="does not match.*Adafactor"):
             train.load_checkpoint(path, eqx.filter_eval_shape(build, new))
+
+
+def test_checkpoint_with_the_state_per_unit_loads_stacked(tmp_path):
+    # Format 4: the attention state one entry per unit (call order: layer 0's
+    # two units, then layer 1's, ...). It loads into the stacked layout
+    # (`TransformerState.stacked`) and trains on exactly as the original.
+    opt, build = _setup(CFG.replace(n_layer=3))
+    step = train.make_train_step(opt, update_len=16)
+    stream = _stream()
+    ts = _run(build(), step, stream, 0, 1)
+    old = _old_layout(ts)
+    assert len(old.attn_state.units) == 6
+    path = train.save_checkpoint(tmp_path, old, step=1)
+    _as_format(path, 4)
+    loaded, _ = train.load_checkpoint(tmp_path, eqx.filter_eval_shape(build))
+    assert isinstance(loaded.attn_state, tvq_eqx.TransformerState)
+    assert loaded.attn_state.stacked[1].cache_mean.shape[:2] == (3, 2)
+    for x, y in zip(_host_leaves(ts), _host_leaves(loaded), strict=True):
+        assert x.dtype == y.dtype and np.array_equal(x, y)
+    # A new (format 5) file marked as format 4 has the wrong leaf shapes.
+    path = train.save_checkpoint(tmp_path / "new", ts, step=1)
+    _as_format(path, 4)
+    with pytest.raises(train.CheckpointError, match="does not match.*format 4"):
+        train.load_checkpoint(path, eqx.filter_eval_shape(build))
+    cont = _host_leaves(_run(ts, step, stream, 1, 2))
+    for x, y in zip(cont, _host_leaves(_run(loaded, step, stream, 1, 2)), strict=True):
+        assert np.array_equal(x, y)
+
+
+def test_checkpoint_written_by_format_4_code_loads(tmp_path):
+    # Written by tvq-eqx b343857 (tests/fixtures/make_format4_checkpoint.py,
+    # which holds the config rebuilt here); its per-unit attention state was
+    # also saved as plain arrays by that code.
+    import shutil
+    from pathlib import Path
+
+    fixture = Path(__file__).parent / "fixtures" / "format4_checkpoint"
+    shutil.copytree(fixture, tmp_path / "ckpt")
+    cfg = tvq_eqx.TransformerConfig(
+        n_vocab=16, d_model=8, d_k=4, d_v=4, n_head=1, n_code=4, n_layer=2, block_len=4
+    )
+    opt = train.make_optimizer(learning_rate=1e-2, warmup_steps=1, total_steps=4)
+
+    def build():
+        model = tvq_eqx.Transformer(cfg, key=jax.random.key(0))
+        return train.init_train_state(model, opt, 2, key=jax.random.key(1))
+
+    loaded, meta = train.load_checkpoint(
+        tmp_path / "ckpt", eqx.filter_eval_shape(build)
+    )
+    assert meta["format_version"] == 4 and meta["step"] == 1
+    state = loaded.attn_state
+    want = np.load(fixture / "attn_state_units.npz")
+    assert state.n_layer == 2 and int(state.position) == int(want["position"]) == 8
+    for i, unit in enumerate(state.units()):
+        for k, x in enumerate(jax.tree.leaves(unit)):
+            y = want[f"unit{i}_{k}"]
+            assert np.asarray(x).dtype == y.dtype and np.array_equal(x, y)
+    # The cache is not empty: the check compares real values.
+    assert float(np.abs(want["unit3_5"]).max()) > 0
+    # ... and the state goes on: one more step from it runs and stays finite.
+    toks = np.arange(2 * 9, dtype=np.int32).reshape(2, 9) % 16
+    batch = dict(
+        inputs=toks[:, :8], targets=toks[:, 1:], loss_mask=np.ones((2, 8), np.float32)
+    )
+    nxt, metrics = train.make_train_step(opt, update_len=8)(loaded, batch)
+    assert np.isfinite(float(metrics["loss"])) and int(nxt.attn_state.position) == 16

@@ -44,7 +44,8 @@ def test_output_shapes_dtypes_and_normalisation(getkey):
     logprobs, state, aux = run(model, x, model.init_state(3))
     assert logprobs.shape == (3, 24, 256) and logprobs.dtype == jnp.float32
     np.testing.assert_allclose(jnp.exp(logprobs).sum(-1), 1.0, rtol=1e-5)
-    assert int(state.position) == 24 and len(state.units) == 4
+    assert int(state.position) == 24 and len(state.units()) == 4
+    assert state.n_layer == 2 and state.stacked[0].length.shape == (2, 3)
     assert aux["vq"]["code_count"].shape == (4, 2, 16)
 
 
@@ -125,7 +126,7 @@ def test_bf16_activations_run_and_are_close(getkey):
     low = model.with_config(dtype="bfloat16")
     out, state, _ = run(low, x, low.init_state(2))
     # The carried cache stays float32 with bf16 activations (long streams).
-    assert out.dtype == jnp.float32 and state.units[0].cache_mean.dtype == jnp.float32
+    assert out.dtype == jnp.float32 and state.stacked[0].cache_mean.dtype == jnp.float32
     assert np.isfinite(np.asarray(out)).all()
     # bf16 activations (8-bit mantissa) through 4 units: a few percent of the
     # log-prob spread.
@@ -313,7 +314,7 @@ def test_layerdrop_per_unit_or_per_layer(getkey, layerdrop):
     u1, u2 = layer.units
     x = jax.random.normal(getkey(), (b, 8, SMALL["d_model"]))
     mask = jnp.ones((b, 8))
-    states = model.init_state(b).units[:2]
+    states = model.init_state(b).units()
     out, _, _ = layer(x, states, mask=mask, key=getkey(), sequence_key=getkey())
 
     def unit(u, y, st):
@@ -492,7 +493,7 @@ def _unrolled_call(model, x, state, key, sequence_key):
     for i in range(n):
         h, st, s = model.layers[i](
             h,
-            state.units[2 * i : 2 * i + 2],
+            state.units()[2 * i : 2 * i + 2],
             mask=mask,
             key=keys[i + 1],
             sequence_key=seq_keys[i],
@@ -502,6 +503,39 @@ def _unrolled_call(model, x, state, key, sequence_key):
     logits = model.head(model.out_norm(h), None)
     vq = jax.tree.map(lambda *a: jnp.stack(a), *stats)
     return jax.nn.log_softmax(logits, -1), units, vq
+
+
+def test_state_is_stored_stacked_with_a_per_unit_view(getkey):
+    # One state per unit position, every array [n_layer, batch, ...] (the
+    # layout the layer scan takes as it is); unit(i) is unit i in call order.
+    model = make(getkey, n_layer=3)
+    _, state, _ = run(model, tokens(getkey, 2, 16), model.init_state(2))
+    first, second = state.stacked
+    assert state.n_layer == 3 and state.batch_size == 2
+    assert first.cache_mean.shape == (3, 2, 2, 16, 12)
+    units = state.units()
+    assert len(units) == 6
+    for i, unit in enumerate(units):
+        layer, j = divmod(i, 2)
+        want = jax.tree.map(lambda x, layer=layer: x[layer], state.stacked[j])
+        for a, b in zip(jax.tree.leaves(unit), jax.tree.leaves(want), strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    for a, b in zip(
+        jax.tree.leaves(state.unit(-1)), jax.tree.leaves(units[5]), strict=True
+    ):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    back = tvq_eqx.TransformerState.from_units(units, state.position)
+    assert jax.tree.structure(back) == jax.tree.structure(state)
+    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(state), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(IndexError, match="unit 6 out of range for 6 units"):
+        state.unit(6)
+    with pytest.raises(ValueError, match="two states per layer"):
+        tvq_eqx.TransformerState.from_units(units[:3], state.position)
+    # A state for another depth is refused with the unit counts.
+    other = make(getkey, n_layer=2)
+    with pytest.raises(ValueError, match="state has 6 units; the model has 4"):
+        other(tokens(getkey, 2, 16), state)
 
 
 @pytest.mark.parametrize("layerdrop", ["unit", "layer"])
@@ -522,9 +556,9 @@ def test_scanned_layers_equal_a_loop_over_layers(getkey, layerdrop):
     ref, ref_units, ref_vq = _unrolled_call(model, x, state, key, seq)
     out, new, aux = model(x, state, key=key, sequence_key=seq)
     assert_close(ref, out, 1e-6)
-    assert len(new.units) == 6
+    assert len(new.units()) == 6
     for a, b in zip(
-        jax.tree.leaves(ref_units), jax.tree.leaves(new.units), strict=True
+        jax.tree.leaves(ref_units), jax.tree.leaves(new.units()), strict=True
     ):
         assert_close(a, b, 1e-6)
     for k in ref_vq:

@@ -84,4 +84,4 @@ def test_four_device_train_steps_equal_one_device(setup):
             for s in shards[1:]:
                 np.testing.assert_array_equal(shards[0], s)
     # The carried attention state is split over the batch, not replicated.
-    assert not ts4.attn_state.units[0].cache_mean.sharding.is_fully_replicated
+    assert not ts4.attn_state.stacked[0].cache_mean.sharding.is_fully_replicated

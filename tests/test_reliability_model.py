@@ -171,7 +171,7 @@ def test_state_none_is_the_empty_history(model, batch):
     with pytest.raises(TypeError, match="tokens must be an integer array"):
         model(jnp.zeros((4, 16)))
     # A numpy batch size (e.g. `inputs.shape[0]` of a numpy computation).
-    assert model.init_state(np.int64(4)).units[0].length.shape == (4,)
+    assert model.init_state(np.int64(4)).unit(0).length.shape == (4,)
     # (The tests' runtime type checker may name it first: a TypeError.)
     with pytest.raises((ValueError, TypeError), match="batch_size"):
         model.init_state(np.bool_(True))

@@ -32,7 +32,7 @@ import equinox as eqx
 import jax
 import numpy as np
 
-from ..nn import LayerStack, VectorQuantizer, stack_layers
+from ..nn import LayerStack, TransformerState, VectorQuantizer, stack_layers
 
 # 2: the official-parity parameter layout (norm biases, output-head bias,
 # absolute-PE scale) and semantics (RMS q/k norm, codebook init, ...), one
@@ -42,9 +42,14 @@ from ..nn import LayerStack, VectorQuantizer, stack_layers
 # its per-layer arrays are stacked (`unstack_layers` gives its layout).
 # 4: format 3 plus `VectorQuantizer.ema_tally` (one scalar per quantizer and
 # layer). Formats 2 and 3 load, their tallies set to 1.
-FORMAT_VERSION = 4
+# 5: format 4 with the attention state stored stacked (`TransformerState.stacked`,
+# one state per unit position with a leading layer axis) instead of one state
+# per unit. Formats 2 to 4 load: their per-unit states are stacked
+# (`per_unit_state` gives their layout).
+FORMAT_VERSION = 5
 _UNROLLED_FORMAT = 2
 _NO_TALLY_FORMATS = (2, 3)
+_PER_UNIT_STATE_FORMATS = (2, 3, 4)
 LATEST = "LATEST"
 _STATE = "state.eqx"
 _META = "meta.json"
@@ -90,6 +95,46 @@ def restack_layers(like: Any, unrolled: Any) -> Any:
         like,
         unrolled,
         is_leaf=_is_stack,
+    )
+
+
+class _PerUnitState(eqx.Module):
+    """A `TransformerState` in the layout of checkpoint formats 2 to 4 (the
+    class's fields then): one state per attention unit in call order, then
+    the position; its leaves serialise in that order."""
+
+    units: tuple
+    position: Any
+
+
+def _is_state(x) -> bool:
+    return isinstance(x, (TransformerState, _PerUnitState))
+
+
+def per_unit_state(tree: Any) -> Any:
+    """`tree` with every `TransformerState` in the per-unit layout of
+    checkpoint formats 2 to 4 (`state.units()`, ShapeDtypeStructs too)."""
+    return jax.tree.map(
+        lambda x: (
+            _PerUnitState(x.units(), x.position)
+            if isinstance(x, TransformerState)
+            else x
+        ),
+        tree,
+        is_leaf=_is_state,
+    )
+
+
+def _stack_state(tree: Any) -> Any:
+    """Inverse of `per_unit_state` (on arrays)."""
+    return jax.tree.map(
+        lambda x: (
+            TransformerState.from_units(x.units, x.position)
+            if isinstance(x, _PerUnitState)
+            else x
+        ),
+        tree,
+        is_leaf=_is_state,
     )
 
 
@@ -423,11 +468,12 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
             "commit loss); its weights cannot be loaded into the current model. "
             "Retrain, or load it with the tvq-eqx version that wrote it."
         )
-    if meta.get("format_version") not in (FORMAT_VERSION, *_NO_TALLY_FORMATS):
+    if meta.get("format_version") not in (FORMAT_VERSION, *_PER_UNIT_STATE_FORMATS):
         raise CheckpointError(
             f"{p} has checkpoint format {meta.get('format_version')!r}; this "
             f"tvq-eqx reads formats {_UNROLLED_FORMAT} (layers unrolled), 3 (no "
-            f"codebook tally; both converted on load) and {FORMAT_VERSION}"
+            "codebook tally), 4 (attention state per unit; all converted on "
+            f"load) and {FORMAT_VERSION}"
         )
     meta["path"] = str(p)
     return meta
@@ -518,7 +564,8 @@ def load_checkpoint(path: str | os.PathLike, like: Any) -> tuple[Any, dict[str, 
     Verifies the format version, the SHA-256 of the arrays and every leaf's
     shape and dtype; raises `CheckpointError` with one clear line otherwise.
     A format-2 checkpoint (layers unrolled, one subtree per layer) is read in
-    that layout and its layers stacked into `like`'s.
+    that layout and its layers stacked into `like`'s; formats 2 to 4 hold one
+    attention state per unit, stacked into `TransformerState.stacked`.
 
     **Returns:** `(train_state, meta)`.
     """
@@ -534,9 +581,12 @@ def load_checkpoint(path: str | os.PathLike, like: Any) -> tuple[Any, dict[str, 
     version = meta["format_version"]
     unrolled = version == _UNROLLED_FORMAT
     no_tally = version in _NO_TALLY_FORMATS
+    per_unit = version in _PER_UNIT_STATE_FORMATS
     on_disk = unstack_layers(like) if unrolled else like
     if no_tally:
         on_disk = without_tally(on_disk)
+    if per_unit:
+        on_disk = per_unit_state(on_disk)
     layout = (
         f"checkpoint format {_UNROLLED_FORMAT} (layers unrolled, converted to the "
         "stacked layout)"
@@ -561,6 +611,8 @@ def load_checkpoint(path: str | os.PathLike, like: Any) -> tuple[Any, dict[str, 
     try:
         with open(state_path, "rb") as f:
             tree = eqx.tree_deserialise_leaves(f, on_disk)
+        if per_unit:
+            tree = _stack_state(tree)
         if unrolled:
             tree = restack_layers(without_tally(like), tree)
         if no_tally:
