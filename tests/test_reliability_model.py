@@ -305,9 +305,11 @@ def test_batch_sharded_jit_compiles_without_rematerialization(
     jax.jit(former, out_shardings=sharding).lower(b["targets"]).compile()
     assert warning in capfd.readouterr().err
 
-    # The attention state split by batch rows as the train step does.
+    # The attention state split by batch rows as the train step does (its
+    # arrays are stacked [n_layer, batch, ...]).
+    rows = NamedSharding(mesh, P(None, "data"))
     state = jax.tree.map(
-        lambda x: jax.device_put(x, sharding if x.ndim else NamedSharding(mesh, P())),
+        lambda x: jax.device_put(x, rows if x.ndim else NamedSharding(mesh, P())),
         model.init_state(4),
     )
     # The loss forward holds every check (tokens, targets, mask); the
