@@ -28,10 +28,13 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 # (name, kind, settings): small CPU shapes that time in milliseconds.
-BASE = dict(d_model=64, d_k=32, d_v=64, n_head=1, n_code=64, n_vocab=256)
-CASES = [
+BASE: dict[str, Any] = dict(
+    d_model=64, d_k=32, d_v=64, n_head=1, n_code=64, n_vocab=256
+)
+CASES: list[tuple[str, str, dict[str, Any]]] = [
     ("decode vq, 4 layers, batch 1", "decode",
      dict(model=dict(BASE, n_layer=4, block_len=32, attention="vq"), batch=1, context=256)),
     ("decode vq, 4 layers, batch 8", "decode",
@@ -70,15 +73,19 @@ def _worker(calls: int) -> None:
             first = jnp.asarray(rng.integers(0, cfg.n_vocab, (b,)), jnp.int32)
             args = (*_start(model, ctx, first, n), jax.random.key(1), jnp.float32(1.0))
 
-            def run(model=model, args=args):
+            def run_decode(model=model, args=args):
                 C.block(decode(model, *args))
+
+            run = run_decode
         else:
             compiled, dyn, batch = compile_step(model, s["batch"], s["seq"])
             box = [dyn]
 
-            def run(compiled=compiled, box=box, batch=batch):
+            def run_train(compiled=compiled, box=box, batch=batch):
                 box[0], loss = compiled(box[0], batch)  # donated: carry it on
                 C.block(loss)
+
+            run = run_train
 
         run()  # compile + warm-up, untimed
         runners.append(run)

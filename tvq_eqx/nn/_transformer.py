@@ -51,7 +51,7 @@ class TransformerState(eqx.Module):
     def batch_size(self) -> int:
         return self.stacked[0].length.shape[1]
 
-    def unit(self, i: int) -> AttentionState:
+    def unit(self, i: int | np.integer) -> AttentionState:
         """Attention unit `i`'s state (call order, `0 <= i < 2 * n_layer`);
         array leaves sliced (a copy), ShapeDtypeStructs too."""
         n = 2 * self.n_layer
