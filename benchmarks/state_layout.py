@@ -169,7 +169,7 @@ def main() -> None:
         q = statistics.quantiles(ratios[i], n=4)
         rows.append(
             f"| {name} | {b * 1e3:.2f} | {a * 1e3:.2f} | **{a / b:.3f}** | "
-            f"{q[0]:.3f} - {q[2]:.3f} |"
+            f"{q[1]:.3f} ({q[0]:.3f} - {q[2]:.3f}) |"
         )
     import jax
 
@@ -197,7 +197,7 @@ def main() -> None:
     )
     lines += [
         "| case | before ms (median) | after ms (median) | after / before | "
-        "per-round ratio, quartiles |",
+        "per-round after / before: median (quartiles) |",
         "|---|---:|---:|---:|---|",
         *rows,
     ]
