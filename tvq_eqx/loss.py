@@ -6,7 +6,7 @@ import math
 
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, PRNGKeyArray
+from jaxtyping import Array, Float, PRNGKeyArray
 
 from ._checks import check_token_ids, check_weights, out_of_range
 from .nn import Transformer, TransformerState
@@ -119,13 +119,7 @@ def loss_fn(
     `code_perplexity`, `dead_code_fraction`, `quant_rel_error`.
     """
     _check_batch(batch, model)
-    # Negative weights would make the loss negative, NaN would poison it.
-    if "loss_mask" in batch:
-        mask = check_weights(
-            jnp.asarray(batch["loss_mask"]).astype(jnp.float32), "batch['loss_mask']"
-        )
-    else:
-        mask = jnp.ones(batch["inputs"].shape, jnp.float32)
+    mask = _loss_mask(batch)
     logprobs, new_state, aux = model(
         batch["inputs"],
         state,
@@ -134,28 +128,62 @@ def loss_fn(
         sequence_key=sequence_key,
         doc_starts=batch.get("doc_starts"),
     )
-    n_vocab = model.config.n_vocab
-    # Any integer dtype (uint8 included). Where the mask is 0 a target is
-    # ignored, whatever its value: the -1 "ignore index" idiom works there.
-    ignored = mask == 0
-    targets = check_token_ids(
-        jnp.asarray(batch["targets"]), n_vocab, "batch['targets']", ignore=ignored
-    )
-    bad = out_of_range(targets, n_vocab)
-    if bad is not None:  # only ignored positions can be out of range here
-        targets = jnp.where(bad, jnp.zeros((), targets.dtype), targets)
-    token_logp = jnp.take_along_axis(logprobs, targets[..., None], axis=-1)[..., 0]
-    lm_sum = -jnp.sum(token_logp * mask)
-    n_tokens = jnp.sum(mask)
+    lm_sum, n_tokens = _lm_sums(logprobs, batch["targets"], mask)
     n_positions = float(mask.size)
     lm_loss = lm_sum / jnp.maximum(n_tokens, 1.0)
     if model.config.lm_loss_average == "positions":
         lm_term = lm_sum / n_positions
     else:
         lm_term = lm_loss
-
     vq = aux["vq"]
     commit = jnp.sum(vq["commit_sum"]) / n_positions
+    codebook_loss, codebook_term = _codebook_terms(model, vq)
+    loss = lm_term + model.config.c_beta * commit + codebook_term
+    metrics = dict(
+        loss=loss,
+        lm_loss=lm_loss,
+        lm_loss_sum=lm_sum,
+        token_count=n_tokens,
+        bits_per_token=lm_loss / math.log(2.0),
+        mask_fraction=n_tokens / n_positions,
+        commit_loss=commit,
+        codebook_loss=codebook_loss,
+        **codebook_metrics(vq),
+    )
+    metrics = {
+        k: jax.lax.stop_gradient(v).astype(jnp.float32) for k, v in metrics.items()
+    }
+    return loss, {"state": new_state, "metrics": metrics}
+
+
+def _loss_mask(batch: dict[str, Array]) -> Float[Array, "batch seq"]:
+    """`batch["loss_mask"]` as float32 weights (checked: negative weights
+    would make the loss negative, NaN would poison it), or all ones."""
+    if "loss_mask" in batch:
+        return check_weights(
+            jnp.asarray(batch["loss_mask"]).astype(jnp.float32), "batch['loss_mask']"
+        )
+    return jnp.ones(batch["inputs"].shape, jnp.float32)
+
+
+def _lm_sums(logprobs, targets, mask) -> tuple[Array, Array]:
+    """The masked negative log-likelihood summed, and the tokens counted.
+    Targets of any integer dtype (uint8 included); where the mask is 0 a
+    target is ignored, whatever its value (the -1 "ignore index" idiom)."""
+    n_vocab = logprobs.shape[-1]
+    targets = check_token_ids(
+        jnp.asarray(targets), n_vocab, "batch['targets']", ignore=mask == 0
+    )
+    bad = out_of_range(targets, n_vocab)
+    if bad is not None:  # only ignored positions can be out of range here
+        targets = jnp.where(bad, jnp.zeros((), targets.dtype), targets)
+    token_logp = jnp.take_along_axis(logprobs, targets[..., None], axis=-1)[..., 0]
+    return -jnp.sum(token_logp * mask), jnp.sum(mask)
+
+
+def _codebook_terms(model: Transformer, vq: dict[str, Array]) -> tuple[Array, Array]:
+    """The codebook surrogate's value (reported) and its term in the loss
+    (value 0, the surrogate's gradient: the EMA step and the tally's +1)."""
     # One term per unit position (first / second of each layer), each summed
     # over the stacked layers: statistics [2 * n_layer, ...] -> [n_layer, 2, ...].
     n_layer = model.config.n_layer
@@ -177,20 +205,4 @@ def loss_fn(
     # The surrogates' values are meaningless (only their gradients matter), so
     # they enter with value 0 and `loss` stays readable as LM loss + commit term.
     surrogate = codebook_loss + tally_loss
-    codebook_term = surrogate - jax.lax.stop_gradient(surrogate)
-    loss = lm_term + model.config.c_beta * commit + codebook_term
-    metrics = dict(
-        loss=loss,
-        lm_loss=lm_loss,
-        lm_loss_sum=lm_sum,
-        token_count=n_tokens,
-        bits_per_token=lm_loss / math.log(2.0),
-        mask_fraction=n_tokens / n_positions,
-        commit_loss=commit,
-        codebook_loss=codebook_loss,
-        **codebook_metrics(vq),
-    )
-    metrics = {
-        k: jax.lax.stop_gradient(v).astype(jnp.float32) for k, v in metrics.items()
-    }
-    return loss, {"state": new_state, "metrics": metrics}
+    return codebook_loss, surrogate - jax.lax.stop_gradient(surrogate)
