@@ -163,11 +163,35 @@ class VQAttention(eqx.Module):
         # Loud, in the unit itself: an optimizer other than the EMA rule moved
         # the codebook (the Transformer checks too; a user's module may not).
         x = error_if_any(x, ~self.quantizer.tally_is_whole(), TALLY_MESSAGE)
+        h, dv = c.n_head, c.d_v
+        dt = c.jnp_dtype
+        q, k, v, g = self._projections(x.astype(dt))
+        scale = c.d_k**-0.5
+        rel_table = self.rel_bias.table(key=sequence_key).astype(dt)
+        query = q + self.rel_bias.u.astype(dt)[None, None]
+        rel_query = (q + self.rel_bias.v.astype(dt)[None, None]) * scale
+        attn, new_state = self._attend(
+            query, k, v, state, scale=scale, rel_query=rel_query,
+            rel_table=rel_table, doc_starts=doc_starts,
+        )  # fmt: skip
+        gated = attn.reshape(b, t, h * dv) * g
+        out = jnp.einsum("bte,ed->btd", gated, self.w_o.astype(dt))
+        out = dropout(out, c.p_dropres, key)
+        stats = self.quantizer.statistics(k, mask)
+        if c.attention == "full":
+            # Keys are not quantized here: the commit term must not pull them.
+            stats["commit_sum"] = jax.lax.stop_gradient(stats["commit_sum"])
+        return out.astype(x.dtype), new_state, stats
+
+    def _projections(self, x):
+        """Queries and keys (normalised per head), values and gates (SiLU)
+        of the normed input: `[B, T, H, K]`, `[B, T, H, K]`, `[B, T, H, V]`,
+        `[B, T, H * V]`."""
+        c = self.config
+        b, t, _ = x.shape
         h, dk, dv = c.n_head, c.d_k, c.d_v
         dt = c.jnp_dtype
-        sin_key, res_key = sequence_key, key
-
-        xt = self.norm(x.astype(dt))
+        xt = self.norm(x)
         q = jnp.einsum("btd,de->bte", xt, self.w_q.astype(dt)).reshape(b, t, h, dk)
         kvg = jnp.einsum("btd,de->bte", xt, self.w_kvg.astype(dt))
         k, v, g = jnp.split(kvg, [h * dk, h * (dk + dv)], axis=-1)
@@ -175,12 +199,12 @@ class VQAttention(eqx.Module):
         q = qk_norm(q)
         k = qk_norm(k.reshape(b, t, h, dk))
         v = jax.nn.silu(v).reshape(b, t, h, dv)
-        g = jax.nn.silu(g)
+        return q, k, v, jax.nn.silu(g)
 
-        scale = dk**-0.5
-        rel_table = self.rel_bias.table(key=sin_key).astype(dt)
-        query = q + self.rel_bias.u.astype(dt)[None, None]
-        rel_query = (q + self.rel_bias.v.astype(dt)[None, None]) * scale
+    def _attend(self, query, k, v, state, *, scale, rel_query, rel_table, doc_starts):
+        """The attention this config names (full, context-parallel VQ, or
+        VQ / window on one device), with the state it carries."""
+        c = self.config
         if c.attention == "full":
             if not isinstance(state, FullAttentionState):
                 raise TypeError(
@@ -249,14 +273,7 @@ class VQAttention(eqx.Module):
                 cache_decay=c.cache_decay,
                 doc_starts=doc_starts,
             )
-        gated = attn.reshape(b, t, h * dv) * g
-        out = jnp.einsum("bte,ed->btd", gated, self.w_o.astype(dt))
-        out = dropout(out, c.p_dropres, res_key)
-        stats = self.quantizer.statistics(k, mask)
-        if c.attention == "full":
-            # Keys are not quantized here: the commit term must not pull them.
-            stats["commit_sum"] = jax.lax.stop_gradient(stats["commit_sum"])
-        return out.astype(x.dtype), new_state, stats
+        return attn, new_state
 
     def auxiliary_loss(
         self, stats: dict[str, Array], *, n_positions: int
