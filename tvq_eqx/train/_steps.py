@@ -222,22 +222,13 @@ def train_step(
         main_grads = _without_codebook(grads)
         metrics = dict(aux["metrics"], grad_norm=optax.tree.norm(main_grads))
         new_attn = jax.tree.map(jax.lax.stop_gradient, aux["state"])
-        if not skip_nonfinite:
-            return (new_params, new_opt_state, new_attn, rng), metrics
-        ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
-
-        def keep(new, old):
-            return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
-
-        metrics = {k: jnp.where(ok, v, 0.0) for k, v in metrics.items()}
-        metrics["skipped_updates"] = 1.0 - ok.astype(jnp.float32)
-        carry = (
-            keep(new_params, params),
-            keep(new_opt_state, opt_state),
-            keep(new_attn, attn),
-            rng,
-        )
-        return carry, metrics
+        if skip_nonfinite:
+            (new_params, new_opt_state, new_attn), metrics = _unless_nonfinite(
+                (new_params, new_opt_state, new_attn),
+                (params, opt_state, attn),
+                metrics,
+            )
+        return (new_params, new_opt_state, new_attn, rng), metrics
 
     init = (params, train_state.opt_state, attn, rng)
     (params, opt_state, attn, rng), metrics = jax.lax.scan(
@@ -253,6 +244,17 @@ def train_step(
         rng=jax.random.key_data(rng),
     )
     return new_state, _reduce_metrics(metrics)
+
+
+def _unless_nonfinite(new, old, metrics: dict[str, Array]):
+    """`new` where the update's loss and gradient norm are finite, else `old`
+    (the update is skipped); the metrics of a skipped update count as 0 and
+    `skipped_updates` counts it."""
+    ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+    kept = jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+    metrics = {k: jnp.where(ok, v, 0.0) for k, v in metrics.items()}
+    metrics["skipped_updates"] = 1.0 - ok.astype(jnp.float32)
+    return kept, metrics
 
 
 def _without_codebook(grads):
