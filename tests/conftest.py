@@ -15,6 +15,7 @@ replays it.
 import os
 import zlib
 
+import _compile_profile
 import jax
 import numpy as np
 import pytest
@@ -116,6 +117,7 @@ def _test_seed(nodeid: str) -> int:
 
 def pytest_configure(config):
     _test_seed("")  # a bad TVQ_TEST_SEED stops the run before any test
+    _compile_profile.register(config)  # TVQ_TEST_PROFILE_COMPILES=<path>
 
 
 @pytest.fixture
