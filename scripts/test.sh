@@ -9,4 +9,7 @@ scripts/setup.sh
 # Not with --pdb, which the rerun plugin refuses.
 rerun=(--reruns 1 --only-rerun '(?!)')
 for arg in "$@"; do [[ "$arg" == --pdb ]] && rerun=(); done
-exec .venv/bin/python -m pytest -q -n auto "${rerun[@]}" "$@"
+# --dist worksteal: each worker starts on a contiguous half of the tests (so a
+# module's fixtures mostly build once) and an idle worker takes half of what
+# the other has left (no long tail of queued tests behind one slow test).
+exec .venv/bin/python -m pytest -q -n auto --dist worksteal "${rerun[@]}" "$@"

@@ -8,7 +8,7 @@ throughout (CPU).
 - `jit` with batch-sharded (and head-sharded) operands: the compiled HLO of the
   forward and of `value_and_grad` has no all-gather, and the results equal the
   unsharded call (float32; the only difference is the order of the cross-device
-  sum in the `rel_table` gradient, measured <= 1e-6 relative).
+  sum in the `rel_table` gradient, measured <= 1.05e-6 relative).
 - `jax.shard_map` with its default checks (`check_vma=True`) around the op.
 - The library's 4-device train step: no more all-gathers with
   implementation="pallas" than with "xla".
@@ -31,7 +31,11 @@ from _inputs import attention_inputs
 # (B, T, H, K, V, S, L): batch and heads divisible by the 4 devices / a 2x2 mesh;
 # the relative-position bias and the cache are both on, so every kernel runs.
 SHAPE = (4, 16, 2, 8, 16, 8, 8)
-TOL = 1e-6  # float32, same kernels on the same rows: only sum order differs
+# float32, same kernels on the same rows: only the order of the cross-device sums
+# differs (the rel_table gradient). Measured worst: 9.9e-7 at -O3, 1.05e-6 with
+# the suite's -O0 compiles (shard_map), about 9 float32 ulps; 4e-6 leaves room
+# for other summation orders.
+TOL = 4e-6
 
 
 def _all_gathers(hlo: str) -> int:
