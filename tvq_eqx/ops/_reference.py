@@ -69,7 +69,8 @@ def vq_attention_reference(
         )
     if mem_len is None and block_len is None and not use_cache:
         raise ValueError("use_cache=False needs mem_len (or block_len)")
-    mem_len = resolve_mem_len(mem_len, None, block_len)
+    if block_len is not None:  # (without blocks: the given mem_len alone)
+        mem_len = resolve_mem_len(mem_len, None, block_len)
     t = query.shape[1]
     pos = jnp.arange(t)
     i, j = pos[:, None], pos[None, :]
