@@ -64,6 +64,41 @@ def test_top_p_keeps_the_nucleus_only():
     np.testing.assert_allclose(freq, p, atol=0.025)
 
 
+def test_top_k_keeps_the_k_most_likely_and_combines_with_top_p():
+    p = np.array([0.05, 0.5, 0.15, 0.3])
+    logits = np.log(p)
+    freq = _draws(logits, 4000, top_k=2)  # 0.5 and 0.3, renormalised
+    assert freq[0] == 0 and freq[2] == 0
+    np.testing.assert_allclose(freq[[1, 3]], [0.5 / 0.8, 0.3 / 0.8], atol=0.03)
+    np.testing.assert_array_equal(_draws(logits, 50, top_k=1), [0, 1, 0, 0])
+    # top_k >= vocab changes nothing: the same draws as without it.
+    np.testing.assert_array_equal(_draws(logits, 500, top_k=9), _draws(logits, 500))
+    # Both filters: top_k=3 keeps 0.5, 0.3, 0.15; top_p=0.7 of those 0.5, 0.3.
+    freq = _draws(logits, 2000, top_k=3, top_p=0.7)
+    assert freq[0] == 0 and freq[2] == 0
+    # Traced (one program for every k): k <= 0 is off.
+    lp = jax.nn.log_softmax(jnp.asarray(logits, jnp.float32))
+    draw = jax.jit(lambda k, top_k: sample_token(lp, k, top_k=top_k))
+    keys = jax.random.split(jax.random.key(1), 300)
+    one = {int(draw(k, jnp.int32(1))) for k in keys}
+    off = {int(draw(k, jnp.int32(0))) for k in keys}
+    assert one == {1} and off == {0, 1, 2, 3}
+
+
+def test_sample_top_k_one_is_greedy(getkey):
+    model = tvq_eqx.Transformer(CFG, key=getkey())
+    prompt = jax.random.randint(getkey(), (2, 11), 0, 16)
+    greedy = sample(model, prompt, steps=13, key=getkey(), temperature=0.0)
+    top1 = sample(model, prompt, steps=13, key=getkey(), top_k=1)
+    np.testing.assert_array_equal(top1, greedy)
+    for bad in (0, -2, True):
+        with pytest.raises(ValueError, match="top_k must be None or an int >= 1"):
+            sample(model, prompt, steps=3, key=getkey(), top_k=bad)
+    # A float: the annotation's checker (in tests) or the same ValueError.
+    with pytest.raises((TypeError, ValueError), match="top_k"):
+        sample(model, prompt, steps=3, key=getkey(), top_k=1.5)  # pyright: ignore[reportArgumentType]
+
+
 def test_temperature_sharpens_and_flattens():
     p = np.array([0.6, 0.3, 0.1])
     logits = np.log(p)

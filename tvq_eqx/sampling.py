@@ -100,12 +100,27 @@ def _check_top_p(top_p) -> float:
     return p
 
 
+def _check_top_k(top_k) -> int:
+    """A concrete top_k as the traced convention: None -> 0 (off), else an
+    int >= 1."""
+    if top_k is None:
+        return 0
+    if (
+        isinstance(top_k, (bool, np.bool_))
+        or not isinstance(top_k, (int, np.integer))
+        or top_k < 1
+    ):
+        raise ValueError(f"top_k must be None or an int >= 1; got {top_k!r}")
+    return int(top_k)
+
+
 def sample_token(
     logprobs: Float[Array, "*batch vocab"],
     key: PRNGKeyArray,
     *,
     temperature: float | Float[Array, ""] = 1.0,
     top_p: float | Float[Array, ""] = 1.0,
+    top_k: int | Int[Array, ""] | None = None,
 ) -> Int[Array, "*batch"]:
     """Draw one token per row from `softmax(logprobs / temperature)`
     restricted to its nucleus.
@@ -114,6 +129,10 @@ def sample_token(
     - `top_p` in (0, 1]: nucleus sampling; keeps the smallest set of most
       likely tokens whose probability reaches `top_p` (always at least the
       most likely one), renormalised. `top_p = 1` keeps every token.
+    - `top_k`: keep only the `top_k` most likely tokens (ties broken toward
+      the lowest id), applied together with `top_p` (a token must pass
+      both); None keeps every token. Traced, `top_k <= 0` means None (one
+      compiled program for every `top_k`).
 
     Concrete arguments are checked (`ValueError` for a NaN, infinite or
     negative temperature, a `top_p` outside (0, 1]); traced ones cannot be,
@@ -123,6 +142,8 @@ def sample_token(
         _check_temperature(temperature)
     if not _is_tracer(top_p):
         _check_top_p(top_p)
+    if not _is_tracer(top_k):
+        top_k = _check_top_k(top_k)
     logprobs = logprobs.astype(jnp.float32)
     temperature = jnp.asarray(temperature, jnp.float32)
     top_p = jnp.asarray(top_p, jnp.float32)
@@ -135,6 +156,10 @@ def sample_token(
     probs = jnp.exp(sorted_lp)
     before = jnp.cumsum(probs, axis=-1) - probs
     keep_sorted = before < top_p
+    top_k = jnp.asarray(top_k, jnp.int32)
+    rank = jnp.arange(sorted_lp.shape[-1], dtype=jnp.int32)
+    in_top_k = jnp.broadcast_to((top_k <= 0) | (rank < top_k), keep_sorted.shape)
+    keep_sorted = keep_sorted & in_top_k
     keep_sorted = keep_sorted.at[..., 0].set(True)
     inverse = jnp.argsort(order, axis=-1)
     keep = jnp.take_along_axis(keep_sorted, inverse, axis=-1)
@@ -164,6 +189,7 @@ def decode_step(
     *,
     temperature: float | Float[Array, ""] = 1.0,
     top_p: float | Float[Array, ""] = 1.0,
+    top_k: int | Int[Array, ""] | None = None,
 ) -> tuple[DecodeCarry, Int[Array, " batch"], Float[Array, "batch vocab"]]:
     """One generated token: run the model on the current block from the
     carried state, read the log-probabilities at `carry.position`, draw a
@@ -179,7 +205,7 @@ def decode_step(
     big_l = model.config.block_len
     logprobs, new_state, _ = model(carry.block, carry.state)
     lp = jax.lax.dynamic_index_in_dim(logprobs, carry.position, axis=1, keepdims=False)
-    tok = sample_token(lp, key, temperature=temperature, top_p=top_p)
+    tok = sample_token(lp, key, temperature=temperature, top_p=top_p, top_k=top_k)
     full = carry.position == big_l - 1
     state = jax.tree.map(lambda n, o: jnp.where(full, n, o), new_state, carry.state)
     fresh = jnp.zeros_like(carry.block).at[:, 0].set(tok)
@@ -262,6 +288,7 @@ def sample(
     key: PRNGKeyArray,
     temperature: float = 1.0,
     top_p: float = 1.0,
+    top_k: int | None = None,
     chunk_len: int = CHUNK_LEN,
 ) -> Int[Array, "*batch steps"]:
     """Generate `steps` tokens after `prompt` (see the module docstring for
@@ -277,6 +304,8 @@ def sample(
     - `key`: PRNG key; token `i` is drawn with `jax.random.fold_in(key, i)`.
     - `temperature`: softmax temperature, finite and >= 0; 0 is greedy.
     - `top_p`: nucleus mass in (0, 1] (1 = plain sampling).
+    - `top_k`: draw only among the `top_k` most likely tokens (None = all);
+      with `top_p`, a token must pass both.
     - `chunk_len`: tokens per compiled call (memory and Ctrl-C granularity);
       the tokens do not depend on it.
 
@@ -297,6 +326,7 @@ def sample(
         key=key,
         temperature=temperature,
         top_p=top_p,
+        top_k=top_k,
         chunk_len=chunk_len,
     )
     try:
@@ -324,6 +354,7 @@ def sample_iter(
     key: PRNGKeyArray,
     temperature: float = 1.0,
     top_p: float = 1.0,
+    top_k: int | None = None,
     chunk_len: int = CHUNK_LEN,
 ) -> Iterator[Int[np.ndarray, "*batch chunk"]]:
     """`sample` as a stream: yields the generated tokens in consecutive
@@ -346,16 +377,18 @@ def sample_iter(
         raise ValueError(f"chunk_len must be an int >= 1; got {chunk_len!r}")
     temperature = _check_temperature(temperature)
     top_p = _check_top_p(top_p)
+    top_k = _check_top_k(top_k)
     _check_key(key)
     one_d = np.ndim(prompt) == 1
     tokens = _check_prompt(model, prompt)
     total = _MAX_STREAM if steps is None else steps
     if total > _MAX_STREAM:
         raise ValueError(f"steps must be <= 2**32; got {steps!r}")
-    return _stream(model, tokens, key, temperature, top_p, total, int(chunk_len), one_d)
+    filters = (temperature, top_p, top_k)
+    return _stream(model, tokens, key, filters, total, int(chunk_len), one_d)
 
 
-def _stream(model, tokens, key, temperature, top_p, total, chunk_len, one_d):
+def _stream(model, tokens, key, filters, total, chunk_len, one_d):
     if total == 0:
         return
     big_l = model.config.block_len
@@ -369,13 +402,15 @@ def _stream(model, tokens, key, temperature, top_p, total, chunk_len, one_d):
         carry = DecodeCarry(state, jnp.asarray(padded), jnp.int32(p - 1))
     else:
         carry = _prefill(model, jnp.asarray(padded), jnp.int32(p))
-    temp, nucleus = jnp.float32(temperature), jnp.float32(top_p)
+    temperature, top_p, top_k = filters
+    # Traced scalars: one compiled chunk for every setting.
+    traced = (jnp.float32(temperature), jnp.float32(top_p), jnp.int32(top_k))
     done = 0
     while done < total:
         count = min(total - done, chunk_len)
         size = min(_pow2_at_least(max(count, _MIN_STEP_BUCKET)), chunk_len)
         carry, out = _decode_chunk(
-            model, carry, key, jnp.uint32(done), jnp.int32(count), temp, nucleus, size
+            model, carry, key, jnp.uint32(done), jnp.int32(count), *traced, size
         )
         chunk = np.asarray(out)[:, :count]
         done += count
@@ -415,6 +450,7 @@ def _decode_chunk(
     count: Int[Array, ""],
     temperature: Float[Array, ""],
     top_p: Float[Array, ""],
+    top_k: Int[Array, ""],
     size: int,
 ) -> tuple[DecodeCarry, Int[Array, "batch size"]]:
     """`count <= size` tokens (`decode_step` looped), token `offset + i`
@@ -426,7 +462,7 @@ def _decode_chunk(
         carry, out = loop
         k = jax.random.fold_in(key, offset + i.astype(jnp.uint32))
         carry, tok, _ = decode_step(
-            model, carry, k, temperature=temperature, top_p=top_p
+            model, carry, k, temperature=temperature, top_p=top_p, top_k=top_k
         )
         out = jax.lax.dynamic_update_index_in_dim(out, tok, i, axis=1)
         return carry, out
