@@ -36,12 +36,9 @@ def test_core_dependencies_are_only_the_four():
         assert extra in project["optional-dependencies"], extra
 
 
-def test_import_pulls_in_no_optional_dependency():
-    code = (
-        "import sys, json, tvq_eqx, tvq_eqx.data, tvq_eqx.train, tvq_eqx.nn, "
-        "tvq_eqx.ops, tvq_eqx.sampling, pallas_kernels.vq_attention\n"
-        f"print(json.dumps([m for m in {OPTIONAL!r} if m in sys.modules]))"
-    )
+def _json_of_fresh_python(code: str):
+    """The JSON `code` prints last, run in a fresh interpreter (what a new
+    process imports, untouched by this one's imports)."""
     proc = subprocess.run(
         [sys.executable, "-c", code],
         capture_output=True,
@@ -51,7 +48,16 @@ def test_import_pulls_in_no_optional_dependency():
         cwd=ROOT,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert json.loads(proc.stdout.strip().splitlines()[-1]) == []
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_import_pulls_in_no_optional_dependency():
+    code = (
+        "import sys, json, tvq_eqx, tvq_eqx.data, tvq_eqx.train, tvq_eqx.nn, "
+        "tvq_eqx.ops, tvq_eqx.sampling, pallas_kernels.vq_attention\n"
+        f"print(json.dumps([m for m in {OPTIONAL!r} if m in sys.modules]))"
+    )
+    assert _json_of_fresh_python(code) == []
 
 
 # What `import tvq_eqx` may load of the kernels' package: the configuration
@@ -81,16 +87,7 @@ before = dict(kernels=loaded(), pallas="jax.experimental.pallas" in sys.modules)
 tvq_eqx.ops.vq_attention_pallas
 print(json.dumps(dict(before=before, after=loaded())))
 """
-    proc = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-        cwd=ROOT,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    got = _json_of_fresh_python(code)
     assert got["before"] == dict(kernels=KERNEL_CONFIG_MODULES, pallas=False)
     assert "pallas_kernels.vq_attention.ops" in got["after"]
 
