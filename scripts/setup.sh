@@ -1,12 +1,29 @@
 #!/usr/bin/env bash
 # Create .venv (Python >= 3.12 when available, so jax >= 0.11 is used, the
-# generation GPU machines run) and install tvq-eqx in editable mode with what
-# the demo, the tests and CI's checks need: the test extra (which includes the
-# cli, images and sentencepiece extras), aot, docs (mkdocs) and dev (ruff,
-# pyright).
+# generation GPU machines run) and install tvq-eqx in editable mode.
+#
+#   scripts/setup.sh        everything the tests and CI's checks need: the test
+#                           extra (which includes the cli, images and
+#                           sentencepiece extras), aot, docs (mkdocs), dev
+#                           (ruff, pyright) and libtpu beside the venv
+#   scripts/setup.sh demo   only what the demo needs (the library and the cli
+#                           extra): a newcomer's first command does not wait
+#                           for triton, mkdocs, pyright and libtpu
+#   scripts/setup.sh floors .venv-floors: the test extra with every library
+#                           dependency (and the cli, images, sentencepiece
+#                           extras) pinned to its pyproject floor, the
+#                           oldest versions we test (scripts/test_floors.sh)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if [ ! -x .venv/bin/python ]; then
+profile=${1:-full}
+venv=.venv
+case "$profile" in
+  full) extras="test,aot,docs,dev" ;;
+  demo) extras="cli" ;;
+  floors) extras="test"; venv=.venv-floors ;;
+  *) echo "setup.sh: unknown profile '$profile' (expected: full, demo or floors)" >&2; exit 2 ;;
+esac
+if [ ! -x $venv/bin/python ]; then
   py=""
   for cand in python3.12 "$HOME/.pyenv/versions/3.12.1/bin/python" python3.13 python3; do
     if command -v "$cand" >/dev/null 2>&1 || [ -x "$cand" ]; then
@@ -16,10 +33,25 @@ if [ ! -x .venv/bin/python ]; then
     fi
   done
   [ -n "$py" ] || { echo "setup.sh: need Python >= 3.11" >&2; exit 1; }
-  "$py" -m venv .venv
-  .venv/bin/pip install -q --upgrade pip
+  "$py" -m venv $venv
+  $venv/bin/pip install -q --upgrade pip
 fi
-.venv/bin/pip install -q -e ".[test,aot,docs,dev]"
+constraints=()
+if [ "$profile" = floors ]; then
+  # `name>=X` becomes `name==X` for the library's dependencies and the extras
+  # the library's features use; the test tools (pytest & co.) stay free.
+  $venv/bin/python - > $venv/floors.txt <<'PY'
+import re, tomllib
+project = tomllib.load(open("pyproject.toml", "rb"))["project"]
+extras = project["optional-dependencies"]
+for req in project["dependencies"] + extras["cli"] + extras["images"] + extras["sentencepiece"]:
+    name, floor = re.fullmatch(r"([A-Za-z0-9_.\-\[\]]+)>=([^,;]+)(?:,.*)?", req).groups()
+    print(f"{name.split('[')[0]}=={floor}")
+PY
+  constraints=(-c $venv/floors.txt)
+fi
+$venv/bin/pip install -q "${constraints[@]}" -e ".[$extras]"
+[ "$profile" = full ] || exit 0
 # libtpu (the TPU compile gate's compiler; pyproject's aot-tpu extra) goes to
 # .venv/libtpu, outside site-packages: see benchmarks/_libtpu.py.
 libtpu_req=$(.venv/bin/python - <<'PY'

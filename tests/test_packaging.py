@@ -187,3 +187,45 @@ def test_imports_only_run_downward():
             elif there != here and FLOORS[there] >= FLOORS[here]:
                 upward.append(f"{module} -> {target}")
     assert len(files) > 40 and not upward, upward
+
+
+# Packages of the extras other than `cli` (test, aot, aot-tpu, docs, dev,
+# images' sentencepiece sibling): what `scripts/setup.sh demo` leaves out.
+NOT_IN_DEMO = [
+    "pytest",
+    "hypothesis",
+    "beartype",
+    "xdist",
+    "triton",
+    "libtpu",
+    "mkdocs",
+    "mkdocstrings",
+    "pyright",
+    "ruff",
+    "sentencepiece",
+]
+
+
+@pytest.mark.slow  # a fresh interpreter compiles a (micro) training run
+def test_demo_runs_with_only_the_cli_extra(tmp_path):
+    """`scripts/demo.sh` installs the library and its `cli` extra only: the
+    demo's train → evaluate → sample path must not import anything else."""
+    from tests.test_cli import MICRO
+
+    setup = (ROOT / "scripts" / "setup.sh").read_text()
+    assert 'demo) extras="cli"' in setup
+    assert "scripts/setup.sh demo" in (ROOT / "scripts" / "demo.sh").read_text()
+    code = f"""
+import importlib.abc, json, sys
+blocked = {NOT_IN_DEMO!r}
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in blocked:
+            raise ImportError(f"the demo imported {{name}}, not in the cli extra")
+sys.meta_path.insert(0, Block())
+from tvq_eqx.cli import main
+rc = main(["train", "--preset", "tiny", "--run-dir", {str(tmp_path / "run")!r},
+           *{MICRO!r}])
+print(json.dumps([rc, sorted(m for m in blocked if m in sys.modules)]))
+"""
+    assert _json_of_fresh_python(code) == [0, []]
