@@ -26,6 +26,10 @@ from ._fit import FitStatus as FitStatus
 from ._fit import StopTraining as StopTraining
 from ._fit import evaluate_stream as evaluate_stream
 from ._fit import fit as fit
+from ._official import OfficialCheckpointError as OfficialCheckpointError
+from ._official import from_official_params as from_official_params
+from ._official import load_official as load_official
+from ._official import read_official_checkpoint as read_official_checkpoint
 from ._optimizer import OPTIMIZERS as OPTIMIZERS
 from ._optimizer import CodebookRoutingError as CodebookRoutingError
 from ._optimizer import OptimizerConfig as OptimizerConfig
@@ -62,10 +66,6 @@ from ._weights import WeightsError as WeightsError
 from ._weights import load_model as load_model
 from ._weights import read_model_config as read_model_config
 from ._weights import save_model as save_model
-from ._official import OfficialCheckpointError as OfficialCheckpointError
-from ._official import from_official_params as from_official_params
-from ._official import load_official as load_official
-from ._official import read_official_checkpoint as read_official_checkpoint
 from .runs import for_mesh as for_mesh
 from .runs import load_run as load_run
 from .runs import new_train_state as new_train_state
