@@ -136,7 +136,8 @@ def save_model(path: str | os.PathLike, model: Any) -> None:
         if value.dtype == jnp.bfloat16:
             value = value.astype(np.float32)  # exact; see module docstring
             widened.append(name)
-        tensors[name] = np.ascontiguousarray(value)
+        # (np.ascontiguousarray would make a 0-d array 1-d)
+        tensors[name] = np.array(value, order="C", copy=True)
     metadata = dict(
         format=FORMAT,
         format_version=str(WEIGHTS_FORMAT_VERSION),
