@@ -235,6 +235,20 @@ def test_official_checkpoint_gives_official_logprobs():
     assert "flax" not in sys.modules and "orbax" not in sys.modules
 
 
+def test_official_model_config_of_the_launch_flags():
+    """The docs' example: an official script's flags give the preset's model
+    (the other flags, optimizer and loop, are ignored)."""
+    flags = tvq_eqx.train.OFFICIAL_LAUNCH["enwik8"]
+    config = official_model_config(dict(flags, n_vocab=256))
+    assert config == tvq_eqx.train.PRESETS["enwik8"].model
+    with pytest.raises(ValueError, match="n_vocab"):
+        official_model_config(flags)
+    with pytest.raises(ValueError, match="'agg_cache'"):
+        official_model_config(
+            {k: v for k, v in flags.items() if k != "agg_cache"} | {"n_vocab": 256}
+        )
+
+
 def test_official_checkpoint_holds_what_the_mapping_reads():
     _, meta = _expected()
     params = read_official_checkpoint(OFFICIAL)
