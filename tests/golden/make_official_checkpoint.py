@@ -45,6 +45,7 @@ msgpack file, the flax msgpack encoding with arrays as extension type 1)::
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
 import shutil
@@ -109,9 +110,7 @@ def run(out_dir: str, seed: int, commit: str) -> None:
     import flax
     import jax
     import jax.numpy as jnp
-    import jaxlib
     import optax
-    import orbax.checkpoint
     from flax import traverse_util
     from flax.training.train_state import TrainState
     from transformer_vq.nn.model import Transformer
@@ -223,17 +222,19 @@ def run(out_dir: str, seed: int, commit: str) -> None:
         step=STEP,
         seed=seed,
         official_commit=commit,
-        versions=dict(
-            jax=jax.__version__,
-            jaxlib=jaxlib.__version__,
-            flax=flax.__version__,
-            orbax_checkpoint=orbax.checkpoint.__version__
-            if hasattr(orbax.checkpoint, "__version__")
-            else "0.1.7",
-            optax=optax.__version__,
-            numpy=np.__version__,
-            python=sys.version.split()[0],
-        ),
+        versions={
+            name: importlib.metadata.version(name)
+            for name in (
+                "jax",
+                "jaxlib",
+                "flax",
+                "orbax-checkpoint",
+                "tensorstore",
+                "optax",
+                "numpy",
+            )
+        }
+        | dict(python=sys.version.split()[0]),
         flax_use_orbax_checkpointing=bool(flax.config.flax_use_orbax_checkpointing),
         dtype="float32",
         backend=jax.default_backend(),

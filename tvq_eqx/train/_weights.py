@@ -123,8 +123,9 @@ def save_model(path: str | os.PathLike, model: Any) -> None:
     in the metadata (module docstring: names, layout, metadata).
 
     Every array of the model is written, parameters and the codebook's EMA
-    counts alike; the model is copied to the host first (sharded arrays are
-    gathered on this process). Needs the `weights` extra (safetensors).
+    counts alike, copied to the host first: each array must be fully
+    addressable from this process (one host; `tvq-eqx export` loads a run's
+    checkpoint on one process). Needs the `weights` extra (safetensors).
     """
     if not isinstance(model, Transformer):
         raise TypeError(f"model must be a Transformer; got {type(model).__name__}")
