@@ -32,6 +32,8 @@ Python 3.10::
     /tmp/official-ckpt-venv/bin/python tests/golden/make_official_checkpoint.py \\
         --official-repo /path/to/transformer_vq(.git)
 
+The output is deterministic: a rerun writes the same checkpoint bytes.
+
 What results (flax 0.6.11 saves through Orbax by default,
 `flax_use_orbax_checkpointing=True`; every array of a one-host run is fully
 replicated, so `orbax_utils.save_args_from_target` aggregates it into one
