@@ -328,6 +328,11 @@ def test_official_bad_files(tmp_path):
         read_official_checkpoint(tmp_path / "nowhere")
     with pytest.raises(OfficialCheckpointError, match="holds no official checkpoint"):
         read_official_checkpoint(tmp_path)
+    newer = tmp_path / "newer" / "checkpoint_7"
+    newer.mkdir(parents=True)
+    (newer / "manifest.ocdbt").write_bytes(b"")
+    with pytest.raises(OfficialCheckpointError, match="newer Orbax.*msgpack_serialize"):
+        read_official_checkpoint(newer.parent)
     (tmp_path / "checkpoint").write_bytes(b"\xc1 not msgpack")
     with pytest.raises(OfficialCheckpointError, match="not flax msgpack"):
         read_official_checkpoint(tmp_path)

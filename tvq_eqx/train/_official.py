@@ -22,7 +22,10 @@ pinned version, saves through Orbax by default): a folder
 run (fully replicated arrays are aggregated into it) in flax's msgpack
 encoding. Without Orbax (older flax, or `flax_use_orbax_checkpointing`
 off) the checkpoint is the file `checkpoint_<step>` itself, in the same
-encoding. `read_official_checkpoint` reads either with the `msgpack`
+encoding. Newer flax and Orbax (flax 0.8.5 with orbax-checkpoint 0.6.4,
+say) write tensorstore/OCDBT files instead; the error says how to convert
+them to the msgpack form. `read_official_checkpoint` reads either msgpack
+form with the `msgpack`
 package alone (no flax, no pickle): maps and lists as they are, arrays as
 msgpack extension type 1 (`(shape, dtype name, C-order bytes)`, itself
 msgpack), numpy scalars as type 3, complex numbers as type 2, and arrays
@@ -331,10 +334,17 @@ def _checkpoint_file(path: Path) -> Path:
     ]
     if steps:
         return _checkpoint_file(max(steps)[1])
+    if (path / "manifest.ocdbt").exists() or (path / "_METADATA").exists():
+        raise OfficialCheckpointError(
+            f"{path} was written by a newer Orbax (tensorstore/OCDBT arrays, as "
+            "flax >= 0.7 saves), which this reader does not read; convert it where "
+            "flax is installed: open(out, 'wb').write(flax.serialization."
+            "msgpack_serialize(flax.training.checkpoints.restore_checkpoint(dir, "
+            "target=None))), then load that file (docs/training.md)"
+        )
     raise OfficialCheckpointError(
         f"{path} holds no official checkpoint (no file 'checkpoint', no "
-        "'checkpoint_<step>'); an Orbax checkpoint whose arrays are stored with "
-        "tensorstore only (sharded across hosts) is not supported"
+        "'checkpoint_<step>')"
     )
 
 
