@@ -51,6 +51,23 @@ def trained(tmp_path_factory):
     return run_dir
 
 
+def test_export_writes_the_model_load_model_reads(trained, tmp_path, capsys):
+    """`tvq-eqx export`: the run's model, array for array, as safetensors."""
+    import jax
+    import numpy as np
+
+    out = tmp_path / "model.safetensors"
+    assert main(["export", "--run-dir", str(trained), "--out", str(out)]) == 0
+    assert "wrote" in capsys.readouterr().out
+    _, ts, _ = tvq_eqx.train.load_run(trained)
+    loaded = tvq_eqx.load_model(out)
+    assert loaded.config == ts.model.config
+    for a, b in zip(jax.tree.leaves(ts.model), jax.tree.leaves(loaded), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert main(["export", "--run-dir", str(trained), "--out", str(tmp_path)]) == 2
+    assert "is a folder" in _one_error_line(capsys)
+
+
 def _one_error_line(capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("tvq-eqx: error: "), err

@@ -17,8 +17,10 @@ A failing test lists every quantity of its group with its relative error, so
 one run shows where tvq_eqx and the official code disagree and by how much.
 `python tests/test_golden.py` prints the whole table.
 
-How the official parameters map (edit `UNIT_PARAMS`, `lm_params` and
-`codebook_scale` if our parametrisation changes): reshapes only, except that
+How the official parameters map (the library's `tvq_eqx/train/_official.py`,
+which `tvq_eqx.load_official` uses on official checkpoints: edit its
+`UNIT_PARAMS`, `official_param_table` and `codebook_scale` if our
+parametrisation changes): reshapes only, except that
 our codebook lives in the unscaled key space (keys after the q/k norm) while
 the official `LearnableVQ` works in the pre-scaled space `k * d_k^-1/4`, so
 `codebook_sum = c_sum * d_k^(1/4)`. Our layers are stacked along a
@@ -43,7 +45,9 @@ import pytest
 
 import tvq_eqx
 from tvq_eqx import TransformerConfig, loss_fn
-from tvq_eqx.nn import LayerStack, VectorQuantizer, VQAttention, stack_layers
+from tvq_eqx.nn import VQAttention
+from tvq_eqx.train import _official as official
+from tvq_eqx.train import official_model_config
 
 GOLDEN = Path(__file__).parent / "golden"
 CASES = sorted(p.stem for p in GOLDEN.glob("*.npz"))
@@ -58,125 +62,36 @@ ATOL_RMS = 1e-9
 
 # ----------------------------------------------------------------- mapping --
 
-
-def codebook_scale(d_k: int) -> float:
-    """Our codebook = official codebook * this (see module docstring)."""
-    return d_k**0.25
-
-
-# (official path inside a unit, getter on our VQAttention, kind); kind
-# "param" maps by reshape, "codebook" also scales by `codebook_scale`.
-UNIT_PARAMS = [
-    ("input_ln/g", lambda u: u.norm.weight, "param"),
-    ("input_ln/b", lambda u: u.norm.bias, "param"),
-    ("q_proj/kernel", lambda u: u.w_q, "param"),
-    ("kvg_proj/kernel", lambda u: u.w_kvg, "param"),
-    ("res_proj/kernel", lambda u: u.w_o, "param"),
-    ("r_proj/kernel", lambda u: u.rel_bias.w_r, "param"),
-    ("u", lambda u: u.rel_bias.u, "param"),
-    ("v", lambda u: u.rel_bias.v, "param"),
-    ("quantizer/c_sum", lambda u: u.quantizer.codebook_sum, "codebook"),
-    ("quantizer/c_count", lambda u: u.quantizer.codebook_count, "param"),
-]
+# The mapping lives in the library (tvq_eqx/train/_official.py), which
+# `tvq_eqx.load_official` uses on official checkpoints; these tests check it.
+UNIT_PARAMS = official.UNIT_PARAMS
+codebook_scale = official.codebook_scale
 
 
-def lm_params(config: TransformerConfig, official: dict) -> list:
+def lm_params(config: TransformerConfig) -> list:
     """(official path, getter on our Transformer, kind) for the whole model."""
-    table = [("token_embedder/embs", lambda m: m.embedding.weight, "param")]
-    if official["e_tie"]:
-        table.append(("token_embedder/bias_out", lambda m: m.head.bias, "param"))
-    else:
-        table += [
-            ("out_proj/kernel", lambda m: m.head.weight, "param"),
-            ("out_proj/bias", lambda m: m.head.bias, "param"),
-        ]
-    if official["e_preln"]:
-        table += [
-            ("out_ln/g", lambda m: m.out_norm.weight, "param"),
-            ("out_ln/b", lambda m: m.out_norm.bias, "param"),
-        ]
-    if official["pe_abs"]:
-        table.append(
-            ("position_embedder/scale", lambda m: m.position_embedding.scale, "param")
-        )
-    for i in range(config.n_layer):
-        for j in range(2):
-            prefix = f"transformer_layers_{i}/scanned_attn{j + 1}/"
-            for name, get, kind in UNIT_PARAMS:
-                table.append(
-                    (
-                        prefix + name,
-                        lambda m, i=i, j=j, get=get: get(m.layers[i].units[j]),
-                        kind,
-                    )
-                )
-    return table
+    return official.official_param_table(config)
 
 
 # Official parameters with no counterpart because the official model never
 # reads them in that setting (their official gradient is checked to be 0).
-def unused_official(official: dict) -> set[str]:
-    return set() if official["e_tie"] else {"token_embedder/bias_out"}
+unused_official = official.unused_official
 
 
 def our_config(meta: dict) -> TransformerConfig:
-    """The TransformerConfig for the official settings of a fixture."""
+    """The TransformerConfig for the official settings of a fixture (the
+    library's mapping of the official flags, `official_model_config`)."""
     o = meta["official_config"]
-    kwargs = dict(
-        n_vocab=o["n_vocab"],
-        d_model=o["d_model"],
-        d_k=o["d_k"],
-        d_v=o["d_v"],
-        n_head=o["n_head"],
-        n_code=o["n_code"],
-        n_layer=o["n_layer"],
-        block_len=o["block_len"],
-        mem_len=o["mem_len"],
-        p_dropemb=0.0,
-        p_dropsin=0.0,
-        p_dropres=0.0,
-        p_droplyr=0.0,
-        c_beta=o["c_beta"],
-        c_gamma=o["c_gamma"],
-        param_dtype="float32",
-        dtype="float32",
-        # official agg_cache=0: sliding window over the last mem_len tokens
-        attention="vq" if o["agg_cache"] else "window",
-        grad_thru_cache=bool(o["grad_thru_cache"]),
-        tie_embeddings=bool(o["e_tie"]),
-        abs_pe=bool(o["pe_abs"]),
-        output_norm=bool(o["e_preln"]),
-        pe_lam=float(o["pe_lam"]),
-        e_scale=float(o["e_scale"]),
-    )
-    fields = {f.name for f in dataclasses.fields(TransformerConfig)}
-    missing = sorted(set(kwargs) - fields)
-    if missing:
-        raise GoldenSetupError(
-            f"TransformerConfig has no field(s) {missing} to express the official "
-            f"settings {o}"
-        )
     try:
-        return TransformerConfig(**kwargs)
-    except ValueError as err:
+        return official_model_config(o)
+    except (TypeError, ValueError) as err:
         raise GoldenSetupError(
-            f"TransformerConfig rejects the official settings: {err}"
+            f"TransformerConfig cannot express the official settings {o}: {err}"
         ) from err
 
 
 class GoldenSetupError(Exception):
     """Our code cannot express a fixture's official setting."""
-
-
-def to_ours(value: np.ndarray, target, kind: str, d_k: int) -> jax.Array:
-    if value.size != target.size:
-        raise GoldenSetupError(
-            f"official shape {value.shape} cannot map onto ours {target.shape}"
-        )
-    value = value.reshape(target.shape)
-    if kind == "codebook":
-        value = value * codebook_scale(d_k)
-    return jnp.asarray(value, target.dtype)
 
 
 def to_official(value, shape, kind: str, d_k: int) -> np.ndarray:
@@ -186,66 +101,13 @@ def to_official(value, shape, kind: str, d_k: int) -> np.ndarray:
     return value
 
 
-def build(cls, config, table, params: dict, d_k: int, skip=()):
-    """Our module with every parameter set from the official ones.
-
-    Built from its shape skeleton (no random init: nothing to compile), so a
-    parameter of ours with no official counterpart, or an official parameter
-    with no counterpart of ours, is an error naming it.
-    """
-    skeleton = eqx.filter_eval_shape(cls, config, key=jax.random.key(0))
-    # Our layers are stacked along a leading layer axis; the official ones are
-    # separate (`transformer_layers_i`). Fill an unrolled skeleton (a tuple of
-    # per-layer skeletons, so `m.layers[i]` is a node `tree_at` can set), then
-    # stack it.
-    stacked = isinstance(getattr(skeleton, "layers", None), LayerStack)
-    if stacked:
-        skeleton = eqx.tree_at(lambda m: m.layers, skeleton, tuple(skeleton.layers))
-    missing, getters, values = [], [], []
-    for name, get, kind in table:
-        try:
-            leaf = get(skeleton)
-        except AttributeError:
-            leaf = None
-        if leaf is None:
-            missing.append(name)
-            continue
-        getters.append(get)
-        values.append(to_ours(params[name], leaf, kind, d_k))
-    mapped = {name for name, _, _ in table}
-    missing += sorted(set(params) - mapped - set(skip))
-    if missing:
-        raise GoldenSetupError(
-            f"official parameters with no counterpart in {cls.__name__}: {missing}"
-        )
-    module = eqx.tree_at(lambda m: [g(m) for g in getters], skeleton, values)
-    module = _fill_ema_tallies(module)
-    unset = [
-        jax.tree_util.keystr(path)
-        for path, leaf in jax.tree_util.tree_flatten_with_path(module)[0]
-        if isinstance(leaf, jax.ShapeDtypeStruct)
-    ]
-    if unset:
-        raise GoldenSetupError(
-            f"{cls.__name__} parameters with no official counterpart: {unset}"
-        )
-    if stacked:
-        module = eqx.tree_at(lambda m: m.layers, module, stack_layers(module.layers))
-    return module
-
-
-def _fill_ema_tallies(module):
-    """Every quantizer's `ema_tally` (ours only: no official counterpart) set
-    to its initial 1."""
-
-    def fill(q):
-        if not isinstance(q.ema_tally, jax.ShapeDtypeStruct):
-            return q
-        ones = jnp.ones(q.ema_tally.shape, q.ema_tally.dtype)
-        return eqx.tree_at(lambda q: q.ema_tally, q, ones)
-
-    is_q = lambda x: isinstance(x, VectorQuantizer)
-    return jax.tree.map(lambda x: fill(x) if is_q(x) else x, module, is_leaf=is_q)
+def build(cls, config, table, params: dict, skip=()):
+    """Our module with every parameter set from the official ones (the
+    library's `build_from_official`); a mapping gap is a GoldenSetupError."""
+    try:
+        return official.build_from_official(cls, config, table, params, skip=set(skip))
+    except official.OfficialCheckpointError as err:
+        raise GoldenSetupError(str(err)) from err
 
 
 # ---------------------------------------------------------------- fixtures --
@@ -380,7 +242,7 @@ def unit_results(case: str) -> dict:
     config = our_config(meta)
     d_k, n_code, L = config.d_k, config.n_code, config.block_len
     params = sub(data, "unit/params/")
-    unit = build(VQAttention, config, UNIT_PARAMS, params, d_k)
+    unit = build(VQAttention, config, UNIT_PARAMS, params)
     x, ct = data["unit/x"], data["unit/cotangent"]
     mask = data["unit/loss_mask"].astype(np.float32)
     n_seg, B, T, _ = x.shape
@@ -476,13 +338,12 @@ def unit_results(case: str) -> dict:
 @functools.cache
 def lm_results(case: str) -> dict:
     data, meta = load_fixture(case)
-    o = meta["official_config"]
     config = our_config(meta)
     d_k = config.d_k
     params = sub(data, "lm/params/")
-    table = lm_params(config, o)
+    table = lm_params(config)
     model = build(
-        tvq_eqx.Transformer, config, table, params, d_k, skip=unused_official(o)
+        tvq_eqx.Transformer, config, table, params, skip=unused_official(config)
     )
     inputs, targets, mask = (
         data["lm/inputs"],
@@ -571,7 +432,7 @@ def lm_results(case: str) -> dict:
                         None if updated is None else updated - params[name],
                     )
                 )
-        for name in unused_official(o):
+        for name in unused_official(config):
             rows["grads"].append(
                 compare(
                     f"segment {s}: d/d{name} (unused officially)",

@@ -16,7 +16,16 @@ import tvq_eqx
 from tvq_eqx import data
 
 ROOT = Path(__file__).resolve().parent.parent
-OPTIONAL = ["tyro", "tqdm", "matplotlib", "PIL", "sentencepiece", "beartype"]
+OPTIONAL = [
+    "tyro",
+    "tqdm",
+    "matplotlib",
+    "PIL",
+    "sentencepiece",
+    "beartype",
+    "safetensors",
+    "msgpack",
+]
 
 
 def test_core_dependencies_are_only_the_four():
@@ -27,6 +36,7 @@ def test_core_dependencies_are_only_the_four():
         "cli",
         "images",
         "sentencepiece",
+        "weights",
         "test",
         "docs",
         "dev",
@@ -119,6 +129,13 @@ def test_missing_sentencepiece_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "sentencepiece", None)
     with pytest.raises(ImportError, match=r"tvq-eqx\[sentencepiece\]"):
         data.SentencePieceTokenizer.train(vocab_size=100)
+
+
+def test_missing_msgpack_names_the_weights_extra(monkeypatch, tmp_path):
+    (tmp_path / "checkpoint").write_bytes(b"\x80")
+    monkeypatch.setitem(sys.modules, "msgpack", None)
+    with pytest.raises(ImportError, match=r"tvq-eqx\[weights\]"):
+        tvq_eqx.train.read_official_checkpoint(tmp_path)
 
 
 # The floors of the import drawing (docs/architecture.md): a module imports

@@ -19,9 +19,12 @@ from .train import evaluate as evaluate
 from .train import fit as fit
 from .train import init_train_state as init_train_state
 from .train import load_checkpoint as load_checkpoint
+from .train import load_model as load_model
+from .train import load_official as load_official
 from .train import make_optimizer as make_optimizer
 from .train import make_train_step as make_train_step
 from .train import save_checkpoint as save_checkpoint
+from .train import save_model as save_model
 from .train import train_step as train_step
 
 

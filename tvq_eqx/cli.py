@@ -5,6 +5,7 @@ tvq-eqx train  [--preset tiny] [--config run.toml] [--run-dir DIR] [--resume [--
 tvq-eqx eval   --run-dir DIR [--checkpoint STEP] [--split validation|test] [--eval-batches N]
 tvq-eqx sample --run-dir DIR [--checkpoint STEP] [--prompt TEXT] [--sample-len N] [--temperature T] [--top-p P]
 tvq-eqx bench  [--preset tiny] [--bench-steps N] [--FIELD VALUE ...]
+tvq-eqx export --run-dir DIR --out MODEL.safetensors [--checkpoint STEP]
 ```
 
 The flags of `train` and `bench` are the fields of `tvq_eqx.train.RunConfig`
@@ -199,8 +200,24 @@ class BenchCommand:
     """Call jax.distributed.initialize() first (multi-host)."""
 
 
+@dataclasses.dataclass(frozen=True)
+class ExportCommand:
+    """Write a trained run's model as safetensors with its config (tvq_eqx.save_model)."""
+
+    run_dir: str
+    """Run folder holding checkpoints/."""
+    out: str
+    """The .safetensors file to write (tvq_eqx.load_model reads it)."""
+    checkpoint: int | None = None
+    """The checkpoint of this update (None = the newest intact one)."""
+
+
 _COMMANDS = dict(
-    train=TrainCommand, eval=EvalCommand, sample=SampleCommand, bench=BenchCommand
+    train=TrainCommand,
+    eval=EvalCommand,
+    sample=SampleCommand,
+    bench=BenchCommand,
+    export=ExportCommand,
 )
 
 
@@ -829,18 +846,36 @@ def cmd_bench(argv: list[str]) -> int:
     return 0
 
 
-_RUNNERS = dict(train=cmd_train, eval=cmd_eval, sample=cmd_sample, bench=cmd_bench)
+def cmd_export(argv: list[str]) -> int:
+    args = _parse(ExportCommand, argv, default=None, prog="tvq-eqx export")
+    _, ts, meta = _load_run(args.run_dir, args.checkpoint)
+    out = Path(args.out)
+    if out.is_dir():
+        raise UsageError(f"--out {out} is a folder; name the .safetensors file")
+    train.save_model(out, ts.model)
+    print(f"wrote {out} (update {meta['step']}, {meta['path']})")
+    return 0
+
+
+_RUNNERS = dict(
+    train=cmd_train,
+    eval=cmd_eval,
+    sample=cmd_sample,
+    bench=cmd_bench,
+    export=cmd_export,
+)
 
 _USAGE = """\
-usage: tvq-eqx {train,eval,sample,bench} [OPTIONS]
+usage: tvq-eqx {train,eval,sample,bench,export} [OPTIONS]
 
-Transformer-VQ: train, evaluate, sample, bench.
+Transformer-VQ: train, evaluate, sample, bench, export.
 
 commands:
   train    train a model (progress bar, JSONL log, PNG curves, checkpoints)
   eval     bits per token of a trained run on a data split
   sample   generate text from a trained run
   bench    train-step and sampling throughput of a configuration
+  export   write a trained run's model as safetensors (tvq_eqx.load_model reads it)
 
 `tvq-eqx COMMAND --help` lists a command's flags with types and defaults.
 """

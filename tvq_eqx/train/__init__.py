@@ -26,6 +26,10 @@ from ._fit import FitStatus as FitStatus
 from ._fit import StopTraining as StopTraining
 from ._fit import evaluate_stream as evaluate_stream
 from ._fit import fit as fit
+from ._official import OfficialCheckpointError as OfficialCheckpointError
+from ._official import from_official_params as from_official_params
+from ._official import load_official as load_official
+from ._official import read_official_checkpoint as read_official_checkpoint
 from ._optimizer import OPTIMIZERS as OPTIMIZERS
 from ._optimizer import CodebookRoutingError as CodebookRoutingError
 from ._optimizer import OptimizerConfig as OptimizerConfig
@@ -42,6 +46,7 @@ from ._optimizer import with_ema_codebook as with_ema_codebook
 from ._presets import OFFICIAL_LAUNCH as OFFICIAL_LAUNCH
 from ._presets import PRESETS as PRESETS
 from ._presets import from_official as from_official
+from ._presets import official_model_config as official_model_config
 from ._run_config import DATA_KINDS as DATA_KINDS
 from ._run_config import DataConfig as DataConfig
 from ._run_config import DataKind as DataKind
@@ -57,6 +62,10 @@ from ._steps import shard_batch as shard_batch
 from ._steps import shard_train_state as shard_train_state
 from ._steps import train_step as train_step
 from ._throughput import measure_throughput as measure_throughput
+from ._weights import WeightsError as WeightsError
+from ._weights import load_model as load_model
+from ._weights import read_model_config as read_model_config
+from ._weights import save_model as save_model
 from .runs import for_mesh as for_mesh
 from .runs import load_run as load_run
 from .runs import new_train_state as new_train_state

@@ -150,6 +150,26 @@ def from_official(args: dict[str, Any]) -> RunConfig:
     return run
 
 
+def official_model_config(flags: dict[str, Any]) -> TransformerConfig:
+    """The `TransformerConfig` of an official model from its launch flags
+    (`scripts/launch.py` names: `d_model`, `d_k`, `d_v`, `n_head`, `n_code`,
+    `n_layer`, `n_vocab`, `block_len`, `mem_len`, the four dropout rates,
+    `c_beta`, `c_gamma`, `param_dtype`, `dtype`, `agg_cache`,
+    `grad_thru_cache`, `e_tie`, `pe_abs`, `e_preln`, `pe_lam`, `e_scale`;
+    `d_ff`, when given, must be 0). Other flags (optimizer, data, loop) are
+    ignored, so the whole `vars(args)` of an official run works; a missing
+    model flag is a `ValueError` naming it."""
+    a = dict(flags)
+    if a.get("d_ff", 0) != 0:
+        raise ValueError("d_ff > 0 (feed-forward layers) is not supported")
+    if "n_vocab" not in a:
+        raise ValueError("official flags lack 'n_vocab' (the vocabulary size)")
+    try:
+        return _official_model(a, a.pop("n_vocab"))
+    except KeyError as e:
+        raise ValueError(f"official flags lack {e.args[0]!r}") from None
+
+
 def _refuse_unsupported(a: dict[str, Any]) -> None:
     """The official flags whose settings tvq-eqx cannot honour."""
     if a.pop("d_ff") != 0:
