@@ -10,8 +10,8 @@
 #                           extra): a newcomer's first command does not wait
 #                           for triton, mkdocs, pyright and libtpu
 #   scripts/setup.sh floors .venv-floors: the test extra with every library
-#                           dependency (and the cli, images, sentencepiece
-#                           extras) pinned to its pyproject floor, the
+#                           dependency (and the cli, images, sentencepiece,
+#                           weights extras) pinned to its pyproject floor, the
 #                           oldest versions we test (scripts/test_floors.sh)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -44,9 +44,15 @@ if [ "$profile" = floors ]; then
 import re, tomllib
 project = tomllib.load(open("pyproject.toml", "rb"))["project"]
 extras = project["optional-dependencies"]
-for req in project["dependencies"] + extras["cli"] + extras["images"] + extras["sentencepiece"]:
+for req in project["dependencies"] + [
+    r for extra in ("cli", "images", "sentencepiece", "weights") for r in extras[extra]
+]:
     name, floor = re.fullmatch(r"([A-Za-z0-9_.\-\[\]]+)>=([^,;]+)(?:,.*)?", req).groups()
     print(f"{name.split('[')[0]}=={floor}")
+# pyparsing 3.3 deprecates names matplotlib < 3.11 calls: a warning for users,
+# an error under the suite's filterwarnings=error. The floors get the
+# pyparsing of their time.
+print("pyparsing<3.3")
 PY
   constraints=(-c $venv/floors.txt)
 fi

@@ -12,4 +12,5 @@ scripts/setup.sh floors
 .venv-floors/bin/python -c 'import jax, equinox, optax, jaxtyping; print("floors:", *(f"{m.__name__} {m.__version__}" for m in (jax, equinox, optax, jaxtyping)))'
 exec .venv-floors/bin/python -m pytest -q -n auto --dist worksteal -m "not slow" \
   tests/test_model.py tests/test_loss.py tests/test_train.py tests/test_sampling.py \
-  tests/test_context_parallel.py tests/test_checkpoint.py tests/test_cli.py "$@"
+  tests/test_context_parallel.py tests/test_checkpoint.py tests/test_cli.py \
+  tests/test_weights.py "$@"
