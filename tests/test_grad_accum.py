@@ -154,7 +154,7 @@ def test_grad_accum_must_divide_the_batch(getkey):
         ValueError, match=r"grad_accum=3 \(--grad-accum\) must divide the batch size 4"
     ):
         train.train_step(ts, batch, optimizer=SGD, update_len=16, grad_accum=3)
-    for bad in (0, -2, True, 2.0):
+    for bad in (0, -2, True):
         with pytest.raises(ValueError, match="grad_accum .*positive int"):
             train.make_train_step(SGD, update_len=16, grad_accum=bad)
     with pytest.raises(
