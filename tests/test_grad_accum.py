@@ -173,7 +173,9 @@ def test_grad_accum_must_divide_each_devices_rows(getkey):
         train.mesh_for_run(run, data=4)
     assert train.mesh_for_run(run.replace(grad_accum=2), data=4) is not None
     model = tvq_eqx.Transformer(CFG, key=getkey())
-    ts = train.shard_train_state(train.init_train_state(model, SGD, 8, key=getkey()), mesh)
+    ts = train.shard_train_state(
+        train.init_train_state(model, SGD, 8, key=getkey()), mesh
+    )
     step = train.make_train_step(SGD, update_len=16, mesh=mesh, grad_accum=4)
     batch = {k: np.asarray(v) for k, v in _batch(getkey(), b=8, t=16).items()}
     with pytest.raises(ValueError, match=r"grad_accum=4 \(--grad-accum\).*per device"):
