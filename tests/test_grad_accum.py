@@ -209,7 +209,7 @@ def test_multisteps_inside_with_ema_codebook_equals_the_concatenated_batch(
         every_k = 2
     else:
         inner, whole_opt = optax.sgd(0.05), optax.sgd(0.1)
-        every_k = lambda step: jnp.full((), 2, jnp.int32)  # a schedule  # noqa: E731
+        every_k = lambda step: jnp.full((), 2, jnp.int32)  # a schedule
     accumulating = train.with_ema_codebook(
         optax.MultiSteps(inner, every_k, use_grad_mean=use_grad_mean)
     )

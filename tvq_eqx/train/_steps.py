@@ -273,7 +273,9 @@ def train_step(
     return new_state, _reduce_metrics(metrics)
 
 
-def check_grad_accum(grad_accum: int, batch_size: int, mesh: Mesh | None = None) -> None:
+def check_grad_accum(
+    grad_accum: int, batch_size: int, mesh: Mesh | None = None
+) -> None:
     """`grad_accum` is a positive int dividing the batch (with `mesh`: each
     device's part of it, so that every micro-batch is split over all the
     devices of the data axis); a `ValueError` naming `grad_accum`
@@ -368,9 +370,7 @@ def _accumulated_grads(params, static, segment, attn, key, sequence_key, n: int)
             )
             return part, (sums, new_state)
 
-        (_, (sums, new_state)), g = jax.value_and_grad(objective, has_aux=True)(
-            params
-        )
+        (_, (sums, new_state)), g = jax.value_and_grad(objective, has_aux=True)(params)
         acc = jax.tree.map(lambda a, x: a + x.astype(a.dtype), acc, g)
         return acc, (sums, new_state.stacked)
 
