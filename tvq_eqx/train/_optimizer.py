@@ -438,7 +438,7 @@ def _accumulating(multi: optax.MultiSteps) -> _Routed:
         every_k = multi._every_k_schedule
         use_mean = multi._use_grad_mean
         should_skip = multi._should_skip_update_fn
-        acc_dtype = multi._accumulator_dtype
+        acc_dtype: Any = multi._accumulator_dtype  # optax types it Optional
     except AttributeError as e:  # pragma: no cover (another optax)
         raise TypeError(
             "with_ema_codebook cannot read this optax version's MultiSteps "
