@@ -270,6 +270,7 @@ def test_train_help_shows_type_default_and_description(capsys):
         "--data.kind {bytes,sentencepiece,images}",
         "--model.attention {vq,window,block_window,full}",
         "--preset {tiny,enwik8,pg19,imagenet64}",
+        "--grad-accum INT Gradient accumulation: each update's rows in this many",
     ):
         assert text in out, text
     assert main(["train", "--preset", "enwik8", "--help"]) == 0
