@@ -181,6 +181,10 @@ def test_resume_continues_bit_for_bit(trained, tmp_path, capsys):
         (["train", *MICRO, "--model.qk-norm", "centred"], "--model.qk-norm"),
         (["train", *MICRO, "--model.e-scale", "0"], "e_scale must be a float > 0"),
         (["train", *MICRO, "--config", "/nonexistent/run.toml"], "no such file"),
+        (
+            ["train", *MICRO, "--grad-accum", "3"],
+            "grad_accum=3 (--grad-accum) must divide the batch size",
+        ),
     ],
 )
 def test_bad_input_one_line_exit_2_nothing_written(argv, message, tmp_path, capsys):
@@ -284,6 +288,7 @@ def test_train_help_shows_type_default_and_description(capsys):
         "--data.kind {bytes,sentencepiece,images}",
         "--model.attention {vq,window,block_window,full}",
         "--preset {tiny,enwik8,pg19,imagenet64}",
+        "--grad-accum INT Gradient accumulation: each update's rows in this many",
     ):
         assert text in out, text
     assert main(["train", "--preset", "enwik8", "--help"]) == 0

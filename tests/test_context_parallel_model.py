@@ -89,7 +89,10 @@ def test_packed_documents_on_a_seq_mesh_equal_one_device(getkey):
         assert _rel(a, b) < 1e-5
 
 
-def test_train_steps_on_a_data_seq_mesh_equal_one_device():
+@pytest.mark.parametrize("grad_accum", [1, 2])
+def test_train_steps_on_a_data_seq_mesh_equal_one_device(grad_accum):
+    """With grad_accum=2 too: micro-batches of one row per data shard, each
+    split over the seq axis."""
     opt = train.make_optimizer(learning_rate=1e-2, warmup_steps=0, total_steps=10)
 
     def build(cfg):
@@ -112,7 +115,9 @@ def test_train_steps_on_a_data_seq_mesh_equal_one_device():
     run, _ = train.for_mesh(run, None, mesh)
     assert (run.model.seq_axis, run.model.batch_axis) == ("seq", "data")
     four = train.shard_train_state(build(run.model), mesh)
-    step_four = train.make_train_step(opt, update_len=16, mesh=mesh)
+    step_four = train.make_train_step(
+        opt, update_len=16, mesh=mesh, grad_accum=grad_accum
+    )
     for b in batches:
         one, m_one = step_one(one, b)
         four, m_four = step_four(four, b)

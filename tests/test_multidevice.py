@@ -9,6 +9,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import tvq_eqx
@@ -84,4 +85,31 @@ def test_four_device_train_steps_equal_one_device(setup):
             for s in shards[1:]:
                 np.testing.assert_array_equal(shards[0], s)
     # The carried attention state is split over the batch, not replicated.
+    assert not ts4.attn_state.stacked[0].cache_mean.sharding.is_fully_replicated
+
+
+def test_four_device_grad_accum_equals_one_device_whole_batch(setup):
+    """grad_accum=2 on 4 devices (2 rows per device, each micro-batch one
+    row on every device) == the whole batch on one device."""
+    model, batch, mesh = setup
+    opt = train.with_ema_codebook(optax.sgd(0.1, momentum=0.9))
+
+    def run(mesh, grad_accum):
+        ts = train.init_train_state(model, opt, 8, key=jax.random.key(2))
+        if mesh is not None:
+            ts = train.shard_train_state(ts, mesh)
+        step = train.make_train_step(
+            opt, update_len=16, mesh=mesh, grad_accum=grad_accum
+        )
+        ts, _ = step(ts, batch, reset=True)
+        return step(ts, batch)
+
+    ts1, m1 = run(None, 1)
+    ts4, m4 = run(mesh, 2)
+    assert (
+        _max_abs_diff(eqx.filter(ts1, eqx.is_array), eqx.filter(ts4, eqx.is_array))
+        < 1e-5
+    )
+    assert abs(float(m1["loss"]) - float(m4["loss"])) < 1e-5
+    # The carried state stays split over the batch.
     assert not ts4.attn_state.stacked[0].cache_mean.sharding.is_fully_replicated

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -118,6 +119,29 @@ def loss_fn(
     `mask_fraction`, `commit_loss`, `codebook_loss`, `code_entropy`,
     `code_perplexity`, `dead_code_fraction`, `quant_rel_error`.
     """
+    sums, new_state = _loss_sums(
+        model, batch, state, key=key, sequence_key=sequence_key
+    )
+    n_positions = float(batch["inputs"].shape[0] * batch["inputs"].shape[1])
+    loss, metrics = _loss_from_sums(model, sums, n_positions)
+    return loss, {"state": new_state, "metrics": metrics}
+
+
+def _loss_sums(
+    model: Transformer,
+    batch: dict[str, Array],
+    state: TransformerState | None = None,
+    *,
+    key: PRNGKeyArray | None = None,
+    sequence_key: PRNGKeyArray | None = None,
+) -> tuple[dict[str, Any], TransformerState]:
+    """The forward pass of `loss_fn` (same arguments), stopped at sums that
+    add up over the rows of a batch: `lm_sum` (masked negative
+    log-likelihood, differentiable), `n_tokens` (the mask's sum) and `vq`
+    (the quantizers' statistics, `[2 * n_layer, ...]`: `commit_sum`
+    differentiable, the codebook statistics not). Summed over micro-batches
+    they are the whole batch's (gradient accumulation, `train_step`'s
+    `grad_accum`). **Returns:** `(sums, new_state)`."""
     _check_batch(batch, model)
     mask = _loss_mask(batch)
     logprobs, new_state, aux = model(
@@ -129,16 +153,48 @@ def loss_fn(
         doc_starts=batch.get("doc_starts"),
     )
     lm_sum, n_tokens = _lm_sums(logprobs, batch["targets"], mask)
-    n_positions = float(mask.size)
-    lm_loss = lm_sum / jnp.maximum(n_tokens, 1.0)
+    return dict(lm_sum=lm_sum, n_tokens=n_tokens, vq=aux["vq"]), new_state
+
+
+def _trainable_objective(
+    model: Transformer,
+    sums: dict[str, Any],
+    *,
+    n_positions: float | Array,
+    n_tokens: float | Array,
+) -> Array:
+    """The LM term plus `c_beta` times the commit term of `sums`, with the
+    given denominators: a batch's own (`loss_fn`), or those of the whole
+    batch a micro-batch is part of, so that the micro-batches' gradients add
+    up to the whole batch's. The codebook term is left out: its gradient is
+    a function of the whole batch's statistics (`_codebook_objective`)."""
     if model.config.lm_loss_average == "positions":
-        lm_term = lm_sum / n_positions
+        lm_term = sums["lm_sum"] / n_positions
     else:
-        lm_term = lm_loss
-    vq = aux["vq"]
+        lm_term = sums["lm_sum"] / jnp.maximum(n_tokens, 1.0)
+    commit = jnp.sum(sums["vq"]["commit_sum"]) / n_positions
+    return lm_term + model.config.c_beta * commit
+
+
+def _codebook_objective(model: Transformer, vq: dict[str, Array]) -> Array:
+    """The codebook term of the loss (value 0): its gradient is the EMA step
+    towards the statistics `vq` and the tally's +1 (see `loss_fn`)."""
+    return _codebook_terms(model, vq)[1]
+
+
+def _loss_from_sums(
+    model: Transformer, sums: dict[str, Any], n_positions: float | Array
+) -> tuple[Array, dict[str, Array]]:
+    """`loss_fn`'s loss and metrics from a batch's `_loss_sums` (summed over
+    its micro-batches or not) and its number of positions `B * T`."""
+    lm_sum, n_tokens, vq = sums["lm_sum"], sums["n_tokens"], sums["vq"]
+    lm_loss = lm_sum / jnp.maximum(n_tokens, 1.0)
     commit = jnp.sum(vq["commit_sum"]) / n_positions
     codebook_loss, codebook_term = _codebook_terms(model, vq)
-    loss = lm_term + model.config.c_beta * commit + codebook_term
+    loss = (
+        _trainable_objective(model, sums, n_positions=n_positions, n_tokens=n_tokens)
+        + codebook_term
+    )
     metrics = dict(
         loss=loss,
         lm_loss=lm_loss,
@@ -153,7 +209,7 @@ def loss_fn(
     metrics = {
         k: jax.lax.stop_gradient(v).astype(jnp.float32) for k, v in metrics.items()
     }
-    return loss, {"state": new_state, "metrics": metrics}
+    return loss, metrics
 
 
 def _loss_mask(batch: dict[str, Array]) -> Float[Array, "batch seq"]:

@@ -16,7 +16,7 @@ from jax.sharding import Mesh
 
 from ..ops._context_parallel import check_chunk_len
 from ._run_config import RunConfig
-from ._steps import check_batch_splits, make_mesh
+from ._steps import check_batch_splits, check_grad_accum, make_mesh
 
 _ENV_SETTINGS = (
     ("JAX_NUM_PROCESSES", "num_processes"),
@@ -67,7 +67,8 @@ def mesh_for_run(
 
     Checked before anything is traced (`ValueError`, one line): the sizes
     against the devices, the batch against `data`, each device's part of an
-    update segment against the context-parallel rule, and the model against
+    update segment against the context-parallel rule, each device's rows
+    against `run.grad_accum`, and the model against
     context parallelism (`for_mesh` sets it)."""
     n = jax.device_count()
     data = n // seq if data is None and seq >= 1 else data
@@ -75,6 +76,7 @@ def mesh_for_run(
     if n == 1 and seq == 1:
         return None
     check_batch_splits(run.data.batch_size, mesh)
+    check_grad_accum(run.grad_accum, run.data.batch_size, mesh)
     if seq > 1:
         m = run.model
         assert m.mem_len is not None  # resolved by TransformerConfig

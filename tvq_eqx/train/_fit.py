@@ -258,6 +258,7 @@ def fit(
         mesh=mesh,
         doc_masking=run.doc_masking,
         skip_nonfinite=skip,
+        grad_accum=run.grad_accum,
     )
     loop = _Loop(
         train_state,

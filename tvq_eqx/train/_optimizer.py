@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Literal, cast, get_args
+from typing import Any, Literal, NamedTuple, cast, get_args
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import optax
+from jaxtyping import Array
 
 from .._config import check_literals
 from ..nn import LayerStack, VectorQuantizer, XLRelativeBias
@@ -399,20 +400,124 @@ def with_ema_codebook(
     `guard_no_codebook`); feed the result `eqx.filter(model,
     eqx.is_inexact_array)`-shaped gradients and parameters, as
     `make_optimizer`'s, which is this with the official recipe.
+
+    **Gradient accumulation:** `with_ema_codebook(optax.MultiSteps(opt, k))`
+    accumulates `k` micro-batches' gradients (MultiSteps' settings kept:
+    `every_k_schedule`, `use_grad_mean`, `should_skip_update_fn`,
+    `accumulator_dtype`) and takes one real update with `opt`, and one EMA
+    step of the codebook, equal to the update on the `k` micro-batches
+    concatenated: the codebook moves towards the *sum* of their statistics
+    (counts and key sums add up over rows), not their mean, and its tally
+    counts one step. The trainable arrays get the mean gradient, which is
+    the concatenated batch's for equal-sized micro-batches under
+    `lm_loss_average="positions"` (default); with `"tokens"` it weights the
+    micro-batches equally whatever their token counts (the train step's
+    `grad_accum` is exact in both). The other order,
+    `optax.MultiSteps(with_ema_codebook(opt), k)`, steps the codebook
+    towards the micro-batches' *mean* statistics: an EMA step that weighs
+    the `k` micro-batches as one.
     """
     if isinstance(optimizer, optax.MultiSteps):
-        raise TypeError(
-            "with_ema_codebook takes the optimizer, not an optax.MultiSteps: wrap "
-            "the other way round, optax.MultiSteps(with_ema_codebook(opt), k), "
-            "so that the codebook takes one EMA step per real update (on the "
-            "micro-batches' averaged statistics)"
-        )
+        return _accumulating(optimizer)
     if not isinstance(optimizer, optax.GradientTransformation):
         raise TypeError(
             f"optimizer must be an optax.GradientTransformation; got "
             f"{type(optimizer).__name__}"
         )
     return _routed([guard_no_codebook(), optimizer])
+
+
+def _accumulating(multi: optax.MultiSteps) -> _Routed:
+    """`with_ema_codebook(optax.MultiSteps(opt, ...))`: the routing inside,
+    the MultiSteps (same settings) outside, and the codebook's step on the
+    accumulated gradient turned into the EMA step on the summed statistics
+    (`_ema_of_accumulated`)."""
+    # optax keeps MultiSteps' settings private (optax 0.2.x); rebuild it
+    # around the routed optimizer with the same ones.
+    try:
+        every_k = multi._every_k_schedule
+        use_mean = multi._use_grad_mean
+        should_skip = multi._should_skip_update_fn
+        acc_dtype: Any = multi._accumulator_dtype  # optax types it Optional
+    except AttributeError as e:  # pragma: no cover (another optax)
+        raise TypeError(
+            "with_ema_codebook cannot read this optax version's MultiSteps "
+            f"settings ({e}); apply the gradient accumulation in the train step "
+            "instead (train_step / make_train_step grad_accum, --grad-accum)"
+        ) from None
+    inner = multi.inner_opt
+    routed = optax.multi_transform(
+        {
+            MAIN: optax.chain(guard_no_codebook(), inner),
+            CODEBOOK: _ema_of_accumulated(every_k, use_mean),
+        },
+        param_labels=param_labels,
+    )
+    rebuilt = optax.MultiSteps(
+        routed,
+        every_k,
+        use_grad_mean=use_mean,
+        should_skip_update_fn=should_skip,
+        accumulator_dtype=acc_dtype,
+    )
+    return _standard_promotion(rebuilt.gradient_transformation())
+
+
+class _AccumulatedEmaState(NamedTuple):
+    updates: Array  # real updates so far (MultiSteps' gradient_step)
+
+
+def _ema_of_accumulated(every_k, use_mean: bool) -> optax.GradientTransformation:
+    """The codebook's step inside `optax.MultiSteps`: from the gradient
+    accumulated over `k` micro-batches (their mean, or sum without
+    `use_mean`), the EMA step on the micro-batches' *summed* statistics,
+    i.e. one SGD(1) step on the concatenated batch's codebook gradient.
+
+    A micro-batch's gradient is `(1 - gamma) (theta - s_i)` (`s_i` its
+    statistics, `theta` the codebook, unchanged while MultiSteps
+    accumulates) and the concatenated batch's `(1 - gamma) (theta - sum_i
+    s_i)` = `k mean_i - (k - 1) (1 - gamma) theta`. The tally's gradient is
+    -1 per micro-batch and -1 for the concatenated batch: its mean. The state
+    counts the real updates (MultiSteps keeps this state only when it
+    updates), which `every_k` turns into the `k` of the update."""
+
+    def init_fn(params):
+        del params
+        return _AccumulatedEmaState(updates=jnp.zeros((), jnp.int32))
+
+    def update_fn(updates, state, params=None):
+        if params is None:
+            raise ValueError(
+                "with_ema_codebook(optax.MultiSteps(...)).update needs params "
+                "(the codebook's EMA step is computed from it)"
+            )
+        k = jnp.asarray(every_k(state.updates), jnp.float32)
+
+        def step(g, theta):
+            if not _is_quantizer(g):
+                return g  # a masked node (not the codebook)
+            w = 1.0 - g.c_gamma
+            mean = g if use_mean else jax.tree.map(lambda x: x / k, g)
+
+            def ema(m, th):
+                return k * m - (k - 1.0) * w * th
+
+            return eqx.tree_at(
+                lambda q: (q.codebook_sum, q.codebook_count, q.ema_tally),
+                mean,
+                (
+                    ema(mean.codebook_sum, theta.codebook_sum),
+                    ema(mean.codebook_count, theta.codebook_count),
+                    mean.ema_tally,
+                ),
+            )
+
+        grads = jax.tree.map(step, updates, params, is_leaf=_is_quantizer)
+        # SGD with learning rate 1: the EMA step.
+        steps = jax.tree.map(jnp.negative, grads)
+        return steps, _AccumulatedEmaState(updates=state.updates + 1)
+
+    return optax.GradientTransformation(init_fn, update_fn)
 
 
 class _Routed(optax.GradientTransformationExtraArgs):

@@ -73,6 +73,8 @@ class RunConfig:
     """Optimizer updates in the whole run."""
     update_len: int = 256
     """Tokens per optimizer update (a multiple of block_len dividing seq_len)."""
+    grad_accum: int = 1
+    """Gradient accumulation: each update's rows in this many micro-batches, one after the other (memory of one micro-batch's activations; the update equals the whole batch's). Must divide each device's rows of data.batch_size."""
     context_len: int = 0
     """History carried before the attention state is emptied (multiple of seq_len; 0 = the epoch)."""
     eval_every: int = 100
@@ -113,7 +115,7 @@ class RunConfig:
                     f"RunConfig.{name} must be a {cls.__name__}; got "
                     f"{type(getattr(self, name)).__name__}"
                 )
-        for name in ("steps", "update_len", "log_every", "keep"):
+        for name in ("steps", "update_len", "grad_accum", "log_every", "keep"):
             _check_int("RunConfig", name, getattr(self, name), minimum=1)
         check_literals(self)
         for name in (
@@ -135,6 +137,12 @@ class RunConfig:
             raise ValueError(
                 f"seq_len={seq} must be a multiple of update_len={self.update_len} "
                 f"(itself a multiple of block_len={bl})"
+            )
+        if self.data.batch_size % self.grad_accum != 0:
+            raise ValueError(
+                f"grad_accum={self.grad_accum} (--grad-accum) must divide the "
+                f"batch size data.batch_size={self.data.batch_size} (each "
+                "micro-batch takes batch_size / grad_accum rows)"
             )
         if self.steps % self.updates_per_batch != 0:
             raise ValueError(

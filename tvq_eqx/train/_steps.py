@@ -16,7 +16,14 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxtyping import Array, Bool, Int, PRNGKeyArray, UInt32
 
-from ..loss import loss_fn
+from ..loss import (
+    _codebook_objective,
+    _loss_from_sums,
+    _loss_mask,
+    _loss_sums,
+    _trainable_objective,
+    loss_fn,
+)
 from ..nn import Transformer, TransformerState
 from ._optimizer import CODEBOOK, param_labels
 
@@ -154,6 +161,7 @@ def train_step(
     reset: Bool[Array, ""] | bool = False,
     doc_masking: bool = False,
     skip_nonfinite: bool = False,
+    grad_accum: int = 1,
 ) -> tuple[TrainState, dict[str, Array]]:
     """One batch of training: `seq / update_len` optimizer updates.
 
@@ -173,6 +181,18 @@ def train_step(
     gradient norm is not finite is not applied (parameters, optimizer and
     attention state stay as before it) and counts in `skipped_updates`; its
     other metrics count as 0.
+
+    `grad_accum` (gradient accumulation, default 1 = off): each update
+    segment's rows are cut into `grad_accum` micro-batches (rows `i`,
+    `i + grad_accum`, `i + 2 grad_accum`, ... form micro-batch `i`, each
+    with its rows' carried attention state), scanned one after the other
+    (only one micro-batch's activations exist at a time), and their
+    gradients and codebook statistics summed before the one optimizer
+    update: equal, to float rounding, to the update on the whole segment
+    (`lm_loss_average` "positions" or "tokens" alike; the codebook's EMA step
+    is taken once, on the whole segment's statistics). The batch size must
+    be a multiple of `grad_accum`. With dropout, each micro-batch draws its
+    own masks (the same distribution as the whole batch's, other draws).
 
     Pure and un-jitted; `make_train_step` gives the jitted, donating,
     optionally sharded version.
@@ -194,6 +214,7 @@ def train_step(
     )
     params, static = eqx.partition(model, eqx.is_inexact_array)
     b = batch["inputs"].shape[0]
+    check_grad_accum(grad_accum, b)
     attn = _select_state(
         jnp.asarray(reset), model.init_state(b), train_state.attn_state
     )
@@ -216,12 +237,18 @@ def train_step(
                 sequence_key=sequence_key,
             )
 
-        (_, aux), grads = jax.value_and_grad(objective, has_aux=True)(params)
+        if grad_accum == 1:
+            (_, aux), grads = jax.value_and_grad(objective, has_aux=True)(params)
+            metrics, new_attn = aux["metrics"], aux["state"]
+        else:
+            grads, metrics, new_attn = _accumulated_grads(
+                params, static, segment, attn, sub, sequence_key, grad_accum
+            )
         updates, new_opt_state = optimizer.update(grads, opt_state, params)
         new_params = optax.apply_updates(params, updates)
         main_grads = _without_codebook(grads)
-        metrics = dict(aux["metrics"], grad_norm=optax.tree.norm(main_grads))
-        new_attn = jax.tree.map(jax.lax.stop_gradient, aux["state"])
+        metrics = dict(metrics, grad_norm=optax.tree.norm(main_grads))
+        new_attn = jax.tree.map(jax.lax.stop_gradient, new_attn)
         if skip_nonfinite:
             (new_params, new_opt_state, new_attn), metrics = _unless_nonfinite(
                 (new_params, new_opt_state, new_attn),
@@ -244,6 +271,128 @@ def train_step(
         rng=jax.random.key_data(rng),
     )
     return new_state, _reduce_metrics(metrics)
+
+
+def check_grad_accum(
+    grad_accum: int, batch_size: int, mesh: Mesh | None = None
+) -> None:
+    """`grad_accum` is a positive int dividing the batch (with `mesh`: each
+    device's part of it, so that every micro-batch is split over all the
+    devices of the data axis); a `ValueError` naming `grad_accum`
+    (`--grad-accum`) and the batch otherwise."""
+    _check_grad_accum_value(grad_accum)
+    n_dev = 1 if mesh is None else mesh.shape.get(DATA_AXIS, 1)
+    if batch_size % (n_dev * grad_accum) == 0:
+        return
+    if n_dev == 1:
+        raise ValueError(
+            f"grad_accum={grad_accum} (--grad-accum) must divide the batch size "
+            f"{batch_size} (each micro-batch takes batch_size / grad_accum rows)"
+        )
+    raise ValueError(
+        f"grad_accum={grad_accum} (--grad-accum) must divide each device's part "
+        f"of the batch: batch size {batch_size} over the {n_dev} devices of the "
+        f"mesh's data axis is {batch_size / n_dev:g} rows per device (the batch "
+        f"size must be a multiple of {n_dev} x {grad_accum} = {n_dev * grad_accum})"
+    )
+
+
+def _check_grad_accum_value(grad_accum: int) -> None:
+    if (
+        isinstance(grad_accum, bool)
+        or not isinstance(grad_accum, int)
+        or grad_accum < 1
+    ):
+        raise ValueError(
+            f"grad_accum (--grad-accum) must be a positive int; got {grad_accum!r}"
+        )
+
+
+def _micro_rows(x: Array, n: int, axis: int) -> Array:
+    """`x` with its batch axis `axis` (size B) cut into `n` micro-batches, as
+    a new leading axis: `[..., B, ...] -> [n, ..., B / n, ...]`, micro-batch
+    `i` holding rows `i, i + n, i + 2n, ...`. Strided, not contiguous: a batch
+    split over devices in contiguous blocks (data parallelism) gives every
+    micro-batch an equal part on every device."""
+    shape = x.shape
+    b = shape[axis]
+    x = x.reshape(*shape[:axis], b // n, n, *shape[axis + 1 :])
+    return jnp.moveaxis(x, axis + 1, 0)
+
+
+def _whole_rows(x: Array, axis: int) -> Array:
+    """The inverse of `_micro_rows`: `[n, ..., B / n, ...] -> [..., B, ...]`."""
+    n = x.shape[0]
+    x = jnp.moveaxis(x, 0, axis + 1)
+    shape = x.shape
+    return x.reshape(*shape[:axis], shape[axis] * n, *shape[axis + 2 :])
+
+
+def _accumulated_grads(params, static, segment, attn, key, sequence_key, n: int):
+    """The gradient, metrics and new attention state of one update segment,
+    computed over `n` micro-batches of its rows (`train_step`'s
+    `grad_accum`) and equal to those of the whole segment.
+
+    Every term of the loss is a sum over rows divided by a denominator of
+    the whole segment (its positions `B * T`, or its tokens, known from the
+    mask before the forward pass), so the micro-batches' gradients of their
+    share add up to the whole segment's. The codebook's gradient (the EMA
+    step) depends on the segment's statistics, which add up over rows, so it
+    is taken once from their sum; the reported metrics come from the summed
+    sums as `loss_fn`'s do."""
+    b, t = segment["inputs"].shape
+    n_positions = float(b * t)
+    n_tokens = jnp.sum(_loss_mask(segment))
+    micro = {k: _micro_rows(v, n, 0) for k, v in segment.items()}
+    # The stacked unit states are [n_layer, batch, ...]; the position (a
+    # scalar) is the same for every row.
+    micro_states = jax.tree.map(lambda x: _micro_rows(x, n, 1), attn.stacked)
+
+    def body(acc, xs):
+        i, rows, stacked = xs
+        state = TransformerState(stacked=stacked, position=attn.position)
+
+        def objective(p):
+            sums, new_state = _loss_sums(
+                eqx.combine(p, static),
+                rows,
+                state,
+                # Own dropout masks per micro-batch (fixed across the update
+                # segments for its rows, as the whole batch's).
+                key=jax.random.fold_in(key, i),
+                sequence_key=jax.random.fold_in(sequence_key, i),
+            )
+            part = _trainable_objective(
+                eqx.combine(p, static),
+                sums,
+                n_positions=n_positions,
+                n_tokens=n_tokens,
+            )
+            return part, (sums, new_state)
+
+        (_, (sums, new_state)), g = jax.value_and_grad(objective, has_aux=True)(params)
+        acc = jax.tree.map(lambda a, x: a + x.astype(a.dtype), acc, g)
+        return acc, (sums, new_state.stacked)
+
+    # float32 sums whatever the parameter dtype.
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    acc, (sums, new_stacked) = jax.lax.scan(
+        body, zeros, (jnp.arange(n), micro, micro_states)
+    )
+    sums = jax.tree.map(lambda x: jnp.sum(x, axis=0), sums)
+    model = eqx.combine(params, static)
+    codebook_grads = jax.grad(
+        lambda p: _codebook_objective(eqx.combine(p, static), sums["vq"])
+    )(params)
+    grads = jax.tree.map(
+        lambda a, c, p: (a + c).astype(p.dtype), acc, codebook_grads, params
+    )
+    _, metrics = _loss_from_sums(model, sums, n_positions)
+    new_attn = TransformerState(
+        stacked=jax.tree.map(lambda x: _whole_rows(x, 1), new_stacked),
+        position=attn.position + t,
+    )
+    return grads, metrics, new_attn
 
 
 def _unless_nonfinite(new, old, metrics: dict[str, Array]):
@@ -423,7 +572,14 @@ def _constrain(ts: TrainState, mesh: Mesh | None) -> TrainState:
 
 
 def _train_inner(
-    batch, train_state, optimizer, update_len, mesh, doc_masking, skip_nonfinite
+    batch,
+    train_state,
+    optimizer,
+    update_len,
+    mesh,
+    doc_masking,
+    skip_nonfinite,
+    grad_accum,
 ):
     reset = batch["reset"]
     batch = {k: v for k, v in batch.items() if k != "reset"}
@@ -435,6 +591,7 @@ def _train_inner(
         reset=reset,
         doc_masking=doc_masking,
         skip_nonfinite=skip_nonfinite,
+        grad_accum=grad_accum,
     )
     return _constrain(new, mesh), metrics
 
@@ -462,6 +619,7 @@ def make_train_step(
     donate: bool = True,
     doc_masking: bool = False,
     skip_nonfinite: bool = False,
+    grad_accum: int = 1,
 ) -> Callable[..., tuple[TrainState, dict[str, Array]]]:
     """`train_step` compiled with `eqx.filter_jit`.
 
@@ -473,15 +631,19 @@ def make_train_step(
     gradients and the codebook statistics are global and every device holds
     the same parameters and codebook. Pass host (numpy) batches; they are
     placed with `shard_batch`. `doc_masking`: the batch's `doc_starts` reach
-    `loss_fn` (see `train_step`); off, they are dropped. `skip_nonfinite`:
-    as in `train_step`.
+    `loss_fn` (see `train_step`); off, they are dropped. `skip_nonfinite`,
+    `grad_accum`: as in `train_step` (with `mesh`, `grad_accum` must divide
+    each device's part of the batch).
     """
+    _check_grad_accum_value(grad_accum)
     jitted = _train_donating if donate else _train_keeping
 
     def step(train_state: TrainState, batch: Batch, *, reset: bool = False):
         if doc_masking:
             train_state.model.config.check_masks_documents("doc_masking")
         placed = _place(batch, mesh, doc_masking)
+        if "inputs" in placed:  # a missing one is named in the step
+            check_grad_accum(grad_accum, placed["inputs"].shape[0], mesh)
         placed["reset"] = jnp.asarray(reset, dtype=bool)
         with _mesh_context(mesh):
             return jitted(
@@ -492,6 +654,7 @@ def make_train_step(
                 mesh,
                 doc_masking,
                 skip_nonfinite,
+                grad_accum,
             )
 
     return step

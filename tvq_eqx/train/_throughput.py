@@ -53,6 +53,7 @@ def measure_throughput(
         update_len=run.update_len,
         mesh=mesh,
         doc_masking=run.doc_masking,
+        grad_accum=run.grad_accum,
     )
     t0 = time.perf_counter()
     train_state, metrics = step(train_state, batch, reset=True)

@@ -223,17 +223,25 @@ def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
     return out
 
 
-# Settings a resume may change: the length, and the safety nets, which change
-# nothing while training stays finite and unpreempted.
-RESUME_MAY_CHANGE = ("steps", "on_nonfinite", "max_skipped", "save_every_minutes")
+# Settings a resume may change: the length, the safety nets, which change
+# nothing while training stays finite and unpreempted, and the gradient
+# accumulation, which changes only the memory (the update is the whole
+# batch's; e.g. resume on a device with less memory).
+RESUME_MAY_CHANGE = (
+    "steps",
+    "on_nonfinite",
+    "max_skipped",
+    "save_every_minutes",
+    "grad_accum",
+)
 
 
 def check_resume(saved: RunConfig, run: RunConfig, meta: dict[str, Any]) -> None:
     """`RunDirError` unless `run` may continue checkpoint `meta` of a run
     with settings `saved`: every field equal except `steps` (which may move:
     extend a finished run, shorten an unfinished one, but not below the
-    checkpoint's update) and the safety nets `on_nonfinite`, `max_skipped`,
-    `save_every_minutes`. The new `steps` defines the learning-rate schedule
+    checkpoint's update), the safety nets `on_nonfinite`, `max_skipped`,
+    `save_every_minutes`, and `grad_accum`. The new `steps` defines the learning-rate schedule
     from the checkpoint on (docs/training.md, "Resuming")."""
     bad = [
         k
@@ -245,7 +253,7 @@ def check_resume(saved: RunConfig, run: RunConfig, meta: dict[str, Any]) -> None
             f"--resume: flags {bad} differ from the checkpoint's run config "
             f"({meta['path']}); resume with the same settings (only --steps and "
             "the safety nets --on-nonfinite, --max-skipped, --save-every-minutes "
-            "may change) or use a new --run-dir"
+            "and --grad-accum may change) or use a new --run-dir"
         )
     done = int(meta["step"])
     if run.steps < done:
