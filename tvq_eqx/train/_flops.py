@@ -190,12 +190,16 @@ def measure_matmul_flops(dtype: str = "float32", n: int = 512, repeats: int = 5)
 
 
 def device_peak_flops(
-    dtype: Any = "float32", devices: Sequence[jax.Device] | None = None
+    dtype: Any = "float32",
+    devices: Sequence[jax.Device] | None = None,
+    *,
+    per_device: float | None = None,
 ) -> tuple[float | None, str]:
     """The peak FLOP/s of `devices` together (default: all of them) for
     activations of `dtype`, and where the number comes from:
 
-    - `$TVQ_PEAK_FLOPS` (FLOP/s per device; per process on a CPU), if set;
+    - `per_device` (FLOP/s per device; per process on a CPU), if given;
+    - `$TVQ_PEAK_FLOPS` (the same), if set;
     - the `PEAK_FLOPS` table for a GPU or TPU kind it lists;
     - on a CPU, `measure_matmul_flops` (a float32 / bfloat16 matmul timed
       now) per process: the CPU devices of a process share its cores;
@@ -207,6 +211,14 @@ def device_peak_flops(
     kind = devices[0].device_kind
     cpu = devices[0].platform == "cpu"
     count = len({d.process_index for d in devices}) if cpu else len(devices)
+    if per_device is not None:
+        if isinstance(per_device, bool) or not (
+            isinstance(per_device, (int, float)) and per_device > 0
+        ):
+            raise ValueError(
+                f"per_device must be a positive number of FLOP/s; got {per_device!r}"
+            )
+        return float(per_device) * count, "given"
     env = os.environ.get(PEAK_FLOPS_ENV, "").strip()
     if env:
         try:
