@@ -72,9 +72,17 @@ def test_model_flops_match_xla_cost_analysis(attention):
 def test_model_flops_terms_scale_with_the_config():
     cfg = TINY_RUN.model
     t1 = train.model_flops_terms(cfg, 2, 16, update_len=8)
-    # Twice the rows: twice every term.
+    # Twice the rows: twice every term but the sinusoid table's projection
+    # (once per segment, whatever the batch).
     t2 = train.model_flops_terms(cfg, 4, 16, update_len=8)
-    assert t2 == pytest.approx({k: 2 * v for k, v in t1.items()})
+    assert t2 == pytest.approx(
+        {k: v * (1 if k == "relative_table" else 2) for k, v in t1.items()}
+    )
+    # Twice the segments: twice that projection only.
+    t3 = train.model_flops_terms(cfg, 2, 16, update_len=4)
+    assert t3 == pytest.approx(
+        {k: v * (2 if k == "relative_table" else 1) for k, v in t1.items()}
+    )
     # Twice the layers: twice every term but the LM head.
     deep = train.model_flops_terms(cfg.replace(n_layer=2), 2, 16, update_len=8)
     for k, v in t1.items():
@@ -193,17 +201,20 @@ def _wandb_records(run_file):
     return out
 
 
+def _wandb_items(items):
+    # An item's name is `key` or, in other records, `nested_key`'s parts.
+    return {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in items}
+
+
 def _wandb_history(run_file):
     history, config = {}, {}
     for rec in _wandb_records(run_file):
         kind = rec.WhichOneof("record_type")
         if kind == "history":
-            row = {i.key: json.loads(i.value_json) for i in rec.history.item}
+            row = _wandb_items(rec.history.item)
             history.setdefault(row["_step"], {}).update(row)
         elif kind == "run":
-            config.update(
-                {i.key: json.loads(i.value_json) for i in rec.run.config.update}
-            )
+            config.update(_wandb_items(rec.run.config.update))
     return history, config
 
 
@@ -309,7 +320,7 @@ def test_missing_tracker_library_names_the_extra(monkeypatch):
 MICRO = [
     "--model.d-model", "32", "--model.d-k", "8", "--model.d-v", "32",
     "--model.n-code", "8", "--model.n-layer", "1", "--model.block-len", "16",
-    "--data.seq-len", "32", "--update-len", "32", "--data.batch-size", "2",
+    "--data.seq-len", "32", "--update-len", "32", "--data.batch-size", "4",
     "--steps", "3", "--optimizer.warmup-steps", "1", "--eval-every", "0",
     "--eval-batches", "1", "--log-every", "1", "--sample-len", "0",
     "--no-progress",

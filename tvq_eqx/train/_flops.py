@@ -191,7 +191,7 @@ def measure_matmul_flops(dtype: str = "float32", n: int = 512, repeats: int = 5)
 
 def device_peak_flops(
     dtype: Any = "float32",
-    devices: Sequence[jax.Device] | None = None,
+    devices: Sequence[Any] | None = None,
     *,
     per_device: float | None = None,
 ) -> tuple[float | None, str]:
