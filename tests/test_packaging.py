@@ -16,7 +16,17 @@ import tvq_eqx
 from tvq_eqx import data
 
 ROOT = Path(__file__).resolve().parent.parent
-OPTIONAL = ["tyro", "tqdm", "matplotlib", "PIL", "sentencepiece", "beartype"]
+OPTIONAL = [
+    "tyro",
+    "tqdm",
+    "matplotlib",
+    "PIL",
+    "sentencepiece",
+    "beartype",
+    "tensorboardX",
+    "wandb",
+    "trackio",
+]
 
 
 def test_core_dependencies_are_only_the_four():
@@ -27,6 +37,9 @@ def test_core_dependencies_are_only_the_four():
         "cli",
         "images",
         "sentencepiece",
+        "tensorboard",
+        "wandb",
+        "trackio",
         "test",
         "docs",
         "dev",

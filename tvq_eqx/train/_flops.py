@@ -173,7 +173,9 @@ def table_peak_flops(device_kind: str, dtype: Any) -> float | None:
 
 
 @functools.cache
-def measure_matmul_flops(dtype: str = "float32", n: int = 512, repeats: int = 5) -> float:
+def measure_matmul_flops(
+    dtype: str = "float32", n: int = 512, repeats: int = 5
+) -> float:
     """FLOP/s of an `n x n` matmul in `dtype` on the default device, the best
     of `repeats` timed runs after a compiling one. On a CPU this stands in
     for the peak: what its BLAS reaches on the cores it has now (a loaded
