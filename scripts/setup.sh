@@ -2,7 +2,7 @@
 # Create .venv (Python >= 3.12 when available, so jax >= 0.11 is used, the
 # generation GPU machines run) and install tvq-eqx in editable mode with what
 # the demo, the tests and CI's checks need: the test extra (which includes the
-# cli, images and sentencepiece extras), aot, docs (mkdocs) and dev (ruff,
+# cli, images, sentencepiece and tracker extras), aot, docs (mkdocs) and dev (ruff,
 # pyright).
 set -euo pipefail
 cd "$(dirname "$0")/.."
