@@ -174,7 +174,7 @@ def table_peak_flops(device_kind: str, dtype: Any) -> float | None:
 
 @functools.cache
 def measure_matmul_flops(
-    dtype: str = "float32", n: int = 512, repeats: int = 5
+    dtype: str = "float32", n: int = 1024, repeats: int = 5
 ) -> float:
     """FLOP/s of an `n x n` matmul in `dtype` on the default device, the best
     of `repeats` timed runs after a compiling one. On a CPU this stands in
@@ -239,6 +239,6 @@ def device_peak_flops(
         name = jnp.dtype(dtype).name
         return (
             measure_matmul_flops(name) * count,
-            f"measured {name} 512x512 matmul on the CPU",
+            f"measured {name} 1024x1024 matmul on the CPU",
         )
     return None, f"unknown device kind {kind!r} (set ${PEAK_FLOPS_ENV})"
