@@ -530,7 +530,7 @@ class _Loop:
         )
         if self.schedule is not None:
             # Update `step` (1-based) ran at the schedule's count step - 1.
-            record["lr"] = float(self.schedule(step - 1))
+            record["lr"] = float(jnp.asarray(self.schedule(step - 1)))
         self.logged_at, self.tokens_since_log = now, 0
         self.history.append(record)
         self.emit("on_log", record)
