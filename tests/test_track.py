@@ -300,6 +300,21 @@ def test_fit_records_and_trackers_equal_the_jsonl_log(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="peak_flops must be a positive number"):
         train.fit(train.new_train_state(RUN), RUN, stream, peak_flops=0.0)
 
+    # A run that raises inside the traced updates: close() stops the trace
+    # (the command line calls it), which is written.
+    class Fail(train.Callback):
+        def on_step(self, step, metrics, train_state):
+            raise RuntimeError("boom")
+
+    trace = ProfileTrace(tmp_path / "profile2", 1, 4)
+    with pytest.raises(RuntimeError, match="boom"):
+        train.fit(train.new_train_state(RUN), RUN, stream, callbacks=[trace, Fail()],
+                  handle_sigint=False, peak_flops=None)  # fmt: skip
+    assert trace.active
+    trace.close()
+    assert not trace.active and trace.traced == [1, 2]
+    assert list((tmp_path / "profile2").glob("plugins/profile/*/*.xplane.pb"))
+
 
 def test_profile_trace_arguments():
     with pytest.raises(ValueError, match="first must be an update number >= 1"):

@@ -560,7 +560,7 @@ def cmd_train(argv: list[str]) -> int:
     import equinox as eqx
     import jax
 
-    from .train.callbacks import JSONLLogger, ProgressBar, RunFolderWriter, Tracker
+    from .train.callbacks import JSONLLogger, ProgressBar, RunFolderWriter
 
     setup = _train_setup(argv)
     if _nothing_to_do(setup):
@@ -617,9 +617,10 @@ def cmd_train(argv: list[str]) -> int:
                 peak_flops=extra.peak_flops,
             )
     finally:
-        for cb in extra.callbacks:  # a run that raised: flush what was logged
-            if isinstance(cb, Tracker):
-                cb.close()
+        # After a run that raised: the trackers flush what they logged, the
+        # profiler trace stops (both idempotent).
+        for cb in extra.callbacks:
+            cb.close()
     if result.status != "completed":
         return _report_stop(result, ckpt_dir)
     _report_completed(result, run, run_dir, data)

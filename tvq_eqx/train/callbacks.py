@@ -184,7 +184,8 @@ class ProfileTrace(Callback):
     update `first`, once the work before it is done, and stops after the
     batch holding `last` once its results are ready, so it covers exactly
     that work (and an evaluation or checkpoint falling inside). A run that
-    ends earlier stops it at the end of `fit`."""
+    ends earlier stops it at the end of `fit`; one that raised, at
+    `close()`."""
 
     def __init__(self, log_dir: str | os.PathLike, first: int, last: int):
         if isinstance(first, bool) or not isinstance(first, int) or first < 1:
@@ -236,6 +237,10 @@ class ProfileTrace(Callback):
             self._start()
 
     def on_end(self, result: FitResult) -> None:
+        self._stop()
+
+    def close(self) -> None:
+        """Stop the trace if it runs (a `fit` that raised; idempotent)."""
         self._stop()
 
 
