@@ -39,7 +39,7 @@ def _xla_flops(f, *args) -> float:
 
 # One layer and one update segment: XLA's cost analysis counts the body of a
 # loop (the layer scan, the segment scan) once, whatever its trip count.
-@pytest.mark.parametrize("attention", ["vq", "window"])
+@pytest.mark.parametrize("attention", ["vq", "window", "full"])
 def test_model_flops_match_xla_cost_analysis(attention):
     cfg = tvq_eqx.TransformerConfig(
         n_vocab=256, d_model=64, d_k=16, d_v=64, n_code=32, n_layer=1,
