@@ -387,3 +387,19 @@ def test_cli_missing_tracker_library_is_a_usage_error(tmp_path, capsys, monkeypa
         "trackio package: pip install 'tvq-eqx[trackio]'"
     ]
     assert not bad.exists()
+
+
+def test_bench_reports_model_flops_and_mfu(capsys, monkeypatch):
+    monkeypatch.setenv("TVQ_PEAK_FLOPS", "1e9")
+    flags = [f for f in MICRO if f != "--no-progress"]
+    assert main(["bench", *flags, "--bench-steps", "1", "--sample-tokens", "0"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    cfg = tvq_eqx.TransformerConfig(
+        n_vocab=256, d_model=32, d_k=8, d_v=32, n_code=8, n_layer=1, block_len=16
+    )
+    per_token = train.model_flops(cfg, 4, 32) / (4 * 32)
+    assert res["model_flops_per_s"] == pytest.approx(
+        res["train_tokens_per_s"] * per_token
+    )
+    assert (res["peak_flops"], res["peak_source"]) == (1e9, "$TVQ_PEAK_FLOPS")
+    assert res["mfu"] == pytest.approx(res["model_flops_per_s"] / 1e9)
