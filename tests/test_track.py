@@ -297,8 +297,9 @@ def test_fit_records_and_trackers_equal_the_jsonl_log(tmp_path, monkeypatch):
     assert res.history[0]["mfu"] is None and res.history[0]["tokens_per_s"] > 0
     tags = {tag for tag, _ in _tensorboard_scalars(tmp_path / "tb2")[0]}
     assert "train/mfu" not in tags and "train/tokens_per_s" in tags
-    with pytest.raises(ValueError, match="peak_flops must be a positive number"):
-        train.fit(train.new_train_state(RUN), RUN, stream, peak_flops=0.0)
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="peak_flops must be a positive number"):
+            train.fit(train.new_train_state(RUN), RUN, stream, peak_flops=bad)
 
     # A run that raises inside the traced updates: close() stops the trace
     # (the command line calls it), which is written.

@@ -264,8 +264,10 @@ def fit(
     if peak_flops == "auto":
         devices = None if mesh is None else list(mesh.devices.flat)
         peak_flops = device_peak_flops(run.model.dtype, devices)[0]
-    elif peak_flops is not None and not (
-        isinstance(peak_flops, (int, float)) and peak_flops > 0
+    elif peak_flops is not None and (
+        isinstance(peak_flops, bool)
+        or not isinstance(peak_flops, (int, float))
+        or not peak_flops > 0
     ):
         raise ValueError(
             f'peak_flops must be a positive number, "auto" or None; got {peak_flops!r}'
