@@ -3,9 +3,10 @@
 # generation GPU machines run) and install tvq-eqx in editable mode.
 #
 #   scripts/setup.sh        everything the tests and CI's checks need: the test
-#                           extra (which includes the cli, images and
-#                           sentencepiece extras), aot, docs (mkdocs), dev
-#                           (ruff, pyright) and libtpu beside the venv
+#                           extra (which includes the cli, images,
+#                           sentencepiece, weights and tracker extras), aot,
+#                           docs (mkdocs), dev (ruff, pyright) and libtpu
+#                           beside the venv
 #   scripts/setup.sh demo   only what the demo needs (the library and the cli
 #                           extra): a newcomer's first command does not wait
 #                           for triton, mkdocs, pyright and libtpu

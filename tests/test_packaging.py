@@ -25,6 +25,9 @@ OPTIONAL = [
     "beartype",
     "safetensors",
     "msgpack",
+    "tensorboardX",
+    "wandb",
+    "trackio",
 ]
 
 
@@ -37,6 +40,9 @@ def test_core_dependencies_are_only_the_four():
         "images",
         "sentencepiece",
         "weights",
+        "tensorboard",
+        "wandb",
+        "trackio",
         "test",
         "docs",
         "dev",

@@ -105,6 +105,14 @@ else:
     )
 
 
+# `--tracker` repeats (`--tracker tensorboard --tracker wandb`); each value
+# may also be a comma list.
+if TYPE_CHECKING or tyro is None:
+    _TrackerFlags = tuple[str, ...]
+else:
+    _TrackerFlags = Annotated[tuple[str, ...], tyro.conf.UseAppendAction]
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainCommand:
     """Train a model: tqdm progress, JSONL log, PNG curves, checkpoints; at the
@@ -130,6 +138,12 @@ class TrainCommand:
     """Call jax.distributed.initialize() first (multi-host)."""
     progress: bool = True
     """Show progress bars on stderr."""
+    tracker: _TrackerFlags = ()
+    """Experiment trackers besides the JSONL log: tensorboard (RUN_DIR/tensorboard), wandb (project tvq-eqx, RUN_DIR/wandb; WANDB_MODE=offline works without an account), trackio (project tvq-eqx, under TRACKIO_DIR); repeat the flag or give a comma list. Each needs its extra: pip install 'tvq-eqx[NAME]'."""
+    profile_steps: str | None = None
+    """Write a jax.profiler trace of updates A to B (A:B, or A for one) into RUN_DIR/profile."""
+    peak_flops: float | None = None
+    """Peak FLOP/s per device (per process on a CPU) for the logged MFU (None = the data sheet of a known GPU/TPU, TVQ_PEAK_FLOPS, or a matmul measured on a CPU; unknown devices log mfu null)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -595,30 +609,99 @@ def cmd_train(argv: list[str]) -> int:
     )
     ckpt_dir = runs.checkpoints_of(run_dir)
     guard = runs.RunFolderGuard(run_dir, resumed_from=setup.meta, seen=setup.seen)
-    with guard:
-        result = train.fit(
-            ts,
-            run,
-            train_stream,
-            eval_stream=val_stream,
-            mesh=mesh,
-            checkpoint_dir=ckpt_dir,
-            checkpoint_meta=dict(preset=args.preset, run_id=run_id),
-            stop_at=args.stop_at,
-            callbacks=[
-                guard,  # locks a fresh folder at its first update
-                RunFolderWriter(run_dir, run, run_id),  # run.json after update 1
-                JSONLLogger(
-                    run_dir / "metrics.jsonl",
-                    resume_step=start if args.resume else None,
-                ),
-                ProgressBar(unit_name=_unit(run), disable=not args.progress),
-            ],
-        )
+    extra = _train_extras(args, run, run_dir, mesh)
+    try:
+        with guard:
+            result = train.fit(
+                ts,
+                run,
+                train_stream,
+                eval_stream=val_stream,
+                mesh=mesh,
+                checkpoint_dir=ckpt_dir,
+                checkpoint_meta=dict(preset=args.preset, run_id=run_id),
+                stop_at=args.stop_at,
+                callbacks=[
+                    guard,  # locks a fresh folder at its first update
+                    RunFolderWriter(run_dir, run, run_id),  # run.json after update 1
+                    JSONLLogger(
+                        run_dir / "metrics.jsonl",
+                        resume_step=start if args.resume else None,
+                    ),
+                    ProgressBar(unit_name=_unit(run), disable=not args.progress),
+                    *extra.callbacks,
+                ],
+                peak_flops=extra.peak_flops,
+            )
+    finally:
+        # After a run that raised: the trackers flush what they logged, the
+        # profiler trace stops (both idempotent).
+        for cb in extra.callbacks:
+            cb.close()
     if result.status != "completed":
         return _report_stop(result, ckpt_dir)
     _report_completed(result, run, run_dir, data)
     return 0
+
+
+@dataclasses.dataclass
+class _TrainExtras:
+    """The trackers and profiler of `--tracker` / `--profile-steps` and the
+    peak FLOP/s of `--peak-flops` (None: unknown)."""
+
+    callbacks: list
+    peak_flops: float | None
+
+
+def _profile_span(spec: str, steps: int) -> tuple[int, int]:
+    """`--profile-steps A:B` (or `A`) as update numbers 1 <= A <= B."""
+    first, sep, last = spec.partition(":")
+    try:
+        a = int(first)
+        b = int(last) if sep else a
+    except ValueError:
+        a = b = -1
+    if not 1 <= a <= b:
+        raise UsageError(
+            f"--profile-steps: expected A:B, updates 1 <= A <= B (or A); got {spec!r}"
+        )
+    if a > steps:
+        raise UsageError(f"--profile-steps {spec}: update {a} is past --steps {steps}")
+    return a, b
+
+
+def _train_extras(args: TrainCommand, run: RunConfig, run_dir: Path, mesh):
+    """The callbacks of `--tracker` and `--profile-steps` and the peak of
+    `--peak-flops`, made before anything is written: a missing tracker
+    library is a usage error naming its extra. Prints where the peak comes
+    from."""
+    from .train.callbacks import TRACKERS, ProfileTrace, make_tracker
+
+    names = [n.strip() for value in args.tracker for n in value.split(",")]
+    callbacks: list = []
+    for name in dict.fromkeys(n for n in names if n):
+        if name not in TRACKERS:
+            raise UsageError(
+                f"--tracker: invalid choice {name!r} (choose from {', '.join(TRACKERS)})"
+            )
+        try:
+            callbacks.append(make_tracker(name, run_dir))
+        except ImportError as e:
+            raise UsageError(f"--tracker {name}: {e}") from None
+    if args.profile_steps is not None:
+        a, b = _profile_span(args.profile_steps, run.steps)
+        callbacks.append(ProfileTrace(run_dir / "profile", a, b))
+    devices = None if mesh is None else list(mesh.devices.flat)
+    try:
+        peak, source = train.device_peak_flops(
+            run.model.dtype, devices, per_device=args.peak_flops
+        )
+    except ValueError as e:
+        flag = "--peak-flops" if args.peak_flops is not None else "TVQ_PEAK_FLOPS"
+        raise UsageError(f"{flag}: {e}") from None
+    shown = "unknown" if peak is None else f"{peak:.3g} FLOP/s"
+    print(f"peak for MFU: {shown} ({source})", flush=True)
+    return _TrainExtras(callbacks, peak)
 
 
 def _report_stop(result, ckpt_dir: Path) -> int:

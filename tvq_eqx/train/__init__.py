@@ -1,6 +1,6 @@
 """Training, evaluation and checkpoints for Transformer-VQ: what a user's own
 loop needs (the steps, the optimizer helpers, checkpoints, `fit` and its
-callbacks, the mesh). Two public modules hold the rest: `callbacks` (the JSONL
+callbacks, the mesh, model FLOPs and device peaks for MFU). Two public modules hold the rest: `callbacks` (the JSONL
 log, progress bar, curves) and `runs` (the command line's run-folder policy:
 locks, resume rules, folder names)."""
 
@@ -26,6 +26,12 @@ from ._fit import FitStatus as FitStatus
 from ._fit import StopTraining as StopTraining
 from ._fit import evaluate_stream as evaluate_stream
 from ._fit import fit as fit
+from ._flops import PEAK_FLOPS as PEAK_FLOPS
+from ._flops import device_peak_flops as device_peak_flops
+from ._flops import measure_matmul_flops as measure_matmul_flops
+from ._flops import model_flops as model_flops
+from ._flops import model_flops_terms as model_flops_terms
+from ._flops import table_peak_flops as table_peak_flops
 from ._official import OfficialCheckpointError as OfficialCheckpointError
 from ._official import from_official_params as from_official_params
 from ._official import load_official as load_official

@@ -22,7 +22,8 @@ from jax.sharding import Mesh
 from ..data import AbstractStream
 from ..nn import Transformer
 from ._checkpoint import AsyncCheckpointer
-from ._optimizer import optimizer_from_config
+from ._flops import device_peak_flops, model_flops
+from ._optimizer import lr_schedule, optimizer_from_config
 from ._run_config import RunConfig
 from ._steps import TrainState, evaluate, make_train_step
 
@@ -206,6 +207,7 @@ def fit(
     callbacks: Sequence[Callback] = (),
     train_resets: Callable[[int], bool] | None = None,
     handle_sigint: bool = True,
+    peak_flops: float | Literal["auto"] | None = "auto",
 ) -> FitResult:
     """Train `train_state` for `run.steps` optimizer updates on
     `train_stream`, continuing from `train_state.step` (resume).
@@ -241,12 +243,35 @@ def fit(
       before anything non-finite is saved, "skip" leaves such updates out
       (in the step) and ends the run once more than `run.max_skipped` were.
     - `callbacks`: `Callback` hooks for metrics, progress, plots.
+    - Training records (`on_log`) carry `tokens_per_s`, `model_flops_per_s`
+      (`model_flops` of the run's batches per second) and `mfu` (that over
+      `peak_flops`, the FLOP/s of all devices together; `"auto"`:
+      `device_peak_flops` of the mesh's devices, or all; None or an unknown
+      device: `mfu` is None), and
+      `lr` (the learning rate of the batch's last update) when the optimizer
+      is the run's own.
 
     `optimizer` defaults to `optimizer_from_config(run.optimizer, run.steps)`
     (it must be the one `train_state.opt_state` was built with).
     """
+    schedule = None
     if optimizer is None:
         optimizer = optimizer_from_config(run.optimizer, run.steps)
+        o = run.optimizer
+        schedule = lr_schedule(
+            o.learning_rate, o.warmup_steps, run.steps, o.final_lr_ratio
+        )
+    if peak_flops == "auto":
+        devices = None if mesh is None else list(mesh.devices.flat)
+        peak_flops = device_peak_flops(run.model.dtype, devices)[0]
+    elif peak_flops is not None and (
+        isinstance(peak_flops, bool)
+        or not isinstance(peak_flops, (int, float))
+        or not peak_flops > 0
+    ):
+        raise ValueError(
+            f'peak_flops must be a positive number, "auto" or None; got {peak_flops!r}'
+        )
     upb = run.updates_per_batch
     start_step = int(train_state.step)
     start_batch, stop_batch = _batch_span(start_step, run, stop_at)
@@ -268,6 +293,8 @@ def fit(
         checkpoint_dir=checkpoint_dir,
         checkpoint_meta=checkpoint_meta,
         callbacks=callbacks,
+        schedule=schedule,
+        peak_flops=peak_flops,
     )
     loop.start(start_step, stop_batch * upb)
     step = start_step
@@ -378,6 +405,8 @@ class _Loop:
         checkpoint_dir: str | os.PathLike | None,
         checkpoint_meta: Mapping[str, Any] | None,
         callbacks: Sequence[Callback],
+        schedule: optax.Schedule | None = None,
+        peak_flops: float | None = None,
     ):
         self.ts = train_state
         self.run = run
@@ -394,6 +423,12 @@ class _Loop:
         self.saver = AsyncCheckpointer()
         self.skipped = 0  # updates left out for a non-finite loss or gradient
         self.tokens_since_log = 0
+        self.schedule = schedule
+        self.peak_flops = peak_flops
+        d = run.data
+        self.flops_per_token = model_flops(
+            run.model, d.batch_size, d.seq_len, update_len=run.update_len
+        ) / (d.batch_size * d.seq_len)
 
     def start(self, start_step: int, stop_step: int) -> None:
         """`on_start`, then the clock of `wall_s` and the tokens per second."""
@@ -480,16 +515,25 @@ class _Loop:
 
     def log_train(self, step: int, metrics: Mapping[str, Any]) -> None:
         """The `on_log` record: the metrics as floats (this waits for the
-        step) and the tokens per second since the last record."""
+        step), the tokens and model FLOPs per second since the last record,
+        their fraction of the peak (`mfu`, None when the peak is unknown) and
+        the learning rate."""
         m = {k: float(v) for k, v in metrics.items()}
         now = time.perf_counter()
-        record = dict(
+        tokens_per_s = self.tokens_since_log / max(now - self.logged_at, 1e-9)
+        flops_per_s = tokens_per_s * self.flops_per_token
+        record: dict[str, Any] = dict(
             split="train",
             step=step,
-            tokens_per_s=self.tokens_since_log / max(now - self.logged_at, 1e-9),
+            tokens_per_s=tokens_per_s,
+            model_flops_per_s=flops_per_s,
+            mfu=None if self.peak_flops is None else flops_per_s / self.peak_flops,
             elapsed_s=now - self.t_start,
             **m,
         )
+        if self.schedule is not None:
+            # Update `step` (1-based) ran at the schedule's count step - 1.
+            record["lr"] = float(jnp.asarray(self.schedule(step - 1)))
         self.logged_at, self.tokens_since_log = now, 0
         self.history.append(record)
         self.emit("on_log", record)

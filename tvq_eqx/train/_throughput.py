@@ -10,6 +10,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
+from ._flops import device_peak_flops, model_flops
 from ._optimizer import optimizer_from_config
 from ._run_config import RunConfig
 from ._steps import make_train_step, shard_train_state
@@ -36,8 +37,10 @@ def measure_throughput(
 ) -> dict[str, Any]:
     """Seconds per train step of `run` (the first call, which compiles, timed
     apart as `compile_s`; then the mean of `steps` calls), tokens per second,
-    and with `sample_tokens > 0` milliseconds per sampled token (after one
-    compiling sample of the same length)."""
+    model FLOPs per second (`model_flops`) and their fraction `mfu` of
+    `peak_flops` (`device_peak_flops`, with `peak_source`; None when
+    unknown), and with `sample_tokens > 0` milliseconds per sampled token
+    (after one compiling sample of the same length)."""
     from ..sampling import sample
 
     if steps < 1 or sample_tokens < 0:
@@ -64,12 +67,21 @@ def measure_throughput(
         train_state, metrics = step(train_state, batch)
     jax.block_until_ready(metrics)
     step_s = (time.perf_counter() - t0) / steps
+    b, t = run.data.batch_size, run.data.seq_len
+    flops_per_s = model_flops(run.model, b, t, update_len=run.update_len) / step_s
+    peak, source = device_peak_flops(
+        run.model.dtype, None if mesh is None else list(mesh.devices.flat)
+    )
     out: dict[str, Any] = dict(
         device=jax.devices()[0].platform,
         devices=jax.device_count(),
         compile_s=compile_s,
         step_s=step_s,
-        train_tokens_per_s=run.data.batch_size * run.data.seq_len / step_s,
+        train_tokens_per_s=b * t / step_s,
+        model_flops_per_s=flops_per_s,
+        peak_flops=peak,
+        peak_source=source,
+        mfu=None if peak is None else flops_per_s / peak,
     )
     if sample_tokens > 0:
         prompt = batch["inputs"][:1, :1]

@@ -1,13 +1,16 @@
 """`fit` callbacks (public: the command line uses them, and so can a user's
 own loop): the JSONL metrics log, the run-folder writer, the tqdm progress
-bar and the PNG learning curves. tqdm and matplotlib (the `[cli]` extra) are
+bar, the PNG learning curves, the experiment trackers (TensorBoard, Weights &
+Biases, trackio) and the `jax.profiler` trace of chosen updates. tqdm and
+matplotlib (the `[cli]` extra) and each tracker's library (its own extra) are
 imported only when these are used.
 
     from tvq_eqx import train
-    from tvq_eqx.train.callbacks import JSONLLogger, ProgressBar
+    from tvq_eqx.train.callbacks import JSONLLogger, ProgressBar, TensorBoardTracker
 
     log = JSONLLogger(run_dir / "metrics.jsonl")
-    train.fit(..., callbacks=[log, ProgressBar(unit_name="bits per byte")])
+    train.fit(..., callbacks=[log, ProgressBar(unit_name="bits per byte"),
+                              TensorBoardTracker(run_dir / "tensorboard")])
 """
 
 from __future__ import annotations
@@ -23,6 +26,13 @@ import jax
 
 from ._fit import Callback, FitResult
 from ._run_config import RunConfig
+from ._trackers import TRACKERS as TRACKERS
+from ._trackers import TensorBoardTracker as TensorBoardTracker
+from ._trackers import Tracker as Tracker
+from ._trackers import TrackioTracker as TrackioTracker
+from ._trackers import WandbTracker as WandbTracker
+from ._trackers import make_tracker as make_tracker
+from ._trackers import tracker_scalars as tracker_scalars
 from .runs import start_run_dir
 
 
@@ -142,10 +152,13 @@ class ProgressBar(Callback):
         self.bar.update(self.upb)
 
     def on_log(self, record: dict[str, Any]) -> None:
+        mfu = record.get("mfu")
         self.bar.set_postfix(
             loss=f"{record['lm_loss']:.3f}",
             bpt=f"{record['bits_per_token']:.3f}",
             tok_s=f"{record['tokens_per_s']:,.0f}",
+            # Unknown peak (an unlisted device): "?" rather than a guess.
+            mfu="?" if mfu is None else f"{mfu:.1%}",
             refresh=False,
         )
 
@@ -161,6 +174,74 @@ class ProgressBar(Callback):
 
     def on_end(self, result: FitResult) -> None:
         self.bar.close()
+
+
+class ProfileTrace(Callback):
+    """A `jax.profiler` trace of updates `first..last` (1-based, whole
+    batches: a batch of several updates is traced whole) into `log_dir`
+    (`plugins/profile/<time>/*.xplane.pb`; TensorBoard's profile plugin,
+    Perfetto or XProf read it). The trace starts before the batch holding
+    update `first`, once the work before it is done, and stops after the
+    batch holding `last` once its results are ready, so it covers exactly
+    that work (and an evaluation or checkpoint falling inside). A run that
+    ends earlier stops it at the end of `fit`; one that raised, at
+    `close()`."""
+
+    def __init__(self, log_dir: str | os.PathLike, first: int, last: int):
+        if isinstance(first, bool) or not isinstance(first, int) or first < 1:
+            raise ValueError(f"first must be an update number >= 1; got {first!r}")
+        if isinstance(last, bool) or not isinstance(last, int) or last < first:
+            raise ValueError(f"last must be an int >= first={first}; got {last!r}")
+        self.log_dir, self.first, self.last = Path(log_dir), first, last
+        self.active = False
+        self.done = False
+        self.traced: list[int] = []  # the updates whose batches ran traced
+
+    def _starts_after(self, step: int) -> bool:
+        """Whether the trace starts before the next batch (updates step+1
+        .. step+upb): it holds one of first..last."""
+        return (
+            not (self.done or self.active)
+            and step + 1 <= self.last
+            and step + self.upb >= self.first
+        )
+
+    def _start(self) -> None:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        jax.profiler.start_trace(str(self.log_dir))
+        self.active = True
+
+    def _stop(self) -> None:
+        if self.active:
+            jax.profiler.stop_trace()
+            self.active, self.done = False, True
+
+    def on_start(self, *, run: RunConfig, start_step: int, stop_step: int) -> None:
+        self.upb = run.updates_per_batch
+        if self._starts_after(start_step):
+            self._start()
+
+    def on_step(self, step, metrics, train_state) -> None:
+        if self.active:
+            self.traced.extend(range(step - self.upb + 1, step + 1))
+        stop = self.active and step >= self.last
+        start = self._starts_after(step)
+        if stop or start:
+            # The batch's work is finished before the trace stops or starts,
+            # so it holds exactly the traced batches' work (the loop waits
+            # only here, not at the other batches).
+            jax.block_until_ready((metrics, train_state))
+        if stop:
+            self._stop()
+        if start:
+            self._start()
+
+    def on_end(self, result: FitResult) -> None:
+        self._stop()
+
+    def close(self) -> None:
+        """Stop the trace if it runs (a `fit` that raised; idempotent)."""
+        self._stop()
 
 
 def plot_curves(
