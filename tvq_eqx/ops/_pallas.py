@@ -50,6 +50,7 @@ from ._blockwise import (
     xla_cache_means,
 )
 from ._common import VQAttentionState, log_count_bias, relative_bias, resolve_mem_len
+from ._padding import pad_to_blocks
 from ._xla import vq_attention_xla
 
 
@@ -459,6 +460,17 @@ def vq_attention_pallas(
             f"{mem_len}, block_len={block_len}. Use implementation='xla' for "
             f"other window lengths."
         )
+    if query.shape[1] % block_len:
+        # The kernels take whole blocks: padded at the end, the state of the
+        # real tokens (`pad_to_blocks`).
+        return pad_to_blocks(
+            vq_attention_pallas, query, key, value, codebook, block_len=block_len,
+            scale=scale, state=state, rel_query=rel_query, rel_table=rel_table,
+            use_cache=use_cache, cache_grad=cache_grad, mem_len=mem_len,
+            sliding_window=sliding_window, state_keys=state_keys,
+            cache_decay=cache_decay, doc_starts=doc_starts, codes=codes,
+            pallas=pallas, **({} if window_len is None else {"window_len": window_len}),
+        )  # fmt: skip
     if state is not None and doc_starts is None:
         # The kernels take one validity flag per row for the previous block;
         # without documents, states made by these ops are whole or empty when
