@@ -383,6 +383,7 @@ def test_run_config_and_train_step_take_any_update_len(getkey):
     assert int(ts.attn_state.position) == 24
 
 
+@pytest.mark.slow  # a whole run: the train and eval programs compile (~45 s)
 def test_cli_trains_with_odd_update_len(tmp_path):
     """`tvq-eqx train` with segments of 20 tokens and block_len 16."""
     from tvq_eqx.cli import main
@@ -392,7 +393,7 @@ def test_cli_trains_with_odd_update_len(tmp_path):
         "--model.d-model", "16", "--model.d-k", "4", "--model.d-v", "8",
         "--model.n-code", "8", "--model.n-layer", "1", "--model.block-len", "16",
         "--data.seq-len", "40", "--update-len", "20", "--context-len", "40",
-        "--data.batch-size", "2",
+        "--data.batch-size", "4",
         "--steps", "2", "--optimizer.warmup-steps", "0", "--eval-every", "0",
         "--eval-batches", "1", "--log-every", "1", "--sample-len", "0",
         "--no-progress",
