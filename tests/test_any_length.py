@@ -221,10 +221,18 @@ def test_pallas_kernels_take_odd_lengths(getkey):
         return tvq_eqx.vq_attention_with_state(
             a["q"], a["k"], a["v"], c, st, block_len=L, rel_query=a["rq"],
             rel_table=rt, implementation="pallas", pallas=cfg,
+            doc_starts=a.get("docs"),
         )  # fmt: skip
 
-    out, state = _streamed(call, dict(q=q, k=k, v=v, rq=rq), None, (5, 11))
+    arrays = dict(q=q, k=k, v=v, rq=rq)
+    out, state = _streamed(call, arrays, None, (5, 11))
     assert_close(ref, out, 1e-5, name="output")
+    _assert_states_close(ref_state, state)
+    # A history that begins shorter than a block leaves its window partly
+    # filled: the kernels continue it with doc_starts all False (documented).
+    arrays["docs"] = jnp.zeros(q.shape[:2], bool)
+    out, state = _streamed(call, arrays, None, (3, 13))
+    assert_close(ref, out, 1e-5, name="output after a short first segment")
     _assert_states_close(ref_state, state)
 
 

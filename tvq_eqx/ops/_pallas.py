@@ -480,8 +480,10 @@ def vq_attention_pallas(
             state.length,
             (state.length > 0) & (state.length < block_len),
             f"implementation='pallas' needs the state's window whole or empty "
-            f"(length 0 or {block_len}); a window cut by a document start "
-            f"needs doc_starts= (all False to continue its document)",
+            f"(length 0 or {block_len}); a window cut by a document start, or "
+            f"a history shorter than block_len (a first segment of fewer than "
+            f"{block_len} tokens), needs doc_starts= (all False to continue "
+            f"its document) or implementation='xla'",
         )
         state = eqx.tree_at(lambda s: s.length, state, length)
     elif state is not None:
