@@ -326,7 +326,10 @@ def _batch(x, pad=0):
     mask = jnp.ones(inputs.shape)
     if pad:
         widths = [(0, 0), (0, pad)]
-        inputs, targets = jnp.pad(inputs, widths), jnp.pad(targets, widths, constant_values=-1)
+        inputs, targets = (
+            jnp.pad(inputs, widths),
+            jnp.pad(targets, widths, constant_values=-1),
+        )
         mask = jnp.pad(mask, widths)
     return dict(inputs=inputs, targets=targets, loss_mask=mask)
 

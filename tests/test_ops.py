@@ -373,7 +373,9 @@ def test_seq_not_multiple_of_block_needs_block_free_state(getkey):
     q, k, v, c = _ok(getkey)
     with pytest.raises(ValueError, match=r"seq length 16 .* block_len=5 .*cache_decay"):
         tvq_eqx.vq_attention_with_state(q, k, v, c, None, block_len=5, cache_decay=0.5)
-    with pytest.raises(ValueError, match=r"seq length 16 .* block_len=5 .*block window"):
+    with pytest.raises(
+        ValueError, match=r"seq length 16 .* block_len=5 .*block window"
+    ):
         tvq_eqx.vq_attention_with_state(
             q, k, v, c, None, block_len=5, use_cache=False, sliding_window=False
         )

@@ -486,9 +486,10 @@ def state_after(
         sum0 = jnp.where(kept[..., None], sum0, 0.0)
     entering = jnp.where(valid[:, :, None], ext.code[:, :t], -1)
     count = count0 + _group_counts(entering, n_code=n_code, block_len=t)[:, 0]
-    total = sum0 + _onehot_sums(entering, ext.value[:, :t], n_code=n_code, block_len=t)[
-        :, 0
-    ]
+    total = (
+        sum0
+        + _onehot_sums(entering, ext.value[:, :t], n_code=n_code, block_len=t)[:, 0]
+    )
     fresh = fresh_cache(ext.last_start, t)
     if fresh is not None:
         count = jnp.where(fresh[:, None, None], 0.0, count)
