@@ -443,6 +443,10 @@ def vq_attention_pallas(
     the dispatcher, `window_len` (use_cache=False only: a kernel sliding
     window of keys at distance 0..window_len, shorter than the default
     mem_len; see `vq_attention_core`).
+
+    Any `seq`: the kernels take whole blocks, so a partial last block is
+    padded at the end before them and the state is that of the real tokens
+    (`pad_to_blocks`, as the xla form).
     """
     if pallas is None:
         pallas = PallasConfig()
