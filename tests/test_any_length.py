@@ -370,28 +370,27 @@ def test_loss_at_odd_length_equals_masked_padded_batch(model, getkey):
 
 
 def test_run_config_and_train_step_take_any_update_len(getkey):
-    """update_len need not be whole blocks (the train step scans segments
-    of 12 with block_len 8); a decayed cache still needs them."""
+    """Neither the stream's seq_len nor update_len need be whole blocks
+    (rows of 26 tokens, segments of 13, block_len 8); a decayed cache still
+    needs them."""
     cfg = tvq_eqx.TransformerConfig(
         n_vocab=256, d_model=16, d_k=4, d_v=8, n_head=2, n_code=8, n_layer=1,
         block_len=8,
     )  # fmt: skip
-    data = train.DataConfig(seq_len=24, batch_size=2)
-    run = train.RunConfig(model=cfg, data=data, update_len=12, steps=2)
+    data = train.DataConfig(seq_len=26, batch_size=2)
+    run = train.RunConfig(model=cfg, data=data, update_len=13, steps=2)
     assert run.updates_per_batch == 2
-    with pytest.raises(ValueError, match=r"update_len=12: .*multiple of block_len=8"):
+    with pytest.raises(ValueError, match=r"update_len=13: .*multiple of block_len=8"):
         run.replace(model=cfg.replace(cache_decay=0.5))
-    stream = tvq_eqx.data.TokenStream(
-        np.arange(400) % 256, batch_size=2, seq_len=24, seed=0
-    )
+    stream = train.make_stream(run, np.arange(400) % 256, train=True)
     batch = next(iter(stream))
-    assert batch["inputs"].shape == (2, 24)
+    assert batch["inputs"].shape == (2, 26)
     model = tvq_eqx.Transformer(cfg, key=getkey())
     opt = train.make_optimizer(learning_rate=1e-3, warmup_steps=0, total_steps=2)
     ts = train.init_train_state(model, opt, 2, key=getkey())
-    ts, metrics = train.train_step(ts, batch, optimizer=opt, update_len=12)
+    ts, metrics = train.train_step(ts, batch, optimizer=opt, update_len=13)
     assert np.isfinite(float(metrics["loss"]))
-    assert int(ts.attn_state.position) == 24
+    assert int(ts.attn_state.position) == 26
 
 
 @pytest.mark.slow  # a whole run: the train and eval programs compile (~45 s)
