@@ -85,7 +85,9 @@ def test_streamed_odd_segments_equal_one_call(getkey, mem_len, documents):
     arrays = dict(q=q, k=k, v=v, rq=rq)
     if documents:
         starts = np.zeros((b, q.shape[1]), bool)
-        starts[0, [2, 6, 13]] = True  # in a short segment, mid-block, the last
+        # In the first segment, mid-block in the 3-token one, mid-segment,
+        # and the 1-token last one (its start falls in the new window).
+        starts[0, [2, 6, 13, 15]] = True
         starts[1, 8] = True  # at a block boundary
         arrays["docs"] = jnp.asarray(starts)
     bias = {} if mem_len == 0 else {"rel_table": rt}
