@@ -367,10 +367,18 @@ def test_rejects_wrong_rank(getkey):
         tvq_eqx.vq_attention(q, k, v, c[0], block_len=8)
 
 
-def test_rejects_seq_not_multiple_of_block(getkey):
+def test_seq_not_multiple_of_block_needs_block_free_state(getkey):
+    # Any seq length, except in a streaming call whose carried state depends
+    # on where blocks begin (tests/test_any_length.py has the rest).
     q, k, v, c = _ok(getkey)
-    with pytest.raises(ValueError, match=r"seq length 16 .* multiple of block_len=5"):
-        tvq_eqx.vq_attention(q, k, v, c, block_len=5)
+    with pytest.raises(ValueError, match=r"seq length 16 .* block_len=5 .*cache_decay"):
+        tvq_eqx.vq_attention_with_state(q, k, v, c, None, block_len=5, cache_decay=0.5)
+    with pytest.raises(
+        ValueError, match=r"seq length 16 .* block_len=5 .*block window"
+    ):
+        tvq_eqx.vq_attention_with_state(
+            q, k, v, c, None, block_len=5, use_cache=False, sliding_window=False
+        )
     with pytest.raises(ValueError, match="block_len must be a positive int"):
         tvq_eqx.vq_attention(q, k, v, c, block_len=0)
 

@@ -251,6 +251,10 @@ def test_sequence_not_multiple_of_update_segments_is_an_error(getkey):
     ts = train.init_train_state(model, opt, 2, key=getkey())
     with pytest.raises(ValueError, match="multiple of the segment length"):
         train.train_step(ts, _batch(getkey(), t=40), optimizer=opt, update_len=16)
+    # Segments need not be whole blocks (tests/test_any_length.py), except
+    # with a decayed cache.
+    decayed = tvq_eqx.Transformer(CFG.replace(cache_decay=0.5), key=getkey())
+    ts = train.init_train_state(decayed, opt, 2, key=getkey())
     with pytest.raises(ValueError, match="multiple of block_len"):
         train.train_step(ts, _batch(getkey(), t=36), optimizer=opt, update_len=12)
 

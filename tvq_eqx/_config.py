@@ -124,7 +124,9 @@ class TransformerConfig:
 
     - `n_vocab`, `d_model`, `d_k`, `d_v`, `n_head`, `n_code`, `n_layer`: sizes;
       each layer holds two gated attention units.
-    - `block_len`: attention block length; sequences are multiples of it.
+    - `block_len`: attention block length; sequences may have any length (a
+      partial last block is padded and masked), except with `cache_decay < 1`
+      or `attention="block_window"` (whole blocks).
     - `mem_len`: window length M (default `block_len`, any M >= 0, also
       above `block_len`): each block attends directly to the last M keys
       before it plus itself, with the Transformer-XL relative biases for
@@ -216,7 +218,7 @@ class TransformerConfig:
     n_layer: int = 2
     """Layers; each holds two gated attention units."""
     block_len: int = 64
-    """Attention block length L; sequences are multiples of it."""
+    """Attention block length L (sequences of any length: a partial last block is padded and masked; whole blocks with cache_decay < 1 or attention=block_window)."""
     mem_len: int | None = None
     """Window M of keys each block attends directly (None = block_len)."""
     p_dropemb: float = 0.0

@@ -12,6 +12,7 @@ from .._checks import check_token_ids, check_weights, error_if_any
 from .._config import TransformerConfig
 from ..ops import FullAttentionState, VQAttentionState
 from ..ops._dispatch import check_doc_starts
+from ..ops._padding import partial_blocks_error
 from ._attention import TALLY_MESSAGE, VQAttention
 from ._embedding import Embedding, OutputHead
 from ._norm import RMSNorm
@@ -252,9 +253,13 @@ class Transformer(eqx.Module):
     `[0, n_vocab)` raise at run time, under `jit` and `shard_map` too.
     `state=None` is the empty history (`model.init_state(batch)`).
 
-    `seq` must be a multiple of `config.block_len`. Calling the model on
-    consecutive segments, passing the state along, equals one call on their
-    concatenation. `key=None` disables dropout. `mask` (`[batch, seq]`, 1 =
+    `seq` may be any length (a partial last block is padded inside the
+    attention and masked; see `vq_attention_with_state`), except with
+    `cache_decay < 1` or `attention="block_window"`, whose carried state
+    depends on where blocks begin: there it is a multiple of
+    `config.block_len`. Calling the model on consecutive segments, passing
+    the state along, equals one call on their concatenation, whatever the
+    segments' lengths: positions go on from the real tokens. `key=None` disables dropout. `mask` (`[batch, seq]`, 1 =
     real token) keeps padding out of the codebook statistics and commit loss.
 
     Dropout keys: `key` draws the per-call masks (embedding and residual
@@ -380,12 +385,18 @@ class Transformer(eqx.Module):
 
     def _check_tokens(self, tokens, state) -> None:
         c = self.config
+        # Any seq length: the attention pads a partial last block itself,
+        # except where the carried state depends on where blocks begin.
         self._check_token_array(tokens)
-        if tokens.shape[1] % c.block_len != 0:
-            raise ValueError(
-                f"tokens seq length {tokens.shape[1]} (shape {tuple(tokens.shape)}) must be a "
-                f"multiple of block_len={c.block_len}"
-            )
+        if c.attention != "full":
+            error = partial_blocks_error(
+                tokens.shape[1], block_len=c.block_len,
+                use_cache=c.attention == "vq",
+                sliding_window=c.attention == "window",
+                cache_decay=c.cache_decay,
+            )  # fmt: skip
+            if error is not None:
+                raise ValueError(f"tokens {tuple(tokens.shape)}: {error}")
         if not isinstance(state, TransformerState):
             raise TypeError(
                 f"state must be a TransformerState (model.init_state); got {type(state).__name__}"

@@ -437,3 +437,62 @@ def next_state(
 
 def cache_dtype_size(dtype) -> int:
     return cache_dtype(dtype).itemsize
+
+
+def state_after(
+    key: Float[Array, "batch seq heads d_k"],
+    value: Float[Array, "batch seq heads d_v"],
+    codebook: Float[Array, "heads codes d_k"],
+    state: VQAttentionState | None,
+    *,
+    mem_len: int,
+    cache_grad: bool,
+    state_keys: str,
+    doc_starts: Bool[Array, "batch seq"] | None = None,
+    codes: Int[Array, "batch seq heads"] | None = None,
+) -> VQAttentionState:
+    """The state after the segment, made without blocks: the window is the
+    last M entries of [carried window, segment], the cache the carried cache
+    plus every older valid key (with documents, from the last start on; empty
+    if a start falls in the new window).
+
+    It depends on the tokens only, not on where blocks begin (with the
+    undecayed cache), so a segment padded to whole blocks (`pad_to_blocks`)
+    carries exactly the state of its real tokens. Equals the blockwise state
+    (`next_state` of `prologue`) up to summation order."""
+    n_code = codebook.shape[1]
+    if state is None:
+        state = VQAttentionState.empty_for(key, value, codebook, mem_len=mem_len)
+    if codes is None:
+        codes = quantize(key, codebook)
+    codebook = sg(codebook).astype(key.dtype)
+    khat = straight_through(key, gather_codes(codebook, codes))
+    ext = extend(
+        state, codes, khat, value, codebook, state_keys=state_keys,
+        doc_starts=doc_starts,
+    )  # fmt: skip
+    t = key.shape[1]
+    # The first t entries of [window, segment] leave the window: they enter
+    # the cache, the whole segment as one group.
+    valid = ext.valid[:, :t]
+    count0 = state.cache_count.astype(jnp.float32)
+    sum0 = state.cache_mean.astype(jnp.float32) * count0[..., None]
+    if ext.last_start is not None:
+        # From the last start among them on; a start drops the carried cache.
+        start = ext.last_start[:, t - 1]  # [B]
+        valid = valid & (jnp.arange(t)[None, :] >= start[:, None])
+        kept = (start < 0)[:, None, None]
+        count0 = jnp.where(kept, count0, 0.0)
+        sum0 = jnp.where(kept[..., None], sum0, 0.0)
+    entering = jnp.where(valid[:, :, None], ext.code[:, :t], -1)
+    count = count0 + _group_counts(entering, n_code=n_code, block_len=t)[:, 0]
+    total = (
+        sum0
+        + _onehot_sums(entering, ext.value[:, :t], n_code=n_code, block_len=t)[:, 0]
+    )
+    fresh = fresh_cache(ext.last_start, t)
+    if fresh is not None:
+        count = jnp.where(fresh[:, None, None], 0.0, count)
+        total = jnp.where(fresh[:, None, None, None], 0.0, total)
+    mean = (total / _nonzero(count)[..., None]).astype(cache_dtype(value.dtype))
+    return next_state(state, ext, count, mean, cache_grad=cache_grad)

@@ -53,7 +53,8 @@ def check_chunk_len(chunk_len: int, *, block_len: int, mem_len: int, what: str) 
     if chunk_len % block_len or chunk_len < mem_len:
         raise ValueError(
             f"{what} must be a multiple of block_len={block_len} and at least "
-            f"mem_len={mem_len}"
+            f"mem_len={mem_len} (context parallelism keeps whole blocks on "
+            "every device; on one device a sequence may have any length)"
         )
 
 

@@ -27,6 +27,7 @@ from ._common import (
     resolve_mem_len,
     validate_inputs,
 )
+from ._padding import pad_end
 from ._quadratic import vq_attention_quadratic
 from ._xla import vq_attention_xla
 
@@ -208,8 +209,9 @@ def vq_attention(
 
     - `query`, `key`: `[batch, seq, heads, d_k]`; `value`: `[batch, seq, heads, d_v]`.
     - `codebook`: `[heads, codes, d_k]`; receives no gradient.
-    - `block_len`: block length; `seq` must be a multiple of it. Outputs do not
-      depend on it (up to rounding).
+    - `block_len`: block length. Outputs do not depend on it (up to
+      rounding). `seq` may be any length: a partial last block is padded at
+      the end and its padded rows dropped.
     - `scale`: score scale, default `1/sqrt(d_k)`: a finite real number, or a
       0-d array that may be traced (a learned temperature; differentiable).
       A new value does not recompile, except on the pallas kernels, which
@@ -260,10 +262,15 @@ def vq_attention(
             block_len=opts.block_len,
             doc_starts=doc_starts,
         )
+    # No state is carried: a partial last block is padded here (any option,
+    # the decayed cache included), its rows dropped.
+    t = query.shape[1]
+    pad = -t % opts.block_len
     out, _ = run_resolved(
-        query, key, value, codebook, None, opts, scale=scale, doc_starts=doc_starts
-    )
-    return out
+        pad_end(query, pad), pad_end(key, pad), pad_end(value, pad), codebook,
+        None, opts, scale=scale, doc_starts=pad_end(doc_starts, pad, False),
+    )  # fmt: skip
+    return out[:, :t]
 
 
 def check_doc_starts(doc_starts, query=None, *, shape=None, where=None):
@@ -344,6 +351,15 @@ def vq_attention_with_state(
     - `doc_starts`: as in `vq_attention`; a call's first tokens continue the
       history's document unless marked. The returned state holds only the
       last document's keys (window and cache).
+
+    Any `seq`: a segment that is not whole blocks is padded at its end (the
+    padded rows dropped) and the returned state is that of its real tokens
+    (the window holds the last `mem_len` of them, the cache every older
+    one), so the next segment goes on from token `seq`; streamed segments of
+    any lengths equal one call on their concatenation. Except with a decayed
+    cache (`cache_decay < 1`) or the block window (`use_cache=False,
+    sliding_window=False`), whose state depends on where blocks begin: there
+    `seq` must be a multiple of `block_len` (a ValueError says so).
 
     Sizes and `scale` as in `vq_attention`; `seq = 0` returns the state
     unchanged (cache in float32). The returned state's cache is float32

@@ -50,6 +50,7 @@ from ._blockwise import (
     xla_cache_means,
 )
 from ._common import VQAttentionState, log_count_bias, relative_bias, resolve_mem_len
+from ._padding import pad_to_blocks
 from ._xla import vq_attention_xla
 
 
@@ -442,6 +443,10 @@ def vq_attention_pallas(
     the dispatcher, `window_len` (use_cache=False only: a kernel sliding
     window of keys at distance 0..window_len, shorter than the default
     mem_len; see `vq_attention_core`).
+
+    Any `seq`: the kernels take whole blocks, so a partial last block is
+    padded at the end before them and the state is that of the real tokens
+    (`pad_to_blocks`, as the xla form).
     """
     if pallas is None:
         pallas = PallasConfig()
@@ -459,6 +464,17 @@ def vq_attention_pallas(
             f"{mem_len}, block_len={block_len}. Use implementation='xla' for "
             f"other window lengths."
         )
+    if query.shape[1] % block_len:
+        # The kernels take whole blocks: padded at the end, the state of the
+        # real tokens (`pad_to_blocks`).
+        return pad_to_blocks(
+            vq_attention_pallas, query, key, value, codebook, block_len=block_len,
+            scale=scale, state=state, rel_query=rel_query, rel_table=rel_table,
+            use_cache=use_cache, cache_grad=cache_grad, mem_len=mem_len,
+            sliding_window=sliding_window, state_keys=state_keys,
+            cache_decay=cache_decay, doc_starts=doc_starts, codes=codes,
+            pallas=pallas, **({} if window_len is None else {"window_len": window_len}),
+        )  # fmt: skip
     if state is not None and doc_starts is None:
         # The kernels take one validity flag per row for the previous block;
         # without documents, states made by these ops are whole or empty when
@@ -468,8 +484,10 @@ def vq_attention_pallas(
             state.length,
             (state.length > 0) & (state.length < block_len),
             f"implementation='pallas' needs the state's window whole or empty "
-            f"(length 0 or {block_len}); a window cut by a document start "
-            f"needs doc_starts= (all False to continue its document)",
+            f"(length 0 or {block_len}); a window cut by a document start, or "
+            f"a history shorter than block_len (a first segment of fewer than "
+            f"{block_len} tokens), needs doc_starts= (all False to continue "
+            f"its document) or implementation='xla'",
         )
         state = eqx.tree_at(lambda s: s.length, state, length)
     elif state is not None:

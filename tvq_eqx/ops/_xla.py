@@ -19,6 +19,7 @@ from ._common import (
     require_rel_table,
     resolve_mem_len,
 )
+from ._padding import pad_to_blocks
 
 sg = jax.lax.stop_gradient
 
@@ -57,12 +58,25 @@ def vq_attention_xla(
     packed documents): a query sees only keys of its own document (from the
     last start at or before it; none: the history's document goes on).
     `codes` (int32 `[B, T, H]`): the keys' codes, if already computed.
+
+    Any `seq`: a segment that is not whole blocks is padded at its end and
+    carries the state of its real tokens (`pad_to_blocks`).
     """
     b, t, h, _ = query.shape
     d_v = value.shape[-1]
     L = block_len
     if sliding_window is None:
         sliding_window = not use_cache
+    if t % L:
+        # Not whole blocks: padded at the end, the state of the real tokens.
+        return pad_to_blocks(
+            vq_attention_xla, query, key, value, codebook, block_len=L,
+            scale=scale, state=state, rel_query=rel_query, rel_table=rel_table,
+            use_cache=use_cache, cache_grad=cache_grad,
+            mem_len=resolve_mem_len(mem_len, state, L),
+            sliding_window=sliding_window, state_keys=state_keys,
+            cache_decay=cache_decay, doc_starts=doc_starts, codes=codes,
+        )  # fmt: skip
     pro = prologue(
         key,
         value,

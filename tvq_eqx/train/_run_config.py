@@ -10,6 +10,7 @@ import typing
 from typing import Any, Literal, get_args
 
 from .._config import TransformerConfig, check_literals
+from ..ops._padding import partial_blocks_error
 from ._optimizer import OptimizerConfig
 
 DataKind = Literal["bytes", "sentencepiece", "images"]
@@ -72,7 +73,7 @@ class RunConfig:
     steps: int = 400
     """Optimizer updates in the whole run."""
     update_len: int = 256
-    """Tokens per optimizer update (a multiple of block_len dividing seq_len)."""
+    """Tokens per optimizer update (dividing seq_len; any length, a partial last block is padded and masked, except with cache_decay < 1 or attention=block_window: a multiple of block_len)."""
     grad_accum: int = 1
     """Gradient accumulation: each update's rows in this many micro-batches, one after the other (memory of one micro-batch's activations; the update equals the whole batch's). Must divide each device's rows of data.batch_size."""
     context_len: int = 0
@@ -128,15 +129,26 @@ class RunConfig:
             "max_skipped",
         ):
             _check_int("RunConfig", name, getattr(self, name), minimum=0)
-        bl, seq = self.model.block_len, self.data.seq_len
-        if self.update_len % bl != 0:
-            raise ValueError(
-                f"update_len={self.update_len} must be a multiple of block_len={bl}"
+        seq = self.data.seq_len
+        m = self.model
+        # Any update_len: the model pads a partial last block (masked), except
+        # where the carried state depends on where blocks begin.
+        error = (
+            None
+            if m.attention == "full"
+            else partial_blocks_error(
+                self.update_len, block_len=m.block_len,
+                use_cache=m.attention == "vq",
+                sliding_window=m.attention == "window",
+                cache_decay=m.cache_decay,
             )
+        )  # fmt: skip
+        if error is not None:
+            raise ValueError(f"update_len={self.update_len}: {error}")
         if seq % self.update_len != 0:
             raise ValueError(
                 f"seq_len={seq} must be a multiple of update_len={self.update_len} "
-                f"(itself a multiple of block_len={bl})"
+                "(each batch row is cut into update segments)"
             )
         if self.data.batch_size % self.grad_accum != 0:
             raise ValueError(

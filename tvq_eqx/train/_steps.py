@@ -110,13 +110,12 @@ def _check_batch(
             f"{what} batch['doc_starts'] must have the shape of batch['inputs'] "
             f"{shape}; got {tuple(batch[_DOC_KEY].shape)}"
         )
-    # A segment that is not whole blocks: the model says so when it is traced
-    # (the block-multiple rule's home for tokens).
+    # A segment of any length: the model pads a partial last block (and says
+    # so, when it is traced, for the options that need whole blocks).
     if shape[1] % segment_len != 0:
         raise ValueError(
             f"{what}: sequence length {shape[1]} must be a multiple of the "
-            f"segment length {segment_len} (= block_len {block_len} x blocks per "
-            "segment)"
+            f"segment length {segment_len} (block_len {block_len})"
         )
 
 
@@ -422,8 +421,8 @@ def eval_step(
 ) -> tuple[TransformerState, dict[str, Array]]:
     """Summed LM loss over a batch, scanning segments with the carried state.
 
-    No dropout, no parameter change. `segment_len` (a multiple of `block_len`
-    dividing `seq`) bounds memory: only `[B, segment_len, n_vocab]`
+    No dropout, no parameter change. `segment_len` (dividing `seq`; any
+    length, see `Transformer`) bounds memory: only `[B, segment_len, n_vocab]`
     log-probabilities exist at a time. `reset` starts from an empty state.
     `doc_masking` passes the batch's `doc_starts` to `loss_fn`, as in
     `train_step`.
