@@ -455,8 +455,8 @@ class Transformer(eqx.Module):
 
         x = self._check_codebook_tally(self.embedding(tokens).astype(dt))
         if self.position_embedding is not None:
-            # [t], or [b, t] for a per-row position.
-            pos = state.position[..., None] + jnp.arange(t)
+            # [1, t] for a shared position, [b, t] for one per row.
+            pos = jnp.reshape(state.position, (-1, 1)) + jnp.arange(t)[None, :]
             pe = self.position_embedding(pos.reshape(-1)).reshape(*pos.shape, -1)
             x = x + pe.astype(dt)
         x = dropout(x, c.p_dropemb, keys[0])
