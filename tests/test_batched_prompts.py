@@ -108,7 +108,7 @@ def test_one_call_prefill_equals_block_by_block_and_unpadded_call(getkey, option
     forward = eqx.filter_jit(lambda m, x: m(x, None))
     for r, n in enumerate(lengths):
         k = (n - 1) // L * L
-        row_state = jax.tree.map(lambda x: x[:, r : r + 1], one.state.stacked)
+        row_state = jax.tree.map(lambda x, r=r: x[:, r : r + 1], one.state.stacked)
         if k:  # one unpadded call over the prompt's complete blocks
             _, want, _ = forward(model, jnp.asarray(rows[r : r + 1, :k]))
             same_state(row_state, want.stacked)
