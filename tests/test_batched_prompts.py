@@ -213,3 +213,26 @@ def test_bad_prompt_batches_are_named(getkey):
     )
     with pytest.raises(ValueError, match="per-row carry.state.position"):
         decode_step(model, carry, key)
+
+
+def _guide_example() -> str:
+    """The batched-prompts example of docs/training.md, as written there."""
+    from pathlib import Path
+
+    text = (Path(__file__).parents[1] / "docs" / "training.md").read_text()
+    section = text.split("**Prompts of different lengths in one batch.**", 1)[1]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_training_guide_example_runs_as_written(getkey):
+    """The guide's example: each row is its prompt sampled alone with its
+    key, and the padded array with lengths is the same batch."""
+    scope = {"model": _model(getkey()), "np": np, "jax": jax, "sample": sample}
+    exec(_guide_example(), scope)
+    out, prompts, keys = np.asarray(scope["out"]), scope["prompts"], scope["keys"]
+    assert out.shape == (3, 9)
+    np.testing.assert_array_equal(np.asarray(scope["same"]), out)
+    kw = dict(steps=9, temperature=0.8, top_k=5, top_p=0.9)
+    for r, p in enumerate(prompts):
+        alone = sample(scope["model"], p, key=keys[r], **kw)
+        np.testing.assert_array_equal(np.asarray(alone), out[r])

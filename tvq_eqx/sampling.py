@@ -440,20 +440,20 @@ def _pow2_at_least(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
-PromptArg = (
+_PromptArg = (
     Integer[Array, "*batch prompt"]
     | Integer[np.ndarray, "*batch prompt"]
     | Sequence[Integer[Array, " _"] | Integer[np.ndarray, " _"]]
 )
-KeyArg = PRNGKeyArray | Key[Array, " _"] | UInt32[Array, "_ 2"]
+_KeyArg = PRNGKeyArray | Key[Array, " _"] | UInt32[Array, "_ 2"]
 
 
 def sample(
     model: Transformer,
-    prompt: PromptArg,
+    prompt: _PromptArg,
     *,
     steps: int,
-    key: KeyArg,
+    key: _KeyArg,
     temperature: float = 1.0,
     top_p: float = 1.0,
     top_k: int | None = None,
@@ -513,10 +513,10 @@ def _concat(chunks, job: _Job) -> np.ndarray:
 
 def sample_iter(
     model: Transformer,
-    prompt: PromptArg,
+    prompt: _PromptArg,
     *,
     steps: int | None,
-    key: KeyArg,
+    key: _KeyArg,
     temperature: float = 1.0,
     top_p: float = 1.0,
     top_k: int | None = None,
