@@ -389,7 +389,7 @@ def run_ttft(p, *, out_dir: Path, tag: str, command: str) -> dict:
     for n in p.prompts:
         rows, lengths = ttft_prompt(model, n, p.batch_size, seed=n)
         for path, prefill in PREFILLS.items():
-            job = dict(args=(model, rows, lengths, prefill, key), times=[])
+            job: dict = dict(args=(model, rows, lengths, prefill, key), times=[])
             t0 = time.perf_counter()
             job["tokens"] = np.asarray(C.block(first_token(*job["args"])))
             job["first_s"] = time.perf_counter() - t0  # compile included

@@ -60,10 +60,9 @@ def test_prompts_of_different_lengths_sample_as_each_alone(getkey, options):
     padded = np.full((3, max(LENGTHS)), 99, np.int32)  # ids past the ends: unread
     for r, p in enumerate(prompts):
         padded[r, : len(p)] = p
-    for filters in (
-        dict(temperature=0.0),
-        dict(temperature=0.8, top_k=5, top_p=0.9),
-    ):
+    greedy: dict = dict(temperature=0.0)
+    sampled: dict = dict(temperature=0.8, top_k=5, top_p=0.9)
+    for filters in (greedy, sampled):
         batch = np.asarray(sample(model, prompts, steps=9, key=keys, **filters))
         assert batch.shape == (3, 9)
         again = sample(model, padded, lengths=LENGTHS, steps=9, key=keys, **filters)
@@ -232,7 +231,7 @@ def test_training_guide_example_runs_as_written(getkey):
     out, prompts, keys = np.asarray(scope["out"]), scope["prompts"], scope["keys"]
     assert out.shape == (3, 9)
     np.testing.assert_array_equal(np.asarray(scope["same"]), out)
-    kw = dict(steps=9, temperature=0.8, top_k=5, top_p=0.9)
+    kw: dict = dict(steps=9, temperature=0.8, top_k=5, top_p=0.9)
     for r, p in enumerate(prompts):
         alone = sample(scope["model"], p, key=keys[r], **kw)
         np.testing.assert_array_equal(np.asarray(alone), out[r])

@@ -258,12 +258,11 @@ def decode_step(
             f"(shape {tuple(carry.position.shape)}); got a scalar"
         )
     logprobs, new_state, _ = model(carry.block, carry.state)
-    filters = dict(temperature=temperature, top_p=top_p, top_k=top_k)
     if carry.position.ndim == 0:
         lp = jax.lax.dynamic_index_in_dim(
             logprobs, carry.position, axis=1, keepdims=False
         )
-        tok = sample_token(lp, key, **filters)
+        tok = sample_token(lp, key, temperature=temperature, top_p=top_p, top_k=top_k)
         full = carry.position == big_l - 1
         state = jax.tree.map(lambda n, o: jnp.where(full, n, o), new_state, carry.state)
         fresh = jnp.zeros_like(carry.block).at[:, 0].set(tok)
@@ -275,7 +274,7 @@ def decode_step(
         return DecodeCarry(state, block, position), tok, lp
     pos = carry.position
     lp = jnp.take_along_axis(logprobs, pos[:, None, None], axis=1)[:, 0]
-    tok = sample_token(lp, key, **filters)
+    tok = sample_token(lp, key, temperature=temperature, top_p=top_p, top_k=top_k)
     full = pos == big_l - 1  # [batch]: these rows' blocks are complete
     state = _where_rows(full, new_state, carry.state)
     col = jnp.arange(big_l)[None, :]
