@@ -390,11 +390,9 @@ def run_ttft(p, *, out_dir: Path, tag: str, command: str) -> dict:
         rows, lengths = ttft_prompt(model, n, p.batch_size, seed=n)
         for path, prefill in PREFILLS.items():
             job: dict = dict(args=(model, rows, lengths, prefill, key), times=[])
-            t0 = time.perf_counter()
-            job["tokens"] = np.asarray(C.block(first_token(*job["args"])))
-            job["first_s"] = time.perf_counter() - t0  # compile included
+            job["tokens"] = np.asarray(C.block(first_token(*job["args"])))  # compile
             jobs[n, path] = job
-            C.log(f"ttft N={n} {path}: first call {job['first_s']:.2f}s")
+            C.log(f"ttft N={n} {path}: compiled")
     for _r in range(p.reps):
         for job in jobs.values():
             t0 = time.perf_counter()
@@ -409,8 +407,6 @@ def run_ttft(p, *, out_dir: Path, tag: str, command: str) -> dict:
                 N=n,
                 before=C.median(before["times"]),
                 after=C.median(after["times"]),
-                before_first=before["first_s"],
-                after_first=after["first_s"],
                 same_tokens=same,
                 ok=gate[0] and same,
             )
@@ -442,9 +438,9 @@ def write_ttft_report(p, rows, gate, *, md, png, command, wall):
         "loop: the prefill until this change), after = `sampling._prefill` (one "
         "model call over the bucket of complete blocks, padding masked as another "
         "document)",
-        f"median of {p.reps} calls per (length, path) after 1 untimed call (its "
-        "time, compile included, in the 'first call' columns); calls interleaved "
-        "over all lengths and both paths, round by round",
+        f"median of {p.reps} calls per (length, path) after 1 untimed call "
+        "(compile); calls interleaved over all lengths and both paths, round by "
+        "round",
         f"gate: the first token's log-probabilities after either prefill == one "
         f"teacher-forced forward pass over a {p.check_prompt}-token prompt (max "
         f"|dlogp| <= {CHECK_TOL:g}): {'pass' if gate[0] else C.CHECK_FAILED} "
@@ -458,7 +454,6 @@ def write_ttft_report(p, rows, gate, *, md, png, command, wall):
             f"{r['before'] * 1e3:.1f}",
             f"{r['after'] * 1e3:.1f}",
             C.gated_ratio(r["before"], r["after"], r["ok"], "{:.2f}x"),
-            f"{r['before_first']:.2f} / {r['after_first']:.2f}",
             "pass" if r["ok"] else C.CHECK_FAILED,
         ]
         for r in rows
@@ -470,11 +465,10 @@ def write_ttft_report(p, rows, gate, *, md, png, command, wall):
             "before ms",
             "after ms",
             "before / after",
-            "first call s (before / after)",
             "check",
         ],
         table,
-        "lrrrrl",
+        "lrrrl",
     )
     lines += ["", f"![ttft]({png.name})", ""]
     C.write_text(md, lines)

@@ -161,7 +161,7 @@ def test_ttft_smoke_and_forced_failure(tmp_path, monkeypatch):
     monkeypatch.setattr(decode, "ttft_check", lambda model, n: (False, 1.0))
     res = decode.run_ttft(p, out_dir=tmp_path, tag="test", command="pytest")
     for cells in table(res):
-        assert cells[3] == C.CHECK_FAILED and cells[5] == C.CHECK_FAILED
+        assert cells[3] == C.CHECK_FAILED and cells[4] == C.CHECK_FAILED
 
 
 def test_quality_smoke_through_runner(tmp_path, monkeypatch, capsys):
