@@ -616,10 +616,19 @@ def _start(model: Transformer, rows: np.ndarray, lengths: np.ndarray, prefill=No
             k = n_full[r] * big_l
             history[r, n_buf - k :] = rows[r, :k]
         if prefill is None:
-            full = model.config.attention == "full"
-            prefill = _prefill_blocks if full else _prefill
+            prefill = _prefill if _masks_documents(model) else _prefill_blocks
         state = prefill(model, jnp.asarray(history), jnp.asarray(n_full, jnp.int32))
     return DecodeCarry(state, jnp.asarray(block), position)
+
+
+def _masks_documents(model: Transformer) -> bool:
+    """Whether the model can mask the bucket's padding as a document (the
+    rule's one home: `TransformerConfig.check_masks_documents`)."""
+    try:
+        model.config.check_masks_documents("the one-call prefill")
+    except ValueError:
+        return False
+    return True
 
 
 def _per_row(state: TransformerState) -> TransformerState:
