@@ -76,7 +76,11 @@ def _first_logprobs(model, carry):
     return decode_step(model, carry, jax.random.key(0), temperature=0.0)[2]
 
 
-@pytest.mark.parametrize("options", [{}, {"mem_len": 6}], ids=["vq", "vq-mem6"])
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"mem_len": 6}, {"cache_decay": 0.8}],
+    ids=["vq", "vq-mem6", "vq-decay"],
+)
 def test_one_call_prefill_equals_block_by_block_and_unpadded_call(getkey, options):
     """The prefill's one call over the bucket gives the state (and then the
     first log-probabilities) of reading the blocks one call at a time
