@@ -193,7 +193,7 @@ def test_bad_prompt_batches_are_named(getkey):
         (dict(prompt=[padded[0]], lengths=[3]), "a list of prompts gives"),
         (dict(prompt=[]), "at least one prompt"),
         # The annotation's checker (in tests) looks at one item, at random.
-        (dict(prompt=[np.array([1]), np.zeros((2, 2), np.int32)]), r"prompt\[1\] must be 1-D|parameter 'prompt'"),
+        (dict(prompt=[np.array([1]), np.zeros((2, 2), np.int32)]), r"prompt\[1\] must be 1-D|Type-check error"),
         (dict(prompt=[np.array([1]), np.array([], np.int32)]), r"prompt\[1\] must be 1-D"),
         (dict(prompt=[np.array([1]), np.array([3, 16])]), r"prompt\[1\] token ids must be in \[0, n_vocab=16\)"),
         (dict(prompt=np.array([[1, 16, 2]]), lengths=[3]), r"prompt token ids must be in"),
