@@ -24,6 +24,12 @@ decoding with the carried state must give the same log-probabilities as one
 teacher-forced forward pass over context + generated tokens (max |dlogp| <=
 1e-4), and every timed call's log-probabilities must be finite. A model that
 fails gets CHECK FAILED in place of its ratios.
+
+Time to first token (`run_ttft`, `python -m benchmarks.run ttft`): the
+prefill of `tvq_eqx.sampling` (the prompt's complete blocks in one model
+call) against the block-by-block loop it replaced, timed side by side at
+each prompt length, gated by the first token's log-probabilities against one
+teacher-forced forward pass.
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tvq_eqx import Transformer
+from tvq_eqx import Transformer, sampling
 from tvq_eqx.sampling import DecodeCarry, decode_step
 
 from . import _common as C
@@ -309,6 +315,177 @@ def plot(p, rows, fits, png, command):
         xlabel="context length (tokens)",
         ylabel="latency per token (ms)",
         title="sampling latency vs context",
+    )
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    C.save_figure(fig, png, command)
+
+
+# ---------------------------------------------------------------------------
+# Time to first token: one-call prefill (after) vs block by block (before)
+
+# The two prefills of `tvq_eqx.sampling._start`: the earlier one model call
+# per block (kept as `_prefill_blocks`, attention "full" still uses it), and
+# the one call over the whole bucket.
+PREFILLS = {"before": sampling._prefill_blocks, "after": sampling._prefill}
+
+
+def ttft_prompt(model, n: int, batch: int, seed: int):
+    """`batch` random prompts of `n` tokens: rows and lengths as `sample`
+    checks them."""
+    rng = np.random.default_rng(seed)
+    rows = rng.integers(0, model.config.n_vocab, (batch, n)).astype(np.int32)
+    return rows, np.full(batch, n, np.int64)
+
+
+def first_token(model, rows, lengths, prefill, key):
+    """What `sample(model, prompt, steps=1, key=key, temperature=0)` runs,
+    with the given prefill: the prompt read into the carry, then one decode
+    chunk of one token (the buffer size `sample` uses)."""
+    carry = sampling._start(model, rows, lengths, prefill=prefill)
+    _, out = sampling._decode_chunk(
+        model, carry, key, jnp.uint32(0), jnp.int32(1),
+        jnp.float32(0.0), jnp.float32(1.0), jnp.int32(0), 16,
+    )  # fmt: skip
+    return out
+
+
+@eqx.filter_jit
+def _greedy_step(model, carry):
+    return decode_step(model, carry, jax.random.key(0), temperature=0.0)[2]
+
+
+def ttft_exactness(model, n: int, *, seed: int = 0) -> tuple[bool, float]:
+    """The first token's log-probabilities after each prefill vs one
+    teacher-forced forward pass over the prompt (max |dlogp|)."""
+    big_l = model.config.block_len
+    rows, lengths = ttft_prompt(model, n, 1, seed)
+    text = np.zeros((1, -(-n // big_l) * big_l), np.int32)
+    text[:, :n] = rows
+    ref = _forward(model, jnp.asarray(text))[:, n - 1]
+    err = 0.0
+    for prefill in PREFILLS.values():
+        carry = sampling._start(model, rows, lengths, prefill=prefill)
+        err = max(err, float(jnp.max(jnp.abs(_greedy_step(model, carry) - ref))))
+    return bool(np.isfinite(err)) and err <= CHECK_TOL, err
+
+
+def ttft_check(model, n: int) -> tuple[bool, float]:
+    """The TTFT gate (module-level so tests can force a failure)."""
+    return ttft_exactness(model, n)
+
+
+def run_ttft(p, *, out_dir: Path, tag: str, command: str) -> dict:
+    """Time to first token at each prompt length, before (block by block)
+    and after (one call), side by side: every (length, path) is compiled
+    and called once untimed, then timed once per round over `p.reps`
+    interleaved rounds; median per (length, path)."""
+    t_start = time.perf_counter()
+    model = Transformer(p.model, key=jax.random.key(0))
+    gate = ttft_check(model, p.check_prompt)
+    C.log(f"ttft gate: {'pass' if gate[0] else 'FAIL'} ({gate[1]:.1e})")
+    key = jax.random.key(1)
+    jobs = {}
+    for n in p.prompts:
+        rows, lengths = ttft_prompt(model, n, p.batch_size, seed=n)
+        for path, prefill in PREFILLS.items():
+            job: dict = dict(args=(model, rows, lengths, prefill, key), times=[])
+            job["tokens"] = np.asarray(C.block(first_token(*job["args"])))  # compile
+            jobs[n, path] = job
+            C.log(f"ttft N={n} {path}: compiled")
+    for _r in range(p.reps):
+        for job in jobs.values():
+            t0 = time.perf_counter()
+            C.block(first_token(*job["args"]))
+            job["times"].append(time.perf_counter() - t0)
+    rows_out = []
+    for n in p.prompts:
+        before, after = jobs[n, "before"], jobs[n, "after"]
+        same = bool(np.array_equal(before["tokens"], after["tokens"]))
+        rows_out.append(
+            dict(
+                N=n,
+                before=C.median(before["times"]),
+                after=C.median(after["times"]),
+                same_tokens=same,
+                ok=gate[0] and same,
+            )
+        )
+        C.log(
+            f"ttft N={n}: before {rows_out[-1]['before']:.3f}s, "
+            f"after {rows_out[-1]['after']:.3f}s"
+        )
+    wall = time.perf_counter() - t_start
+    md = out_dir / f"decode-ttft-{tag}.md"
+    png = out_dir / f"decode-ttft-{tag}.png"
+    lines = write_ttft_report(
+        p, rows_out, gate, md=md, png=png, command=command, wall=wall
+    )
+    plot_ttft(rows_out, png, command)
+    return dict(rows=rows_out, gate=gate, markdown=md, plot=png, lines=lines)
+
+
+def write_ttft_report(p, rows, gate, *, md, png, command, wall):
+    m = p.model
+    notes = [
+        f"model: {m.n_layer} layer(s) ({2 * m.n_layer} gated attention units), d_model "
+        f"{m.d_model}, d_k {m.d_k}, d_v {m.d_v}, heads {m.n_head}, codes {m.n_code}, "
+        f"block_len {m.block_len}, attention {m.attention}; batch {p.batch_size}",
+        "time to first token: `sample(model, prompt, steps=1, temperature=0)`'s "
+        "work with each prefill (`sampling._start`, then one decode chunk of one "
+        "token), from host prompt to the token on the host; before = "
+        "`sampling._prefill_blocks` (one model call per complete prompt block, a "
+        "loop: the prefill until this change), after = `sampling._prefill` (one "
+        "model call over the bucket of complete blocks, padding masked as another "
+        "document)",
+        f"median of {p.reps} calls per (length, path) after 1 untimed call "
+        "(compile); calls interleaved over all lengths and both paths, round by "
+        "round",
+        f"gate: the first token's log-probabilities after either prefill == one "
+        f"teacher-forced forward pass over a {p.check_prompt}-token prompt (max "
+        f"|dlogp| <= {CHECK_TOL:g}): {'pass' if gate[0] else C.CHECK_FAILED} "
+        f"({gate[1]:.1e}); and both paths draw the same first token at every length",
+        f"total wall time {wall / 60:.1f} min; shared CPU, so absolute times are noisy",
+    ]
+    lines = C.header_lines(f"Time to first token ({C.tag_of(md)})", command, notes)
+    table = [
+        [
+            C.fmt_len(r["N"] - 1) + " + 1" if r["N"] > 1024 else str(r["N"]),
+            f"{r['before'] * 1e3:.1f}",
+            f"{r['after'] * 1e3:.1f}",
+            C.gated_ratio(r["before"], r["after"], r["ok"], "{:.2f}x"),
+            "pass" if r["ok"] else C.CHECK_FAILED,
+        ]
+        for r in rows
+    ]
+    lines += ["## Time to first token", ""]
+    lines += C.markdown_table(
+        [
+            "prompt tokens",
+            "before ms",
+            "after ms",
+            "before / after",
+            "check",
+        ],
+        table,
+        "lrrrl",
+    )
+    lines += ["", f"![ttft]({png.name})", ""]
+    C.write_text(md, lines)
+    return lines
+
+
+def plot_ttft(rows, png, command):
+    fig, (ax,) = C.new_figure(1, width=6.5)
+    xs = [r["N"] for r in rows]
+    for path, style in (("before", "s-"), ("after", "o-")):
+        ax.plot(xs, [r[path] * 1e3 for r in rows], style, label=path)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set(
+        xlabel="prompt length (tokens)",
+        ylabel="time to first token (ms)",
+        title="prefill: block by block (before) vs one call (after)",
     )
     ax.grid(alpha=0.3, which="both")
     ax.legend()

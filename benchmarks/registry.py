@@ -80,6 +80,21 @@ class DecodePreset:
 
 
 @dataclasses.dataclass(frozen=True)
+class TTFTPreset:
+    """Time to first token against prompt length: the prompt's complete
+    blocks read by the one-call prefill of `tvq_eqx.sampling` (after) and by
+    the earlier one-call-per-block loop (before, `_prefill_blocks`), then the
+    first token drawn; both paths timed side by side in interleaved rounds.
+    `check_prompt`: the length of the correctness gate."""
+
+    model: TransformerConfig
+    prompts: tuple[int, ...]
+    reps: int = 5
+    check_prompt: int = 1000
+    batch_size: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
 class QualityPreset:
     """Identical training budgets for vq, full and window models.
 
@@ -223,6 +238,33 @@ DECODE: dict[str, DecodePreset] = {
         fill_chunk=64,
         reps=1,
         check_context=32,
+    ),
+}
+
+# Prompts end mid-block (+ 1 token), so the current block holds one token.
+TTFT: dict[str, TTFTPreset] = {
+    "cpu": TTFTPreset(
+        model=_with(SPEED_MODEL, block_len=32),
+        prompts=(1024 + 1, 16384 + 1, 65536 + 1),
+        reps=5,
+    ),
+    "gpu": TTFTPreset(
+        model=_with(
+            SPEED_MODEL, d_model=256, d_k=64, d_v=256, n_code=256, block_len=512
+        ),
+        prompts=(1024 + 1, 16384 + 1, 65536 + 1),
+        reps=10,
+    ),
+    "quick": TTFTPreset(
+        model=_with(SPEED_MODEL, block_len=32),
+        prompts=(1024 + 1, 16384 + 1),
+        reps=3,
+    ),
+    "micro": TTFTPreset(
+        model=_with(SPEED_MODEL, d_model=32, d_k=16, d_v=32, n_code=16, block_len=8),
+        prompts=(33, 129),
+        reps=1,
+        check_prompt=45,
     ),
 }
 
@@ -395,6 +437,7 @@ REGIME["cpu-linuxdoc"] = dataclasses.replace(
 BENCHMARKS = {
     "scaling": SCALING,
     "decode": DECODE,
+    "ttft": TTFT,
     "quality": QUALITY,
     "regime": REGIME,
 }

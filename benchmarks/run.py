@@ -1,7 +1,7 @@
 """Benchmark runner.
 
 ```
-python -m benchmarks.run scaling|decode|quality|regime|recall|all [--quick] [--preset NAME]
+python -m benchmarks.run scaling|decode|ttft|quality|regime|recall|all [--quick] [--preset NAME]
                          [--out DIR] [--data PATH]
 python benchmarks/run.py ...            # same
 ```
@@ -26,13 +26,13 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
 from benchmarks import _common as C
 from benchmarks import registry
 
-BENCHES = ("scaling", "decode", "quality", "regime", "recall")
+BENCHES = ("scaling", "decode", "ttft", "quality", "regime", "recall")
 
 
 def _module(bench: str):
     if bench == "scaling":
         from benchmarks import scaling as m
-    elif bench == "decode":
+    elif bench in ("decode", "ttft"):
         from benchmarks import decode as m
     elif bench == "regime":
         from benchmarks import regime as m
@@ -96,7 +96,9 @@ def main(argv: list[str] | None = None) -> int:
         kw = dict(out_dir=out, tag=tag, command=command)
         if b in ("quality", "regime"):
             kw["data_path"] = args.data
-        res = _module(b).run(registry.preset(b, name), **kw)
+        m = _module(b)
+        runner = m.run_ttft if b == "ttft" else m.run
+        res = runner(registry.preset(b, name), **kw)
         print("\n".join(res["lines"]))
         print(f"\nwrote {res['markdown']} and {res['plot']}\n")
     return 0

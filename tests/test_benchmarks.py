@@ -141,6 +141,29 @@ def test_decode_smoke_and_forced_failure(tmp_path, monkeypatch):
     assert rows[0].split("|")[5].strip() == "1.000"
 
 
+def test_ttft_smoke_and_forced_failure(tmp_path, monkeypatch):
+    """Real micro run of the time-to-first-token table (both prefills draw
+    the same first token, ratios reported), then with its gate forced to
+    fail: every ratio says CHECK FAILED."""
+    p = dataclasses.replace(registry.TTFT["micro"], prompts=(17, 33), check_prompt=21)
+
+    def table(res):
+        text = res["markdown"].read_text()
+        rows = [ln for ln in text.splitlines() if ln.startswith(("| 17 ", "| 33 "))]
+        assert len(rows) == 2
+        return [[c.strip() for c in ln.strip("|").split("|")] for ln in rows]
+
+    res = decode.run_ttft(p, out_dir=tmp_path, tag="test", command="pytest")
+    assert res["gate"][0] and res["plot"].exists()
+    assert all(r["same_tokens"] for r in res["rows"])
+    for cells in table(res):
+        assert cells[3].endswith("x") and float(cells[3][:-1]) > 0
+    monkeypatch.setattr(decode, "ttft_check", lambda model, n: (False, 1.0))
+    res = decode.run_ttft(p, out_dir=tmp_path, tag="test", command="pytest")
+    for cells in table(res):
+        assert cells[3] == C.CHECK_FAILED and cells[4] == C.CHECK_FAILED
+
+
 def test_quality_smoke_through_runner(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(registry.QUALITY, "micro", _quality_preset())
     assert run.main(["quality", "--preset", "micro", "--out", str(tmp_path)]) == 0

@@ -68,9 +68,10 @@ def _reference(model, prompt, steps, key, temperature, top_p):
 
 
 def test_bucketed_sample_equals_reference_and_reuses_compilation(model):
-    """Two prompt lengths in one bucket (2 blocks) and two step counts in one
-    bucket (32) share one compiled prefill and one compiled decode chunk,
-    and give the reference decode's tokens."""
+    """Two prompt lengths in one bucket (one complete block before the
+    current one) and two step counts in one bucket (32) share one compiled
+    prefill and one compiled decode chunk, and give the reference decode's
+    tokens."""
     key = jax.random.key(3)
     long_prompt = jax.random.randint(jax.random.key(1), (2, 13), 0, 16)
 

@@ -23,7 +23,10 @@ AttentionState = VQAttentionState | FullAttentionState
 
 class TransformerState(eqx.Module):
     """Streaming state of the whole model: the state of every attention unit
-    and the absolute position of the next token.
+    and the absolute position of the next token (shared by the batch, or
+    `[batch]`: one per row, for rows at different positions, as
+    `tvq_eqx.sampling` makes for prompts of different lengths; only the
+    absolute position embedding, `abs_pe`, reads it).
 
     Stored like the layer stack (`LayerStack`): `stacked[j]` is one
     `VQAttentionState` (or `FullAttentionState`) holding unit `j` of every
@@ -41,7 +44,7 @@ class TransformerState(eqx.Module):
     # A pair, not one state with a `[n_layer, 2]` axis: each layer calls its
     # two units one after the other, so the scan body wants them apart.
     stacked: tuple[AttentionState, AttentionState]
-    position: Int[Array, ""]
+    position: Int[Array, ""] | Int[Array, " batch"]
 
     @property
     def n_layer(self) -> int:
@@ -70,7 +73,9 @@ class TransformerState(eqx.Module):
 
     @classmethod
     def from_units(
-        cls, units: tuple[AttentionState, ...] | list, position: Int[Array, ""]
+        cls,
+        units: tuple[AttentionState, ...] | list,
+        position: Int[Array, ""] | Int[Array, " batch"],
     ) -> TransformerState:
         """The state from per-unit states in call order (two per layer),
         e.g. `state.units()` or the layout of checkpoint formats 2 to 4."""
@@ -418,6 +423,11 @@ class Transformer(eqx.Module):
                 f"state holds {type(first).__name__}; attention={c.attention!r} needs "
                 f"{want_type.__name__} (use model.init_state)"
             )
+        if tuple(state.position.shape) not in ((), (want_b,)):
+            raise ValueError(
+                f"state.position must be a scalar or one per row ({want_b},); got "
+                f"shape {tuple(state.position.shape)}"
+            )
         if isinstance(first, VQAttentionState) and first.mem_len != c.mem_len:
             raise ValueError(
                 f"state was made for mem_len={first.mem_len}, the model "
@@ -456,8 +466,10 @@ class Transformer(eqx.Module):
 
         x = self._check_codebook_tally(self.embedding(tokens).astype(dt))
         if self.position_embedding is not None:
-            pos = state.position + jnp.arange(t)
-            x = x + self.position_embedding(pos).astype(dt)[None]
+            # [1, t] for a shared position, [b, t] for one per row.
+            pos = jnp.reshape(state.position, (-1, 1)) + jnp.arange(t)[None, :]
+            pe = self.position_embedding(pos.reshape(-1)).reshape(*pos.shape, -1)
+            x = x + pe.astype(dt)
         x = dropout(x, c.p_dropemb, keys[0])
 
         doc_starts = self._check_doc_starts(doc_starts, (b, t))
