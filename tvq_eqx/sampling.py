@@ -1,7 +1,8 @@
 """Autoregressive generation with the carried attention state.
 
-The model runs on whole blocks (`seq % block_len == 0`). Generation therefore
-keeps two things:
+The model takes any length, but generation keeps its calls on whole blocks
+(one compiled shape for every decode step, and the windows the Pallas kernels
+need). Generation therefore keeps two things:
 
 - the model's `TransformerState` after every *completed* block (previous block
   and compressive cache: everything older than the current block), and
