@@ -621,7 +621,10 @@ def _stream(job: _Job):
     if job.total == 0:
         return
     carry = _start(
-        job.model, job.prompts.rows, job.prompts.lengths, prefill_chunk=job.prefill_chunk
+        job.model,
+        job.prompts.rows,
+        job.prompts.lengths,
+        prefill_chunk=job.prefill_chunk,
     )
     temperature, top_p, top_k = job.filters
     # Traced scalars: one compiled chunk for every setting.
