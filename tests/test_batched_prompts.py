@@ -336,11 +336,11 @@ def test_bad_prefill_chunk_is_named(getkey):
     key = jax.random.key(0)
     for bad, error in [
         (0, ValueError), (-4, ValueError), (6, ValueError), (2, ValueError),
-        (8.0, TypeError), (True, TypeError), ("8", TypeError),
+        (8.0, TypeError), (True, TypeError), ("8", TypeError), ("Auto", TypeError),
     ]:  # fmt: skip
         # A non-int is caught first by the annotation's checker in tests.
         message = (
-            rf"prefill_chunk must be None or a positive multiple of "
+            rf'prefill_chunk must be None, "auto" or a positive multiple of '
             rf"block_len \({L}\); got {bad!r}"
         )
         if error is TypeError:
@@ -349,3 +349,23 @@ def test_bad_prefill_chunk_is_named(getkey):
             sample(model, prompt, steps=2, key=key, prefill_chunk=bad)
         with pytest.raises(error, match="prefill_chunk"):
             sampling.sample_iter(model, prompt, steps=2, key=key, prefill_chunk=bad)
+
+
+def test_auto_prefill_chunk_is_the_default_in_whole_blocks(getkey, monkeypatch):
+    """The default `prefill_chunk="auto"` is `PREFILL_CHUNK` tokens rounded
+    down to whole blocks (at least one), so any block length works; a
+    prompt longer than it is read in chunks (the chunked prefill compiles),
+    drawing the one call's tokens."""
+    auto = sampling._auto_prefill_chunk
+    assert auto(4) == sampling.PREFILL_CHUNK == 2048
+    assert auto(48) == 42 * 48 and auto(3000) == 3000
+    monkeypatch.setattr(sampling, "PREFILL_CHUNK", 3 * L + 1)  # -> 3 blocks
+    model = _model(getkey())
+    prompts = _prompts(getkey(), (5, 30))
+    keys = jax.random.split(getkey(), 2)
+    kw: dict = dict(steps=4, key=keys, temperature=0.0)
+    before = sampling._prefill_chunks._cached._cache_size()
+    got = sample(model, prompts, **kw)
+    assert sampling._prefill_chunks._cached._cache_size() == before + 1
+    want = sample(model, prompts, prefill_chunk=None, **kw)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))

@@ -191,7 +191,7 @@ class SampleCommand:
     seed: int | None = None
     """Sampling seed (None = the run's)."""
     prefill_chunk: int | None = None
-    """Prompt tokens per model call while reading the prompt, a multiple of the block length; the tokens do not depend on it (None = the sampler's default, tvq_eqx.sampling.PREFILL_CHUNK)."""
+    """Prompt tokens per model call while reading the prompt, a multiple of the block length; the tokens do not depend on it (None = the sampler's default "auto": tvq_eqx.sampling.PREFILL_CHUNK, 2048, rounded down to whole blocks)."""
     data: str | None = None
     """Data path, for the sentencepiece tokenizer's run (None = the run's)."""
     distributed: bool = False

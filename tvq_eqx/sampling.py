@@ -62,7 +62,7 @@ import codecs
 import math
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import equinox as eqx
 import jax
@@ -76,10 +76,19 @@ from .nn import Transformer, TransformerState
 CHUNK_LEN = 1024
 """Default number of tokens per compiled generation call (`sample_iter`)."""
 
-PREFILL_CHUNK: int | None = None
-"""Default `prefill_chunk` of `sample` / `sample_iter`: tokens per model call
-while reading the prompt (None = the whole bucket in one call). Chosen from
-`python -m benchmarks.run ttft` (docs/benchmarks.md); TBD."""
+PREFILL_CHUNK = 2048
+"""Tokens per model call while reading the prompt with `sample` /
+`sample_iter`'s default `prefill_chunk="auto"`: this many, rounded down to a
+whole number of blocks (at least one block).
+
+Chosen from `python -m benchmarks.run ttft` (docs/benchmarks.md, 1-layer
+model, block 32, on a shared 2-core CPU, three runs): against the one call
+(`prefill_chunk=None`), chunks of 2048 tokens were 1.7-1.9x faster at 16k and
+64k tokens, and at 1k they are the one call (the 1k bucket is smaller than a
+chunk); chunks of 512 were as fast at 16k-64k but slower at 1k (two calls
+where one does), chunks of 8192 slower than 2048 at 16k-64k. On a GPU
+(more parallelism per call) the best chunk is unmeasured and likely larger:
+pass `prefill_chunk` explicitly there."""
 
 _MIN_STEP_BUCKET = 16
 _MAX_STREAM = 2**32  # per-token keys are fold_in(key, i) with i a uint32
@@ -475,7 +484,7 @@ def sample(
     top_k: int | None = None,
     chunk_len: int = CHUNK_LEN,
     lengths: Sequence[int] | Integer[np.ndarray, " _"] | None = None,
-    prefill_chunk: int | None = PREFILL_CHUNK,
+    prefill_chunk: int | Literal["auto"] | None = "auto",
 ) -> Int[Array, "*batch steps"]:
     """Generate `steps` tokens after `prompt` (see the module docstring for
     the scheme and its cost).
@@ -501,9 +510,12 @@ def sample(
       length (in `[1, length]`); the ids after it are ignored.
     - `prefill_chunk`: tokens per model call while reading the prompt, a
       multiple of `block_len` (None = the whole prompt, bucketed, in one
-      call); the state and the tokens do not depend on it (up to float
-      rounding). Default `PREFILL_CHUNK` (TBD). Attention
-      `"full"` reads the prompt one block per call whatever its value.
+      call; a chunk at least the bucket is that one call); the state and
+      the tokens do not depend on it (up to float rounding). `"auto"`:
+      `PREFILL_CHUNK` (2048) tokens rounded down to whole blocks (at least
+      one), the fastest measured on a CPU (see `PREFILL_CHUNK`; GPU
+      unmeasured). Attention `"full"` reads the prompt one block per call
+      whatever its value.
 
     **Returns:** the `steps` generated tokens, int32 `[batch, steps]` (or
     `[steps]` for a 1-D prompt).
@@ -545,7 +557,7 @@ def sample_iter(
     top_k: int | None = None,
     chunk_len: int = CHUNK_LEN,
     lengths: Sequence[int] | Integer[np.ndarray, " _"] | None = None,
-    prefill_chunk: int | None = PREFILL_CHUNK,
+    prefill_chunk: int | Literal["auto"] | None = "auto",
 ) -> Iterator[Int[np.ndarray, "*batch chunk"]]:
     """`sample` as a stream: yields the generated tokens in consecutive
     chunks of at most `chunk_len` (host numpy int32 `[batch, n]`, or `[n]`
@@ -573,7 +585,7 @@ class _Job(NamedTuple):
     filters: tuple[float, float, int]
     total: int
     chunk_len: int
-    prefill_chunk: int | None
+    prefill_chunk: int | None  # resolved: "auto" is a number of tokens
 
 
 def _checked(
@@ -601,13 +613,20 @@ def _checked(
     return _Job(model, prompts, key, filters, total, int(chunk_len), prefill_chunk)
 
 
+def _auto_prefill_chunk(block_len: int) -> int:
+    """`PREFILL_CHUNK` tokens rounded down to whole blocks, at least one."""
+    return max(PREFILL_CHUNK // block_len, 1) * block_len
+
+
 def _check_prefill_chunk(model: Transformer, prefill_chunk) -> int | None:
-    """None, or a positive int multiple of the model's `block_len` (the
-    model reads whole blocks)."""
+    """None, `"auto"` (resolved to `_auto_prefill_chunk`), or a positive int
+    multiple of the model's `block_len` (the model reads whole blocks)."""
+    big_l = model.config.block_len
     if prefill_chunk is None:
         return None
-    big_l = model.config.block_len
-    expected = f"None or a positive multiple of block_len ({big_l})"
+    if isinstance(prefill_chunk, str) and prefill_chunk == "auto":
+        return _auto_prefill_chunk(big_l)
+    expected = f'None, "auto" or a positive multiple of block_len ({big_l})'
     if isinstance(prefill_chunk, (bool, np.bool_)) or not isinstance(
         prefill_chunk, (int, np.integer)
     ):
