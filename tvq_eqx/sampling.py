@@ -83,7 +83,7 @@ whole number of blocks (at least one block).
 
 Chosen from `python -m benchmarks.run ttft` (docs/benchmarks.md, 1-layer
 model, block 32, on a shared 2-core CPU, three runs): against the one call
-(`prefill_chunk=None`), chunks of 2048 tokens were 1.7-1.9x faster at 16k and
+(`prefill_chunk=None`), chunks of 2048 tokens were 1.4-1.9x faster at 16k and
 64k tokens, and at 1k they are the one call (the 1k bucket is smaller than a
 chunk); chunks of 512 were as fast at 16k-64k but slower at 1k (two calls
 where one does), chunks of 8192 slower than 2048 at 16k-64k. On a GPU
