@@ -3,7 +3,7 @@
 ```
 tvq-eqx train  [--preset tiny] [--config run.toml] [--run-dir DIR] [--resume [--checkpoint STEP]] [--FIELD VALUE ...]
 tvq-eqx eval   --run-dir DIR [--checkpoint STEP] [--split validation|test] [--eval-batches N]
-tvq-eqx sample --run-dir DIR [--checkpoint STEP] [--prompt TEXT] [--sample-len N] [--temperature T] [--top-p P]
+tvq-eqx sample --run-dir DIR [--checkpoint STEP] [--prompt TEXT] [--sample-len N] [--temperature T] [--top-p P] [--prefill-chunk C]
 tvq-eqx bench  [--preset tiny] [--bench-steps N] [--FIELD VALUE ...]
 tvq-eqx export --run-dir DIR --out MODEL.safetensors [--checkpoint STEP]
 ```
