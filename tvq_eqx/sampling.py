@@ -688,17 +688,18 @@ def _start(
         # Bucket: a power-of-two number of blocks, each row's complete blocks
         # at its end (the padding before them).
         n_buf = _pow2_at_least(n_max) * big_l
-        chunked = prefill is None and prefill_chunk is not None
-        chunked = chunked and prefill_chunk < n_buf and _masks_documents(model)
-        if chunked:  # a whole number of chunks: more padding blocks before
-            n_buf = -(-n_buf // prefill_chunk) * prefill_chunk
+        chunk = None  # None: one call (or `prefill`)
+        if prefill is None and prefill_chunk is not None and prefill_chunk < n_buf:
+            chunk = prefill_chunk if _masks_documents(model) else None
+        if chunk is not None:  # a whole number of chunks: more padding before
+            n_buf = -(-n_buf // chunk) * chunk
         history = np.zeros((b, n_buf), np.int32)
         for r in range(b):
             k = n_full[r] * big_l
             history[r, n_buf - k :] = rows[r, :k]
         args = (model, jnp.asarray(history), jnp.asarray(n_full, jnp.int32))
-        if chunked:
-            state = _prefill_chunks(*args, prefill_chunk)
+        if chunk is not None:
+            state = _prefill_chunks(*args, chunk)
         else:
             if prefill is None:
                 prefill = _prefill if _masks_documents(model) else _prefill_blocks
