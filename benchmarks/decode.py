@@ -27,9 +27,10 @@ fails gets CHECK FAILED in place of its ratios.
 
 Time to first token (`run_ttft`, `python -m benchmarks.run ttft`): the
 prefill of `tvq_eqx.sampling` (the prompt's complete blocks in one model
-call) against the block-by-block loop it replaced, timed side by side at
-each prompt length, gated by the first token's log-probabilities against one
-teacher-forced forward pass.
+call, or in chunks of `prefill_chunk` tokens per call) against the
+block-by-block loop it replaced, timed side by side at each prompt length,
+gated by the first token's log-probabilities against one teacher-forced
+forward pass.
 """
 
 from __future__ import annotations
@@ -324,10 +325,22 @@ def plot(p, rows, fits, png, command):
 # ---------------------------------------------------------------------------
 # Time to first token: one-call prefill (after) vs block by block (before)
 
-# The two prefills of `tvq_eqx.sampling._start`: the earlier one model call
-# per block (kept as `_prefill_blocks`, attention "full" still uses it), and
-# the one call over the whole bucket.
-PREFILLS = {"before": sampling._prefill_blocks, "after": sampling._prefill}
+# The prefills of `tvq_eqx.sampling._start`, by name: the earlier one model
+# call per block (kept as `_prefill_blocks`, attention "full" still uses it),
+# the one call over the whole bucket (`prefill_chunk=None`), and the bucket
+# in chunks of `prefill_chunk` tokens, one call each.
+BLOCKS, ONE_CALL = "blocks", "one call"
+
+
+def ttft_paths(p) -> dict[str, dict]:
+    """`sampling._start`'s keyword arguments for each path timed."""
+    paths: dict[str, dict] = {
+        BLOCKS: dict(prefill=sampling._prefill_blocks),
+        ONE_CALL: dict(prefill_chunk=None),
+    }
+    for c in p.chunks:
+        paths[f"chunk {c}"] = dict(prefill_chunk=c)
+    return paths
 
 
 def ttft_prompt(model, n: int, batch: int, seed: int):
@@ -338,11 +351,11 @@ def ttft_prompt(model, n: int, batch: int, seed: int):
     return rows, np.full(batch, n, np.int64)
 
 
-def first_token(model, rows, lengths, prefill, key):
+def first_token(model, rows, lengths, path: dict, key):
     """What `sample(model, prompt, steps=1, key=key, temperature=0)` runs,
-    with the given prefill: the prompt read into the carry, then one decode
-    chunk of one token (the buffer size `sample` uses)."""
-    carry = sampling._start(model, rows, lengths, prefill=prefill)
+    with the given prefill (`ttft_paths`): the prompt read into the carry,
+    then one decode chunk of one token (the buffer size `sample` uses)."""
+    carry = sampling._start(model, rows, lengths, **path)
     _, out = sampling._decode_chunk(
         model, carry, key, jnp.uint32(0), jnp.int32(1),
         jnp.float32(0.0), jnp.float32(1.0), jnp.int32(0), 16,
@@ -355,7 +368,9 @@ def _greedy_step(model, carry):
     return decode_step(model, carry, jax.random.key(0), temperature=0.0)[2]
 
 
-def ttft_exactness(model, n: int, *, seed: int = 0) -> tuple[bool, float]:
+def ttft_exactness(
+    model, n: int, paths: dict[str, dict], *, seed: int = 0
+) -> tuple[bool, float]:
     """The first token's log-probabilities after each prefill vs one
     teacher-forced forward pass over the prompt (max |dlogp|)."""
     big_l = model.config.block_len
@@ -364,32 +379,34 @@ def ttft_exactness(model, n: int, *, seed: int = 0) -> tuple[bool, float]:
     text[:, :n] = rows
     ref = _forward(model, jnp.asarray(text))[:, n - 1]
     err = 0.0
-    for prefill in PREFILLS.values():
-        carry = sampling._start(model, rows, lengths, prefill=prefill)
+    for path in paths.values():
+        carry = sampling._start(model, rows, lengths, **path)
         err = max(err, float(jnp.max(jnp.abs(_greedy_step(model, carry) - ref))))
     return bool(np.isfinite(err)) and err <= CHECK_TOL, err
 
 
-def ttft_check(model, n: int) -> tuple[bool, float]:
+def ttft_check(model, n: int, paths: dict[str, dict]) -> tuple[bool, float]:
     """The TTFT gate (module-level so tests can force a failure)."""
-    return ttft_exactness(model, n)
+    return ttft_exactness(model, n, paths)
 
 
 def run_ttft(p, *, out_dir: Path, tag: str, command: str) -> dict:
-    """Time to first token at each prompt length, before (block by block)
-    and after (one call), side by side: every (length, path) is compiled
-    and called once untimed, then timed once per round over `p.reps`
-    interleaved rounds; median per (length, path)."""
+    """Time to first token at each prompt length for each prefill
+    (`ttft_paths`: block by block, one call, chunks of `p.chunks` tokens),
+    side by side: every (length, path) is compiled and called once untimed,
+    then timed once per round over `p.reps` interleaved rounds; median per
+    (length, path)."""
     t_start = time.perf_counter()
     model = Transformer(p.model, key=jax.random.key(0))
-    gate = ttft_check(model, p.check_prompt)
+    paths = ttft_paths(p)
+    gate = ttft_check(model, p.check_prompt, paths)
     C.log(f"ttft gate: {'pass' if gate[0] else 'FAIL'} ({gate[1]:.1e})")
     key = jax.random.key(1)
     jobs = {}
     for n in p.prompts:
         rows, lengths = ttft_prompt(model, n, p.batch_size, seed=n)
-        for path, prefill in PREFILLS.items():
-            job: dict = dict(args=(model, rows, lengths, prefill, key), times=[])
+        for path, kwargs in paths.items():
+            job: dict = dict(args=(model, rows, lengths, kwargs, key), times=[])
             job["tokens"] = np.asarray(C.block(first_token(*job["args"])))  # compile
             jobs[n, path] = job
             C.log(f"ttft N={n} {path}: compiled")
@@ -400,92 +417,91 @@ def run_ttft(p, *, out_dir: Path, tag: str, command: str) -> dict:
             job["times"].append(time.perf_counter() - t0)
     rows_out = []
     for n in p.prompts:
-        before, after = jobs[n, "before"], jobs[n, "after"]
-        same = bool(np.array_equal(before["tokens"], after["tokens"]))
-        rows_out.append(
-            dict(
-                N=n,
-                before=C.median(before["times"]),
-                after=C.median(after["times"]),
-                same_tokens=same,
-                ok=gate[0] and same,
-            )
-        )
-        C.log(
-            f"ttft N={n}: before {rows_out[-1]['before']:.3f}s, "
-            f"after {rows_out[-1]['after']:.3f}s"
-        )
+        first = jobs[n, ONE_CALL]["tokens"]
+        same = all(np.array_equal(jobs[n, q]["tokens"], first) for q in paths)
+        times = {q: C.median(jobs[n, q]["times"]) for q in paths}
+        rows_out.append(dict(N=n, times=times, same_tokens=same, ok=gate[0] and same))
+        C.log(f"ttft N={n}: " + ", ".join(f"{q} {t:.3f}s" for q, t in times.items()))
     wall = time.perf_counter() - t_start
     md = out_dir / f"decode-ttft-{tag}.md"
     png = out_dir / f"decode-ttft-{tag}.png"
     lines = write_ttft_report(
         p, rows_out, gate, md=md, png=png, command=command, wall=wall
     )
-    plot_ttft(rows_out, png, command)
+    plot_ttft(rows_out, list(paths), png, command)
     return dict(rows=rows_out, gate=gate, markdown=md, plot=png, lines=lines)
 
 
 def write_ttft_report(p, rows, gate, *, md, png, command, wall):
     m = p.model
+    paths = list(rows[0]["times"])
+    others = [q for q in paths if q != ONE_CALL]
     notes = [
         f"model: {m.n_layer} layer(s) ({2 * m.n_layer} gated attention units), d_model "
         f"{m.d_model}, d_k {m.d_k}, d_v {m.d_v}, heads {m.n_head}, codes {m.n_code}, "
         f"block_len {m.block_len}, attention {m.attention}; batch {p.batch_size}",
         "time to first token: `sample(model, prompt, steps=1, temperature=0)`'s "
         "work with each prefill (`sampling._start`, then one decode chunk of one "
-        "token), from host prompt to the token on the host; before = "
+        "token), from host prompt to the token on the host; blocks = "
         "`sampling._prefill_blocks` (one model call per complete prompt block, a "
-        "loop: the prefill until this change), after = `sampling._prefill` (one "
-        "model call over the bucket of complete blocks, padding masked as another "
-        "document)",
+        "loop: the prefill before the one call), one call = `prefill_chunk=None` "
+        "(`sampling._prefill`: one model call over the bucket of complete blocks, "
+        "padding masked as another document), chunk C = `prefill_chunk=C` "
+        "(`sampling._prefill_chunks`: the bucket in chunks of C tokens, one model "
+        "call each, looped in one compiled program; a chunk at least the bucket "
+        "is the one call)",
         f"median of {p.reps} calls per (length, path) after 1 untimed call "
-        "(compile); calls interleaved over all lengths and both paths, round by "
-        "round",
-        f"gate: the first token's log-probabilities after either prefill == one "
+        "(compile); calls interleaved over all lengths and paths, round by round",
+        f"gate: the first token's log-probabilities after every prefill == one "
         f"teacher-forced forward pass over a {p.check_prompt}-token prompt (max "
         f"|dlogp| <= {CHECK_TOL:g}): {'pass' if gate[0] else C.CHECK_FAILED} "
-        f"({gate[1]:.1e}); and both paths draw the same first token at every length",
+        f"({gate[1]:.1e}); and every path draws the same first token at every length",
         f"total wall time {wall / 60:.1f} min; shared CPU, so absolute times are noisy",
     ]
     lines = C.header_lines(f"Time to first token ({C.tag_of(md)})", command, notes)
     table = [
-        [
-            C.fmt_len(r["N"] - 1) + " + 1" if r["N"] > 1024 else str(r["N"]),
-            f"{r['before'] * 1e3:.1f}",
-            f"{r['after'] * 1e3:.1f}",
-            C.gated_ratio(r["before"], r["after"], r["ok"], "{:.2f}x"),
-            "pass" if r["ok"] else C.CHECK_FAILED,
+        [C.fmt_len(r["N"] - 1) + " + 1" if r["N"] > 1024 else str(r["N"])]
+        + [f"{r['times'][q] * 1e3:.1f}" for q in paths]
+        + [
+            C.gated_ratio(r["times"][ONE_CALL], r["times"][q], r["ok"], "{:.2f}x")
+            for q in others
         ]
+        + ["pass" if r["ok"] else C.CHECK_FAILED]
         for r in rows
     ]
-    lines += ["## Time to first token", ""]
+    lines += [
+        "## Time to first token",
+        "",
+        f"ms per path; `{ONE_CALL} / X`: how many times faster X is than the one "
+        "call (> 1 = X faster).",
+        "",
+    ]
     lines += C.markdown_table(
-        [
-            "prompt tokens",
-            "before ms",
-            "after ms",
-            "before / after",
-            "check",
-        ],
+        ["prompt tokens"]
+        + [f"{q} ms" for q in paths]
+        + [f"{ONE_CALL} / {q}" for q in others]
+        + ["check"],
         table,
-        "lrrrl",
+        "l" + "r" * (len(paths) + len(others)) + "l",
     )
     lines += ["", f"![ttft]({png.name})", ""]
     C.write_text(md, lines)
     return lines
 
 
-def plot_ttft(rows, png, command):
+def plot_ttft(rows, paths, png, command):
     fig, (ax,) = C.new_figure(1, width=6.5)
     xs = [r["N"] for r in rows]
-    for path, style in (("before", "s-"), ("after", "o-")):
-        ax.plot(xs, [r[path] * 1e3 for r in rows], style, label=path)
+    styles = ["s-", "o-", "^--", "v--", "d--", "x--"]
+    for i, path in enumerate(paths):
+        ys = [r["times"][path] * 1e3 for r in rows]
+        ax.plot(xs, ys, styles[i % len(styles)], label=path)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set(
         xlabel="prompt length (tokens)",
         ylabel="time to first token (ms)",
-        title="prefill: block by block (before) vs one call (after)",
+        title="prefill: block by block, one call, chunks of C tokens",
     )
     ax.grid(alpha=0.3, which="both")
     ax.legend()

@@ -83,12 +83,14 @@ class DecodePreset:
 class TTFTPreset:
     """Time to first token against prompt length: the prompt's complete
     blocks read by the one-call prefill of `tvq_eqx.sampling` (after) and by
-    the earlier one-call-per-block loop (before, `_prefill_blocks`), then the
-    first token drawn; both paths timed side by side in interleaved rounds.
+    the earlier one-call-per-block loop (before, `_prefill_blocks`), and in
+    chunks of each of `chunks` tokens per call (`prefill_chunk`), then the
+    first token drawn; all paths timed side by side in interleaved rounds.
     `check_prompt`: the length of the correctness gate."""
 
     model: TransformerConfig
     prompts: tuple[int, ...]
+    chunks: tuple[int, ...] = (512, 2048, 8192)
     reps: int = 5
     check_prompt: int = 1000
     batch_size: int = 1
@@ -263,6 +265,7 @@ TTFT: dict[str, TTFTPreset] = {
     "micro": TTFTPreset(
         model=_with(SPEED_MODEL, d_model=32, d_k=16, d_v=32, n_code=16, block_len=8),
         prompts=(33, 129),
+        chunks=(16, 64),
         reps=1,
         check_prompt=45,
     ),

@@ -240,3 +240,132 @@ def test_training_guide_example_runs_as_written(getkey):
     for r, p in enumerate(prompts):
         alone = sample(scope["model"], p, key=keys[r], **kw)
         np.testing.assert_array_equal(np.asarray(alone), out[r])
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"mem_len": 6}, {"cache_decay": 0.8}],
+    ids=["vq", "vq-mem6", "vq-decay"],
+)
+def test_chunked_prefill_equals_one_call_and_block_by_block(getkey, options):
+    """`prefill_chunk` (tokens per model call while reading the prompt) gives
+    the state and first log-probabilities of the one call and of the block
+    loop, for rows of 0, 2, 5 and 7 complete blocks (bucket 8 blocks = 32
+    tokens) and chunks of 1, 3 (not dividing the bucket: it grows to 36
+    tokens) and 4 blocks, and 16 blocks (more than the bucket: the one
+    call); random ids in the padding change nothing; `sample` draws the same
+    tokens with any chunk (checked for the plain model)."""
+    model = _model(getkey(), **options)
+    lengths = np.array([3, 9, 21, 30])
+    prompts = _prompts(getkey(), tuple(lengths))
+    rows = np.zeros((4, 30), np.int32)
+    for r, p in enumerate(prompts):
+        rows[r, : len(p)] = p
+    one = sampling._start(model, rows, lengths)
+    loop = sampling._start(model, rows, lengths, prefill=sampling._prefill_blocks)
+    lp_one = _first_logprobs(model, one)
+    lp_loop = _first_logprobs(model, loop)
+
+    def same_state(a, b, rtol=1e-6):
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+            np.testing.assert_allclose(
+                np.asarray(x), np.asarray(y), rtol=rtol, atol=1e-6
+            )
+
+    for chunk in (L, 3 * L, 4 * L, 16 * L):
+        got = sampling._start(model, rows, lengths, prefill_chunk=chunk)
+        np.testing.assert_array_equal(got.block, one.block)
+        np.testing.assert_array_equal(got.position, one.position)
+        np.testing.assert_array_equal(got.state.position, one.state.position)
+        same_state(got.state, one.state)
+        same_state(got.state, loop.state)
+        lp = _first_logprobs(model, got)
+        np.testing.assert_allclose(lp, lp_one, atol=1e-5)
+        np.testing.assert_allclose(lp, lp_loop, atol=1e-5)
+    # The padding before each prompt (36 tokens for chunks of 3 blocks) is
+    # unread, however the chunks cut it.
+    n_full = jnp.asarray((lengths - 1) // L, jnp.int32)
+    history = np.zeros((4, 9 * L), np.int32)
+    for r, n in enumerate(lengths):
+        k = (n - 1) // L * L
+        history[r, 9 * L - k :] = rows[r, :k]
+    noisy = history.copy()
+    pad = np.arange(9 * L)[None, :] < (9 * L - np.asarray(n_full)[:, None] * L)
+    noisy[pad] = np.asarray(jax.random.randint(getkey(), (int(pad.sum()),), 0, 16))
+    assert (noisy != history).any()
+    same_state(
+        sampling._prefill_chunks(model, jnp.asarray(noisy), n_full, 3 * L),
+        sampling._prefill_chunks(model, jnp.asarray(history), n_full, 3 * L),
+        rtol=0,
+    )
+    if options:
+        return
+    keys = jax.random.split(getkey(), 4)
+    want = np.asarray(sample(model, prompts, steps=6, key=keys, temperature=0.0))
+    for chunk in (3 * L,):
+        got = sample(
+            model, prompts, steps=6, key=keys, temperature=0.0, prefill_chunk=chunk
+        )
+        np.testing.assert_array_equal(np.asarray(got), want)
+
+
+def test_chunked_prefill_compiles_once_per_bucket(getkey):
+    """Prompts with the same power-of-two number of complete blocks reuse
+    one compiled chunked prefill (the chunks are a loop inside it, not one
+    program each)."""
+    model = _model(getkey())
+    key = jax.random.split(getkey(), 3)
+    kw: dict = dict(steps=2, key=key, prefill_chunk=2 * L)
+    sample(model, _prompts(getkey(), (1, 13, 30)), **kw)  # bucket 8 blocks
+    size = sampling._prefill_chunks._cached._cache_size()
+    sample(model, _prompts(getkey(), (22, 12, 33)), **kw)
+    assert sampling._prefill_chunks._cached._cache_size() == size
+    history = jnp.zeros((3, 8 * L), jnp.int32)
+    n_full = jnp.array([0, 3, 7], jnp.int32)
+    jaxpr = str(
+        jax.make_jaxpr(sampling._prefill_chunks, static_argnums=3)(
+            model, history, n_full, 2 * L
+        )
+    )
+    assert jaxpr.count("while[") == 1
+
+
+def test_bad_prefill_chunk_is_named(getkey):
+    model = _model(getkey())
+    prompt = np.arange(9) % 16
+    key = jax.random.key(0)
+    for bad, error in [
+        (0, ValueError), (-4, ValueError), (6, ValueError), (2, ValueError),
+        (8.0, TypeError), (True, TypeError), ("8", TypeError), ("Auto", TypeError),
+    ]:  # fmt: skip
+        # A non-int is caught first by the annotation's checker in tests.
+        message = (
+            rf'prefill_chunk must be None, "auto" or a positive multiple of '
+            rf"block_len \({L}\); got {bad!r}"
+        )
+        if error is TypeError:
+            message += "|typechecking parameter 'prefill_chunk'"
+        with pytest.raises(error, match=message):
+            sample(model, prompt, steps=2, key=key, prefill_chunk=bad)
+        with pytest.raises(error, match="prefill_chunk"):
+            sampling.sample_iter(model, prompt, steps=2, key=key, prefill_chunk=bad)
+
+
+def test_auto_prefill_chunk_is_the_default_in_whole_blocks(getkey, monkeypatch):
+    """The default `prefill_chunk="auto"` is `PREFILL_CHUNK` tokens rounded
+    down to whole blocks (at least one), so any block length works; a
+    prompt longer than it is read in chunks (the chunked prefill compiles),
+    drawing the one call's tokens."""
+    auto = sampling._auto_prefill_chunk
+    assert auto(4) == sampling.PREFILL_CHUNK == 2048
+    assert auto(48) == 42 * 48 and auto(3000) == 3000
+    monkeypatch.setattr(sampling, "PREFILL_CHUNK", 3 * L + 1)  # -> 3 blocks
+    model = _model(getkey())
+    prompts = _prompts(getkey(), (5, 30))
+    keys = jax.random.split(getkey(), 2)
+    kw: dict = dict(steps=4, key=keys, temperature=0.0)
+    before = sampling._prefill_chunks._cached._cache_size()
+    got = sample(model, prompts, **kw)
+    assert sampling._prefill_chunks._cached._cache_size() == before + 1
+    want = sample(model, prompts, prefill_chunk=None, **kw)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))

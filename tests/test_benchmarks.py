@@ -142,9 +142,10 @@ def test_decode_smoke_and_forced_failure(tmp_path, monkeypatch):
 
 
 def test_ttft_smoke_and_forced_failure(tmp_path, monkeypatch):
-    """Real micro run of the time-to-first-token table (both prefills draw
-    the same first token, ratios reported), then with its gate forced to
-    fail: every ratio says CHECK FAILED."""
+    """Real micro run of the time-to-first-token table (every prefill, block
+    by block, one call, chunks of 16 and 64 tokens, draws the same first
+    token, ratios against the one call reported), then with its gate forced
+    to fail: every ratio says CHECK FAILED."""
     p = dataclasses.replace(registry.TTFT["micro"], prompts=(17, 33), check_prompt=21)
 
     def table(res):
@@ -156,12 +157,18 @@ def test_ttft_smoke_and_forced_failure(tmp_path, monkeypatch):
     res = decode.run_ttft(p, out_dir=tmp_path, tag="test", command="pytest")
     assert res["gate"][0] and res["plot"].exists()
     assert all(r["same_tokens"] for r in res["rows"])
+    assert list(res["rows"][0]["times"]) == [
+        "blocks", "one call", "chunk 16", "chunk 64",
+    ]  # fmt: skip
     for cells in table(res):
-        assert cells[3].endswith("x") and float(cells[3][:-1]) > 0
-    monkeypatch.setattr(decode, "ttft_check", lambda model, n: (False, 1.0))
+        assert len(cells) == 9
+        for ratio in cells[5:8]:
+            assert ratio.endswith("x") and float(ratio[:-1]) > 0
+        assert cells[8] == "pass"
+    monkeypatch.setattr(decode, "ttft_check", lambda model, n, paths: (False, 1.0))
     res = decode.run_ttft(p, out_dir=tmp_path, tag="test", command="pytest")
     for cells in table(res):
-        assert cells[3] == C.CHECK_FAILED and cells[4] == C.CHECK_FAILED
+        assert cells[5:9] == [C.CHECK_FAILED] * 4
 
 
 def test_quality_smoke_through_runner(tmp_path, monkeypatch, capsys):

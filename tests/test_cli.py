@@ -134,6 +134,20 @@ def test_eval_and_sample_commands(trained, capsys):
         == 0
     )
     assert capsys.readouterr().out.startswith("ROMEO:")
+    # The prompt (5 complete blocks of 16 bytes) read in chunks of 32 tokens:
+    # the same greedy text; a chunk not a multiple of the block is refused.
+    prompt = ["--prompt", "ROMEO: " * 13, "--sample-len", "12", "--temperature", "0"]
+    texts = []
+    for chunk in ([], ["--prefill-chunk", "32"]):
+        assert main(["sample", "--run-dir", str(trained), *prompt, *chunk]) == 0
+        texts.append(capsys.readouterr().out)
+    assert texts[0] == texts[1] and texts[0].startswith("ROMEO: " * 13)
+    argv = ["sample", "--run-dir", str(trained), *prompt, "--prefill-chunk", "24"]
+    assert main(argv) == 2
+    assert (
+        "--prefill-chunk must be a positive multiple of the block length (16); "
+        "got 24" in _one_error_line(capsys)
+    )
 
 
 def test_resume_continues_bit_for_bit(trained, tmp_path, capsys):

@@ -3,7 +3,7 @@
 ```
 tvq-eqx train  [--preset tiny] [--config run.toml] [--run-dir DIR] [--resume [--checkpoint STEP]] [--FIELD VALUE ...]
 tvq-eqx eval   --run-dir DIR [--checkpoint STEP] [--split validation|test] [--eval-batches N]
-tvq-eqx sample --run-dir DIR [--checkpoint STEP] [--prompt TEXT] [--sample-len N] [--temperature T] [--top-p P]
+tvq-eqx sample --run-dir DIR [--checkpoint STEP] [--prompt TEXT] [--sample-len N] [--temperature T] [--top-p P] [--prefill-chunk C]
 tvq-eqx bench  [--preset tiny] [--bench-steps N] [--FIELD VALUE ...]
 tvq-eqx export --run-dir DIR --out MODEL.safetensors [--checkpoint STEP]
 ```
@@ -190,6 +190,8 @@ class SampleCommand:
     """Nucleus mass in (0, 1] (None = the run's)."""
     seed: int | None = None
     """Sampling seed (None = the run's)."""
+    prefill_chunk: int | None = None
+    """Prompt tokens per model call while reading the prompt, a multiple of the block length; the tokens do not depend on it (None = the sampler's default "auto": tvq_eqx.sampling.PREFILL_CHUNK, 2048, rounded down to whole blocks)."""
     data: str | None = None
     """Data path, for the sentencepiece tokenizer's run (None = the run's)."""
     distributed: bool = False
@@ -458,7 +460,7 @@ def _printer(decode, run: RunConfig):
 
 
 def _print_sample(model, prompt, printer, *, steps, temperature,
-                  top_p, seed) -> None:  # fmt: skip
+                  top_p, seed, prefill_chunk=None) -> None:  # fmt: skip
     """Generate `steps` tokens after `prompt` and print them as they come
     (`sampling.sample_iter`: memory bounded by one chunk, Ctrl-C stops
     between two chunks with what was printed kept)."""
@@ -467,6 +469,7 @@ def _print_sample(model, prompt, printer, *, steps, temperature,
 
     from . import sampling
 
+    chunking = {} if prefill_chunk is None else dict(prefill_chunk=prefill_chunk)
     try:
         chunks = sampling.sample_iter(
             model,
@@ -475,6 +478,7 @@ def _print_sample(model, prompt, printer, *, steps, temperature,
             key=jax.random.key(seed),
             temperature=max(temperature, 0.0),  # the run's "<= 0 = greedy"
             top_p=top_p,
+            **chunking,
         )
     except ValueError as e:  # what the sampler rejects (a length past 2**32)
         raise UsageError(str(e)) from None
@@ -855,6 +859,14 @@ def cmd_sample(argv: list[str]) -> int:
     if args.distributed:
         _init_distributed()
     run, ts, meta = _load_run(args.run_dir, args.checkpoint)
+    big_l = ts.model.config.block_len
+    if args.prefill_chunk is not None and (
+        args.prefill_chunk < 1 or args.prefill_chunk % big_l
+    ):
+        raise UsageError(
+            "--prefill-chunk must be a positive multiple of the block length "
+            f"({big_l}); got {args.prefill_chunk}"
+        )
     given = dict(
         sample_len=args.sample_len,
         temperature=args.temperature,
@@ -894,6 +906,7 @@ def cmd_sample(argv: list[str]) -> int:
             temperature=run.temperature,
             top_p=run.top_p,
             seed=run.seed,
+            prefill_chunk=args.prefill_chunk,
         )
     except KeyboardInterrupt:
         sys.stderr.write(

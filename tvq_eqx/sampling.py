@@ -27,6 +27,18 @@ the prompt's own (its absolute position starts at 0: the state's position
 starts at minus the padding). Attention `"full"` cannot mask documents; its
 prefill reads the blocks one call at a time instead.
 
+`prefill_chunk` (a multiple of `block_len`; None = the whole bucket in one
+call) reads the bucket in chunks of that many tokens instead, one model call
+per chunk carrying the state, looped inside one compiled program (one compile
+per bucket and chunk size). The bucket grows to a whole number of chunks
+(more padding blocks before the prompts); a row's state stays empty, its
+position moving on, until the chunk holding its first token, where the
+padding before that token is masked as in the one call, so every row's state
+is that of its own tokens. Chunks of padding only are skipped. On a CPU the
+one call's per-block cache terms (an array over all the prompt's blocks) cost
+more memory traffic than they save: see `PREFILL_CHUNK` for the measured
+default.
+
 Prompts of different lengths in one batch (a list of 1-D arrays, or a padded
 `[batch, length]` array with `lengths`): every row keeps its own place in its
 current block and its own absolute position (`DecodeCarry.position` and
@@ -51,7 +63,7 @@ import codecs
 import math
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import equinox as eqx
 import jax
@@ -64,6 +76,20 @@ from .nn import Transformer, TransformerState
 
 CHUNK_LEN = 1024
 """Default number of tokens per compiled generation call (`sample_iter`)."""
+
+PREFILL_CHUNK = 2048
+"""Tokens per model call while reading the prompt with `sample` /
+`sample_iter`'s default `prefill_chunk="auto"`: this many, rounded down to a
+whole number of blocks (at least one block).
+
+Chosen from `python -m benchmarks.run ttft` (docs/benchmarks.md, 1-layer
+model, block 32, on a shared 2-core CPU, three runs): against the one call
+(`prefill_chunk=None`), chunks of 2048 tokens were 1.4-1.9x faster at 16k and
+64k tokens, and at 1k they are the one call (the 1k bucket is smaller than a
+chunk); chunks of 512 were as fast at 16k-64k but slower at 1k (two calls
+where one does), chunks of 8192 slower than 2048 at 16k-64k. On a GPU
+(more parallelism per call) the best chunk is unmeasured and likely larger:
+pass `prefill_chunk` explicitly there."""
 
 _MIN_STEP_BUCKET = 16
 _MAX_STREAM = 2**32  # per-token keys are fold_in(key, i) with i a uint32
@@ -459,6 +485,7 @@ def sample(
     top_k: int | None = None,
     chunk_len: int = CHUNK_LEN,
     lengths: Sequence[int] | Integer[np.ndarray, " _"] | None = None,
+    prefill_chunk: int | Literal["auto"] | None = "auto",
 ) -> Int[Array, "*batch steps"]:
     """Generate `steps` tokens after `prompt` (see the module docstring for
     the scheme and its cost).
@@ -482,6 +509,14 @@ def sample(
       the tokens do not depend on it.
     - `lengths`: with a padded `[batch, length]` prompt, each row's prompt
       length (in `[1, length]`); the ids after it are ignored.
+    - `prefill_chunk`: tokens per model call while reading the prompt, a
+      multiple of `block_len` (None = the whole prompt, bucketed, in one
+      call; a chunk at least the bucket is that one call); the state and
+      the tokens do not depend on it (up to float rounding). `"auto"`:
+      `PREFILL_CHUNK` (2048) tokens rounded down to whole blocks (at least
+      one), the fastest measured on a CPU (see `PREFILL_CHUNK`; GPU
+      unmeasured). Attention `"full"` reads the prompt one block per call
+      whatever its value.
 
     **Returns:** the `steps` generated tokens, int32 `[batch, steps]` (or
     `[steps]` for a 1-D prompt).
@@ -492,8 +527,9 @@ def sample(
     """
     steps = _check_steps(steps)
     job = _checked(
-        model, prompt, lengths, steps, key, temperature, top_p, top_k, chunk_len
-    )
+        model, prompt, lengths, steps, key, temperature, top_p, top_k, chunk_len,
+        prefill_chunk,
+    )  # fmt: skip
     chunks: list[np.ndarray] = []
     try:
         chunks.extend(_stream(job))
@@ -522,6 +558,7 @@ def sample_iter(
     top_k: int | None = None,
     chunk_len: int = CHUNK_LEN,
     lengths: Sequence[int] | Integer[np.ndarray, " _"] | None = None,
+    prefill_chunk: int | Literal["auto"] | None = "auto",
 ) -> Iterator[Int[np.ndarray, "*batch chunk"]]:
     """`sample` as a stream: yields the generated tokens in consecutive
     chunks of at most `chunk_len` (host numpy int32 `[batch, n]`, or `[n]`
@@ -536,8 +573,9 @@ def sample_iter(
     """
     steps = None if steps is None else _check_steps(steps)
     job = _checked(
-        model, prompt, lengths, steps, key, temperature, top_p, top_k, chunk_len
-    )
+        model, prompt, lengths, steps, key, temperature, top_p, top_k, chunk_len,
+        prefill_chunk,
+    )  # fmt: skip
     return _stream(job)
 
 
@@ -548,11 +586,13 @@ class _Job(NamedTuple):
     filters: tuple[float, float, int]
     total: int
     chunk_len: int
+    prefill_chunk: int | None  # resolved: "auto" is a number of tokens
 
 
 def _checked(
-    model, prompt, lengths, steps, key, temperature, top_p, top_k, chunk_len
-) -> _Job:
+    model, prompt, lengths, steps, key, temperature, top_p, top_k, chunk_len,
+    prefill_chunk,
+) -> _Job:  # fmt: skip
     """Every argument checked (in this order), before anything runs."""
     if (
         isinstance(chunk_len, (bool, np.bool_))
@@ -566,17 +606,46 @@ def _checked(
         _check_top_k(top_k),
     )
     prompts = _check_prompt(model, prompt, lengths)
+    prefill_chunk = _check_prefill_chunk(model, prefill_chunk)
     _check_key(key, prompts.rows.shape[0])
     total = _MAX_STREAM if steps is None else steps
     if total > _MAX_STREAM:
         raise ValueError(f"steps must be <= 2**32; got {steps!r}")
-    return _Job(model, prompts, key, filters, total, int(chunk_len))
+    return _Job(model, prompts, key, filters, total, int(chunk_len), prefill_chunk)
+
+
+def _auto_prefill_chunk(block_len: int) -> int:
+    """`PREFILL_CHUNK` tokens rounded down to whole blocks, at least one."""
+    return max(PREFILL_CHUNK // block_len, 1) * block_len
+
+
+def _check_prefill_chunk(model: Transformer, prefill_chunk) -> int | None:
+    """None, `"auto"` (resolved to `_auto_prefill_chunk`), or a positive int
+    multiple of the model's `block_len` (the model reads whole blocks)."""
+    big_l = model.config.block_len
+    if prefill_chunk is None:
+        return None
+    if isinstance(prefill_chunk, str) and prefill_chunk == "auto":
+        return _auto_prefill_chunk(big_l)
+    expected = f'None, "auto" or a positive multiple of block_len ({big_l})'
+    if isinstance(prefill_chunk, (bool, np.bool_)) or not isinstance(
+        prefill_chunk, (int, np.integer)
+    ):
+        raise TypeError(f"prefill_chunk must be {expected}; got {prefill_chunk!r}")
+    if prefill_chunk < 1 or prefill_chunk % big_l:
+        raise ValueError(f"prefill_chunk must be {expected}; got {prefill_chunk!r}")
+    return int(prefill_chunk)
 
 
 def _stream(job: _Job):
     if job.total == 0:
         return
-    carry = _start(job.model, job.prompts.rows, job.prompts.lengths)
+    carry = _start(
+        job.model,
+        job.prompts.rows,
+        job.prompts.lengths,
+        prefill_chunk=job.prefill_chunk,
+    )
     temperature, top_p, top_k = job.filters
     # Traced scalars: one compiled chunk for every setting.
     traced = (jnp.float32(temperature), jnp.float32(top_p), jnp.int32(top_k))
@@ -592,11 +661,19 @@ def _stream(job: _Job):
         yield chunk[0] if job.prompts.one_d else chunk
 
 
-def _start(model: Transformer, rows: np.ndarray, lengths: np.ndarray, prefill=None):
+def _start(
+    model: Transformer,
+    rows: np.ndarray,
+    lengths: np.ndarray,
+    prefill=None,
+    prefill_chunk: int | None = None,
+):
     """The carry after the prompts `rows[r, :lengths[r]]`: each row's
     complete blocks (those before the block holding its last token) read by
-    `prefill` (default `_prefill`, or `_prefill_blocks` for attention
-    "full"), its last block as its current block; positions per row."""
+    `prefill` (default: `_prefill` with `prefill_chunk` None or at least the
+    bucket, else `_prefill_chunks` in chunks of `prefill_chunk` tokens, and
+    `_prefill_blocks` for attention "full"), its last block as its current
+    block; positions per row."""
     big_l = model.config.block_len
     b = rows.shape[0]
     n_full = (lengths - 1) // big_l
@@ -612,13 +689,22 @@ def _start(model: Transformer, rows: np.ndarray, lengths: np.ndarray, prefill=No
         # Bucket: a power-of-two number of blocks, each row's complete blocks
         # at its end (the padding before them).
         n_buf = _pow2_at_least(n_max) * big_l
+        chunk = None  # None: one call (or `prefill`)
+        if prefill is None and prefill_chunk is not None and prefill_chunk < n_buf:
+            chunk = prefill_chunk if _masks_documents(model) else None
+        if chunk is not None:  # a whole number of chunks: more padding before
+            n_buf = -(-n_buf // chunk) * chunk
         history = np.zeros((b, n_buf), np.int32)
         for r in range(b):
             k = n_full[r] * big_l
             history[r, n_buf - k :] = rows[r, :k]
-        if prefill is None:
-            prefill = _prefill if _masks_documents(model) else _prefill_blocks
-        state = prefill(model, jnp.asarray(history), jnp.asarray(n_full, jnp.int32))
+        args = (model, jnp.asarray(history), jnp.asarray(n_full, jnp.int32))
+        if chunk is not None:
+            state = _prefill_chunks(*args, chunk)
+        else:
+            if prefill is None:
+                prefill = _prefill if _masks_documents(model) else _prefill_blocks
+            state = prefill(*args)
     return DecodeCarry(state, jnp.asarray(block), position)
 
 
@@ -660,6 +746,44 @@ def _prefill(
     empty = _per_row(model.init_state(b))
     start = TransformerState(stacked=empty.stacked, position=-pad.astype(jnp.int32))
     _, state, _ = model(history, start, doc_starts=doc_starts)
+    return _where_rows(has, _clear_stale_window(state), empty)
+
+
+@eqx.filter_jit
+def _prefill_chunks(
+    model: Transformer,
+    history: Int[Array, "batch padded"],
+    n_full: Int[Array, " batch"],
+    chunk: int,
+) -> TransformerState:
+    """`_prefill` in chunks of `chunk` tokens (`padded` a multiple of it):
+    one model call per chunk carrying the state, a loop over the chunks from
+    the first holding a prompt token. A row whose prompt has not begun keeps
+    the empty state (its position moving on) instead of the padding's; in
+    the chunk holding its first token the padding before it is masked as
+    another document, as in the one call; from there on its state is its
+    prompt's. Compiled once per bucket and `chunk`."""
+    big_l = model.config.block_len
+    b, t = history.shape
+    pad = t - n_full * big_l
+    has = n_full > 0
+    doc_starts = (jnp.arange(t)[None, :] == pad[:, None]) & has[:, None]
+    empty = _per_row(model.init_state(b))
+
+    def empty_at(position):
+        return TransformerState(stacked=empty.stacked, position=position)
+
+    def read_chunk(c, state):
+        lo = c * chunk
+        tokens = jax.lax.dynamic_slice_in_dim(history, lo, chunk, axis=1)
+        starts = jax.lax.dynamic_slice_in_dim(doc_starts, lo, chunk, axis=1)
+        _, new, _ = model(tokens, state, doc_starts=starts)
+        begun = lo + chunk > pad  # the row has a prompt token up to here
+        return _where_rows(begun, new, empty_at(new.position))
+
+    first = (t - jnp.max(n_full) * big_l) // chunk
+    start = empty_at((first * chunk - pad).astype(jnp.int32))
+    state = jax.lax.fori_loop(first, t // chunk, read_chunk, start)
     return _where_rows(has, _clear_stale_window(state), empty)
 
 
