@@ -141,7 +141,8 @@ def assign_slots(
     avail = slots < used + made
     dots = jnp.einsum("jk,sk->js", keys, table, precision=HIGHEST)
     dist = jnp.sum(table * table, axis=-1)[None, :] - 2.0 * dots
-    dist = jnp.where(avail[None, :], dist, jnp.inf)
+    # Finite (not inf): an unavailable slot must simply never be nearest.
+    dist = jnp.where(avail[None, :], dist, jnp.finfo(jnp.float32).max)
     nearest = jnp.argmin(dist, axis=-1).astype(jnp.int32)
     return jnp.where(is_new, new_slot, nearest)
 
@@ -365,8 +366,15 @@ def online_vq_attention_with_state(
         keep = (dist >= 0)[None, None] & valid[:, None, None, :]
         win = jnp.where(keep, win, MASK_VALUE)
         mem = scale * jnp.einsum("bihk,bhsk->bhis", q32, cent, precision=HIGHEST)
-        mem = mem + log_count_bias(cnt)[:, :, None, :]
-        top = jnp.maximum(jnp.max(win, -1), jnp.max(mem, -1))[..., None]
+        # Free slots masked by `where`, not by adding MASK_VALUE.
+        mem = jnp.where(
+            (cnt > 0)[:, :, None, :], mem + log_count_bias(cnt)[:, :, None, :],
+            MASK_VALUE,
+        )
+        # The ratio below does not depend on `top`: no gradient through it.
+        top = jax.lax.stop_gradient(
+            jnp.maximum(jnp.max(win, -1), jnp.max(mem, -1))[..., None]
+        )
         pw, pm = jnp.exp(win - top), jnp.exp(mem - top)
         num = jnp.einsum(
             "bhij,bjhv->bihv", pw, vals.astype(jnp.float32), precision=HIGHEST
