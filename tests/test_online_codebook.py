@@ -3,8 +3,8 @@ slot rule by hand, the linear scan form against the dense definition (values
 and gradients), streaming exactness, causality, and the model option."""
 
 import jax
-import jaxtyping
 import jax.numpy as jnp
+import jaxtyping
 import numpy as np
 import pytest
 
@@ -123,7 +123,7 @@ def test_streaming_segments_equal_one_call(getkey, splits):
         outs.append(out)
         lo += n
     np.testing.assert_allclose(jnp.concatenate(outs, 1), whole, atol=1e-6, rtol=1e-6)
-    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(whole_state)):
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(whole_state), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-6)
 
 
@@ -160,7 +160,9 @@ def test_gradients_of_both_forms_agree(getkey):
     args = (q, k, v, rq, rt)
     g_lin = jax.grad(lin, argnums=range(5))(*args)
     g_dense = jax.grad(dense, argnums=range(5))(*args)
-    for name, a, b in zip(("q", "k", "v", "rel_query", "rel_table"), g_lin, g_dense):
+    for name, a, b in zip(
+        ("q", "k", "v", "rel_query", "rel_table"), g_lin, g_dense, strict=True
+    ):
         np.testing.assert_allclose(a, b, atol=2e-5, rtol=1e-4, err_msg=name)
     # Gradient reaches old keys through the centroids (not only the window).
     assert float(jnp.abs(g_lin[1][:, :4]).sum()) > 0.0
@@ -190,9 +192,7 @@ def test_model_streams_and_trains_one_step(getkey):
     )
     opt = train.make_optimizer(learning_rate=1e-2, warmup_steps=0, total_steps=2)
     ts = train.init_train_state(model, opt, 2, key=getkey())
-    batch = dict(
-        inputs=toks[:, :-1], targets=toks[:, 1:], loss_mask=jnp.ones((2, 32))
-    )
+    batch = dict(inputs=toks[:, :-1], targets=toks[:, 1:], loss_mask=jnp.ones((2, 32)))
     new, metrics = train.make_train_step(opt, update_len=16, donate=False)(ts, batch)
     assert np.isfinite(float(metrics["lm_loss"]))
     assert np.isfinite(float(metrics["grad_norm"]))

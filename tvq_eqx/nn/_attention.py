@@ -112,6 +112,7 @@ class VQAttention(eqx.Module):
         self, batch_size: int
     ) -> VQAttentionState | FullAttentionState | OnlineVQState:
         c = self.config
+        assert c.mem_len is not None  # TransformerConfig fills the default
         if c.codebook_mode == "online":
             # Every slot free: the dictionary is per sequence.
             return OnlineVQState.empty(

@@ -159,7 +159,9 @@ def _update(centroid, count, value_mean, keys, values, slot, valid):
     safe = jnp.where(new_count > 0, new_count, 1.0)[:, None]
 
     def step(mean, x):
-        total = jnp.einsum("js,jd->sd", onehot, x.astype(jnp.float32), precision=HIGHEST)
+        total = jnp.einsum(
+            "js,jd->sd", onehot, x.astype(jnp.float32), precision=HIGHEST
+        )
         return mean + (total - m[:, None] * mean) / safe
 
     return step(centroid, keys), new_count, step(value_mean, values)
@@ -169,7 +171,9 @@ def _check(query, key, value, *, block_len, rel_query, rel_table, whole_blocks):
     for name, x in dict(query=query, key=key, value=value).items():
         if not hasattr(x, "ndim") or x.ndim != 4:
             got = tuple(x.shape) if hasattr(x, "shape") else type(x).__name__
-            raise ValueError(f"{name} must have rank 4 [batch, seq, heads, dim]; got {got}")
+            raise ValueError(
+                f"{name} must have rank 4 [batch, seq, heads, dim]; got {got}"
+            )
     if query.shape != key.shape:
         raise ValueError(
             f"query {tuple(query.shape)} and key {tuple(key.shape)} must have the same shape"
@@ -245,9 +249,7 @@ def online_vq_attention_quadratic(
             if n > 0 and edges[n] > edges[n - 1]:
                 lo, hi = edges[n - 1], edges[n]
                 cent, cnt = means(k32, slot)
-                chunk = assign_slots(
-                    k32[lo:hi], jnp.ones((hi - lo,), bool), cent, cnt
-                )
+                chunk = assign_slots(k32[lo:hi], jnp.ones((hi - lo,), bool), cent, cnt)
                 slot = slot.at[lo:hi].set(chunk)
             tables.append(means(k32, slot)[0])
         return jnp.stack(tables), slot
@@ -337,8 +339,10 @@ def online_vq_attention_with_state(
     n_blocks = t // L
 
     def blocks(x):
-        return None if x is None else jnp.moveaxis(
-            x.reshape(b, n_blocks, L, *x.shape[2:]), 1, 0
+        return (
+            None
+            if x is None
+            else jnp.moveaxis(x.reshape(b, n_blocks, L, *x.shape[2:]), 1, 0)
         )
 
     xs = (blocks(query), blocks(key), blocks(value), blocks(rel_query))
@@ -362,13 +366,15 @@ def online_vq_attention_with_state(
             "bihk,bjhk->bhij", q32, keys.astype(jnp.float32), precision=HIGHEST
         )
         if rq is not None:
-            win = win + jnp.swapaxes(relative_bias(rq, rel_table, dist), 1, 2)
+            table = require_rel_table(rel_table)
+            win = win + jnp.swapaxes(relative_bias(rq, table, dist), 1, 2)
         keep = (dist >= 0)[None, None] & valid[:, None, None, :]
         win = jnp.where(keep, win, MASK_VALUE)
         mem = scale * jnp.einsum("bihk,bhsk->bhis", q32, cent, precision=HIGHEST)
         # Free slots masked by `where`, not by adding MASK_VALUE.
         mem = jnp.where(
-            (cnt > 0)[:, :, None, :], mem + log_count_bias(cnt)[:, :, None, :],
+            (cnt > 0)[:, :, None, :],
+            mem + log_count_bias(cnt)[:, :, None, :],
             MASK_VALUE,
         )
         # The ratio below does not depend on `top`: no gradient through it.
@@ -386,7 +392,14 @@ def online_vq_attention_with_state(
         out_valid = valid[:, :L]
         slot = assign(out_k, out_valid, cent, cnt)  # [B, H, L]
         cent, cnt, vmean = update(cent, cnt, vmean, out_k, vals[:, :L], slot, out_valid)
-        new = (keys[:, L:], vals[:, L:], jnp.minimum(length + L, m_len), cent, cnt, vmean)
+        new = (
+            keys[:, L:],
+            vals[:, L:],
+            jnp.minimum(length + L, m_len),
+            cent,
+            cnt,
+            vmean,
+        )
         return new, out
 
     carry = (
