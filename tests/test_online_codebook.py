@@ -250,3 +250,12 @@ def test_op_errors(getkey):
     small = OnlineVQState.empty(B, heads=H, codes=3, d_k=DK, d_v=DV + 1, mem_len=4)
     with pytest.raises(ValueError, match="state.window_value"):
         _linear(q, k, v, rq, rt, codes=3, block_len=4, mem_len=4, state=small)
+
+
+def test_run_config_needs_whole_block_updates():
+    data = train.DataConfig(seq_len=24, batch_size=2)
+    model = CFG.replace(n_vocab=256)
+    run = train.RunConfig(model=model, data=data, update_len=8, steps=3)
+    assert run.model.codebook_mode == "online"
+    with pytest.raises(ValueError, match=r"update_len=12: .*codebook_mode='online'"):
+        run.replace(update_len=12, steps=2)
