@@ -259,3 +259,15 @@ def test_run_config_needs_whole_block_updates():
     assert run.model.codebook_mode == "online"
     with pytest.raises(ValueError, match=r"update_len=12: .*codebook_mode='online'"):
         run.replace(update_len=12, steps=2)
+
+
+def test_greedy_sampling_equals_the_full_call(getkey):
+    # Sampling re-runs the current block (padded) from the state of the last
+    # completed block: with the online dictionary too it is exact.
+    from tvq_eqx import sampling
+
+    model = tvq_eqx.Transformer(CFG, key=getkey())
+    prompt = jax.random.randint(getkey(), (1, 13), 0, 32)
+    out = sampling.sample(model, prompt, steps=11, key=getkey(), temperature=0.0)
+    logprobs, _, _ = model(jnp.concatenate([prompt, out], 1))
+    np.testing.assert_array_equal(out, jnp.argmax(logprobs[:, 12:-1], -1))
