@@ -271,3 +271,35 @@ def test_greedy_sampling_equals_the_full_call(getkey):
     out = sampling.sample(model, prompt, steps=11, key=getkey(), temperature=0.0)
     logprobs, _, _ = model(jnp.concatenate([prompt, out], 1))
     np.testing.assert_array_equal(out, jnp.argmax(logprobs[:, 12:-1], -1))
+
+
+def test_one_token_blocks_are_the_per_token_rule(getkey):
+    # block_len 1, no window: a plain numpy loop of the per-token rule (read,
+    # then the key takes a free slot or moves its nearest centroid by 1/n).
+    t, s, scale = 20, 3, 0.5
+    q, k, v, _, _ = _inputs(getkey(), t, rel=False)
+    got, _ = _linear(q, k, v, None, None, codes=s, block_len=1, mem_len=0)
+    qn, kn, vn = (np.asarray(x, np.float64) for x in (q, k, v))
+    want = np.zeros((B, t, H, DV))
+    for b in range(B):
+        for h in range(H):
+            cen, cnt, val = [], [], []
+            for i in range(t):
+                logits = [scale * qn[b, i, h] @ kn[b, i, h]]
+                logits += [
+                    scale * qn[b, i, h] @ c + np.log(n)
+                    for c, n in zip(cen, cnt, strict=True)
+                ]
+                p = np.exp(np.array(logits) - max(logits))
+                rows = np.stack([vn[b, i, h], *val]) if val else vn[b, i, h][None]
+                want[b, i, h] = p @ rows / p.sum()
+                if len(cen) < s:
+                    cen.append(kn[b, i, h].copy())
+                    cnt.append(1.0)
+                    val.append(vn[b, i, h].copy())
+                else:
+                    j = int(np.argmin([np.sum((kn[b, i, h] - c) ** 2) for c in cen]))
+                    cnt[j] += 1.0
+                    cen[j] += (kn[b, i, h] - cen[j]) / cnt[j]
+                    val[j] += (vn[b, i, h] - val[j]) / cnt[j]
+    np.testing.assert_allclose(got, want, atol=2e-6, rtol=1e-5)
