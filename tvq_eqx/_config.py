@@ -151,6 +151,15 @@ class TransformerConfig:
       times gamma), so each cached key weighs `gamma ** (blocks since it left
       the window)` and the log-count bias stays bounded on long streams (a
       remedy for long-context drift; see docs/benchmarks.md). `"vq"` only.
+    - `codebook_mode`: `"ema"` (default, official: one codebook per head
+      learned across training by the EMA rule) or `"online"` (OVQ-style: a
+      dictionary of `n_code` key centroids per sequence and head, built from
+      the sequence's own keys as they leave the window and read with
+      log-count logits over per-slot value means; the trained codebook is
+      then unused). `"online"` needs `attention="vq"`, the xla
+      implementation, whole blocks per call, `cache_decay=1`,
+      `grad_thru_cache=True`, no `seq_axis` and no packed documents
+      (docs/math.md, "Online codebook").
     - `seq_axis`, `batch_axis`: context parallelism. With `seq_axis` set,
       every attention unit splits the sequence over that mesh axis
       (`ops.vq_attention_sharded`: only per-code summaries and one boundary
@@ -275,6 +284,8 @@ class TransformerConfig:
     """Mesh axis each attention unit splits the sequence over (None: none)."""
     batch_axis: str | None = None
     """Mesh axis the batch is split over, kept split inside the attention."""
+    codebook_mode: Literal["ema", "online"] = "ema"
+    """Key codebook: ema (official, learned across training) or online (per sequence, OVQ-style)."""
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -346,11 +357,34 @@ class TransformerConfig:
                 f"grad_thru_cache={self.grad_thru_cache!r}, "
                 f"state_keys={self.state_keys!r}"
             )
+        if self.codebook_mode == "online":
+            self._check_online()
         if self.implementation == "quadratic":
             raise ValueError(
                 "TransformerConfig.implementation must be one of 'xla', 'pallas', "
                 "None; got 'quadratic' (the op's dense reference has no streaming "
                 "state, which the model carries between blocks and calls)"
+            )
+
+    def _check_online(self) -> None:
+        """What `codebook_mode="online"` cannot be combined with (yet)."""
+        clashes = {
+            "attention": (self.attention, "vq"),
+            "cache_decay": (self.cache_decay, 1.0),
+            "grad_thru_cache": (self.grad_thru_cache, True),
+            "seq_axis": (self.seq_axis, None),
+        }
+        for name, (got, want) in clashes.items():
+            if got != want:
+                raise ValueError(
+                    f"TransformerConfig.codebook_mode='online' needs {name}={want!r}; "
+                    f"got {name}={got!r}"
+                )
+        if self.implementation == "pallas":
+            raise ValueError(
+                "TransformerConfig.codebook_mode='online' has no Pallas kernels "
+                "(they implement the EMA codebook's attention); use "
+                "implementation='xla' or None"
             )
 
     def _check_kinds(self) -> None:
@@ -374,6 +408,12 @@ class TransformerConfig:
         `"vq"`, `"window"` or `"block_window"` (the one home of this rule; the
         run config, the train steps and the model call it). `what` names the
         setting that asked (`doc_starts`, `doc_masking`)."""
+        if self.codebook_mode == "online":
+            raise ValueError(
+                f"{what} (packed documents) is not supported with "
+                "codebook_mode='online' (the dictionary would have to be reset "
+                "at every document start)"
+            )
         if self.attention == "full":
             raise ValueError(
                 f"{what} (packed documents) needs attention 'vq', 'window' or "

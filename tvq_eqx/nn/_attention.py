@@ -13,8 +13,10 @@ from .._checks import error_if_any
 from .._config import TransformerConfig
 from ..ops import (
     FullAttentionState,
+    OnlineVQState,
     VQAttentionState,
     full_attention_with_state,
+    online_vq_attention_with_state,
     vq_attention_sharded,
     vq_attention_with_state,
 )
@@ -106,8 +108,22 @@ class VQAttention(eqx.Module):
         )
         self.config = config
 
-    def init_state(self, batch_size: int) -> VQAttentionState | FullAttentionState:
+    def init_state(
+        self, batch_size: int
+    ) -> VQAttentionState | FullAttentionState | OnlineVQState:
         c = self.config
+        assert c.mem_len is not None  # TransformerConfig fills the default
+        if c.codebook_mode == "online":
+            # Every slot free: the dictionary is per sequence.
+            return OnlineVQState.empty(
+                batch_size,
+                mem_len=c.mem_len,
+                heads=c.n_head,
+                codes=c.n_code,
+                d_k=c.d_k,
+                d_v=c.d_v,
+                dtype=c.jnp_dtype,
+            )
         if c.attention == "full":
             return FullAttentionState.empty(
                 batch_size,
@@ -133,7 +149,7 @@ class VQAttention(eqx.Module):
     def __call__(
         self,
         x: Float[Array, "batch seq d_model"],
-        state: VQAttentionState | FullAttentionState | None = None,
+        state: VQAttentionState | FullAttentionState | OnlineVQState | None = None,
         *,
         mask: Float[Array, "batch seq"] | None = None,
         key: PRNGKeyArray | None = None,
@@ -141,7 +157,7 @@ class VQAttention(eqx.Module):
         doc_starts: Bool[Array, "batch seq"] | None = None,
     ) -> tuple[
         Float[Array, "batch seq d_model"],
-        VQAttentionState | FullAttentionState,
+        VQAttentionState | FullAttentionState | OnlineVQState,
         dict[str, Array],
     ]:
         """`state` None: no history (`init_state`). `mask` (1 = a real
@@ -178,8 +194,9 @@ class VQAttention(eqx.Module):
         out = jnp.einsum("bte,ed->btd", gated, self.w_o.astype(dt))
         out = dropout(out, c.p_dropres, key)
         stats = self.quantizer.statistics(k, mask)
-        if c.attention == "full":
-            # Keys are not quantized here: the commit term must not pull them.
+        if c.attention == "full" or c.codebook_mode == "online":
+            # Keys are not quantized by the trained codebook here: the commit
+            # term must not pull them.
             stats["commit_sum"] = jax.lax.stop_gradient(stats["commit_sum"])
         return out.astype(x.dtype), new_state, stats
 
@@ -220,6 +237,24 @@ class VQAttention(eqx.Module):
                 rel_query=rel_query,
                 rel_table=rel_table,
             )
+        elif c.codebook_mode == "online":
+            if not isinstance(state, OnlineVQState):
+                raise TypeError(
+                    "codebook_mode='online' needs an OnlineVQState (init_state); "
+                    f"got {type(state).__name__}"
+                )
+            if doc_starts is not None:
+                c.check_masks_documents()
+            attn, new_state = online_vq_attention_with_state(
+                query,
+                k,
+                v,
+                state,
+                block_len=c.block_len,
+                scale=scale,
+                rel_query=rel_query,
+                rel_table=rel_table,
+            )
         elif c.seq_axis is not None:
             # Context parallelism (the config checked the other options).
             if isinstance(state, FullAttentionState):
@@ -246,10 +281,10 @@ class VQAttention(eqx.Module):
                 doc_starts=doc_starts,
             )
         else:
-            if isinstance(state, FullAttentionState):
+            if not isinstance(state, VQAttentionState):
                 raise TypeError(
                     f"attention={c.attention!r} needs a VQAttentionState "
-                    "(init_state); got a FullAttentionState"
+                    f"(init_state); got {type(state).__name__}"
                 )
             attn, new_state = vq_attention_with_state(
                 query,

@@ -10,7 +10,7 @@ from jaxtyping import Array, Bool, Float, Int, Key, PRNGKeyArray, UInt32
 
 from .._checks import check_token_ids, check_weights, error_if_any
 from .._config import TransformerConfig
-from ..ops import FullAttentionState, VQAttentionState
+from ..ops import FullAttentionState, OnlineVQState, VQAttentionState
 from ..ops._dispatch import check_doc_starts
 from ..ops._padding import partial_blocks_error
 from ._attention import TALLY_MESSAGE, VQAttention
@@ -18,7 +18,7 @@ from ._embedding import Embedding, OutputHead
 from ._norm import RMSNorm
 from ._positional import ScaledSinusoids, dropout
 
-AttentionState = VQAttentionState | FullAttentionState
+AttentionState = VQAttentionState | FullAttentionState | OnlineVQState
 
 
 class TransformerState(eqx.Module):
@@ -399,6 +399,7 @@ class Transformer(eqx.Module):
                 use_cache=c.attention == "vq",
                 sliding_window=c.attention == "window",
                 cache_decay=c.cache_decay,
+                online=c.codebook_mode == "online",
             )  # fmt: skip
             if error is not None:
                 raise ValueError(f"tokens {tuple(tokens.shape)}: {error}")
@@ -417,7 +418,13 @@ class Transformer(eqx.Module):
                 f"tokens batch {tokens.shape[0]} (shape {tuple(tokens.shape)}) does not match "
                 f"the state's batch {want_b}"
             )
-        want_type = FullAttentionState if c.attention == "full" else VQAttentionState
+        want_type = (
+            FullAttentionState
+            if c.attention == "full"
+            else OnlineVQState
+            if c.codebook_mode == "online"
+            else VQAttentionState
+        )
         if not isinstance(first, want_type):
             raise TypeError(
                 f"state holds {type(first).__name__}; attention={c.attention!r} needs "
@@ -428,7 +435,10 @@ class Transformer(eqx.Module):
                 f"state.position must be a scalar or one per row ({want_b},); got "
                 f"shape {tuple(state.position.shape)}"
             )
-        if isinstance(first, VQAttentionState) and first.mem_len != c.mem_len:
+        if (
+            isinstance(first, VQAttentionState | OnlineVQState)
+            and first.mem_len != c.mem_len
+        ):
             raise ValueError(
                 f"state was made for mem_len={first.mem_len}, the model "
                 f"uses mem_len={c.mem_len}"

@@ -26,6 +26,14 @@ from ._dispatch import vq_attention as vq_attention
 from ._dispatch import vq_attention_with_state as vq_attention_with_state
 from ._full import FullAttentionState as FullAttentionState
 from ._full import full_attention_with_state as full_attention_with_state
+from ._online import OnlineVQState as OnlineVQState
+from ._online import assign_slots as assign_slots
+from ._online import (
+    online_vq_attention_quadratic as online_vq_attention_quadratic,
+)
+from ._online import (
+    online_vq_attention_with_state as online_vq_attention_with_state,
+)
 from ._quadratic import vq_attention_quadratic as vq_attention_quadratic
 from ._xla import vq_attention_xla as vq_attention_xla
 

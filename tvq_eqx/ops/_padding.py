@@ -22,7 +22,13 @@ from ._blockwise import state_after
 
 
 def partial_blocks_error(
-    t: int, *, block_len: int, use_cache: bool, sliding_window: bool, cache_decay
+    t: int,
+    *,
+    block_len: int,
+    use_cache: bool,
+    sliding_window: bool,
+    cache_decay,
+    online: bool = False,
 ) -> str | None:
     """Why a streaming segment of `t` tokens must be whole blocks under these
     options (a message naming them), or None when any length works."""
@@ -32,6 +38,11 @@ def partial_blocks_error(
         why = (
             f"cache_decay={cache_decay} weighs cached keys by whole blocks, so "
             "the carried state depends on where blocks begin"
+        )
+    elif online:
+        why = (
+            "the online codebook (codebook_mode='online') takes keys into its "
+            "dictionary by whole blocks"
         )
     elif not use_cache and not sliding_window:
         why = (

@@ -141,6 +141,7 @@ class RunConfig:
                 use_cache=m.attention == "vq",
                 sliding_window=m.attention == "window",
                 cache_decay=m.cache_decay,
+                online=m.codebook_mode == "online",
             )
         )  # fmt: skip
         if error is not None:
