@@ -10,6 +10,7 @@ import typing
 from typing import Any, Literal, get_args
 
 from .._config import TransformerConfig, check_literals
+from ._codebook import CodebookConfig
 from ._optimizer import OptimizerConfig
 
 DataKind = Literal["bytes", "sentencepiece", "images"]
@@ -69,6 +70,8 @@ class RunConfig:
     """The data and its batching."""
     optimizer: OptimizerConfig = OptimizerConfig()
     """The optimizer (its schedule spans `steps`)."""
+    codebook: CodebookConfig = CodebookConfig()
+    """Codebook initialisation and dead-code restart (training procedures; default: the official neither)."""
     steps: int = 400
     """Optimizer updates in the whole run."""
     update_len: int = 256
@@ -107,6 +110,7 @@ class RunConfig:
             ("model", TransformerConfig),
             ("data", DataConfig),
             ("optimizer", OptimizerConfig),
+            ("codebook", CodebookConfig),
         ):
             if not isinstance(getattr(self, name), cls):
                 raise TypeError(
