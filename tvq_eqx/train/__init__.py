@@ -21,6 +21,7 @@ from ._codebook import kmeans_init as kmeans_init
 from ._codebook import lloyd as lloyd
 from ._codebook import prepare_codebooks as prepare_codebooks
 from ._codebook import restart_dead_codes as restart_dead_codes
+from ._codebook import sample_tokens as sample_tokens
 from ._codebook import unit_keys as unit_keys
 from ._data import DataError as DataError
 from ._data import RunData as RunData

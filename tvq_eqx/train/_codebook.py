@@ -370,8 +370,9 @@ def prepare_codebooks(
     counter, saved in every checkpoint: a resumed run (step > 0) never
     initialises again.
 
-    **Returns:** the train state and `{"restarted_codes": n}` when a restart
-    check ran (else `{}`).
+    **Returns:** the train state and, with the restart on,
+    `{"restarted_codes": n}` (codes re-seeded before this batch; 0 between
+    checks), else `{}`.
     """
     if not config.active:
         return train_state, {}
@@ -384,8 +385,15 @@ def prepare_codebooks(
         and batch_index > 0
         and batch_index % config.restart_every == 0
     )
+    # With the restart on, every batch reports it (0 between checks), so
+    # that every training record has the same fields.
+    metrics: dict[str, Array] = (
+        {"restarted_codes": jnp.zeros((), jnp.float32)}
+        if config.restart_threshold > 0
+        else {}
+    )
     if not (do_init or do_restart):
-        return train_state, {}
+        return train_state, metrics
     model = train_state.model
     # A model replicated over a mesh gets its inputs replicated likewise;
     # otherwise they stay uncommitted, as the model's arrays, so that the
@@ -404,7 +412,6 @@ def prepare_codebooks(
     doc_starts = first_segment("doc_starts") if doc_masking else None
     state = None if reset else train_state.attn_state
     rng = jax.random.wrap_key_data(train_state.rng)
-    metrics: dict[str, Array] = {}
     if do_init:
         model = kmeans_init(
             model,
