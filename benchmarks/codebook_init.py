@@ -168,9 +168,7 @@ def report(out: Path) -> Path:
         presets = sorted({r["preset"] for r in mine})
         for preset in presets:
             lines += ["", f"## {bench} benchmark, vq variant (preset {preset})", ""]
-            lines.append(
-                "| option | seeds | " + " | ".join(c[1] for c in cols) + " |"
-            )
+            lines.append("| option | seeds | " + " | ".join(c[1] for c in cols) + " |")
             lines.append("|---|---|" + "---:|" * len(cols))
             for option in OPTIONS:
                 rs = [

@@ -5,6 +5,8 @@ EMA rule, deterministic, checkpointed, no NaN on empty codes."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -225,13 +227,14 @@ def test_sampling_is_deterministic_given_the_key():
 def test_config_checks_and_flags(capsys):
     assert not train.CodebookConfig().active  # official default: neither
     assert train.RunConfig().codebook == train.CodebookConfig()
-    for bad, field in (  # a wrong literal: jaxtyping's TypeError or ours
+    cases: list[tuple[dict[str, Any], str]] = [
         (dict(init="random"), "init"),
         (dict(kmeans_iters=0), "kmeans_iters"),
         (dict(restart_threshold=1.5), "restart_threshold"),
         (dict(restart_threshold=-0.1), "restart_threshold"),
         (dict(restart_every=0), "restart_every"),
-    ):
+    ]
+    for bad, field in cases:  # a wrong literal: jaxtyping's TypeError or ours
         with pytest.raises((ValueError, TypeError), match=field):
             train.CodebookConfig(**bad)
     run = train.RunConfig().replace(codebook=dict(init="kmeans"))
@@ -284,3 +287,28 @@ def test_fit_applies_both_and_a_resume_equals_the_uninterrupted_run(tmp_path):
                         handle_sigint=False)  # fmt: skip
     assert resumed.step == 8
     assert _state_bytes(resumed.train_state) == _state_bytes(full.train_state)
+
+
+def test_benchmark_report_means_over_seeds(tmp_path):
+    """`benchmarks/codebook_init.py report`: mean ± sample sd per option over
+    the runs that passed the gate; a failed run is named, not averaged."""
+    import json
+
+    from benchmarks import codebook_init as cb
+
+    runs = tmp_path / cb.RUNS_DIR
+    runs.mkdir()
+    for option, seed, acc, ok in (
+        ("official", 0, 0.5, True),
+        ("official", 1, 0.7, True),
+        ("kmeans", 0, 0.9, True),
+        ("kmeans", 1, 0.1, False),
+    ):
+        row = dict(bench="recall", preset="cpu", option=option, seed=seed, ok=ok,
+                   acc_far=acc, bits_far=1.0, acc_d1=acc, last_train_bits=1.0,
+                   train_s=1.0)  # fmt: skip
+        (runs / f"{option}-{seed}.json").write_text(json.dumps(row))
+    text = cb.report(tmp_path).read_text()
+    sd = float(np.std([0.5, 0.7], ddof=1))
+    assert f"| official | 0,1 | 0.600 ± {sd:.3f} |" in text
+    assert "| kmeans | 0 (failed: 1) | 0.900 |" in text
