@@ -196,7 +196,8 @@ def lloyd(
 def _kmeans_unit(q_sum, q_count, keys, weights, key, iters: int):
     """One unit's new `(codebook_sum, codebook_count)` (per head)."""
     n_head, n_code, _ = q_sum.shape
-    current = q_sum / jnp.maximum(q_count, 1e-2)[..., None]  # the model's codebook
+    # The codebook as `VectorQuantizer.codebook` reads it.
+    current = q_sum / jnp.maximum(q_count, 1e-2)[..., None]
     idx, valid = sample_tokens(key, weights, n_head, n_code)
     init = jnp.where(valid[..., None], _gather_keys(keys, idx), current)
     centroids, count = lloyd(keys, weights, init, iters)
@@ -207,13 +208,13 @@ def _kmeans_unit(q_sum, q_count, keys, weights, key, iters: int):
     return count[..., None] * centroids, count
 
 
-def _unit_index(model: Transformer, u: int) -> tuple[int, int]:
+def _unit_index(u: int) -> tuple[int, int]:
     """(stacked unit j, layer l) of attention unit `u` in call order."""
     return u % 2, u // 2
 
 
 def _set_unit(model: Transformer, u: int, new_sum, new_count) -> Transformer:
-    j, layer = _unit_index(model, u)
+    j, layer = _unit_index(u)
     q = model.layers.stacked.units[j].quantizer
     return eqx.tree_at(
         lambda m: (
@@ -229,7 +230,7 @@ def _set_unit(model: Transformer, u: int, new_sum, new_count) -> Transformer:
 
 
 def _unit_quantizer(model: Transformer, u: int) -> tuple[Array, Array]:
-    j, layer = _unit_index(model, u)
+    j, layer = _unit_index(u)
     q = model.layers.stacked.units[j].quantizer
     return q.codebook_sum[layer], q.codebook_count[layer]
 
