@@ -171,8 +171,14 @@ class _Recorder(train.Callback):
         self.t_prev = time.perf_counter()
 
 
-def train_one(name, config, p: QualityPreset, splits, *, log=C.log) -> dict:
+def train_one(
+    name, config, p: QualityPreset, splits, *, log=C.log, codebook=None
+) -> dict:
+    """Train `config` with `fit` at preset `p`'s budget and score it;
+    `codebook`: a `train.CodebookConfig` for the run (None = the default)."""
     run_cfg = run_config(p, config)
+    if codebook is not None:
+        run_cfg = run_cfg.replace(codebook=codebook)
     ts = train.new_train_state(run_cfg)
     n_main, n_code = count_params(ts.model)
     stream = train.make_stream(run_cfg, splits["train"], train=True)

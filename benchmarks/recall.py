@@ -307,9 +307,19 @@ def make_optimizer(p: RecallPreset):
 
 
 def train_one(
-    name: str, config, p: RecallPreset, seed: int, ev, *, optimizer=None, log=C.log
+    name: str,
+    config,
+    p: RecallPreset,
+    seed: int,
+    ev,
+    *,
+    optimizer=None,
+    log=C.log,
+    codebook: train.CodebookConfig | None = None,
 ) -> dict:
-    """Train variant `name` (`config`) from `seed` and score it on `ev`."""
+    """Train variant `name` (`config`) from `seed` and score it on `ev`;
+    `codebook`: codebook init / dead-code restart before each batch, as
+    `fit` does (`train.prepare_codebooks`; None = the official neither)."""
     key = jax.random.key(seed)
     model = Transformer(config, key=key)
     opt = make_optimizer(p) if optimizer is None else optimizer
@@ -325,6 +335,10 @@ def train_one(
     for i in range(p.steps):
         batch = batch_of(p, rng, p.batch_size)
         batch.pop("distance")
+        if codebook is not None:
+            ts, _ = train.prepare_codebooks(
+                ts, batch, codebook, update_len=p.seq_len, reset=True
+            )
         ts, metrics = step(ts, batch, reset=True)
         bits = float(metrics["bits_per_token"])
         curve.append((i + 1, bits))

@@ -123,7 +123,7 @@ class TrainCommand:
     preset: PresetName = "tiny"
     """Named starting configuration."""
     config: str | None = None
-    """TOML file of RunConfig fields ([model], [model.pallas.block_sizes], [data], [optimizer] tables) applied on top of the preset."""
+    """TOML file of RunConfig fields ([model], [model.pallas.block_sizes], [data], [optimizer], [codebook] tables) applied on top of the preset."""
     run_dir: str | None = None
     """Output folder (None = runs/PRESET, or runs/PRESET-N if that holds a checkpoint)."""
     resume: bool = False

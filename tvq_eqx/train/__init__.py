@@ -14,6 +14,15 @@ from ._checkpoint import list_checkpoints as list_checkpoints
 from ._checkpoint import load_checkpoint as load_checkpoint
 from ._checkpoint import read_meta as read_meta
 from ._checkpoint import save_checkpoint as save_checkpoint
+from ._codebook import CODEBOOK_INITS as CODEBOOK_INITS
+from ._codebook import CodebookConfig as CodebookConfig
+from ._codebook import CodebookInit as CodebookInit
+from ._codebook import kmeans_init as kmeans_init
+from ._codebook import lloyd as lloyd
+from ._codebook import prepare_codebooks as prepare_codebooks
+from ._codebook import restart_dead_codes as restart_dead_codes
+from ._codebook import sample_tokens as sample_tokens
+from ._codebook import unit_keys as unit_keys
 from ._data import DataError as DataError
 from ._data import RunData as RunData
 from ._data import load_run_data as load_run_data

@@ -22,10 +22,11 @@ from jax.sharding import Mesh
 from ..data import AbstractStream
 from ..nn import Transformer
 from ._checkpoint import AsyncCheckpointer
+from ._codebook import prepare_codebooks
 from ._flops import device_peak_flops, model_flops
 from ._optimizer import lr_schedule, optimizer_from_config
 from ._run_config import RunConfig
-from ._steps import TrainState, evaluate, make_train_step
+from ._steps import TrainState, _mesh_context, evaluate, make_train_step
 
 FitStatus = Literal["completed", "stopped", "interrupted", "diverged"]
 
@@ -303,9 +304,14 @@ def fit(
         try:
             for batch_index in range(start_batch, stop_batch):
                 _, window = train_stream.epoch_and_window(batch_index)
-                loop.ts, metrics = step_fn(
-                    loop.ts, train_stream.batch(batch_index), reset=resets(window)
+                batch, reset = train_stream.batch(batch_index), resets(window)
+                # Codebook init / dead-code restart (off by default): between
+                # updates, outside the compiled step (see _codebook.py).
+                loop.ts, cb_metrics = _prepare_codebooks(
+                    loop.ts, batch, reset, run, mesh
                 )
+                loop.ts, metrics = step_fn(loop.ts, batch, reset=reset)
+                metrics = {**metrics, **cb_metrics}
                 previous, step = step, (batch_index + 1) * upb
                 ended = loop.after_batch(
                     metrics, previous, step, batch_index + 1 == stop_batch, stop_signal
@@ -343,6 +349,20 @@ def fit(
     )
     loop.emit("on_end", result)
     return result
+
+
+def _prepare_codebooks(ts, batch, reset, run: RunConfig, mesh: Mesh | None):
+    if not run.codebook.active:
+        return ts, {}
+    with _mesh_context(mesh):
+        return prepare_codebooks(
+            ts,
+            batch,
+            run.codebook,
+            update_len=run.update_len,
+            reset=bool(reset),
+            doc_masking=run.doc_masking,
+        )
 
 
 def _batch_span(start_step: int, run: RunConfig, stop_at: int | None):

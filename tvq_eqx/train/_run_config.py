@@ -11,6 +11,7 @@ from typing import Any, Literal, get_args
 
 from .._config import TransformerConfig, check_literals
 from ..ops._padding import partial_blocks_error
+from ._codebook import CodebookConfig
 from ._optimizer import OptimizerConfig
 
 DataKind = Literal["bytes", "sentencepiece", "images"]
@@ -70,6 +71,8 @@ class RunConfig:
     """The data and its batching."""
     optimizer: OptimizerConfig = OptimizerConfig()
     """The optimizer (its schedule spans `steps`)."""
+    codebook: CodebookConfig = CodebookConfig()
+    """Codebook initialisation and dead-code restart (training procedures; default: the official neither)."""
     steps: int = 400
     """Optimizer updates in the whole run."""
     update_len: int = 256
@@ -110,6 +113,7 @@ class RunConfig:
             ("model", TransformerConfig),
             ("data", DataConfig),
             ("optimizer", OptimizerConfig),
+            ("codebook", CodebookConfig),
         ):
             if not isinstance(getattr(self, name), cls):
                 raise TypeError(
