@@ -307,9 +307,21 @@ def make_optimizer(p: RecallPreset):
 
 
 def train_one(
-    name: str, config, p: RecallPreset, seed: int, ev, *, optimizer=None, log=C.log
+    name: str,
+    config,
+    p: RecallPreset,
+    seed: int,
+    ev,
+    *,
+    optimizer=None,
+    log=C.log,
+    on_update=None,
 ) -> dict:
-    """Train variant `name` (`config`) from `seed` and score it on `ev`."""
+    """Train variant `name` (`config`) from `seed` and score it on `ev`.
+
+    `on_update(step, train_state, metrics)`, if given, is called before the
+    first update (step 0, metrics None) and after every update (instruments
+    such as `benchmarks.recall_diagnosis`; it must not touch the data RNG)."""
     key = jax.random.key(seed)
     model = Transformer(config, key=key)
     opt = make_optimizer(p) if optimizer is None else optimizer
@@ -322,6 +334,8 @@ def train_one(
     t0 = time.perf_counter()
     t_compile = None
     finite = True
+    if on_update is not None:
+        on_update(0, ts, None)
     for i in range(p.steps):
         batch = batch_of(p, rng, p.batch_size)
         batch.pop("distance")
@@ -330,6 +344,8 @@ def train_one(
         curve.append((i + 1, bits))
         if t_compile is None:
             t_compile = time.perf_counter() - t0
+        if on_update is not None:
+            on_update(i + 1, ts, metrics)
         if not math.isfinite(bits):
             log(f"  {name} seed {seed}: non-finite loss at update {i + 1}")
             finite = False
