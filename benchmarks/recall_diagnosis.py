@@ -182,6 +182,7 @@ def probe_metrics(model: Transformer, probe: dict[str, np.ndarray]) -> dict:
     heads (and `<name>_max`, the max over heads, for the rates), plus the
     probe's accuracy beyond the window `acc_far` (see the module docstring)."""
     c = model.config
+    assert c.mem_len is not None  # TransformerConfig fills the default
     arr = jax.device_get(_probe_arrays(model, jnp.asarray(probe["inputs"])))
     codes = np.asarray(arr["codes"])  # [U, B, T, H]
     rows, ans, pair = probe["q_row"], probe["q_ans"], probe["q_pair"]
@@ -406,7 +407,9 @@ def plot(p, runs, png: Path, command: str):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(
+        description="Codebook health of the recall benchmark's vq model"
+    )
     ap.add_argument("--preset", default="cpu", choices=sorted(RECALL))
     ap.add_argument("--seeds", type=int, nargs="+", default=None)
     ap.add_argument("--every", type=int, default=25)
