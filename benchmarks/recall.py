@@ -316,14 +316,17 @@ def train_one(
     optimizer=None,
     log=C.log,
     on_update=None,
+    make_model=Transformer,
 ) -> dict:
     """Train variant `name` (`config`) from `seed` and score it on `ev`.
 
     `on_update(step, train_state, metrics)`, if given, is called before the
     first update (step 0, metrics None) and after every update (instruments
-    such as `benchmarks.recall_diagnosis`; it must not touch the data RNG)."""
+    such as `benchmarks.recall_diagnosis`; it must not touch the data RNG).
+    `make_model(config, key=...)` builds the model (a `Transformer` subclass
+    for diagnostic experiments)."""
     key = jax.random.key(seed)
-    model = Transformer(config, key=key)
+    model = make_model(config, key=key)
     opt = make_optimizer(p) if optimizer is None else optimizer
     ts = train.init_train_state(
         model, opt, p.batch_size, key=jax.random.fold_in(key, 1)

@@ -82,6 +82,23 @@ UNIT_METRICS = (
 )
 
 
+class AllKeysCodebook(Transformer):
+    """Experiment (`--codebook-keys all`): the model ignores the `mask`
+    argument, so the codebook's EMA statistics and the commit term use every
+    position's key. With the benchmark's batches `loss_fn` passes the loss
+    mask (1 at the answers only) as that mask, so the preset's codebook learns
+    from the answer positions' keys only (one of `seq_len` per sequence); the
+    LM loss still counts the answers only (`loss_fn` applies the loss mask to
+    the log-probabilities itself)."""
+
+    def __call__(self, tokens, state=None, *, mask=None, **kw):
+        del mask
+        return super().__call__(tokens, state, **kw)
+
+
+MAKE_MODEL = {"loss_mask": Transformer, "all": AllKeysCodebook}
+
+
 # ---------------------------------------------------------------------------
 # Keys and codes
 
@@ -229,7 +246,16 @@ def probe_metrics(model: Transformer, probe: dict[str, np.ndarray]) -> dict:
 # Training with the probe
 
 
-def diagnose_seed(p: RecallPreset, seed: int, ev, probe, *, every: int, optimizer):
+def diagnose_seed(
+    p: RecallPreset,
+    seed: int,
+    ev,
+    probe,
+    *,
+    every: int,
+    optimizer,
+    make_model=Transformer,
+):
     """Train the `vq` variant from `seed`, probing every `every` updates."""
     name, config = next((n, c) for n, c in recall.variant_configs(p) if n == "vq")
     trajectory: list[dict] = []
@@ -254,7 +280,14 @@ def diagnose_seed(p: RecallPreset, seed: int, ev, probe, *, every: int, optimize
 
     t0 = time.perf_counter()
     r = recall.train_one(
-        name, config, p, seed, ev, optimizer=optimizer, on_update=on_update
+        name,
+        config,
+        p,
+        seed,
+        ev,
+        optimizer=optimizer,
+        on_update=on_update,
+        make_model=make_model,
     )
     far = [v["acc"] for d, v in r["by_distance"].items() if d >= 2]
     return dict(
@@ -285,7 +318,17 @@ def _row_at(run, step):
     return min(run["trajectory"], key=lambda r: abs(r["step"] - step))
 
 
-def write_report(p, runs, *, md: Path, png: Path, command: str, every: int, tag: str):
+def write_report(
+    p,
+    runs,
+    *,
+    md: Path,
+    png: Path,
+    command: str,
+    every: int,
+    tag: str,
+    codebook_keys: str = "loss_mask",
+):
     runs = sorted(runs, key=lambda r: r["seed"])
     n_units = 2 * p.model.n_layer
     m = p.model
@@ -298,6 +341,15 @@ def write_report(p, runs, *, md: Path, png: Path, command: str, every: int, tag:
         f"balanced), measured every {every} updates; dead_ema: EMA count < "
         f"{EMA_DEAD:g} x the mean count; u0, u1: the attention units in call order",
         "final acc: the benchmark's held-out set, accuracy beyond the window (d >= 2)",
+        "codebook keys: "
+        + (
+            "the loss mask's (the answers only: `loss_fn` passes the loss mask "
+            "to the model, which weighs the codebook statistics and the commit "
+            "term by it), as the benchmark's runs"
+            if codebook_keys == "loss_mask"
+            else "every position's (experiment: `AllKeysCodebook`, the model "
+            "ignores the mask; the LM loss still counts the answers only)"
+        ),
     ]
     lines = C.header_lines(f"Recall: codebook diagnosis ({tag})", command, notes)
     cols = ["perplexity", "dead_probe", "dead_ema", "rel_err", "commit", "shared_key",
@@ -415,12 +467,21 @@ def main(argv=None) -> int:
     ap.add_argument("--every", type=int, default=25)
     ap.add_argument("--out", type=Path, default=C.RESULTS_DIR)
     ap.add_argument("--resume", action="store_true")
+    ap.add_argument(
+        "--codebook-keys",
+        default="loss_mask",
+        choices=sorted(MAKE_MODEL),
+        help="which keys train the codebook: the loss mask's (the benchmark's "
+        "runs, default) or every position's (experiment; '-allkeys' files)",
+    )
     args = ap.parse_args(argv)
     if args.every < 1:
         raise ValueError(f"--every must be >= 1; got {args.every}")
     p = RECALL[args.preset]
     seeds = list(p.seeds if args.seeds is None else args.seeds)
     tag = C.device_tag() + ("" if args.preset == "cpu" else f"-{args.preset}")
+    if args.codebook_keys != "loss_mask":
+        tag += "-allkeys"
     out = Path(args.out)
     js, md, png = (out / f"recall-diagnosis-{tag}.{e}" for e in ("json", "md", "png"))
     command = "python -m benchmarks.recall_diagnosis " + " ".join(
@@ -433,13 +494,30 @@ def main(argv=None) -> int:
         if seed in done:
             continue
         C.log(f"recall diagnosis: seed {seed}")
-        runs.append(diagnose_seed(p, seed, ev, probe, every=args.every, optimizer=opt))
+        runs.append(
+            diagnose_seed(
+                p,
+                seed,
+                ev,
+                probe,
+                every=args.every,
+                optimizer=opt,
+                make_model=MAKE_MODEL[args.codebook_keys],
+            )
+        )
         out.mkdir(parents=True, exist_ok=True)
         js.write_text(
             json.dumps(dict(preset=args.preset, every=args.every, runs=runs), indent=1)
         )
         write_report(
-            p, runs, md=md, png=png, command=command, every=args.every, tag=tag
+            p,
+            runs,
+            md=md,
+            png=png,
+            command=command,
+            every=args.every,
+            tag=tag,
+            codebook_keys=args.codebook_keys,
         )
         plot(p, runs, png, command)
     return 0
