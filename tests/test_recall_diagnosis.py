@@ -98,3 +98,24 @@ def test_micro_run_writes_finite_diagnostics(tmp_path, monkeypatch):
     text = (tmp_path / "recall-diagnosis-cpu-micro.md").read_text()
     assert "## At update 2" in text and "| 0 |" in text
     assert (tmp_path / "recall-diagnosis-cpu-micro.png").stat().st_size > 0
+
+
+def test_all_keys_codebook_counts_every_key_and_the_same_loss():
+    from tvq_eqx import loss
+
+    b = recall.batch_of(MICRO, np.random.default_rng(0), 3)
+    b.pop("distance")
+    b = {k: jnp.asarray(v) for k, v in b.items()}
+    cfg = recall.variant_configs(MICRO)[0][1]
+    plain = Transformer(cfg, key=jax.random.key(0))
+    every = recall_diagnosis.AllKeysCodebook(cfg, key=jax.random.key(0))
+    (_, a1), (_, a2) = loss.loss_fn(plain, b), loss.loss_fn(every, b)
+    m1, m2 = a1["metrics"], a2["metrics"]
+    assert float(m1["lm_loss"]) == float(m2["lm_loss"])
+    # The loss mask (answers only) weighs the plain model's codebook statistics.
+    _, _, s1 = plain(b["inputs"], mask=b["loss_mask"])
+    _, _, s2 = every(b["inputs"], mask=b["loss_mask"])
+    n_answers = float(b["loss_mask"].sum())
+    np.testing.assert_array_equal(s1["vq"]["code_count"].sum((1, 2)), n_answers)
+    np.testing.assert_array_equal(s2["vq"]["code_count"].sum((1, 2)), b["inputs"].size)
+    assert float(m2["commit_loss"]) > float(m1["commit_loss"])
