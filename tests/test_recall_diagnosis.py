@@ -11,6 +11,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -77,6 +78,7 @@ def test_probe_metrics_by_hand():
     assert m["u0.dead_ema"] == 0
 
 
+@pytest.mark.slow  # trains (two updates) and compiles the train step
 def test_micro_run_writes_finite_diagnostics(tmp_path, monkeypatch):
     p = dataclasses.replace(MICRO, steps=2, seeds=(0,))
     monkeypatch.setitem(registry.RECALL, "micro", p)
