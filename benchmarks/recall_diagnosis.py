@@ -425,7 +425,7 @@ def plot(p, runs, png: Path, command: str):
 
     runs = sorted(runs, key=lambda r: r["seed"])
     n_units = 2 * p.model.n_layer
-    panels = ["acc_far", "perplexity", "dead_ema", "rel_err", "commit",
+    panels = ["acc_far", "perplexity", "dead_probe", "rel_err", "commit",
               "shared_key", "value_weight", "key_weight"]  # fmt: skip
     fig, axes = plt.subplots(2, 4, figsize=(16, 7.5), squeeze=False)
     cmap = plt.get_cmap("viridis")
@@ -458,6 +458,20 @@ def plot(p, runs, png: Path, command: str):
     C.save_figure(fig, png, command)
 
 
+def report(p, runs, md, png, command, args, tag):
+    write_report(
+        p,
+        runs,
+        md=md,
+        png=png,
+        command=command,
+        every=args.every,
+        tag=tag,
+        codebook_keys=args.codebook_keys,
+    )
+    plot(p, runs, png, command)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(
         description="Codebook health of the recall benchmark's vq model"
@@ -467,6 +481,11 @@ def main(argv=None) -> int:
     ap.add_argument("--every", type=int, default=25)
     ap.add_argument("--out", type=Path, default=C.RESULTS_DIR)
     ap.add_argument("--resume", action="store_true")
+    ap.add_argument(
+        "--report-only",
+        action="store_true",
+        help="rewrite the .md and .png from the .json, training nothing",
+    )
     ap.add_argument(
         "--codebook-keys",
         default="loss_mask",
@@ -487,7 +506,16 @@ def main(argv=None) -> int:
     command = "python -m benchmarks.recall_diagnosis " + " ".join(
         sys.argv[1:] if argv is None else argv
     )
-    runs = json.loads(js.read_text())["runs"] if args.resume and js.exists() else []
+    resume = args.resume or args.report_only
+    saved = json.loads(js.read_text()) if resume and js.exists() else {}
+    runs = saved.get("runs", [])
+    if args.report_only:
+        if not runs:
+            raise ValueError(f"--report-only: no runs in {js}")
+        # The report says how the runs were made, not how it was rewritten.
+        command, args.every = saved.get("command", command), saved["every"]
+        report(p, runs, md, png, command, args, tag)
+        return 0
     done = {r["seed"] for r in runs}
     ev, probe, opt = recall.eval_set(p), probe_batch(p), recall.make_optimizer(p)
     for seed in seeds:
@@ -507,19 +535,12 @@ def main(argv=None) -> int:
         )
         out.mkdir(parents=True, exist_ok=True)
         js.write_text(
-            json.dumps(dict(preset=args.preset, every=args.every, runs=runs), indent=1)
+            json.dumps(
+                dict(preset=args.preset, every=args.every, command=command, runs=runs),
+                indent=1,
+            )
         )
-        write_report(
-            p,
-            runs,
-            md=md,
-            png=png,
-            command=command,
-            every=args.every,
-            tag=tag,
-            codebook_keys=args.codebook_keys,
-        )
-        plot(p, runs, png, command)
+        report(p, runs, md, png, command, args, tag)
     return 0
 
 

@@ -100,6 +100,17 @@ def test_micro_run_writes_finite_diagnostics(tmp_path, monkeypatch):
     text = (tmp_path / "recall-diagnosis-cpu-micro.md").read_text()
     assert "## At update 2" in text and "| 0 |" in text
     assert (tmp_path / "recall-diagnosis-cpu-micro.png").stat().st_size > 0
+    # The report is rewritten from the JSON alone, with the command of the runs.
+    (tmp_path / "recall-diagnosis-cpu-micro.md").unlink()
+    assert (
+        recall_diagnosis.main(
+            ["--preset", "micro", "--report-only", "--out", str(tmp_path)]
+        )
+        == 0
+    )
+    again = (tmp_path / "recall-diagnosis-cpu-micro.md").read_text()
+    assert "`python -m benchmarks.recall_diagnosis --preset micro --every 1" in again
+    assert again.split("## Runs")[1] == text.split("## Runs")[1]
 
 
 def test_all_keys_codebook_counts_every_key_and_the_same_loss():
