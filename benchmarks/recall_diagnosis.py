@@ -65,6 +65,7 @@ from .registry import RECALL, RecallPreset
 
 PROBE_SEED = 2**20 + 11  # neither a training seed nor the evaluation set's
 PROBE_SEQS = 128
+LEARNED = 0.7  # final accuracy beyond the window that counts as "learned"
 # A code is dead on the EMA when its count (keys per training batch, as a
 # moving average) is below this fraction of the mean count: relative, since
 # the counts start at 1 and grow towards the batch's share over ~1/(1 - c_gamma)
@@ -314,6 +315,10 @@ def _spearman(x, y) -> float:
     return float(np.corrcoef(rx, ry)[0, 1])
 
 
+def _fmt_rho(rho: float) -> str:
+    return "constant" if math.isnan(rho) else f"{rho:+.2f}"
+
+
 def _row_at(run, step):
     return min(run["trajectory"], key=lambda r: abs(r["step"] - step))
 
@@ -383,7 +388,12 @@ def write_report(
                 rows.append(
                     [f"u{u}.{k}"]
                     + [
-                        f"{_spearman([_row_at(r, s)[f'u{u}.{k}'] for r in runs], [r['acc_far'] for r in runs]):+.2f}"
+                        _fmt_rho(
+                            _spearman(
+                                [_row_at(r, s)[f"u{u}.{k}"] for r in runs],
+                                [r["acc_far"] for r in runs],
+                            )
+                        )
                         for s in steps
                     ]
                 )
@@ -391,12 +401,18 @@ def write_report(
             rows.append(
                 [k]
                 + [
-                    f"{_spearman([_row_at(r, s)[k] for r in runs], [r['acc_far'] for r in runs]):+.2f}"
+                    _fmt_rho(
+                        _spearman(
+                            [_row_at(r, s)[k] for r in runs],
+                            [r["acc_far"] for r in runs],
+                        )
+                    )
                     for s in steps
                 ]
             )
         lines += C.markdown_table(["metric", *[f"update {s}" for s in steps]], rows)
         lines += [""]
+    lines += _separation_section(runs, cols, steps, n_units)
     lines += ["## Runs", ""]
     lines += C.markdown_table(
         ["seed", "final acc d>=2", "last train bits", "wall s", "probe s", "check"],
@@ -415,6 +431,40 @@ def write_report(
     lines += ["", f"![codebook health over training]({png.name})", ""]
     C.write_text(md, lines)
     return lines
+
+
+def _separation_section(runs, cols, steps, n_units) -> list[str]:
+    """Per metric and checkpoint: the ranges over the learned seeds (final
+    accuracy >= `LEARNED`) and over the others, and whether they are apart."""
+    good = [r for r in runs if r["acc_far"] >= LEARNED]
+    bad = [r for r in runs if r["acc_far"] < LEARNED]
+    if not good or not bad:
+        return []
+    lines = [
+        f"## Separation: learned seeds (final acc >= {LEARNED}: "
+        f"{', '.join(str(r['seed']) for r in good)}) against the others "
+        f"({', '.join(str(r['seed']) for r in bad)})",
+        "",
+        "min-max over each group; apart: the ranges do not overlap.",
+        "",
+    ]
+    rows = []
+    for u in range(n_units):
+        for k in cols:
+            row = [f"u{u}.{k}"]
+            for s in steps:
+                g = [_row_at(r, s)[f"u{u}.{k}"] for r in good]
+                b = [_row_at(r, s)[f"u{u}.{k}"] for r in bad]
+                apart = min(g) > max(b) or max(g) < min(b)
+                row.append(
+                    f"{min(g):.3g}-{max(g):.3g} / {min(b):.3g}-{max(b):.3g}"
+                    + (" **apart**" if apart else "")
+                )
+            rows.append(row)
+    lines += C.markdown_table(
+        ["metric", *[f"update {s}: learned / not" for s in steps]], rows
+    )
+    return lines + [""]
 
 
 def plot(p, runs, png: Path, command: str):
