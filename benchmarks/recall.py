@@ -316,12 +316,20 @@ def train_one(
     optimizer=None,
     log=C.log,
     codebook: train.CodebookConfig | None = None,
+    on_update=None,
+    make_model=Transformer,
 ) -> dict:
-    """Train variant `name` (`config`) from `seed` and score it on `ev`;
+    """Train variant `name` (`config`) from `seed` and score it on `ev`.
+
     `codebook`: codebook init / dead-code restart before each batch, as
-    `fit` does (`train.prepare_codebooks`; None = the official neither)."""
+    `fit` does (`train.prepare_codebooks`; None = the official neither).
+    `on_update(step, train_state, metrics)`, if given, is called before the
+    first update (step 0, metrics None) and after every update (instruments
+    such as `benchmarks.recall_diagnosis`; it must not touch the data RNG).
+    `make_model(config, key=...)` builds the model (a `Transformer` subclass
+    for diagnostic experiments)."""
     key = jax.random.key(seed)
-    model = Transformer(config, key=key)
+    model = make_model(config, key=key)
     opt = make_optimizer(p) if optimizer is None else optimizer
     ts = train.init_train_state(
         model, opt, p.batch_size, key=jax.random.fold_in(key, 1)
@@ -332,6 +340,8 @@ def train_one(
     t0 = time.perf_counter()
     t_compile = None
     finite = True
+    if on_update is not None:
+        on_update(0, ts, None)
     for i in range(p.steps):
         batch = batch_of(p, rng, p.batch_size)
         batch.pop("distance")
@@ -344,6 +354,8 @@ def train_one(
         curve.append((i + 1, bits))
         if t_compile is None:
             t_compile = time.perf_counter() - t0
+        if on_update is not None:
+            on_update(i + 1, ts, metrics)
         if not math.isfinite(bits):
             log(f"  {name} seed {seed}: non-finite loss at update {i + 1}")
             finite = False
