@@ -171,7 +171,7 @@ def _sharded_checks() -> dict:
         model = tvq_eqx.Transformer(cfg, key=jax.random.key(0))
         ts = train.init_train_state(model, opt, 8, key=jax.random.key(2))
         ts = train.shard_train_state(ts, mesh)
-        lowered = _train_keeping.lower(placed, ts, opt, 16, mesh, False, False)
+        lowered = _train_keeping.lower(placed, ts, opt, 16, mesh, False, False, 1)
         hlo = lowered.lowered.compile().as_text()
         res[f"train_step_{impl}_all_gathers"] = _all_gathers(hlo)
     return res
