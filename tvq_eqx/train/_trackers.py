@@ -6,6 +6,7 @@ Each library is an extra, imported when a tracker is made."""
 
 from __future__ import annotations
 
+import abc
 import importlib
 import json
 import os
@@ -46,7 +47,7 @@ def tracker_scalars(record: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-class Tracker(Callback):
+class Tracker(Callback, abc.ABC):
     """What the trackers share: the library is started at the first record
     (after the first update, so that a run failing at its first step leaves
     nothing behind, as the run folder), gets the run's settings then, every
@@ -60,15 +61,16 @@ class Tracker(Callback):
         self.started = False
         self.closed = False
 
-    # The library's side; subclasses implement these.
-    def _open(self, config: dict[str, Any]) -> None:
-        raise NotImplementedError
+    # The library's side: each tracker (TensorBoard, W&B, trackio) writes
+    # these; Tracker itself cannot be instantiated.
+    @abc.abstractmethod
+    def _open(self, config: dict[str, Any]) -> None: ...
 
-    def _log(self, scalars: dict[str, float], step: int) -> None:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _log(self, scalars: dict[str, float], step: int) -> None: ...
 
-    def _close(self) -> None:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _close(self) -> None: ...
 
     def on_start(self, *, run: RunConfig, start_step: int, stop_step: int) -> None:
         self.run = run
